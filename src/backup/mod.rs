@@ -1,0 +1,1 @@
+//! `pitr backup`: BASE_BACKUP streamed into the repository.

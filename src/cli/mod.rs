@@ -1,0 +1,1 @@
+//! Command-line parsing and output. Calls the library; holds no logic.

@@ -1,0 +1,1 @@
+//! Object framing, compression and checksums.

@@ -1,0 +1,1 @@
+//! PostgreSQL wire and replication protocol client. Knows nothing of storage or archiving.

@@ -1,0 +1,1 @@
+//! The repository: layout of keys, the descriptor, the catalog of backups and WAL.

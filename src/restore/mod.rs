@@ -1,0 +1,1 @@
+//! `pitr restore`: plan and execute a point-in-time restore.

@@ -1,0 +1,1 @@
+//! Object-store backends behind one small type. Knows nothing of PostgreSQL.

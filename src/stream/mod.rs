@@ -1,0 +1,1 @@
+//! `pitr stream`: continuous WAL streaming through a replication slot.

@@ -1,0 +1,26 @@
+//! WAL domain types: LSNs, timelines, file names, page headers and timeline history.
+//!
+//! Pure code: no I/O, no knowledge of storage or of the replication protocol. Names mirror
+//! PostgreSQL's (`XLogFileName`, `XLP_LONG_HEADER`, …) so that a grep in the PostgreSQL source
+//! finds the counterpart (src/include/access/xlog_internal.h).
+
+mod file_name;
+mod history;
+mod lsn;
+mod page;
+
+pub use file_name::{SegNo, WalFileName, WalFileNameError};
+pub use history::{parse_history, HistoryEntry, HistoryError};
+pub use lsn::{Lsn, LsnParseError};
+pub use page::{major_from_magic, parse_long_header, validate_segment, LongPageHeader, PageError};
+
+/// PostgreSQL timeline identifier.
+pub type TimelineId = u32;
+
+/// WAL segment sizes PostgreSQL accepts (`initdb --wal-segsize`): powers of two, 1 MiB to 1 GiB.
+pub fn is_valid_segment_size(size: u64) -> bool {
+    size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size)
+}
+
+/// Default WAL page size (`XLOG_BLCKSZ`); every build of PostgreSQL we support uses 8 KiB.
+pub const XLOG_BLCKSZ: u32 = 8192;
