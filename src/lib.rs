@@ -13,6 +13,7 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod codec;
+pub mod config;
 pub mod pg;
 pub mod repo;
 pub mod restore;

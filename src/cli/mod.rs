@@ -1,1 +1,201 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
+
+mod exit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::archive::{self, GetOutcome};
+use crate::config::{Overrides, Settings};
+use crate::storage::Storage;
+
+pub use exit::{Code, Failure};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pitr",
+    version,
+    about = "PostgreSQL WAL archiving, streaming, base backups and point-in-time recovery",
+    long_about = "PostgreSQL WAL archiving, streaming, base backups and point-in-time recovery.\n\n\
+        Wire it into postgresql.conf:\n  \
+        archive_mode = on\n  \
+        archive_command = 'pitr --repo /var/lib/pitr archive-push %p'\n  \
+        restore_command = 'pitr --repo /var/lib/pitr archive-get %f %p'\n\n\
+        Exit codes are listed in docs/exit-codes.md."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// TOML configuration file (flags and PITR_* variables override it).
+    #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Repository: a directory (/var/lib/pitr, file:///var/lib/pitr), s3://bucket/prefix,
+    /// gs://bucket/prefix or az://container/prefix. S3 credentials, region and endpoint come from
+    /// the standard AWS_* variables (AWS_ENDPOINT_URL for MinIO, R2 and other S3-compatible stores).
+    #[arg(long, global = true, env = "PITR_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// Compression for new objects: lz4 (default), zstd or none.
+    #[arg(long, global = true, env = "PITR_COMPRESSION", value_name = "CODEC")]
+    pub compression: Option<String>,
+    /// zstd level, 1-19 (default 3).
+    #[arg(long, global = true, env = "PITR_COMPRESSION_LEVEL", value_name = "N")]
+    pub compression_level: Option<i32>,
+    /// How long to keep retrying transient storage errors before failing (e.g. 30s, 5m; default 60s).
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_STORAGE_RETRY_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    pub storage_retry_timeout: Option<String>,
+    /// Log filter: error, warn, info (default), debug, trace, or a tracing filter expression.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "PITR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Archive one WAL file: use as archive_command = 'pitr archive-push %p'.
+    ///
+    /// Exits 0 only once the file is durable in the repository. Re-archiving identical content
+    /// succeeds; different content under an archived name is refused.
+    ArchivePush {
+        /// Path of the WAL file (%p), relative to the data directory or absolute.
+        path: PathBuf,
+    },
+    /// Restore one WAL file: use as restore_command = 'pitr archive-get %f %p'.
+    ///
+    /// Exits 0 when the file was restored, 1 when the repository does not have it (end of
+    /// archive), and 200 on any other failure, which makes PostgreSQL stop recovery rather than
+    /// finish early with data missing.
+    ArchiveGet {
+        /// Name of the WAL file (%f).
+        wal_file: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::ArchivePush { .. } => "archive-push",
+            Command::ArchiveGet { .. } => "archive-get",
+        }
+    }
+}
+
+fn overrides(g: &GlobalArgs) -> Overrides {
+    Overrides {
+        config: g.config.clone(),
+        repo: g.repo.clone(),
+        compression: g.compression.clone(),
+        compression_level: g.compression_level,
+        storage_retry_timeout: g.storage_retry_timeout.clone(),
+    }
+}
+
+fn init_logging(g: &GlobalArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&g.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // PostgreSQL captures a hook's stderr into its log file: colour codes there are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match g.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+/// Entry point of the binary: parse, run, and turn the result into an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS; // --help, --version
+            }
+            // A misconfigured restore_command must stop recovery, not look like end of archive.
+            let is_get = std::env::args().any(|a| a == "archive-get");
+            return if is_get {
+                Code::RecoveryFatal.into()
+            } else {
+                Code::Usage.into()
+            };
+        }
+    };
+    init_logging(&cli.global);
+    let command = cli.command.name();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pitr: cannot start the async runtime: {e}");
+            return Code::Internal.into();
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code.into(),
+        Err(failure) => {
+            eprintln!("pitr {command}: error: {}", failure.message);
+            if let Some(hint) = &failure.hint {
+                eprintln!("hint: {hint}");
+            }
+            failure.code.into()
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Code, Failure> {
+    let is_get = matches!(cli.command, Command::ArchiveGet { .. });
+    let settings =
+        Settings::resolve(&overrides(&cli.global)).map_err(|e| Failure::from_config(e, is_get))?;
+    let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
+        .map_err(|e| Failure::input(e, is_get))?;
+    match cli.command {
+        Command::ArchivePush { path } => {
+            archive::archive_push(storage, &path, settings.write)
+                .await
+                .map_err(Failure::from_archive_push)?;
+            Ok(Code::Ok)
+        }
+        Command::ArchiveGet { wal_file, dest } => {
+            match archive::archive_get(storage, &wal_file, &dest)
+                .await
+                .map_err(Failure::from_archive_get)?
+            {
+                GetOutcome::Restored { .. } => Ok(Code::Ok),
+                GetOutcome::NotFound => Ok(Code::NotFound),
+            }
+        }
+    }
+}

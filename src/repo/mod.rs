@@ -1,1 +1,220 @@
-//! The repository: layout of keys, the descriptor, the catalog of backups and WAL.
+//! The repository: layout of keys, the descriptor, and verified reads and writes of objects.
+//!
+//! Uses `storage` to move bytes and `codec` to frame them; knows WAL file names but nothing of
+//! the replication protocol. The format is specified in docs/repository-format.md.
+
+mod descriptor;
+pub mod layout;
+
+use bytes::Bytes;
+
+pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
+
+use crate::codec::{self, Codec, CodecError};
+use crate::storage::{Storage, StorageError};
+use crate::wal::WalFileName;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("object {key} is corrupt: {source}")]
+    Corrupt { key: String, source: CodecError },
+    #[error("no pitr repository at {location}")]
+    NotInitialized { location: String },
+    #[error("the repository at {location} has format version {found}; this pitr reads up to {supported}")]
+    NewerFormat {
+        location: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "the repository at {location} belongs to PostgreSQL system {repo_system_id}, \
+         not to system {system_id} that this {what} comes from"
+    )]
+    OtherCluster {
+        location: String,
+        repo_system_id: u64,
+        system_id: u64,
+        what: String,
+    },
+    #[error("the repository at {location} holds WAL segments of {repo} bytes, but this cluster uses {cluster}")]
+    SegmentSizeMismatch {
+        location: String,
+        repo: u64,
+        cluster: u64,
+    },
+    #[error(
+        "{name} is already archived at {key} with different content \
+         (stored {stored_len} bytes crc32c {stored_crc:08x}, new {new_len} bytes crc32c {new_crc:08x})"
+    )]
+    ConflictingContent {
+        name: String,
+        key: String,
+        stored_len: u64,
+        stored_crc: u32,
+        new_len: u64,
+        new_crc: u32,
+    },
+    #[error("descriptor {key} is unreadable: {message}")]
+    BadDescriptor { key: String, message: String },
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+/// How content is compressed when written.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    pub codec: Codec,
+    pub level: i32,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            codec: Codec::Lz4,
+            level: 3,
+        }
+    }
+}
+
+/// The outcome of storing an immutable object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    /// The object was already there with byte-identical content: nothing to do.
+    AlreadyStored,
+}
+
+/// An open repository whose descriptor has been read and checked.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    storage: Storage,
+    descriptor: Descriptor,
+    write: WriteOptions,
+}
+
+impl Repository {
+    /// Opens an existing repository. Every reader starts here: a missing descriptor means the
+    /// location is wrong or empty, which must never look like "this object does not exist".
+    pub async fn open(storage: Storage, write: WriteOptions) -> Result<Repository> {
+        match descriptor::read(&storage).await? {
+            Some(descriptor) => Ok(Repository {
+                storage,
+                descriptor,
+                write,
+            }),
+            None => {
+                // Tell "bucket missing / unreachable" apart from "empty location".
+                storage.check_reachable().await?;
+                Err(RepoError::NotInitialized {
+                    location: storage.location().to_string(),
+                })
+            }
+        }
+    }
+
+    /// Opens the repository for `cluster`, creating the descriptor if this is the first write.
+    /// Refuses a repository that belongs to another cluster.
+    pub async fn open_for_cluster(
+        storage: Storage,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<Repository> {
+        let descriptor = match descriptor::read(&storage).await? {
+            Some(d) => d,
+            None => {
+                storage.check_reachable().await?;
+                descriptor::create(&storage, cluster).await?
+            }
+        };
+        let location = storage.location().to_string();
+        if descriptor.system_identifier != cluster.system_identifier {
+            return Err(RepoError::OtherCluster {
+                location,
+                repo_system_id: descriptor.system_identifier,
+                system_id: cluster.system_identifier,
+                what: what.to_string(),
+            });
+        }
+        if descriptor.wal_segment_size != cluster.wal_segment_size {
+            return Err(RepoError::SegmentSizeMismatch {
+                location,
+                repo: descriptor.wal_segment_size,
+                cluster: cluster.wal_segment_size,
+            });
+        }
+        Ok(Repository {
+            storage,
+            descriptor,
+            write,
+        })
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn location(&self) -> String {
+        self.storage.location().to_string()
+    }
+
+    /// Stores `content` under `key` unless it is there already. If it is, the stored object is
+    /// read back and compared: identical bytes are success (PostgreSQL retries an archive
+    /// command after a crash), different bytes are refused and the stored object is untouched.
+    pub async fn put_immutable(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
+        let framed = codec::encode(content, self.write.codec, self.write.level);
+        match self.storage.put_if_absent(key, Bytes::from(framed)).await {
+            Ok(()) => Ok(PutOutcome::Stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let stored = self.get_verified(key).await?;
+                if stored == content {
+                    Ok(PutOutcome::AlreadyStored)
+                } else {
+                    Err(RepoError::ConflictingContent {
+                        name: name.to_string(),
+                        key: key.to_string(),
+                        stored_len: stored.len() as u64,
+                        stored_crc: crc32c::crc32c(&stored),
+                        new_len: content.len() as u64,
+                        new_crc: crc32c::crc32c(content),
+                    })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads an object and verifies its checksums.
+    pub async fn get_verified(&self, key: &str) -> Result<Vec<u8>> {
+        let bytes = self.storage.get(key).await?;
+        codec::decode(&bytes).map_err(|source| RepoError::Corrupt {
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// Reads an object if it exists; corruption and storage failures are errors, never `None`.
+    pub async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.get_verified(key).await {
+            Ok(v) => Ok(Some(v)),
+            Err(RepoError::Storage(StorageError::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn put_wal_file(&self, name: &WalFileName, content: &[u8]) -> Result<PutOutcome> {
+        self.put_immutable(&layout::wal_key(name), &name.to_string(), content)
+            .await
+    }
+
+    pub async fn get_wal_file(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
+        self.get_optional(&layout::wal_key(name)).await
+    }
+}

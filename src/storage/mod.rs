@@ -1,1 +1,201 @@
 //! Object-store backends behind one small type. Knows nothing of PostgreSQL.
+//!
+//! [`Storage`] is what the rest of pitr holds: a [`Backend`] (our own local directory backend, or
+//! `object_store` for S3, GCS and Azure) plus the retry policy for transient errors. Keys are
+//! `/`-separated relative paths; the backend maps them under the repository root.
+//!
+//! Contract every backend keeps (pinned by the shared contract tests):
+//! - `put_if_absent` is atomic and never replaces an existing object: of two writers racing for
+//!   one key, exactly one wins and the other gets [`StorageError::AlreadyExists`];
+//! - an object is durable when a put returns `Ok`;
+//! - nothing half-written is ever visible under a key;
+//! - a missing object is [`StorageError::NotFound`], never a generic error.
+
+mod local;
+mod location;
+mod object;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalBackend;
+pub use location::{Location, LocationError, S3Settings};
+pub use object::ObjectStoreBackend;
+
+/// One stored object, as returned by [`Storage::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("object {key} already exists")]
+    AlreadyExists { key: String },
+    /// Worth retrying: network errors, timeouts, 5xx, throttling.
+    #[error("{op} {key}: {message}")]
+    Transient {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// Retrying will not help: bad credentials, a missing bucket, a permission error.
+    #[error("{op} {key}: {message}")]
+    Permanent {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{op} {key}: access denied: {message}")]
+    AccessDenied {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{op} {key}: gave up after retrying for {elapsed:?}: {last}")]
+    RetriesExhausted {
+        op: &'static str,
+        key: String,
+        elapsed: Duration,
+        last: Box<StorageError>,
+    },
+}
+
+impl StorageError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Transient { .. })
+    }
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// What a storage backend must do. Kept small on purpose: every operation here must have the
+/// same meaning on a local disk and on every object store.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key` unless an object is there already. Durable when it returns.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()>;
+    /// Stores `data` under `key`, replacing any previous object atomically. Only for objects
+    /// that are mutable by design (never WAL or backup data).
+    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()>;
+    async fn get(&self, key: &str) -> Result<Bytes>;
+    /// Size of the object, or `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<u64>>;
+    /// Every object whose key starts with `prefix` (a `/`-terminated folder, or "" for all),
+    /// in no particular order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Removes `key`; removing a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+    /// Checks that the repository location exists and is reachable, e.g. that the bucket exists.
+    async fn check_reachable(&self) -> Result<()>;
+}
+
+/// A storage backend plus the policy for transient errors.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    backend: Arc<dyn Backend>,
+    retry_for: Duration,
+    location: Location,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Storage {
+    /// Opens the backend for `location`. Transient errors are retried for up to `retry_for`.
+    pub fn open(location: &Location, retry_for: Duration) -> Result<Storage, LocationError> {
+        let backend: Arc<dyn Backend> = match location {
+            Location::Local(path) => Arc::new(LocalBackend::new(path.clone())),
+            _ => Arc::new(ObjectStoreBackend::new(location)?),
+        };
+        Ok(Storage {
+            backend,
+            retry_for,
+            location: location.clone(),
+        })
+    }
+
+    pub fn from_backend(
+        backend: Arc<dyn Backend>,
+        location: Location,
+        retry_for: Duration,
+    ) -> Storage {
+        Storage {
+            backend,
+            retry_for,
+            location,
+        }
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Runs `op`, retrying transient errors with exponential backoff until `retry_for` is spent.
+    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let start = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match f().await {
+                Err(e) if e.is_transient() => {
+                    let elapsed = start.elapsed();
+                    if elapsed + backoff > self.retry_for {
+                        return Err(StorageError::RetriesExhausted {
+                            op,
+                            key: key.to_string(),
+                            elapsed,
+                            last: Box::new(e),
+                        });
+                    }
+                    tracing::warn!(%e, retry_in = ?backoff, "storage error, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
+        self.retry("put", key, || self.backend.put_if_absent(key, data.clone()))
+            .await
+    }
+    pub async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
+        self.retry("put", key, || self.backend.put_overwrite(key, data.clone()))
+            .await
+    }
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        self.retry("get", key, || self.backend.get(key)).await
+    }
+    pub async fn head(&self, key: &str) -> Result<Option<u64>> {
+        self.retry("head", key, || self.backend.head(key)).await
+    }
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.retry("list", prefix, || self.backend.list(prefix))
+            .await
+    }
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.retry("delete", key, || self.backend.delete(key)).await
+    }
+    pub async fn check_reachable(&self) -> Result<()> {
+        self.retry("open", "", || self.backend.check_reachable())
+            .await
+    }
+}
+
+#[doc(hidden)]
+pub mod contract;

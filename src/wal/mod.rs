@@ -12,7 +12,10 @@ mod page;
 pub use file_name::{SegNo, WalFileName, WalFileNameError};
 pub use history::{parse_history, HistoryEntry, HistoryError};
 pub use lsn::{Lsn, LsnParseError};
-pub use page::{major_from_magic, parse_long_header, validate_segment, LongPageHeader, PageError};
+pub use page::{
+    major_from_magic, parse_long_header, validate_segment, LongPageHeader, PageError,
+    XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER,
+};
 
 /// PostgreSQL timeline identifier.
 pub type TimelineId = u32;

@@ -1,0 +1,69 @@
+use std::io::Write;
+use std::path::Path;
+
+use super::ArchiveError;
+use crate::repo::{Repository, WriteOptions};
+use crate::storage::Storage;
+use crate::wal::WalFileName;
+
+/// What `archive_get` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GetOutcome {
+    Restored {
+        bytes: u64,
+    },
+    /// The repository does not have this file: PostgreSQL's end of archive.
+    NotFound,
+}
+
+/// Fetches `name` (the `%f` of `restore_command`) into `dest` (`%p`).
+///
+/// The file is verified against its checksum, then written to a temporary name beside `dest`
+/// and renamed, so PostgreSQL never sees a partial file and no file is left behind on failure.
+/// Storage errors are retried by `storage` for its configured time, then returned: the caller
+/// must not report them as "not found".
+pub async fn archive_get(
+    storage: Storage,
+    name: &str,
+    dest: &Path,
+) -> Result<GetOutcome, ArchiveError> {
+    let name = WalFileName::parse(name)?;
+    // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
+    // a vanished mount must fail recovery loudly, not look like the end of the archive.
+    let repo = Repository::open(storage, WriteOptions::default()).await?;
+    let Some(content) = repo.get_wal_file(&name).await? else {
+        tracing::info!(file = %name, "not in the repository");
+        return Ok(GetOutcome::NotFound);
+    };
+    let dest = dest.to_path_buf();
+    let len = content.len() as u64;
+    tokio::task::spawn_blocking(move || write_atomically(&dest, &content))
+        .await
+        .expect("write task panicked")?;
+    tracing::info!(file = %name, bytes = len, "restored");
+    Ok(GetOutcome::Restored { bytes: len })
+}
+
+fn write_atomically(dest: &Path, content: &[u8]) -> Result<(), ArchiveError> {
+    let err = |source| ArchiveError::WriteOutput {
+        path: dest.to_path_buf(),
+        source,
+    };
+    let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+    let tmp = dest.with_file_name(format!(".{file_name}.pitr-tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        // PostgreSQL fsyncs restored segments itself when it keeps them; no fsync needed here.
+        std::fs::rename(&tmp, dest)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Exit codes and the one clear message each failure gets. Documented in docs/exit-codes.md;
+//! keep the two in step.
+
+use std::process::ExitCode;
+
+use crate::archive::ArchiveError;
+use crate::config::ConfigError;
+use crate::repo::RepoError;
+use crate::storage::StorageError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    /// archive-get: the repository does not have the file (end of archive).
+    NotFound = 1,
+    /// Bad command-line usage.
+    Usage = 2,
+    /// Bad input: a file that is not WAL, a malformed URL, an invalid config file.
+    Input = 3,
+    /// The repository refuses: another cluster's, a newer format, different content under a name.
+    Conflict = 4,
+    /// Storage failed (after retrying transient errors): unreachable, missing bucket, denied.
+    Storage = 5,
+    /// A stored object failed its checksum.
+    Corrupt = 6,
+    /// Internal error (a bug).
+    Internal = 70,
+    /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.
+    RecoveryFatal = 200,
+}
+
+impl From<Code> for ExitCode {
+    fn from(c: Code) -> ExitCode {
+        ExitCode::from(c as u8)
+    }
+}
+
+/// A failure as the user sees it: exit code, one message, and what to do about it.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Failure {
+    fn new(code: Code, message: impl ToString, hint: Option<String>) -> Failure {
+        Failure {
+            code,
+            message: message.to_string(),
+            hint,
+        }
+    }
+
+    /// For archive-get every failure must stop recovery.
+    fn for_command(mut self, is_get: bool) -> Failure {
+        if is_get {
+            self.code = Code::RecoveryFatal;
+        }
+        self
+    }
+
+    pub fn from_config(e: ConfigError, is_get: bool) -> Failure {
+        let hint = match &e {
+            ConfigError::Parse { .. } => {
+                Some("check the key names against docs/configuration.md".to_string())
+            }
+            _ => None,
+        };
+        Failure::new(Code::Input, e, hint).for_command(is_get)
+    }
+
+    pub fn input(e: impl ToString, is_get: bool) -> Failure {
+        Failure::new(Code::Input, e, None).for_command(is_get)
+    }
+
+    pub fn from_archive_push(e: ArchiveError) -> Failure {
+        classify_archive(e)
+    }
+
+    pub fn from_archive_get(e: ArchiveError) -> Failure {
+        classify_archive(e).for_command(true)
+    }
+}
+
+fn classify_archive(e: ArchiveError) -> Failure {
+    match e {
+        ArchiveError::Repo(r) => classify_repo(r),
+        e @ (ArchiveError::NotWal { .. } | ArchiveError::Empty { .. } | ArchiveError::Name(_)) => Failure::new(
+            Code::Input,
+            e,
+            Some("archive-push takes the path PostgreSQL passes as %p: a WAL segment, .partial, .backup or .history file".into()),
+        ),
+        e @ ArchiveError::ReadInput { .. } => {
+            Failure::new(Code::Input, e, Some("check the path and that pitr runs as the PostgreSQL OS user".into()))
+        }
+        e @ ArchiveError::WriteOutput { .. } => Failure::new(Code::Input, e, None),
+        e @ ArchiveError::NeedsDescriptor { .. } => Failure::new(Code::Conflict, e, None),
+    }
+}
+
+fn classify_repo(e: RepoError) -> Failure {
+    match e {
+        RepoError::Storage(s) => classify_storage(s),
+        e @ RepoError::Corrupt { .. } => Failure::new(
+            Code::Corrupt,
+            e,
+            Some("the stored object is damaged; run `pitr verify` and take a new base backup if WAL is lost".into()),
+        ),
+        e @ RepoError::NotInitialized { .. } => Failure::new(
+            Code::Storage,
+            e,
+            Some("check --repo / PITR_REPO; a repository is created by the first archive-push, backup or stream".into()),
+        ),
+        e @ RepoError::NewerFormat { .. } => Failure::new(Code::Conflict, e, Some("upgrade pitr".into())),
+        e @ RepoError::OtherCluster { .. } => Failure::new(
+            Code::Conflict,
+            e,
+            Some("use a separate repository (or prefix) for each cluster".into()),
+        ),
+        e @ RepoError::SegmentSizeMismatch { .. } => Failure::new(Code::Conflict, e, None),
+        e @ RepoError::ConflictingContent { .. } => Failure::new(
+            Code::Conflict,
+            e,
+            Some(
+                "another server may be archiving into this repository, or the file was changed after \
+                 archiving; the stored object was kept untouched"
+                    .into(),
+            ),
+        ),
+        e @ RepoError::BadDescriptor { .. } => Failure::new(Code::Corrupt, e, None),
+    }
+}
+
+fn classify_storage(e: StorageError) -> Failure {
+    let hint = match &e {
+        StorageError::AccessDenied { .. } => {
+            Some("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the config file) and permissions".into())
+        }
+        StorageError::Permanent { message, .. } if message.contains("bucket") => {
+            Some("create the bucket first, or fix the bucket name in --repo".into())
+        }
+        StorageError::RetriesExhausted { .. } => Some(
+            "the storage was unreachable; check the endpoint and network, or raise --storage-retry-timeout".into(),
+        ),
+        _ => None,
+    };
+    Failure::new(Code::Storage, e, hint)
+}

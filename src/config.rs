@@ -1,0 +1,201 @@
+//! Settings shared by every command: flags > `PITR_*` environment > TOML file > defaults.
+//!
+//! Flags and environment variables are resolved by clap (each flag names its variable); this
+//! module reads the file, merges, and validates everything up front, reporting every problem at
+//! once rather than the first one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::Codec;
+use crate::repo::WriteOptions;
+use crate::storage::{Location, S3Settings};
+
+/// The configuration file, as written by the user. Unknown keys are errors: a typo must not
+/// silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub repo: Option<String>,
+    pub compression: Option<String>,
+    pub compression_level: Option<i32>,
+    /// e.g. "60s", "5m".
+    pub storage_retry_timeout: Option<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+    pub s3: Option<S3Settings>,
+}
+
+/// Values given on the command line or through the environment (already merged by clap).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub compression: Option<String>,
+    pub compression_level: Option<i32>,
+    pub storage_retry_timeout: Option<String>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub repo: Location,
+    pub write: WriteOptions,
+    pub storage_retry_timeout: Duration,
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid settings:\n  - {}", .problems.join("\n  - "))]
+    Invalid { problems: Vec<String> },
+}
+
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.message().to_string(),
+    })
+}
+
+impl Settings {
+    pub fn resolve(o: &Overrides) -> Result<Settings, ConfigError> {
+        let file = match &o.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let mut problems = vec![];
+
+        let repo = match o.repo.clone().or(file.repo.clone()) {
+            None => {
+                problems.push(
+                    "no repository given: pass --repo DIR|s3://bucket/prefix, set PITR_REPO, or set `repo` in the config file"
+                        .to_string(),
+                );
+                None
+            }
+            Some(url) => match Location::parse(&url) {
+                Ok(l) => Some(l.with_s3_settings(file.s3.clone().unwrap_or_default())),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            },
+        };
+
+        let codec = match o
+            .compression
+            .as_deref()
+            .or(file.compression.as_deref())
+            .unwrap_or("lz4")
+            .parse::<Codec>()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(e);
+                Codec::Lz4
+            }
+        };
+        let level = o.compression_level.or(file.compression_level).unwrap_or(3);
+        if codec == Codec::Zstd && !(1..=19).contains(&level) {
+            problems.push(format!(
+                "compression level {level} is out of range: zstd takes 1 to 19"
+            ));
+        }
+
+        let storage_retry_timeout = match o
+            .storage_retry_timeout
+            .as_deref()
+            .or(file.storage_retry_timeout.as_deref())
+        {
+            None => DEFAULT_RETRY_TIMEOUT,
+            Some(t) => humantime::parse_duration(t).unwrap_or_else(|e| {
+                problems.push(format!(
+                    "storage retry timeout {t:?}: {e} (use e.g. 30s or 5m)"
+                ));
+                DEFAULT_RETRY_TIMEOUT
+            }),
+        };
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { problems });
+        }
+        Ok(Settings {
+            repo: repo.expect("checked above"),
+            write: WriteOptions { codec, level },
+            storage_retry_timeout,
+            config_file: o.config.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pitr.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let (_d, p) = write("repo = \"/from/file\"\ncompression = \"zstd\"\n");
+        let s = Settings::resolve(&Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.repo, Location::Local("/from/file".into()));
+        assert_eq!(s.write.codec, Codec::Zstd);
+        let s = Settings::resolve(&Overrides {
+            config: Some(p),
+            repo: Some("/from/flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.repo, Location::Local("/from/flag".into()));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let (_d, p) = write("repo = \"/x\"\ncompresion = \"zstd\"\n");
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let o = Overrides {
+            compression: Some("gzip".into()),
+            storage_retry_timeout: Some("soon".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("no repository") && e.contains("gzip") && e.contains("soon"),
+            "{e}"
+        );
+    }
+}

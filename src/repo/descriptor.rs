@@ -1,0 +1,111 @@
+//! The repository descriptor: which PostgreSQL cluster the repository belongs to.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{layout::DESCRIPTOR_KEY, RepoError, Result};
+use crate::codec::{self, Codec};
+use crate::storage::{Storage, StorageError};
+
+/// Version of the repository layout this pitr writes. Bump it when a reader of the old version
+/// would misread the new layout; readers refuse anything newer than they know.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What identifies the cluster a repository belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    pub system_identifier: u64,
+    pub pg_major: u32,
+    pub wal_segment_size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub format_version: u32,
+    /// As a string: JSON numbers lose precision above 2^53 in most readers.
+    #[serde(with = "u64_as_string")]
+    pub system_identifier: u64,
+    pub pg_major: u32,
+    pub wal_segment_size: u64,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+mod u64_as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+pub(super) async fn read(storage: &Storage) -> Result<Option<Descriptor>> {
+    let bytes = match storage.get(DESCRIPTOR_KEY).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let raw = codec::decode(&bytes).map_err(|source| RepoError::Corrupt {
+        key: DESCRIPTOR_KEY.into(),
+        source,
+    })?;
+    // Look at the version before the rest: a newer format may have changed other fields.
+    let version: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| RepoError::BadDescriptor {
+            key: DESCRIPTOR_KEY.into(),
+            message: e.to_string(),
+        })?;
+    let found = version
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as u32;
+    if found > FORMAT_VERSION {
+        return Err(RepoError::NewerFormat {
+            location: storage.location().to_string(),
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let d = serde_json::from_value(version).map_err(|e| RepoError::BadDescriptor {
+        key: DESCRIPTOR_KEY.into(),
+        message: e.to_string(),
+    })?;
+    Ok(Some(d))
+}
+
+/// Creates the descriptor. Two first writers may race: the loser reads the winner's.
+pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Result<Descriptor> {
+    let d = Descriptor {
+        format_version: FORMAT_VERSION,
+        system_identifier: cluster.system_identifier,
+        pg_major: cluster.pg_major,
+        wal_segment_size: cluster.wal_segment_size,
+        created_at: Utc::now(),
+        created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
+    };
+    let json = serde_json::to_vec_pretty(&d).expect("descriptor serializes");
+    // Uncompressed so that `tail -c +41 repository.json` shows it to a human.
+    let framed = codec::encode(&json, Codec::None, 0);
+    match storage
+        .put_if_absent(DESCRIPTOR_KEY, Bytes::from(framed))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(location = %storage.location(), system_id = d.system_identifier, "created repository");
+            Ok(d)
+        }
+        Err(StorageError::AlreadyExists { .. }) => {
+            read(storage)
+                .await?
+                .ok_or_else(|| RepoError::NotInitialized {
+                    location: storage.location().to_string(),
+                })
+        }
+        Err(e) => Err(e.into()),
+    }
+}

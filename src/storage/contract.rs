@@ -1,0 +1,117 @@
+//! The storage contract, run against every backend. The S3 run lives in the integration tests,
+//! which call [`run_contract`] with a real S3-compatible server.
+
+use bytes::Bytes;
+
+use super::{Storage, StorageError};
+
+/// Exercises every promise in the module docs of `storage`. Panics on the first broken one.
+pub async fn run_contract(s: &Storage) {
+    let key = "contract/a/b/object";
+    assert!(matches!(
+        s.get(key).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    assert_eq!(s.head(key).await.unwrap(), None);
+
+    s.put_if_absent(key, Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    assert_eq!(s.get(key).await.unwrap(), Bytes::from_static(b"first"));
+    assert_eq!(s.head(key).await.unwrap(), Some(5));
+
+    let again = s.put_if_absent(key, Bytes::from_static(b"second")).await;
+    assert!(
+        matches!(again, Err(StorageError::AlreadyExists { .. })),
+        "{again:?}"
+    );
+    assert_eq!(
+        s.get(key).await.unwrap(),
+        Bytes::from_static(b"first"),
+        "put_if_absent replaced an object"
+    );
+
+    s.put_overwrite("contract/mutable", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    s.put_overwrite("contract/mutable", Bytes::from_static(b"2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("contract/mutable").await.unwrap(),
+        Bytes::from_static(b"2")
+    );
+
+    // Racing writers: exactly one wins.
+    let racers: Vec<_> = (0..8u8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.put_if_absent("contract/race", Bytes::from(vec![i; 1000]))
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for r in racers {
+        match r.await.unwrap() {
+            Ok(()) => wins += 1,
+            Err(StorageError::AlreadyExists { .. }) => {}
+            Err(e) => panic!("unexpected error in race: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one racing put_if_absent must win");
+
+    let mut listed: Vec<String> = s
+        .list("contract/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["contract/a/b/object", "contract/mutable", "contract/race"]
+    );
+    assert!(s.list("nothing-here/").await.unwrap().is_empty());
+
+    s.delete(key).await.unwrap();
+    s.delete(key).await.unwrap();
+    assert_eq!(s.head(key).await.unwrap(), None);
+    s.check_reachable().await.unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::storage::Location;
+
+    #[tokio::test]
+    async fn local_backend_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::Local(dir.path().join("repo"));
+        let s = Storage::open(&loc, Duration::from_secs(1)).unwrap();
+        run_contract(&s).await;
+        // No temporary file survives a successful run.
+        let leftovers: Vec<_> = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walk(p: &std::path::Path) -> Vec<String> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            out.push(e.path().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,254 @@
+//! The local-directory backend: the zero-set-up default, and a production backend.
+//!
+//! Durability follows the classic recipe: write a temporary file in the destination directory,
+//! fsync it, publish it under its final name, fsync the directory. `put_if_absent` publishes
+//! with `link(2)`, which fails when the name exists, so an existing object is never replaced,
+//! even by a concurrent writer. Temporary files start with [`TMP_PREFIX`] and are never listed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Component, Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Backend, ObjectInfo, Result, StorageError};
+
+pub const TMP_PREFIX: &str = ".tmp.";
+
+#[derive(Clone, Debug)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: PathBuf) -> LocalBackend {
+        LocalBackend { root }
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf> {
+        let rel = Path::new(key);
+        let ok = !key.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !ok {
+            return Err(StorageError::Permanent {
+                op: "resolve",
+                key: key.into(),
+                message: "invalid object key".into(),
+            });
+        }
+        Ok(self.root.join(rel))
+    }
+}
+
+fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
+    match e.kind() {
+        io::ErrorKind::NotFound => StorageError::NotFound {
+            key: key.to_string(),
+        },
+        io::ErrorKind::AlreadyExists => StorageError::AlreadyExists {
+            key: key.to_string(),
+        },
+        io::ErrorKind::PermissionDenied => StorageError::AccessDenied {
+            op,
+            key: key.to_string(),
+            message: e.to_string(),
+        },
+        io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            StorageError::Transient {
+                op,
+                key: key.to_string(),
+                message: e.to_string(),
+            }
+        }
+        _ => StorageError::Permanent {
+            op,
+            key: key.to_string(),
+            message: e.to_string(),
+        },
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent whose entries changed so that the
+/// new directories survive a crash together with the file about to be published in them.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = vec![];
+    let mut cur = dir;
+    while !cur.exists() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent() {
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` to a fresh temporary file beside `path` and fsyncs it.
+fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
+    let dir = path.parent().expect("object paths have a parent");
+    create_dir_durable(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{name}.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let res = f.write_all(data).and_then(|_| f.sync_all());
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+fn put_if_absent_sync(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = write_temp(path, data)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked?;
+    fsync_dir(path.parent().expect("object paths have a parent"))
+}
+
+fn put_overwrite_sync(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = write_temp(path, data)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsync_dir(path.parent().expect("object paths have a parent"))
+}
+
+fn list_sync(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            list_sync(root, &entry.path(), out)?;
+        } else if ft.is_file() {
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .expect("walk stays under root")
+                .to_path_buf();
+            let key = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(ObjectInfo {
+                key,
+                size: entry.metadata()?.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("storage I/O task panicked")
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path_of(key)?;
+        blocking(move || put_if_absent_sync(&path, &data))
+            .await
+            .map_err(|e| io_err("put", key, e))
+    }
+
+    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path_of(key)?;
+        blocking(move || put_overwrite_sync(&path, &data))
+            .await
+            .map_err(|e| io_err("put", key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path_of(key)?;
+        blocking(move || fs::read(path))
+            .await
+            .map(Bytes::from)
+            .map_err(|e| io_err("get", key, e))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>> {
+        let path = self.path_of(key)?;
+        match blocking(move || fs::metadata(path)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("head", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let root = self.root.clone();
+        let dir = self.root.join(prefix.trim_end_matches('/'));
+        let mut objects = blocking(move || {
+            let mut out = vec![];
+            list_sync(&root, &dir, &mut out).map(|_| out)
+        })
+        .await
+        .map_err(|e| io_err("list", prefix, e))?;
+        objects.retain(|o| o.key.starts_with(prefix));
+        Ok(objects)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        let res = blocking(move || {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            fsync_dir(path.parent().expect("object paths have a parent"))
+        })
+        .await;
+        res.map_err(|e| io_err("delete", key, e))
+    }
+
+    async fn check_reachable(&self) -> Result<()> {
+        // A missing directory is fine: the first write creates it. A file in its place is not.
+        let root = self.root.clone();
+        let key = self.root.display().to_string();
+        match blocking(move || fs::metadata(root)).await {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(StorageError::Permanent {
+                op: "open",
+                key,
+                message: "the repository path exists but is not a directory".into(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("open", &key, e)),
+        }
+    }
+}

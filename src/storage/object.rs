@@ -1,0 +1,248 @@
+//! S3, GCS and Azure through the `object_store` crate.
+//!
+//! Immutable objects use `PutMode::Create`, which object_store turns into `If-None-Match: *` on
+//! S3 (honoured by AWS since 2024, R2 and MinIO), a generation precondition on GCS and
+//! `If-None-Match` on Azure: the store itself refuses to replace an object, so two writers can
+//! never overwrite each other's bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use super::{Backend, Location, LocationError, ObjectInfo, Result, StorageError};
+
+#[derive(Debug)]
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+// Our own retry loop (in `Storage`) owns the overall time budget; object_store's retries only
+// smooth over single hiccups, so they are kept short.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+fn client_options() -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120))
+}
+
+impl ObjectStoreBackend {
+    pub fn new(location: &Location) -> Result<ObjectStoreBackend, LocationError> {
+        let url = location.to_string();
+        let err = |e: object_store::Error| LocationError {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, &str) = match location {
+            Location::S3 {
+                bucket,
+                prefix,
+                settings,
+            } => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options());
+                if let Some(v) = &settings.endpoint {
+                    b = b.with_endpoint(v);
+                }
+                if let Some(v) = &settings.region {
+                    b = b.with_region(v);
+                }
+                if let Some(v) = &settings.access_key_id {
+                    b = b.with_access_key_id(v);
+                }
+                if let Some(v) = &settings.secret_access_key {
+                    b = b.with_secret_access_key(v);
+                }
+                if let Some(v) = settings.virtual_hosted_style {
+                    b = b.with_virtual_hosted_style_request(v);
+                }
+                // An http:// endpoint (MinIO or s3s on a private network) is an explicit choice.
+                let endpoint = settings
+                    .endpoint
+                    .clone()
+                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+                    .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+                if endpoint.is_some_and(|e| e.starts_with("http://")) {
+                    b = b.with_allow_http(true);
+                }
+                (Arc::new(b.build().map_err(err)?), prefix)
+            }
+            Location::Gcs { bucket, prefix } => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options());
+                (Arc::new(b.build().map_err(err)?), prefix)
+            }
+            Location::Azure { container, prefix } => {
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options());
+                (Arc::new(b.build().map_err(err)?), prefix)
+            }
+            Location::Local(_) => unreachable!("local repositories use LocalBackend"),
+        };
+        Ok(ObjectStoreBackend {
+            store,
+            prefix: prefix.to_string(),
+            url,
+        })
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn key_of(&self, path: &ObjectPath) -> String {
+        let full = path.as_ref();
+        if self.prefix.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(&self.prefix)
+                .map(|k| k.trim_start_matches('/'))
+                .unwrap_or(full)
+                .to_string()
+        }
+    }
+}
+
+fn map_err(op: &'static str, key: &str, e: object_store::Error) -> StorageError {
+    let key = key.to_string();
+    match e {
+        object_store::Error::NotFound { .. } => StorageError::NotFound { key },
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            StorageError::AlreadyExists { key }
+        }
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StorageError::AccessDenied {
+            op,
+            key,
+            message: e.to_string(),
+        },
+        object_store::Error::InvalidPath { .. }
+        | object_store::Error::NotSupported { .. }
+        | object_store::Error::NotImplemented { .. } => StorageError::Permanent {
+            op,
+            key,
+            message: e.to_string(),
+        },
+        // Generic covers transport errors and 5xx that outlived object_store's own short retries.
+        other => StorageError::Transient {
+            op,
+            key,
+            message: other.to_string(),
+        },
+    }
+}
+
+#[async_trait]
+impl Backend for ObjectStoreBackend {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&self.path(key), PutPayload::from(data), opts)
+            .await
+            .map_err(|e| map_err("put", key, e))?;
+        Ok(())
+    }
+
+    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(key), PutPayload::from(data))
+            .await
+            .map_err(|e| map_err("put", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let res = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| map_err("get", key, e))?;
+        res.bytes().await.map_err(|e| map_err("get", key, e))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>> {
+        match self.store.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_err("head", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let base = self.path(prefix.trim_end_matches('/'));
+        let base = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
+        let metas: Vec<_> = self
+            .store
+            .list(base)
+            .try_collect()
+            .await
+            .map_err(|e| map_err("list", prefix, e))?;
+        let mut out: Vec<ObjectInfo> = metas
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: self.key_of(&m.location),
+                size: m.size,
+            })
+            .collect();
+        out.retain(|o| o.key.starts_with(prefix));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_err("delete", key, e)),
+        }
+    }
+
+    async fn check_reachable(&self) -> Result<()> {
+        // One LIST request: it fails with NotFound on a missing bucket and AccessDenied on bad
+        // credentials, which a GET of a missing key could not tell apart.
+        let base = if self.prefix.is_empty() {
+            None
+        } else {
+            Some(ObjectPath::from(self.prefix.as_str()))
+        };
+        match self.store.list_with_delimiter(base.as_ref()).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::Permanent {
+                op: "open",
+                key: self.url.clone(),
+                message: "the bucket does not exist".into(),
+            }),
+            Err(e) => Err(map_err("open", &self.url, e)),
+        }
+    }
+}
