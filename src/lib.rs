@@ -19,4 +19,5 @@ pub mod repo;
 pub mod restore;
 pub mod storage;
 pub mod stream;
+pub mod tar;
 pub mod wal;

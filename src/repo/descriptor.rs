@@ -32,7 +32,7 @@ pub struct Descriptor {
     pub created_by: String,
 }
 
-mod u64_as_string {
+pub(super) mod u64_as_string {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)

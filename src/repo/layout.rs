@@ -21,6 +21,26 @@ pub fn wal_key(name: &WalFileName) -> String {
     }
 }
 
+/// Folder of backup data: `backups/<id>/<archive>/<part>` and `backups/<id>/backup_manifest`.
+pub const BACKUP_DATA_PREFIX: &str = "backups/";
+
+/// Folder of completed backups' metadata, one small object per backup. A backup exists for
+/// `list` and `restore` only once its object here is written, which is the last step of a
+/// backup; an interrupted backup leaves data under `backups/` that nothing refers to.
+pub const BACKUP_CATALOG_PREFIX: &str = "catalog/backups/";
+
+pub fn backup_part_key(backup_id: &str, archive: &str, part: u32) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/{archive}/{part:08}")
+}
+
+pub fn backup_manifest_key(backup_id: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/backup_manifest")
+}
+
+pub fn backup_info_key(backup_id: &str) -> String {
+    format!("{BACKUP_CATALOG_PREFIX}{backup_id}.json")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,11 +3,13 @@
 //! Uses `storage` to move bytes and `codec` to frame them; knows WAL file names but nothing of
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
+mod catalog;
 mod descriptor;
 pub mod layout;
 
 use bytes::Bytes;
 
+pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
 
 use crate::codec::{self, Codec, CodecError};

@@ -1,1 +1,13 @@
 //! `pitr restore`: plan and execute a point-in-time restore.
+//!
+//! Validate, plan, then act: [`plan::plan`] is pure and decides everything (which backup, which
+//! WAL, whether the target is reachable) before a single byte is written; `--dry-run` prints
+//! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
+//! recovery settings PostgreSQL needs to replay to exactly the target.
+
+pub mod plan;
+pub mod recovery_conf;
+pub mod target;
+
+pub use plan::{plan, PlanError, RestorePlan, RestoreRequest};
+pub use target::{parse_target_time, Target, TargetAction, TimelineTarget};

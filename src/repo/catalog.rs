@@ -1,0 +1,188 @@
+//! The catalog: completed backups and the WAL the repository holds.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::layout::{self, BACKUP_CATALOG_PREFIX, WAL_PREFIX};
+use super::{PutOutcome, RepoError, Repository, Result};
+use crate::codec::{self, Codec};
+use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
+
+/// One tar stream of a backup: the main data directory (`base.tar`) or a tablespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupArchive {
+    /// `base.tar` or `<oid>.tar`.
+    pub name: String,
+    pub tablespace_oid: Option<u32>,
+    /// Where the tablespace lived on the source server.
+    pub tablespace_location: Option<String>,
+    pub parts: u32,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// Metadata of a completed backup, everything `list` and `restore` need without a scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    pub id: String,
+    pub label: String,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    /// Wall-clock time on the pitr host when BASE_BACKUP was sent.
+    pub start_time: DateTime<Utc>,
+    /// Wall-clock time on the pitr host after the backup and its WAL were safely stored. Recovery
+    /// to a time before this may not reach consistency with this backup.
+    pub stop_time: DateTime<Utc>,
+    pub pg_version_num: u32,
+    #[serde(with = "super::descriptor::u64_as_string")]
+    pub system_identifier: u64,
+    pub archives: Vec<BackupArchive>,
+    pub manifest: bool,
+    pub compression: Codec,
+    pub pitr_version: String,
+}
+
+impl BackupInfo {
+    pub fn raw_bytes(&self) -> u64 {
+        self.archives.iter().map(|a| a.raw_bytes).sum()
+    }
+    pub fn stored_bytes(&self) -> u64 {
+        self.archives.iter().map(|a| a.stored_bytes).sum()
+    }
+}
+
+/// WAL segments held for one timeline, as contiguous ranges of segment numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimelineWal {
+    pub ranges: Vec<(SegNo, SegNo)>,
+    pub partial: Vec<SegNo>,
+}
+
+/// Everything in the WAL folder, summarised.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalInventory {
+    pub timelines: BTreeMap<TimelineId, TimelineWal>,
+    pub histories: Vec<TimelineId>,
+}
+
+impl WalInventory {
+    pub fn from_names(names: impl IntoIterator<Item = WalFileName>, seg_size: u64) -> WalInventory {
+        let mut segs: BTreeMap<TimelineId, Vec<SegNo>> = BTreeMap::new();
+        let mut inv = WalInventory::default();
+        for name in names {
+            match name {
+                WalFileName::Segment { tli, .. } => {
+                    segs.entry(tli).or_default().push(name.segno(seg_size).expect("segment"))
+                }
+                WalFileName::Partial { tli, .. } => {
+                    inv.timelines.entry(tli).or_default().partial.push(name.segno(seg_size).expect("segment"))
+                }
+                WalFileName::History { tli } => inv.histories.push(tli),
+                WalFileName::Backup { .. } => {}
+            }
+        }
+        for (tli, mut list) in segs {
+            list.sort_unstable();
+            list.dedup();
+            let ranges = &mut inv.timelines.entry(tli).or_default().ranges;
+            for s in list {
+                match ranges.last_mut() {
+                    Some((_, end)) if *end + 1 == s => *end = s,
+                    _ => ranges.push((s, s)),
+                }
+            }
+        }
+        inv.histories.sort_unstable();
+        inv
+    }
+
+    /// True if every segment from `from` to `to` (inclusive) of `tli` is held.
+    pub fn covers(&self, tli: TimelineId, from: SegNo, to: SegNo) -> bool {
+        self.timelines.get(&tli).is_some_and(|t| t.ranges.iter().any(|&(a, b)| a <= from && to <= b))
+    }
+
+    /// The last segment of the contiguous run on `tli` that contains `from`.
+    pub fn contiguous_end(&self, tli: TimelineId, from: SegNo) -> Option<SegNo> {
+        self.timelines.get(&tli)?.ranges.iter().find(|&&(a, b)| a <= from && from <= b).map(|&(_, b)| b)
+    }
+}
+
+impl Repository {
+    /// Publishes a completed backup. Written last, never replaced.
+    pub async fn put_backup_info(&self, info: &BackupInfo) -> Result<PutOutcome> {
+        let json = serde_json::to_vec_pretty(info).expect("backup info serializes");
+        self.put_immutable(&layout::backup_info_key(&info.id), &format!("backup {}", info.id), &json).await
+    }
+
+    pub async fn backup_info(&self, id: &str) -> Result<Option<BackupInfo>> {
+        let key = layout::backup_info_key(id);
+        match self.get_optional(&key).await? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| RepoError::BadDescriptor { key, message: e.to_string() }),
+        }
+    }
+
+    /// Completed backups, oldest first.
+    pub async fn list_backups(&self) -> Result<Vec<BackupInfo>> {
+        let mut out = vec![];
+        for obj in self.storage().list(BACKUP_CATALOG_PREFIX).await? {
+            let raw = self.get_verified(&obj.key).await?;
+            let info: BackupInfo = serde_json::from_slice(&raw)
+                .map_err(|e| RepoError::BadDescriptor { key: obj.key.clone(), message: e.to_string() })?;
+            out.push(info);
+        }
+        out.sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
+        Ok(out)
+    }
+
+    /// Lists the WAL folder (one LIST; used by `list`, `restore` planning and `verify`, never by
+    /// the archive hooks).
+    pub async fn wal_inventory(&self) -> Result<WalInventory> {
+        let objects = self.storage().list(WAL_PREFIX).await?;
+        let names = objects.iter().filter_map(|o| {
+            let file = o.key.rsplit('/').next()?;
+            WalFileName::parse(file).ok()
+        });
+        Ok(WalInventory::from_names(names, self.descriptor().wal_segment_size))
+    }
+
+    /// Stores a raw object (a backup part or manifest) uncompressed or with the configured codec.
+    pub async fn put_part(&self, key: &str, content: &[u8]) -> Result<u64> {
+        let framed = codec::encode(content, self.write.codec, self.write.level);
+        let stored = framed.len() as u64;
+        self.storage().put_if_absent(key, Bytes::from(framed)).await?;
+        Ok(stored)
+    }
+
+    pub fn write_codec(&self) -> Codec {
+        self.write.codec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_groups_contiguous_segments() {
+        let seg = 16 << 20;
+        let names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000004", "000000020000000000000004", "00000002.history", "000000010000000000000004.partial"]
+            .iter()
+            .map(|n| WalFileName::parse(n).unwrap());
+        let inv = WalInventory::from_names(names, seg);
+        assert_eq!(inv.timelines[&1].ranges, vec![(1, 2), (4, 4)]);
+        assert_eq!(inv.timelines[&1].partial, vec![4]);
+        assert_eq!(inv.timelines[&2].ranges, vec![(4, 4)]);
+        assert_eq!(inv.histories, vec![2]);
+        assert!(inv.covers(1, 1, 2));
+        assert!(!inv.covers(1, 1, 4));
+        assert_eq!(inv.contiguous_end(1, 1), Some(2));
+        assert_eq!(inv.contiguous_end(1, 3), None);
+    }
+}
