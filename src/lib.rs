@@ -10,14 +10,14 @@
 //! | `pg`                                     | `wal`                              |
 //! | `storage`, `codec`, `wal`                | nothing else in the crate          |
 pub mod archive;
-pub mod backup;
+// pub mod backup; (enabled when the pg client lands)
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod format;
 pub mod pg;
 pub mod repo;
 pub mod restore;
 pub mod storage;
 pub mod stream;
-pub mod tar;
 pub mod wal;

@@ -75,12 +75,16 @@ impl WalInventory {
         let mut inv = WalInventory::default();
         for name in names {
             match name {
-                WalFileName::Segment { tli, .. } => {
-                    segs.entry(tli).or_default().push(name.segno(seg_size).expect("segment"))
-                }
-                WalFileName::Partial { tli, .. } => {
-                    inv.timelines.entry(tli).or_default().partial.push(name.segno(seg_size).expect("segment"))
-                }
+                WalFileName::Segment { tli, .. } => segs
+                    .entry(tli)
+                    .or_default()
+                    .push(name.segno(seg_size).expect("segment")),
+                WalFileName::Partial { tli, .. } => inv
+                    .timelines
+                    .entry(tli)
+                    .or_default()
+                    .partial
+                    .push(name.segno(seg_size).expect("segment")),
                 WalFileName::History { tli } => inv.histories.push(tli),
                 WalFileName::Backup { .. } => {}
             }
@@ -102,12 +106,19 @@ impl WalInventory {
 
     /// True if every segment from `from` to `to` (inclusive) of `tli` is held.
     pub fn covers(&self, tli: TimelineId, from: SegNo, to: SegNo) -> bool {
-        self.timelines.get(&tli).is_some_and(|t| t.ranges.iter().any(|&(a, b)| a <= from && to <= b))
+        self.timelines
+            .get(&tli)
+            .is_some_and(|t| t.ranges.iter().any(|&(a, b)| a <= from && to <= b))
     }
 
     /// The last segment of the contiguous run on `tli` that contains `from`.
     pub fn contiguous_end(&self, tli: TimelineId, from: SegNo) -> Option<SegNo> {
-        self.timelines.get(&tli)?.ranges.iter().find(|&&(a, b)| a <= from && from <= b).map(|&(_, b)| b)
+        self.timelines
+            .get(&tli)?
+            .ranges
+            .iter()
+            .find(|&&(a, b)| a <= from && from <= b)
+            .map(|&(_, b)| b)
     }
 }
 
@@ -115,16 +126,26 @@ impl Repository {
     /// Publishes a completed backup. Written last, never replaced.
     pub async fn put_backup_info(&self, info: &BackupInfo) -> Result<PutOutcome> {
         let json = serde_json::to_vec_pretty(info).expect("backup info serializes");
-        self.put_immutable(&layout::backup_info_key(&info.id), &format!("backup {}", info.id), &json).await
+        self.put_immutable(
+            &layout::backup_info_key(&info.id),
+            &format!("backup {}", info.id),
+            &json,
+        )
+        .await
     }
 
     pub async fn backup_info(&self, id: &str) -> Result<Option<BackupInfo>> {
         let key = layout::backup_info_key(id);
         match self.get_optional(&key).await? {
             None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw)
-                .map(Some)
-                .map_err(|e| RepoError::BadDescriptor { key, message: e.to_string() }),
+            Some(raw) => {
+                serde_json::from_slice(&raw)
+                    .map(Some)
+                    .map_err(|e| RepoError::BadDescriptor {
+                        key,
+                        message: e.to_string(),
+                    })
+            }
         }
     }
 
@@ -133,8 +154,11 @@ impl Repository {
         let mut out = vec![];
         for obj in self.storage().list(BACKUP_CATALOG_PREFIX).await? {
             let raw = self.get_verified(&obj.key).await?;
-            let info: BackupInfo = serde_json::from_slice(&raw)
-                .map_err(|e| RepoError::BadDescriptor { key: obj.key.clone(), message: e.to_string() })?;
+            let info: BackupInfo =
+                serde_json::from_slice(&raw).map_err(|e| RepoError::BadDescriptor {
+                    key: obj.key.clone(),
+                    message: e.to_string(),
+                })?;
             out.push(info);
         }
         out.sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
@@ -149,14 +173,24 @@ impl Repository {
             let file = o.key.rsplit('/').next()?;
             WalFileName::parse(file).ok()
         });
-        Ok(WalInventory::from_names(names, self.descriptor().wal_segment_size))
+        Ok(WalInventory::from_names(
+            names,
+            self.descriptor().wal_segment_size,
+        ))
     }
 
-    /// Stores a raw object (a backup part or manifest) uncompressed or with the configured codec.
-    pub async fn put_part(&self, key: &str, content: &[u8]) -> Result<u64> {
-        let framed = codec::encode(content, self.write.codec, self.write.level);
+    /// Stores a backup part or manifest with the configured codec; returns the stored size.
+    /// Compression runs on the blocking pool so that a backup compresses on every core while
+    /// the async threads keep reading from the server.
+    pub async fn put_part(&self, key: &str, content: Vec<u8>) -> Result<u64> {
+        let (c, level) = (self.write.codec, self.write.level);
+        let framed = tokio::task::spawn_blocking(move || codec::encode(&content, c, level))
+            .await
+            .expect("compression task panicked");
         let stored = framed.len() as u64;
-        self.storage().put_if_absent(key, Bytes::from(framed)).await?;
+        self.storage()
+            .put_if_absent(key, Bytes::from(framed))
+            .await?;
         Ok(stored)
     }
 
@@ -172,9 +206,16 @@ mod tests {
     #[test]
     fn inventory_groups_contiguous_segments() {
         let seg = 16 << 20;
-        let names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000004", "000000020000000000000004", "00000002.history", "000000010000000000000004.partial"]
-            .iter()
-            .map(|n| WalFileName::parse(n).unwrap());
+        let names = [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000004",
+            "000000020000000000000004",
+            "00000002.history",
+            "000000010000000000000004.partial",
+        ]
+        .iter()
+        .map(|n| WalFileName::parse(n).unwrap());
         let inv = WalInventory::from_names(names, seg);
         assert_eq!(inv.timelines[&1].ranges, vec![(1, 2), (4, 4)]);
         assert_eq!(inv.timelines[&1].partial, vec![4]);

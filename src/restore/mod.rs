@@ -5,9 +5,11 @@
 //! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
+mod execute;
 pub mod plan;
 pub mod recovery_conf;
 pub mod target;
 
+pub use execute::{check_target_dir, execute, RestoreError, RestoreOptions, RestoreReport};
 pub use plan::{plan, PlanError, RestorePlan, RestoreRequest};
 pub use target::{parse_target_time, Target, TargetAction, TimelineTarget};

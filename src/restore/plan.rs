@@ -49,11 +49,25 @@ pub enum PlanError {
     #[error("target time {target} is in the future (now is {now})")]
     TargetInFuture { target: String, now: String },
     #[error("target {target} is before the end of the oldest usable backup ({oldest}); recoverable window: {window}")]
-    BeforeOldestBackup { target: String, oldest: String, window: String },
+    BeforeOldestBackup {
+        target: String,
+        oldest: String,
+        window: String,
+    },
     #[error("backup {id} ended at {stop}, after target {target}; choose an older backup or a later target")]
-    BackupAfterTarget { id: String, stop: String, target: String },
-    #[error("target {target} is past the end of the archived WAL ({end}); recoverable window: {window}")]
-    PastEnd { target: String, end: Lsn, window: String },
+    BackupAfterTarget {
+        id: String,
+        stop: String,
+        target: String,
+    },
+    #[error(
+        "target {target} is past the end of the archived WAL ({end}); recoverable window: {window}"
+    )]
+    PastEnd {
+        target: String,
+        end: Lsn,
+        window: String,
+    },
     #[error("backup {id} cannot reach consistency: WAL segment {missing} is missing from the repository")]
     MissingBackupWal { id: String, missing: String },
     #[error("timeline {tli} has no history file in the repository, so its ancestry is unknown")]
@@ -66,11 +80,16 @@ pub enum PlanError {
 pub type Histories = BTreeMap<TimelineId, Vec<HistoryEntry>>;
 
 /// Where each timeline on the path to `tli` begins, as (timeline, first LSN), oldest first.
-fn timeline_path(histories: &Histories, tli: TimelineId) -> Result<Vec<(TimelineId, Lsn)>, PlanError> {
+fn timeline_path(
+    histories: &Histories,
+    tli: TimelineId,
+) -> Result<Vec<(TimelineId, Lsn)>, PlanError> {
     if tli == 1 {
         return Ok(vec![(1, Lsn(0))]);
     }
-    let hist = histories.get(&tli).ok_or(PlanError::MissingHistory { tli })?;
+    let hist = histories
+        .get(&tli)
+        .ok_or(PlanError::MissingHistory { tli })?;
     let mut path = vec![];
     let mut begin = Lsn(0);
     for e in hist {
@@ -84,7 +103,11 @@ fn timeline_path(histories: &Histories, tli: TimelineId) -> Result<Vec<(Timeline
 /// The timeline PostgreSQL reads segment `segno` from: the newest on the path that began at or
 /// before the segment's end (a new timeline's first segment holds the switch point).
 fn timeline_of_segment(path: &[(TimelineId, Lsn)], segno: SegNo, seg_size: u64) -> TimelineId {
-    path.iter().rev().find(|(_, begin)| begin.segno(seg_size) <= segno).map(|&(t, _)| t).unwrap_or(path[0].0)
+    path.iter()
+        .rev()
+        .find(|(_, begin)| begin.segno(seg_size) <= segno)
+        .map(|&(t, _)| t)
+        .unwrap_or(path[0].0)
 }
 
 /// True if the backup ended before `tli`'s path left the backup's timeline.
@@ -100,13 +123,24 @@ fn backup_on_path(b: &BackupInfo, path: &[(TimelineId, Lsn)]) -> bool {
 
 /// The last segment held contiguously from `from` along `path`, switching to each newer
 /// timeline at the segment where it begins.
-fn contiguous_end(inv: &WalInventory, path: &[(TimelineId, Lsn)], from: SegNo, seg_size: u64) -> Option<SegNo> {
+fn contiguous_end(
+    inv: &WalInventory,
+    path: &[(TimelineId, Lsn)],
+    from: SegNo,
+    seg_size: u64,
+) -> Option<SegNo> {
     let mut s = from;
     let mut last = None;
     loop {
         let tli = timeline_of_segment(path, s, seg_size);
-        let Some(run_end) = inv.contiguous_end(tli, s) else { return last };
-        let next_begin = path.iter().map(|(_, b)| b.segno(seg_size)).filter(|&b| b > s).min();
+        let Some(run_end) = inv.contiguous_end(tli, s) else {
+            return last;
+        };
+        let next_begin = path
+            .iter()
+            .map(|(_, b)| b.segno(seg_size))
+            .filter(|&b| b > s)
+            .min();
         match next_begin {
             // The run reaches the next timeline's first segment: continue there.
             Some(nb) if run_end + 1 >= nb => {
@@ -144,24 +178,43 @@ pub fn plan(
     let target_text = describe_target(&req.target);
 
     // Which timeline recovery will follow.
-    let latest_tli = inv.timelines.keys().chain(inv.histories.iter()).copied().max().unwrap_or(1);
-    let chosen_for_current = req.backup_id.as_ref().and_then(|id| backups.iter().find(|b| &b.id == id));
+    let latest_tli = inv
+        .timelines
+        .keys()
+        .chain(inv.histories.iter())
+        .copied()
+        .max()
+        .unwrap_or(1);
+    let chosen_for_current = req
+        .backup_id
+        .as_ref()
+        .and_then(|id| backups.iter().find(|b| &b.id == id));
     let resolved_timeline = match req.timeline {
         TimelineTarget::Id(t) => t,
         TimelineTarget::Latest => latest_tli,
-        TimelineTarget::Current => chosen_for_current.or(backups.last()).map(|b| b.timeline).unwrap_or(1),
+        TimelineTarget::Current => chosen_for_current
+            .or(backups.last())
+            .map(|b| b.timeline)
+            .unwrap_or(1),
     };
     let path = timeline_path(histories, resolved_timeline)?;
 
-    let usable: Vec<&BackupInfo> = backups.iter().filter(|b| backup_on_path(b, &path)).collect();
+    let usable: Vec<&BackupInfo> = backups
+        .iter()
+        .filter(|b| backup_on_path(b, &path))
+        .collect();
     if usable.is_empty() {
-        return Err(PlanError::NoBackupOnTimeline { tli: resolved_timeline });
+        return Err(PlanError::NoBackupOnTimeline {
+            tli: resolved_timeline,
+        });
     }
     let oldest = usable[0];
 
     // End of WAL reachable from the oldest usable backup: the window's upper bound.
     let window_end_seg = contiguous_end(inv, &path, oldest.start_lsn.segno(seg_size), seg_size);
-    let window_end = window_end_seg.map(|s| Lsn::from_segno(s + 1, seg_size)).unwrap_or(oldest.stop_lsn);
+    let window_end = window_end_seg
+        .map(|s| Lsn::from_segno(s + 1, seg_size))
+        .unwrap_or(oldest.stop_lsn);
     let window = format!(
         "from {} (LSN {}, end of backup {}) to LSN {} (end of archived WAL on timeline {})",
         oldest.stop_time.format("%Y-%m-%d %H:%M:%S%:z"),
@@ -173,7 +226,10 @@ pub fn plan(
 
     if let Target::Time(t) = &req.target {
         if t.with_timezone(&Utc) > now {
-            return Err(PlanError::TargetInFuture { target: target_text, now: now.to_rfc3339() });
+            return Err(PlanError::TargetInFuture {
+                target: target_text,
+                now: now.to_rfc3339(),
+            });
         }
     }
 
@@ -187,16 +243,25 @@ pub fn plan(
 
     let backup = match &req.backup_id {
         Some(id) => {
-            let b = backups.iter().find(|b| &b.id == id).ok_or_else(|| PlanError::BackupNotFound { id: id.clone() })?;
+            let b = backups
+                .iter()
+                .find(|b| &b.id == id)
+                .ok_or_else(|| PlanError::BackupNotFound { id: id.clone() })?;
             if !backup_on_path(b, &path) {
-                return Err(PlanError::NoBackupOnTimeline { tli: resolved_timeline });
+                return Err(PlanError::NoBackupOnTimeline {
+                    tli: resolved_timeline,
+                });
             }
             if !reaches(b) {
                 let stop = match &req.target {
                     Target::Time(_) => b.stop_time.to_rfc3339(),
                     _ => b.stop_lsn.to_string(),
                 };
-                return Err(PlanError::BackupAfterTarget { id: id.clone(), stop, target: target_text });
+                return Err(PlanError::BackupAfterTarget {
+                    id: id.clone(),
+                    stop,
+                    target: target_text,
+                });
             }
             b
         }
@@ -236,7 +301,11 @@ pub fn plan(
     let recoverable_end = Lsn::from_segno(end_seg + 1, seg_size);
     if let Target::Lsn(l) = &req.target {
         if *l > recoverable_end {
-            return Err(PlanError::PastEnd { target: target_text, end: recoverable_end, window });
+            return Err(PlanError::PastEnd {
+                target: target_text,
+                end: recoverable_end,
+                window,
+            });
         }
     }
 
@@ -248,8 +317,16 @@ pub fn plan(
         resolved_timeline,
         inclusive: req.inclusive,
         standby: req.standby,
-        wal_first: WalFileName::segment(timeline_of_segment(&path, first, seg_size), first, seg_size),
-        wal_last: WalFileName::segment(timeline_of_segment(&path, end_seg, seg_size), end_seg, seg_size),
+        wal_first: WalFileName::segment(
+            timeline_of_segment(&path, first, seg_size),
+            first,
+            seg_size,
+        ),
+        wal_last: WalFileName::segment(
+            timeline_of_segment(&path, end_seg, seg_size),
+            end_seg,
+            seg_size,
+        ),
         recoverable_end,
         bytes_to_fetch: backup.stored_bytes(),
     })
@@ -264,14 +341,22 @@ mod tests {
 
     const SEG: u64 = 16 << 20;
 
-    fn backup(id: &str, tli: TimelineId, start_seg: u64, stop_seg: u64, stop_min: u32) -> BackupInfo {
+    fn backup(
+        id: &str,
+        tli: TimelineId,
+        start_seg: u64,
+        stop_seg: u64,
+        stop_min: u32,
+    ) -> BackupInfo {
         BackupInfo {
             id: id.into(),
             label: id.into(),
             timeline: tli,
-            start_lsn: Lsn::from_segno(start_seg, SEG) .checked_add(0x28).unwrap(),
+            start_lsn: Lsn::from_segno(start_seg, SEG).checked_add(0x28).unwrap(),
             stop_lsn: Lsn::from_segno(stop_seg, SEG).checked_add(0x100).unwrap(),
-            start_time: Utc.with_ymd_and_hms(2026, 1, 1, 0, stop_min - 1, 0).unwrap(),
+            start_time: Utc
+                .with_ymd_and_hms(2026, 1, 1, 0, stop_min - 1, 0)
+                .unwrap(),
             stop_time: Utc.with_ymd_and_hms(2026, 1, 1, 0, stop_min, 0).unwrap(),
             pg_version_num: 150000,
             system_identifier: 1,
@@ -298,7 +383,11 @@ mod tests {
     }
 
     fn at(min: u32) -> Target {
-        Target::Time(Utc.with_ymd_and_hms(2026, 1, 1, 0, min, 0).unwrap().fixed_offset())
+        Target::Time(
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, min, 0)
+                .unwrap()
+                .fixed_offset(),
+        )
     }
 
     fn now() -> DateTime<Utc> {
@@ -306,7 +395,9 @@ mod tests {
     }
 
     fn wal_1_to(n: u64) -> Vec<String> {
-        (1..=n).map(|s| WalFileName::segment(1, s, SEG).to_string()).collect()
+        (1..=n)
+            .map(|s| WalFileName::segment(1, s, SEG).to_string())
+            .collect()
     }
 
     #[test]
@@ -315,8 +406,20 @@ mod tests {
         let names = wal_1_to(8);
         let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let h = Histories::new();
-        assert_eq!(plan(&req(at(15)), &backups, &i, &h, SEG, now()).unwrap().backup.id, "a");
-        assert_eq!(plan(&req(at(25)), &backups, &i, &h, SEG, now()).unwrap().backup.id, "b");
+        assert_eq!(
+            plan(&req(at(15)), &backups, &i, &h, SEG, now())
+                .unwrap()
+                .backup
+                .id,
+            "a"
+        );
+        assert_eq!(
+            plan(&req(at(25)), &backups, &i, &h, SEG, now())
+                .unwrap()
+                .backup
+                .id,
+            "b"
+        );
         let p = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap();
         assert_eq!(p.backup.id, "b");
         assert_eq!(p.wal_last.to_string(), "000000010000000000000008");
@@ -332,10 +435,20 @@ mod tests {
         let e = plan(&req(at(5)), &backups, &i, &h, SEG, now()).unwrap_err();
         assert!(matches!(e, PlanError::BeforeOldestBackup { .. }), "{e}");
         assert!(e.to_string().contains("recoverable window"));
-        let future = Target::Time(Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap().fixed_offset());
-        assert!(matches!(plan(&req(future), &backups, &i, &h, SEG, now()), Err(PlanError::TargetInFuture { .. })));
+        let future = Target::Time(
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
+                .unwrap()
+                .fixed_offset(),
+        );
+        assert!(matches!(
+            plan(&req(future), &backups, &i, &h, SEG, now()),
+            Err(PlanError::TargetInFuture { .. })
+        ));
         let past_end = Target::Lsn(Lsn::from_segno(6, SEG));
-        assert!(matches!(plan(&req(past_end), &backups, &i, &h, SEG, now()), Err(PlanError::PastEnd { .. })));
+        assert!(matches!(
+            plan(&req(past_end), &backups, &i, &h, SEG, now()),
+            Err(PlanError::PastEnd { .. })
+        ));
         let e = plan(&req(Target::Lsn(Lsn(5))), &backups, &i, &h, SEG, now()).unwrap_err();
         assert!(matches!(e, PlanError::BeforeOldestBackup { .. }), "{e}");
     }
@@ -346,12 +459,30 @@ mod tests {
         let h = Histories::new();
         let i = inv(&["000000010000000000000002", "000000010000000000000004"]);
         let e = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap_err();
-        assert_eq!(e, PlanError::MissingBackupWal { id: "a".into(), missing: "000000010000000000000003".into() });
+        assert_eq!(
+            e,
+            PlanError::MissingBackupWal {
+                id: "a".into(),
+                missing: "000000010000000000000003".into()
+            }
+        );
 
-        let i = inv(&["000000010000000000000002", "000000010000000000000003", "000000010000000000000005"]);
+        let i = inv(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000005",
+        ]);
         let p = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap();
         assert_eq!(p.wal_last.to_string(), "000000010000000000000003");
-        let e = plan(&req(Target::Lsn(Lsn::from_segno(5, SEG))), &backups, &i, &h, SEG, now()).unwrap_err();
+        let e = plan(
+            &req(Target::Lsn(Lsn::from_segno(5, SEG))),
+            &backups,
+            &i,
+            &h,
+            SEG,
+            now(),
+        )
+        .unwrap_err();
         assert!(matches!(e, PlanError::PastEnd { .. }));
     }
 
@@ -360,7 +491,14 @@ mod tests {
         // Timeline 2 forked from 1 inside segment 4.
         let backups = [backup("a", 1, 2, 2, 10)];
         let mut h = Histories::new();
-        h.insert(2, vec![HistoryEntry { tli: 1, switchpoint: Lsn::from_segno(4, SEG).checked_add(0x500).unwrap(), reason: String::new() }]);
+        h.insert(
+            2,
+            vec![HistoryEntry {
+                tli: 1,
+                switchpoint: Lsn::from_segno(4, SEG).checked_add(0x500).unwrap(),
+                reason: String::new(),
+            }],
+        );
         let i = inv(&[
             "000000010000000000000002",
             "000000010000000000000003",
@@ -374,10 +512,20 @@ mod tests {
         assert_eq!(p.wal_last.to_string(), "000000020000000000000005");
         // A backup taken on timeline 1 after the fork is not on timeline 2's history.
         let late = [backup("late", 1, 6, 6, 30)];
-        assert!(matches!(plan(&req(Target::Latest), &late, &i, &h, SEG, now()), Err(PlanError::NoBackupOnTimeline { tli: 2 })));
+        assert!(matches!(
+            plan(&req(Target::Latest), &late, &i, &h, SEG, now()),
+            Err(PlanError::NoBackupOnTimeline { tli: 2 })
+        ));
         // Timeline 2 without its history file cannot be planned.
         assert!(matches!(
-            plan(&req(Target::Latest), &backups, &i, &Histories::new(), SEG, now()),
+            plan(
+                &req(Target::Latest),
+                &backups,
+                &i,
+                &Histories::new(),
+                SEG,
+                now()
+            ),
             Err(PlanError::MissingHistory { tli: 2 })
         ));
     }

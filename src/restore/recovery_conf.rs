@@ -11,7 +11,11 @@ pub fn quote(value: &str) -> String {
 
 /// Quotes one word for the shell that runs restore_command.
 pub fn shell_word(word: &str) -> String {
-    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-:=,+@%".contains(&b)) {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=,+@%".contains(&b))
+    {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
@@ -20,12 +24,17 @@ pub fn shell_word(word: &str) -> String {
 
 /// The postgresql.auto.conf block for `plan`, with `restore_command` given ready-made.
 pub fn settings_block(plan: &RestorePlan, restore_command: &str) -> String {
-    let mut s = String::from("\n# Added by pitr restore: remove after recovery if you no longer need it.\n");
+    let mut s = String::from(
+        "\n# Added by pitr restore: remove after recovery if you no longer need it.\n",
+    );
     s.push_str(&format!("restore_command = {}\n", quote(restore_command)));
     let target_line = match &plan.target {
         Target::Latest => None,
         Target::Immediate => Some("recovery_target = 'immediate'".to_string()),
-        Target::Time(t) => Some(format!("recovery_target_time = {}", quote(&format_pg_time(t)))),
+        Target::Time(t) => Some(format!(
+            "recovery_target_time = {}",
+            quote(&format_pg_time(t))
+        )),
         Target::Lsn(l) => Some(format!("recovery_target_lsn = {}", quote(&l.to_string()))),
         Target::Xid(x) => Some(format!("recovery_target_xid = {}", quote(&x.to_string()))),
         Target::Name(n) => Some(format!("recovery_target_name = {}", quote(n))),
@@ -34,11 +43,20 @@ pub fn settings_block(plan: &RestorePlan, restore_command: &str) -> String {
         s.push_str(&line);
         s.push('\n');
         if !matches!(plan.target, Target::Immediate) {
-            s.push_str(&format!("recovery_target_inclusive = {}\n", if plan.inclusive { "on" } else { "off" }));
+            s.push_str(&format!(
+                "recovery_target_inclusive = {}\n",
+                if plan.inclusive { "on" } else { "off" }
+            ));
         }
-        s.push_str(&format!("recovery_target_action = {}\n", quote(&plan.action.to_string())));
+        s.push_str(&format!(
+            "recovery_target_action = {}\n",
+            quote(&plan.action.to_string())
+        ));
     }
-    s.push_str(&format!("recovery_target_timeline = {}\n", quote(&plan.timeline.to_string())));
+    s.push_str(&format!(
+        "recovery_target_timeline = {}\n",
+        quote(&plan.timeline.to_string())
+    ));
     s
 }
 

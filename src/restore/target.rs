@@ -54,7 +54,9 @@ impl std::str::FromStr for TimelineTarget {
                 .ok()
                 .filter(|&t| t > 0)
                 .map(TimelineTarget::Id)
-                .ok_or_else(|| format!("invalid timeline {s:?}: use latest, current or a positive number")),
+                .ok_or_else(|| {
+                    format!("invalid timeline {s:?}: use latest, current or a positive number")
+                }),
         }
     }
 }
@@ -108,7 +110,11 @@ mod tests {
     #[test]
     fn parses_rfc3339_and_postgres_forms() {
         let want = parse_target_time("2026-11-23T03:18:29.123456Z").unwrap();
-        for s in ["2026-11-23 03:18:29.123456+00", "2026-11-23 03:18:29.123456+00:00", "2026-11-23T05:18:29.123456+02"] {
+        for s in [
+            "2026-11-23 03:18:29.123456+00",
+            "2026-11-23 03:18:29.123456+00:00",
+            "2026-11-23T05:18:29.123456+02",
+        ] {
             assert_eq!(parse_target_time(s).unwrap(), want, "{s}");
         }
         assert_eq!(format_pg_time(&want), "2026-11-23 03:18:29.123456+00:00");
@@ -116,14 +122,22 @@ mod tests {
 
     #[test]
     fn refuses_times_without_zone_or_garbage() {
-        assert!(parse_target_time("2026-11-23 03:18:29").unwrap_err().contains("no time zone"));
+        assert!(parse_target_time("2026-11-23 03:18:29")
+            .unwrap_err()
+            .contains("no time zone"));
         assert!(parse_target_time("yesterday").is_err());
     }
 
     #[test]
     fn timeline_targets() {
-        assert_eq!("latest".parse::<TimelineTarget>().unwrap(), TimelineTarget::Latest);
-        assert_eq!("3".parse::<TimelineTarget>().unwrap(), TimelineTarget::Id(3));
+        assert_eq!(
+            "latest".parse::<TimelineTarget>().unwrap(),
+            TimelineTarget::Latest
+        );
+        assert_eq!(
+            "3".parse::<TimelineTarget>().unwrap(),
+            TimelineTarget::Id(3)
+        );
         assert!("0".parse::<TimelineTarget>().is_err());
     }
 }

@@ -50,10 +50,19 @@ pub enum TarError {
 #[derive(Debug)]
 enum State {
     Header,
-    Data { remaining: u64, padding: usize },
-    Padding { remaining: usize },
+    Data {
+        remaining: u64,
+        padding: usize,
+    },
+    Padding {
+        remaining: usize,
+    },
     /// A GNU long name or pax header body being collected for the next header.
-    Meta { kind: u8, remaining: u64, padding: usize },
+    Meta {
+        kind: u8,
+        remaining: u64,
+        padding: usize,
+    },
     End,
 }
 
@@ -129,7 +138,11 @@ impl TarReader {
     }
 
     /// Feeds the next bytes of the stream.
-    pub fn feed<E>(&mut self, mut input: &[u8], on: &mut impl FnMut(TarEvent<'_>) -> Result<(), E>) -> Result<(), E>
+    pub fn feed<E>(
+        &mut self,
+        mut input: &[u8],
+        on: &mut impl FnMut(TarEvent<'_>) -> Result<(), E>,
+    ) -> Result<(), E>
     where
         E: From<TarError>,
     {
@@ -165,7 +178,11 @@ impl TarReader {
                     if *remaining == 0 {
                         let padding = *padding;
                         on(TarEvent::EntryEnd)?;
-                        self.state = if padding > 0 { State::Padding { remaining: padding } } else { State::Header };
+                        self.state = if padding > 0 {
+                            State::Padding { remaining: padding }
+                        } else {
+                            State::Header
+                        };
                     }
                 }
                 State::Padding { remaining } => {
@@ -177,7 +194,11 @@ impl TarReader {
                         self.state = State::Header;
                     }
                 }
-                State::Meta { kind, remaining, padding } => {
+                State::Meta {
+                    kind,
+                    remaining,
+                    padding,
+                } => {
                     let take = (*remaining).min(input.len() as u64) as usize;
                     self.meta.extend_from_slice(&input[..take]);
                     *remaining -= take as u64;
@@ -186,7 +207,11 @@ impl TarReader {
                     if *remaining == 0 {
                         let (kind, padding) = (*kind, *padding);
                         self.absorb_meta(kind);
-                        self.state = if padding > 0 { State::Padding { remaining: padding } } else { State::Header };
+                        self.state = if padding > 0 {
+                            State::Padding { remaining: padding }
+                        } else {
+                            State::Header
+                        };
                     }
                 }
             }
@@ -218,7 +243,11 @@ impl TarReader {
         }
     }
 
-    fn on_header<E>(&mut self, block: &[u8], on: &mut impl FnMut(TarEvent<'_>) -> Result<(), E>) -> Result<(), E>
+    fn on_header<E>(
+        &mut self,
+        block: &[u8],
+        on: &mut impl FnMut(TarEvent<'_>) -> Result<(), E>,
+    ) -> Result<(), E>
     where
         E: From<TarError>,
     {
@@ -236,8 +265,17 @@ impl TarReader {
         }
         let bad = |field| TarError::BadField { offset: at, field };
         let stored = parse_octal(&block[148..156]).ok_or(bad("checksum"))?;
-        let computed: u64 =
-            block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 }).sum();
+        let computed: u64 = block
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    b' ' as u64
+                } else {
+                    b as u64
+                }
+            })
+            .sum();
         if stored != computed {
             return Err(TarError::BadChecksum { offset: at }.into());
         }
@@ -252,7 +290,11 @@ impl TarReader {
             self.state = if size == 0 {
                 State::Header
             } else {
-                State::Meta { kind, remaining: size, padding: pad_of(size) }
+                State::Meta {
+                    kind,
+                    remaining: size,
+                    padding: pad_of(size),
+                }
             };
             return Ok(());
         }
@@ -267,7 +309,10 @@ impl TarReader {
         if let Some(long) = self.long_name.take() {
             path = long;
         }
-        let link_target = self.long_link.take().unwrap_or_else(|| cstr(&block[157..257]));
+        let link_target = self
+            .long_link
+            .take()
+            .unwrap_or_else(|| cstr(&block[157..257]));
         let kind = match typeflag {
             b'0' | 0 | b'7' => EntryKind::File,
             b'5' => EntryKind::Directory,
@@ -291,7 +336,10 @@ impl TarReader {
             on(TarEvent::EntryEnd)?;
             self.state = State::Header;
         } else {
-            self.state = State::Data { remaining: data, padding: pad_of(data) };
+            self.state = State::Data {
+                remaining: data,
+                padding: pad_of(data),
+            };
         }
         Ok(())
     }
@@ -356,7 +404,15 @@ mod tests {
     fn reads_entries_whatever_the_chunking() {
         let a = archive();
         let whole = collect(&a, a.len());
-        assert_eq!(whole.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["PG_VERSION", "global", "global/pg_control", "pg_tblspc/16384"]);
+        assert_eq!(
+            whole.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            [
+                "PG_VERSION",
+                "global",
+                "global/pg_control",
+                "pg_tblspc/16384"
+            ]
+        );
         assert_eq!(whole[0].1, b"15\n");
         assert_eq!(whole[2].1.len(), 1500);
         for chunk in [1, 7, 511, 512, 513, 4096] {
@@ -370,12 +426,15 @@ mod tests {
         a[600] ^= 1; // inside the first data block: not detectable by tar itself
         a[0] ^= 1; // inside the first header: checksum fails
         let mut r = TarReader::new();
-        let e = r.feed(&a, &mut |_| -> Result<(), TarError> { Ok(()) }).unwrap_err();
+        let e = r
+            .feed(&a, &mut |_| -> Result<(), TarError> { Ok(()) })
+            .unwrap_err();
         assert_eq!(e, TarError::BadChecksum { offset: 0 });
 
         let a = archive();
         let mut r = TarReader::new();
-        r.feed(&a[..1000], &mut |_| -> Result<(), TarError> { Ok(()) }).unwrap();
+        r.feed(&a[..1000], &mut |_| -> Result<(), TarError> { Ok(()) })
+            .unwrap();
         assert_eq!(r.finish(), Err(TarError::Truncated));
     }
 
