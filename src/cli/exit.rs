@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use crate::archive::ArchiveError;
 use crate::config::ConfigError;
 use crate::repo::RepoError;
+use crate::restore::RestoreError;
 use crate::storage::StorageError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,14 @@ pub enum Code {
     Storage = 5,
     /// A stored object failed its checksum.
     Corrupt = 6,
+    /// PostgreSQL refused or failed: connection, authentication, privileges, protocol.
+    Postgres = 7,
+    /// restore refused before writing anything: target outside the recoverable window,
+    /// non-empty directory, no usable backup.
+    RestoreRefused = 8,
+    /// A backup or restore failed part-way (nothing usable was published or the directory must
+    /// be emptied before retrying).
+    JobFailed = 9,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.
@@ -45,7 +54,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(code: Code, message: impl ToString, hint: Option<String>) -> Failure {
+    pub fn new(code: Code, message: impl ToString, hint: Option<String>) -> Failure {
         Failure {
             code,
             message: message.to_string(),
@@ -73,6 +82,27 @@ impl Failure {
 
     pub fn input(e: impl ToString, is_get: bool) -> Failure {
         Failure::new(Code::Input, e, None).for_command(is_get)
+    }
+
+    pub fn from_repo(e: RepoError) -> Failure {
+        classify_repo(e)
+    }
+
+    pub fn from_restore(e: RestoreError) -> Failure {
+        match e {
+            RestoreError::Repo(r) => classify_repo(r),
+            e @ RestoreError::NotEmpty { .. } => Failure::new(
+                Code::RestoreRefused,
+                e,
+                Some("restore into a new directory, or empty this one if you really mean to replace it".into()),
+            ),
+            e @ RestoreError::NoTablespaceLocation { .. } => Failure::new(Code::Input, e, None),
+            e => Failure::new(
+                Code::JobFailed,
+                e,
+                Some("the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository".into()),
+            ),
+        }
     }
 
     pub fn from_archive_push(e: ArchiveError) -> Failure {

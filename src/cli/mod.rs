@@ -1,6 +1,7 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
 
 mod exit;
+mod restore_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,6 +98,19 @@ pub enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Show backups, archived WAL per timeline, and the recoverable window.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into an empty directory and configure recovery to a target.
+    ///
+    /// Picks the newest backup that can reach the target, refuses targets outside the
+    /// recoverable window before writing anything, verifies every file against the backup
+    /// manifest, and writes recovery.signal plus restore_command and recovery_target_* settings
+    /// into postgresql.auto.conf. Start PostgreSQL on the directory to replay to the target.
+    Restore(restore_cmd::RestoreArgs),
 }
 
 impl Command {
@@ -104,6 +118,8 @@ impl Command {
         match self {
             Command::ArchivePush { .. } => "archive-push",
             Command::ArchiveGet { .. } => "archive-get",
+            Command::List { .. } => "list",
+            Command::Restore(_) => "restore",
         }
     }
 }
@@ -197,5 +213,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
                 GetOutcome::NotFound => Ok(Code::NotFound),
             }
         }
+        Command::List { json } => restore_cmd::list(storage, &settings, json).await,
+        Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
     }
 }

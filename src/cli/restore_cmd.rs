@@ -1,0 +1,367 @@
+//! `pitr restore` and `pitr list`: argument handling and output.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::Utc;
+use clap::Args;
+use serde_json::json;
+
+use super::exit::{Code, Failure};
+use crate::config::Settings;
+use crate::repo::Repository;
+use crate::restore::recovery_conf::shell_word;
+use crate::restore::{
+    self, plan::Histories, RestoreOptions, RestoreRequest, Target, TargetAction, TimelineTarget,
+};
+use crate::storage::{Location, Storage};
+use crate::wal::{parse_history, Lsn, WalFileName};
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
+pub struct RestoreArgs {
+    /// Directory to restore into: must be empty or missing.
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Stop at this time: RFC 3339 (2026-11-23T03:18:29Z) or PostgreSQL's format (2026-11-23 03:18:29+00).
+    #[arg(long, value_name = "TIME")]
+    pub target_time: Option<String>,
+    /// Stop at this WAL position (e.g. 0/3000060).
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<Lsn>,
+    /// Stop at the commit of this transaction ID.
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<u64>,
+    /// Stop at this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long)]
+    pub target_immediate: bool,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// What PostgreSQL does when it reaches the target.
+    #[arg(long, value_enum, default_value_t = TargetAction::Promote)]
+    pub target_action: TargetAction,
+    /// Timeline to follow: latest (default), current, or a number.
+    #[arg(long, value_name = "TLI", default_value = "latest")]
+    pub target_timeline: TimelineTarget,
+    /// Use this backup instead of choosing one.
+    #[arg(long, value_name = "ID")]
+    pub backup: Option<String>,
+    /// Relocate a tablespace: OLD=NEW directories (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    pub tablespace_map: Vec<String>,
+    /// Write standby.signal instead of recovery.signal: keep following the archive as a standby.
+    #[arg(long)]
+    pub standby: bool,
+    /// Print the plan (backup, WAL range, bytes to fetch) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn target_of(a: &RestoreArgs) -> Result<Target, Failure> {
+    Ok(if let Some(t) = &a.target_time {
+        Target::Time(restore::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
+    } else if let Some(l) = a.target_lsn {
+        Target::Lsn(l)
+    } else if let Some(x) = a.target_xid {
+        Target::Xid(x)
+    } else if let Some(n) = &a.target_name {
+        Target::Name(n.clone())
+    } else if a.target_immediate {
+        Target::Immediate
+    } else {
+        Target::Latest
+    })
+}
+
+/// The restore_command written into the restored cluster: this very binary, with the
+/// repository (or config file) it was given, never a secret. `%` is doubled because PostgreSQL
+/// expands `%` sequences in restore_command.
+fn restore_command(settings: &Settings) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "pitr".into());
+    let mut words = vec![shell_word(&exe)];
+    if let Some(cfg) = &settings.config_file {
+        let abs = std::path::absolute(cfg).unwrap_or_else(|_| cfg.clone());
+        words.push("--config".into());
+        words.push(shell_word(&abs.display().to_string()));
+    }
+    words.push("--repo".into());
+    words.push(shell_word(&settings.repo.to_string()));
+    let cmd = words.join(" ").replace('%', "%%");
+    format!("{cmd} archive-get %f %p")
+}
+
+async fn load_histories(repo: &Repository, tlis: &[u32]) -> Result<Histories, Failure> {
+    let mut h = Histories::new();
+    for &tli in tlis {
+        let name = WalFileName::History { tli };
+        let Some(raw) = repo.get_wal_file(&name).await.map_err(Failure::from_repo)? else {
+            continue;
+        };
+        let entries = parse_history(&raw)
+            .map_err(|e| Failure::new(Code::Corrupt, format!("{name}: {e}"), None))?;
+        h.insert(tli, entries);
+    }
+    Ok(h)
+}
+
+pub async fn restore(
+    storage: Storage,
+    settings: &Settings,
+    a: RestoreArgs,
+) -> Result<Code, Failure> {
+    let target = target_of(&a)?;
+    // Refuse a non-empty directory before any other work.
+    restore::check_target_dir(&a.pgdata).map_err(Failure::from_restore)?;
+    let mut tablespace_map = vec![];
+    for m in &a.tablespace_map {
+        let (old, new) = m.split_once('=').ok_or_else(|| {
+            Failure::input(format!("--tablespace-map {m:?}: expected OLD=NEW"), false)
+        })?;
+        tablespace_map.push((old.to_string(), PathBuf::from(new)));
+    }
+
+    let repo = Repository::open(storage, settings.write)
+        .await
+        .map_err(Failure::from_repo)?;
+    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
+    let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
+    let histories = load_histories(&repo, &inv.histories).await?;
+    let req = RestoreRequest {
+        target,
+        action: a.target_action,
+        timeline: a.target_timeline,
+        backup_id: a.backup.clone(),
+        inclusive: !a.target_exclusive,
+        standby: a.standby,
+    };
+    let seg = repo.descriptor().wal_segment_size;
+    let plan = restore::plan(&req, &backups, &inv, &histories, seg, Utc::now()).map_err(|e| {
+        Failure::new(
+            Code::RestoreRefused,
+            e,
+            Some("`pitr list` shows the backups and the recoverable window".into()),
+        )
+    })?;
+
+    let summary = json!({
+        "backup": plan.backup.id,
+        "backup_stop_lsn": plan.backup.stop_lsn,
+        "backup_stop_time": plan.backup.stop_time,
+        "timeline": plan.resolved_timeline,
+        "wal_first": plan.wal_first.to_string(),
+        "wal_last_archived": plan.wal_last.to_string(),
+        "recoverable_end_lsn": plan.recoverable_end,
+        "bytes_to_fetch": plan.bytes_to_fetch,
+        "restore_command": restore_command(settings),
+        "pgdata": a.pgdata,
+        "dry_run": a.dry_run,
+    });
+    if a.dry_run {
+        print_plan(&summary, a.json);
+        return Ok(Code::Ok);
+    }
+    let opts = RestoreOptions {
+        pgdata: a.pgdata.clone(),
+        tablespace_map,
+        restore_command: restore_command(settings),
+    };
+    let report = restore::execute(&repo, &plan, &opts)
+        .await
+        .map_err(Failure::from_restore)?;
+    if a.json {
+        let mut s = summary;
+        s["files"] = json!(report.files);
+        s["bytes"] = json!(report.bytes);
+        s["seconds"] = json!(report.seconds);
+        println!("{}", serde_json::to_string_pretty(&s).expect("json"));
+    } else {
+        print_plan(&summary, false);
+        println!(
+            "restored {} files, {} in {:.1}s into {}",
+            report.files,
+            human_bytes(report.bytes),
+            report.seconds,
+            a.pgdata.display()
+        );
+        println!(
+            "start PostgreSQL on it to replay WAL to the target, e.g.: pg_ctl -D {} start",
+            a.pgdata.display()
+        );
+        if matches!(
+            settings.repo,
+            Location::S3 { .. } | Location::Gcs { .. } | Location::Azure { .. }
+        ) && settings.config_file.is_none()
+        {
+            println!(
+                "note: restore_command reads the repository with PostgreSQL's environment; give the server the \
+                 storage credentials, or use --config FILE so restore_command carries it"
+            );
+        }
+    }
+    Ok(Code::Ok)
+}
+
+fn print_plan(s: &serde_json::Value, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(s).expect("json"));
+        return;
+    }
+    let b = |k: &str| {
+        s[k].as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| s[k].to_string())
+    };
+    println!(
+        "backup:            {} (ends at LSN {}, {})",
+        b("backup"),
+        b("backup_stop_lsn"),
+        b("backup_stop_time")
+    );
+    println!("timeline:          {}", b("timeline"));
+    println!("WAL needed from:   {}", b("wal_first"));
+    println!(
+        "WAL archived to:   {} (recoverable up to LSN {})",
+        b("wal_last_archived"),
+        b("recoverable_end_lsn")
+    );
+    println!(
+        "to fetch:          {}",
+        human_bytes(s["bytes_to_fetch"].as_u64().unwrap_or(0))
+    );
+    println!("restore_command:   {}", b("restore_command"));
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
+    let repo = Repository::open(storage, settings.write)
+        .await
+        .map_err(Failure::from_repo)?;
+    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
+    let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
+    let seg = repo.descriptor().wal_segment_size;
+    let histories = load_histories(&repo, &inv.histories).await?;
+    let window = restore::plan(
+        &RestoreRequest {
+            target: Target::Latest,
+            action: TargetAction::Promote,
+            timeline: TimelineTarget::Latest,
+            backup_id: backups.first().map(|b| b.id.clone()),
+            inclusive: true,
+            standby: false,
+        },
+        &backups,
+        &inv,
+        &histories,
+        seg,
+        Utc::now(),
+    );
+    let mut wal = BTreeMap::new();
+    for (tli, t) in &inv.timelines {
+        let ranges: Vec<_> = t
+            .ranges
+            .iter()
+            .map(|&(a, b)| json!({"first": WalFileName::segment(*tli, a, seg).to_string(), "last": WalFileName::segment(*tli, b, seg).to_string(), "segments": b - a + 1}))
+            .collect();
+        wal.insert(tli.to_string(), ranges);
+    }
+    let d = repo.descriptor();
+    let window_json = match &window {
+        Ok(p) => {
+            json!({"from_time": p.backup.stop_time, "from_lsn": p.backup.stop_lsn, "to_lsn": p.recoverable_end, "timeline": p.resolved_timeline})
+        }
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    if as_json {
+        let out = json!({
+            "repository": repo.location(),
+            "system_identifier": d.system_identifier.to_string(),
+            "pg_major": d.pg_major,
+            "wal_segment_size": d.wal_segment_size,
+            "backups": backups,
+            "wal": wal,
+            "recoverable_window": window_json,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(Code::Ok);
+    }
+    println!(
+        "repository {} (system {}, PostgreSQL {}, {} WAL segments)",
+        repo.location(),
+        d.system_identifier,
+        d.pg_major,
+        human_bytes(d.wal_segment_size)
+    );
+    println!();
+    if backups.is_empty() {
+        println!("no backups yet: run `pitr backup -d CONNINFO`");
+    } else {
+        println!(
+            "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
+            "BACKUP", "TLI", "START LSN", "STOP LSN", "STOP TIME", "SIZE", "STORED"
+        );
+        for b in &backups {
+            println!(
+                "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
+                b.id,
+                b.timeline,
+                b.start_lsn.to_string(),
+                b.stop_lsn.to_string(),
+                b.stop_time.format("%Y-%m-%d %H:%M:%S%:z").to_string(),
+                human_bytes(b.raw_bytes()),
+                human_bytes(b.stored_bytes())
+            );
+        }
+    }
+    println!();
+    if inv.timelines.is_empty() {
+        println!("no WAL archived yet");
+    }
+    for (tli, t) in &inv.timelines {
+        for &(a, b) in &t.ranges {
+            println!(
+                "WAL timeline {tli}: {} .. {} ({} segments)",
+                WalFileName::segment(*tli, a, seg),
+                WalFileName::segment(*tli, b, seg),
+                b - a + 1
+            );
+        }
+        if t.ranges.len() > 1 {
+            println!("  warning: {} holes on timeline {tli}", t.ranges.len() - 1);
+        }
+    }
+    println!();
+    match window {
+        Ok(p) => println!(
+            "recoverable: from {} (LSN {}) to LSN {} on timeline {}",
+            p.backup.stop_time.format("%Y-%m-%d %H:%M:%S%:z"),
+            p.backup.stop_lsn,
+            p.recoverable_end,
+            p.resolved_timeline
+        ),
+        Err(e) => println!("recoverable: nothing yet ({e})"),
+    }
+    Ok(Code::Ok)
+}
