@@ -1,3 +1,6 @@
 //! The integration test binary: one binary so that the crate links once.
 //! Every test here runs real PostgreSQL and, where it says so, a real S3-compatible server.
 mod harness;
+
+mod archive;
+mod common;

@@ -6,7 +6,12 @@ use bytes::Bytes;
 use super::{Storage, StorageError};
 
 /// Exercises every promise in the module docs of `storage`. Panics on the first broken one.
-pub async fn run_contract(s: &Storage) {
+///
+/// `atomic_create` says whether the server behind `s` makes conditional creates atomic under
+/// concurrency. The local backend (link(2)), AWS S3, R2, MinIO, GCS and Azure do; the s3s-fs
+/// test server checks then writes, so under a race every writer may win there. Sequential
+/// refusal of an existing object is checked on every backend.
+pub async fn run_contract(s: &Storage, atomic_create: bool) {
     let key = "contract/a/b/object";
     assert!(matches!(
         s.get(key).await,
@@ -60,7 +65,11 @@ pub async fn run_contract(s: &Storage) {
             Err(e) => panic!("unexpected error in race: {e}"),
         }
     }
-    assert_eq!(wins, 1, "exactly one racing put_if_absent must win");
+    if atomic_create {
+        assert_eq!(wins, 1, "exactly one racing put_if_absent must win");
+    } else {
+        assert!(wins >= 1, "at least one racing put_if_absent must win");
+    }
 
     let mut listed: Vec<String> = s
         .list("contract/")
@@ -94,7 +103,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::Local(dir.path().join("repo"));
         let s = Storage::open(&loc, Duration::from_secs(1)).unwrap();
-        run_contract(&s).await;
+        run_contract(&s, true).await;
         // No temporary file survives a successful run.
         let leftovers: Vec<_> = walk(dir.path())
             .into_iter()

@@ -148,12 +148,42 @@ fn map_err(op: &'static str, key: &str, e: object_store::Error) -> StorageError 
             key,
             message: e.to_string(),
         },
-        // Generic covers transport errors and 5xx that outlived object_store's own short retries.
-        other => StorageError::Transient {
-            op,
-            key,
-            message: other.to_string(),
-        },
+        other => {
+            let message = other.to_string();
+            match http_status(&message) {
+                _ if message.contains("NoSuchBucket") => StorageError::Permanent {
+                    op,
+                    key,
+                    message: format!("the bucket does not exist ({message})"),
+                },
+                Some(401 | 403) => StorageError::AccessDenied { op, key, message },
+                // Other 4xx answers will not change by asking again; 408 and 429 will.
+                Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                    StorageError::Permanent { op, key, message }
+                }
+                // Transport errors, timeouts, throttling and 5xx that outlived object_store's
+                // own short retries: our retry loop keeps trying within its time budget.
+                _ => StorageError::Transient { op, key, message },
+            }
+        }
+    }
+}
+
+/// The HTTP status in an object_store error message. object_store maps only a few statuses to
+/// error variants (list requests not even those) and keeps its `RetryError`, which carries the
+/// status, in a private module: its message is the only place the status can be read.
+fn http_status(message: &str) -> Option<u16> {
+    let at = message.find("status code: ")? + "status code: ".len();
+    message.get(at..at + 3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_status_from_object_store_messages() {
+        let m = "Error performing GET http://x/b in 1ms - Server returned non-2xx status code: 404 Not Found: <Error>";
+        assert_eq!(super::http_status(m), Some(404));
+        assert_eq!(super::http_status("connection refused"), None);
     }
 }
 
