@@ -447,12 +447,14 @@ impl PgCluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawning psql")?;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(sql.as_bytes())?;
+        // Feed stdin from a thread: psql may fill the stdout pipe before it has read
+        // all of a long script, and we only drain stdout in wait_with_output.
+        let mut stdin = child.stdin.take().expect("stdin");
+        let script = sql.to_string();
+        let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
         let out = child.wait_with_output()?;
+        // A write error (psql exited early on ON_ERROR_STOP) shows in its exit status.
+        let _ = writer.join();
         if !out.status.success() {
             bail!(
                 "psql failed ({}) on port {}: {}\nSQL: {sql}",
@@ -475,9 +477,11 @@ impl PgCluster {
             .spawn()
             .context("spawning psql")?;
         let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(sql.as_bytes()).await?;
-        drop(stdin);
+        let script = sql.to_string();
+        // Concurrently with reading the output, for the same reason as in psql().
+        let writer = tokio::spawn(async move { stdin.write_all(script.as_bytes()).await });
         let out = child.wait_with_output().await?;
+        let _ = writer.await;
         if !out.status.success() {
             bail!(
                 "psql failed ({}) on port {}: {}\nSQL: {sql}",

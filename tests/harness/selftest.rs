@@ -139,6 +139,26 @@ fn start_on_existing_data_dir_then_promote() -> Result<()> {
 }
 
 #[test]
+fn psql_large_script_and_output_do_not_deadlock() -> Result<()> {
+    let pg = PgCluster::start_default()?;
+    // ~1 MB of script whose output (~1 MB) also overflows the pipe buffers.
+    let script: String = (0..20_000)
+        .map(|i| format!("SELECT {i}, repeat('x', 40);\n"))
+        .collect();
+    let out = pg.psql(&script)?;
+    assert_eq!(out.lines().count(), 20_000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn psql_async_works() -> Result<()> {
+    let pg = PgCluster::start_default()?;
+    assert_eq!(pg.psql_async("SELECT 1 + 1").await?, "2");
+    assert!(pg.psql_async("SELEC").await.is_err());
+    Ok(())
+}
+
+#[test]
 fn pgbench_runs() -> Result<()> {
     let pg = PgCluster::start_default()?;
     pg.pgbench_init(1)?;

@@ -202,7 +202,7 @@ impl TestDir {
     }
 
     pub fn with_prefix(prefix: &str) -> Self {
-        let mut td = Self::without_watchdog(prefix);
+        let mut td = Self::create(prefix);
         td.watchdog = Some(Watchdog::spawn(None, None, Some(td.path())));
         td
     }
@@ -210,6 +210,18 @@ impl TestDir {
     /// For owners (PgCluster, S3Server) whose own watchdog removes the dir after it
     /// has stopped their server: a second watchdog would race it.
     pub(crate) fn without_watchdog(prefix: &str) -> Self {
+        let td = Self::create(prefix);
+        // Which test process owns the servers in this dir: .ci/run's leak check tells
+        // leaked servers (owner gone) from those of another run still going.
+        fs::write(
+            td.join("harness.owner"),
+            format!("{}\n", std::process::id()),
+        )
+        .expect("writing harness.owner");
+        td
+    }
+
+    fn create(prefix: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}."))
             .tempdir_in(temp_base())
