@@ -56,6 +56,7 @@ pub struct Connection {
     host: HostPort,
     tls: bool,
     process_id: i32,
+    sasl_mechanism: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -138,6 +139,7 @@ impl Connection {
             host: hp.clone(),
             tls,
             process_id: 0,
+            sasl_mechanism: None,
         };
         conn.startup(cfg, hp, end_point).await?;
         Ok(conn)
@@ -168,7 +170,8 @@ impl Connection {
                     let progress = auth.step(req, &mut self.wbuf)?;
                     self.flush().await?;
                     if progress == AuthProgress::Done {
-                        tracing::debug!(user = %cfg.user, sasl = auth.mechanism(), "authenticated");
+                        self.sasl_mechanism = auth.mechanism();
+                        tracing::debug!(user = %cfg.user, sasl = self.sasl_mechanism, "authenticated");
                         break;
                     }
                 }
@@ -217,6 +220,12 @@ impl Connection {
 
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// The SASL mechanism used to log in (`SCRAM-SHA-256` or, over TLS with channel binding,
+    /// `SCRAM-SHA-256-PLUS`); `None` for trust, password and md5.
+    pub fn sasl_mechanism(&self) -> Option<&'static str> {
+        self.sasl_mechanism
     }
 
     /// The backend's process id (`pg_stat_replication.pid`).
@@ -458,6 +467,7 @@ fn tls_client_config(cfg: &ConnConfig) -> std::result::Result<rustls::ClientConf
         None => Arc::new(NoVerification(provider.clone())),
         Some(check_name) => {
             let mut roots = rustls::RootCertStore::empty();
+            let mut root_certs = Vec::new();
             match root_file {
                 Some(p) if p == Path::new("system") => {
                     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -471,8 +481,9 @@ fn tls_client_config(cfg: &ConnConfig) -> std::result::Result<rustls::ClientConf
                             format!("invalid root certificate file {}: {e}", p.display())
                         })?;
                         roots
-                            .add(cert)
+                            .add(cert.clone())
                             .map_err(|e| format!("unusable root certificate: {e}"))?;
+                        root_certs.push(cert);
                     }
                 }
                 None => {
@@ -489,11 +500,11 @@ fn tls_client_config(cfg: &ConnConfig) -> std::result::Result<rustls::ClientConf
             )
             .build()
             .map_err(|e| e.to_string())?;
-            if check_name {
-                webpki
-            } else {
-                Arc::new(ChainOnly(webpki))
-            }
+            Arc::new(RootVerifier {
+                webpki,
+                roots: root_certs,
+                check_name,
+            })
         }
     };
     let builder = builder
@@ -569,11 +580,20 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// sslmode=verify-ca: the chain must lead to a trusted root, but the name may differ.
+/// sslmode=verify-ca / verify-full: the chain must lead to a root in `sslrootcert`; the host
+/// name is checked only for verify-full.
+///
+/// A server certificate that is itself listed in `sslrootcert` is trusted directly, as OpenSSL
+/// (and so libpq) does: DBAs commonly copy a self-signed `server.crt` to `root.crt`, which
+/// webpki alone refuses as "CA used as end entity".
 #[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+struct RootVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    roots: Vec<CertificateDer<'static>>,
+    check_name: bool,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for RootVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -582,15 +602,25 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let result =
+            self.webpki
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        match result {
+            Ok(v) => Ok(v),
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            Err(e) => {
+                if !self.roots.iter().any(|r| r.as_ref() == end_entity.as_ref()) {
+                    return Err(e);
+                }
+                if self.check_name {
+                    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                    rustls::client::verify_server_name(&parsed, server_name)?;
+                }
+                Ok(ServerCertVerified::assertion())
+            }
         }
     }
 
@@ -600,7 +630,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -609,11 +639,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 
