@@ -695,6 +695,47 @@ mod tests {
         );
     }
 
+    /// Random message sequences: errors are fine, panics are not.
+    #[test]
+    fn random_sequences_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..5_000 {
+            let mut d = BackupDecoder::new(rng.gen(), rng.gen());
+            for _ in 0..rng.gen_range(1..20) {
+                let msg = match rng.gen_range(0..7) {
+                    0 => BackendMessage::RowDescription { columns: vec![] },
+                    1 => BackendMessage::DataRow {
+                        values: (0..rng.gen_range(0..4))
+                            .map(|_| {
+                                rng.gen_bool(0.8).then(|| {
+                                    let choices: [&[u8]; 5] =
+                                        [b"0/1", b"1", b"16384", b"/x", b"\xff"];
+                                    Bytes::from_static(choices[rng.gen_range(0..5)])
+                                })
+                            })
+                            .collect(),
+                    },
+                    2 => BackendMessage::CommandComplete {
+                        tag: "SELECT".into(),
+                    },
+                    3 => BackendMessage::CopyOutResponse,
+                    4 => {
+                        let kinds = b"ndpmx";
+                        let mut p = vec![kinds[rng.gen_range(0..kinds.len())]];
+                        p.extend((0..rng.gen_range(0..12)).map(|_| rng.gen::<u8>()));
+                        BackendMessage::CopyData(Bytes::from(p))
+                    }
+                    5 => BackendMessage::CopyDone,
+                    _ => BackendMessage::ReadyForQuery { status: b'I' },
+                };
+                if d.on_message(msg).is_err() || d.done {
+                    break;
+                }
+            }
+        }
+    }
+
     #[test]
     fn broken_streams_are_errors() {
         // Data before 'n'.

@@ -602,6 +602,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// Random frames with valid headers and arbitrary bodies: the parser, the CopyData decoder
+    /// and the BASE_BACKUP decoder may refuse them but must never panic.
+    #[test]
+    fn random_bodies_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let tags = b"RSKvZTDCIENGHWcdA1n?";
+        for _ in 0..20_000 {
+            let tag = tags[rng.gen_range(0..tags.len())];
+            let len = rng.gen_range(0..40);
+            let mut body: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            // Bias towards plausible field values so that deeper paths are reached.
+            if rng.gen_bool(0.5) && len > 2 {
+                body[0] = 0;
+                body[1] = rng.gen_range(0..3);
+            }
+            let mut buf = BytesMut::from(&frame(tag, &body)[..]);
+            if let Ok(Some(BackendMessage::CopyData(payload))) = parse_backend(&mut buf) {
+                let _ = crate::pg::xlog::decode_server_copy(payload);
+            }
+            let mut raw: Vec<u8> = vec![b'w'];
+            raw.extend_from_slice(&body);
+            let _ = crate::pg::xlog::decode_server_copy(Bytes::from(raw));
+        }
+    }
+
     #[test]
     fn frontend_encoding() {
         let mut buf = BytesMut::new();
