@@ -279,7 +279,7 @@ impl ReplicationConn {
         Ok((name, content))
     }
 
-    /// CREATE_REPLICATION_SLOT `name` [TEMPORARY] PHYSICAL [RESERVE_WAL].
+    /// `CREATE_REPLICATION_SLOT name [TEMPORARY] PHYSICAL [RESERVE_WAL]`.
     pub async fn create_replication_slot(
         &mut self,
         name: &str,
@@ -305,7 +305,7 @@ impl ReplicationConn {
         })
     }
 
-    /// DROP_REPLICATION_SLOT `name` [WAIT]. Without `wait`, an active slot is an error
+    /// `DROP_REPLICATION_SLOT name [WAIT]`. Without `wait`, an active slot is an error
     /// (SQLSTATE 55006); with it, the command waits until the slot is released.
     pub async fn drop_replication_slot(&mut self, name: &str, wait: bool) -> Result<()> {
         check_slot_name(name)?;
@@ -362,7 +362,7 @@ impl ReplicationConn {
         }))
     }
 
-    /// START_REPLICATION [SLOT slot] PHYSICAL start [TIMELINE tli].
+    /// `START_REPLICATION [SLOT slot] PHYSICAL start [TIMELINE tli]`.
     ///
     /// `start` should be the start of a WAL segment or at least of a page: the server streams
     /// from exactly there. Without `timeline` the server's current timeline is used.
