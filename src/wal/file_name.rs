@@ -16,7 +16,12 @@ pub enum WalFileName {
     /// `00000002.history`: the timeline history file of timeline `tli`.
     History { tli: TimelineId },
     /// `000000010000000000000003.00000028.backup`: a backup history file.
-    Backup { tli: TimelineId, log: u32, seg: u32, offset: u32 },
+    Backup {
+        tli: TimelineId,
+        log: u32,
+        seg: u32,
+        offset: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,7 +42,9 @@ fn hex32(s: &str) -> Option<u32> {
 
 impl WalFileName {
     pub fn parse(name: &str) -> Result<Self, WalFileNameError> {
-        Self::try_parse(name).ok_or_else(|| WalFileNameError { name: name.to_string() })
+        Self::try_parse(name).ok_or_else(|| WalFileNameError {
+            name: name.to_string(),
+        })
     }
 
     fn try_parse(name: &str) -> Option<Self> {
@@ -47,13 +54,22 @@ impl WalFileName {
         if !name.is_ascii() || name.len() < 24 {
             return None;
         }
-        let (tli, log, seg) = (hex32(&name[0..8])?, hex32(&name[8..16])?, hex32(&name[16..24])?);
+        let (tli, log, seg) = (
+            hex32(&name[0..8])?,
+            hex32(&name[8..16])?,
+            hex32(&name[16..24])?,
+        );
         match &name[24..] {
             "" => Some(WalFileName::Segment { tli, log, seg }),
             ".partial" => Some(WalFileName::Partial { tli, log, seg }),
             rest => {
                 let offset = hex32(rest.strip_prefix('.')?.strip_suffix(".backup")?)?;
-                Some(WalFileName::Backup { tli, log, seg, offset })
+                Some(WalFileName::Backup {
+                    tli,
+                    log,
+                    seg,
+                    offset,
+                })
             }
         }
     }
@@ -61,7 +77,11 @@ impl WalFileName {
     /// The segment name for `segno` on timeline `tli` (`XLogFileName`).
     pub fn segment(tli: TimelineId, segno: SegNo, seg_size: u64) -> Self {
         let per_id = 0x1_0000_0000 / seg_size;
-        WalFileName::Segment { tli, log: (segno / per_id) as u32, seg: (segno % per_id) as u32 }
+        WalFileName::Segment {
+            tli,
+            log: (segno / per_id) as u32,
+            seg: (segno % per_id) as u32,
+        }
     }
 
     pub fn timeline(&self) -> TimelineId {
@@ -86,7 +106,10 @@ impl WalFileName {
 
     /// True for files whose content is WAL pages (a segment or a .partial segment).
     pub fn holds_wal_pages(&self) -> bool {
-        matches!(self, WalFileName::Segment { .. } | WalFileName::Partial { .. })
+        matches!(
+            self,
+            WalFileName::Segment { .. } | WalFileName::Partial { .. }
+        )
     }
 }
 
@@ -94,9 +117,16 @@ impl fmt::Display for WalFileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WalFileName::Segment { tli, log, seg } => write!(f, "{tli:08X}{log:08X}{seg:08X}"),
-            WalFileName::Partial { tli, log, seg } => write!(f, "{tli:08X}{log:08X}{seg:08X}.partial"),
+            WalFileName::Partial { tli, log, seg } => {
+                write!(f, "{tli:08X}{log:08X}{seg:08X}.partial")
+            }
             WalFileName::History { tli } => write!(f, "{tli:08X}.history"),
-            WalFileName::Backup { tli, log, seg, offset } => {
+            WalFileName::Backup {
+                tli,
+                log,
+                seg,
+                offset,
+            } => {
                 write!(f, "{tli:08X}{log:08X}{seg:08X}.{offset:08X}.backup")
             }
         }
@@ -152,6 +182,9 @@ mod tests {
             }
         }
         // 16 MiB segments: 256 per log id, so segno 0x100 is log 1 seg 0.
-        assert_eq!(WalFileName::segment(1, 0x100, 16 << 20).to_string(), "000000010000000100000000");
+        assert_eq!(
+            WalFileName::segment(1, 0x100, 16 << 20).to_string(),
+            "000000010000000100000000"
+        );
     }
 }

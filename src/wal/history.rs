@@ -30,7 +30,10 @@ pub fn parse_history(bytes: &[u8]) -> Result<Vec<HistoryEntry>, HistoryError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = |problem: &str| HistoryError::BadLine { line: i + 1, problem: problem.to_string() };
+        let bad = |problem: &str| HistoryError::BadLine {
+            line: i + 1,
+            problem: problem.to_string(),
+        };
         let mut fields = line.splitn(3, '\t');
         let tli = fields
             .next()
@@ -44,7 +47,11 @@ pub fn parse_history(bytes: &[u8]) -> Result<Vec<HistoryEntry>, HistoryError> {
         if entries.last().is_some_and(|prev| prev.tli >= tli) {
             return Err(HistoryError::NotIncreasing { line: i + 1 });
         }
-        entries.push(HistoryEntry { tli, switchpoint, reason });
+        entries.push(HistoryEntry {
+            tli,
+            switchpoint,
+            reason,
+        });
     }
     Ok(entries)
 }
@@ -55,10 +62,18 @@ mod tests {
 
     #[test]
     fn parses_a_real_history_file() {
-        let text = b"1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tat restore point \"x\"\n";
+        let text =
+            b"1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tat restore point \"x\"\n";
         let h = parse_history(text).unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!(h[0], HistoryEntry { tli: 1, switchpoint: Lsn(0x3000158), reason: "no recovery target specified".into() });
+        assert_eq!(
+            h[0],
+            HistoryEntry {
+                tli: 1,
+                switchpoint: Lsn(0x3000158),
+                reason: "no recovery target specified".into()
+            }
+        );
         assert_eq!(h[1].tli, 2);
     }
 

@@ -46,9 +46,12 @@ impl FromStr for Lsn {
     type Err = LsnParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || LsnParseError { input: s.to_string() };
+        let err = || LsnParseError {
+            input: s.to_string(),
+        };
         let (hi, lo) = s.split_once('/').ok_or_else(err)?;
-        let valid = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let valid =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !valid(hi) || !valid(lo) {
             return Err(err());
         }
@@ -78,7 +81,11 @@ mod tests {
 
     #[test]
     fn display_and_parse_round_trip() {
-        for (text, value) in [("0/0", 0u64), ("0/3000060", 0x3000060), ("16/B374D848", 0x16_B374_D848)] {
+        for (text, value) in [
+            ("0/0", 0u64),
+            ("0/3000060", 0x3000060),
+            ("16/B374D848", 0x16_B374_D848),
+        ] {
             assert_eq!(text.parse::<Lsn>().unwrap(), Lsn(value));
             assert_eq!(Lsn(value).to_string(), text);
         }
@@ -87,7 +94,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "0", "/0", "0/", "0x1/2", "1/2/3", "123456789/0", "g/0", " 0/1"] {
+        for bad in [
+            "",
+            "0",
+            "/0",
+            "0/",
+            "0x1/2",
+            "1/2/3",
+            "123456789/0",
+            "g/0",
+            " 0/1",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} should be rejected");
         }
     }

@@ -9,14 +9,19 @@ mod history;
 mod lsn;
 mod page;
 mod reader;
+#[cfg(test)]
+mod real_wal_tests;
 mod record;
+#[cfg(test)]
+mod testdata;
 
 pub use file_name::{SegNo, WalFileName, WalFileNameError};
 pub use history::{parse_history, HistoryEntry, HistoryError};
 pub use lsn::{Lsn, LsnParseError};
 pub use page::{
-    major_from_magic, parse_long_header, parse_page_header, validate_segment, LongPageHeader, PageError, PageHeader,
-    XLP_BKP_REMOVABLE, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+    major_from_magic, parse_long_header, parse_page_header, validate_segment, LongPageHeader,
+    PageError, PageHeader, XLP_BKP_REMOVABLE, XLP_FIRST_IS_CONTRECORD,
+    XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 pub use reader::{EndOfWal, EndReason, Next, WalError, WalReader};
 pub use record::{rmgr_name, BlockRef, Record, XLogRecord, RM_XACT_ID, RM_XLOG_ID};

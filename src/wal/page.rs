@@ -98,7 +98,9 @@ pub enum PageError {
     NotLongHeader { info: u16 },
     #[error("page header flags 0x{info:04X} contain unknown bits")]
     BadFlags { info: u16 },
-    #[error("WAL segment size {seg_size} in the page header is not a power of two from 1 MiB to 1 GiB")]
+    #[error(
+        "WAL segment size {seg_size} in the page header is not a power of two from 1 MiB to 1 GiB"
+    )]
     BadSegmentSize { seg_size: u32 },
     #[error("WAL block size {blcksz} is not supported (only {XLOG_BLCKSZ})")]
     BadBlockSize { blcksz: u32 },
@@ -107,7 +109,10 @@ pub enum PageError {
     #[error("page address {found} does not match the file name, which implies {expected}")]
     AddressMismatch { expected: Lsn, found: Lsn },
     #[error("page header timeline {found} is later than the file name's timeline {expected}")]
-    TimelineMismatch { expected: TimelineId, found: TimelineId },
+    TimelineMismatch {
+        expected: TimelineId,
+        found: TimelineId,
+    },
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -145,10 +150,14 @@ pub fn parse_long_header(bytes: &[u8]) -> Result<LongPageHeader, PageError> {
         return Err(PageError::NotLongHeader { info: h.info });
     }
     if !is_valid_segment_size(h.seg_size as u64) {
-        return Err(PageError::BadSegmentSize { seg_size: h.seg_size });
+        return Err(PageError::BadSegmentSize {
+            seg_size: h.seg_size,
+        });
     }
     if h.xlog_blcksz != XLOG_BLCKSZ {
-        return Err(PageError::BadBlockSize { blcksz: h.xlog_blcksz });
+        return Err(PageError::BadBlockSize {
+            blcksz: h.xlog_blcksz,
+        });
     }
     Ok(h)
 }
@@ -157,17 +166,30 @@ pub fn parse_long_header(bytes: &[u8]) -> Result<LongPageHeader, PageError> {
 /// header, the size the header declares, and the page address the name implies. A segment may
 /// start with a page of an earlier timeline's tli only when it was switched to mid-segment, so
 /// the header's timeline may be lower than the name's but never higher.
-pub fn validate_segment(bytes: &[u8], tli: TimelineId, segno: u64) -> Result<LongPageHeader, PageError> {
+pub fn validate_segment(
+    bytes: &[u8],
+    tli: TimelineId,
+    segno: u64,
+) -> Result<LongPageHeader, PageError> {
     let h = parse_long_header(bytes)?;
     if bytes.len() as u64 != h.seg_size as u64 {
-        return Err(PageError::SizeMismatch { len: bytes.len() as u64, seg_size: h.seg_size });
+        return Err(PageError::SizeMismatch {
+            len: bytes.len() as u64,
+            seg_size: h.seg_size,
+        });
     }
     let expected = Lsn::from_segno(segno, h.seg_size as u64);
     if h.pageaddr != expected {
-        return Err(PageError::AddressMismatch { expected, found: h.pageaddr });
+        return Err(PageError::AddressMismatch {
+            expected,
+            found: h.pageaddr,
+        });
     }
     if h.tli > tli {
-        return Err(PageError::TimelineMismatch { expected: tli, found: h.tli });
+        return Err(PageError::TimelineMismatch {
+            expected: tli,
+            found: h.tli,
+        });
     }
     Ok(h)
 }
@@ -200,17 +222,35 @@ pub(crate) mod tests {
     #[test]
     fn rejects_wrong_address_size_magic_and_timeline() {
         let seg = fake_segment(42, 1, 3, 1 << 20);
-        assert!(matches!(validate_segment(&seg, 1, 4), Err(PageError::AddressMismatch { .. })));
-        assert!(matches!(validate_segment(&seg[..1 << 19], 1, 3), Err(PageError::SizeMismatch { .. })));
-        assert!(matches!(validate_segment(&seg, 0, 3), Err(PageError::TimelineMismatch { .. })));
+        assert!(matches!(
+            validate_segment(&seg, 1, 4),
+            Err(PageError::AddressMismatch { .. })
+        ));
+        assert!(matches!(
+            validate_segment(&seg[..1 << 19], 1, 3),
+            Err(PageError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            validate_segment(&seg, 0, 3),
+            Err(PageError::TimelineMismatch { .. })
+        ));
         // a page of timeline 1 at the start of a timeline-2 segment is legitimate
         assert!(validate_segment(&seg, 2, 3).is_ok());
         let mut bad = seg.clone();
         bad[0] = 0;
-        assert!(matches!(validate_segment(&bad, 1, 3), Err(PageError::UnknownMagic { .. })));
+        assert!(matches!(
+            validate_segment(&bad, 1, 3),
+            Err(PageError::UnknownMagic { .. })
+        ));
         let mut short = seg.clone();
         short[2] = 0;
-        assert!(matches!(validate_segment(&short, 1, 3), Err(PageError::NotLongHeader { .. })));
-        assert!(matches!(parse_long_header(&[0u8; 10]), Err(PageError::TooShort { len: 10 })));
+        assert!(matches!(
+            validate_segment(&short, 1, 3),
+            Err(PageError::NotLongHeader { .. })
+        ));
+        assert!(matches!(
+            parse_long_header(&[0u8; 10]),
+            Err(PageError::TooShort { len: 10 })
+        ));
     }
 }

@@ -8,12 +8,12 @@
 //! multi-page record has to grow; records that fit in one page are handed out in place.
 
 use super::page::{
-    parse_page_header, PageHeader, SIZE_OF_LONG_PAGE_HEADER, SIZE_OF_SHORT_PAGE_HEADER, XLP_ALL_FLAGS,
-    XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+    parse_page_header, PageHeader, SIZE_OF_LONG_PAGE_HEADER, SIZE_OF_SHORT_PAGE_HEADER,
+    XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 use super::record::{
-    decode_body, maxalign, DecodedBody, record_crc, rmgr_id_is_valid, Record, XLogRecord, RM_XLOG_ID, SIZE_OF_XLOG_RECORD,
-    XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
+    decode_body, maxalign, record_crc, rmgr_id_is_valid, DecodedBody, Record, XLogRecord,
+    RM_XLOG_ID, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
 };
 use super::{is_valid_segment_size, major_from_magic, Lsn, TimelineId, XLOG_BLCKSZ};
 
@@ -63,31 +63,56 @@ pub enum WalError {
     #[error("invalid magic number {magic:04X} in WAL page at {page}")]
     BadMagic { page: Lsn, magic: u16 },
     #[error("WAL page at {page} has magic {found:04X}, earlier pages had {expected:04X}")]
-    MagicChanged { page: Lsn, expected: u16, found: u16 },
+    MagicChanged {
+        page: Lsn,
+        expected: u16,
+        found: u16,
+    },
     #[error("invalid info bits {info:04X} in WAL page at {page}")]
     BadPageFlags { page: Lsn, info: u16 },
     #[error("WAL page at {page} {}", if *long { "has a long header but is not the first page of a segment" } else { "is the first page of a segment but has no long header" })]
     MisplacedLongHeader { page: Lsn, long: bool },
     #[error("WAL page at {page} declares segment size {found}, expected {expected}")]
-    SegmentSizeMismatch { page: Lsn, expected: u64, found: u32 },
+    SegmentSizeMismatch {
+        page: Lsn,
+        expected: u64,
+        found: u32,
+    },
     #[error("WAL page at {page} declares XLOG_BLCKSZ {found}, only 8192 is supported")]
     BlockSizeMismatch { page: Lsn, found: u32 },
     #[error("WAL page at {page} is from a different database system: identifier {found}, expected {expected}")]
-    SystemIdMismatch { page: Lsn, expected: u64, found: u64 },
+    SystemIdMismatch {
+        page: Lsn,
+        expected: u64,
+        found: u64,
+    },
     #[error("unexpected pageaddr {found} in WAL page at {page}")]
     PageAddrMismatch { page: Lsn, found: Lsn },
     /// The page holds an older address: a recycled segment not yet overwritten. PostgreSQL treats
     /// this as the end of WAL during crash recovery; in an archived segment it is a hole.
-    #[error("WAL page at {page} is a stale page from {found} (recycled segment): WAL ends before it")]
+    #[error(
+        "WAL page at {page} is a stale page from {found} (recycled segment): WAL ends before it"
+    )]
     StalePage { page: Lsn, found: Lsn },
     #[error("out-of-sequence timeline ID {tli} (after {prev_tli}) in WAL page at {page}")]
-    TimelineRegressed { page: Lsn, tli: TimelineId, prev_tli: TimelineId },
-    #[error("WAL page at {page} has XLP_FIRST_IS_CONTRECORD where a new record ({lsn}) should start")]
+    TimelineRegressed {
+        page: Lsn,
+        tli: TimelineId,
+        prev_tli: TimelineId,
+    },
+    #[error(
+        "WAL page at {page} has XLP_FIRST_IS_CONTRECORD where a new record ({lsn}) should start"
+    )]
     UnexpectedContrecord { page: Lsn, lsn: Lsn },
     #[error("there is no contrecord flag in WAL page at {page} continuing the record at {lsn}")]
     MissingContrecord { page: Lsn, lsn: Lsn },
     #[error("invalid contrecord length {rem_len} (expected {expected}) in WAL page at {page} for the record at {lsn}")]
-    BadContrecordLength { page: Lsn, lsn: Lsn, rem_len: u32, expected: u32 },
+    BadContrecordLength {
+        page: Lsn,
+        lsn: Lsn,
+        rem_len: u32,
+        expected: u32,
+    },
     #[error("invalid record offset at {lsn}")]
     BadRecordOffset { lsn: Lsn },
     #[error("invalid record length at {lsn}: expected at least 24, got {xl_tot_len}")]
@@ -97,9 +122,17 @@ pub enum WalError {
     #[error("invalid resource manager ID {rmid} at {lsn}")]
     BadRmgr { lsn: Lsn, rmid: u8 },
     #[error("record with incorrect prev-link {xl_prev} at {lsn}{}", expected.map(|e| format!(" (expected {e})")).unwrap_or_default())]
-    BadPrevLink { lsn: Lsn, xl_prev: Lsn, expected: Option<Lsn> },
+    BadPrevLink {
+        lsn: Lsn,
+        xl_prev: Lsn,
+        expected: Option<Lsn>,
+    },
     #[error("incorrect resource manager data checksum in record at {lsn}: stored {stored:08X}, computed {computed:08X}")]
-    BadCrc { lsn: Lsn, stored: u32, computed: u32 },
+    BadCrc {
+        lsn: Lsn,
+        stored: u32,
+        computed: u32,
+    },
     #[error("invalid record at {lsn}: {what}")]
     BadRecordBody { lsn: Lsn, what: &'static str },
 }
@@ -326,26 +359,42 @@ impl WalReader {
         match self.magic {
             None => {
                 let Some(major) = major_from_magic(h.magic) else {
-                    return Err(WalError::BadMagic { page: page_lsn, magic: h.magic });
+                    return Err(WalError::BadMagic {
+                        page: page_lsn,
+                        magic: h.magic,
+                    });
                 };
                 // Remember the version only once the header has fully validated, below.
                 let _ = major;
             }
             Some(m) if m != h.magic => {
                 return Err(if major_from_magic(h.magic).is_none() {
-                    WalError::BadMagic { page: page_lsn, magic: h.magic }
+                    WalError::BadMagic {
+                        page: page_lsn,
+                        magic: h.magic,
+                    }
                 } else {
-                    WalError::MagicChanged { page: page_lsn, expected: m, found: h.magic }
+                    WalError::MagicChanged {
+                        page: page_lsn,
+                        expected: m,
+                        found: h.magic,
+                    }
                 });
             }
             Some(_) => {}
         }
         if h.info & !XLP_ALL_FLAGS != 0 {
-            return Err(WalError::BadPageFlags { page: page_lsn, info: h.info });
+            return Err(WalError::BadPageFlags {
+                page: page_lsn,
+                info: h.info,
+            });
         }
         let long = h.info & XLP_LONG_HEADER != 0;
         if long != self.is_segment_start(page) {
-            return Err(WalError::MisplacedLongHeader { page: page_lsn, long });
+            return Err(WalError::MisplacedLongHeader {
+                page: page_lsn,
+                long,
+            });
         }
         if long {
             let Some(l) = self.bytes(page, SIZE_OF_LONG_PAGE_HEADER) else {
@@ -355,29 +404,50 @@ impl WalReader {
             let seg_size = u32::from_le_bytes(l[32..36].try_into().unwrap_or_default());
             let blcksz = u32::from_le_bytes(l[36..40].try_into().unwrap_or_default());
             if seg_size as u64 != self.seg_size {
-                return Err(WalError::SegmentSizeMismatch { page: page_lsn, expected: self.seg_size, found: seg_size });
+                return Err(WalError::SegmentSizeMismatch {
+                    page: page_lsn,
+                    expected: self.seg_size,
+                    found: seg_size,
+                });
             }
             if blcksz != XLOG_BLCKSZ {
-                return Err(WalError::BlockSizeMismatch { page: page_lsn, found: blcksz });
+                return Err(WalError::BlockSizeMismatch {
+                    page: page_lsn,
+                    found: blcksz,
+                });
             }
             match self.system_identifier {
                 Some(expected) if expected != sysid => {
-                    return Err(WalError::SystemIdMismatch { page: page_lsn, expected, found: sysid })
+                    return Err(WalError::SystemIdMismatch {
+                        page: page_lsn,
+                        expected,
+                        found: sysid,
+                    })
                 }
                 _ => self.system_identifier = Some(sysid),
             }
         }
         if h.pageaddr != page_lsn {
             return Err(if h.pageaddr < page_lsn && h.pageaddr.0 % BLCKSZ == 0 {
-                WalError::StalePage { page: page_lsn, found: h.pageaddr }
+                WalError::StalePage {
+                    page: page_lsn,
+                    found: h.pageaddr,
+                }
             } else {
-                WalError::PageAddrMismatch { page: page_lsn, found: h.pageaddr }
+                WalError::PageAddrMismatch {
+                    page: page_lsn,
+                    found: h.pageaddr,
+                }
             });
         }
         // Timelines only go forward; pages we re-read (after NeedInput) are not compared again.
         if page > self.latest_page || self.magic.is_none() {
             if self.magic.is_some() && h.tli < self.latest_tli {
-                return Err(WalError::TimelineRegressed { page: page_lsn, tli: h.tli, prev_tli: self.latest_tli });
+                return Err(WalError::TimelineRegressed {
+                    page: page_lsn,
+                    tli: h.tli,
+                    prev_tli: self.latest_tli,
+                });
             }
             self.latest_page = page;
             self.latest_tli = h.tli;
@@ -427,13 +497,21 @@ impl WalReader {
             let h = match self.look_at_page(page).map_err(Err)? {
                 PageLook::Header(h) => h,
                 PageLook::NeedInput => return Ok(Step::NeedInput),
-                PageLook::Zero => return Err(Ok(EndOfWal { lsn: Lsn(page), reason: EndReason::ZeroPage })),
+                PageLook::Zero => {
+                    return Err(Ok(EndOfWal {
+                        lsn: Lsn(page),
+                        reason: EndReason::ZeroPage,
+                    }))
+                }
             };
             let hdr = h.header_size() as u64;
             if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
                 self.next = page + hdr;
             } else if !self.skip_contrecord {
-                return Err(Err(WalError::UnexpectedContrecord { page: Lsn(page), lsn: Lsn(page + hdr) }));
+                return Err(Err(WalError::UnexpectedContrecord {
+                    page: Lsn(page),
+                    lsn: Lsn(page + hdr),
+                }));
             } else if maxalign(h.rem_len as u64) >= BLCKSZ - hdr {
                 // The tail of a record we did not see the start of fills this page.
                 self.next = page + BLCKSZ;
@@ -457,13 +535,22 @@ impl WalReader {
         };
         let tot_len = u32::from_le_bytes(len_bytes.try_into().unwrap_or_default());
         if tot_len == 0 {
-            return Err(Ok(EndOfWal { lsn: Lsn(lsn), reason: EndReason::ZeroRecord }));
+            return Err(Ok(EndOfWal {
+                lsn: Lsn(lsn),
+                reason: EndReason::ZeroRecord,
+            }));
         }
         if (tot_len as usize) < SIZE_OF_XLOG_RECORD {
-            return Err(Err(WalError::RecordTooShort { lsn: Lsn(lsn), xl_tot_len: tot_len }));
+            return Err(Err(WalError::RecordTooShort {
+                lsn: Lsn(lsn),
+                xl_tot_len: tot_len,
+            }));
         }
         if tot_len > XLOG_RECORD_MAX_SIZE {
-            return Err(Err(WalError::RecordTooLong { lsn: Lsn(lsn), xl_tot_len: tot_len }));
+            return Err(Err(WalError::RecordTooLong {
+                lsn: Lsn(lsn),
+                xl_tot_len: tot_len,
+            }));
         }
         self.locate(lsn, tot_len)
     }
@@ -481,7 +568,11 @@ impl WalReader {
                 return Ok(Step::NeedInput);
             }
             let off = (lsn - self.buf_lsn) as usize;
-            return Ok(Step::Found(Found { lsn, in_place: Some(off), phys_end: lsn + tot }));
+            return Ok(Step::Found(Found {
+                lsn,
+                in_place: Some(off),
+                phys_end: lsn + tot,
+            }));
         }
         // The record continues on later pages. Where it ends if the pages are well-formed (long
         // headers exactly at segment starts; `look_at_page` enforces that):
@@ -507,7 +598,11 @@ impl WalReader {
         let walked = self.walk_continuations(lsn, tot, first_len, complete, &mut out);
         self.rec_buf = out;
         match walked? {
-            Walk::Complete if complete => Ok(Step::Found(Found { lsn, in_place: None, phys_end })),
+            Walk::Complete if complete => Ok(Step::Found(Found {
+                lsn,
+                in_place: None,
+                phys_end,
+            })),
             Walk::Complete | Walk::Incomplete => {
                 self.need_until = phys_end;
                 Ok(Step::NeedInput)
@@ -538,7 +633,12 @@ impl WalReader {
             let h = match self.look_at_page(page).map_err(Err)? {
                 PageLook::Header(h) => h,
                 PageLook::NeedInput => return Ok(Walk::Incomplete),
-                PageLook::Zero => return Err(Ok(EndOfWal { lsn: Lsn(lsn), reason: EndReason::TornRecord })),
+                PageLook::Zero => {
+                    return Err(Ok(EndOfWal {
+                        lsn: Lsn(lsn),
+                        reason: EndReason::TornRecord,
+                    }))
+                }
             };
             if h.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
                 // The rest of this record was never written; after crash recovery PostgreSQL
@@ -550,7 +650,10 @@ impl WalReader {
                 return Ok(Walk::Overwritten);
             }
             if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
-                return Err(Err(WalError::MissingContrecord { page: Lsn(page), lsn: Lsn(lsn) }));
+                return Err(Err(WalError::MissingContrecord {
+                    page: Lsn(page),
+                    lsn: Lsn(lsn),
+                }));
             }
             let expected = (tot - got) as u32;
             if h.rem_len != expected {
@@ -583,10 +686,16 @@ impl WalReader {
             Some(off) => self.buf.get(off..).unwrap_or(&[]),
             None => &self.rec_buf,
         };
-        let h = XLogRecord::parse(raw).ok_or(WalError::RecordTooShort { lsn, xl_tot_len: raw.len() as u32 })?;
+        let h = XLogRecord::parse(raw).ok_or(WalError::RecordTooShort {
+            lsn,
+            xl_tot_len: raw.len() as u32,
+        })?;
         let raw = raw.get(..h.xl_tot_len as usize).unwrap_or(raw);
         if !rmgr_id_is_valid(h.xl_rmid, self.major) {
-            return Err(WalError::BadRmgr { lsn, rmid: h.xl_rmid });
+            return Err(WalError::BadRmgr {
+                lsn,
+                rmid: h.xl_rmid,
+            });
         }
         let prev_ok = match self.prev {
             Some(p) => h.xl_prev == p,
@@ -594,13 +703,22 @@ impl WalReader {
             None => h.xl_prev < lsn,
         };
         if !prev_ok {
-            return Err(WalError::BadPrevLink { lsn, xl_prev: h.xl_prev, expected: self.prev });
+            return Err(WalError::BadPrevLink {
+                lsn,
+                xl_prev: h.xl_prev,
+                expected: self.prev,
+            });
         }
         let computed = record_crc(raw);
         if computed != h.xl_crc {
-            return Err(WalError::BadCrc { lsn, stored: h.xl_crc, computed });
+            return Err(WalError::BadCrc {
+                lsn,
+                stored: h.xl_crc,
+                computed,
+            });
         }
-        let body = decode_body(raw, self.major).map_err(|what| WalError::BadRecordBody { lsn, what })?;
+        let body =
+            decode_body(raw, self.major).map_err(|what| WalError::BadRecordBody { lsn, what })?;
 
         let mut end = maxalign(f.phys_end);
         if h.xl_rmid == RM_XLOG_ID && h.xl_info & XLR_RMGR_INFO_MASK == XLOG_SWITCH {
@@ -616,7 +734,10 @@ impl WalReader {
     /// The [`Record`] for a record `check_record` accepted.
     fn record(&self, f: &Found, h: XLogRecord, body: DecodedBody) -> Record<'_> {
         let raw: &[u8] = match f.in_place {
-            Some(off) => self.buf.get(off..off + h.xl_tot_len as usize).unwrap_or(&[]),
+            Some(off) => self
+                .buf
+                .get(off..off + h.xl_tot_len as usize)
+                .unwrap_or(&[]),
             None => &self.rec_buf,
         };
         Record {

@@ -119,7 +119,9 @@ impl XLogRecord {
         Some(XLogRecord {
             xl_tot_len: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
             xl_xid: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-            xl_prev: Lsn(u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]])),
+            xl_prev: Lsn(u64::from_le_bytes([
+                h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15],
+            ])),
             xl_info: h[16],
             xl_rmid: h[17],
             xl_crc: u32::from_le_bytes([h[20], h[21], h[22], h[23]]),
@@ -278,11 +280,15 @@ fn walk_fragments(
                         BLCKSZ.wrapping_sub(blk.bimg_len)
                     };
                     datatotal += blk.bimg_len as u64;
-                    if has_hole && (blk.hole_offset == 0 || hole_length == 0 || blk.bimg_len == BLCKSZ) {
+                    if has_hole
+                        && (blk.hole_offset == 0 || hole_length == 0 || blk.bimg_len == BLCKSZ)
+                    {
                         return Err("BKPIMAGE_HAS_HOLE set, but hole offset, hole length or image length is wrong");
                     }
                     if !has_hole && (blk.hole_offset != 0 || hole_length != 0) {
-                        return Err("BKPIMAGE_HAS_HOLE not set, but hole offset or length is not zero");
+                        return Err(
+                            "BKPIMAGE_HAS_HOLE not set, but hole offset or length is not zero",
+                        );
                     }
                     if compressed && blk.bimg_len == BLCKSZ {
                         return Err("compressed block image is a whole page long");
@@ -428,7 +434,10 @@ pub(crate) mod tests {
         let r = build_record(RM_XLOG_ID, 0x70, 7, Lsn(0x1234), &main_data_body(b"hello"));
         let h = XLogRecord::parse(&r).unwrap();
         assert_eq!(h.xl_tot_len as usize, r.len());
-        assert_eq!((h.xl_xid, h.xl_prev, h.xl_info, h.xl_rmid), (7, Lsn(0x1234), 0x70, 0));
+        assert_eq!(
+            (h.xl_xid, h.xl_prev, h.xl_info, h.xl_rmid),
+            (7, Lsn(0x1234), 0x70, 0)
+        );
         assert_eq!(h.xl_crc, record_crc(&r));
         let body = decode_body(&r, 15).unwrap();
         assert_eq!(&r[body.main_data], b"hello");
@@ -438,7 +447,16 @@ pub(crate) mod tests {
     #[test]
     fn decodes_blocks_origin_and_long_main_data() {
         let main = vec![9u8; 300];
-        let mut body = vec![XLR_BLOCK_ID_ORIGIN, 5, 0, XLR_BLOCK_ID_TOPLEVEL_XID, 1, 2, 0, 0];
+        let mut body = vec![
+            XLR_BLOCK_ID_ORIGIN,
+            5,
+            0,
+            XLR_BLOCK_ID_TOPLEVEL_XID,
+            1,
+            2,
+            0,
+            0,
+        ];
         // block 0: data, new rel; block 2: image with hole, same rel, no data
         body.extend_from_slice(&[0, BKPBLOCK_HAS_DATA, 3, 0]);
         body.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
@@ -477,8 +495,19 @@ pub(crate) mod tests {
         };
         let blocks = rec.blocks();
         assert_eq!(blocks.len(), 2);
-        assert_eq!((blocks[0].rel, blocks[0].blkno, blocks[0].data), ((1, 2, 3), 42, &[1u8, 2, 3][..]));
-        assert_eq!((blocks[1].block_id, blocks[1].fork, blocks[1].rel, blocks[1].blkno), (2, 1, (1, 2, 3), 43));
+        assert_eq!(
+            (blocks[0].rel, blocks[0].blkno, blocks[0].data),
+            ((1, 2, 3), 42, &[1u8, 2, 3][..])
+        );
+        assert_eq!(
+            (
+                blocks[1].block_id,
+                blocks[1].fork,
+                blocks[1].rel,
+                blocks[1].blkno
+            ),
+            (2, 1, (1, 2, 3), 43)
+        );
         assert_eq!(blocks[1].image.map(<[u8]>::len), Some(100));
     }
 
@@ -488,15 +517,33 @@ pub(crate) mod tests {
             let r = build_record(10, 0, 1, Lsn(8), body);
             assert!(decode_body(&r, 15).is_err(), "{why}");
         };
-        bad(&[XLR_BLOCK_ID_DATA_SHORT, 5, 1, 2], "main data longer than record");
+        bad(
+            &[XLR_BLOCK_ID_DATA_SHORT, 5, 1, 2],
+            "main data longer than record",
+        );
         bad(&[XLR_BLOCK_ID_DATA_SHORT, 1, 1, 2], "trailing bytes");
         bad(&[40, 0, 0, 0], "block id out of range");
         bad(&[0, BKPBLOCK_HAS_DATA, 0, 0], "HAS_DATA with zero length");
-        bad(&[0, BKPBLOCK_SAME_REL, 0, 0, 1, 0, 0, 0], "SAME_REL on first block");
+        bad(
+            &[0, BKPBLOCK_SAME_REL, 0, 0, 1, 0, 0, 0],
+            "SAME_REL on first block",
+        );
         bad(&[XLR_BLOCK_ID_ORIGIN], "truncated origin");
         // a 13/14 "compressed" image (0x02) with a hole carries the extra hole length field;
         // read as 15 (where 0x02 is BKPIMAGE_APPLY) it is an uncompressed image of the wrong size
-        let mut body = vec![0, BKPBLOCK_HAS_IMAGE, 0, 0, 10, 0, 4, 0, BKPIMAGE_HAS_HOLE | 0x02, 8, 0];
+        let mut body = vec![
+            0,
+            BKPBLOCK_HAS_IMAGE,
+            0,
+            0,
+            10,
+            0,
+            4,
+            0,
+            BKPIMAGE_HAS_HOLE | 0x02,
+            8,
+            0,
+        ];
         body.extend_from_slice(&[0; 12]);
         body.extend_from_slice(&[0; 4]);
         body.extend_from_slice(&[0; 10]);
