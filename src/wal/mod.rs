@@ -11,9 +11,11 @@ mod page;
 mod reader;
 #[cfg(test)]
 mod real_wal_tests;
-mod record;
+pub mod record;
+mod summary;
 #[cfg(test)]
 mod testdata;
+pub mod xact;
 
 pub use file_name::{SegNo, WalFileName, WalFileNameError};
 pub use history::{parse_history, HistoryEntry, HistoryError};
@@ -25,6 +27,11 @@ pub use page::{
 };
 pub use reader::{EndOfWal, EndReason, Next, WalError, WalReader};
 pub use record::{rmgr_name, BlockRef, Record, XLogRecord, RM_XACT_ID, RM_XLOG_ID};
+pub use summary::{
+    summarize_segment, CheckpointMark, RestorePointMark, SegmentEnd, SegmentSummary, SegmentTail,
+    SkippedContinuation, Summarized, SummaryError, XactMark, SUMMARY_FORMAT,
+};
+pub use xact::{decode_event, pg_timestamp_to_utc, utc_to_pg_timestamp, WalEvent, XactKind};
 
 /// PostgreSQL timeline identifier.
 pub type TimelineId = u32;

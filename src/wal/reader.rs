@@ -253,9 +253,12 @@ impl WalReader {
     }
 
     /// Declares the start of the record before the first one we will read, so that the first
-    /// record's `xl_prev` is checked exactly instead of only for `< lsn`.
+    /// record's `xl_prev` is checked exactly instead of only for `< lsn`. This also says `start`
+    /// continues a known stream: if it is a page boundary, the previous record ended exactly
+    /// there, so a continuation on that page is an error rather than something to skip.
     pub fn set_prev_record(&mut self, prev: Lsn) {
         self.prev = Some(prev);
+        self.skip_contrecord = false;
     }
 
     /// Requires every long page header to carry this system identifier.
