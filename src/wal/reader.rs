@@ -359,16 +359,13 @@ impl WalReader {
             return Ok(PageLook::NeedInput);
         };
         let page_lsn = Lsn(page);
+        // The first page fixes the format version; every later page must carry the same magic.
         match self.magic {
-            None => {
-                let Some(major) = major_from_magic(h.magic) else {
-                    return Err(WalError::BadMagic {
-                        page: page_lsn,
-                        magic: h.magic,
-                    });
-                };
-                // Remember the version only once the header has fully validated, below.
-                let _ = major;
+            None if major_from_magic(h.magic).is_none() => {
+                return Err(WalError::BadMagic {
+                    page: page_lsn,
+                    magic: h.magic,
+                });
             }
             Some(m) if m != h.magic => {
                 return Err(if major_from_magic(h.magic).is_none() {
@@ -384,7 +381,7 @@ impl WalReader {
                     }
                 });
             }
-            Some(_) => {}
+            _ => {}
         }
         if h.info & !XLP_ALL_FLAGS != 0 {
             return Err(WalError::BadPageFlags {

@@ -64,7 +64,7 @@ pub const RMGR_NAMES: [&str; 22] = [
     "LogicalMessage",
 ];
 
-/// pg_waldump's name for a resource manager id (`"custom###"` for 128-255 as PostgreSQL prints).
+/// pg_waldump's name for a built-in resource manager id; `None` for custom (128-255) and unknown.
 pub fn rmgr_name(rmid: u8) -> Option<&'static str> {
     RMGR_NAMES.get(rmid as usize).copied()
 }
