@@ -10,7 +10,7 @@
 //! | `pg`                                     | `wal`                              |
 //! | `storage`, `codec`, `wal`                | nothing else in the crate          |
 pub mod archive;
-// pub mod backup; (enabled when the pg client lands)
+pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -4,3 +4,4 @@ mod harness;
 
 mod archive;
 mod common;
+mod pg_client;

@@ -5,11 +5,13 @@ use chrono::Utc;
 use tokio::task::JoinSet;
 
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
-use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
-use crate::repo::{layout, BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions};
 use crate::format::manifest;
-use crate::storage::Storage;
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
+use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
+use crate::repo::{
+    layout, BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions,
+};
+use crate::storage::Storage;
 use crate::wal::{Lsn, TimelineId, WalFileName};
 
 #[derive(Clone, Debug)]
@@ -25,9 +27,16 @@ pub struct BackupOptions {
 /// Reported as the backup runs, for a progress bar.
 #[derive(Clone, Debug)]
 pub enum BackupProgress {
-    Started { id: String, total_bytes: Option<u64> },
-    Bytes { done: u64 },
-    WaitingForWal { segment: String },
+    Started {
+        id: String,
+        total_bytes: Option<u64>,
+    },
+    Bytes {
+        done: u64,
+    },
+    WaitingForWal {
+        segment: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +50,14 @@ pub enum BackupError {
     Tar { archive: String, source: TarError },
     #[error("the server's backup manifest is invalid: {0}")]
     Manifest(String),
-    #[error("{path}: the bytes received do not match the manifest (expected {expected}, got {actual})")]
-    ManifestMismatch { path: String, expected: String, actual: String },
+    #[error(
+        "{path}: the bytes received do not match the manifest (expected {expected}, got {actual})"
+    )]
+    ManifestMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("the backup stream ended early: {what}")]
     Incomplete { what: String },
     #[error(
@@ -54,7 +69,10 @@ pub enum BackupError {
 
 impl From<TarError> for BackupError {
     fn from(source: TarError) -> Self {
-        BackupError::Tar { archive: String::new(), source }
+        BackupError::Tar {
+            archive: String::new(),
+            source,
+        }
     }
 }
 
@@ -69,7 +87,10 @@ struct ArchiveUpload {
 
 impl ArchiveUpload {
     fn new(name: String, tablespace: Option<(u32, String)>) -> ArchiveUpload {
-        let manifest_prefix = tablespace.as_ref().map(|(oid, _)| format!("pg_tblspc/{oid}/")).unwrap_or_default();
+        let manifest_prefix = tablespace
+            .as_ref()
+            .map(|(oid, _)| format!("pg_tblspc/{oid}/"))
+            .unwrap_or_default();
         ArchiveUpload {
             meta: BackupArchive {
                 name,
@@ -87,13 +108,19 @@ impl ArchiveUpload {
     }
 
     /// Feeds received bytes to the checksummer; returns full parts ready to upload.
-    fn push(&mut self, data: &[u8], checksums: &mut HashMap<String, (u64, u32)>) -> Result<Vec<(u32, Vec<u8>)>, BackupError> {
+    fn push(
+        &mut self,
+        data: &[u8],
+        checksums: &mut HashMap<String, (u64, u32)>,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackupError> {
         let prefix = &self.manifest_prefix;
         let current = &mut self.current;
         self.reader
             .feed(data, &mut |ev| -> Result<(), TarError> {
                 match ev {
-                    TarEvent::Entry(h) if h.kind == EntryKind::File => *current = Some((format!("{prefix}{}", h.path), 0, 0)),
+                    TarEvent::Entry(h) if h.kind == EntryKind::File => {
+                        *current = Some((format!("{prefix}{}", h.path), 0, 0))
+                    }
                     TarEvent::Entry(_) => {}
                     TarEvent::Data(d) => {
                         if let Some((_, crc, len)) = current {
@@ -109,7 +136,10 @@ impl ArchiveUpload {
                 }
                 Ok(())
             })
-            .map_err(|source| BackupError::Tar { archive: self.meta.name.clone(), source })?;
+            .map_err(|source| BackupError::Tar {
+                archive: self.meta.name.clone(),
+                source,
+            })?;
         self.meta.raw_bytes += data.len() as u64;
         let mut ready = vec![];
         let mut rest = data;
@@ -127,12 +157,18 @@ impl ArchiveUpload {
     fn take_part(&mut self) -> (u32, Vec<u8>) {
         let n = self.meta.parts;
         self.meta.parts += 1;
-        (n, std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE)))
+        (
+            n,
+            std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE)),
+        )
     }
 
     /// The last, short part (an empty archive still gets one part, so restore finds it).
     fn finish(&mut self) -> Result<Option<(u32, Vec<u8>)>, BackupError> {
-        self.reader.finish().map_err(|source| BackupError::Tar { archive: self.meta.name.clone(), source })?;
+        self.reader.finish().map_err(|source| BackupError::Tar {
+            archive: self.meta.name.clone(),
+            source,
+        })?;
         Ok((!self.buf.is_empty() || self.meta.parts == 0).then(|| self.take_part()))
     }
 }
@@ -144,14 +180,22 @@ struct Uploads {
 }
 
 impl Uploads {
-    async fn spawn(&mut self, repo: &Repository, id: &str, archive: &str, part: u32, data: Vec<u8>) -> Result<(), BackupError> {
+    async fn spawn(
+        &mut self,
+        repo: &Repository,
+        id: &str,
+        archive: &str,
+        part: u32,
+        data: Vec<u8>,
+    ) -> Result<(), BackupError> {
         while self.set.len() >= MAX_UPLOADS_IN_FLIGHT {
             self.join_one().await?;
         }
         let repo = repo.clone();
         let key = layout::backup_part_key(id, archive, part);
         let archive = archive.to_string();
-        self.set.spawn(async move { repo.put_part(&key, data).await.map(|n| (archive, n)) });
+        self.set
+            .spawn(async move { repo.put_part(&key, data).await.map(|n| (archive, n)) });
         Ok(())
     }
 
@@ -206,7 +250,10 @@ pub async fn run_backup(
     tracing::info!(backup = %id, server_version = version, "starting base backup");
     let mut stream = conn.base_backup(bb_opts).await?;
 
-    let mut uploads = Uploads { set: JoinSet::new(), stored: HashMap::new() };
+    let mut uploads = Uploads {
+        set: JoinSet::new(),
+        stored: HashMap::new(),
+    };
     let mut archives: Vec<BackupArchive> = vec![];
     let mut current: Option<ArchiveUpload> = None;
     let mut checksums: HashMap<String, (u64, u32)> = HashMap::new();
@@ -228,17 +275,30 @@ pub async fn run_backup(
 
     while let Some(ev) = stream.next_event().await? {
         match ev {
-            BackupEvent::Start { start_lsn, timeline, tablespaces } => {
+            BackupEvent::Start {
+                start_lsn,
+                timeline,
+                tablespaces,
+            } => {
                 start = Some((start_lsn, timeline));
-                let total = tablespaces.iter().map(|t| t.size_kb).sum::<Option<u64>>().map(|kb| kb * 1024);
-                progress(BackupProgress::Started { id: id.clone(), total_bytes: total });
+                let total = tablespaces
+                    .iter()
+                    .map(|t| t.size_kb)
+                    .sum::<Option<u64>>()
+                    .map(|kb| kb * 1024);
+                progress(BackupProgress::Started {
+                    id: id.clone(),
+                    total_bytes: total,
+                });
             }
             BackupEvent::Archive { name, tablespace } => {
                 close_archive!();
                 current = Some(ArchiveUpload::new(name, tablespace));
             }
             BackupEvent::Data(bytes) => {
-                let a = current.as_mut().ok_or_else(|| BackupError::Incomplete { what: "data before any archive".into() })?;
+                let a = current.as_mut().ok_or_else(|| BackupError::Incomplete {
+                    what: "data before any archive".into(),
+                })?;
                 received += bytes.len() as u64;
                 for (n, data) in a.push(&bytes, &mut checksums)? {
                     let name = a.meta.name.clone();
@@ -256,16 +316,30 @@ pub async fn run_backup(
     }
     close_archive!();
     uploads.join_all().await?;
-    let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Incomplete { what: "no start position".into() })?;
-    let (stop_lsn, _) = end.ok_or_else(|| BackupError::Incomplete { what: "no end position".into() })?;
+    let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Incomplete {
+        what: "no start position".into(),
+    })?;
+    let (stop_lsn, _) = end.ok_or_else(|| BackupError::Incomplete {
+        what: "no end position".into(),
+    })?;
     for a in &mut archives {
         a.stored_bytes = uploads.stored.get(&a.name).copied().unwrap_or(0);
     }
 
     verify_against_manifest(&manifest_bytes, &checksums)?;
-    repo.put_part(&layout::backup_manifest_key(&id), manifest_bytes).await?;
+    repo.put_part(&layout::backup_manifest_key(&id), manifest_bytes)
+        .await?;
 
-    wait_for_wal(&repo, timeline, start_lsn, stop_lsn, seg_size, opts.wal_timeout, progress).await?;
+    wait_for_wal(
+        &repo,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        seg_size,
+        opts.wal_timeout,
+        progress,
+    )
+    .await?;
 
     let info = BackupInfo {
         id: id.clone(),
@@ -288,17 +362,30 @@ pub async fn run_backup(
 }
 
 /// Every file the manifest lists must have passed with the same size and checksum.
-fn verify_against_manifest(raw: &[u8], seen: &HashMap<String, (u64, u32)>) -> Result<(), BackupError> {
+fn verify_against_manifest(
+    raw: &[u8],
+    seen: &HashMap<String, (u64, u32)>,
+) -> Result<(), BackupError> {
     if raw.is_empty() {
-        return Err(BackupError::Incomplete { what: "no backup manifest".into() });
+        return Err(BackupError::Incomplete {
+            what: "no backup manifest".into(),
+        });
     }
     let files = manifest::parse(raw).map_err(|e| BackupError::Manifest(e.to_string()))?;
     for (path, exp) in &files {
         let Some(&(len, crc)) = seen.get(path) else {
-            return Err(BackupError::ManifestMismatch { path: path.clone(), expected: "present".into(), actual: "missing".into() });
+            return Err(BackupError::ManifestMismatch {
+                path: path.clone(),
+                expected: "present".into(),
+                actual: "missing".into(),
+            });
         };
         if len != exp.size {
-            return Err(BackupError::ManifestMismatch { path: path.clone(), expected: format!("{} bytes", exp.size), actual: format!("{len} bytes") });
+            return Err(BackupError::ManifestMismatch {
+                path: path.clone(),
+                expected: format!("{} bytes", exp.size),
+                actual: format!("{len} bytes"),
+            });
         }
         if let Some(want) = exp.crc32c {
             if want != crc {
@@ -331,14 +418,25 @@ async fn wait_for_wal(
         let key = layout::wal_key(&name);
         let mut announced = false;
         loop {
-            if repo.storage().head(&key).await.map_err(RepoError::from)?.is_some() {
+            if repo
+                .storage()
+                .head(&key)
+                .await
+                .map_err(RepoError::from)?
+                .is_some()
+            {
                 break;
             }
             if began.elapsed() > timeout {
-                return Err(BackupError::WalTimeout { segment: name.to_string(), waited: timeout });
+                return Err(BackupError::WalTimeout {
+                    segment: name.to_string(),
+                    waited: timeout,
+                });
             }
             if !announced {
-                progress(BackupProgress::WaitingForWal { segment: name.to_string() });
+                progress(BackupProgress::WaitingForWal {
+                    segment: name.to_string(),
+                });
                 announced = true;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -177,16 +177,6 @@ fn http_status(message: &str) -> Option<u16> {
     message.get(at..at + 3)?.parse().ok()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_the_status_from_object_store_messages() {
-        let m = "Error performing GET http://x/b in 1ms - Server returned non-2xx status code: 404 Not Found: <Error>";
-        assert_eq!(super::http_status(m), Some(404));
-        assert_eq!(super::http_status("connection refused"), None);
-    }
-}
-
 #[async_trait]
 impl Backend for ObjectStoreBackend {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
@@ -274,5 +264,15 @@ impl Backend for ObjectStoreBackend {
             }),
             Err(e) => Err(map_err("open", &self.url, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_status_from_object_store_messages() {
+        let m = "Error performing GET http://x/b in 1ms - Server returned non-2xx status code: 404 Not Found: <Error>";
+        assert_eq!(super::http_status(m), Some(404));
+        assert_eq!(super::http_status("connection refused"), None);
     }
 }

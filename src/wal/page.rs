@@ -7,10 +7,59 @@
 
 use super::{is_valid_segment_size, Lsn, TimelineId, XLOG_BLCKSZ};
 
+/// The page starts with the continuation of a record begun on an earlier page.
 pub const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+/// The page carries a long header (only ever the first page of a segment).
 pub const XLP_LONG_HEADER: u16 = 0x0002;
-pub const XLP_ALL_FLAGS: u16 = 0x0007;
+/// Full-page images starting on this page may be dropped (historical, still set by PostgreSQL).
+pub const XLP_BKP_REMOVABLE: u16 = 0x0004;
+/// PostgreSQL 14+: a record that should have continued here was abandoned at crash recovery; the
+/// page starts with an `XLOG_OVERWRITE_CONTRECORD` record instead.
+pub const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
+/// Every defined flag. XLP_FIRST_IS_OVERWRITE_CONTRECORD was added in 14 and back-patched into
+/// the November 2021 minor releases of 10-13 without a magic change, so 13 WAL may carry it too.
+pub const XLP_ALL_FLAGS: u16 = 0x000F;
+/// `SizeOfXLogShortPHD`: MAXALIGN of the 20-byte `XLogPageHeaderData`.
+pub const SIZE_OF_SHORT_PAGE_HEADER: usize = 24;
+/// `SizeOfXLogLongPHD`.
 pub const SIZE_OF_LONG_PAGE_HEADER: usize = 40;
+
+/// The fields every page header has (`XLogPageHeaderData`); see [`parse_page_header`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageHeader {
+    pub magic: u16,
+    pub info: u16,
+    pub tli: TimelineId,
+    pub pageaddr: Lsn,
+    /// `xlp_rem_len`: bytes of the record continued from the previous page still to come.
+    pub rem_len: u32,
+}
+
+impl PageHeader {
+    /// `XLogPageHeaderSize`: where the page's payload starts.
+    pub fn header_size(&self) -> usize {
+        if self.info & XLP_LONG_HEADER != 0 {
+            SIZE_OF_LONG_PAGE_HEADER
+        } else {
+            SIZE_OF_SHORT_PAGE_HEADER
+        }
+    }
+}
+
+/// Reads the short page header fields at the start of `bytes`, without validating them (the
+/// reader does that, because what is valid depends on where the page sits in the stream).
+pub fn parse_page_header(bytes: &[u8]) -> Option<PageHeader> {
+    if bytes.len() < SIZE_OF_SHORT_PAGE_HEADER {
+        return None;
+    }
+    Some(PageHeader {
+        magic: u16_at(bytes, 0),
+        info: u16_at(bytes, 2),
+        tli: u32_at(bytes, 4),
+        pageaddr: Lsn(u64_at(bytes, 8)),
+        rem_len: u32_at(bytes, 16),
+    })
+}
 
 /// PostgreSQL major version for a WAL page magic (`XLOG_PAGE_MAGIC`). The magic changes
 /// whenever the WAL format does, which is at most once per major release.

@@ -1,0 +1,308 @@
+//! [`SegmentSummary`]: what one archived WAL segment contains, stored as JSON next to it and used
+//! to answer "what is recoverable" and to validate `--target-time` without reading WAL again.
+//!
+//! Attribution rule: a record belongs to the segment holding its **last byte**, because only once
+//! that segment is archived can the record be replayed. A record that starts in segment N and
+//! ends in N+1 therefore appears in N+1's summary (with an LSN inside N). Segment N cannot
+//! validate it; its summary ends with [`SegmentEnd::Continues`] and [`summarize_segment`] returns
+//! the record's beginning as a [`SegmentTail`]. Passing that tail when summarizing N+1 (the
+//! archiver handles segments in order and keeps it in memory) verifies the record in full —
+//! CRC, contents, and the `xl_prev` chain across the boundary. Without the tail (first segment
+//! seen, or after a restart), N+1 skips the continuation using `xlp_rem_len` as
+//! `XLogFindNextRecord` does, and records that in `skipped_continuation`.
+//!
+//! Timestamps are `chrono::DateTime<Utc>` (RFC 3339 in JSON), converted from PostgreSQL's
+//! microseconds since 2000-01-01; LSNs are PostgreSQL's `X/X` text.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
+use super::reader::{EndReason, Next, WalError, WalReader};
+use super::xact::{decode_event, pg_timestamp_to_utc, WalEvent, XactKind};
+use super::{Lsn, TimelineId};
+
+/// Version of the JSON layout, bumped on incompatible changes.
+pub const SUMMARY_FORMAT: u32 = 1;
+
+/// A transaction end (commit or abort): what `recovery_target_time` is compared against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XactMark {
+    pub lsn: Lsn,
+    pub time: DateTime<Utc>,
+    pub xid: u32,
+    pub kind: XactKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePointMark {
+    pub name: String,
+    pub time: DateTime<Utc>,
+    pub lsn: Lsn,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointMark {
+    /// The checkpoint record itself.
+    pub lsn: Lsn,
+    /// Its redo point: replay from a backup taken at this checkpoint starts here.
+    pub redo: Lsn,
+    pub shutdown: bool,
+}
+
+/// How reading the segment stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SegmentEnd {
+    /// The segment was read to its end; WAL goes on at `next_record` (in the next segment, or
+    /// here if the record starting there continues into the next segment).
+    Continues { next_record: Lsn },
+    /// The segment ends with XLOG_SWITCH; the rest is padding.
+    Switch,
+    /// Never-written space at `lsn` (a partial segment): valid WAL ends there.
+    EndOfWal { lsn: Lsn, reason: EndReason },
+    /// Corruption at `lsn`; records before it are valid.
+    Corrupt { lsn: Lsn, error: String },
+}
+
+/// The first page started with the tail of a record not given to us (`xlp_rem_len` bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedContinuation {
+    pub rem_len: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentSummary {
+    pub format: u32,
+    /// First byte of the segment.
+    pub segment_start: Lsn,
+    pub segment_size: u64,
+    pub pg_major: u32,
+    pub system_identifier: u64,
+    /// `xlp_tli` of the segment's first page.
+    pub timeline: TimelineId,
+    /// `xlp_tli` of the last page read (differs after a timeline switch inside the segment).
+    pub last_page_timeline: TimelineId,
+    /// Set when the leading continuation was skipped rather than verified (no tail given).
+    pub skipped_continuation: Option<SkippedContinuation>,
+    /// Start of the first record ending in this segment (may lie in the previous segment).
+    pub first_record_lsn: Option<Lsn>,
+    /// Start of the last complete record.
+    pub last_record_lsn: Option<Lsn>,
+    /// `EndRecPtr` of the last complete record: replay of this segment reaches this LSN.
+    pub end_lsn: Option<Lsn>,
+    pub record_count: u64,
+    pub commit_count: u64,
+    pub abort_count: u64,
+    pub first_xact: Option<XactMark>,
+    pub last_xact: Option<XactMark>,
+    pub restore_points: Vec<RestorePointMark>,
+    pub checkpoints: Vec<CheckpointMark>,
+    pub ends_with_switch: bool,
+    pub end: SegmentEnd,
+}
+
+/// The beginning of a record that continues into the next segment, plus the chain position,
+/// to be handed to [`summarize_segment`] for that next segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentTail {
+    /// Where the next record starts.
+    pub lsn: Lsn,
+    /// Start of the last record read (for the exact `xl_prev` check).
+    pub prev: Option<Lsn>,
+    /// Bytes from `lsn` to the end of the segment (empty when `lsn` is the next segment start).
+    pub bytes: Vec<u8>,
+    pub system_identifier: u64,
+}
+
+/// Result of [`summarize_segment`].
+#[derive(Debug)]
+pub struct Summarized {
+    pub summary: SegmentSummary,
+    /// For the next segment; `None` when the WAL ended or is corrupt.
+    pub tail: Option<SegmentTail>,
+    /// The typed error behind [`SegmentEnd::Corrupt`].
+    pub error: Option<WalError>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SummaryError {
+    #[error(transparent)]
+    Page(#[from] PageError),
+    #[error(transparent)]
+    Reader(#[from] WalError),
+    #[error("the tail passed in ends at {tail_end}, but this segment starts at {segment_start}")]
+    TailMismatch { tail_end: Lsn, segment_start: Lsn },
+}
+
+/// Summarizes one whole segment; `prev_tail` is what summarizing the previous segment returned,
+/// if available. Errs only when the segment cannot be read at all (bad first page header, wrong
+/// size, unrelated tail); corruption further in is reported in the summary.
+pub fn summarize_segment(
+    segment: &[u8],
+    prev_tail: Option<&SegmentTail>,
+) -> Result<Summarized, SummaryError> {
+    let h = parse_long_header(segment)?;
+    let seg_size = h.seg_size as u64;
+    if segment.len() as u64 != seg_size {
+        return Err(PageError::SizeMismatch {
+            len: segment.len() as u64,
+            seg_size: h.seg_size,
+        }
+        .into());
+    }
+    let seg_start = h.pageaddr;
+    if seg_start.0 % seg_size != 0 {
+        return Err(PageError::AddressMismatch {
+            expected: Lsn(seg_start.0 - seg_start.0 % seg_size),
+            found: seg_start,
+        }
+        .into());
+    }
+    let mut reader;
+    let mut skipped = None;
+    match prev_tail {
+        Some(t) => {
+            let tail_end = Lsn(t.lsn.0 + t.bytes.len() as u64);
+            if tail_end != seg_start {
+                return Err(SummaryError::TailMismatch {
+                    tail_end,
+                    segment_start: seg_start,
+                });
+            }
+            reader = WalReader::new(seg_size, t.lsn)?;
+            if let Some(p) = t.prev {
+                reader.set_prev_record(p);
+            }
+            reader.set_system_identifier(t.system_identifier);
+            reader.feed(&t.bytes);
+        }
+        None => {
+            reader = WalReader::new(seg_size, seg_start)?;
+            if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
+                skipped = Some(SkippedContinuation { rem_len: h.rem_len });
+            }
+        }
+    }
+    reader.feed(segment);
+
+    let mut s = SegmentSummary {
+        format: SUMMARY_FORMAT,
+        segment_start: seg_start,
+        segment_size: seg_size,
+        pg_major: super::major_from_magic(h.magic).unwrap_or(0),
+        system_identifier: h.system_identifier,
+        timeline: h.tli,
+        last_page_timeline: h.tli,
+        skipped_continuation: skipped,
+        first_record_lsn: None,
+        last_record_lsn: None,
+        end_lsn: None,
+        record_count: 0,
+        commit_count: 0,
+        abort_count: 0,
+        first_xact: None,
+        last_xact: None,
+        restore_points: Vec::new(),
+        checkpoints: Vec::new(),
+        ends_with_switch: false,
+        end: SegmentEnd::Switch, // replaced below
+    };
+    let mut error = None;
+    loop {
+        match reader.next_record() {
+            Ok(Next::Record(rec)) => {
+                s.first_record_lsn.get_or_insert(rec.lsn);
+                s.last_record_lsn = Some(rec.lsn);
+                s.end_lsn = Some(rec.end_lsn);
+                s.record_count += 1;
+                s.ends_with_switch = false;
+                match decode_event(&rec) {
+                    Some(WalEvent::XactEnd {
+                        kind,
+                        xid,
+                        xact_time,
+                    }) => {
+                        if kind.is_commit() {
+                            s.commit_count += 1;
+                        } else {
+                            s.abort_count += 1;
+                        }
+                        if let Some(time) = pg_timestamp_to_utc(xact_time) {
+                            let mark = XactMark {
+                                lsn: rec.lsn,
+                                time,
+                                xid,
+                                kind,
+                            };
+                            if s.first_xact.is_none() {
+                                s.first_xact = Some(mark.clone());
+                            }
+                            s.last_xact = Some(mark);
+                        }
+                    }
+                    Some(WalEvent::RestorePoint { name, rp_time }) => {
+                        if let Some(time) = pg_timestamp_to_utc(rp_time) {
+                            s.restore_points.push(RestorePointMark {
+                                name,
+                                time,
+                                lsn: rec.lsn,
+                            });
+                        }
+                    }
+                    Some(WalEvent::Checkpoint { shutdown, redo, .. }) => {
+                        s.checkpoints.push(CheckpointMark {
+                            lsn: rec.lsn,
+                            redo,
+                            shutdown,
+                        });
+                    }
+                    Some(WalEvent::Switch) => s.ends_with_switch = true,
+                    _ => {}
+                }
+            }
+            Ok(Next::NeedInput) => {
+                s.end = if s.ends_with_switch {
+                    SegmentEnd::Switch
+                } else {
+                    SegmentEnd::Continues {
+                        next_record: reader.next_lsn(),
+                    }
+                };
+                break;
+            }
+            Ok(Next::EndOfWal(e)) => {
+                s.end = SegmentEnd::EndOfWal {
+                    lsn: e.lsn,
+                    reason: e.reason,
+                };
+                break;
+            }
+            Err(e) => {
+                s.end = SegmentEnd::Corrupt {
+                    lsn: e.lsn(),
+                    error: e.to_string(),
+                };
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(tli) = reader.page_tli() {
+        s.last_page_timeline = tli;
+    }
+    let tail = match s.end {
+        SegmentEnd::Continues { .. } | SegmentEnd::Switch => Some(SegmentTail {
+            lsn: reader.next_lsn(),
+            prev: reader.prev_record(),
+            bytes: reader.unconsumed().to_vec(),
+            system_identifier: h.system_identifier,
+        }),
+        _ => None,
+    };
+    Ok(Summarized {
+        summary: s,
+        tail,
+        error,
+    })
+}
