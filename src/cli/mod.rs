@@ -1,5 +1,6 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
 
+mod backup_cmd;
 mod exit;
 mod restore_cmd;
 
@@ -98,6 +99,12 @@ pub enum Command {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Take a base backup over the replication protocol, straight into the repository.
+    ///
+    /// Nothing is staged on local disk. The backup becomes visible to `list` and `restore` only
+    /// when complete: its files checked against the server's manifest, and the WAL from its start
+    /// to its end in the repository (archive_command = 'pitr archive-push %p', or `pitr stream`).
+    Backup(backup_cmd::BackupArgs),
     /// Show backups, archived WAL per timeline, and the recoverable window.
     List {
         /// Print JSON instead of a table.
@@ -118,6 +125,7 @@ impl Command {
         match self {
             Command::ArchivePush { .. } => "archive-push",
             Command::ArchiveGet { .. } => "archive-get",
+            Command::Backup(_) => "backup",
             Command::List { .. } => "list",
             Command::Restore(_) => "restore",
         }
@@ -213,6 +221,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
                 GetOutcome::NotFound => Ok(Code::NotFound),
             }
         }
+        Command::Backup(args) => backup_cmd::backup(storage, &settings, args).await,
         Command::List { json } => restore_cmd::list(storage, &settings, json).await,
         Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
     }

@@ -1,0 +1,135 @@
+//! `pitr backup`: argument handling, progress bar and output.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::exit::{Code, Failure};
+use super::restore_cmd::human_bytes;
+use crate::backup::{self, BackupOptions, BackupProgress};
+use crate::config::Settings;
+use crate::pg::ConnConfig;
+use crate::storage::Storage;
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Connection string (libpq key=value or postgres:// URL); PG* variables and ~/.pgpass apply.
+    /// The role needs the REPLICATION attribute.
+    #[arg(
+        short = 'd',
+        long = "dbname",
+        value_name = "CONNINFO",
+        default_value = ""
+    )]
+    pub conninfo: String,
+    /// Backup label, shown in pg_stat_progress_basebackup and backup_label.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// fast: checkpoint immediately; spread: wait for the next checkpoint to spread the I/O.
+    #[arg(long, value_enum, default_value_t = Checkpoint::Fast)]
+    pub checkpoint: Checkpoint,
+    /// How long to wait after the backup for its WAL to reach the repository.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub wal_timeout: Duration,
+    /// Limit the server's transfer rate, in kB/s (32 to 1048576).
+    #[arg(long, value_name = "KB")]
+    pub max_rate: Option<u32>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    Fast,
+    Spread,
+}
+
+fn pg_failure(e: crate::pg::Error) -> Failure {
+    let hint = if matches!(e, crate::pg::Error::Auth { .. }) {
+        Some(
+            "check the user and password (PGPASSWORD, ~/.pgpass or the connection string)"
+                .to_string(),
+        )
+    } else if e.is_insufficient_privilege() {
+        Some("the role needs REPLICATION (ALTER ROLE name REPLICATION) and a pg_hba.conf line for `replication`".into())
+    } else if e.is_too_many_connections() {
+        Some(
+            "all WAL senders are busy: raise max_wal_senders or stop another replication client"
+                .into(),
+        )
+    } else if matches!(e, crate::pg::Error::UnsupportedServerVersion { .. }) {
+        Some("pitr supports PostgreSQL 13 and later".into())
+    } else {
+        None
+    };
+    Failure::new(Code::Postgres, e, hint)
+}
+
+fn backup_failure(e: backup::BackupError) -> Failure {
+    match e {
+        backup::BackupError::Pg(p) => pg_failure(p),
+        backup::BackupError::Repo(r) => Failure::from_repo(r),
+        e => Failure::new(
+            Code::JobFailed,
+            e,
+            Some("nothing was published: `pitr list` will not show this backup".into()),
+        ),
+    }
+}
+
+pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Result<Code, Failure> {
+    let conn = ConnConfig::parse(&a.conninfo)
+        .map_err(|e| Failure::new(Code::Input, e, None))?
+        .application_name("pitr backup");
+    let opts = BackupOptions {
+        label: a.label,
+        fast_checkpoint: a.checkpoint == Checkpoint::Fast,
+        wal_timeout: a.wal_timeout,
+        max_rate_kb: a.max_rate,
+    };
+    let bar = if std::io::stderr().is_terminal() && !a.json {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    let progress = |p: BackupProgress| match p {
+        BackupProgress::Started { id, total_bytes } => {
+            if let Some(t) = total_bytes {
+                bar.set_length(t);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+            }
+            bar.set_message(format!("backup {id}"));
+        }
+        BackupProgress::Bytes { done } => bar.set_position(done),
+        BackupProgress::WaitingForWal { segment } => {
+            bar.set_message(format!("waiting for WAL {segment}"))
+        }
+    };
+    let info = backup::run_backup(storage, settings.write, &conn, &opts, &progress).await;
+    bar.finish_and_clear();
+    let info = info.map_err(backup_failure)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info).expect("json"));
+    } else {
+        println!(
+            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}",
+            info.id,
+            human_bytes(info.raw_bytes()),
+            human_bytes(info.stored_bytes()),
+            info.compression,
+            info.start_lsn,
+            info.stop_lsn,
+            info.timeline
+        );
+    }
+    Ok(Code::Ok)
+}
