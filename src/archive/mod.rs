@@ -15,7 +15,8 @@ pub use push::{archive_push, PushOutcome};
 
 use std::path::PathBuf;
 
-use crate::repo::RepoError;
+use crate::repo::{PutOutcome, RepoError, Repository};
+use crate::wal::WalFileName;
 use crate::wal::{PageError, WalFileNameError};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,4 +45,15 @@ pub enum ArchiveError {
     NeedsDescriptor { name: String },
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+/// Stores one completed WAL file, whether it came from `archive-push` or from `pitr stream`.
+/// Both paths go through here so that whatever the repository keeps beside a segment is kept
+/// for every segment, whatever its source.
+pub async fn store_wal_file(
+    repo: &Repository,
+    name: &WalFileName,
+    content: &[u8],
+) -> Result<PutOutcome, RepoError> {
+    repo.put_wal_file(name, content).await
 }
