@@ -265,6 +265,16 @@ fn restore_refuses_what_it_cannot_do() {
     assert_eq!(code(&o), 8, "{}", text(&o));
     assert!(text(&o).contains("is not empty"), "{}", text(&o));
 
+    // A backup of another cluster into this repository is refused.
+    let other = PgCluster::start_default().unwrap();
+    let o = run(&repo, &["backup", "-d", &other.conninfo()]);
+    assert_eq!(code(&o), 4, "{}", text(&o));
+    assert!(
+        text(&o).contains("belongs to PostgreSQL system"),
+        "{}",
+        text(&o)
+    );
+
     let dry = work.subdir("dry");
     let o = run(
         &repo,
