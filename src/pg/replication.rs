@@ -462,15 +462,14 @@ fn check_identifier(name: &str, what: &str) -> Result<()> {
     }
 }
 
-fn single_row<'a>(
-    sets: &'a [ResultSet],
+/// The first row of the first non-empty result set, with at least `min_cols` columns.
+fn first_row<'a, T>(
+    mut row_sets: impl Iterator<Item = &'a [Vec<Option<T>>]>,
     cmd: &'static str,
     min_cols: usize,
-) -> Result<&'a [Option<String>]> {
-    let row = sets
-        .iter()
-        .find(|s| !s.rows.is_empty())
-        .and_then(|s| s.rows.first())
+) -> Result<&'a [Option<T>]> {
+    let row = row_sets
+        .find_map(|rows| rows.first())
         .ok_or_else(|| Error::protocol(cmd, "no row in the result"))?;
     if row.len() < min_cols {
         return Err(Error::protocol(
@@ -481,23 +480,20 @@ fn single_row<'a>(
     Ok(row)
 }
 
+fn single_row<'a>(
+    sets: &'a [ResultSet],
+    cmd: &'static str,
+    min_cols: usize,
+) -> Result<&'a [Option<String>]> {
+    first_row(sets.iter().map(|s| s.rows.as_slice()), cmd, min_cols)
+}
+
 fn single_raw_row<'a>(
     sets: &'a [RawResultSet],
     cmd: &'static str,
     min_cols: usize,
 ) -> Result<&'a [Option<Bytes>]> {
-    let row = sets
-        .iter()
-        .find(|s| !s.rows.is_empty())
-        .and_then(|s| s.rows.first())
-        .ok_or_else(|| Error::protocol(cmd, "no row in the result"))?;
-    if row.len() < min_cols {
-        return Err(Error::protocol(
-            cmd,
-            format!("expected {min_cols} columns, got {}", row.len()),
-        ));
-    }
-    Ok(row)
+    first_row(sets.iter().map(|s| s.rows.as_slice()), cmd, min_cols)
 }
 
 fn parse_field<T: std::str::FromStr>(
