@@ -340,16 +340,21 @@ fn backup_refusals_and_interruption() {
     // A connection cut mid-backup fails the backup and publishes nothing.
     pg.pgbench_init(5).unwrap();
     let conninfo = pg.conninfo();
-    let args = repo.args(&["backup", "-d", &conninfo, "--max-rate", "4096"]);
+    let args = repo.args(&["backup", "-d", &conninfo, "--max-rate", "8192"]);
     let env = repo.env.clone();
     let runner = std::thread::spawn(move || pitr_as_server_user(args, &env));
-    poll("walsender", Duration::from_secs(30), || {
-        let n =
-            pg.psql("select count(*) from pg_stat_activity where backend_type = 'walsender'")?;
-        Ok((n != "0").then_some(()))
+    // Cut the connection once the first part is stored, so the orphan holds real data.
+    let backups = repo.object_file("backups");
+    poll("a stored part", Duration::from_secs(60), || {
+        let Ok(dirs) = std::fs::read_dir(&backups) else {
+            return Ok(None);
+        };
+        let stored = dirs
+            .flatten()
+            .any(|d| d.path().join("base.tar").join("00000000").exists());
+        Ok(stored.then_some(()))
     })
     .unwrap();
-    sleep(Duration::from_millis(500));
     pg.psql(
         "select pg_terminate_backend(pid) from pg_stat_activity where backend_type = 'walsender'",
     )
@@ -364,8 +369,26 @@ fn backup_refusals_and_interruption() {
         "an interrupted backup was published: {listing}"
     );
 
-    // And a backup after that works.
-    ok(&repo, &["backup", "-d", &conninfo]);
+    // The interrupted backup's parts are there but unpublished; the next backup removes them
+    // once their lease is stale (0s here), keeping only the "aborted" state.
+    let orphans: Vec<_> = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert!(orphans[0].join("base.tar").join("00000000").exists());
+    let out = ok(
+        &repo,
+        &["backup", "-d", &conninfo, "--abandoned-after", "0s"],
+    );
+    assert!(out.contains("complete"), "{out}");
+    let left = std::fs::read_dir(orphans[0].join("base.tar"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "abandoned parts were not removed");
+    assert!(!orphans[0].join("lease").exists());
+    let state = std::fs::read(orphans[0].join("state")).unwrap();
+    assert_eq!(pitr::codec::decode(&state).unwrap(), b"aborted");
 
     // max_wal_senders exhausted
     let mut pg = pg;

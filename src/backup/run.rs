@@ -22,6 +22,8 @@ pub struct BackupOptions {
     /// (through archive-push or `pitr stream`).
     pub wal_timeout: Duration,
     pub max_rate_kb: Option<u32>,
+    /// Unfinished backups whose lease is older than this are removed before this one starts.
+    pub abandoned_after: Duration,
 }
 
 /// Reported as the backup runs, for a progress bar.
@@ -60,6 +62,8 @@ pub enum BackupError {
     },
     #[error("the backup stream ended early: {what}")]
     Incomplete { what: String },
+    #[error("a cleanup declared this backup abandoned while it ran (its lease was not refreshed); nothing was published")]
+    Abandoned,
     #[error(
         "WAL segment {segment}, needed to restore this backup, did not reach the repository within {waited:?}; \
          is archive_command set to `pitr archive-push %p` for this repository, or `pitr stream` running?"
@@ -234,6 +238,13 @@ pub async fn run_backup(
     };
     let repo = Repository::open_for_cluster(storage, &cluster, "backup", write).await?;
 
+    match super::remove_abandoned(&repo, opts.abandoned_after).await {
+        Ok(ids) if !ids.is_empty() => tracing::info!(removed = ?ids, "removed abandoned backups"),
+        Ok(_) => {}
+        // Cleaning up is housekeeping: it must not stop a new backup.
+        Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),
+    }
+
     let start_time = Utc::now();
     let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
@@ -248,6 +259,51 @@ pub async fn run_backup(
         progress: true,
     };
     tracing::info!(backup = %id, server_version = version, "starting base backup");
+    let lease = super::abandoned::hold_lease(&repo, &id).await?;
+    let started = Started {
+        repo,
+        id,
+        label,
+        start_time,
+        version,
+        system_id: system.system_id,
+        seg_size,
+    };
+    let result = receive_and_publish(&started, conn, bb_opts, opts, progress).await;
+    lease.abort();
+    result
+}
+
+/// What is known once the backup has been requested.
+struct Started {
+    repo: Repository,
+    id: String,
+    label: String,
+    start_time: chrono::DateTime<Utc>,
+    version: u32,
+    system_id: u64,
+    seg_size: u64,
+}
+
+/// Receives the backup, stores it, waits for its WAL and publishes it. Any error leaves the
+/// backup unpublished (its parts are removed by a later backup once its lease expires).
+async fn receive_and_publish(
+    started: &Started,
+    conn: ReplicationConn,
+    bb_opts: BaseBackupOptions,
+    opts: &BackupOptions,
+    progress: &(dyn Fn(BackupProgress) + Sync),
+) -> Result<BackupInfo, BackupError> {
+    let Started {
+        repo,
+        id,
+        label,
+        start_time,
+        version,
+        system_id,
+        seg_size,
+    } = started;
+    let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
     let mut stream = conn.base_backup(bb_opts).await?;
 
     let mut uploads = Uploads {
@@ -341,16 +397,19 @@ pub async fn run_backup(
     )
     .await?;
 
+    if !super::abandoned::claim_completion(&repo, &id).await? {
+        return Err(BackupError::Abandoned);
+    }
     let info = BackupInfo {
         id: id.clone(),
-        label,
+        label: label.clone(),
         timeline,
         start_lsn,
         stop_lsn,
-        start_time,
+        start_time: *start_time,
         stop_time: Utc::now(),
-        pg_version_num: version,
-        system_identifier: system.system_id,
+        pg_version_num: *version,
+        system_identifier: *system_id,
         archives,
         manifest: true,
         compression: repo.write_codec(),

@@ -36,6 +36,10 @@ pub struct BackupArgs {
     /// Limit the server's transfer rate, in kB/s (32 to 1048576).
     #[arg(long, value_name = "KB")]
     pub max_rate: Option<u32>,
+    /// Remove unfinished backups whose lease has not been refreshed for this long before starting
+    /// (a running backup refreshes its lease every minute).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub abandoned_after: Duration,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -89,6 +93,7 @@ pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Res
         fast_checkpoint: a.checkpoint == Checkpoint::Fast,
         wal_timeout: a.wal_timeout,
         max_rate_kb: a.max_rate,
+        abandoned_after: a.abandoned_after,
     };
     let bar = if std::io::stderr().is_terminal() && !a.json {
         ProgressBar::new_spinner()

@@ -37,6 +37,17 @@ pub fn backup_manifest_key(backup_id: &str) -> String {
     format!("{BACKUP_DATA_PREFIX}{backup_id}/backup_manifest")
 }
 
+/// Refreshed by a running backup: proof that it is alive.
+pub fn backup_lease_key(backup_id: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/lease")
+}
+
+/// Created once, by whichever comes first: the backup completing, or a cleanup declaring it
+/// abandoned. Conditional creation makes the two mutually exclusive.
+pub fn backup_state_key(backup_id: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/state")
+}
+
 pub fn backup_info_key(backup_id: &str) -> String {
     format!("{BACKUP_CATALOG_PREFIX}{backup_id}.json")
 }

@@ -193,6 +193,14 @@ impl Repository {
         }
     }
 
+    /// Stores an object that is mutable by design (a lease), replacing any previous version.
+    /// Never used for WAL or backup data.
+    pub async fn put_mutable(&self, key: &str, content: &[u8]) -> Result<()> {
+        let framed = codec::encode(content, Codec::None, 0);
+        self.storage.put_overwrite(key, Bytes::from(framed)).await?;
+        Ok(())
+    }
+
     /// Reads an object and verifies its checksums.
     pub async fn get_verified(&self, key: &str) -> Result<Vec<u8>> {
         let bytes = self.storage.get(key).await?;

@@ -84,6 +84,10 @@ pub async fn run_contract(s: &Storage, atomic_create: bool) {
         ["contract/a/b/object", "contract/mutable", "contract/race"]
     );
     assert!(s.list("nothing-here/").await.unwrap().is_empty());
+    let mut folders = s.list_folders("contract/").await.unwrap();
+    folders.sort();
+    assert_eq!(folders, ["a"], "only folders, not objects, one level deep");
+    assert!(s.list_folders("nothing-here/").await.unwrap().is_empty());
 
     s.delete(key).await.unwrap();
     s.delete(key).await.unwrap();

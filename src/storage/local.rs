@@ -222,6 +222,27 @@ impl Backend for LocalBackend {
         Ok(objects)
     }
 
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.root.join(prefix.trim_end_matches('/'));
+        let res = blocking(move || -> io::Result<Vec<String>> {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+                Err(e) => return Err(e),
+            };
+            let mut out = vec![];
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    out.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Ok(out)
+        })
+        .await;
+        res.map_err(|e| io_err("list", prefix, e))
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path_of(key)?;
         let res = blocking(move || {

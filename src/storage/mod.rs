@@ -94,6 +94,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix` (a `/`-terminated folder, or "" for all),
     /// in no particular order.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Names of the immediate sub-folders of `prefix` (a `/`-terminated folder), e.g. the backup
+    /// ids under `backups/`, without listing everything below them.
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes `key`; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
     /// Checks that the repository location exists and is reachable, e.g. that the bucket exists.
@@ -186,6 +189,10 @@ impl Storage {
     }
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.retry("list", prefix, || self.backend.list(prefix))
+            .await
+    }
+    pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
+        self.retry("list", prefix, || self.backend.list_folders(prefix))
             .await
     }
     pub async fn delete(&self, key: &str) -> Result<()> {

@@ -240,6 +240,25 @@ impl Backend for ObjectStoreBackend {
         Ok(out)
     }
 
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
+        let base = self.path(prefix.trim_end_matches('/'));
+        let base = if base.as_ref().is_empty() {
+            None
+        } else {
+            Some(&base)
+        };
+        let res = self
+            .store
+            .list_with_delimiter(base)
+            .await
+            .map_err(|e| map_err("list", prefix, e))?;
+        Ok(res
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(&self.path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
