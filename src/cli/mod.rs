@@ -59,17 +59,11 @@ pub struct GlobalArgs {
     )]
     pub storage_retry_timeout: Option<String>,
     /// Log filter: error, warn, info (default), debug, trace, or a tracing filter expression.
-    #[arg(
-        long,
-        global = true,
-        env = "PITR_LOG_LEVEL",
-        value_name = "LEVEL",
-        default_value = "info"
-    )]
-    pub log_level: String,
-    /// Log format on stderr.
-    #[arg(long, global = true, env = "PITR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, env = "PITR_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format on stderr: text (default) or json.
+    #[arg(long, global = true, env = "PITR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +137,25 @@ fn overrides(g: &GlobalArgs) -> Overrides {
 }
 
 fn init_logging(g: &GlobalArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&g.log_level)
+    // Logging starts before the settings are validated, so it reads the file's two log keys
+    // itself; a broken file is reported by Settings::resolve right after.
+    let file = g
+        .config
+        .as_deref()
+        .and_then(|p| crate::config::read_file(p).ok());
+    let level = g
+        .log_level
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.log_level.clone()))
+        .unwrap_or_else(|| "info".into());
+    let format =
+        g.log_format.unwrap_or_else(
+            || match file.as_ref().and_then(|f| f.log_format.as_deref()) {
+                Some("json") => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+        );
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // PostgreSQL captures a hook's stderr into its log file: colour codes there are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -151,7 +163,7 @@ fn init_logging(g: &GlobalArgs) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match g.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),
     }
