@@ -1,13 +1,11 @@
 //! Live tests of `pitr::pg` against a real PostgreSQL 15 started per test.
 //!
-//! Each test gets its own cluster (temp dir, free port, Unix socket in the temp dir) and stops it
-//! in `Drop`, so the tests run in parallel. Missing PostgreSQL binaries fail the test with an
-//! install hint; nothing is skipped.
-//!
-//! This file has its own small cluster helper so that the `pg` branch does not depend on the
-//! shared harness landing first; it can move to `tests/harness/` later.
+//! Each test gets its own harness cluster ([`PgCluster`]: temp dir, free port, Unix socket in
+//! the temp dir, stopped on drop and by a watchdog if the test process is killed), so the tests
+//! run in parallel. Missing PostgreSQL binaries fail the test with an install hint; nothing is
+//! skipped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,225 +16,110 @@ use pitr::pg::{
 };
 use pitr::wal::{Lsn, WalFileName};
 
-const PG_BIN_DEFAULT: &str = "/usr/lib/postgresql/15/bin";
+use crate::harness::{
+    command_as_server_user, free_port, make_accessible, run_checked, PgCluster, TestDir,
+};
+
 const SEG: u64 = 16 * 1024 * 1024;
 
-fn pg_bin() -> PathBuf {
-    let dir = std::env::var("PITR_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN_DEFAULT.to_string());
-    let dir = PathBuf::from(dir);
-    assert!(
-        dir.join("initdb").exists() && dir.join("pg_ctl").exists(),
-        "PostgreSQL binaries not found in {}: install them with `apt-get install postgresql-15` \
-         (or set PITR_TEST_PG_BIN)",
-        dir.display()
-    );
-    dir
-}
+/// pg_hba.conf lines, placed before initdb's trust-everything defaults (first match wins).
+/// Local connections (the superuser over the socket) fall through to those defaults: trust.
+/// The last line keeps other TCP replication users out, as no default may let them in.
+const HBA: &[&str] = &[
+    "host replication repl 127.0.0.1/32 scram-sha-256",
+    "host replication md5user 127.0.0.1/32 md5",
+    "host replication norepl 127.0.0.1/32 scram-sha-256",
+    "host all all 127.0.0.1/32 scram-sha-256",
+    "host replication all all reject",
+];
 
-fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
-/// PostgreSQL refuses to run as root, so as root every server command runs as `postgres`.
-fn pg_command(program: &Path) -> Command {
-    if running_as_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
+/// A primary with replication users and a self-signed TLS certificate (`root.crt` in its
+/// temp dir is a copy, for `sslrootcert`).
+fn start_primary() -> Result<PgCluster> {
+    let mut b = PgCluster::builder()
+        .conf("wal_sender_timeout = '2s'")
+        .conf("ssl = on")
+        .conf("ssl_cert_file = 'server.crt'")
+        .conf("ssl_key_file = 'server.key'");
+    for line in HBA {
+        b = b.hba(*line);
     }
+    let mut cluster = b.init()?;
+    make_cert(&cluster)?;
+    cluster.start()?;
+    cluster.psql("CREATE ROLE repl LOGIN REPLICATION PASSWORD 'replpw'")?;
+    cluster.psql("CREATE ROLE norepl LOGIN PASSWORD 'noreplpw'")?;
+    cluster.psql(
+        "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'md5pw'",
+    )?;
+    Ok(cluster)
 }
 
-fn run(mut c: Command) -> Result<String> {
-    let out = c.output().with_context(|| format!("running {c:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{c:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
-
-fn chown_to_postgres(path: &Path) -> Result<()> {
-    if running_as_root() {
-        run({
-            let mut c = Command::new("chown");
-            c.args(["-R", "postgres:postgres"]).arg(path);
-            c
-        })?;
+/// `openssl req`: a self-signed certificate and its key (no passphrase).
+fn openssl_self_signed(
+    subject: &str,
+    san: Option<&str>,
+    days: &str,
+    key: &Path,
+    cert: &Path,
+) -> Result<()> {
+    let mut c = Command::new("openssl");
+    c.args([
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", days,
+    ])
+    .args(["-subj", subject]);
+    if let Some(san) = san {
+        c.arg("-addext").arg(format!("subjectAltName={san}"));
     }
+    c.arg("-keyout").arg(key).arg("-out").arg(cert);
+    run_checked(&mut c).context("openssl must be installed for the TLS tests")?;
     Ok(())
 }
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    data: PathBuf,
-    port: u16,
-    bin: PathBuf,
+/// Writes server.crt/server.key into the (not yet started) cluster's data dir.
+fn make_cert(cluster: &PgCluster) -> Result<()> {
+    let data = cluster.data_dir();
+    let (key, crt) = (data.join("server.key"), data.join("server.crt"));
+    openssl_self_signed(
+        "/CN=localhost",
+        Some("DNS:localhost,IP:127.0.0.1"),
+        "2",
+        &key,
+        &crt,
+    )?;
+    std::fs::copy(&crt, cluster.temp_dir().join("root.crt"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    make_accessible(&key)?;
+    make_accessible(&crt)?;
+    Ok(())
 }
 
-const HBA: &str = "\
-local all all trust
-local replication all trust
-host replication repl 127.0.0.1/32 scram-sha-256
-host replication md5user 127.0.0.1/32 md5
-host replication norepl 127.0.0.1/32 scram-sha-256
-host all all 127.0.0.1/32 scram-sha-256
-";
-
-impl Cluster {
-    /// initdb + start a primary with replication users and a self-signed TLS certificate.
-    fn start() -> Result<Cluster> {
-        let bin = pg_bin();
-        let dir = tempfile::Builder::new().prefix("pitr-pg-").tempdir()?;
-        let data = dir.path().join("data");
-        chown_to_postgres(dir.path())?;
-        let mut c = pg_command(&bin.join("initdb"));
-        c.arg("-D")
-            .arg(&data)
-            .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
-        run(c)?;
-        let cluster = Cluster {
-            port: free_port(),
-            data,
-            dir,
-            bin,
-        };
-        cluster.make_cert()?;
-        cluster.configure(&format!(
-            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             wal_level = replica\nmax_wal_senders = 10\nfsync = off\n\
-             wal_sender_timeout = '2s'\nssl = on\nssl_cert_file = 'server.crt'\n\
-             ssl_key_file = 'server.key'\n",
-            cluster.port,
-            cluster.dir.path().display()
-        ))?;
-        std::fs::write(cluster.data.join("pg_hba.conf"), HBA)?;
-        chown_to_postgres(&cluster.data)?;
-        cluster.pg_ctl_start()?;
-        cluster.psql("CREATE ROLE repl LOGIN REPLICATION PASSWORD 'replpw'")?;
-        cluster.psql("CREATE ROLE norepl LOGIN PASSWORD 'noreplpw'")?;
-        cluster.psql(
-            "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'md5pw'",
-        )?;
-        Ok(cluster)
-    }
-
-    fn configure(&self, extra: &str) -> Result<()> {
-        let conf = self.data.join("postgresql.conf");
-        let mut s = std::fs::read_to_string(&conf)?;
-        s.push_str(extra);
-        std::fs::write(&conf, s)?;
-        Ok(())
-    }
-
-    fn make_cert(&self) -> Result<()> {
-        let mut c = Command::new("openssl");
-        c.args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        ])
-        .arg("/CN=localhost")
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(self.data.join("server.key"))
-        .arg("-out")
-        .arg(self.data.join("server.crt"));
-        run(c).context("openssl must be installed for the TLS tests")?;
-        std::fs::copy(
-            self.data.join("server.crt"),
-            self.dir.path().join("root.crt"),
-        )?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            self.data.join("server.key"),
-            std::fs::Permissions::from_mode(0o600),
-        )?;
-        Ok(())
-    }
-
-    fn pg_ctl_start(&self) -> Result<()> {
-        let mut c = pg_command(&self.bin.join("pg_ctl"));
-        c.arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.dir.path().join(format!("log-{}", self.port)))
-            .args(["-w", "-t", "60", "start"]);
-        run(c).with_context(|| self.log())?;
-        Ok(())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("log-{}", self.port)))
-            .unwrap_or_default()
-    }
-
-    fn psql(&self, sql: &str) -> Result<String> {
-        let mut c = pg_command(&self.bin.join("psql"));
-        c.arg("-h")
-            .arg(self.dir.path())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]);
-        Ok(run(c)?.trim().to_string())
-    }
-
-    /// Conninfo over the Unix socket as the superuser (trust).
-    fn socket_conninfo(&self) -> String {
-        format!(
-            "host={} port={} user=postgres sslmode=disable",
-            self.dir.path().display(),
-            self.port
-        )
-    }
-
-    fn tcp_conninfo(&self, user: &str, password: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} sslmode=disable",
-            self.port
-        )
-    }
-
-    fn system_identifier(&self) -> Result<u64> {
-        let mut c = pg_command(&self.bin.join("pg_controldata"));
-        c.arg("-D").arg(&self.data);
-        let out = run(c)?;
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("Database system identifier:"))
-            .context("no system identifier in pg_controldata output")?;
-        Ok(line.rsplit(':').next().unwrap_or("").trim().parse()?)
-    }
+/// Conninfo over the Unix socket as the superuser (trust).
+fn socket_conninfo(cluster: &PgCluster) -> String {
+    format!(
+        "host={} port={} user=postgres sslmode=disable",
+        cluster.socket_dir().display(),
+        cluster.port()
+    )
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let mut c = pg_command(&self.bin.join("pg_ctl"));
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = c.output();
-    }
+fn tcp_conninfo(cluster: &PgCluster, user: &str, password: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={user} password={password} sslmode=disable",
+        cluster.port()
+    )
+}
+
+fn system_identifier(cluster: &PgCluster) -> Result<u64> {
+    let mut c = command_as_server_user(cluster.bin("pg_controldata"));
+    c.arg("-D").arg(cluster.data_dir());
+    let out = String::from_utf8(run_checked(&mut c)?.stdout)?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Database system identifier:"))
+        .context("no system identifier in pg_controldata output")?;
+    Ok(line.rsplit(':').next().unwrap_or("").trim().parse()?)
 }
 
 fn env_none(_: &str) -> Option<String> {
@@ -250,12 +133,12 @@ async fn connect(conninfo: &str) -> pg::Result<ReplicationConn> {
 
 #[tokio::test]
 async fn unix_socket_trust_and_identify_system() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let mut conn = connect(&cluster.socket_conninfo()).await?;
+    let cluster = start_primary()?;
+    let mut conn = connect(&socket_conninfo(&cluster)).await?;
     assert_eq!(conn.server_major(), 15);
     assert!(conn.server_version_num() >= 150000);
     let id = conn.identify_system().await?;
-    assert_eq!(id.system_id, cluster.system_identifier()?);
+    assert_eq!(id.system_id, system_identifier(&cluster)?);
     assert_eq!(id.timeline, 1);
     assert!(id.xlogpos > Lsn(0));
     assert_eq!(id.dbname, None);
@@ -272,17 +155,17 @@ async fn unix_socket_trust_and_identify_system() -> Result<()> {
 
 #[tokio::test]
 async fn password_methods_and_refusals() -> Result<()> {
-    let cluster = Cluster::start()?;
+    let cluster = start_primary()?;
     // SCRAM-SHA-256 over TCP.
-    let mut c = connect(&cluster.tcp_conninfo("repl", "replpw")).await?;
+    let mut c = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
     assert!(!c.connection().is_tls());
     c.identify_system().await?;
     // md5 over TCP.
-    let mut c = connect(&cluster.tcp_conninfo("md5user", "md5pw")).await?;
+    let mut c = connect(&tcp_conninfo(&cluster, "md5user", "md5pw")).await?;
     c.identify_system().await?;
 
     // Wrong password: an Auth error with 28P01, not transient, password not in the message.
-    let err = connect(&cluster.tcp_conninfo("repl", "wrong-secret"))
+    let err = connect(&tcp_conninfo(&cluster, "repl", "wrong-secret"))
         .await
         .expect_err("wrong password");
     assert!(matches!(err, pg::Error::Auth { .. }), "{err:?}");
@@ -291,7 +174,7 @@ async fn password_methods_and_refusals() -> Result<()> {
     assert!(!format!("{err} {err:?}").contains("wrong-secret"));
 
     // A role without REPLICATION.
-    let err = connect(&cluster.tcp_conninfo("norepl", "noreplpw"))
+    let err = connect(&tcp_conninfo(&cluster, "norepl", "noreplpw"))
         .await
         .expect_err("no replication attribute");
     assert!(err.is_insufficient_privilege(), "{err:?}");
@@ -299,7 +182,7 @@ async fn password_methods_and_refusals() -> Result<()> {
     // No password at all for a SCRAM user.
     let err = connect(&format!(
         "host=127.0.0.1 port={} user=repl sslmode=disable passfile=/nonexistent",
-        cluster.port
+        cluster.port()
     ))
     .await
     .expect_err("no password");
@@ -315,11 +198,11 @@ async fn password_methods_and_refusals() -> Result<()> {
 
 #[tokio::test]
 async fn pgpass_and_url_and_host_list() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let passfile = cluster.dir.path().join("pgpass");
+    let cluster = start_primary()?;
+    let passfile = cluster.temp_dir().join("pgpass");
     std::fs::write(
         &passfile,
-        format!("127.0.0.1:{}:replication:repl:replpw\n", cluster.port),
+        format!("127.0.0.1:{}:replication:repl:replpw\n", cluster.port()),
     )?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))?;
@@ -327,7 +210,7 @@ async fn pgpass_and_url_and_host_list() -> Result<()> {
     let conninfo = format!(
         "postgres://repl@127.0.0.1:{},127.0.0.1:{}/?sslmode=disable&passfile={}",
         free_port(),
-        cluster.port,
+        cluster.port(),
         passfile.display()
     );
     let mut c = connect(&conninfo).await?;
@@ -336,12 +219,12 @@ async fn pgpass_and_url_and_host_list() -> Result<()> {
     // target_session_attrs: the primary is read-write, never a standby.
     let ok = format!(
         "{} target_session_attrs=read-write",
-        cluster.socket_conninfo()
+        socket_conninfo(&cluster)
     );
     connect(&ok).await?;
-    let primary = format!("{} target_session_attrs=primary", cluster.socket_conninfo());
+    let primary = format!("{} target_session_attrs=primary", socket_conninfo(&cluster));
     connect(&primary).await?;
-    let standby = format!("{} target_session_attrs=standby", cluster.socket_conninfo());
+    let standby = format!("{} target_session_attrs=standby", socket_conninfo(&cluster));
     let err = connect(&standby).await.expect_err("not a standby");
     assert!(
         matches!(err, pg::Error::WrongSessionAttrs { .. }),
@@ -352,12 +235,12 @@ async fn pgpass_and_url_and_host_list() -> Result<()> {
 
 #[tokio::test]
 async fn tls_modes_and_scram_plus() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let root = cluster.dir.path().join("root.crt");
+    let cluster = start_primary()?;
+    let root = cluster.temp_dir().join("root.crt");
     let base = |mode: &str, host: &str| {
         format!(
             "host={host} port={} user=repl password=replpw sslmode={mode} sslrootcert={}",
-            cluster.port,
+            cluster.port(),
             root.display()
         )
     };
@@ -372,31 +255,21 @@ async fn tls_modes_and_scram_plus() -> Result<()> {
     assert_eq!(c.connection().sasl_mechanism(), Some("SCRAM-SHA-256-PLUS"));
     let c2 = connect(&base("verify-full", "127.0.0.1")).await?;
     assert!(c2.connection().is_tls(), "IP address SAN");
-    let plain = connect(&cluster.tcp_conninfo("repl", "replpw")).await?;
+    let plain = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
     assert_eq!(plain.connection().sasl_mechanism(), Some("SCRAM-SHA-256"));
     c.identify_system().await?;
     // A different root: verification fails.
-    let other = cluster.dir.path().join("other.crt");
-    let mut cmd = Command::new("openssl");
-    cmd.args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
+    let other = cluster.temp_dir().join("other.crt");
+    openssl_self_signed(
         "/CN=other",
-    ])
-    .arg("-keyout")
-    .arg(cluster.dir.path().join("other.key"))
-    .arg("-out")
-    .arg(&other);
-    run(cmd)?;
+        None,
+        "1",
+        &cluster.temp_dir().join("other.key"),
+        &other,
+    )?;
     let err = connect(&format!(
         "host=localhost port={} user=repl password=replpw sslmode=verify-full sslrootcert={}",
-        cluster.port,
+        cluster.port(),
         other.display()
     ))
     .await
@@ -405,7 +278,7 @@ async fn tls_modes_and_scram_plus() -> Result<()> {
     // verify-ca ignores the name but not the chain.
     let err = connect(&format!(
         "host=127.0.0.1 port={} user=repl password=replpw sslmode=verify-ca sslrootcert={}",
-        cluster.port,
+        cluster.port(),
         other.display()
     ))
     .await
@@ -414,7 +287,7 @@ async fn tls_modes_and_scram_plus() -> Result<()> {
     // verify-full needs a root certificate.
     let err = connect(&format!(
         "host=localhost port={} user=repl password=replpw sslmode=verify-full sslrootcert=/nonexistent",
-        cluster.port
+        cluster.port()
     ))
     .await
     .expect_err("no root certificate");
@@ -424,8 +297,8 @@ async fn tls_modes_and_scram_plus() -> Result<()> {
 
 #[tokio::test]
 async fn slots_create_read_drop() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let mut c = connect(&cluster.socket_conninfo()).await?;
+    let cluster = start_primary()?;
+    let mut c = connect(&socket_conninfo(&cluster)).await?;
     let slot = c
         .create_replication_slot("pitr_test", CreateSlotOptions::default())
         .await?;
@@ -463,8 +336,8 @@ async fn slots_create_read_drop() -> Result<()> {
 /// checks every byte against the server's own pg_wal file.
 #[tokio::test]
 async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let mut conn = connect(&cluster.tcp_conninfo("repl", "replpw")).await?;
+    let cluster = start_primary()?;
+    let mut conn = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
     let id = conn.identify_system().await?;
     conn.create_replication_slot("stream_test", CreateSlotOptions::default())
         .await?;
@@ -511,7 +384,7 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
     }
     received.truncate(SEG as usize);
     let name = WalFileName::segment(id.timeline, seg_start.segno(SEG), SEG).to_string();
-    let on_disk = std::fs::read(cluster.data.join("pg_wal").join(&name))?;
+    let on_disk = std::fs::read(cluster.data_dir().join("pg_wal").join(&name))?;
     assert_eq!(on_disk.len(), received.len());
     assert!(
         on_disk == received,
@@ -563,8 +436,8 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
 
 #[tokio::test]
 async fn base_backup_yields_tar_manifest_and_lsns() -> Result<()> {
-    let cluster = Cluster::start()?;
-    let conn = connect(&cluster.tcp_conninfo("repl", "replpw")).await?;
+    let cluster = start_primary()?;
+    let conn = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
     let opts = BaseBackupOptions {
         label: "pitr test".into(),
         fast_checkpoint: true,
@@ -658,55 +531,37 @@ async fn base_backup_yields_tar_manifest_and_lsns() -> Result<()> {
 /// the switch point, and streaming resumes on timeline 2 from there.
 #[tokio::test]
 async fn timeline_switch_after_promotion() -> Result<()> {
-    let primary = Cluster::start()?;
+    let primary = start_primary()?;
     primary.psql("CREATE TABLE before_promotion AS SELECT 1 AS x")?;
     // Build a standby with pg_basebackup (-R writes primary_conninfo and standby.signal).
-    let standby_dir = tempfile::Builder::new().prefix("pitr-standby-").tempdir()?;
-    chown_to_postgres(standby_dir.path())?;
-    let sdata = standby_dir.path().join("data");
-    let mut c = pg_command(&primary.bin.join("pg_basebackup"));
+    // Declared before the standby cluster so that the server stops before its dir goes.
+    let standby_dir = TestDir::with_prefix("pitr-standby");
+    let sdata = standby_dir.subdir("data");
+    let mut c = command_as_server_user(primary.bin("pg_basebackup"));
     c.arg("-D")
         .arg(&sdata)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port.to_string(),
-            "-U",
-            "repl",
-        ])
-        .args(["-R", "-X", "stream", "-c", "fast"])
+        .args(["-h", "127.0.0.1", "-p", &primary.port().to_string()])
+        .args(["-U", "repl", "-R", "-X", "stream", "-c", "fast"])
         .env("PGPASSWORD", "replpw");
-    run(c)?;
-    let standby = Cluster {
-        dir: standby_dir,
-        data: sdata,
-        port: free_port(),
-        bin: primary.bin.clone(),
-    };
-    standby.configure(&format!(
-        "port = {}\nunix_socket_directories = '{}'\nhot_standby = on\n",
-        standby.port,
-        standby.dir.path().display()
-    ))?;
-    chown_to_postgres(&standby.data)?;
-    standby.pg_ctl_start()?;
+    run_checked(&mut c)?;
+    let mut standby = PgCluster::builder()
+        .existing_data_dir(&sdata)
+        .conf("hot_standby = on")
+        .start()?;
 
     // While still a standby: target_session_attrs=standby accepts it.
     let mut conn = connect(&format!(
         "{} target_session_attrs=standby",
-        standby.socket_conninfo()
+        socket_conninfo(&standby)
     ))
     .await?;
     let before = conn.identify_system().await?;
     assert_eq!(before.timeline, 1);
     conn.close().await;
 
-    let mut c = pg_command(&standby.bin.join("pg_ctl"));
-    c.arg("-D").arg(&standby.data).args(["-w", "promote"]);
-    run(c)?;
+    standby.promote()?;
 
-    let mut conn = connect(&standby.socket_conninfo()).await?;
+    let mut conn = connect(&socket_conninfo(&standby)).await?;
     let id = conn.identify_system().await?;
     assert_eq!(id.timeline, 2);
     let (name, content) = conn.timeline_history(2).await?;

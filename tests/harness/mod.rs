@@ -21,5 +21,5 @@ pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
 pub use s3::{s3s_fs_bin, S3Server};
 pub use util::{
     clean_env, command_as_server_user, conf_quote, free_port, is_root, make_accessible, pitr,
-    pitr_as_server_user, pitr_bin, poll, sh_quote, temp_base, TestDir, Watchdog,
+    pitr_as_server_user, pitr_bin, poll, run_checked, sh_quote, temp_base, TestDir, Watchdog,
 };
