@@ -487,30 +487,3 @@ fn mutated_wal_never_panics() {
     }
 }
 
-/// Throughput of the reader over the fixtures: `cargo test --release --lib reader_throughput --
-/// --ignored --nocapture`. pg_waldump is the yardstick for `pitr verify --full`.
-#[test]
-#[ignore]
-fn reader_throughput() {
-    let segs = segments();
-    let start = Lsn::from_segno(segs[0].0, SEG_SIZE);
-    let rounds = 200;
-    let t = std::time::Instant::now();
-    let mut records = 0u64;
-    for _ in 0..rounds {
-        let mut r = WalReader::new(SEG_SIZE, start).unwrap();
-        for (_, b) in &segs[..2] {
-            r.feed(b);
-            while let Next::Record(rec) = r.next_record().unwrap() {
-                records += 1;
-                let _ = decode_event(&rec);
-            }
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let mib = (rounds * 2) as f64;
-    println!(
-        "{records} records, {mib} MiB in {secs:.3}s: {:.0} MiB/s",
-        mib / secs
-    );
-}
