@@ -191,7 +191,7 @@ impl SummaryNeeds {
 
 /// One stretch of time a restore can reach: from the end of a backup to the end of the WAL held
 /// contiguously after it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Window {
     pub backup_id: String,
     pub timeline: TimelineId,
