@@ -20,4 +20,5 @@ pub mod repo;
 pub mod restore;
 pub mod storage;
 pub mod stream;
+pub mod verify;
 pub mod wal;

@@ -6,3 +6,4 @@ mod archive;
 mod common;
 mod pg_client;
 mod pitr;
+mod verify;

@@ -33,6 +33,8 @@ pub enum Code {
     /// A backup or restore failed part-way (nothing usable was published or the directory must
     /// be emptied before retrying).
     JobFailed = 9,
+    /// verify found problems that put a restore at risk (the report lists them).
+    VerifyFailed = 10,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.

@@ -99,6 +99,30 @@ fn restore_command(settings: &Settings) -> String {
     format!("{cmd} archive-get %f %p")
 }
 
+fn refused(e: restore::PlanError) -> Failure {
+    Failure::new(
+        Code::RestoreRefused,
+        e,
+        Some("`pitr list` shows the backups and the recoverable window".into()),
+    )
+}
+
+/// Plans `req`, reading the segment summaries the target needs first.
+async fn plan_with_facts(
+    repo: &Repository,
+    req: &RestoreRequest,
+    backups: &[crate::repo::BackupInfo],
+    inv: &crate::repo::WalInventory,
+    histories: &Histories,
+    seg: u64,
+) -> Result<restore::RestorePlan, Failure> {
+    let needs = restore::summary_needs(req, backups, inv, histories, seg).map_err(refused)?;
+    let facts = restore::load_facts(repo, &needs)
+        .await
+        .map_err(Failure::from_repo)?;
+    restore::plan(req, backups, inv, histories, &facts, seg, Utc::now()).map_err(refused)
+}
+
 async fn load_histories(repo: &Repository, tlis: &[u32]) -> Result<Histories, Failure> {
     let mut h = Histories::new();
     for &tli in tlis {
@@ -144,13 +168,7 @@ pub async fn restore(
         standby: a.standby,
     };
     let seg = repo.descriptor().wal_segment_size;
-    let plan = restore::plan(&req, &backups, &inv, &histories, seg, Utc::now()).map_err(|e| {
-        Failure::new(
-            Code::RestoreRefused,
-            e,
-            Some("`pitr list` shows the backups and the recoverable window".into()),
-        )
-    })?;
+    let plan = plan_with_facts(&repo, &req, &backups, &inv, &histories, seg).await?;
 
     let summary = json!({
         "backup": plan.backup.id,
@@ -160,6 +178,8 @@ pub async fn restore(
         "wal_first": plan.wal_first.to_string(),
         "wal_last_archived": plan.wal_last.to_string(),
         "recoverable_end_lsn": plan.recoverable_end,
+        "last_archived_transaction": plan.last_xact,
+        "restore_point": plan.restore_point,
         "bytes_to_fetch": plan.bytes_to_fetch,
         "restore_command": restore_command(settings),
         "pgdata": a.pgdata,
@@ -233,6 +253,21 @@ fn print_plan(s: &serde_json::Value, as_json: bool) {
         b("wal_last_archived"),
         b("recoverable_end_lsn")
     );
+    if let Some(x) = s["last_archived_transaction"].as_object() {
+        println!(
+            "last transaction:  {} (LSN {})",
+            x["time"].as_str().unwrap_or_default(),
+            x["lsn"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(rp) = s["restore_point"].as_object() {
+        println!(
+            "restore point:     {:?} at LSN {}, {}",
+            rp["name"].as_str().unwrap_or_default(),
+            rp["lsn"].as_str().unwrap_or_default(),
+            rp["time"].as_str().unwrap_or_default()
+        );
+    }
     println!(
         "to fetch:          {}",
         human_bytes(s["bytes_to_fetch"].as_u64().unwrap_or(0))
@@ -263,21 +298,25 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
     let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
     let seg = repo.descriptor().wal_segment_size;
     let histories = load_histories(&repo, &inv.histories).await?;
-    let window = restore::plan(
-        &RestoreRequest {
-            target: Target::Latest,
-            action: TargetAction::Promote,
-            timeline: TimelineTarget::Latest,
-            backup_id: backups.first().map(|b| b.id.clone()),
-            inclusive: true,
-            standby: false,
-        },
-        &backups,
-        &inv,
-        &histories,
-        seg,
-        Utc::now(),
-    );
+    let latest = RestoreRequest {
+        target: Target::Latest,
+        action: TargetAction::Promote,
+        timeline: TimelineTarget::Latest,
+        backup_id: None,
+        inclusive: true,
+        standby: false,
+    };
+    let window: Result<Vec<restore::Window>, String> =
+        match restore::summary_needs(&latest, &backups, &inv, &histories, seg) {
+            Err(e) => Err(e.to_string()),
+            Ok(needs) => {
+                let facts = restore::load_facts(&repo, &needs)
+                    .await
+                    .map_err(Failure::from_repo)?;
+                restore::recoverable_windows(&latest, &backups, &inv, &histories, &facts, seg)
+                    .map_err(|e| e.to_string())
+            }
+        };
     let mut wal = BTreeMap::new();
     for (tli, t) in &inv.timelines {
         let ranges: Vec<_> = t
@@ -288,11 +327,28 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         wal.insert(tli.to_string(), ranges);
     }
     let d = repo.descriptor();
-    let window_json = match &window {
-        Ok(p) => {
-            json!({"from_time": p.backup.stop_time, "from_lsn": p.backup.stop_lsn, "to_lsn": p.recoverable_end, "timeline": p.resolved_timeline})
-        }
-        Err(e) => json!({"error": e.to_string()}),
+    let window_json = |w: &restore::Window| {
+        json!({
+            "from_backup": w.backup_id,
+            "from_time": w.from_time,
+            "from_lsn": w.from_lsn,
+            "to_time": w.last_xact.as_ref().map(|x| x.time),
+            "to_transaction_lsn": w.last_xact.as_ref().map(|x| x.lsn),
+            "to_lsn": w.to_lsn,
+            "timeline": w.timeline,
+        })
+    };
+    let windows_json = match &window {
+        Ok(ws) => json!(ws.iter().map(window_json).collect::<Vec<_>>()),
+        Err(e) => json!({"error": e}),
+    };
+    // The window a restore to `latest` uses (the newest), kept under the old key.
+    let latest_json = match &window {
+        Ok(ws) => ws
+            .last()
+            .map(window_json)
+            .unwrap_or_else(|| json!({"error": "no backup has all of its WAL archived yet"})),
+        Err(e) => json!({"error": e}),
     };
     if as_json {
         let out = json!({
@@ -302,7 +358,8 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             "wal_segment_size": d.wal_segment_size,
             "backups": backups,
             "wal": wal,
-            "recoverable_window": window_json,
+            "recoverable_window": latest_json,
+            "recoverable_windows": windows_json,
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(Code::Ok);
@@ -354,13 +411,31 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
     }
     println!();
     match window {
-        Ok(p) => println!(
-            "recoverable: from {} (LSN {}) to LSN {} on timeline {}",
-            p.backup.stop_time.format("%Y-%m-%d %H:%M:%S%:z"),
-            p.backup.stop_lsn,
-            p.recoverable_end,
-            p.resolved_timeline
-        ),
+        Ok(ws) if ws.is_empty() => {
+            println!("recoverable: nothing yet (no backup has all of its WAL archived)")
+        }
+        Ok(ws) => {
+            for w in &ws {
+                let to = match &w.last_xact {
+                    Some(x) => format!(
+                        "{} (last archived transaction, LSN {})",
+                        x.time.format("%Y-%m-%d %H:%M:%S%.6f%:z"),
+                        x.lsn
+                    ),
+                    None => "no transaction archived after the backup yet".into(),
+                };
+                println!(
+                    "recoverable: from {} (end of backup {}, LSN {}) to {to}",
+                    w.from_time.format("%Y-%m-%d %H:%M:%S%:z"),
+                    w.backup_id,
+                    w.from_lsn
+                );
+                println!(
+                    "             WAL to LSN {} on timeline {}",
+                    w.to_lsn, w.timeline
+                );
+            }
+        }
         Err(e) => println!("recoverable: nothing yet ({e})"),
     }
     Ok(Code::Ok)

@@ -21,6 +21,15 @@ pub fn wal_key(name: &WalFileName) -> String {
     }
 }
 
+/// Suffix of a segment's summary object (see [`wal_summary_key`]).
+pub const SUMMARY_SUFFIX: &str = ".summary";
+
+/// Key of a WAL segment's summary: the segment's key plus `.summary`, so that it sorts beside
+/// the segment, is found without a LIST, and goes wherever the segment goes.
+pub fn wal_summary_key(name: &WalFileName) -> String {
+    format!("{}{SUMMARY_SUFFIX}", wal_key(name))
+}
+
 /// Folder of backup data: `backups/<id>/<archive>/<part>` and `backups/<id>/backup_manifest`.
 pub const BACKUP_DATA_PREFIX: &str = "backups/";
 
@@ -72,5 +81,9 @@ mod tests {
             "wal/0000000100000000/000000010000000000000003.00000028.backup"
         );
         assert_eq!(k("00000002.history"), "wal/00000002.history");
+        assert_eq!(
+            wal_summary_key(&WalFileName::parse("000000010000000A000000FF").unwrap()),
+            "wal/000000010000000A/000000010000000A000000FF.summary"
+        );
     }
 }

@@ -6,11 +6,13 @@
 mod catalog;
 mod descriptor;
 pub mod layout;
+mod summary;
 
 use bytes::Bytes;
 
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
+pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 
 use crate::codec::{self, Codec, CodecError};
 use crate::storage::{Storage, StorageError};

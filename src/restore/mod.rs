@@ -6,10 +6,15 @@
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
 mod execute;
+pub mod facts;
 pub mod plan;
 pub mod recovery_conf;
 pub mod target;
 
 pub use execute::{check_target_dir, execute, RestoreError, RestoreOptions, RestoreReport};
-pub use plan::{plan, PlanError, RestorePlan, RestoreRequest};
+pub use facts::load_facts;
+pub use plan::{
+    plan, recoverable_windows, summary_needs, PlanError, RestorePlan, RestoreRequest, WalFacts,
+    Window,
+};
 pub use target::{parse_target_time, Target, TargetAction, TimelineTarget};

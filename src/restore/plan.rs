@@ -1,6 +1,18 @@
-//! Restore planning: pure, no I/O. Given the catalog, the WAL inventory, the timeline histories
-//! and a request, decide which backup to use and prove the target is reachable, or say exactly
-//! why not and what is recoverable.
+//! Restore planning: pure, no I/O. Given the catalog, the WAL inventory, the timeline histories,
+//! what the segment summaries say ([`WalFacts`]) and a request, decide which backup to use and
+//! prove the target is reachable, or say exactly why not and what is recoverable.
+//!
+//! Planning is two calls so that it stays pure and reads few summaries: [`summary_needs`] says
+//! which segments' summaries matter (per contiguous run of WAL from a usable backup: the last
+//! one holding a transaction end, or every one for a restore-point target), the caller loads
+//! them into [`WalFacts`], and [`plan`] decides.
+//!
+//! Why targets are checked against the last archived *transaction*: PostgreSQL compares
+//! `recovery_target_time` only with commit and abort records, and stops *before* the first one
+//! later than the target. With no such record archived it replays to the end of the archive and
+//! fails with "recovery ended before configured recovery target was reached". So a time target
+//! is reachable only if an archived transaction end after the backup is later than it (or equal,
+//! with `--target-exclusive`).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +20,9 @@ use chrono::{DateTime, Utc};
 
 use super::target::{Target, TargetAction, TimelineTarget};
 use crate::repo::{BackupInfo, WalInventory};
-use crate::wal::{HistoryEntry, Lsn, SegNo, TimelineId, WalFileName};
+use crate::wal::{
+    HistoryEntry, Lsn, RestorePointMark, SegNo, SegmentSummary, TimelineId, WalFileName, XactMark,
+};
 
 #[derive(Clone, Debug)]
 pub struct RestoreRequest {
@@ -38,6 +52,12 @@ pub struct RestorePlan {
     /// Upper bound of where replay can get to with the WAL held.
     pub recoverable_end: Lsn,
     pub bytes_to_fetch: u64,
+    /// The last archived transaction end replay can reach from this backup.
+    pub last_xact: Option<XactMark>,
+    /// For `--target-name`: the restore point, as found in the summaries.
+    pub restore_point: Option<RestorePointMark>,
+    /// Every recoverable window on the resolved timeline, oldest first.
+    pub windows: Vec<Window>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,6 +88,33 @@ pub enum PlanError {
         end: Lsn,
         window: String,
     },
+    #[error(
+        "target {target} is not before the last archived transaction ({last}): PostgreSQL stops \
+         at the first transaction after the target and would end recovery before reaching it; \
+         {window}"
+    )]
+    PastLastTransaction {
+        target: String,
+        last: String,
+        window: String,
+    },
+    #[error("target {target} falls in a hole in the archived WAL: {hole}; {window}")]
+    InHole {
+        target: String,
+        hole: String,
+        window: String,
+    },
+    #[error("no restore point named {name:?} in the archived WAL reachable from a backup{known}")]
+    UnknownRestorePoint { name: String, known: String },
+    #[error(
+        "restore point {name:?} was created {count} times ({at}); PostgreSQL stops at the first \
+         one after the backup, which may not be the one meant: use --target-lsn with one of these LSNs"
+    )]
+    AmbiguousRestorePoint {
+        name: String,
+        count: usize,
+        at: String,
+    },
     #[error("backup {id} cannot reach consistency: WAL segment {missing} is missing from the repository")]
     MissingBackupWal { id: String, missing: String },
     #[error("timeline {tli} has no history file in the repository, so its ancestry is unknown")]
@@ -78,6 +125,273 @@ pub enum PlanError {
 
 /// Timeline histories: for each timeline, its ancestors (from its `.history` file).
 pub type Histories = BTreeMap<TimelineId, Vec<HistoryEntry>>;
+
+/// Segment summaries along the resolved timeline path, by segment number: the ones
+/// [`summary_needs`] asked for (others may be absent).
+#[derive(Clone, Debug, Default)]
+pub struct WalFacts {
+    pub segments: BTreeMap<SegNo, SegmentSummary>,
+}
+
+impl WalFacts {
+    /// The last transaction end at or after `from` in segments `first..=last`.
+    pub fn last_xact(&self, first: SegNo, last: SegNo, from: Lsn) -> Option<&XactMark> {
+        self.segments
+            .range(first..=last)
+            .rev()
+            .find_map(|(_, s)| s.last_xact.as_ref())
+            .filter(|x| x.lsn >= from)
+    }
+
+    /// Restore points named `name` in segments `first..=last`, with the segment holding each.
+    fn restore_points<'a>(
+        &'a self,
+        name: &'a str,
+        first: SegNo,
+        last: SegNo,
+    ) -> impl Iterator<Item = (SegNo, &'a RestorePointMark)> + 'a {
+        self.segments.range(first..=last).flat_map(move |(&n, s)| {
+            s.restore_points
+                .iter()
+                .filter(move |r| r.name == name)
+                .map(move |r| (n, r))
+        })
+    }
+}
+
+/// A contiguous run of WAL along the timeline path, starting at a usable backup's first segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalRun {
+    pub first: SegNo,
+    pub last: SegNo,
+}
+
+/// Which summaries [`plan`] needs, from [`summary_needs`].
+#[derive(Clone, Debug)]
+pub struct SummaryNeeds {
+    path: Vec<(TimelineId, Lsn)>,
+    seg_size: u64,
+    /// Distinct runs (by end), each from the earliest usable backup that reaches that end.
+    pub runs: Vec<WalRun>,
+    /// Every segment of every run (restore-point targets); otherwise, per run, walking back from
+    /// its end to the first summary holding a transaction end is enough.
+    pub all: bool,
+}
+
+impl SummaryNeeds {
+    /// The file PostgreSQL reads segment `segno` from along the resolved timeline.
+    pub fn segment_name(&self, segno: SegNo) -> WalFileName {
+        WalFileName::segment(
+            timeline_of_segment(&self.path, segno, self.seg_size),
+            segno,
+            self.seg_size,
+        )
+    }
+}
+
+/// One stretch of time a restore can reach: from the end of a backup to the end of the WAL held
+/// contiguously after it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    pub backup_id: String,
+    pub timeline: TimelineId,
+    pub from_lsn: Lsn,
+    pub from_time: DateTime<Utc>,
+    /// End of the contiguous WAL (the end of its last segment).
+    pub to_lsn: Lsn,
+    /// The last archived transaction end in the window: time targets must be before it.
+    pub last_xact: Option<XactMark>,
+    pub last_segment: SegNo,
+}
+
+fn fmt_time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f%:z").to_string()
+}
+
+fn describe_window(w: &Window) -> String {
+    let to = match &w.last_xact {
+        Some(x) => format!(
+            "{} (last archived transaction, LSN {})",
+            fmt_time(&x.time),
+            x.lsn
+        ),
+        None => "no transaction archived after the backup".to_string(),
+    };
+    format!(
+        "from {} (end of backup {}, LSN {}) to {to}; WAL to LSN {} on timeline {}",
+        fmt_time(&w.from_time),
+        w.backup_id,
+        w.from_lsn,
+        w.to_lsn,
+        w.timeline
+    )
+}
+
+/// "recoverable window: …" (or "windows: …; …") for error messages.
+pub fn describe_windows(windows: &[Window]) -> String {
+    match windows {
+        [] => "nothing is recoverable yet".to_string(),
+        [w] => format!("recoverable window: {}", describe_window(w)),
+        ws => format!(
+            "recoverable windows: {}",
+            ws.iter()
+                .map(describe_window)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+}
+
+/// The resolved timeline, its path and the backups on it (oldest first).
+struct Resolved<'a> {
+    timeline: TimelineId,
+    path: Vec<(TimelineId, Lsn)>,
+    usable: Vec<&'a BackupInfo>,
+}
+
+fn resolve<'a>(
+    req: &RestoreRequest,
+    backups: &'a [BackupInfo],
+    inv: &WalInventory,
+    histories: &Histories,
+) -> Result<Resolved<'a>, PlanError> {
+    if backups.is_empty() {
+        return Err(PlanError::NoBackups);
+    }
+    let latest_tli = inv
+        .timelines
+        .keys()
+        .chain(inv.histories.iter())
+        .copied()
+        .max()
+        .unwrap_or(1);
+    let chosen_for_current = req
+        .backup_id
+        .as_ref()
+        .and_then(|id| backups.iter().find(|b| &b.id == id));
+    let timeline = match req.timeline {
+        TimelineTarget::Id(t) => t,
+        TimelineTarget::Latest => latest_tli,
+        TimelineTarget::Current => chosen_for_current
+            .or(backups.last())
+            .map(|b| b.timeline)
+            .unwrap_or(1),
+    };
+    let path = timeline_path(histories, timeline)?;
+    let usable: Vec<&BackupInfo> = backups
+        .iter()
+        .filter(|b| backup_on_path(b, &path))
+        .collect();
+    if usable.is_empty() {
+        return Err(PlanError::NoBackupOnTimeline { tli: timeline });
+    }
+    Ok(Resolved {
+        timeline,
+        path,
+        usable,
+    })
+}
+
+/// The contiguous run from `b`'s first segment, if it reaches the end of the backup.
+fn backup_run(b: &BackupInfo, inv: &WalInventory, r: &Resolved, seg_size: u64) -> Option<WalRun> {
+    let first = b.start_lsn.segno(seg_size);
+    let stop_seg = Lsn(b.stop_lsn.0.saturating_sub(1)).segno(seg_size);
+    let last = contiguous_end(inv, &r.path, first, seg_size)?;
+    (last >= stop_seg).then_some(WalRun { first, last })
+}
+
+/// Which segment summaries [`plan`] needs for `req`.
+pub fn summary_needs(
+    req: &RestoreRequest,
+    backups: &[BackupInfo],
+    inv: &WalInventory,
+    histories: &Histories,
+    seg_size: u64,
+) -> Result<SummaryNeeds, PlanError> {
+    let r = resolve(req, backups, inv, histories)?;
+    let mut runs: Vec<WalRun> = vec![];
+    for b in &r.usable {
+        let Some(run) = backup_run(b, inv, &r, seg_size) else {
+            continue;
+        };
+        match runs.iter_mut().find(|x| x.last == run.last) {
+            Some(x) => x.first = x.first.min(run.first),
+            None => runs.push(run),
+        }
+    }
+    Ok(SummaryNeeds {
+        path: r.path,
+        seg_size,
+        runs,
+        all: matches!(req.target, Target::Name(_)),
+    })
+}
+
+/// The recoverable windows, oldest first: one per distinct end of contiguous WAL, starting at
+/// the oldest backup that reaches it.
+fn windows(r: &Resolved, inv: &WalInventory, facts: &WalFacts, seg_size: u64) -> Vec<Window> {
+    let mut out: Vec<Window> = vec![];
+    for b in &r.usable {
+        let Some(run) = backup_run(b, inv, r, seg_size) else {
+            continue;
+        };
+        if out.iter().any(|w| w.last_segment == run.last) {
+            continue;
+        }
+        out.push(Window {
+            backup_id: b.id.clone(),
+            timeline: r.timeline,
+            from_lsn: b.stop_lsn,
+            from_time: b.stop_time,
+            to_lsn: Lsn::from_segno(run.last + 1, seg_size),
+            last_xact: facts.last_xact(run.first, run.last, b.stop_lsn).cloned(),
+            last_segment: run.last,
+        });
+    }
+    out
+}
+
+/// The recoverable windows on the timeline `req` resolves to, oldest first (for `list`).
+pub fn recoverable_windows(
+    req: &RestoreRequest,
+    backups: &[BackupInfo],
+    inv: &WalInventory,
+    histories: &Histories,
+    facts: &WalFacts,
+    seg_size: u64,
+) -> Result<Vec<Window>, PlanError> {
+    let r = resolve(req, backups, inv, histories)?;
+    Ok(windows(&r, inv, facts, seg_size))
+}
+
+/// The first missing stretch after segment `end` along the path, as text for messages.
+fn describe_hole(
+    inv: &WalInventory,
+    path: &[(TimelineId, Lsn)],
+    end: SegNo,
+    seg_size: u64,
+) -> String {
+    let from = end + 1;
+    let tli = timeline_of_segment(path, from, seg_size);
+    let next = inv
+        .timelines
+        .get(&tli)
+        .and_then(|t| t.ranges.iter().map(|&(a, _)| a).filter(|&a| a > from).min());
+    match next {
+        Some(n) => format!(
+            "WAL from LSN {} to LSN {} is missing (segments {} to {})",
+            Lsn::from_segno(from, seg_size),
+            Lsn::from_segno(n, seg_size),
+            WalFileName::segment(tli, from, seg_size),
+            WalFileName::segment(tli, n - 1, seg_size)
+        ),
+        None => format!(
+            "WAL is missing from LSN {} (segment {})",
+            Lsn::from_segno(from, seg_size),
+            WalFileName::segment(tli, from, seg_size)
+        ),
+    }
+}
 
 /// Where each timeline on the path to `tli` begins, as (timeline, first LSN), oldest first.
 fn timeline_path(
@@ -163,66 +477,25 @@ fn describe_target(t: &Target) -> String {
     }
 }
 
-/// Decides how to restore, or refuses with the reason and the recoverable window.
+/// Decides how to restore, or refuses with the reason and the recoverable window. `facts` holds
+/// the summaries [`summary_needs`] asked for.
 pub fn plan(
     req: &RestoreRequest,
     backups: &[BackupInfo],
     inv: &WalInventory,
     histories: &Histories,
+    facts: &WalFacts,
     seg_size: u64,
     now: DateTime<Utc>,
 ) -> Result<RestorePlan, PlanError> {
-    if backups.is_empty() {
-        return Err(PlanError::NoBackups);
-    }
     let target_text = describe_target(&req.target);
-
-    // Which timeline recovery will follow.
-    let latest_tli = inv
-        .timelines
-        .keys()
-        .chain(inv.histories.iter())
-        .copied()
-        .max()
-        .unwrap_or(1);
-    let chosen_for_current = req
-        .backup_id
-        .as_ref()
-        .and_then(|id| backups.iter().find(|b| &b.id == id));
-    let resolved_timeline = match req.timeline {
-        TimelineTarget::Id(t) => t,
-        TimelineTarget::Latest => latest_tli,
-        TimelineTarget::Current => chosen_for_current
-            .or(backups.last())
-            .map(|b| b.timeline)
-            .unwrap_or(1),
-    };
-    let path = timeline_path(histories, resolved_timeline)?;
-
-    let usable: Vec<&BackupInfo> = backups
-        .iter()
-        .filter(|b| backup_on_path(b, &path))
-        .collect();
-    if usable.is_empty() {
-        return Err(PlanError::NoBackupOnTimeline {
-            tli: resolved_timeline,
-        });
-    }
+    let r = resolve(req, backups, inv, histories)?;
+    let resolved_timeline = r.timeline;
+    let path = &r.path;
+    let usable = &r.usable;
     let oldest = usable[0];
-
-    // End of WAL reachable from the oldest usable backup: the window's upper bound.
-    let window_end_seg = contiguous_end(inv, &path, oldest.start_lsn.segno(seg_size), seg_size);
-    let window_end = window_end_seg
-        .map(|s| Lsn::from_segno(s + 1, seg_size))
-        .unwrap_or(oldest.stop_lsn);
-    let window = format!(
-        "from {} (LSN {}, end of backup {}) to LSN {} (end of archived WAL on timeline {})",
-        oldest.stop_time.format("%Y-%m-%d %H:%M:%S%:z"),
-        oldest.stop_lsn,
-        oldest.id,
-        window_end,
-        resolved_timeline
-    );
+    let windows = windows(&r, inv, facts, seg_size);
+    let window = describe_windows(&windows);
 
     if let Target::Time(t) = &req.target {
         if t.with_timezone(&Utc) > now {
@@ -233,11 +506,66 @@ pub fn plan(
         }
     }
 
-    // Can this backup reach the target? Only time and LSN targets are comparable here; for xid
-    // and restore-point targets the oldest backup is the safe choice unless one is named.
+    // A restore point is found in the summaries; the newest backup that ends before it is the
+    // one to replay from (PostgreSQL stops at the first restore point of that name it replays).
+    let restore_point = match &req.target {
+        Target::Name(name) => {
+            let mut found: Vec<(SegNo, &RestorePointMark)> = vec![];
+            for w in &windows {
+                let first = usable
+                    .iter()
+                    .find(|b| b.id == w.backup_id)
+                    .map(|b| b.start_lsn.segno(seg_size))
+                    .unwrap_or(0);
+                for (n, rp) in facts.restore_points(name, first, w.last_segment) {
+                    if !found.iter().any(|(_, f)| f.lsn == rp.lsn) {
+                        found.push((n, rp));
+                    }
+                }
+            }
+            match found.as_slice() {
+                [] => {
+                    let mut names: Vec<&str> = facts
+                        .segments
+                        .values()
+                        .flat_map(|s| s.restore_points.iter().map(|r| r.name.as_str()))
+                        .collect();
+                    names.dedup();
+                    let known = if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; restore points archived: {}", names.join(", "))
+                    };
+                    return Err(PlanError::UnknownRestorePoint {
+                        name: name.clone(),
+                        known,
+                    });
+                }
+                [(n, rp)] => Some((*n, (*rp).clone())),
+                many => {
+                    return Err(PlanError::AmbiguousRestorePoint {
+                        name: name.clone(),
+                        count: many.len(),
+                        at: many
+                            .iter()
+                            .map(|(_, r)| format!("LSN {} at {}", r.lsn, fmt_time(&r.time)))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+            }
+        }
+        _ => None,
+    };
+
+    // Can this backup reach the target? For xid targets the oldest backup is the safe choice
+    // unless one is named: summaries do not index xids (see docs/verify.md).
     let reaches = |b: &BackupInfo| match &req.target {
         Target::Time(t) => b.stop_time <= t.with_timezone(&Utc),
         Target::Lsn(l) => b.stop_lsn <= *l,
+        Target::Name(_) => restore_point
+            .as_ref()
+            .is_some_and(|(_, rp)| b.stop_lsn <= rp.lsn),
         _ => true,
     };
 
@@ -247,7 +575,7 @@ pub fn plan(
                 .iter()
                 .find(|b| &b.id == id)
                 .ok_or_else(|| PlanError::BackupNotFound { id: id.clone() })?;
-            if !backup_on_path(b, &path) {
+            if !backup_on_path(b, path) {
                 return Err(PlanError::NoBackupOnTimeline {
                     tli: resolved_timeline,
                 });
@@ -256,6 +584,10 @@ pub fn plan(
                 let stop = match &req.target {
                     Target::Time(_) => b.stop_time.to_rfc3339(),
                     _ => b.stop_lsn.to_string(),
+                };
+                let target_text = match &restore_point {
+                    Some((_, rp)) => format!("{target_text} (LSN {})", rp.lsn),
+                    None => target_text,
                 };
                 return Err(PlanError::BackupAfterTarget {
                     id: id.clone(),
@@ -267,11 +599,14 @@ pub fn plan(
         }
         None => {
             let pick = match &req.target {
-                Target::Xid(_) | Target::Name(_) => usable.first().copied(),
+                Target::Xid(_) => usable.first().copied(),
                 _ => usable.iter().rev().find(|b| reaches(b)).copied(),
             };
             pick.ok_or_else(|| PlanError::BeforeOldestBackup {
-                target: target_text.clone(),
+                target: match &restore_point {
+                    Some((_, rp)) => format!("{target_text} (LSN {})", rp.lsn),
+                    None => target_text.clone(),
+                },
                 oldest: match &req.target {
                     Target::Time(_) => oldest.stop_time.to_rfc3339(),
                     _ => format!("LSN {}", oldest.stop_lsn),
@@ -284,14 +619,14 @@ pub fn plan(
     // The backup's own WAL must be complete, or PostgreSQL never reaches consistency.
     let first = backup.start_lsn.segno(seg_size);
     let stop_seg = Lsn(backup.stop_lsn.0.saturating_sub(1)).segno(seg_size);
-    let end_seg = contiguous_end(inv, &path, first, seg_size);
+    let end_seg = contiguous_end(inv, path, first, seg_size);
     let missing_from = match end_seg {
         None => Some(first),
         Some(e) if e < stop_seg => Some(e + 1),
         _ => None,
     };
     if let Some(m) = missing_from {
-        let tli = timeline_of_segment(&path, m, seg_size);
+        let tli = timeline_of_segment(path, m, seg_size);
         return Err(PlanError::MissingBackupWal {
             id: backup.id.clone(),
             missing: WalFileName::segment(tli, m, seg_size).to_string(),
@@ -299,14 +634,69 @@ pub fn plan(
     }
     let end_seg = end_seg.expect("checked above");
     let recoverable_end = Lsn::from_segno(end_seg + 1, seg_size);
-    if let Target::Lsn(l) = &req.target {
-        if *l > recoverable_end {
-            return Err(PlanError::PastEnd {
-                target: target_text,
-                end: recoverable_end,
-                window,
+    // A later window starting after the target means the target is in a hole, not past the end.
+    let hole_before = |later_than: &dyn Fn(&Window) -> bool| {
+        windows
+            .iter()
+            .any(|w| w.last_segment > end_seg && later_than(w))
+            .then(|| describe_hole(inv, path, end_seg, seg_size))
+    };
+    let last_xact = facts.last_xact(first, end_seg, backup.stop_lsn).cloned();
+    match &req.target {
+        Target::Lsn(l) if *l > recoverable_end => {
+            return Err(match hole_before(&|w| w.from_lsn > *l) {
+                Some(hole) => PlanError::InHole {
+                    target: target_text,
+                    hole,
+                    window,
+                },
+                None => PlanError::PastEnd {
+                    target: target_text,
+                    end: recoverable_end,
+                    window,
+                },
             });
         }
+        Target::Time(t) => {
+            let t = t.with_timezone(&Utc);
+            let reached = last_xact.as_ref().is_some_and(|x| {
+                if req.inclusive {
+                    x.time > t
+                } else {
+                    x.time >= t
+                }
+            });
+            if !reached {
+                if let Some(hole) = hole_before(&|w| w.from_time > t) {
+                    return Err(PlanError::InHole {
+                        target: target_text,
+                        hole,
+                        window,
+                    });
+                }
+                return Err(PlanError::PastLastTransaction {
+                    target: target_text,
+                    last: match &last_xact {
+                        Some(x) => format!("{} at LSN {}", fmt_time(&x.time), x.lsn),
+                        None => format!("none archived after backup {}", backup.id),
+                    },
+                    window,
+                });
+            }
+        }
+        Target::Name(_) => {
+            let (n, rp) = restore_point
+                .as_ref()
+                .expect("name targets resolve a restore point");
+            if *n > end_seg {
+                return Err(PlanError::InHole {
+                    target: format!("{target_text} (LSN {})", rp.lsn),
+                    hole: describe_hole(inv, path, end_seg, seg_size),
+                    window,
+                });
+            }
+        }
+        _ => {}
     }
 
     Ok(RestorePlan {
@@ -318,17 +708,20 @@ pub fn plan(
         inclusive: req.inclusive,
         standby: req.standby,
         wal_first: WalFileName::segment(
-            timeline_of_segment(&path, first, seg_size),
+            timeline_of_segment(path, first, seg_size),
             first,
             seg_size,
         ),
         wal_last: WalFileName::segment(
-            timeline_of_segment(&path, end_seg, seg_size),
+            timeline_of_segment(path, end_seg, seg_size),
             end_seg,
             seg_size,
         ),
         recoverable_end,
         bytes_to_fetch: backup.stored_bytes(),
+        last_xact,
+        restore_point: restore_point.map(|(_, rp)| rp),
+        windows,
     })
 }
 
@@ -371,6 +764,61 @@ mod tests {
         WalInventory::from_names(names.iter().map(|n| WalFileName::parse(n).unwrap()), SEG)
     }
 
+    /// A summary for segment `segno` of timeline `tli` with one commit at minute `segno * 5`.
+    fn summary(tli: TimelineId, segno: u64, rps: &[(&str, u64)]) -> SegmentSummary {
+        let start = Lsn::from_segno(segno, SEG);
+        let xact = XactMark {
+            lsn: start.checked_add(0x1000).unwrap(),
+            time: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+                + chrono::Duration::minutes(segno as i64 * 5),
+            xid: 1000 + segno as u32,
+            kind: crate::wal::XactKind::Commit,
+        };
+        SegmentSummary {
+            format: crate::wal::SUMMARY_FORMAT,
+            segment_start: start,
+            segment_size: SEG,
+            pg_major: 15,
+            system_identifier: 1,
+            timeline: tli,
+            last_page_timeline: tli,
+            skipped_continuation: None,
+            first_record_lsn: Some(start.checked_add(40).unwrap()),
+            last_record_lsn: Some(start.checked_add(0x2000).unwrap()),
+            end_lsn: Some(start.checked_add(0x2100).unwrap()),
+            record_count: 10,
+            commit_count: 1,
+            abort_count: 0,
+            first_xact: Some(xact.clone()),
+            last_xact: Some(xact),
+            restore_points: rps
+                .iter()
+                .map(|&(name, off)| RestorePointMark {
+                    name: name.into(),
+                    time: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+                        + chrono::Duration::minutes(segno as i64 * 5),
+                    lsn: start.checked_add(off).unwrap(),
+                })
+                .collect(),
+            checkpoints: vec![],
+            ends_with_switch: false,
+            end: crate::wal::SegmentEnd::Switch,
+        }
+    }
+
+    /// Facts for every held segment (the newest timeline wins a segment number).
+    fn facts_for(i: &WalInventory) -> WalFacts {
+        let mut f = WalFacts::default();
+        for (&tli, t) in &i.timelines {
+            for &(a, b) in &t.ranges {
+                for n in a..=b {
+                    f.segments.insert(n, summary(tli, n, &[]));
+                }
+            }
+        }
+        f
+    }
+
     fn req(target: Target) -> RestoreRequest {
         RestoreRequest {
             target,
@@ -407,20 +855,29 @@ mod tests {
         let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let h = Histories::new();
         assert_eq!(
-            plan(&req(at(15)), &backups, &i, &h, SEG, now())
+            plan(&req(at(15)), &backups, &i, &h, &facts_for(&i), SEG, now())
                 .unwrap()
                 .backup
                 .id,
             "a"
         );
         assert_eq!(
-            plan(&req(at(25)), &backups, &i, &h, SEG, now())
+            plan(&req(at(25)), &backups, &i, &h, &facts_for(&i), SEG, now())
                 .unwrap()
                 .backup
                 .id,
             "b"
         );
-        let p = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap();
+        let p = plan(
+            &req(Target::Latest),
+            &backups,
+            &i,
+            &h,
+            &facts_for(&i),
+            SEG,
+            now(),
+        )
+        .unwrap();
         assert_eq!(p.backup.id, "b");
         assert_eq!(p.wal_last.to_string(), "000000010000000000000008");
         assert_eq!(p.recoverable_end, Lsn::from_segno(9, SEG));
@@ -432,7 +889,7 @@ mod tests {
         let names = wal_1_to(4);
         let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let h = Histories::new();
-        let e = plan(&req(at(5)), &backups, &i, &h, SEG, now()).unwrap_err();
+        let e = plan(&req(at(5)), &backups, &i, &h, &facts_for(&i), SEG, now()).unwrap_err();
         assert!(matches!(e, PlanError::BeforeOldestBackup { .. }), "{e}");
         assert!(e.to_string().contains("recoverable window"));
         let future = Target::Time(
@@ -441,15 +898,24 @@ mod tests {
                 .fixed_offset(),
         );
         assert!(matches!(
-            plan(&req(future), &backups, &i, &h, SEG, now()),
+            plan(&req(future), &backups, &i, &h, &facts_for(&i), SEG, now()),
             Err(PlanError::TargetInFuture { .. })
         ));
         let past_end = Target::Lsn(Lsn::from_segno(6, SEG));
         assert!(matches!(
-            plan(&req(past_end), &backups, &i, &h, SEG, now()),
+            plan(&req(past_end), &backups, &i, &h, &facts_for(&i), SEG, now()),
             Err(PlanError::PastEnd { .. })
         ));
-        let e = plan(&req(Target::Lsn(Lsn(5))), &backups, &i, &h, SEG, now()).unwrap_err();
+        let e = plan(
+            &req(Target::Lsn(Lsn(5))),
+            &backups,
+            &i,
+            &h,
+            &facts_for(&i),
+            SEG,
+            now(),
+        )
+        .unwrap_err();
         assert!(matches!(e, PlanError::BeforeOldestBackup { .. }), "{e}");
     }
 
@@ -458,7 +924,16 @@ mod tests {
         let backups = [backup("a", 1, 2, 3, 10)];
         let h = Histories::new();
         let i = inv(&["000000010000000000000002", "000000010000000000000004"]);
-        let e = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap_err();
+        let e = plan(
+            &req(Target::Latest),
+            &backups,
+            &i,
+            &h,
+            &facts_for(&i),
+            SEG,
+            now(),
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             PlanError::MissingBackupWal {
@@ -472,13 +947,23 @@ mod tests {
             "000000010000000000000003",
             "000000010000000000000005",
         ]);
-        let p = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap();
+        let p = plan(
+            &req(Target::Latest),
+            &backups,
+            &i,
+            &h,
+            &facts_for(&i),
+            SEG,
+            now(),
+        )
+        .unwrap();
         assert_eq!(p.wal_last.to_string(), "000000010000000000000003");
         let e = plan(
             &req(Target::Lsn(Lsn::from_segno(5, SEG))),
             &backups,
             &i,
             &h,
+            &facts_for(&i),
             SEG,
             now(),
         )
@@ -507,13 +992,30 @@ mod tests {
             "000000020000000000000005",
             "00000002.history",
         ]);
-        let p = plan(&req(Target::Latest), &backups, &i, &h, SEG, now()).unwrap();
+        let p = plan(
+            &req(Target::Latest),
+            &backups,
+            &i,
+            &h,
+            &facts_for(&i),
+            SEG,
+            now(),
+        )
+        .unwrap();
         assert_eq!(p.resolved_timeline, 2);
         assert_eq!(p.wal_last.to_string(), "000000020000000000000005");
         // A backup taken on timeline 1 after the fork is not on timeline 2's history.
         let late = [backup("late", 1, 6, 6, 30)];
         assert!(matches!(
-            plan(&req(Target::Latest), &late, &i, &h, SEG, now()),
+            plan(
+                &req(Target::Latest),
+                &late,
+                &i,
+                &h,
+                &facts_for(&i),
+                SEG,
+                now()
+            ),
             Err(PlanError::NoBackupOnTimeline { tli: 2 })
         ));
         // Timeline 2 without its history file cannot be planned.
@@ -523,10 +1025,158 @@ mod tests {
                 &backups,
                 &i,
                 &Histories::new(),
+                &facts_for(&i),
                 SEG,
                 now()
             ),
             Err(PlanError::MissingHistory { tli: 2 })
         ));
+    }
+
+    #[test]
+    fn time_targets_must_be_before_the_last_archived_transaction() {
+        // Commits at minute 5 × segno: the last archived one (segment 4) is at minute 20.
+        let backups = [backup("a", 1, 2, 2, 10)];
+        let names = wal_1_to(4);
+        let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let h = Histories::new();
+        let f = facts_for(&i);
+        let p = plan(&req(at(19)), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.last_xact.unwrap().xid, 1004);
+        // Exactly at the last commit: PostgreSQL needs a later one to stop before.
+        let e = plan(&req(at(20)), &backups, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(matches!(e, PlanError::PastLastTransaction { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("2026-01-01 00:20:00.000000+00:00"), "{msg}");
+        assert!(
+            msg.contains("recoverable window: from 2026-01-01 00:10:00"),
+            "{msg}"
+        );
+        // --target-exclusive stops before a commit at the target itself.
+        let mut r = req(at(20));
+        r.inclusive = false;
+        assert!(plan(&r, &backups, &i, &h, &f, SEG, now()).is_ok());
+        // No summaries, no known transaction: refused rather than failing in PostgreSQL.
+        let e = plan(
+            &req(at(19)),
+            &backups,
+            &i,
+            &h,
+            &WalFacts::default(),
+            SEG,
+            now(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("none archived after backup a"),
+            "{e}"
+        );
+        // Latest needs no transaction.
+        assert!(plan(
+            &req(Target::Latest),
+            &backups,
+            &i,
+            &h,
+            &WalFacts::default(),
+            SEG,
+            now()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_time_or_lsn_target_in_a_hole_is_refused_with_the_hole_and_both_windows() {
+        // Backup a (segments 2-4), hole at 5-6, backup b from segment 7 at minute 36.
+        let backups = [backup("a", 1, 2, 2, 10), backup("b", 1, 7, 7, 36)];
+        let i = inv(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000007",
+            "000000010000000000000008",
+        ]);
+        let h = Histories::new();
+        let f = facts_for(&i);
+        let e = plan(&req(at(30)), &backups, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(matches!(e, PlanError::InHole { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("segments 000000010000000000000005 to 000000010000000000000006"),
+            "{msg}"
+        );
+        assert!(msg.contains("recoverable windows: from"), "{msg}");
+        assert!(msg.contains("end of backup b"), "{msg}");
+        // Inside either window is fine.
+        assert_eq!(
+            plan(&req(at(15)), &backups, &i, &h, &f, SEG, now())
+                .unwrap()
+                .backup
+                .id,
+            "a"
+        );
+        assert_eq!(
+            plan(&req(at(38)), &backups, &i, &h, &f, SEG, now())
+                .unwrap()
+                .backup
+                .id,
+            "b"
+        );
+        let in_hole = Target::Lsn(Lsn::from_segno(6, SEG));
+        assert!(matches!(
+            plan(&req(in_hole), &backups, &i, &h, &f, SEG, now()),
+            Err(PlanError::InHole { .. })
+        ));
+        let w = recoverable_windows(&req(Target::Latest), &backups, &i, &h, &f, SEG).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].to_lsn, Lsn::from_segno(5, SEG));
+        assert_eq!(w[1].last_xact.as_ref().unwrap().xid, 1008);
+    }
+
+    #[test]
+    fn restore_points_pick_the_newest_backup_before_them() {
+        let backups = [
+            backup("a", 1, 2, 2, 10),
+            backup("b", 1, 4, 4, 20),
+            backup("c", 1, 7, 7, 35),
+        ];
+        let names = wal_1_to(8);
+        let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let h = Histories::new();
+        let mut f = facts_for(&i);
+        f.segments
+            .insert(5, summary(1, 5, &[("before_migration", 0x800)]));
+        f.segments
+            .insert(6, summary(1, 6, &[("dup", 0x10), ("other", 0x20)]));
+        f.segments.insert(8, summary(1, 8, &[("dup", 0x10)]));
+        let name = |n: &str| req(Target::Name(n.into()));
+        let p = plan(&name("before_migration"), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.backup.id, "b");
+        assert_eq!(
+            p.restore_point.unwrap().lsn,
+            Lsn::from_segno(5, SEG).checked_add(0x800).unwrap()
+        );
+        let e = plan(&name("nope"), &backups, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(matches!(e, PlanError::UnknownRestorePoint { .. }), "{e}");
+        assert!(e.to_string().contains("before_migration"), "{e}");
+        let e = plan(&name("dup"), &backups, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(
+            matches!(e, PlanError::AmbiguousRestorePoint { count: 2, .. }),
+            "{e}"
+        );
+        // A named backup that ends after the restore point is refused.
+        let mut r = name("before_migration");
+        r.backup_id = Some("c".into());
+        assert!(matches!(
+            plan(&r, &backups, &i, &h, &f, SEG, now()),
+            Err(PlanError::BackupAfterTarget { .. })
+        ));
+        // The needs of a name target cover every segment from the oldest backup on.
+        let needs = summary_needs(&name("x"), &backups, &i, &h, SEG).unwrap();
+        assert!(needs.all);
+        assert_eq!(needs.runs, vec![WalRun { first: 2, last: 8 }]);
+        assert_eq!(
+            needs.segment_name(3).to_string(),
+            "000000010000000000000003"
+        );
     }
 }

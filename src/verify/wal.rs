@@ -1,0 +1,511 @@
+//! WAL checks: segments (frame, first page header, summary, and with `--full` every record),
+//! continuity per timeline, the WAL each backup needs, and timeline histories.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use futures::StreamExt;
+
+use super::{
+    record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress, VerifyReport,
+};
+use crate::repo::{layout, BackupInfo, RepoError, Repository, StoredSummary, WalInventory};
+use crate::restore::plan::{Histories, WalFacts};
+use crate::restore::{
+    recoverable_windows, summary_needs, RestoreRequest, Target, TargetAction, TimelineTarget,
+};
+use crate::storage::ObjectInfo;
+use crate::wal::{
+    parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
+    SegmentTail, TimelineId, WalFileName,
+};
+
+/// Segments fetched and decoded ahead of the record walk. Decoding (decompression and CRC) runs
+/// on the blocking pool, so with a few in flight it overlaps the sequential record walk; each
+/// holds one segment, so memory stays at a few segments.
+const SEGMENTS_IN_FLIGHT: usize = 4;
+
+/// A segment key and what the listing says about it.
+struct SegmentObject {
+    tli: TimelineId,
+    segno: SegNo,
+    name: WalFileName,
+    key: String,
+    size: u64,
+    summary_key: Option<String>,
+}
+
+pub(super) async fn verify_wal(
+    repo: &Repository,
+    catalog: &[BackupInfo],
+    objects: &[ObjectInfo],
+    opts: VerifyOptions,
+    report: &mut VerifyReport,
+    progress: &(dyn Fn(VerifyProgress) + Sync),
+) -> Result<(), RepoError> {
+    let started = Instant::now();
+    let seg_size = repo.descriptor().wal_segment_size;
+    let summary_keys: HashMap<&str, u64> = objects
+        .iter()
+        .filter_map(|o| Some((o.key.strip_suffix(layout::SUMMARY_SUFFIX)?, o.size)))
+        .collect();
+    let mut segments: Vec<SegmentObject> = vec![];
+    let mut histories_keys = vec![];
+    let mut others = vec![];
+    let mut names = vec![];
+    for o in objects {
+        if o.key.ends_with(layout::SUMMARY_SUFFIX) {
+            continue; // checked with its segment
+        }
+        let file = o.key.rsplit('/').next().unwrap_or_default();
+        match WalFileName::parse(file) {
+            Ok(name @ WalFileName::Segment { .. }) => {
+                let segno = name.segno(seg_size).expect("segments have a number");
+                names.push(name.clone());
+                segments.push(SegmentObject {
+                    tli: name.timeline(),
+                    segno,
+                    summary_key: summary_keys
+                        .contains_key(o.key.as_str())
+                        .then(|| format!("{}{}", o.key, layout::SUMMARY_SUFFIX)),
+                    name,
+                    key: o.key.clone(),
+                    size: o.size,
+                });
+            }
+            Ok(name @ WalFileName::History { tli }) => {
+                names.push(name);
+                histories_keys.push((tli, o));
+            }
+            Ok(name) => {
+                names.push(name);
+                others.push(o);
+            }
+            Err(_) => others.push(o),
+        }
+    }
+    // Orphaned summaries are harmless; they are frame-checked like any other object.
+    for o in objects.iter().filter(|o| {
+        o.key
+            .strip_suffix(layout::SUMMARY_SUFFIX)
+            .is_some_and(|seg| !segments.iter().any(|s| s.key == seg))
+    }) {
+        others.push(o);
+    }
+    segments.sort_by_key(|s| (s.tli, s.segno));
+    let inv = WalInventory::from_names(names.iter().cloned(), seg_size);
+
+    for o in others {
+        report.objects += 1;
+        report.bytes += o.size;
+        if let Err(e) = repo.get_verified(&o.key).await {
+            record_read_error(report, &o.key, e)?;
+        }
+        progress(VerifyProgress::Checked { bytes: o.size });
+    }
+
+    let histories = verify_histories(repo, &histories_keys, &inv, report, progress).await?;
+    let Segments { summaries, broken } =
+        verify_segments(repo, &segments, opts, report, progress).await?;
+    report.wal_seconds = started.elapsed().as_secs_f64();
+    // What recovery can actually use: a damaged segment stops replay like a missing one.
+    let usable_names = names.into_iter().filter(|n| match n {
+        WalFileName::Segment { .. } => !broken.contains(&(
+            n.timeline(),
+            n.segno(seg_size).expect("segments have a number"),
+        )),
+        _ => true,
+    });
+    let inv = WalInventory::from_names(usable_names, seg_size);
+
+    // Windows on the latest timeline, from what the summaries say.
+    let latest = RestoreRequest {
+        target: Target::Latest,
+        action: TargetAction::Promote,
+        timeline: TimelineTarget::Latest,
+        backup_id: None,
+        inclusive: true,
+        standby: false,
+    };
+    if let Ok(needs) = summary_needs(&latest, catalog, &inv, &histories, seg_size) {
+        let mut facts = WalFacts::default();
+        for run in &needs.runs {
+            for n in run.first..=run.last {
+                let name = needs.segment_name(n);
+                if let Some(s) = summaries.get(&(name.timeline(), n)) {
+                    facts.segments.insert(n, s.clone());
+                }
+            }
+        }
+        if let Ok(w) = recoverable_windows(&latest, catalog, &inv, &histories, &facts, seg_size) {
+            report.windows = w;
+        }
+    }
+
+    check_continuity(catalog, &inv, &summaries, &broken, seg_size, report);
+    Ok(())
+}
+
+/// What reading the segments established.
+#[derive(Default)]
+struct Segments {
+    /// Summaries, stored or computed, by (timeline, segment).
+    summaries: BTreeMap<(TimelineId, SegNo), SegmentSummary>,
+    /// Segments replay cannot get through: unreadable, not WAL, or with damaged records.
+    broken: BTreeSet<(TimelineId, SegNo)>,
+}
+
+/// Reads every segment (and its summary); with `--full` walks every record, carrying the tail
+/// from one segment to the next on the same timeline.
+async fn verify_segments(
+    repo: &Repository,
+    segments: &[SegmentObject],
+    opts: VerifyOptions,
+    report: &mut VerifyReport,
+    progress: &(dyn Fn(VerifyProgress) + Sync),
+) -> Result<Segments, RepoError> {
+    let mut out = Segments::default();
+    let mut fetched = futures::stream::iter(segments)
+        .map(|s| async move {
+            let framed = repo.storage().get(&s.key).await;
+            let decoded = match framed {
+                Ok(bytes) => tokio::task::spawn_blocking(move || crate::codec::decode(&bytes))
+                    .await
+                    .expect("decode task panicked")
+                    .map_err(|source| RepoError::Corrupt {
+                        key: s.key.clone(),
+                        source,
+                    }),
+                Err(e) => Err(e.into()),
+            };
+            let summary = match &s.summary_key {
+                Some(k) => Some(read_summary(repo, k).await),
+                None => None,
+            };
+            (s, decoded, summary)
+        })
+        .buffered(SEGMENTS_IN_FLIGHT);
+
+    let mut tail: Option<(TimelineId, SegNo, SegmentTail)> = None;
+    while let Some((s, decoded, stored)) = fetched.next().await {
+        report.objects += 1 + s.summary_key.is_some() as u64;
+        report.bytes += s.size;
+        report.wal_segments += 1;
+        progress(VerifyProgress::Checked { bytes: s.size });
+        let content = match decoded {
+            Ok(c) => c,
+            Err(e) => {
+                tail = None;
+                out.broken.insert((s.tli, s.segno));
+                record_read_error(report, &s.key, e)?;
+                continue;
+            }
+        };
+        report.wal_bytes += content.len() as u64;
+        if let Err(e) = validate_segment(&content, s.tli, s.segno) {
+            tail = None;
+            out.broken.insert((s.tli, s.segno));
+            report.problem(
+                Severity::Error,
+                ProblemKind::BadWal,
+                Some(s.key.clone()),
+                format!("{} is not a valid WAL segment: {e}", s.name),
+            );
+            continue;
+        }
+        let stored = match stored {
+            None => {
+                report.problem(
+                    Severity::Warning,
+                    ProblemKind::MissingSummary,
+                    Some(s.key.clone()),
+                    format!(
+                        "{} has no summary; restore rebuilds it by reading the segment",
+                        s.name
+                    ),
+                );
+                None
+            }
+            Some(Ok(st)) => Some(st),
+            Some(Err((key, msg))) => {
+                report.problem(
+                    Severity::Warning,
+                    ProblemKind::BadMetadata,
+                    Some(key),
+                    format!(
+                        "summary of {} is unreadable ({msg}); restore rebuilds it",
+                        s.name
+                    ),
+                );
+                None
+            }
+        };
+
+        let summary = if opts.full {
+            let prev = match tail.take() {
+                Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
+                _ => None,
+            };
+            let summarized = match summarize_segment(&content, prev.as_ref()) {
+                Ok(x) => Ok(x),
+                // The previous segment's tail does not lead into this one: report the broken
+                // link, then read this segment on its own.
+                Err(crate::wal::SummaryError::TailMismatch { .. }) => {
+                    summarize_segment(&content, None)
+                }
+                Err(e) => Err(e),
+            };
+            match summarized {
+                Ok(x) => {
+                    report.wal_records += x.summary.record_count;
+                    tail = x.tail.map(|t| (s.tli, s.segno, t));
+                    x.summary
+                }
+                Err(e) => {
+                    out.broken.insert((s.tli, s.segno));
+                    report.problem(
+                        Severity::Error,
+                        ProblemKind::BadWal,
+                        Some(s.key.clone()),
+                        format!("{} cannot be read: {e}", s.name),
+                    );
+                    continue;
+                }
+            }
+        } else {
+            match stored {
+                Some(st) => st.summary,
+                None => {
+                    // Without a summary the segment's records are unknown until --full.
+                    continue;
+                }
+            }
+        };
+        match &summary.end {
+            SegmentEnd::Corrupt { lsn, error } => {
+                out.broken.insert((s.tli, s.segno));
+                report.problem(
+                    Severity::Error,
+                    ProblemKind::BadWal,
+                    Some(s.key.clone()),
+                    format!(
+                        "{}: records are damaged from LSN {lsn}: {error}; replay stops there",
+                        s.name
+                    ),
+                )
+            }
+            SegmentEnd::EndOfWal { lsn, .. } => report.problem(
+                Severity::Warning,
+                ProblemKind::BadWal,
+                Some(s.key.clone()),
+                format!(
+                    "{}: WAL ends at LSN {lsn}, before the end of this complete segment",
+                    s.name
+                ),
+            ),
+            _ => {}
+        }
+        out.summaries.insert((s.tli, s.segno), summary);
+    }
+    Ok(out)
+}
+
+async fn read_summary(repo: &Repository, key: &str) -> Result<StoredSummary, (String, String)> {
+    let raw = repo
+        .get_verified(key)
+        .await
+        .map_err(|e| (key.to_string(), e.to_string()))?;
+    serde_json::from_slice(&raw).map_err(|e| (key.to_string(), e.to_string()))
+}
+
+/// History files: readable, parseable, ancestors older and present, switch points increasing,
+/// and each parent's history a prefix of its child's. Returns the parsed histories.
+async fn verify_histories(
+    repo: &Repository,
+    keys: &[(TimelineId, &ObjectInfo)],
+    inv: &WalInventory,
+    report: &mut VerifyReport,
+    progress: &(dyn Fn(VerifyProgress) + Sync),
+) -> Result<Histories, RepoError> {
+    let mut histories = Histories::new();
+    for (tli, o) in keys {
+        report.objects += 1;
+        report.bytes += o.size;
+        progress(VerifyProgress::Checked { bytes: o.size });
+        let raw = match repo.get_verified(&o.key).await {
+            Ok(r) => r,
+            Err(e) => {
+                record_read_error(report, &o.key, e)?;
+                continue;
+            }
+        };
+        match parse_history(&raw) {
+            Ok(entries) => {
+                histories.insert(*tli, entries);
+            }
+            Err(e) => report.problem(
+                Severity::Error,
+                ProblemKind::BadHistory,
+                Some(o.key.clone()),
+                format!("timeline {tli} history does not parse: {e}"),
+            ),
+        }
+    }
+    let bad = |report: &mut VerifyReport, tli: TimelineId, msg: String| {
+        report.problem(
+            Severity::Error,
+            ProblemKind::BadHistory,
+            Some(layout::wal_key(&WalFileName::History { tli })),
+            format!("timeline {tli}: {msg}"),
+        )
+    };
+    for (&tli, entries) in &histories {
+        let mut prev: Option<(TimelineId, Lsn)> = None;
+        for e in entries {
+            if e.tli >= tli {
+                bad(
+                    report,
+                    tli,
+                    format!("lists timeline {} as an ancestor", e.tli),
+                );
+            }
+            if let Some((pt, pl)) = prev {
+                if e.tli <= pt || e.switchpoint < pl {
+                    bad(
+                        report,
+                        tli,
+                        format!(
+                            "ancestors out of order: timeline {} at {} after timeline {pt} at {pl}",
+                            e.tli, e.switchpoint
+                        ),
+                    );
+                }
+            }
+            prev = Some((e.tli, e.switchpoint));
+        }
+        if let Some(parent) = entries.last() {
+            if parent.tli > 1 {
+                match histories.get(&parent.tli) {
+                    None if !inv.histories.contains(&parent.tli) => bad(
+                        report,
+                        tli,
+                        format!("parent timeline {}'s history file is missing", parent.tli),
+                    ),
+                    None => {} // present but unreadable: reported above
+                    Some(p) if !entries.starts_with(p) => bad(
+                        report,
+                        tli,
+                        format!(
+                            "history disagrees with parent timeline {}'s history",
+                            parent.tli
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    // A timeline with WAL but no history cannot be followed by recovery.
+    for &tli in inv.timelines.keys().filter(|&&t| t > 1) {
+        if !inv.histories.contains(&tli) {
+            bad(
+                report,
+                tli,
+                "has WAL segments but no history file, so recovery cannot follow it".into(),
+            );
+        }
+    }
+    Ok(histories)
+}
+
+/// Holes per timeline, and the WAL each backup needs to reach consistency.
+fn check_continuity(
+    catalog: &[BackupInfo],
+    inv: &WalInventory,
+    summaries: &BTreeMap<(TimelineId, SegNo), SegmentSummary>,
+    broken: &BTreeSet<(TimelineId, SegNo)>,
+    seg_size: u64,
+    report: &mut VerifyReport,
+) {
+    for (&tli, t) in &inv.timelines {
+        for pair in t.ranges.windows(2) {
+            let (first_missing, next_held) = (pair[0].1 + 1, pair[1].0);
+            let from = Lsn::from_segno(first_missing, seg_size);
+            let to = Lsn::from_segno(next_held, seg_size);
+            // Backups that replay through the hole: on this timeline (or an ancestor) and
+            // starting before it.
+            let cut: Vec<&BackupInfo> = catalog
+                .iter()
+                .filter(|b| b.timeline <= tli && b.start_lsn.segno(seg_size) < first_missing)
+                .collect();
+            let last_before = summaries
+                .range((tli, 0)..(tli, first_missing))
+                .rev()
+                .find_map(|(_, s)| s.last_xact.as_ref());
+            let impact = if cut.is_empty() {
+                None
+            } else {
+                Some(format!(
+                    "restores from backup(s) {} stop at LSN {from}{}; targets between LSN {from} and \
+                     LSN {to} are unreachable from any backup",
+                    cut.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", "),
+                    match last_before {
+                        Some(x) => format!(
+                            " (last transaction before the hole: {} at LSN {})",
+                            x.time.format("%Y-%m-%d %H:%M:%S%.6f%:z"),
+                            x.lsn
+                        ),
+                        None => String::new(),
+                    }
+                ))
+            };
+            report.problems.push(super::Problem {
+                severity: if cut.is_empty() {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                kind: ProblemKind::WalHole,
+                object: Some(layout::wal_key(&WalFileName::segment(
+                    tli,
+                    first_missing,
+                    seg_size,
+                ))),
+                message: format!(
+                    "timeline {tli}: WAL from LSN {from} to LSN {to} is {} (segments {} to {})",
+                    if (first_missing..next_held).any(|n| broken.contains(&(tli, n))) {
+                        "missing or damaged"
+                    } else {
+                        "missing"
+                    },
+                    WalFileName::segment(tli, first_missing, seg_size),
+                    WalFileName::segment(tli, next_held - 1, seg_size)
+                ),
+                impact,
+            });
+        }
+    }
+    for b in catalog {
+        let first = b.start_lsn.segno(seg_size);
+        let last = Lsn(b.stop_lsn.0.saturating_sub(1)).segno(seg_size);
+        let missing: BTreeSet<SegNo> = (first..=last)
+            .filter(|&n| !inv.covers(b.timeline, n, n))
+            .collect();
+        if let Some(&m) = missing.first() {
+            let name = WalFileName::segment(b.timeline, m, seg_size);
+            report.problems.push(super::Problem {
+                severity: Severity::Error,
+                kind: ProblemKind::BackupWalMissing,
+                object: Some(layout::wal_key(&name)),
+                message: format!(
+                    "backup {} needs WAL segments {} to {} to reach consistency; {} of them are missing, first {name}",
+                    b.id,
+                    WalFileName::segment(b.timeline, first, seg_size),
+                    WalFileName::segment(b.timeline, last, seg_size),
+                    missing.len()
+                ),
+                impact: Some(format!("backup {} cannot be restored", b.id)),
+            });
+        }
+    }
+}
