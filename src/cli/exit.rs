@@ -33,6 +33,8 @@ pub enum Code {
     /// A backup or restore failed part-way (nothing usable was published or the directory must
     /// be emptied before retrying).
     JobFailed = 9,
+    /// stream: the server no longer has WAL the repository needs next; continuity is broken.
+    WalGap = 10,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.

@@ -3,6 +3,7 @@
 mod backup_cmd;
 mod exit;
 mod restore_cmd;
+mod stream_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,6 +119,8 @@ pub enum Command {
     /// manifest, and writes recovery.signal plus restore_command and recovery_target_* settings
     /// into postgresql.auto.conf. Start PostgreSQL on the directory to replay to the target.
     Restore(restore_cmd::RestoreArgs),
+    /// Stream WAL continuously through a replication slot into the repository (docs/streaming.md).
+    Stream(stream_cmd::StreamArgs),
 }
 
 impl Command {
@@ -128,6 +131,7 @@ impl Command {
             Command::Backup(_) => "backup",
             Command::List { .. } => "list",
             Command::Restore(_) => "restore",
+            Command::Stream(_) => "stream",
         }
     }
 }
@@ -177,9 +181,14 @@ pub fn main() -> ExitCode {
     };
     init_logging(&cli.global);
     let command = cli.command.name();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    // The streamer receives, compresses and uploads at once: give it worker threads.
+    let runtime = match if matches!(cli.command, Command::Stream(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -224,5 +233,6 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::Backup(args) => backup_cmd::backup(storage, &settings, args).await,
         Command::List { json } => restore_cmd::list(storage, &settings, json).await,
         Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
+        Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
     }
 }
