@@ -5,3 +5,4 @@ mod harness;
 mod archive;
 mod common;
 mod pg_client;
+mod stream;
