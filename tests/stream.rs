@@ -391,6 +391,13 @@ fn kill_9_twenty_times_under_load() {
         load.join().unwrap();
         s
     });
+    // And once deterministically mid-segment: the flushed position is inside the open
+    // segment, so it is durable only as chunks; the restart must resume after them.
+    psql1(&pg, "create table mid(id int); insert into mid values (1)");
+    let lsn = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &lsn, Duration::from_secs(60));
+    s.kill9();
+    s = s.restart(&repo, &pg, &args);
     let (last, end) = switch(&pg);
     wait_flushed(&pg, &s, &end, Duration::from_secs(60));
     let n = assert_segments_match(&repo, &pg, &first, &last);
@@ -402,4 +409,205 @@ fn kill_9_twenty_times_under_load() {
         "no restart resumed mid-segment:\n{log}"
     );
     assert!(!log.contains("different content"), "{log}");
+}
+
+fn slot_restart_lsn(pg: &PgCluster) -> String {
+    psql1(
+        pg,
+        "select coalesce(restart_lsn::text, '') from pg_replication_slots where slot_name = 'pitr'",
+    )
+}
+
+/// The S3 server is down for a while under load: the stream does not exit, stops
+/// acknowledging (the slot holds the WAL), says so loudly, and catches up with nothing lost.
+#[test]
+fn s3_outage_under_load_loses_nothing() {
+    let mut repo = TestRepo::new(Backend::S3);
+    let pg = primary(&[]);
+    let first = current_segment(&pg);
+    let args = ["--chunk-interval", "200ms", "--storage-retry-timeout", "1s"];
+    let mut s = Streamer::start(&repo, &pg, &args);
+    pg.pgbench_init(1).unwrap();
+    let (_, end) = switch(&pg);
+    wait_flushed(&pg, &s, &end, Duration::from_secs(60));
+    std::thread::scope(|scope| {
+        let load = scope.spawn(|| pg.pgbench(["-T", "10", "-c", "2"]).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        repo.s3.as_mut().unwrap().stop();
+        std::thread::sleep(Duration::from_secs(2));
+        let held = slot_restart_lsn(&pg);
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(
+            slot_restart_lsn(&pg),
+            held,
+            "the slot advanced during the outage"
+        );
+        assert!(
+            s.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "pitr stream exited during the outage:\n{}",
+            s.log()
+        );
+        repo.s3.as_mut().unwrap().start().unwrap();
+        load.join().unwrap();
+    });
+    let (last, end) = switch(&pg);
+    wait_flushed(&pg, &s, &end, Duration::from_secs(120));
+    assert_segments_match(&repo, &pg, &first, &last);
+    assert!(s.term(Duration::from_secs(30)).success(), "{}", s.log());
+    let log = s.log();
+    assert!(
+        log.contains("WAL is NOT being made durable") && log.contains("behind_bytes"),
+        "{log}"
+    );
+}
+
+/// Synchronous mode: with the stream in synchronous_standby_names, a commit returns only once
+/// its WAL is in the repository: it waits while the S3 server is down and returns after.
+#[test]
+fn synchronous_commit_waits_for_the_repository() {
+    let mut repo = TestRepo::new(Backend::S3);
+    let pg = primary(&["synchronous_standby_names = 'pitr'"]);
+    let s = Streamer::start(
+        &repo,
+        &pg,
+        &["--synchronous", "--storage-retry-timeout", "1s"],
+    );
+    poll("sync standby", Duration::from_secs(30), || {
+        let st = pg.psql("select coalesce(max(sync_state), '') from pg_stat_replication where application_name = 'pitr'")?;
+        Ok((st == "sync").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    psql1(&pg, "create table t(id int)");
+    let started = Instant::now();
+    for i in 0..20 {
+        psql1(&pg, &format!("insert into t values ({i})"));
+    }
+    let per_commit = started.elapsed() / 20;
+    eprintln!("synchronous commit through pitr stream on s3s-fs: {per_commit:?} per commit (incl. psql start)");
+    repo.s3.as_mut().unwrap().stop();
+    std::thread::scope(|scope| {
+        let commit = scope.spawn(|| psql1(&pg, "insert into t values (100)"));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !commit.is_finished(),
+            "a commit returned while the repository was down"
+        );
+        repo.s3.as_mut().unwrap().start().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !commit.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "commit still waiting after the repository came back\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        commit.join().unwrap();
+    });
+    assert_eq!(psql1(&pg, "select count(*) from t"), "21");
+}
+
+/// Promote a standby: with both hosts in the conninfo and target_session_attrs=read-write, the
+/// stream reconnects to the new primary, stores 00000002.history and the old timeline's last
+/// segment as .partial, and continues on timeline 2.
+#[test]
+fn promote_follows_to_timeline_2() {
+    let repo = TestRepo::new(Backend::Local);
+    let mut pg = primary(&[]);
+    let work = TestDir::new();
+    let sdata = work.join("standby");
+    let mut bb = crate::harness::command_as_server_user(crate::harness::pg_bin("pg_basebackup"));
+    bb.arg("-h")
+        .arg(pg.socket_dir())
+        .args([
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&sdata);
+    let out = bb.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut standby = PgCluster::builder()
+        .existing_data_dir(&sdata)
+        .start()
+        .unwrap();
+    // Physical slots are not copied to standbys (before PG17 failover slots): create it there.
+    psql1(
+        &standby,
+        "select pg_create_physical_replication_slot('pitr', true)",
+    );
+    let conninfo = format!(
+        "host={},{} port={},{} user=postgres target_session_attrs=read-write",
+        pg.socket_dir().display(),
+        standby.socket_dir().display(),
+        pg.port(),
+        standby.port()
+    );
+    let dir = TestDir::new();
+    let log = dir.join("stream.log");
+    let mut cmd = Command::new(pitr_bin());
+    clean_env(&mut cmd);
+    cmd.args(repo.args(&[
+        "stream",
+        "-d",
+        &conninfo,
+        "--create-slot",
+        "--max-reconnect-delay",
+        "1s",
+    ]))
+    .envs(repo.env.iter().map(|(k, v)| (k, v)))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(&log).unwrap());
+    let mut s = Streamer {
+        child: Some(cmd.spawn().unwrap()),
+        log,
+        _dir: dir,
+    };
+    psql1(&pg, "create table t as select generate_series(1, 10000) g");
+    let lsn = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &lsn, Duration::from_secs(30));
+    standby
+        .wait_for(
+            &format!("select pg_last_wal_replay_lsn() >= '{lsn}'"),
+            "t",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    // A clean stop sends all WAL to the standby first, so it has everything the stream has.
+    pg.stop().unwrap();
+    standby.promote().unwrap();
+    psql1(&standby, "insert into t select generate_series(1, 1000)");
+    let (last, end) = switch(&standby);
+    assert!(last.starts_with("00000002"), "{last}");
+    wait_flushed(&standby, &s, &end, Duration::from_secs(60));
+    assert!(
+        repo.object_file("wal/00000002.history").exists(),
+        "{}",
+        s.log()
+    );
+    assert!(s.term(Duration::from_secs(30)).success(), "{}", s.log());
+    let log = s.log();
+    assert!(log.contains("timeline switch: following"), "{log}");
+    assert!(log.contains(".partial"), "{log}");
+    // The new timeline's segments match the promoted server's pg_wal.
+    let out = pitr(
+        repo.args(&["archive-get", &last, work.join("x").to_str().unwrap()]),
+        &repo.env,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        fs::read(work.join("x")).unwrap()
+            == fs::read(standby.data_dir().join("pg_wal").join(&last)).unwrap()
+    );
 }

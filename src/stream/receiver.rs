@@ -65,6 +65,20 @@ pub(super) struct Receiver {
     sent_flush: Lsn,
 }
 
+/// What a failed status update means. The server may already have left COPY mode (asking
+/// for the exact end of a historic timeline skips COPY; a shutting-down walsender ends it):
+/// then the update is moot and the next message tells what happened.
+fn status_failed(r: Result<(), pg::Error>) -> Option<StreamEnd> {
+    match r {
+        Ok(()) => None,
+        Err(pg::Error::Protocol {
+            context: "StandbyStatusUpdate",
+            ..
+        }) => None,
+        Err(e) => Some(StreamEnd::Lost(Some(e))),
+    }
+}
+
 /// A connection failure that retrying cannot fix.
 fn fatal(e: &pg::Error) -> bool {
     !e.is_transient()
@@ -285,9 +299,6 @@ impl Receiver {
     ) -> Result<StreamEnd, StreamError> {
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if let Err(e) = self.send_status(&mut s, false).await {
-            return Ok(StreamEnd::Lost(Some(e)));
-        }
         let pieces = self.pieces.clone().ok_or(StreamError::PipelineClosed)?;
         loop {
             let has_pending = self.pending.is_some();
@@ -310,14 +321,14 @@ impl Receiver {
                         return Err(StreamError::PipelineClosed);
                     }
                     if *self.durable.borrow() > self.sent_flush {
-                        if let Err(e) = self.send_status(&mut s, false).await {
-                            return Ok(StreamEnd::Lost(Some(e)));
+                        if let Some(end) = status_failed(self.send_status(&mut s, false).await) {
+                            return Ok(end);
                         }
                     }
                 }
                 _ = status.tick() => {
-                    if let Err(e) = self.send_status(&mut s, false).await {
-                        return Ok(StreamEnd::Lost(Some(e)));
+                    if let Some(end) = status_failed(self.send_status(&mut s, false).await) {
+                        return Ok(end);
                     }
                 }
                 msg = s.next_message(), if !has_pending => match msg {
@@ -330,8 +341,8 @@ impl Receiver {
                     Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. })) => {
                         self.progress.set_server(wal_end);
                         if reply_requested {
-                            if let Err(e) = self.send_status(&mut s, false).await {
-                                return Ok(StreamEnd::Lost(Some(e)));
+                            if let Some(end) = status_failed(self.send_status(&mut s, false).await) {
+                                return Ok(end);
                             }
                         }
                     }
