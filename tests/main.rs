@@ -6,4 +6,5 @@ mod archive;
 mod common;
 mod pg_client;
 mod pitr;
+mod stream;
 mod verify;

@@ -31,9 +31,16 @@ pub async fn archive_get(
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
     let repo = Repository::open(storage, WriteOptions::default()).await?;
-    let Some(content) = repo.get_wal_file(&name).await? else {
-        tracing::info!(file = %name, "not in the repository");
-        return Ok(GetOutcome::NotFound);
+    let content = match repo.get_wal_file(&name).await? {
+        Some(c) => c,
+        // The newest segment may exist only as chunks shipped by `pitr stream`.
+        None => match crate::stream::chunks::assemble_partial_segment(&repo, &name).await? {
+            Some(c) => c,
+            None => {
+                tracing::info!(file = %name, "not in the repository");
+                return Ok(GetOutcome::NotFound);
+            }
+        },
     };
     let dest = dest.to_path_buf();
     let len = content.len() as u64;

@@ -35,6 +35,8 @@ pub enum Code {
     JobFailed = 9,
     /// verify found problems that put a restore at risk (the report lists them).
     VerifyFailed = 10,
+    /// stream: the server no longer has WAL the repository needs next; continuity is broken.
+    WalGap = 11,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.

@@ -4,6 +4,7 @@ mod backup_cmd;
 mod exit;
 mod restore_cmd;
 mod verify_cmd;
+mod stream_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,6 +125,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream WAL continuously through a replication slot into the repository (docs/streaming.md).
+    Stream(stream_cmd::StreamArgs),
 }
 
 impl Command {
@@ -135,6 +138,7 @@ impl Command {
             Command::List { .. } => "list",
             Command::Restore(_) => "restore",
             Command::Verify { .. } => "verify",
+            Command::Stream(_) => "stream",
         }
     }
 }
@@ -202,9 +206,14 @@ pub fn main() -> ExitCode {
     };
     init_logging(&cli.global);
     let command = cli.command.name();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    // The streamer receives, compresses and uploads at once: give it worker threads.
+    let runtime = match if matches!(cli.command, Command::Stream(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -250,5 +259,6 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::List { json } => restore_cmd::list(storage, &settings, json).await,
         Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
         Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
+        Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
     }
 }

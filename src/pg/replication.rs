@@ -603,6 +603,16 @@ impl XLogStream {
                                 next: None,
                             };
                         }
+                        // A walsender that shuts down once its client has confirmed all WAL
+                        // sends CommandComplete without CopyDone, then exits (WalSndDone in
+                        // walsender.c): the stream ended, and the connection closes next.
+                        BackendMessage::CommandComplete { .. } => {
+                            self.state = StreamState::Draining {
+                                reply_pending: false,
+                                server_done: true,
+                                next: None,
+                            };
+                        }
                         BackendMessage::ErrorResponse(f) => return Err(f.into_error()),
                         other => return Err(unexpected("START_REPLICATION stream", &other)),
                     }

@@ -30,6 +30,33 @@ pub fn wal_summary_key(name: &WalFileName) -> String {
     format!("{}{SUMMARY_SUFFIX}", wal_key(name))
 }
 
+/// Folder of the sub-segment chunks `pitr stream` ships for the open segment `segment`:
+/// `wal/<first 16 hex digits>/chunks/<segment>/`. The chunk objects inside are named
+/// `<start>-<end>` (byte offsets inside the segment, 8 hex digits each). Their file names are not
+/// WAL file names, so inventories of the WAL folder ignore them.
+pub fn wal_chunk_prefix(segment: &WalFileName) -> String {
+    let text = segment.to_string();
+    format!("{WAL_PREFIX}{}/chunks/{text}/", &text[..16])
+}
+
+/// Key of the chunk holding bytes `[start, end)` of `segment`; see [`wal_chunk_prefix`].
+pub fn wal_chunk_key(segment: &WalFileName, start: u32, end: u32) -> String {
+    format!("{}{start:08X}-{end:08X}", wal_chunk_prefix(segment))
+}
+
+/// The `(start, end)` offsets of a chunk key made by [`wal_chunk_key`], `None` for other keys.
+pub fn parse_wal_chunk_key(key: &str) -> Option<(u32, u32)> {
+    let file = key.rsplit('/').next()?;
+    let (a, b) = file.split_once('-')?;
+    let hex = |s: &str| {
+        (s.len() == 8 && s.bytes().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(s, 16).ok())
+            .flatten()
+    };
+    let (start, end) = (hex(a)?, hex(b)?);
+    (start < end).then_some((start, end))
+}
+
 /// Folder of backup data: `backups/<id>/<archive>/<part>` and `backups/<id>/backup_manifest`.
 pub const BACKUP_DATA_PREFIX: &str = "backups/";
 
@@ -85,5 +112,25 @@ mod tests {
             wal_summary_key(&WalFileName::parse("000000010000000A000000FF").unwrap()),
             "wal/000000010000000A/000000010000000A000000FF.summary"
         );
+    }
+
+    #[test]
+    fn chunk_keys_round_trip() {
+        let seg = WalFileName::parse("000000010000000A000000FF").unwrap();
+        let key = wal_chunk_key(&seg, 0x2000, 0x3A10);
+        assert_eq!(
+            key,
+            "wal/000000010000000A/chunks/000000010000000A000000FF/00002000-00003A10"
+        );
+        assert_eq!(parse_wal_chunk_key(&key), Some((0x2000, 0x3A10)));
+        // Chunk names must never parse as WAL file names, or inventories would count them.
+        assert!(WalFileName::parse("00002000-00003A10").is_err());
+        for bad in [
+            "x/00002000-00002000",
+            "x/0002000-00003A10",
+            "x/00002000_00003A10",
+        ] {
+            assert_eq!(parse_wal_chunk_key(bad), None, "{bad}");
+        }
     }
 }

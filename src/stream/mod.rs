@@ -1,1 +1,449 @@
-//! `pitr stream`: continuous WAL streaming through a replication slot.
+//! `pitr stream`: continuous WAL streaming through a replication slot, straight into the
+//! repository, with no local staging. The design and its guarantees are in docs/streaming.md.
+//!
+//! Three tasks joined by bounded channels, one per stage:
+//!
+//! ```text
+//!  receiver (socket) --Piece--> assembler (open segment) --Job--> uploader (repository)
+//!      ^                                                              |
+//!      +---------------- durable LSN (watch) -------------------------+
+//! ```
+//!
+//! - [`receiver`] owns the replication connection: XLogData in, keepalive replies and
+//!   StandbyStatusUpdate out (flush = durable, never more), reconnects, timeline switches.
+//! - the assembler ([`segment::OpenSegment`]) keeps the one open segment and cuts chunk and
+//!   segment jobs (timer, size, synchronous mode).
+//! - [`uploader`] stores jobs in order and alone decides what is durable.
+//!
+//! Memory is bounded by the channel capacities and the one open segment, never by the lag:
+//! when storage stalls the queues fill, the receiver stops reading, and PostgreSQL keeps the
+//! WAL in the slot.
+
+pub mod chunks;
+pub mod metrics;
+mod receiver;
+pub mod segment;
+pub mod start;
+mod uploader;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::archive;
+use crate::pg::{self, sqlstate, ConnConfig, CreateSlotOptions, ReplicationConn};
+use crate::repo::{ClusterIdentity, RepoError, Repository, WriteOptions};
+use crate::storage::Storage;
+use crate::wal::{parse_history, HistoryError, Lsn, TimelineId, WalFileName};
+
+use self::metrics::Progress;
+use self::receiver::{Piece, Receiver};
+use self::segment::{Job, OpenSegment, SegmentError};
+use self::start::StartSource;
+
+/// Pieces between receiver and assembler. One XLogData message carries at most 128 KiB
+/// (walsender's MAX_SEND_SIZE), so this holds at most 4 MiB: enough to keep the socket
+/// drained while the assembler copies, small against the segment buffer.
+const PIECE_QUEUE: usize = 32;
+
+/// Jobs between assembler and uploader. One: a queued completed segment is 16 MiB, and with
+/// one in upload and one open the stream holds three segments at most. More would not upload
+/// faster (the uploader is sequential, to keep durability ordered), only use memory.
+const JOB_QUEUE: usize = 1;
+
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    pub slot: String,
+    pub create_slot: bool,
+    /// Ship the open segment's new bytes at least this often.
+    pub chunk_interval: Duration,
+    /// Ship a chunk once this many bytes are waiting (unless the segment is about to complete).
+    pub chunk_size: usize,
+    /// Ship every received byte at once and report it flushed as soon as it is durable.
+    pub synchronous: bool,
+    /// Send a StandbyStatusUpdate at least this often.
+    pub status_interval: Duration,
+    pub max_reconnect_delay: Duration,
+    /// Stream from a standby (cascading) instead of refusing.
+    pub allow_standby: bool,
+    /// When the repository's end is no longer on the server, start from the slot instead of
+    /// failing, leaving a recorded gap (a new base backup is needed).
+    pub accept_gap: bool,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            slot: "pitr".into(),
+            create_slot: false,
+            chunk_interval: Duration::from_secs(1),
+            chunk_size: 4 << 20,
+            synchronous: false,
+            status_interval: Duration::from_secs(10),
+            max_reconnect_delay: Duration::from_secs(30),
+            allow_standby: false,
+            accept_gap: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    #[error(transparent)]
+    Pg(#[from] pg::Error),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("replication slot {slot:?} does not exist on the server")]
+    MissingSlot { slot: String },
+    #[error("the server is a standby; `pitr stream` follows a primary")]
+    Standby,
+    #[error("the server runs with wal_level = minimal, which does not allow streaming")]
+    WalLevelMinimal,
+    #[error(
+        "the server no longer has the WAL at {from} on timeline {tli} ({server_message}); \
+         WAL from {from} on is lost to the repository, so restores cannot continue past it"
+    )]
+    WalRemoved {
+        tli: TimelineId,
+        from: Lsn,
+        server_message: String,
+    },
+    #[error(
+        "the repository ends at {start}, ahead of what the server has written ({server_message}); \
+         is this repository from another server of the same cluster (a restored copy)?"
+    )]
+    RepositoryAhead { start: Lsn, server_message: String },
+    #[error(
+        "stopped with WAL not durable in the repository: received up to {received}, durable up to {durable} \
+         (the replication slot keeps the rest on the server)"
+    )]
+    NotDurable { received: Lsn, durable: Lsn },
+    #[error(
+        "the server now has system identifier {found}, not {expected}: refusing to mix clusters"
+    )]
+    OtherServer { expected: u64, found: u64 },
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("the server's timeline history is invalid: {0}")]
+    History(#[from] HistoryError),
+    #[error("the streaming pipeline stopped unexpectedly")]
+    PipelineClosed,
+    #[error("a streaming task panicked: {0}")]
+    TaskPanicked(String),
+}
+
+/// What a finished stream reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub received: Lsn,
+    pub durable: Lsn,
+}
+
+pub(crate) fn classify_connect_error(e: pg::Error) -> StreamError {
+    StreamError::Pg(e)
+}
+
+/// Turns the server's refusals at START_REPLICATION (or while streaming) into errors that say
+/// what is wrong; `None` for anything else.
+pub(crate) fn classify_start_error(
+    e: &pg::Error,
+    slot: &str,
+    tli: TimelineId,
+    at: Lsn,
+) -> Option<StreamError> {
+    let pg::Error::Server { message, .. } = e else {
+        return None;
+    };
+    if e.sqlstate() == Some(sqlstate::UNDEFINED_OBJECT) && message.contains("replication slot") {
+        return Some(StreamError::MissingSlot { slot: slot.into() });
+    }
+    if message.contains("has already been removed")
+        || message.contains("can no longer get changes")
+        || message.contains("has been invalidated")
+    {
+        return Some(StreamError::WalRemoved {
+            tli,
+            from: at,
+            server_message: message.clone(),
+        });
+    }
+    if message.contains("ahead of the WAL flush position") {
+        return Some(StreamError::RepositoryAhead {
+            start: at,
+            server_message: message.clone(),
+        });
+    }
+    None
+}
+
+/// Runs `pitr stream` until `cancel`, then drains: everything received is made durable and
+/// reported before returning. `force` (a second signal) abandons the drain.
+pub async fn run(
+    storage: Storage,
+    write: WriteOptions,
+    cfg: ConnConfig,
+    opts: StreamOptions,
+    cancel: CancellationToken,
+    force: CancellationToken,
+) -> Result<StreamSummary, StreamError> {
+    // The first connection decides everything else; retry while the server starts up.
+    let bootstrap = Receiver::new(
+        cfg.clone(),
+        opts.slot.clone(),
+        opts.clone(),
+        0,
+        0,
+        Arc::new(Progress::default()),
+        None,
+        watch::channel(Lsn::INVALID).1,
+        cancel.clone(),
+        force.clone(),
+    );
+    let Some((mut conn, sys)) = bootstrap.connect_any().await? else {
+        return Ok(StreamSummary {
+            received: Lsn::INVALID,
+            durable: Lsn::INVALID,
+        });
+    };
+    if !opts.allow_standby && is_standby(&mut conn).await? {
+        return Err(StreamError::Standby);
+    }
+    if conn.show("wal_level").await? == "minimal" {
+        return Err(StreamError::WalLevelMinimal);
+    }
+    let seg_size = conn.wal_segment_size().await?;
+    let cluster = ClusterIdentity {
+        system_identifier: sys.system_id,
+        pg_major: conn.server_major(),
+        wal_segment_size: seg_size,
+    };
+    // The slot first: a missing slot must not leave a new repository behind.
+    let slot_restart = prepare_slot(&mut conn, &opts).await?;
+    let repo = Repository::open_for_cluster(storage, &cluster, "stream", write).await?;
+
+    let history = if sys.timeline > 1 {
+        let (file, content) = conn.timeline_history(sys.timeline).await?;
+        let entries = parse_history(&content)?;
+        if let Ok(name) = WalFileName::parse(&file) {
+            archive::store_wal_file(&repo, &name, &content).await?;
+        }
+        entries
+    } else {
+        vec![]
+    };
+
+    let inv = repo.wal_inventory().await?;
+    let mut sp = start::choose_start(
+        &inv,
+        &history,
+        sys.timeline,
+        slot_restart,
+        sys.xlogpos,
+        seg_size,
+    );
+    if let (true, StartSource::Repository, Some(r)) = (opts.accept_gap, sp.source, slot_restart) {
+        let slot_seg = Lsn::from_segno(r.segno(seg_size), seg_size);
+        if slot_seg > sp.lsn {
+            tracing::error!(repository_end = %sp.lsn, slot_restart_lsn = %r,
+                "--accept-gap: WAL from the repository's end to the slot's restart_lsn is skipped; \
+                 restores cannot cross this gap: take a new base backup");
+            sp = start::StartPoint {
+                tli: start::timeline_of(slot_seg, &history, sys.timeline),
+                lsn: slot_seg,
+                source: StartSource::Slot,
+            };
+        }
+    }
+    match sp.source {
+        StartSource::Repository => {
+            tracing::info!(start = %sp.lsn, timeline = sp.tli, "continuing after the WAL already in the repository")
+        }
+        StartSource::Slot => {
+            tracing::info!(start = %sp.lsn, timeline = sp.tli, "starting at the slot's restart_lsn")
+        }
+        StartSource::ServerPosition => tracing::warn!(start = %sp.lsn, timeline = sp.tli,
+            "the slot reserves no WAL and the repository has none: starting at the server's current position. \
+             WAL before it is NOT in the repository; take a base backup after this point"),
+    }
+
+    // Resume inside the start segment after the chunks already stored for it.
+    let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
+    let plan = chunks::list_chunks(&repo, &first).await?;
+    let preloaded = chunks::read_chain(&repo, &plan).await?;
+    let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
+    if !preloaded.is_empty() {
+        tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
+    }
+    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all_keys())?;
+
+    let progress = Arc::new(Progress::new(start));
+    let (durable_tx, durable_rx) = watch::channel(start);
+    let (piece_tx, piece_rx) = mpsc::channel(PIECE_QUEUE);
+    let (job_tx, job_rx) = mpsc::channel(JOB_QUEUE);
+
+    let uploader = tokio::spawn(uploader::run(
+        repo.clone(),
+        job_rx,
+        durable_tx,
+        progress.clone(),
+        force.clone(),
+    ));
+    let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone()));
+
+    let mut receiver = Receiver::new(
+        cfg,
+        opts.slot.clone(),
+        opts.clone(),
+        sys.system_id,
+        seg_size,
+        progress.clone(),
+        Some(piece_tx),
+        durable_rx,
+        cancel,
+        force,
+    );
+    let streamed = receiver.run(Some(conn), sp.tli, start).await;
+
+    // Drain: closing the piece channel makes the assembler ship its last chunk and close the
+    // job channel, and the uploader stores everything queued before returning.
+    receiver.close_pipeline();
+    let assembled = join(assembler).await;
+    let uploaded = join(uploader).await;
+    let stream = match (streamed, assembled, uploaded) {
+        (Err(StreamError::PipelineClosed), Err(e), _)
+        | (Err(StreamError::PipelineClosed), _, Err(e)) => return Err(e),
+        (Err(e), a, u) => {
+            for other in [a.err(), u.err()].into_iter().flatten() {
+                tracing::error!(error = %other, "while draining after the error");
+            }
+            return Err(e);
+        }
+        (Ok(_), Err(e), _) | (Ok(_), _, Err(e)) => return Err(e),
+        (Ok(s), Ok(()), Ok(())) => s,
+    };
+    if let Some(s) = stream {
+        receiver.finish(s).await;
+    }
+    let summary = StreamSummary {
+        received: progress.received(),
+        durable: progress.durable(),
+    };
+    if summary.durable < summary.received {
+        return Err(StreamError::NotDurable {
+            received: summary.received,
+            durable: summary.durable,
+        });
+    }
+    tracing::info!(durable = %summary.durable, "stopped: everything received is durable");
+    Ok(summary)
+}
+
+async fn join<T>(h: tokio::task::JoinHandle<Result<T, StreamError>>) -> Result<T, StreamError> {
+    h.await
+        .map_err(|e| StreamError::TaskPanicked(e.to_string()))?
+}
+
+async fn is_standby(conn: &mut ReplicationConn) -> Result<bool, pg::Error> {
+    let v = match conn.connection().parameter("in_hot_standby") {
+        Some(v) => v.to_string(),
+        None if conn.server_version_num() >= 140000 => conn.show("in_hot_standby").await?,
+        None => conn.show("transaction_read_only").await?,
+    };
+    Ok(v == "on")
+}
+
+/// Checks (or creates) the slot; returns its restart_lsn when the server can tell.
+async fn prepare_slot(
+    conn: &mut ReplicationConn,
+    opts: &StreamOptions,
+) -> Result<Option<Lsn>, StreamError> {
+    if conn.server_version_num() >= 150000 {
+        if let Some(info) = conn.read_replication_slot(&opts.slot).await? {
+            return Ok(info.restart_lsn);
+        }
+        if !opts.create_slot {
+            return Err(StreamError::MissingSlot {
+                slot: opts.slot.clone(),
+            });
+        }
+        let created = conn
+            .create_replication_slot(&opts.slot, CreateSlotOptions::default())
+            .await?;
+        tracing::info!(slot = %opts.slot, restart_lsn = ?created.restart_lsn.map(|l| l.to_string()), "created replication slot");
+        return Ok(created.restart_lsn);
+    }
+    // PostgreSQL 13/14 have no READ_REPLICATION_SLOT: a missing slot shows at START_REPLICATION.
+    if opts.create_slot {
+        match conn
+            .create_replication_slot(&opts.slot, CreateSlotOptions::default())
+            .await
+        {
+            Ok(_) => tracing::info!(slot = %opts.slot, "created replication slot"),
+            Err(e) if e.sqlstate() == Some(sqlstate::DUPLICATE_OBJECT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// The assembler task: pieces in, jobs out. Ends when the piece channel closes, after
+/// shipping what it holds as a last chunk.
+async fn assemble(
+    mut seg: OpenSegment,
+    mut pieces: mpsc::Receiver<Piece>,
+    jobs: mpsc::Sender<Job>,
+    opts: StreamOptions,
+) -> Result<(), StreamError> {
+    let send = |j: Job| {
+        let jobs = jobs.clone();
+        async move { jobs.send(j).await.map_err(|_| StreamError::PipelineClosed) }
+    };
+    let mut tick = tokio::time::interval(opts.chunk_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            piece = pieces.recv() => match piece {
+                None => {
+                    if let Some(j) = seg.take_chunk() {
+                        send(j).await?;
+                    }
+                    return Ok(());
+                }
+                Some(Piece::Data { lsn, data, server_end }) => {
+                    seg.push(lsn, &data, &mut out)?;
+                    for j in out.drain(..) {
+                        send(j).await?;
+                    }
+                    let ship = if opts.synchronous {
+                        // Everything that has arrived, as one chunk (group commit).
+                        pieces.is_empty()
+                    } else {
+                        // A segment the server has already finished completes in moments:
+                        // chunking it would only upload its bytes twice.
+                        seg.unshipped() >= opts.chunk_size && server_end < seg.segment_end()
+                    };
+                    if ship {
+                        if let Some(j) = seg.take_chunk() {
+                            send(j).await?;
+                        }
+                    }
+                }
+                Some(Piece::TimelineSwitch { next_tli, switch, history }) => {
+                    seg.switch_timeline(next_tli, switch, history, &mut out);
+                    for j in out.drain(..) {
+                        send(j).await?;
+                    }
+                }
+            },
+            _ = tick.tick(), if !opts.synchronous => {
+                if let Some(j) = seg.take_chunk() {
+                    send(j).await?;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Sub-segment chunks: how the open segment's bytes are found again in the repository.
+//!
+//! `pitr stream` ships the segment it is filling as immutable chunk objects
+//! (`wal/<16 hex>/chunks/<segment>/<start>-<end>`, see [`layout::wal_chunk_key`]), each holding
+//! bytes `[start, end)` of that segment. Two readers need them back:
+//! - `pitr stream` itself after a restart (kill -9, crash), to resume exactly at the end of
+//!   what is durable instead of re-shipping or, worse, shipping different chunk boundaries;
+//! - `archive-get`, to serve the newest, still incomplete segment during restore to latest.
+//!
+//! Both use the same rule, [`plan_chain`]: start at offset 0 and follow chunks whose start is
+//! the previous chunk's end. Anything that does not continue the chain (a gap, an overlap)
+//! is ignored, because bytes after a hole cannot be replayed anyway. The planning is pure; the
+//! one I/O function reads and checks the chain.
+
+use crate::codec::CodecError;
+use crate::repo::{layout, RepoError, Repository};
+use crate::storage::StorageError;
+use crate::wal::WalFileName;
+
+/// One chunk object found under a segment's chunk folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub start: u32,
+    pub end: u32,
+    pub key: String,
+}
+
+/// The contiguous chain of chunks from offset 0, and what else was found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Chunks to concatenate, in order: `chain[0].start == 0`, `chain[i+1].start == chain[i].end`.
+    pub chain: Vec<ChunkRef>,
+    /// Chunks not on the chain (after a gap, or overlapping it). Never read; deleted with the rest.
+    pub stray: Vec<ChunkRef>,
+}
+
+impl ChunkPlan {
+    /// Bytes covered by the chain: the segment offset where the next byte belongs.
+    pub fn end(&self) -> u32 {
+        self.chain.last().map_or(0, |c| c.end)
+    }
+
+    /// Every key, chain and stray, e.g. to delete once the full segment is stored.
+    pub fn all_keys(&self) -> Vec<String> {
+        self.chain
+            .iter()
+            .chain(&self.stray)
+            .map(|c| c.key.clone())
+            .collect()
+    }
+}
+
+/// Picks the chain from offset 0. At each position the chunk reaching furthest wins, so that
+/// a restarted streamer's longer chunk with the same start is preferred over a shorter one.
+pub fn plan_chain(mut chunks: Vec<ChunkRef>) -> ChunkPlan {
+    chunks.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end)));
+    let mut plan = ChunkPlan::default();
+    let mut pos = 0u32;
+    for c in chunks {
+        if c.start == pos && c.end > pos {
+            pos = c.end;
+            plan.chain.push(c);
+        } else {
+            plan.stray.push(c);
+        }
+    }
+    plan
+}
+
+/// Lists the chunks of `segment` (one LIST request) and plans the chain.
+pub async fn list_chunks(repo: &Repository, segment: &WalFileName) -> Result<ChunkPlan, RepoError> {
+    let prefix = layout::wal_chunk_prefix(segment);
+    let objects = repo.storage().list(&prefix).await?;
+    let chunks = objects
+        .into_iter()
+        .filter_map(|o| {
+            let (start, end) = layout::parse_wal_chunk_key(&o.key)?;
+            Some(ChunkRef {
+                start,
+                end,
+                key: o.key,
+            })
+        })
+        .collect();
+    Ok(plan_chain(chunks))
+}
+
+/// Reads the chain's chunks, each verified against its checksum and its declared length, and
+/// returns their concatenation: bytes `[0, plan.end())` of the segment.
+///
+/// A chunk that disappears between the LIST and the GET (the full segment was stored and its
+/// chunks deleted meanwhile) is reported as `StorageError::NotFound`; callers then look for the
+/// segment object again.
+pub async fn read_chain(repo: &Repository, plan: &ChunkPlan) -> Result<Vec<u8>, RepoError> {
+    let mut out = Vec::with_capacity(plan.end() as usize);
+    for c in &plan.chain {
+        let bytes = repo.get_verified(&c.key).await?;
+        let expected = u64::from(c.end - c.start);
+        if bytes.len() as u64 != expected {
+            // The name is part of the contract: a chunk whose size disagrees with its name is
+            // as corrupt as one failing its checksum.
+            return Err(RepoError::Corrupt {
+                key: c.key.clone(),
+                source: CodecError::ContentLength {
+                    expected,
+                    actual: bytes.len() as u64,
+                },
+            });
+        }
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+/// For `archive-get`: segment `name` assembled from the chunks `pitr stream` shipped for it,
+/// zero-padded to the segment size (as PostgreSQL and pg_receivewal leave an unfinished
+/// segment), or `None` when it has no chunks.
+///
+/// Called only after the segment object was not found. Safety rules:
+/// - a complete segment always wins: chunks are deleted only after the segment object is
+///   stored, so when chunks vanish under us (or none are found) the segment object is looked up
+///   once more before answering "not found";
+/// - only the chain from offset 0 is served; bytes after a hole are never served;
+/// - the zero padding reads as the end of WAL to PostgreSQL (a page with a zero magic), exactly
+///   where replay of a `.partial` stops. A later request for the same name (a standby
+///   polling its restore_command) gets more of the segment, or the complete object.
+pub async fn assemble_partial_segment(
+    repo: &Repository,
+    name: &WalFileName,
+) -> Result<Option<Vec<u8>>, RepoError> {
+    if !matches!(name, WalFileName::Segment { .. }) {
+        return Ok(None);
+    }
+    let seg_size = repo.descriptor().wal_segment_size as usize;
+    // Two rounds cover one race: chunks deleted between the LIST and the GETs because the
+    // segment was completed and stored meanwhile.
+    for _ in 0..2 {
+        let plan = list_chunks(repo, name).await?;
+        if plan.chain.is_empty() {
+            return repo.get_wal_file(name).await;
+        }
+        match read_chain(repo, &plan).await {
+            Ok(mut bytes) => {
+                if !plan.stray.is_empty() {
+                    tracing::warn!(file = %name, stray = plan.stray.len(), "chunks after a hole were not used");
+                }
+                let wal_bytes = bytes.len();
+                bytes.resize(seg_size, 0);
+                tracing::info!(file = %name, wal_bytes, chunks = plan.chain.len(),
+                    "serving the newest, incomplete segment assembled from streamed chunks (zero-padded)");
+                return Ok(Some(bytes));
+            }
+            Err(RepoError::Storage(StorageError::NotFound { .. })) => {
+                if let Some(full) = repo.get_wal_file(name).await? {
+                    return Ok(Some(full));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    repo.get_wal_file(name).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(start: u32, end: u32) -> ChunkRef {
+        ChunkRef {
+            start,
+            end,
+            key: format!("{start:08X}-{end:08X}"),
+        }
+    }
+
+    #[test]
+    fn chain_follows_contiguous_chunks_from_zero() {
+        let p = plan_chain(vec![c(100, 250), c(0, 100), c(250, 4096)]);
+        assert_eq!(p.chain, vec![c(0, 100), c(100, 250), c(250, 4096)]);
+        assert!(p.stray.is_empty());
+        assert_eq!(p.end(), 4096);
+    }
+
+    #[test]
+    fn chain_stops_at_a_gap() {
+        let p = plan_chain(vec![c(0, 100), c(200, 300)]);
+        assert_eq!(p.end(), 100);
+        assert_eq!(p.stray, vec![c(200, 300)]);
+        assert_eq!(p.all_keys().len(), 2);
+    }
+
+    #[test]
+    fn chain_without_a_start_is_empty() {
+        let p = plan_chain(vec![c(8192, 9000)]);
+        assert_eq!(p.end(), 0);
+        assert!(p.chain.is_empty());
+    }
+
+    #[test]
+    fn longest_chunk_wins_and_overlaps_are_stray() {
+        let p = plan_chain(vec![c(0, 100), c(0, 300), c(100, 200), c(300, 400)]);
+        assert_eq!(p.chain, vec![c(0, 300), c(300, 400)]);
+        assert_eq!(p.stray, vec![c(0, 100), c(100, 200)]);
+    }
+}

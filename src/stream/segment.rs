@@ -1,0 +1,389 @@
+//! The open segment: received WAL bytes turned into upload jobs. Pure: no I/O, no clocks.
+//!
+//! [`OpenSegment`] holds the bytes of the one segment being filled, at most one segment
+//! (`wal_segment_size`) of memory, whatever the lag. It hands out:
+//! - a [`Job::Segment`] as soon as the segment is complete, with exactly the bytes PostgreSQL
+//!   wrote to `pg_wal/<name>`, so the stored object is byte-identical to archive-push's;
+//! - a [`Job::Chunk`] on demand (timer, size, synchronous mode) with the bytes received since
+//!   the previous chunk: chunks of one segment never overlap and always continue the chain;
+//! - on a timeline switch, the `.history` file and the old timeline's last segment as
+//!   `.partial`, zero-padded to the segment size as PostgreSQL and pg_receivewal leave it.
+
+use bytes::Bytes;
+
+use crate::repo::layout;
+use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
+
+/// Work for the uploader, in the order it must become durable.
+#[derive(Debug)]
+pub enum Job {
+    /// Bytes `[start, end)` of the open segment `segment`.
+    Chunk {
+        segment: WalFileName,
+        start: u32,
+        end: u32,
+        data: Bytes,
+        durable_end: Lsn,
+    },
+    /// A completed segment; `chunk_keys` are its chunks, deleted once it is stored.
+    Segment {
+        name: WalFileName,
+        data: Vec<u8>,
+        chunk_keys: Vec<String>,
+        durable_end: Lsn,
+    },
+    /// The last, incomplete segment of a timeline that ended (`<name>.partial`).
+    Partial {
+        name: WalFileName,
+        data: Vec<u8>,
+        chunk_keys: Vec<String>,
+        durable_end: Lsn,
+    },
+    /// A timeline history file, fetched with TIMELINE_HISTORY.
+    History { name: WalFileName, data: Vec<u8> },
+}
+
+impl Job {
+    /// The WAL position durable in the repository once this job is stored (`None`: a history
+    /// file, which does not move the WAL position).
+    pub fn durable_end(&self) -> Option<Lsn> {
+        match self {
+            Job::Chunk { durable_end, .. }
+            | Job::Segment { durable_end, .. }
+            | Job::Partial { durable_end, .. } => Some(*durable_end),
+            Job::History { .. } => None,
+        }
+    }
+
+    /// Bytes of WAL content this job stores.
+    pub fn content_len(&self) -> usize {
+        match self {
+            Job::Chunk { data, .. } => data.len(),
+            Job::Segment { data, .. } | Job::Partial { data, .. } | Job::History { data, .. } => {
+                data.len()
+            }
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Chunk { .. } => "chunk",
+            Job::Segment { .. } => "segment",
+            Job::Partial { .. } => "partial",
+            Job::History { .. } => "history",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SegmentError {
+    #[error("WAL is not contiguous: expected data at {expected}, got {got}")]
+    NotContiguous { expected: Lsn, got: Lsn },
+    #[error(
+        "resuming at {start} needs the segment's first {needed} bytes, but {have} were loaded"
+    )]
+    BadPreload { start: Lsn, needed: u64, have: u64 },
+}
+
+/// The segment being filled.
+#[derive(Debug)]
+pub struct OpenSegment {
+    seg_size: u64,
+    tli: TimelineId,
+    segno: SegNo,
+    /// Bytes `[0, buf.len())` of the segment.
+    buf: Vec<u8>,
+    /// Bytes `[0, shipped)` were handed out as chunks (or were already stored when resuming).
+    shipped: usize,
+    /// Chunk objects of this segment, to delete once the segment is stored.
+    chunk_keys: Vec<String>,
+}
+
+impl OpenSegment {
+    /// Starts filling at `start` on `tli`. When resuming inside a segment, `preloaded` holds the
+    /// segment's bytes before `start` (read back from its chunks, all of them durable) and
+    /// `chunk_keys` the chunk objects found.
+    pub fn new(
+        tli: TimelineId,
+        start: Lsn,
+        seg_size: u64,
+        preloaded: Vec<u8>,
+        chunk_keys: Vec<String>,
+    ) -> Result<OpenSegment, SegmentError> {
+        let offset = start.segment_offset(seg_size);
+        if preloaded.len() as u64 != offset {
+            return Err(SegmentError::BadPreload {
+                start,
+                needed: offset,
+                have: preloaded.len() as u64,
+            });
+        }
+        let mut buf = Vec::with_capacity(seg_size as usize);
+        buf.extend_from_slice(&preloaded);
+        Ok(OpenSegment {
+            seg_size,
+            tli,
+            segno: start.segno(seg_size),
+            shipped: buf.len(),
+            buf,
+            chunk_keys,
+        })
+    }
+
+    pub fn timeline(&self) -> TimelineId {
+        self.tli
+    }
+
+    fn seg_start(&self) -> Lsn {
+        Lsn::from_segno(self.segno, self.seg_size)
+    }
+
+    /// Where the next received byte belongs.
+    pub fn next_lsn(&self) -> Lsn {
+        Lsn(self.seg_start().0 + self.buf.len() as u64)
+    }
+
+    /// First byte after the open segment.
+    pub fn segment_end(&self) -> Lsn {
+        Lsn::from_segno(self.segno + 1, self.seg_size)
+    }
+
+    /// Received bytes not yet handed out as a chunk or segment.
+    pub fn unshipped(&self) -> usize {
+        self.buf.len() - self.shipped
+    }
+
+    pub fn name(&self) -> WalFileName {
+        WalFileName::segment(self.tli, self.segno, self.seg_size)
+    }
+
+    /// Appends WAL received at `lsn`; pushes a [`Job::Segment`] to `out` for every segment it
+    /// completes. A gap or overlap is an error: it would store WAL that PostgreSQL never wrote.
+    pub fn push(
+        &mut self,
+        lsn: Lsn,
+        mut data: &[u8],
+        out: &mut Vec<Job>,
+    ) -> Result<(), SegmentError> {
+        let expected = self.next_lsn();
+        if lsn != expected {
+            return Err(SegmentError::NotContiguous { expected, got: lsn });
+        }
+        while !data.is_empty() {
+            let room = self.seg_size as usize - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() as u64 == self.seg_size {
+                out.push(self.complete());
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Job {
+        let name = self.name();
+        let durable_end = self.segment_end();
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(self.seg_size as usize));
+        let chunk_keys = std::mem::take(&mut self.chunk_keys);
+        self.segno += 1;
+        self.shipped = 0;
+        Job::Segment {
+            name,
+            data,
+            chunk_keys,
+            durable_end,
+        }
+    }
+
+    /// The bytes received since the last chunk, as a chunk job; `None` when there are none
+    /// (an idle stream ships nothing).
+    pub fn take_chunk(&mut self) -> Option<Job> {
+        if self.unshipped() == 0 {
+            return None;
+        }
+        let segment = self.name();
+        // Offsets fit in u32: PostgreSQL segments are at most 1 GiB.
+        let (start, end) = (self.shipped as u32, self.buf.len() as u32);
+        self.chunk_keys
+            .push(layout::wal_chunk_key(&segment, start, end));
+        let data = Bytes::copy_from_slice(&self.buf[self.shipped..]);
+        self.shipped = self.buf.len();
+        Some(Job::Chunk {
+            segment,
+            start,
+            end,
+            data,
+            durable_end: self.next_lsn(),
+        })
+    }
+
+    /// The timeline ended at `switch` (all its WAL up to there has been pushed). Emits the new
+    /// timeline's history file and the old timeline's last segment as `.partial`, then restarts
+    /// on `next_tli` at the start of the segment holding `switch`: the server streams the new
+    /// timeline's copy of that segment from its beginning, as pg_receivewal asks it to.
+    pub fn switch_timeline(
+        &mut self,
+        next_tli: TimelineId,
+        switch: Lsn,
+        history: (WalFileName, Vec<u8>),
+        out: &mut Vec<Job>,
+    ) -> Lsn {
+        out.push(Job::History {
+            name: history.0,
+            data: history.1,
+        });
+        if !self.buf.is_empty() {
+            let per_id = 0x1_0000_0000 / self.seg_size;
+            let name = WalFileName::Partial {
+                tli: self.tli,
+                log: (self.segno / per_id) as u32,
+                seg: (self.segno % per_id) as u32,
+            };
+            let durable_end = self.next_lsn();
+            let mut data = std::mem::take(&mut self.buf);
+            data.resize(self.seg_size as usize, 0);
+            out.push(Job::Partial {
+                name,
+                data,
+                chunk_keys: std::mem::take(&mut self.chunk_keys),
+                durable_end,
+            });
+        }
+        self.tli = next_tli;
+        self.segno = switch.segno(self.seg_size);
+        self.buf = Vec::with_capacity(self.seg_size as usize);
+        self.shipped = 0;
+        self.chunk_keys.clear();
+        self.seg_start()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 1 << 20;
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn segments_complete_with_exact_bytes_across_messages() {
+        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![]).unwrap();
+        let all = bytes(2 * SEG as usize + 100, 7);
+        let mut out = vec![];
+        let mut lsn = SEG * 3;
+        for piece in all.chunks(128 * 1024 + 3) {
+            s.push(Lsn(lsn), piece, &mut out).unwrap();
+            lsn += piece.len() as u64;
+        }
+        assert_eq!(out.len(), 2);
+        match &out[0] {
+            Job::Segment {
+                name,
+                data,
+                durable_end,
+                ..
+            } => {
+                assert_eq!(name.to_string(), "000000010000000000000003");
+                assert_eq!(data.as_slice(), &all[..SEG as usize]);
+                assert_eq!(*durable_end, Lsn(SEG * 4));
+            }
+            j => panic!("{j:?}"),
+        }
+        assert_eq!(s.next_lsn(), Lsn(SEG * 5 + 100));
+        assert_eq!(s.unshipped(), 100);
+    }
+
+    #[test]
+    fn chunks_continue_each_other_and_idle_ships_nothing() {
+        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![]).unwrap();
+        let mut out = vec![];
+        s.push(Lsn(0), &bytes(1000, 1), &mut out).unwrap();
+        let Some(Job::Chunk {
+            start,
+            end,
+            durable_end,
+            ..
+        }) = s.take_chunk()
+        else {
+            panic!()
+        };
+        assert_eq!((start, end, durable_end), (0, 1000, Lsn(1000)));
+        assert!(s.take_chunk().is_none());
+        s.push(Lsn(1000), &bytes(500, 2), &mut out).unwrap();
+        let Some(Job::Chunk { start, end, .. }) = s.take_chunk() else {
+            panic!()
+        };
+        assert_eq!((start, end), (1000, 1500));
+        // Completing the segment hands over the chunk keys for deletion.
+        s.push(Lsn(1500), &bytes(SEG as usize - 1500, 3), &mut out)
+            .unwrap();
+        let Job::Segment { chunk_keys, .. } = &out[0] else {
+            panic!()
+        };
+        assert_eq!(chunk_keys.len(), 2);
+        assert!(chunk_keys[1].ends_with("000005DC"));
+    }
+
+    #[test]
+    fn gaps_and_overlaps_are_refused() {
+        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![]).unwrap();
+        let mut out = vec![];
+        s.push(Lsn(0), &[1; 10], &mut out).unwrap();
+        assert!(s.push(Lsn(11), &[1], &mut out).is_err());
+        assert!(s.push(Lsn(9), &[1], &mut out).is_err());
+    }
+
+    #[test]
+    fn resume_preloads_durable_bytes() {
+        let pre = bytes(4096, 9);
+        assert!(OpenSegment::new(1, Lsn(SEG + 100), SEG, pre.clone(), vec![]).is_err());
+        let mut s =
+            OpenSegment::new(1, Lsn(SEG + 4096), SEG, pre.clone(), vec!["k".into()]).unwrap();
+        assert_eq!(s.unshipped(), 0);
+        let mut out = vec![];
+        s.push(Lsn(SEG + 4096), &bytes(SEG as usize - 4096, 1), &mut out)
+            .unwrap();
+        let Job::Segment {
+            data, chunk_keys, ..
+        } = &out[0]
+        else {
+            panic!()
+        };
+        assert_eq!(&data[..4096], pre.as_slice());
+        assert_eq!(chunk_keys, &vec!["k".to_string()]);
+    }
+
+    #[test]
+    fn timeline_switch_stores_padded_partial_and_rewinds() {
+        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![]).unwrap();
+        let mut out = vec![];
+        s.push(Lsn(SEG * 3), &bytes(0x158, 4), &mut out).unwrap();
+        let hist = (
+            WalFileName::History { tli: 2 },
+            b"1\t0/300158\tno reason\n".to_vec(),
+        );
+        let restart = s.switch_timeline(2, Lsn(SEG * 3 + 0x158), hist, &mut out);
+        assert_eq!(restart, Lsn(SEG * 3));
+        assert_eq!(s.name().to_string(), "000000020000000000000003");
+        assert!(matches!(&out[0], Job::History { .. }));
+        let Job::Partial {
+            name,
+            data,
+            durable_end,
+            ..
+        } = &out[1]
+        else {
+            panic!()
+        };
+        assert_eq!(name.to_string(), "000000010000000000000003.partial");
+        assert_eq!(data.len() as u64, SEG);
+        assert!(data[0x158..].iter().all(|&b| b == 0));
+        assert_eq!(*durable_end, Lsn(SEG * 3 + 0x158));
+    }
+}
