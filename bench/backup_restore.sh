@@ -199,6 +199,7 @@ for ((r = 1; r <= REPS; r++)); do
         [[ "$rows" == "$EXPECT_ROWS" ]] || die "$m round $r restored $rows history rows, expected $EXPECT_ROWS"
         if ((r == 1)); then grep -E '^(restore_command|recovery_target)' "$d/postgresql.auto.conf" >"$BT/log/auto-conf-$m.txt" || true; fi
         pg_stop "$d"
+        for f in "$d".*.log; do mv "$f" "$BT/log/$(basename "$f")"; done
         rm -rf "$d" "$d".*
     done
 done
@@ -207,6 +208,18 @@ load2=$(cut -d' ' -f1-3 /proc/loadavg)
 phase_median() { # method column(3=restore ms, 4=replay ms, 5=rss kB)
     local vals
     mapfile -t vals < <(awk -v m="$1" -v c="$2" '$1 == m {print $c}' "$BT/phases.txt")
+    median_of "${vals[@]}"
+}
+
+# PostgreSQL fsyncs the whole data directory at startup after a crash or a restored backup
+# (SyncDataDirectory, between "database system was interrupted" and "starting point-in-time
+# recovery"): cheap when the restore tool synced its files, the full writeback when it did not.
+startup_sync_median() { # method
+    local vals=() f
+    for f in "$BT"/log/"$1"-*.pg.log; do
+        vals+=("$(awk '/database system was interrupted/ {split($2, a, ":"); t0 = a[1] * 3600 + a[2] * 60 + a[3]}
+                       /starting point-in-time recovery/ {split($2, a, ":"); print int((a[1] * 3600 + a[2] * 60 + a[3] - t0) * 1000); exit}' "$f")")
+    done
     median_of "${vals[@]}"
 }
 
@@ -227,10 +240,10 @@ phase_median() { # method column(3=restore ms, 4=replay ms, 5=rss kB)
     report --prefix pitr-e2e/ --ref "$ref" \
         --title "PITR end to end: restore to T + replay $((REPLAY_BYTES / 1000000)) MB of WAL until connections are accepted (x $ref)"
     echo
-    echo "| method | restore ms (median) | start+replay ms (median) | restore command peak RSS MiB (median) |"
-    echo "|---|---|---|---|"
+    echo "| method | restore ms (median) | start+replay ms (median) | of which startup fsync ms (median) | restore command peak RSS MiB (median) |"
+    echo "|---|---|---|---|---|"
     for m in "${RESTORE_METHODS[@]}"; do
-        echo "| $m | $(phase_median "$m" 3) | $(phase_median "$m" 4) | $(awk -v k="$(phase_median "$m" 5)" 'BEGIN {printf "%.1f", k / 1024}') |"
+        echo "| $m | $(phase_median "$m" 3) | $(phase_median "$m" 4) | $(startup_sync_median "$m") | $(awk -v k="$(phase_median "$m" 5)" 'BEGIN {printf "%.1f", k / 1024}') |"
     done
     echo
     echo "### pitr peak RSS by database size"

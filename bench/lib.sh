@@ -231,6 +231,10 @@ def report(path, args):
         rk = {r["key"]: r["wall_ms"] for r in by[ref]}
         xs = [r["wall_ms"] / rk[r["key"]] for r in by[l] if r["key"] in rk]
         return statistics.median(xs) if xs else float("nan")
+    if opts["--ref"] and opts["--prefix"] + opts["--ref"] not in by:
+        opts["--ref"] = None  # the reference method was not run: no ratio columns
+    if opts["--floor"] and opts["--prefix"] + opts["--floor"] not in by:
+        opts["--floor"] = None
     mb = float(opts["--mb"]) if opts["--mb"] else None
     if opts["--title"]:
         print("\n### " + opts["--title"] + "\n")
