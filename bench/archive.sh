@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Per-segment archive-push / archive-get latency and CPU: pitr vs pgBackRest vs cp + fsync.
+#
+#   sudo bench/archive.sh            # N=20 segments (plus one warm-up)
+#   N=40 sudo bench/archive.sh
+#
+# Generates real 16 MiB WAL segments with pgbench on a throwaway PostgreSQL cluster (archived by
+# `cp` into a source directory), then for every segment runs each method once, in an order that
+# rotates from segment to segment (A B C.. then B C.. A ...), so that machine noise lands on all
+# methods alike. Every repository is a local directory under one temp dir on the same filesystem.
+#
+# push methods (each into its own empty repository):
+#   floor      cp to a temp name, fsync it, rename, fsync the directory (what a durable copy costs)
+#   pitr-lz4   pitr --compression lz4 archive-push   (pitr's default)
+#   pitr-zstd  pitr --compression zstd archive-push  (level 3)
+#   pgbr-lz4   pgbackrest archive-push, archive-async=n, compress-type=lz4 (level 1, its default)
+#   pgbr-zst   pgbackrest ... compress-type=zst (level 3)
+#   pgbr-gz    pgbackrest ... compress-type=gz (level 6: pgBackRest's default)
+# get methods: the same, reading back what each pushed (floor = plain cp, no fsync: neither
+# PostgreSQL nor the tools fsync a restored segment).
+#
+# Prints median wall ms and median CPU ms (user+sys, getrusage) per segment, and ratios: against
+# pgbr-lz4 (like for like), median of per-segment paired ratios, and against the floor.
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+N=${N:-20}
+
+bench_init archive
+machine_info | tee "$BT/machine.txt" >&2
+
+PORT=$(free_port)
+PGDATA="$BT/pg"
+SRC="$BT/src"
+mkdir -p "$SRC" && chown postgres:postgres "$SRC"
+# Small max_wal_size: frequent checkpoints, so the WAL carries the full-page images a busy
+# OLTP server produces, not only small heap records.
+pg_init "$PGDATA" "$PORT" \
+    "wal_level = replica" \
+    "archive_mode = on" \
+    "archive_command = 'cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f'" \
+    "max_wal_size = 64MB" "min_wal_size = 32MB" \
+    "synchronous_commit = off" \
+    "shared_buffers = 128MB"
+pg_start "$PGDATA"
+
+count_segs() { find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
+
+log "generating WAL: pgbench -i -s 10, then TPC-B until $((N + 1)) more segments are archived"
+as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
+psql_at "$PORT" "checkpoint" >/dev/null
+base=$(count_segs)
+deadline=$((SECONDS + 300))
+while (($(count_segs) < base + N + 2)); do
+    ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
+    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
+done
+# The newest N+1 archived segments, all written by the TPC-B run: the first one warms up every
+# repository (pitr creates its descriptor, every method gets its directories), the rest are timed.
+mapfile -t SEGS < <(find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%f\n' | sort | tail -n $((N + 1)))
+WARM=${SEGS[0]}
+SEGS=("${SEGS[@]:1}")
+log "segments: ${SEGS[0]} .. ${SEGS[-1]} ($N timed, $WARM warm-up)"
+
+# Repositories and configurations.
+R="$BT/repos"
+mkdir -p "$R/floor" "$R/pitr-lz4" "$R/pitr-zstd" "$BT/get"
+for c in lz4 zst gz; do
+    pgbr_conf "$BT/pgbr-$c.conf" "$R/pgbr-$c" "$PGDATA" "$PORT" "$c"
+    as_pg pgbackrest --config="$BT/pgbr-$c.conf" --stanza=bench stanza-create >"$BT/log/stanza-$c.log" 2>&1
+done
+chown -R postgres:postgres "$R" "$BT/get"
+
+push_cmd() { # method segment-path
+    case $1 in
+    pitr-lz4) echo "$PITR" --repo "$R/pitr-lz4" --compression lz4 archive-push "$2" ;;
+    pitr-zstd) echo "$PITR" --repo "$R/pitr-zstd" --compression zstd archive-push "$2" ;;
+    pgbr-*) echo pgbackrest --config="$BT/pgbr-${1#pgbr-}.conf" --stanza=bench archive-push "$2" ;;
+    esac
+}
+get_cmd() { # method segment-name dest
+    case $1 in
+    floor) echo cp "$R/floor/$2" "$3" ;;
+    pitr-*) echo "$PITR" --repo "$R/$1" archive-get "$2" "$3" ;;
+    pgbr-*) echo pgbackrest --config="$BT/pgbr-${1#pgbr-}.conf" --stanza=bench archive-get "$2" "$3" ;;
+    esac
+}
+
+METHODS=(floor pitr-lz4 pitr-zstd pgbr-lz4 pgbr-zst pgbr-gz)
+M=${#METHODS[@]}
+
+# Paths contain no spaces (mktemp under /tmp), so word splitting of the echoed commands is safe
+# except for the floor's sh -c script, which is rebuilt here as an array.
+run_push() { # method seg
+    local m=$1 seg=$2
+    if [[ $m == floor ]]; then
+        measure "push/$m" "$seg" sh -c 'cp "$1" "$2.tmp" && sync "$2.tmp" && mv "$2.tmp" "$2" && sync "$3"' floor "$SRC/$seg" "$R/floor/$seg" "$R/floor"
+    else
+        # shellcheck disable=SC2046
+        measure "push/$m" "$seg" $(push_cmd "$m" "$SRC/$seg")
+    fi
+}
+run_get() { # method seg
+    local m=$1 seg=$2 dest="$BT/get/$1/RECOVERYXLOG"
+    mkdir -p "$BT/get/$m" && chown postgres:postgres "$BT/get/$m"
+    rm -f "$dest"
+    # shellcheck disable=SC2046
+    measure "get/$m" "$seg" $(get_cmd "$m" "$seg" "$dest")
+    cmp -s "$dest" "$SRC/$seg" || die "get/$m returned different bytes for $seg"
+    rm -f "$dest"
+}
+
+log "warm-up: $WARM into every repository"
+for m in "${METHODS[@]}"; do
+    run_push "$m" "$WARM"
+    run_get "$m" "$WARM"
+done
+: >"$BT/results.jsonl"
+
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+log "archive-push: $N segments x $M methods, interleaved"
+for i in "${!SEGS[@]}"; do
+    for j in $(seq 0 $((M - 1))); do
+        run_push "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
+    done
+done
+# Drop the page cache of the repositories? No: on a real server the archive was written moments
+# or hours before; we keep it warm for all methods alike and say so in docs/benchmarks.md.
+log "archive-get: $N segments x $M methods, interleaved"
+for i in "${!SEGS[@]}"; do
+    for j in $(seq 0 $((M - 1))); do
+        run_get "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
+    done
+done
+load1=$(cut -d' ' -f1-3 /proc/loadavg)
+
+pg_stop "$PGDATA"
+
+{
+    echo
+    echo "## archive.sh results: $N segments of 16 MiB, median per segment"
+    echo
+    sed 's/^/    /' "$BT/machine.txt"
+    echo "    loadavg during run: $load0 -> $load1"
+    report --prefix push/ --ref pgbr-lz4 --floor floor --mb 16.777216 --title "archive-push (x pgbr-lz4 = pitr/pgBackRest like for like)"
+    report --prefix get/ --ref pgbr-lz4 --floor floor --mb 16.777216 --title "archive-get"
+    echo
+    echo "### repository size after $((N + 1)) segments ($((16 * (N + 1))) MiB of WAL)"
+    echo
+    echo "| method | MiB | ratio |"
+    echo "|---|---|---|"
+    raw=$(du -sk "$R/floor" | cut -f1)
+    for m in "${METHODS[@]}"; do
+        k=$(du -sk "$R/$m" | cut -f1)
+        awk -v m="$m" -v k="$k" -v raw="$raw" 'BEGIN {printf "| %s | %.1f | %.3f |\n", m, k / 1024, k / raw}'
+    done
+} | tee "$BT/report.md"
+if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi

@@ -1,0 +1,267 @@
+# Shared helpers for the pitr benchmarks. Source it from bench/*.sh (bash, run as root).
+#
+# What it gives:
+#   bench_init NAME      temp dir $BT (owned by postgres), cleanup trap, tools installed,
+#                        pitr built in release mode and copied to $BT/bin/pitr
+#   pg_init DIR PORT [postgresql.conf lines...]   initdb as postgres, sockets in $BT/sock only
+#   pg_start DIR / pg_stop DIR                      (every started cluster is stopped on exit)
+#   as_pg CMD...          run as the postgres user
+#   measure LABEL KEY CMD...   run CMD as postgres, append wall/CPU/peak-RSS to $BT/results.jsonl
+#   report ...            print the median table with ratios (see measure.py below)
+#   machine_info          nproc, memory, CPU, kernel, PostgreSQL and pgBackRest versions
+#
+# Nothing listens on TCP: clusters use unix sockets under $BT/sock (listen_addresses = ''),
+# repositories are local directories, so no cloud endpoint or metadata service is ever touched.
+
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+PGBIN="${PGBIN:-}"
+BT=""
+_STARTED_CLUSTERS=()
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+_cleanup() {
+    local rc=$?
+    set +e
+    for d in "${_STARTED_CLUSTERS[@]}"; do
+        if [[ -f "$d/postmaster.pid" ]]; then
+            runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
+        fi
+    done
+    if [[ -n "$BT" && -d "$BT" ]]; then
+        if [[ -n "${BENCH_KEEP:-}" ]]; then
+            log "BENCH_KEEP set: leaving $BT"
+        else
+            rm -rf "$BT"
+        fi
+    fi
+    exit $rc
+}
+
+_need_apt() { # package command
+    command -v "$2" >/dev/null 2>&1 && return 0
+    log "installing $1 (apt-get)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$1" >/dev/null 2>&1; then
+        apt-get update >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$1" >/dev/null
+    fi
+}
+
+ensure_tools() {
+    [[ $EUID -eq 0 ]] || die "run as root (PostgreSQL and pgBackRest run as the postgres user via runuser)"
+    _need_apt pgbackrest pgbackrest
+    _need_apt time /usr/bin/time
+    _need_apt python3 /usr/bin/python3
+    if [[ -z "$PGBIN" ]]; then
+        PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+    fi
+    [[ -x "$PGBIN/initdb" ]] || die "PostgreSQL server binaries not found (set PGBIN=/usr/lib/postgresql/NN/bin)"
+    [[ -x "$PGBIN/pgbench" ]] || die "pgbench not found in $PGBIN"
+    id postgres >/dev/null 2>&1 || die "no postgres user (install the postgresql package)"
+}
+
+build_pitr() {
+    log "building pitr (cargo build --release)"
+    (cd "$REPO_ROOT" && cargo build --release --quiet)
+    install -m 0755 "$REPO_ROOT/target/release/pitr" "$BT/bin/pitr"
+    PITR="$BT/bin/pitr"
+}
+
+bench_init() { # name
+    ensure_tools
+    BT="$(mktemp -d "/tmp/pitr-bench-$1.XXXXXX")"
+    chmod 0755 "$BT"
+    trap _cleanup EXIT
+    trap 'exit 130' INT TERM
+    mkdir -p "$BT/bin" "$BT/sock" "$BT/log"
+    _write_measure_py
+    build_pitr
+    chown -R postgres:postgres "$BT"
+    : >"$BT/results.jsonl"
+    chown postgres:postgres "$BT/results.jsonl"
+}
+
+as_pg() { runuser -u postgres -- "$@"; }
+
+free_port() {
+    /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+pg_init() { # dir port [conf lines...]
+    local dir=$1 port=$2; shift 2
+    as_pg "$PGBIN/initdb" -D "$dir" -A trust -U postgres --no-instructions >"$BT/log/initdb-$(basename "$dir").log" 2>&1
+    {
+        echo "port = $port"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$BT/sock'"
+        echo "logging_collector = off"
+        echo "fsync = on"
+        for line in "$@"; do echo "$line"; done
+    } >>"$dir/postgresql.conf"
+}
+
+pg_start() { # dir [extra pg_ctl -o options]
+    local dir=$1 opts=${2:-}
+    _STARTED_CLUSTERS+=("$dir")
+    as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$BT/log/$(basename "$dir").log" -o "$opts" -w -t 3600 start >/dev/null
+}
+
+pg_stop() { # dir
+    as_pg "$PGBIN/pg_ctl" -D "$1" -m fast -w -t 600 stop >/dev/null
+}
+
+psql_at() { # port sql
+    as_pg "$PGBIN/psql" -X -q -At -h "$BT/sock" -p "$1" -U postgres -d postgres -c "$2"
+}
+
+# pgBackRest configuration: pgbr_conf FILE REPO PGDATA PORT compress-type [extra lines...]
+pgbr_conf() {
+    local file=$1 repo=$2 pgdata=$3 port=$4 ctype=$5; shift 5
+    local name; name="$(basename "$file" .conf)"
+    mkdir -p "$repo" "$BT/pgbr-$name/log" "$BT/pgbr-$name/lock" "$BT/pgbr-$name/spool"
+    {
+        echo "[global]"
+        echo "repo1-path=$repo"
+        echo "repo1-retention-full=9999"
+        echo "log-path=$BT/pgbr-$name/log"
+        echo "lock-path=$BT/pgbr-$name/lock"
+        echo "spool-path=$BT/pgbr-$name/spool"
+        echo "log-level-console=warn"
+        echo "log-level-file=off"
+        echo "archive-async=n"
+        echo "start-fast=y"
+        echo "compress-type=$ctype"
+        for line in "$@"; do echo "$line"; done
+        echo "[bench]"
+        echo "pg1-path=$pgdata"
+        echo "pg1-port=$port"
+        echo "pg1-socket-path=$BT/sock"
+        echo "pg1-user=postgres"
+    } >"$file"
+    chown -R postgres:postgres "$repo" "$BT/pgbr-$name" "$file"
+}
+
+# measure LABEL KEY CMD... : run CMD as postgres; wall time, user+sys CPU (getrusage of the
+# child and its waited-for descendants, microsecond resolution) and peak RSS go to results.jsonl.
+# The child's output goes to $BT/log/measure.log; a non-zero exit fails the benchmark.
+measure() {
+    /usr/bin/python3 "$BT/bin/measure.py" run "$BT/results.jsonl" "$@"
+}
+
+report() {
+    /usr/bin/python3 "$BT/bin/measure.py" report "$BT/results.jsonl" "$@"
+}
+
+median_of() { # numbers... -> median
+    printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+
+machine_info() {
+    echo "date:       $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "nproc:      $(nproc)"
+    echo "memory:     $(free -h | awk '/^Mem:/ {print $2 " total, " $7 " available"}')"
+    echo "cpu:        $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "kernel:     $(uname -r)"
+    echo "postgres:   $("$PGBIN/postgres" --version)"
+    echo "pgbackrest: $(pgbackrest version)"
+    echo "pitr:       $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($("$BT/bin/pitr" --version))"
+    echo "filesystem: $(df -T "$BT" | awk 'NR==2 {print $2 " on " $1}')"
+    echo "loadavg:    $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+_write_measure_py() {
+    cat >"$BT/bin/measure.py" <<'PY'
+import json, os, pwd, statistics, subprocess, sys, time
+
+def run(path, label, key, cmd):
+    pw = pwd.getpwnam("postgres")
+    bt = os.path.dirname(path)
+    logf = open(os.path.join(bt, "log", "measure.log"), "ab")
+    logf.write(("\n### %s %s: %s\n" % (label, key, " ".join(cmd))).encode()); logf.flush()
+    env = dict(os.environ, HOME=pw.pw_dir, USER="postgres", LOGNAME="postgres")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                         user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                         cwd=bt)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    rec = dict(label=label, key=key, wall_ms=wall * 1e3,
+               cpu_ms=(ru.ru_utime + ru.ru_stime) * 1e3,
+               user_ms=ru.ru_utime * 1e3, sys_ms=ru.ru_stime * 1e3,
+               maxrss_kb=ru.ru_maxrss, rc=p.returncode)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if p.returncode != 0:
+        sys.stderr.write("measure: %s %s exited %d: %s (see %s)\n"
+                         % (label, key, p.returncode, " ".join(cmd), logf.name))
+        sys.exit(1)
+
+def q(xs, f):
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    i = f * (len(xs) - 1); lo = int(i); hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+def report(path, args):
+    # report RESULTS [--prefix P] [--ref LABEL] [--floor LABEL] [--mb MB] [--labels a,b,c]
+    opts = {"--prefix": "", "--ref": None, "--floor": None, "--mb": None, "--labels": None,
+            "--title": None}
+    it = iter(args)
+    for a in it:
+        opts[a] = next(it)
+    recs = [json.loads(l) for l in open(path) if l.strip()]
+    recs = [r for r in recs if r["label"].startswith(opts["--prefix"])]
+    labels = []
+    for r in recs:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    if opts["--labels"]:
+        labels = [opts["--prefix"] + l for l in opts["--labels"].split(",")]
+    by = {l: [r for r in recs if r["label"] == l] for l in labels}
+    med = {l: statistics.median(r["wall_ms"] for r in by[l]) for l in labels}
+    cpu = {l: statistics.median(r["cpu_ms"] for r in by[l]) for l in labels}
+    def paired(l, ref):
+        # median over keys (segments / repetitions) of this run's wall time / the reference's
+        rk = {r["key"]: r["wall_ms"] for r in by[ref]}
+        xs = [r["wall_ms"] / rk[r["key"]] for r in by[l] if r["key"] in rk]
+        return statistics.median(xs) if xs else float("nan")
+    if opts["--ref"] and opts["--prefix"] + opts["--ref"] not in by:
+        opts["--ref"] = None  # the reference method was not run: no ratio columns
+    if opts["--floor"] and opts["--prefix"] + opts["--floor"] not in by:
+        opts["--floor"] = None
+    mb = float(opts["--mb"]) if opts["--mb"] else None
+    if opts["--title"]:
+        print("\n### " + opts["--title"] + "\n")
+    hdr = ["method", "n", "median ms", "p10-p90 ms", "CPU ms (median)", "peak RSS MiB"]
+    if mb: hdr.append("MB/s")
+    if opts["--floor"]: hdr.append("x floor")
+    if opts["--ref"]: hdr += ["x " + opts["--ref"], "paired x " + opts["--ref"], "CPU x " + opts["--ref"]]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "|".join("---" for _ in hdr) + "|")
+    for l in labels:
+        w = [r["wall_ms"] for r in by[l]]
+        row = [l[len(opts["--prefix"]):], str(len(w)), "%.1f" % med[l],
+               "%.1f-%.1f" % (q(w, .1), q(w, .9)), "%.1f" % cpu[l],
+               "%.1f" % (max(r["maxrss_kb"] for r in by[l]) / 1024)]
+        if mb: row.append("%.1f" % (mb / (med[l] / 1e3)))
+        if opts["--floor"]:
+            row.append("%.2f" % (med[l] / med[opts["--prefix"] + opts["--floor"]]))
+        if opts["--ref"]:
+            ref = opts["--prefix"] + opts["--ref"]
+            row += ["%.2f" % (med[l] / med[ref]), "%.2f" % paired(l, ref),
+                    "%.2f" % (cpu[l] / cpu[ref]) if cpu[ref] > 0 else "-"]
+        print("| " + " | ".join(row) + " |")
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        run(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+    else:
+        report(sys.argv[2], sys.argv[3:])
+PY
+}
