@@ -359,6 +359,108 @@ async fn slots_create_read_drop() -> Result<()> {
     Ok(())
 }
 
+/// A base backup archive as received: name, tablespace (oid, location), tar bytes.
+type Archive = (String, Option<(u32, String)>, Vec<u8>);
+
+/// A user tablespace comes as its own archive, `<oid>.tar`, besides base.tar. Before
+/// PostgreSQL 15 each archive (and the manifest) is a CopyOut response of its own, matched to
+/// the tablespace list by position; from 15 on one CopyOut announces them with 'n' messages.
+#[tokio::test]
+async fn base_backup_with_a_tablespace() -> Result<()> {
+    // Declared first, dropped last: the cluster is stopped before the directory goes.
+    let ts_parent = TestDir::new();
+    let location = ts_parent.join("ts");
+    std::fs::create_dir(&location)?;
+    make_accessible(&location)?;
+    let location = location.to_str().context("UTF-8 temp path")?.to_string();
+    let cluster = start_primary()?;
+    cluster.psql(&format!("CREATE TABLESPACE ts LOCATION '{location}'"))?;
+    cluster.psql(
+        "CREATE TABLE in_ts TABLESPACE ts AS SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
+    )?;
+    let oid: u32 = cluster
+        .psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts'")?
+        .trim()
+        .parse()?;
+    let conn = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
+    let major = conn.server_major();
+    let opts = BaseBackupOptions {
+        label: "tablespace test".into(),
+        fast_checkpoint: true,
+        ..Default::default()
+    };
+    let mut backup = conn.base_backup(opts).await?;
+    let mut listed = Vec::new();
+    let mut archives: Vec<Archive> = Vec::new();
+    let mut manifest = Vec::new();
+    let mut ended = false;
+    while let Some(ev) = backup.next_event().await? {
+        match ev {
+            BackupEvent::Start { tablespaces, .. } => listed = tablespaces,
+            BackupEvent::Archive { name, tablespace } => {
+                archives.push((name, tablespace, Vec::new()))
+            }
+            BackupEvent::Data(d) => archives
+                .last_mut()
+                .context("data before archive")?
+                .2
+                .extend_from_slice(&d),
+            BackupEvent::Manifest(d) => manifest.extend_from_slice(&d),
+            BackupEvent::Progress { .. } => {}
+            BackupEvent::End { .. } => ended = true,
+        }
+    }
+    ensure!(ended, "no End");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed
+        .iter()
+        .any(|t| t.oid == Some(oid) && t.location.as_deref() == Some(location.as_str())));
+    let mut names: Vec<&str> = archives.iter().map(|a| a.0.as_str()).collect();
+    names.sort();
+    let ts_name = format!("{oid}.tar");
+    let mut want = vec!["base.tar", ts_name.as_str()];
+    want.sort();
+    assert_eq!(names, want);
+
+    let entries = |bytes: &[u8]| -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in tar::Archive::new(bytes).entries()? {
+            out.push(e?.path()?.to_string_lossy().into_owned());
+        }
+        Ok(out)
+    };
+    let (_, ts, ts_tar) = archives.iter().find(|a| a.0 == ts_name).unwrap();
+    assert_eq!(ts, &Some((oid, location.clone())));
+    let ts_entries = entries(ts_tar)?;
+    let version_dir = format!("PG_{major}_");
+    assert!(
+        ts_entries
+            .iter()
+            .any(|e| e.starts_with(&version_dir) && e.matches('/').count() >= 2),
+        "no relation files under {version_dir}* in {ts_name}: {ts_entries:?}"
+    );
+    let (_, base_ts, base_tar) = archives.iter().find(|a| a.0 == "base.tar").unwrap();
+    assert_eq!(base_ts, &None);
+    let base_entries = entries(base_tar)?;
+    assert!(base_entries.iter().any(|e| e == "PG_VERSION"));
+    assert!(base_entries.iter().any(|e| e == "backup_label"));
+
+    // The manifest covers the tablespace's files too, under pg_tblspc/<oid>/.
+    let json: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let files = json["Files"].as_array().context("Files")?;
+    let prefix = format!("pg_tblspc/{oid}/{version_dir}");
+    assert!(
+        files
+            .iter()
+            .any(|f| f["Path"].as_str().is_some_and(|p| p.starts_with(&prefix))),
+        "no {prefix}* in the manifest"
+    );
+
+    let mut conn = backup.into_conn()?;
+    conn.identify_system().await?;
+    Ok(())
+}
+
 /// Streams a whole segment while the caller's select! keeps cancelling `next_message`, and
 /// checks every byte against the server's own pg_wal file.
 #[tokio::test]
