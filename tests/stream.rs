@@ -583,7 +583,7 @@ fn promote_follows_to_timeline_2() {
             "t",
             Duration::from_secs(30),
         )
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e:?}\nstandby log:\n{}", standby.log_contents()));
     // A clean stop sends all WAL to the standby first, so it has everything the stream has.
     pg.stop().unwrap();
     standby.promote().unwrap();
