@@ -3,8 +3,8 @@
 mod backup_cmd;
 mod exit;
 mod restore_cmd;
-mod verify_cmd;
 mod stream_cmd;
+mod verify_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -486,4 +486,3 @@ fn mutated_wal_never_panics() {
         assert!(summarize_segment(&b, None).is_err());
     }
 }
-
