@@ -46,9 +46,9 @@ use self::segment::{Job, OpenSegment, SegmentError};
 use self::start::StartSource;
 
 /// Pieces between receiver and assembler. One XLogData message carries at most 128 KiB
-/// (walsender's MAX_SEND_SIZE), so this holds at most 4 MiB: enough to keep the socket
-/// drained while the assembler copies, small against the segment buffer.
-const PIECE_QUEUE: usize = 32;
+/// (walsender's MAX_SEND_SIZE), so this holds at most 1 MiB (each piece may pin its read
+/// buffer, ~256 KiB): enough to keep the socket drained while the assembler copies.
+const PIECE_QUEUE: usize = 8;
 
 /// Jobs between assembler and uploader. The bytes they hold are bounded by the [`Budget`]
 /// (two segments, open one included), not by this count: it only lets the assembler queue
