@@ -106,11 +106,14 @@ pub enum StreamError {
     WalLevelMinimal,
     #[error(
         "the server no longer has the WAL at {from} on timeline {tli} ({server_message}); \
-         WAL from {from} on is lost to the repository, so restores cannot continue past it"
+         WAL from {from} {} is lost to the repository, so restores cannot continue past it",
+        match .until { Some(u) => format!("to {u} (the slot's restart_lsn)"), None => "on".to_string() }
     )]
     WalRemoved {
         tli: TimelineId,
         from: Lsn,
+        /// Where the server's WAL resumes, when known (the slot's restart_lsn).
+        until: Option<Lsn>,
         server_message: String,
     },
     #[error(
@@ -169,6 +172,7 @@ pub(crate) fn classify_start_error(
         return Some(StreamError::WalRemoved {
             tli,
             from: at,
+            until: None,
             server_message: message.clone(),
         });
     }
@@ -320,7 +324,21 @@ pub async fn run(
         cancel,
         force,
     );
-    let streamed = receiver.run(Some(conn), sp.tli, start).await;
+    let streamed = match receiver.run(Some(conn), sp.tli, start).await {
+        // Name the whole lost range: up to where the slot now keeps WAL.
+        Err(StreamError::WalRemoved {
+            tli,
+            from,
+            until: None,
+            server_message,
+        }) => Err(StreamError::WalRemoved {
+            tli,
+            from,
+            until: slot_restart.filter(|r| *r > from),
+            server_message,
+        }),
+        other => other,
+    };
 
     // Drain: closing the piece channel makes the assembler ship its last chunk and close the
     // job channel, and the uploader stores everything queued before returning.
