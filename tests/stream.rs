@@ -611,3 +611,124 @@ fn promote_follows_to_timeline_2() {
             == fs::read(standby.data_dir().join("pg_wal").join(&last)).unwrap()
     );
 }
+
+/// `X/Y` text to a number.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// The server restarts while the stream runs: the stream reconnects and resumes after the last
+/// byte it received, so the repository has no gap and every segment matches pg_wal. `pitr list`
+/// shows how far the chunks of the open segment reach.
+#[test]
+fn server_restart_mid_stream_no_gap_and_list_shows_streamed_position() {
+    let repo = TestRepo::new(Backend::Local);
+    let mut pg = primary(&[]);
+    let first = current_segment(&pg);
+    let mut s = Streamer::start(
+        &repo,
+        &pg,
+        &["--chunk-interval", "200ms", "--max-reconnect-delay", "1s"],
+    );
+    psql1(
+        &pg,
+        "create table t(i int, pad text); insert into t select g, repeat('x', 200) from generate_series(1, 5000) g",
+    );
+    pg.restart().unwrap();
+    psql1(
+        &pg,
+        "insert into t select g, repeat('y', 200) from generate_series(1, 5000) g",
+    );
+    // Idle from here: the open segment stays open, its chunks reach the current position.
+    let here = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &here, Duration::from_secs(60));
+    let out = pitr(repo.args(&["list", "--json"]), &repo.env);
+    let (code, err) = code_and_stderr(&out);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let streamed = v["streamed_to_lsn"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no streamed_to_lsn in {v}"));
+    assert!(
+        lsn(streamed) >= lsn(&here),
+        "streamed_to_lsn {streamed} < {here}"
+    );
+    assert_eq!(v["streamed"]["1"].as_str(), Some(streamed), "{v}");
+    let text = pitr(repo.args(&["list"]), &repo.env);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("streamed to {streamed}")), "{text}");
+
+    let (last, end) = switch(&pg);
+    wait_flushed(&pg, &s, &end, Duration::from_secs(60));
+    assert_segments_match(&repo, &pg, &first, &last);
+    let st = s.term(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}\n{}", s.log());
+    // Once the segment is stored whole its chunks are gone, and so is the streamed position.
+    let out = pitr(repo.args(&["list", "--json"]), &repo.env);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["streamed_to_lsn"].is_null(), "{v}");
+}
+
+/// The slot was dropped and recreated while the stream was stopped and the server removed the
+/// WAL the repository needs next: exit 11 naming where the loss starts, never a silent jump.
+#[test]
+fn removed_wal_is_exit_11_with_the_lost_position() {
+    let repo = TestRepo::new(Backend::Local);
+    // No wal_keep_size: checkpoints remove old segments.
+    let pg = PgCluster::builder().wal_segsize(1).start().unwrap();
+    let mut s = Streamer::start(&repo, &pg, &[]);
+    let (_, end) = switch(&pg);
+    wait_flushed(&pg, &s, &end, Duration::from_secs(60));
+    assert!(s.term(Duration::from_secs(30)).success(), "{}", s.log());
+    psql1(&pg, "select pg_drop_replication_slot('pitr')");
+    psql1(&pg, "create table big(i int, pad text)");
+    for _ in 0..6 {
+        psql1(
+            &pg,
+            "insert into big select g, repeat('z', 500) from generate_series(1, 3000) g",
+        );
+        switch(&pg);
+    }
+    psql1(&pg, "checkpoint");
+    psql1(&pg, "checkpoint");
+    psql1(
+        &pg,
+        "select pg_create_physical_replication_slot('pitr', true)",
+    );
+    let out = pitr(
+        repo.args(&["stream", "-d", &pg.conninfo(), "--slot", "pitr"]),
+        &repo.env,
+    );
+    let (code, err) = code_and_stderr(&out);
+    assert_eq!(code, 11, "{err}");
+    assert!(
+        err.contains(&format!("WAL from {end}")) || err.contains("lost"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&end),
+        "the message names the first lost LSN {end}: {err}"
+    );
+}
+
+/// wal_level = minimal (which needs max_wal_senders = 0): a clear error, exit 7.
+#[test]
+fn wal_level_minimal_is_a_clear_error() {
+    let repo = TestRepo::new(Backend::Local);
+    let pg = PgCluster::builder()
+        .conf("wal_level = minimal")
+        .conf("max_wal_senders = 0")
+        .start()
+        .unwrap();
+    let out = pitr(
+        repo.args(&["stream", "-d", &pg.conninfo(), "--create-slot"]),
+        &repo.env,
+    );
+    let (code, err) = code_and_stderr(&out);
+    assert_eq!(code, 7, "{err}");
+    assert!(
+        err.contains("wal_level") && err.contains("max_wal_senders"),
+        "{err}"
+    );
+}

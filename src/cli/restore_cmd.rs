@@ -295,8 +295,13 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         .await
         .map_err(Failure::from_repo)?;
     let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
-    let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
+    // One LIST of wal/: the WAL files and the chunks `pitr stream` ships for the open segment.
+    let scan = crate::stream::chunks::WalScan::load(&repo)
+        .await
+        .map_err(Failure::from_repo)?;
     let seg = repo.descriptor().wal_segment_size;
+    let streamed = scan.streamed_ends(seg);
+    let inv = scan.inventory;
     let histories = load_histories(&repo, &inv.histories).await?;
     let latest = RestoreRequest {
         target: Target::Latest,
@@ -358,6 +363,10 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             "wal_segment_size": d.wal_segment_size,
             "backups": backups,
             "wal": wal,
+            // Newest streamed position (end of the newest chunk chain), on the highest
+            // timeline that has chunks; null when no stream has shipped chunks.
+            "streamed_to_lsn": streamed.values().next_back(),
+            "streamed": streamed.iter().map(|(t, l)| (t.to_string(), *l)).collect::<BTreeMap<_, _>>(),
             "recoverable_window": latest_json,
             "recoverable_windows": windows_json,
         });
@@ -408,6 +417,12 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         if t.ranges.len() > 1 {
             println!("  warning: {} holes on timeline {tli}", t.ranges.len() - 1);
         }
+    }
+    for (tli, lsn) in &streamed {
+        println!(
+            "WAL timeline {tli}: streamed to {lsn} (segment {}, in chunks)",
+            WalFileName::segment(*tli, lsn.segno(seg), seg)
+        );
     }
     println!();
     match window {

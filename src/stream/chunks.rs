@@ -12,10 +12,12 @@
 //! is ignored, because bytes after a hole cannot be replayed anyway. The planning is pure; the
 //! one I/O function reads and checks the chain.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::codec::CodecError;
-use crate::repo::{layout, RepoError, Repository};
+use crate::repo::{layout, RepoError, Repository, WalInventory};
 use crate::storage::StorageError;
-use crate::wal::WalFileName;
+use crate::wal::{Lsn, TimelineId, WalFileName};
 
 /// One chunk object found under a segment's chunk folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +163,106 @@ pub async fn assemble_partial_segment(
     repo.get_wal_file(name).await
 }
 
+/// What one LIST of `wal/` shows: the inventory of WAL files, and the chunk folders beside
+/// them. `pitr list` and `pitr stream`'s startup read both from the same request.
+#[derive(Debug, Default)]
+pub struct WalScan {
+    pub inventory: WalInventory,
+    /// Chunk folders by segment, with the chunks found in each.
+    pub chunk_folders: BTreeMap<WalFileName, Vec<ChunkRef>>,
+    /// Segment objects present (complete segments only).
+    segments: BTreeSet<WalFileName>,
+}
+
+/// The segment a chunk key belongs to, and its chunk, for keys
+/// `wal/<16 hex>/chunks/<segment>/<start>-<end>`.
+fn parse_chunk_key(key: &str) -> Option<(WalFileName, ChunkRef)> {
+    let mut parts = key.rsplit('/');
+    let _file = parts.next()?;
+    let segment = WalFileName::parse(parts.next()?).ok()?;
+    if parts.next()? != "chunks" || !matches!(segment, WalFileName::Segment { .. }) {
+        return None;
+    }
+    let (start, end) = layout::parse_wal_chunk_key(key)?;
+    Some((
+        segment,
+        ChunkRef {
+            start,
+            end,
+            key: key.to_string(),
+        },
+    ))
+}
+
+impl WalScan {
+    /// Sorts the keys under `wal/` into WAL files and chunks.
+    pub fn from_keys(keys: impl IntoIterator<Item = String>, seg_size: u64) -> WalScan {
+        let mut scan = WalScan::default();
+        let mut names = vec![];
+        for key in keys {
+            if let Some((segment, chunk)) = parse_chunk_key(&key) {
+                scan.chunk_folders.entry(segment).or_default().push(chunk);
+                continue;
+            }
+            let Some(name) = key
+                .rsplit('/')
+                .next()
+                .and_then(|f| WalFileName::parse(f).ok())
+            else {
+                continue;
+            };
+            if matches!(name, WalFileName::Segment { .. }) {
+                scan.segments.insert(name.clone());
+            }
+            names.push(name);
+        }
+        scan.inventory = WalInventory::from_names(names, seg_size);
+        scan
+    }
+
+    /// Lists `wal/` (one LIST request).
+    pub async fn load(repo: &Repository) -> Result<WalScan, RepoError> {
+        let objects = repo.storage().list(layout::WAL_PREFIX).await?;
+        Ok(WalScan::from_keys(
+            objects.into_iter().map(|o| o.key),
+            repo.descriptor().wal_segment_size,
+        ))
+    }
+
+    /// Chunks of segments whose complete object is stored: left behind when a stream stopped
+    /// between storing a segment and deleting its chunks. Never read again; safe to delete.
+    pub fn stale_chunks(&self) -> Vec<String> {
+        self.chunk_folders
+            .iter()
+            .filter(|(seg, _)| self.segments.contains(seg))
+            .flat_map(|(_, chunks)| chunks.iter().map(|c| c.key.clone()))
+            .collect()
+    }
+
+    /// Per timeline, how far WAL reaches in the repository counting the chunks of segments not
+    /// yet complete (the end of each chunk chain from offset 0): the streamed position.
+    /// Timelines without such chunks are absent.
+    pub fn streamed_ends(&self, seg_size: u64) -> BTreeMap<TimelineId, Lsn> {
+        let mut out = BTreeMap::new();
+        for (seg, chunks) in &self.chunk_folders {
+            if self.segments.contains(seg) {
+                continue;
+            }
+            let end = plan_chain(chunks.clone()).end();
+            let Some(segno) = seg.segno(seg_size) else {
+                continue;
+            };
+            if end == 0 {
+                continue;
+            }
+            let lsn = Lsn(Lsn::from_segno(segno, seg_size).0 + u64::from(end));
+            let e = out.entry(seg.timeline()).or_insert(lsn);
+            *e = (*e).max(lsn);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +303,38 @@ mod tests {
         let p = plan_chain(vec![c(0, 100), c(0, 300), c(100, 200), c(300, 400)]);
         assert_eq!(p.chain, vec![c(0, 300), c(300, 400)]);
         assert_eq!(p.stray, vec![c(0, 100), c(100, 200)]);
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_streamed_ends_and_stale_chunks() {
+        let seg = 16u64 << 20;
+        let keys = [
+            "wal/0000000100000000/000000010000000000000003",
+            "wal/0000000100000000/000000010000000000000004",
+            // stale: segment 4 is stored
+            "wal/0000000100000000/chunks/000000010000000000000004/00000000-00001000",
+            // open segment 5: a chain 0..0x3000 and a stray after a gap
+            "wal/0000000100000000/chunks/000000010000000000000005/00000000-00001000",
+            "wal/0000000100000000/chunks/000000010000000000000005/00001000-00003000",
+            "wal/0000000100000000/chunks/000000010000000000000005/00004000-00005000",
+            "wal/00000002.history",
+            "wal/0000000200000000/chunks/000000020000000000000005/00000000-00000100",
+        ];
+        let scan = WalScan::from_keys(keys.iter().map(|k| k.to_string()), seg);
+        assert_eq!(scan.inventory.timelines[&1].ranges, vec![(3, 4)]);
+        assert_eq!(scan.inventory.histories, vec![2]);
+        assert_eq!(
+            scan.stale_chunks(),
+            vec![keys[2].to_string()],
+            "only chunks of stored segments are stale"
+        );
+        let ends = scan.streamed_ends(seg);
+        assert_eq!(ends[&1], Lsn(5 * seg + 0x3000));
+        assert_eq!(ends[&2], Lsn(5 * seg + 0x100));
     }
 }

@@ -15,10 +15,11 @@
 //!   segment jobs (timer, size, synchronous mode).
 //! - [`uploader`] stores jobs in order and alone decides what is durable.
 //!
-//! Memory is bounded by the channel capacities and the one open segment, never by the lag:
-//! when storage stalls the queues fill, the receiver stops reading, and PostgreSQL keeps the
-//! WAL in the slot.
+//! Memory is bounded by a fixed byte budget ([`budget`], two segments) plus the piece queue,
+//! never by the lag: when storage stalls the budget runs out, the assembler stops taking
+//! pieces, the receiver stops reading, and PostgreSQL keeps the WAL in the slot.
 
+pub mod budget;
 pub mod chunks;
 pub mod metrics;
 mod receiver;
@@ -38,20 +39,21 @@ use crate::repo::{ClusterIdentity, RepoError, Repository, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::{parse_history, HistoryError, Lsn, TimelineId, WalFileName};
 
+use self::budget::Budget;
 use self::metrics::Progress;
 use self::receiver::{Piece, Receiver};
 use self::segment::{Job, OpenSegment, SegmentError};
 use self::start::StartSource;
 
 /// Pieces between receiver and assembler. One XLogData message carries at most 128 KiB
-/// (walsender's MAX_SEND_SIZE), so this holds at most 4 MiB: enough to keep the socket
-/// drained while the assembler copies, small against the segment buffer.
-const PIECE_QUEUE: usize = 32;
+/// (walsender's MAX_SEND_SIZE), so this holds at most 1 MiB (each piece may pin its read
+/// buffer, ~256 KiB): enough to keep the socket drained while the assembler copies.
+const PIECE_QUEUE: usize = 8;
 
-/// Jobs between assembler and uploader. One: a queued completed segment is 16 MiB, and with
-/// one in upload and one open the stream holds three segments at most. More would not upload
-/// faster (the uploader is sequential, to keep durability ordered), only use memory.
-const JOB_QUEUE: usize = 1;
+/// Jobs between assembler and uploader. The bytes they hold are bounded by the [`Budget`]
+/// (two segments, open one included), not by this count: it only lets the assembler queue
+/// small chunks behind a segment in upload without waiting.
+const JOB_QUEUE: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
@@ -104,11 +106,14 @@ pub enum StreamError {
     WalLevelMinimal,
     #[error(
         "the server no longer has the WAL at {from} on timeline {tli} ({server_message}); \
-         WAL from {from} on is lost to the repository, so restores cannot continue past it"
+         WAL from {from} {} is lost to the repository, so restores cannot continue past it",
+        match .until { Some(u) => format!("to {u} (the slot's restart_lsn)"), None => "on".to_string() }
     )]
     WalRemoved {
         tli: TimelineId,
         from: Lsn,
+        /// Where the server's WAL resumes, when known (the slot's restart_lsn).
+        until: Option<Lsn>,
         server_message: String,
     },
     #[error(
@@ -167,6 +172,7 @@ pub(crate) fn classify_start_error(
         return Some(StreamError::WalRemoved {
             tli,
             from: at,
+            until: None,
             server_message: message.clone(),
         });
     }
@@ -235,7 +241,10 @@ pub async fn run(
         vec![]
     };
 
-    let inv = repo.wal_inventory().await?;
+    // One LIST of wal/ gives both the inventory and the chunk folders.
+    let scan = chunks::WalScan::load(&repo).await?;
+    delete_stale_chunks(&repo, &scan).await;
+    let inv = scan.inventory;
     let mut sp = start::choose_start(
         &inv,
         &history,
@@ -277,7 +286,17 @@ pub async fn run(
     if !preloaded.is_empty() {
         tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
     }
-    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all_keys())?;
+    let budget = Budget::new(seg_size);
+    tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
+    let first_buf = budget.segment().await;
+    let open = OpenSegment::new(
+        sp.tli,
+        start,
+        seg_size,
+        preloaded,
+        plan.all_keys(),
+        first_buf,
+    )?;
 
     let progress = Arc::new(Progress::new(start));
     let (durable_tx, durable_rx) = watch::channel(start);
@@ -291,7 +310,7 @@ pub async fn run(
         progress.clone(),
         force.clone(),
     ));
-    let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone()));
+    let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone(), budget));
 
     let mut receiver = Receiver::new(
         cfg,
@@ -305,7 +324,21 @@ pub async fn run(
         cancel,
         force,
     );
-    let streamed = receiver.run(Some(conn), sp.tli, start).await;
+    let streamed = match receiver.run(Some(conn), sp.tli, start).await {
+        // Name the whole lost range: up to where the slot now keeps WAL.
+        Err(StreamError::WalRemoved {
+            tli,
+            from,
+            until: None,
+            server_message,
+        }) => Err(StreamError::WalRemoved {
+            tli,
+            from,
+            until: slot_restart.filter(|r| *r > from),
+            server_message,
+        }),
+        other => other,
+    };
 
     // Drain: closing the piece channel makes the assembler ship its last chunk and close the
     // job channel, and the uploader stores everything queued before returning.
@@ -396,6 +429,7 @@ async fn assemble(
     mut pieces: mpsc::Receiver<Piece>,
     jobs: mpsc::Sender<Job>,
     opts: StreamOptions,
+    budget: Budget,
 ) -> Result<(), StreamError> {
     let send = |j: Job| {
         let jobs = jobs.clone();
@@ -408,15 +442,22 @@ async fn assemble(
         tokio::select! {
             piece = pieces.recv() => match piece {
                 None => {
-                    if let Some(j) = seg.take_chunk() {
+                    if let Some(j) = chunk(&mut seg, &budget).await {
                         send(j).await?;
                     }
                     return Ok(());
                 }
                 Some(Piece::Data { lsn, data, server_end }) => {
-                    seg.push(lsn, &data, &mut out)?;
-                    for j in out.drain(..) {
-                        send(j).await?;
+                    let mut off = 0;
+                    while off < data.len() {
+                        if seg.needs_buffer() {
+                            // Waits for budget: a completed segment must be stored first.
+                            seg.install(budget.segment().await);
+                        }
+                        off += seg.push(Lsn(lsn.0 + off as u64), &data[off..], &mut out)?;
+                        for j in out.drain(..) {
+                            send(j).await?;
+                        }
                     }
                     let ship = if opts.synchronous {
                         // Everything that has arrived, as one chunk (group commit).
@@ -427,7 +468,7 @@ async fn assemble(
                         seg.unshipped() >= opts.chunk_size && server_end < seg.segment_end()
                     };
                     if ship {
-                        if let Some(j) = seg.take_chunk() {
+                        if let Some(j) = chunk(&mut seg, &budget).await {
                             send(j).await?;
                         }
                     }
@@ -440,10 +481,40 @@ async fn assemble(
                 }
             },
             _ = tick.tick(), if !opts.synchronous => {
-                if let Some(j) = seg.take_chunk() {
+                if let Some(j) = chunk(&mut seg, &budget).await {
                     send(j).await?;
                 }
             }
+        }
+    }
+}
+
+/// The open segment's unshipped bytes as a chunk job, their copy paid from the budget (waits
+/// while the uploader works through what the budget holds).
+async fn chunk(seg: &mut OpenSegment, budget: &Budget) -> Option<Job> {
+    let n = seg.unshipped();
+    if n == 0 {
+        return None;
+    }
+    let permit = budget.bytes(n).await;
+    seg.take_chunk(Some(permit))
+}
+
+/// Deletes the chunks of segments already stored whole: a stream stopped (kill -9) between
+/// storing a segment and deleting its chunks leaves them. Best effort: they are never read once
+/// their segment exists, so a failure only leaves garbage.
+async fn delete_stale_chunks(repo: &Repository, scan: &chunks::WalScan) {
+    let stale = scan.stale_chunks();
+    if stale.is_empty() {
+        return;
+    }
+    tracing::info!(
+        chunks = stale.len(),
+        "deleting chunks of segments already stored whole"
+    );
+    for key in stale {
+        if let Err(e) = repo.storage().delete(&key).await {
+            tracing::warn!(%key, error = %e, "could not delete a stale chunk");
         }
     }
 }

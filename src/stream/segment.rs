@@ -9,8 +9,9 @@
 //! - on a timeline switch, the `.history` file and the old timeline's last segment as
 //!   `.partial`, zero-padded to the segment size as PostgreSQL and pg_receivewal leave it.
 
-use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 
+use super::budget::{ChunkData, SegBuf};
 use crate::repo::layout;
 use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
 
@@ -22,20 +23,20 @@ pub enum Job {
         segment: WalFileName,
         start: u32,
         end: u32,
-        data: Bytes,
+        data: ChunkData,
         durable_end: Lsn,
     },
     /// A completed segment; `chunk_keys` are its chunks, deleted once it is stored.
     Segment {
         name: WalFileName,
-        data: Vec<u8>,
+        data: SegBuf,
         chunk_keys: Vec<String>,
         durable_end: Lsn,
     },
     /// The last, incomplete segment of a timeline that ended (`<name>.partial`).
     Partial {
         name: WalFileName,
-        data: Vec<u8>,
+        data: SegBuf,
         chunk_keys: Vec<String>,
         durable_end: Lsn,
     },
@@ -58,10 +59,9 @@ impl Job {
     /// Bytes of WAL content this job stores.
     pub fn content_len(&self) -> usize {
         match self {
-            Job::Chunk { data, .. } => data.len(),
-            Job::Segment { data, .. } | Job::Partial { data, .. } | Job::History { data, .. } => {
-                data.len()
-            }
+            Job::Chunk { data, .. } => data.data.len(),
+            Job::Segment { data, .. } | Job::Partial { data, .. } => data.len(),
+            Job::History { data, .. } => data.len(),
         }
     }
 
@@ -91,8 +91,9 @@ pub struct OpenSegment {
     seg_size: u64,
     tli: TimelineId,
     segno: SegNo,
-    /// Bytes `[0, buf.len())` of the segment.
-    buf: Vec<u8>,
+    /// Bytes `[0, buf.len())` of the segment. Between segments (after one completed, before
+    /// the assembler installs the next buffer) an unbudgeted empty placeholder.
+    buf: SegBuf,
     /// Bytes `[0, shipped)` were handed out as chunks (or were already stored when resuming).
     shipped: usize,
     /// Chunk objects of this segment, to delete once the segment is stored.
@@ -102,13 +103,14 @@ pub struct OpenSegment {
 impl OpenSegment {
     /// Starts filling at `start` on `tli`. When resuming inside a segment, `preloaded` holds the
     /// segment's bytes before `start` (read back from its chunks, all of them durable) and
-    /// `chunk_keys` the chunk objects found.
+    /// `chunk_keys` the chunk objects found. `buf` is the (empty) buffer to fill.
     pub fn new(
         tli: TimelineId,
         start: Lsn,
         seg_size: u64,
         preloaded: Vec<u8>,
         chunk_keys: Vec<String>,
+        mut buf: SegBuf,
     ) -> Result<OpenSegment, SegmentError> {
         let offset = start.segment_offset(seg_size);
         if preloaded.len() as u64 != offset {
@@ -118,7 +120,7 @@ impl OpenSegment {
                 have: preloaded.len() as u64,
             });
         }
-        let mut buf = Vec::with_capacity(seg_size as usize);
+        buf.clear();
         buf.extend_from_slice(&preloaded);
         Ok(OpenSegment {
             seg_size,
@@ -157,34 +159,50 @@ impl OpenSegment {
         WalFileName::segment(self.tli, self.segno, self.seg_size)
     }
 
-    /// Appends WAL received at `lsn`; pushes a [`Job::Segment`] to `out` for every segment it
-    /// completes. A gap or overlap is an error: it would store WAL that PostgreSQL never wrote.
+    /// Whether a buffer must be [`install`](Self::install)ed before the next [`push`](Self::push)
+    /// (after a segment completed or the timeline switched).
+    pub fn needs_buffer(&self) -> bool {
+        !self.buf.is_budgeted() && self.buf.capacity() == 0
+    }
+
+    /// Gives the open segment its (empty) buffer.
+    pub fn install(&mut self, mut buf: SegBuf) {
+        debug_assert!(self.buf.is_empty());
+        buf.clear();
+        self.buf = buf;
+    }
+
+    /// Appends WAL received at `lsn`, up to the end of the open segment; returns how many bytes
+    /// it took. Pushes a [`Job::Segment`] to `out` when the segment completes; the rest of
+    /// `data` goes into the next segment, after [`install`](Self::install). A gap or overlap is
+    /// an error: it would store WAL that PostgreSQL never wrote.
     pub fn push(
         &mut self,
         lsn: Lsn,
-        mut data: &[u8],
+        data: &[u8],
         out: &mut Vec<Job>,
-    ) -> Result<(), SegmentError> {
+    ) -> Result<usize, SegmentError> {
         let expected = self.next_lsn();
         if lsn != expected {
             return Err(SegmentError::NotContiguous { expected, got: lsn });
         }
-        while !data.is_empty() {
-            let room = self.seg_size as usize - self.buf.len();
-            let n = room.min(data.len());
-            self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() as u64 == self.seg_size {
-                out.push(self.complete());
-            }
+        if data.is_empty() {
+            return Ok(0);
         }
-        Ok(())
+        assert!(!self.needs_buffer(), "push without a segment buffer");
+        let room = self.seg_size as usize - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() as u64 == self.seg_size {
+            out.push(self.complete());
+        }
+        Ok(n)
     }
 
     fn complete(&mut self) -> Job {
         let name = self.name();
         let durable_end = self.segment_end();
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(self.seg_size as usize));
+        let data = std::mem::take(&mut self.buf);
         let chunk_keys = std::mem::take(&mut self.chunk_keys);
         self.segno += 1;
         self.shipped = 0;
@@ -198,7 +216,8 @@ impl OpenSegment {
 
     /// The bytes received since the last chunk, as a chunk job; `None` when there are none
     /// (an idle stream ships nothing).
-    pub fn take_chunk(&mut self) -> Option<Job> {
+    /// `permit` is the budget for the copy ([`unshipped`](Self::unshipped) bytes).
+    pub fn take_chunk(&mut self, permit: Option<OwnedSemaphorePermit>) -> Option<Job> {
         if self.unshipped() == 0 {
             return None;
         }
@@ -207,7 +226,10 @@ impl OpenSegment {
         let (start, end) = (self.shipped as u32, self.buf.len() as u32);
         self.chunk_keys
             .push(layout::wal_chunk_key(&segment, start, end));
-        let data = Bytes::copy_from_slice(&self.buf[self.shipped..]);
+        let data = ChunkData {
+            data: bytes::Bytes::copy_from_slice(&self.buf[self.shipped..]),
+            permit,
+        };
         self.shipped = self.buf.len();
         Some(Job::Chunk {
             segment,
@@ -252,7 +274,7 @@ impl OpenSegment {
         }
         self.tli = next_tli;
         self.segno = switch.segno(self.seg_size);
-        self.buf = Vec::with_capacity(self.seg_size as usize);
+        self.buf = SegBuf::default();
         self.shipped = 0;
         self.chunk_keys.clear();
         self.seg_start()
@@ -265,6 +287,29 @@ mod tests {
 
     const SEG: u64 = 1 << 20;
 
+    fn buf() -> SegBuf {
+        SegBuf::unbudgeted(Vec::with_capacity(SEG as usize))
+    }
+
+    /// Pushes all of `data`, installing a fresh buffer whenever a segment completes.
+    fn push_all(
+        s: &mut OpenSegment,
+        lsn: Lsn,
+        data: &[u8],
+        out: &mut Vec<Job>,
+    ) -> Result<(), SegmentError> {
+        let mut off = 0;
+        loop {
+            if s.needs_buffer() {
+                s.install(buf());
+            }
+            off += s.push(Lsn(lsn.0 + off as u64), &data[off..], out)?;
+            if off == data.len() {
+                return Ok(());
+            }
+        }
+    }
+
     fn bytes(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -273,12 +318,12 @@ mod tests {
 
     #[test]
     fn segments_complete_with_exact_bytes_across_messages() {
-        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![]).unwrap();
+        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![], buf()).unwrap();
         let all = bytes(2 * SEG as usize + 100, 7);
         let mut out = vec![];
         let mut lsn = SEG * 3;
         for piece in all.chunks(128 * 1024 + 3) {
-            s.push(Lsn(lsn), piece, &mut out).unwrap();
+            push_all(&mut s, Lsn(lsn), piece, &mut out).unwrap();
             lsn += piece.len() as u64;
         }
         assert_eq!(out.len(), 2);
@@ -301,28 +346,27 @@ mod tests {
 
     #[test]
     fn chunks_continue_each_other_and_idle_ships_nothing() {
-        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![]).unwrap();
+        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![], buf()).unwrap();
         let mut out = vec![];
-        s.push(Lsn(0), &bytes(1000, 1), &mut out).unwrap();
+        push_all(&mut s, Lsn(0), &bytes(1000, 1), &mut out).unwrap();
         let Some(Job::Chunk {
             start,
             end,
             durable_end,
             ..
-        }) = s.take_chunk()
+        }) = s.take_chunk(None)
         else {
             panic!()
         };
         assert_eq!((start, end, durable_end), (0, 1000, Lsn(1000)));
-        assert!(s.take_chunk().is_none());
-        s.push(Lsn(1000), &bytes(500, 2), &mut out).unwrap();
-        let Some(Job::Chunk { start, end, .. }) = s.take_chunk() else {
+        assert!(s.take_chunk(None).is_none());
+        push_all(&mut s, Lsn(1000), &bytes(500, 2), &mut out).unwrap();
+        let Some(Job::Chunk { start, end, .. }) = s.take_chunk(None) else {
             panic!()
         };
         assert_eq!((start, end), (1000, 1500));
         // Completing the segment hands over the chunk keys for deletion.
-        s.push(Lsn(1500), &bytes(SEG as usize - 1500, 3), &mut out)
-            .unwrap();
+        push_all(&mut s, Lsn(1500), &bytes(SEG as usize - 1500, 3), &mut out).unwrap();
         let Job::Segment { chunk_keys, .. } = &out[0] else {
             panic!()
         };
@@ -332,23 +376,35 @@ mod tests {
 
     #[test]
     fn gaps_and_overlaps_are_refused() {
-        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![]).unwrap();
+        let mut s = OpenSegment::new(1, Lsn(0), SEG, vec![], vec![], buf()).unwrap();
         let mut out = vec![];
-        s.push(Lsn(0), &[1; 10], &mut out).unwrap();
-        assert!(s.push(Lsn(11), &[1], &mut out).is_err());
-        assert!(s.push(Lsn(9), &[1], &mut out).is_err());
+        push_all(&mut s, Lsn(0), &[1; 10], &mut out).unwrap();
+        assert!(push_all(&mut s, Lsn(11), &[1], &mut out).is_err());
+        assert!(push_all(&mut s, Lsn(9), &[1], &mut out).is_err());
     }
 
     #[test]
     fn resume_preloads_durable_bytes() {
         let pre = bytes(4096, 9);
-        assert!(OpenSegment::new(1, Lsn(SEG + 100), SEG, pre.clone(), vec![]).is_err());
-        let mut s =
-            OpenSegment::new(1, Lsn(SEG + 4096), SEG, pre.clone(), vec!["k".into()]).unwrap();
+        assert!(OpenSegment::new(1, Lsn(SEG + 100), SEG, pre.clone(), vec![], buf()).is_err());
+        let mut s = OpenSegment::new(
+            1,
+            Lsn(SEG + 4096),
+            SEG,
+            pre.clone(),
+            vec!["k".into()],
+            buf(),
+        )
+        .unwrap();
         assert_eq!(s.unshipped(), 0);
         let mut out = vec![];
-        s.push(Lsn(SEG + 4096), &bytes(SEG as usize - 4096, 1), &mut out)
-            .unwrap();
+        push_all(
+            &mut s,
+            Lsn(SEG + 4096),
+            &bytes(SEG as usize - 4096, 1),
+            &mut out,
+        )
+        .unwrap();
         let Job::Segment {
             data, chunk_keys, ..
         } = &out[0]
@@ -361,9 +417,9 @@ mod tests {
 
     #[test]
     fn timeline_switch_stores_padded_partial_and_rewinds() {
-        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![]).unwrap();
+        let mut s = OpenSegment::new(1, Lsn(SEG * 3), SEG, vec![], vec![], buf()).unwrap();
         let mut out = vec![];
-        s.push(Lsn(SEG * 3), &bytes(0x158, 4), &mut out).unwrap();
+        push_all(&mut s, Lsn(SEG * 3), &bytes(0x158, 4), &mut out).unwrap();
         let hist = (
             WalFileName::History { tli: 2 },
             b"1\t0/300158\tno reason\n".to_vec(),

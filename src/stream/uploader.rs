@@ -49,14 +49,15 @@ async fn store(repo: &Repository, job: &Job) -> Result<PutOutcome, RepoError> {
         } => {
             let key = layout::wal_chunk_key(segment, *start, *end);
             // Same key, same bytes after a restart: AlreadyStored. Different bytes: refused.
-            repo.put_immutable(&key, &format!("chunk {key}"), data)
+            repo.put_immutable(&key, &format!("chunk {key}"), &data.data)
                 .await
         }
         // Every completed WAL file goes through the one entry point archive-push uses, so the
         // objects (and whatever is stored beside them) are the same whatever their source.
-        Job::Segment { name, data, .. }
-        | Job::Partial { name, data, .. }
-        | Job::History { name, data } => archive::store_wal_file(repo, name, data).await,
+        Job::Segment { name, data, .. } | Job::Partial { name, data, .. } => {
+            archive::store_wal_file(repo, name, data).await
+        }
+        Job::History { name, data } => archive::store_wal_file(repo, name, data).await,
     }
 }
 

@@ -20,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
 use super::reader::{EndReason, Next, WalError, WalReader};
 use super::xact::{decode_event, pg_timestamp_to_utc, WalEvent, XactKind};
+
 use super::{Lsn, TimelineId};
+
+/// How much of a segment the summarizer hands the reader at once (a multiple of the page size).
+const FEED_SLICE: usize = 1 << 20;
 
 /// Version of the JSON layout, bumped on incompatible changes.
 pub const SUMMARY_FORMAT: u32 = 1;
@@ -184,7 +188,12 @@ pub fn summarize_segment(
             }
         }
     }
-    reader.feed(segment);
+    // Fed in slices, not whole: the reader copies what it is fed, and a whole-segment copy per
+    // segment was the largest transient allocation of `archive-push` and `pitr stream`.
+    let mut slices = segment.chunks(FEED_SLICE);
+    if let Some(first) = slices.next() {
+        reader.feed(first);
+    }
 
     let mut s = SegmentSummary {
         format: SUMMARY_FORMAT,
@@ -259,6 +268,11 @@ pub fn summarize_segment(
                     }
                     Some(WalEvent::Switch) => s.ends_with_switch = true,
                     _ => {}
+                }
+            }
+            Ok(Next::NeedInput) if slices.len() > 0 => {
+                if let Some(more) = slices.next() {
+                    reader.feed(more);
                 }
             }
             Ok(Next::NeedInput) => {
