@@ -303,14 +303,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
     let streamed = scan.streamed_ends(seg);
     let inv = scan.inventory;
     let histories = load_histories(&repo, &inv.histories).await?;
-    let latest = RestoreRequest {
-        target: Target::Latest,
-        action: TargetAction::Promote,
-        timeline: TimelineTarget::Latest,
-        backup_id: None,
-        inclusive: true,
-        standby: false,
-    };
+    let latest = RestoreRequest::latest();
     let window: Result<Vec<restore::Window>, String> =
         match restore::summary_needs(&latest, &backups, &inv, &histories, seg) {
             Err(e) => Err(e.to_string()),

@@ -35,6 +35,21 @@ pub struct RestoreRequest {
     pub standby: bool,
 }
 
+impl RestoreRequest {
+    /// All archived WAL on the latest timeline, from whichever backup fits: what `list` and
+    /// `verify` describe as the recoverable window.
+    pub fn latest() -> RestoreRequest {
+        RestoreRequest {
+            target: Target::Latest,
+            action: TargetAction::Promote,
+            timeline: TimelineTarget::Latest,
+            backup_id: None,
+            inclusive: true,
+            standby: false,
+        }
+    }
+}
+
 /// The decision, printed by `--dry-run` and carried out by the executor.
 #[derive(Clone, Debug)]
 pub struct RestorePlan {

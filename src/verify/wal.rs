@@ -11,9 +11,7 @@ use super::{
 };
 use crate::repo::{layout, BackupInfo, RepoError, Repository, StoredSummary, WalInventory};
 use crate::restore::plan::{Histories, WalFacts};
-use crate::restore::{
-    recoverable_windows, summary_needs, RestoreRequest, Target, TargetAction, TimelineTarget,
-};
+use crate::restore::{recoverable_windows, summary_needs, RestoreRequest};
 use crate::storage::ObjectInfo;
 use crate::wal::{
     parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
@@ -119,14 +117,7 @@ pub(super) async fn verify_wal(
     let inv = WalInventory::from_names(usable_names, seg_size);
 
     // Windows on the latest timeline, from what the summaries say.
-    let latest = RestoreRequest {
-        target: Target::Latest,
-        action: TargetAction::Promote,
-        timeline: TimelineTarget::Latest,
-        backup_id: None,
-        inclusive: true,
-        standby: false,
-    };
+    let latest = RestoreRequest::latest();
     if let Ok(needs) = summary_needs(&latest, catalog, &inv, &histories, seg_size) {
         let mut facts = WalFacts::default();
         for run in &needs.runs {
