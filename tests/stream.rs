@@ -431,12 +431,13 @@ fn s3_outage_under_load_loses_nothing() {
     let (_, end) = switch(&pg);
     wait_flushed(&pg, &s, &end, Duration::from_secs(60));
     std::thread::scope(|scope| {
-        let load = scope.spawn(|| pg.pgbench(["-T", "10", "-c", "2"]).unwrap());
+        // The outage lasts 30 s, as issue 5 asks, while pgbench keeps writing.
+        let load = scope.spawn(|| pg.pgbench(["-T", "33", "-c", "2"]).unwrap());
         std::thread::sleep(Duration::from_secs(1));
         repo.s3.as_mut().unwrap().stop();
         std::thread::sleep(Duration::from_secs(2));
         let held = slot_restart_lsn(&pg);
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(28));
         assert_eq!(
             slot_restart_lsn(&pg),
             held,
