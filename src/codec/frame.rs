@@ -103,26 +103,40 @@ pub enum CodecError {
 
 /// Frames `raw` with `codec`. zstd uses `level`; lz4 and none ignore it.
 pub fn encode(raw: &[u8], codec: Codec, level: i32) -> Vec<u8> {
-    let payload: std::borrow::Cow<[u8]> = match codec {
-        Codec::None => raw.into(),
-        Codec::Lz4 => lz4_flex::block::compress(raw).into(),
-        // zstd only fails on an invalid level or allocation failure; levels are validated at
-        // configuration time, so fall back to storing uncompressed rather than failing an archive.
-        Codec::Zstd => match zstd::bulk::compress(raw, level) {
-            Ok(c) => c.into(),
-            Err(_) => return encode(raw, Codec::None, 0),
-        },
+    // The payload is written straight after room for the header, so a 16 MiB segment is never
+    // held twice in compressed form (that copy was most of the stream's memory over its cap).
+    let bound = match codec {
+        Codec::None => raw.len(),
+        Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
+        Codec::Zstd => zstd::zstd_safe::compress_bound(raw.len()),
     };
+    let mut out = vec![0u8; FRAME_HEADER_LEN + bound];
+    let payload_len = match codec {
+        Codec::None => {
+            out[FRAME_HEADER_LEN..].copy_from_slice(raw);
+            Ok(raw.len())
+        }
+        Codec::Lz4 => lz4_flex::block::compress_into(raw, &mut out[FRAME_HEADER_LEN..])
+            .map_err(|e| e.to_string()),
+        Codec::Zstd => zstd::bulk::compress_to_buffer(raw, &mut out[FRAME_HEADER_LEN..], level)
+            .map_err(|e| e.to_string()),
+    };
+    // Compression into a buffer of the codec's own bound only fails on an invalid zstd level
+    // (validated at configuration time) or an allocation failure: store uncompressed rather
+    // than fail an archive.
+    let Ok(payload_len) = payload_len else {
+        return encode(raw, Codec::None, 0);
+    };
+    out.truncate(FRAME_HEADER_LEN + payload_len);
+    out.shrink_to_fit();
     let header = FrameHeader {
         codec,
         raw_len: raw.len() as u64,
-        payload_len: payload.len() as u64,
+        payload_len: payload_len as u64,
         raw_crc32c: crc32c::crc32c(raw),
-        payload_crc32c: crc32c::crc32c(&payload),
+        payload_crc32c: crc32c::crc32c(&out[FRAME_HEADER_LEN..]),
     };
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
-    out.extend_from_slice(&header_bytes(&header));
-    out.extend_from_slice(&payload);
+    out[..FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
     out
 }
 
