@@ -51,30 +51,9 @@ pub enum Checkpoint {
     Spread,
 }
 
-fn pg_failure(e: crate::pg::Error) -> Failure {
-    let hint = if matches!(e, crate::pg::Error::Auth { .. }) {
-        Some(
-            "check the user and password (PGPASSWORD, ~/.pgpass or the connection string)"
-                .to_string(),
-        )
-    } else if e.is_insufficient_privilege() {
-        Some("the role needs REPLICATION (ALTER ROLE name REPLICATION) and a pg_hba.conf line for `replication`".into())
-    } else if e.is_too_many_connections() {
-        Some(
-            "all WAL senders are busy: raise max_wal_senders or stop another replication client"
-                .into(),
-        )
-    } else if matches!(e, crate::pg::Error::UnsupportedServerVersion { .. }) {
-        Some("pitr supports PostgreSQL 13 and later".into())
-    } else {
-        None
-    };
-    Failure::new(Code::Postgres, e, hint)
-}
-
 fn backup_failure(e: backup::BackupError) -> Failure {
     match e {
-        backup::BackupError::Pg(p) => pg_failure(p),
+        backup::BackupError::Pg(p) => Failure::from_pg(p),
         backup::BackupError::Repo(r) => Failure::from_repo(r),
         e => Failure::new(
             Code::JobFailed,

@@ -88,6 +88,25 @@ impl Failure {
         Failure::new(Code::Input, e, None).for_command(is_get)
     }
 
+    /// A PostgreSQL connection or protocol failure, with the fix for the common causes.
+    pub fn from_pg(e: crate::pg::Error) -> Failure {
+        let hint = if matches!(e, crate::pg::Error::Auth { .. }) {
+            Some("check the user and password (PGPASSWORD, ~/.pgpass or the connection string)")
+        } else if e.is_insufficient_privilege() {
+            Some("the role needs REPLICATION (ALTER ROLE name REPLICATION) and a pg_hba.conf line for `replication`")
+        } else if e.to_string().contains("max_wal_senders (currently 0)") {
+            // Also SQLSTATE 53300, like busy senders, but raising nothing else will help.
+            Some("replication needs wal_level = replica (or logical) and max_wal_senders > 0 on the server")
+        } else if e.is_too_many_connections() {
+            Some("all WAL senders are busy: raise max_wal_senders or stop another replication client")
+        } else if matches!(e, crate::pg::Error::UnsupportedServerVersion { .. }) {
+            Some("pitr supports PostgreSQL 13 and later")
+        } else {
+            None
+        };
+        Failure::new(Code::Postgres, e, hint.map(str::to_string))
+    }
+
     pub fn from_repo(e: RepoError) -> Failure {
         classify_repo(e)
     }

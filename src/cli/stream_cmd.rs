@@ -62,25 +62,10 @@ pub struct StreamArgs {
     pub accept_gap: bool,
 }
 
-fn pg_hint(e: &crate::pg::Error) -> Option<String> {
-    if matches!(e, crate::pg::Error::Auth { .. }) {
-        Some("check the user and password (PGPASSWORD, ~/.pgpass or the connection string)".into())
-    } else if e.is_insufficient_privilege() {
-        Some("the role needs REPLICATION (ALTER ROLE name REPLICATION) and a pg_hba.conf line for `replication`".into())
-    } else if e.to_string().contains("max_wal_senders (currently 0)") {
-        Some("streaming needs wal_level = replica (or logical) and max_wal_senders > 0 on the server".into())
-    } else {
-        None
-    }
-}
-
 fn failure(e: StreamError) -> Failure {
     match e {
         StreamError::Repo(r) => Failure::from_repo(r),
-        StreamError::Pg(p) => {
-            let hint = pg_hint(&p);
-            Failure::new(Code::Postgres, p, hint)
-        }
+        StreamError::Pg(p) => Failure::from_pg(p),
         e @ StreamError::MissingSlot { .. } => Failure::new(
             Code::Postgres,
             e,
