@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{Backend, TestRepo};
-use crate::harness::{command_as_server_user, pg_bin, pitr, poll, PgCluster, TestDir};
+use crate::common::{switch_and_wait, Backend, TestRepo};
+use crate::harness::{command_as_server_user, pg_bin, pitr, PgCluster, TestDir};
 
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
@@ -14,22 +14,6 @@ fn code(o: &Output) -> i32 {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Waits until PostgreSQL reports `segment` archived.
-fn wait_archived(pg: &PgCluster, segment: &str) {
-    poll("archiving", Duration::from_secs(60), || {
-        let last = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")?;
-        Ok((last.as_str() >= segment).then_some(()))
-    })
-    .unwrap_or_else(|e| panic!("{e}\n--- server log ---\n{}", pg.log_contents()));
-}
-
-/// Forces a segment switch and waits until the finished segment is archived; returns its name.
-fn switch_and_wait(pg: &PgCluster) -> String {
-    let seg = pg.psql("select pg_walfile_name(pg_switch_wal())").unwrap();
-    wait_archived(pg, &seg);
-    seg
 }
 
 /// A primary archiving into the repository under pgbench load; a base backup taken with

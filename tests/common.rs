@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::harness::{conf_quote, pitr_bin, S3Server, TestDir};
+use std::time::Duration;
+
+use crate::harness::{conf_quote, pitr_bin, poll, PgCluster, S3Server, TestDir};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
@@ -81,4 +83,16 @@ impl TestRepo {
         v.extend(rest.iter().map(|s| s.to_string()));
         v
     }
+}
+
+/// Forces a segment switch and waits until PostgreSQL reports the finished segment archived;
+/// returns its name.
+pub fn switch_and_wait(pg: &PgCluster) -> String {
+    let seg = pg.psql("select pg_walfile_name(pg_switch_wal())").unwrap();
+    poll("archiving", Duration::from_secs(60), || {
+        let last = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")?;
+        Ok((last.as_str() >= seg.as_str()).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- server log ---\n{}", pg.log_contents()));
+    seg
 }

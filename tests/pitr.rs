@@ -6,7 +6,7 @@ use std::process::Output;
 use std::thread::sleep;
 use std::time::Duration;
 
-use crate::common::{Backend, TestRepo};
+use crate::common::{switch_and_wait, Backend, TestRepo};
 use crate::harness::{pitr_as_server_user, poll, PgCluster, TestDir};
 
 fn code(o: &Output) -> i32 {
@@ -40,16 +40,6 @@ fn primary(repo: &TestRepo) -> PgCluster {
         .envs(repo.env.clone())
         .start()
         .unwrap()
-}
-
-/// Forces a segment switch and waits until it is archived.
-fn switch_and_wait(pg: &PgCluster) {
-    let seg = pg.psql("select pg_walfile_name(pg_switch_wal())").unwrap();
-    poll("archiving", Duration::from_secs(60), || {
-        let last = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")?;
-        Ok((last.as_str() >= seg.as_str()).then_some(()))
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", pg.log_contents()));
 }
 
 fn insert(pg: &PgCluster, phase: &str) {

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::common::{Backend, TestRepo};
-use crate::harness::{pitr, poll, PgCluster, TestDir};
+use crate::harness::{pitr, PgCluster, TestDir};
 
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
@@ -85,18 +85,7 @@ impl Archived {
 
     /// Switches to a new segment and waits until the finished one is archived; returns it.
     fn switch_and_wait(&self) -> String {
-        let seg = self
-            .pg
-            .psql("select pg_walfile_name(pg_switch_wal())")
-            .unwrap();
-        poll("archiving", Duration::from_secs(60), || {
-            let last = self
-                .pg
-                .psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")?;
-            Ok((last.as_str() >= seg.as_str()).then_some(()))
-        })
-        .unwrap_or_else(|e| panic!("{e}\n--- server log ---\n{}", self.pg.log_contents()));
-        seg
+        crate::common::switch_and_wait(&self.pg)
     }
 
     fn pitr(&self, args: &[&str]) -> Output {
