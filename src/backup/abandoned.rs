@@ -11,13 +11,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::repo::{layout, RepoError, Repository};
-use crate::storage::StorageError;
 
 pub const LEASE_REFRESH: Duration = Duration::from_secs(60);
 pub const DEFAULT_ABANDONED_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -100,19 +98,14 @@ pub async fn remove_abandoned(
             continue;
         }
         let state_key = layout::backup_state_key(&id);
+        // The mirror of `claim_completion`: whoever creates the state first decides it.
         let aborted = match repo
-            .storage()
-            .put_if_absent(
-                &state_key,
-                Bytes::from(crate::codec::encode(ABORTED, crate::codec::Codec::None, 0)),
-            )
+            .put_immutable(&state_key, &format!("state of backup {id}"), ABORTED)
             .await
         {
-            Ok(()) => true,
-            Err(StorageError::AlreadyExists { .. }) => {
-                repo.get_optional(&state_key).await?.as_deref() == Some(ABORTED)
-            }
-            Err(e) => return Err(e.into()),
+            Ok(_) => true,
+            Err(RepoError::ConflictingContent { .. }) => false,
+            Err(e) => return Err(e),
         };
         if !aborted {
             // It completed after all; its catalog entry is about to appear.
