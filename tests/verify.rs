@@ -260,8 +260,17 @@ fn target_name_restores_exactly_the_rows_before_the_restore_point() {
 /// segment and a truncated history file are each found, naming the object and the window cut;
 /// a time target in the hole is refused with both windows.
 #[test]
-fn verify_finds_flipped_byte_deleted_segment_and_truncated_history() {
-    let a = Archived::new(Backend::Local);
+fn verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_local_directory() {
+    verify_finds_damage(Backend::Local);
+}
+
+#[test]
+fn verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_s3() {
+    verify_finds_damage(Backend::S3);
+}
+
+fn verify_finds_damage(backend: Backend) {
+    let a = Archived::new(backend);
     a.insert(0, 100);
     let seg_a = a.switch_and_wait();
     a.insert(100, 200);
@@ -366,8 +375,17 @@ fn verify_finds_flipped_byte_deleted_segment_and_truncated_history() {
 /// CRC patched, object re-framed with a valid checksum) passes the object checks and is caught
 /// by `--full`, which names the segment and the LSN.
 #[test]
-fn only_full_verify_catches_a_broken_record_behind_a_valid_frame() {
-    let a = Archived::new(Backend::Local);
+fn only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_local_directory() {
+    only_full_verify_catches_a_broken_record(Backend::Local);
+}
+
+#[test]
+fn only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_s3() {
+    only_full_verify_catches_a_broken_record(Backend::S3);
+}
+
+fn only_full_verify_catches_a_broken_record(backend: Backend) {
+    let a = Archived::new(backend);
     a.insert(0, 100);
     a.switch_and_wait();
     // This segment starts right after a switch: its first record begins at byte 40, right

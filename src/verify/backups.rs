@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{record_read_error, ProblemKind, Severity, VerifyProgress, VerifyReport};
+use super::{read_checked, record_read_error, ProblemKind, Severity, VerifyProgress, VerifyReport};
 use crate::format::manifest::{self, ManifestFile};
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
 use crate::repo::{layout, BackupInfo, RepoError, Repository};
@@ -26,15 +26,8 @@ pub(super) async fn verify_backups(
         .filter(|o| o.key.starts_with(layout::BACKUP_CATALOG_PREFIX))
     {
         checked.insert(o.key.clone());
-        report.objects += 1;
-        report.bytes += o.size;
-        progress(VerifyProgress::Checked { bytes: o.size });
-        let raw = match repo.get_verified(&o.key).await {
-            Ok(r) => r,
-            Err(e) => {
-                record_read_error(report, &o.key, e)?;
-                continue;
-            }
+        let Some(raw) = read_checked(repo, o, report, progress).await? else {
+            continue;
         };
         match serde_json::from_slice::<BackupInfo>(&raw) {
             Ok(b) => catalog.push(b),
@@ -55,12 +48,7 @@ pub(super) async fn verify_backups(
 
     // Data no completed backup refers to: only its frame can be checked.
     for o in objects.iter().filter(|o| !checked.contains(&o.key)) {
-        report.objects += 1;
-        report.bytes += o.size;
-        if let Err(e) = repo.get_verified(&o.key).await {
-            record_read_error(report, &o.key, e)?;
-        }
-        progress(VerifyProgress::Checked { bytes: o.size });
+        read_checked(repo, o, report, progress).await?;
     }
     Ok(catalog)
 }

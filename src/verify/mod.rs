@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::repo::{layout, RepoError, Repository};
 use crate::restore::Window;
+use crate::storage::ObjectInfo;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VerifyOptions {
@@ -180,6 +181,24 @@ pub async fn verify(
 
 /// Turns a failed read into a finding, or into the job's error when storage itself failed
 /// (a report saying "everything is corrupt" because the network is down would be a lie).
+/// Counts `o` as checked and reads it through its frame checksum. A checksum failure or an
+/// object gone since the listing is recorded as a problem and gives `None`; any other storage
+/// error ends the run, since it says nothing about the repository's health.
+async fn read_checked(
+    repo: &Repository,
+    o: &ObjectInfo,
+    report: &mut VerifyReport,
+    progress: &(dyn Fn(VerifyProgress) + Sync),
+) -> Result<Option<Vec<u8>>, RepoError> {
+    report.objects += 1;
+    report.bytes += o.size;
+    progress(VerifyProgress::Checked { bytes: o.size });
+    match repo.get_verified(&o.key).await {
+        Ok(raw) => Ok(Some(raw)),
+        Err(e) => record_read_error(report, &o.key, e).map(|()| None),
+    }
+}
+
 fn record_read_error(report: &mut VerifyReport, key: &str, e: RepoError) -> Result<(), RepoError> {
     match e {
         RepoError::Corrupt { source, .. } => {

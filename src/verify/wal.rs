@@ -7,7 +7,8 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use super::{
-    record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress, VerifyReport,
+    read_checked, record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress,
+    VerifyReport,
 };
 use crate::repo::{layout, BackupInfo, RepoError, Repository, StoredSummary, WalInventory};
 use crate::restore::plan::{Histories, WalFacts};
@@ -94,12 +95,7 @@ pub(super) async fn verify_wal(
     let inv = WalInventory::from_names(names.iter().cloned(), seg_size);
 
     for o in others {
-        report.objects += 1;
-        report.bytes += o.size;
-        if let Err(e) = repo.get_verified(&o.key).await {
-            record_read_error(report, &o.key, e)?;
-        }
-        progress(VerifyProgress::Checked { bytes: o.size });
+        read_checked(repo, o, report, progress).await?;
     }
 
     let histories = verify_histories(repo, &histories_keys, &inv, report, progress).await?;
@@ -320,15 +316,8 @@ async fn verify_histories(
 ) -> Result<Histories, RepoError> {
     let mut histories = Histories::new();
     for (tli, o) in keys {
-        report.objects += 1;
-        report.bytes += o.size;
-        progress(VerifyProgress::Checked { bytes: o.size });
-        let raw = match repo.get_verified(&o.key).await {
-            Ok(r) => r,
-            Err(e) => {
-                record_read_error(report, &o.key, e)?;
-                continue;
-            }
+        let Some(raw) = read_checked(repo, o, report, progress).await? else {
+            continue;
         };
         match parse_history(&raw) {
             Ok(entries) => {
