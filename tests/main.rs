@@ -4,6 +4,7 @@ mod harness;
 
 mod archive;
 mod common;
+mod expire;
 mod pg_client;
 mod pitr;
 mod stream;

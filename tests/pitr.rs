@@ -9,11 +9,11 @@ use std::time::Duration;
 use crate::common::{switch_and_wait, Backend, TestRepo};
 use crate::harness::{pitr_as_server_user, poll, PgCluster, TestDir};
 
-fn code(o: &Output) -> i32 {
+pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -23,17 +23,17 @@ fn text(o: &Output) -> String {
 
 /// Runs pitr as the server user, as PostgreSQL's hooks do, so a local repository stays
 /// writable by both.
-fn run(repo: &TestRepo, args: &[&str]) -> Output {
+pub(crate) fn run(repo: &TestRepo, args: &[&str]) -> Output {
     pitr_as_server_user(repo.args(args), &repo.env)
 }
 
-fn ok(repo: &TestRepo, args: &[&str]) -> String {
+pub(crate) fn ok(repo: &TestRepo, args: &[&str]) -> String {
     let o = run(repo, args);
     assert_eq!(code(&o), 0, "pitr {args:?} failed:\n{}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn primary(repo: &TestRepo) -> PgCluster {
+pub(crate) fn primary(repo: &TestRepo) -> PgCluster {
     PgCluster::builder()
         .conf("archive_mode = on")
         .conf(repo.archive_command_conf())
@@ -42,7 +42,7 @@ fn primary(repo: &TestRepo) -> PgCluster {
         .unwrap()
 }
 
-fn insert(pg: &PgCluster, phase: &str) {
+pub(crate) fn insert(pg: &PgCluster, phase: &str) {
     pg.psql(&format!(
         "insert into marks(phase) select '{phase}' from generate_series(1, 10)"
     ))
@@ -51,7 +51,7 @@ fn insert(pg: &PgCluster, phase: &str) {
 
 /// Restores with `target_args` into a fresh directory, starts PostgreSQL on it, waits for the
 /// end of recovery, and returns the phases present with their row counts.
-fn restore_and_read(
+pub(crate) fn restore_and_read(
     repo: &TestRepo,
     work: &TestDir,
     name: &str,

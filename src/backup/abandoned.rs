@@ -67,6 +67,63 @@ pub(super) async fn claim_completion(repo: &Repository, id: &str) -> Result<bool
     }
 }
 
+/// Backups that may still publish a catalog entry: no catalog entry yet, not being expired, not
+/// declared aborted, and either completed a moment ago (state `complete`, catalog entry about to
+/// be written) or holding a lease younger than `abandoned_after`. Their start LSN is not known
+/// until they publish.
+pub async fn backups_in_progress(
+    repo: &Repository,
+    abandoned_after: Duration,
+) -> Result<Vec<String>, RepoError> {
+    let mut alive = vec![];
+    for id in repo
+        .storage()
+        .list_folders(layout::BACKUP_DATA_PREFIX)
+        .await?
+    {
+        if repo
+            .storage()
+            .head(&layout::backup_info_key(&id))
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        if repo
+            .storage()
+            .head(&layout::backup_expired_key(&id))
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let state = repo.get_optional(&layout::backup_state_key(&id)).await?;
+        let alive_now = match state.as_deref() {
+            Some(ABORTED) => false,
+            Some(_) => true,
+            None => lease_age(repo, &id)
+                .await?
+                .is_some_and(|age| age < abandoned_after),
+        };
+        if alive_now {
+            alive.push(id);
+        }
+    }
+    Ok(alive)
+}
+
+/// How long ago backup `id` last refreshed its lease; `None` when it has no readable lease.
+async fn lease_age(repo: &Repository, id: &str) -> Result<Option<Duration>, RepoError> {
+    Ok(
+        match repo.get_optional(&layout::backup_lease_key(id)).await? {
+            Some(raw) => serde_json::from_slice::<Lease>(&raw)
+                .ok()
+                .map(|l| (Utc::now() - l.updated_at).to_std().unwrap_or_default()),
+            None => None,
+        },
+    )
+}
+
 /// Removes the data of backups that never completed and whose lease is older than
 /// `abandoned_after`. Returns the ids removed.
 pub async fn remove_abandoned(
@@ -87,14 +144,11 @@ pub async fn remove_abandoned(
         {
             continue;
         }
-        let lease_age = match repo.get_optional(&layout::backup_lease_key(&id)).await? {
-            Some(raw) => serde_json::from_slice::<Lease>(&raw)
-                .ok()
-                .map(|l| (Utc::now() - l.updated_at).to_std().unwrap_or_default()),
-            None => None,
-        };
         // A backup with no readable lease cannot prove it is alive.
-        if lease_age.is_some_and(|age| age < abandoned_after) {
+        if lease_age(repo, &id)
+            .await?
+            .is_some_and(|age| age < abandoned_after)
+        {
             continue;
         }
         let state_key = layout::backup_state_key(&id);

@@ -8,6 +8,7 @@
 //! parts, the manifest and the WAL from its start to its stop LSN are in the repository.
 
 mod abandoned;
+pub mod expire;
 mod run;
 
 pub use abandoned::{remove_abandoned, DEFAULT_ABANDONED_AFTER};

@@ -2,6 +2,7 @@
 
 mod backup_cmd;
 mod exit;
+mod expire_cmd;
 mod restore_cmd;
 mod stream_cmd;
 mod verify_cmd;
@@ -127,6 +128,12 @@ pub enum Command {
     },
     /// Stream WAL continuously through a replication slot into the repository (docs/streaming.md).
     Stream(stream_cmd::StreamArgs),
+    /// Remove backups outside a retention policy, and the WAL only they needed.
+    ///
+    /// Keeps the newest N backups (--retain-full), or what restoring to any moment of the last
+    /// DURATION needs (--retain-window), or both (the union); the newest backup is always kept.
+    /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
+    Expire(expire_cmd::ExpireArgs),
 }
 
 impl Command {
@@ -138,6 +145,7 @@ impl Command {
             Command::List { .. } => "list",
             Command::Restore(_) => "restore",
             Command::Verify { .. } => "verify",
+            Command::Expire(_) => "expire",
             Command::Stream(_) => "stream",
         }
     }
@@ -260,5 +268,6 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
         Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
         Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
+        Command::Expire(args) => expire_cmd::expire(storage, &settings, args).await,
     }
 }

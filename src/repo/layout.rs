@@ -57,6 +57,22 @@ pub fn parse_wal_chunk_key(key: &str) -> Option<(u32, u32)> {
     (start < end).then_some((start, end))
 }
 
+/// The WAL file a key under [`WAL_PREFIX`] belongs to: the file itself (segment, `.partial`,
+/// `.backup`), its summary, or one of its stream chunks. `None` for timeline history files,
+/// which every timeline after them needs forever, and for keys this layout does not make.
+pub fn wal_object_owner(key: &str) -> Option<WalFileName> {
+    let rest = key.strip_prefix(WAL_PREFIX)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let name = match parts.as_slice() {
+        [_, "chunks", segment, _chunk] => *segment,
+        [_, file] => file.strip_suffix(SUMMARY_SUFFIX).unwrap_or(file),
+        _ => return None,
+    };
+    WalFileName::parse(name)
+        .ok()
+        .filter(|n| !matches!(n, WalFileName::History { .. }))
+}
+
 /// Folder of backup data: `backups/<id>/<archive>/<part>` and `backups/<id>/backup_manifest`.
 pub const BACKUP_DATA_PREFIX: &str = "backups/";
 
@@ -84,6 +100,12 @@ pub fn backup_state_key(backup_id: &str) -> String {
     format!("{BACKUP_DATA_PREFIX}{backup_id}/state")
 }
 
+/// Written by `pitr expire` before it removes anything of a backup, and removed last: a run
+/// that was interrupted is finished by the next one.
+pub fn backup_expired_key(backup_id: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/expired")
+}
+
 pub fn backup_info_key(backup_id: &str) -> String {
     format!("{BACKUP_CATALOG_PREFIX}{backup_id}.json")
 }
@@ -91,6 +113,29 @@ pub fn backup_info_key(backup_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_objects_name_their_owner() {
+        let seg = WalFileName::parse("000000020000000A000000FF").unwrap();
+        for key in [
+            wal_key(&seg),
+            wal_summary_key(&seg),
+            wal_chunk_key(&seg, 0, 0x2000),
+        ] {
+            assert_eq!(wal_object_owner(&key), Some(seg.clone()), "{key}");
+        }
+        for name in [
+            "000000020000000A000000FF.partial",
+            "000000020000000A000000FF.00000028.backup",
+        ] {
+            let n = WalFileName::parse(name).unwrap();
+            assert_eq!(wal_object_owner(&wal_key(&n)), Some(n));
+        }
+        let hist = WalFileName::parse("00000002.history").unwrap();
+        assert_eq!(wal_object_owner(&wal_key(&hist)), None);
+        assert_eq!(wal_object_owner("wal/0000000200000000/notes.txt"), None);
+        assert_eq!(wal_object_owner("backups/x/000000020000000A000000FF"), None);
+    }
 
     #[test]
     fn keys_are_deterministic() {

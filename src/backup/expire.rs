@@ -1,0 +1,334 @@
+//! `pitr expire`: retention of backups and of the WAL only they need.
+//!
+//! A policy keeps a suffix of the backups in time order: the newest N (`full`), or every backup
+//! needed to restore to any moment of the last D (`window`: the backups that finished inside it
+//! plus the newest one before it), or the union of both. The newest backup is always kept.
+//!
+//! WAL is removed only below the start of the oldest kept backup: replay only ever moves forward
+//! from a backup's start, whatever the timeline, so nothing below that point can be read by a
+//! restore of a kept backup. Timeline history files are always kept. While another backup is
+//! running, its start is unknown, so no WAL is removed in that run.
+//!
+//! Removal is ordered so that an interruption never leaves something half there that `list` or
+//! `restore` would use: a backup gets an `expired` marker first, then loses its catalog entry
+//! (from then on it is invisible), then its data, then the marker. The next run finishes any
+//! backup that still has a marker. WAL goes oldest first, after the backups.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use super::abandoned::backups_in_progress;
+use crate::repo::{layout, BackupInfo, RepoError, Repository};
+use crate::storage::ObjectInfo;
+use crate::wal::{Lsn, SegNo, WalFileName};
+
+/// Deletes in flight at once: object stores answer each in a round trip.
+const DELETES_IN_FLIGHT: usize = 16;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep the newest N backups.
+    pub full: Option<usize>,
+    /// Keep what restoring to any moment of this long ago until now needs.
+    pub window: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpireError {
+    #[error("no retention policy given: set --retain-full N and/or --retain-window DURATION")]
+    NoPolicy,
+    #[error("--retain-full must be at least 1: the newest backup is always kept")]
+    ZeroFull,
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+/// One backup in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupSummary {
+    pub id: String,
+    pub stop_time: DateTime<Utc>,
+    pub stored_bytes: u64,
+}
+
+impl From<&BackupInfo> for BackupSummary {
+    fn from(b: &BackupInfo) -> Self {
+        BackupSummary {
+            id: b.id.clone(),
+            stop_time: b.stop_time,
+            stored_bytes: b.stored_bytes(),
+        }
+    }
+}
+
+/// What an expire run removed (or, with `dry_run`, would remove).
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub kept: Vec<BackupSummary>,
+    pub expired: Vec<BackupSummary>,
+    /// Backups a previous, interrupted run had started to remove, finished now.
+    pub finished_from_earlier_run: Vec<String>,
+    /// WAL below this position is needed by no kept backup; `None` when no WAL is removed.
+    pub wal_kept_from: Option<Lsn>,
+    pub wal_objects_removed: usize,
+    pub wal_bytes_removed: u64,
+    /// Why WAL was left alone, when it was.
+    pub wal_note: Option<String>,
+}
+
+/// Which backups `policy` keeps at `now`: indexes into `backups`, which must be in time order
+/// (oldest first). Always a non-empty suffix when there are backups.
+pub fn backups_to_keep(
+    backups: &[BackupInfo],
+    policy: RetentionPolicy,
+    now: DateTime<Utc>,
+) -> std::ops::Range<usize> {
+    let n = backups.len();
+    if n == 0 {
+        return 0..0;
+    }
+    let mut first = n - 1;
+    if let Some(full) = policy.full {
+        first = first.min(n.saturating_sub(full.max(1)));
+    }
+    if let Some(window) = policy.window {
+        let since = chrono::Duration::from_std(window)
+            .ok()
+            .and_then(|w| now.checked_sub_signed(w));
+        // The newest backup that finished before the window starts is what reaches its start;
+        // when none did (or the window reaches before any time), every backup is needed.
+        let reaching = since
+            .and_then(|since| backups.iter().rposition(|b| b.stop_time < since))
+            .unwrap_or(0);
+        first = first.min(reaching);
+    }
+    first..n
+}
+
+/// Applies `policy` to the repository. With `dry_run` nothing is written or removed.
+pub async fn expire(
+    repo: &Repository,
+    policy: RetentionPolicy,
+    abandoned_after: Duration,
+    dry_run: bool,
+) -> Result<ExpireReport, ExpireError> {
+    if policy.full.is_none() && policy.window.is_none() {
+        return Err(ExpireError::NoPolicy);
+    }
+    if policy.full == Some(0) {
+        return Err(ExpireError::ZeroFull);
+    }
+    let unfinished = unfinished_expiries(repo).await?;
+    // A backup an earlier run marked is gone already as far as the policy is concerned.
+    let mut backups: Vec<BackupInfo> = repo
+        .list_backups()
+        .await?
+        .into_iter()
+        .filter(|b| !unfinished.contains(&b.id))
+        .collect();
+    backups.sort_by(|a, b| (a.stop_time, &a.id).cmp(&(b.stop_time, &b.id)));
+    let keep_range = backups_to_keep(&backups, policy, Utc::now());
+    let (expired, kept) = backups.split_at(keep_range.start);
+    let in_progress = backups_in_progress(repo, abandoned_after).await?;
+
+    let seg_size = repo.descriptor().wal_segment_size;
+    let wal_from = kept.iter().map(|b| b.start_lsn).min();
+    let (wal_kept_from, wal_note) = match (wal_from, in_progress.first()) {
+        (None, _) => (
+            None,
+            Some("no backups: all WAL is kept (nothing could restore without it)".to_string()),
+        ),
+        (Some(_), Some(id)) => (
+            None,
+            Some(format!(
+                "backup {id} is running and its start is not known yet: no WAL removed this \
+                 time; run expire again after it finishes"
+            )),
+        ),
+        (Some(lsn), None) => (Some(lsn), None),
+    };
+    let wal_doomed: Vec<ObjectInfo> = match wal_kept_from {
+        Some(lsn) => wal_below(repo, lsn.segno(seg_size), seg_size).await?,
+        None => vec![],
+    };
+
+    let report = ExpireReport {
+        dry_run,
+        kept: kept.iter().map(BackupSummary::from).collect(),
+        expired: expired.iter().map(BackupSummary::from).collect(),
+        finished_from_earlier_run: unfinished.clone(),
+        wal_kept_from,
+        wal_objects_removed: wal_doomed.len(),
+        wal_bytes_removed: wal_doomed.iter().map(|o| o.size).sum(),
+        wal_note,
+    };
+    if dry_run {
+        return Ok(report);
+    }
+
+    for b in expired {
+        let marker = serde_json::to_vec(&serde_json::json!({ "expired_at": Utc::now() }))
+            .expect("marker serializes");
+        repo.put_mutable(&layout::backup_expired_key(&b.id), &marker)
+            .await?;
+        repo.storage()
+            .delete(&layout::backup_info_key(&b.id))
+            .await
+            .map_err(RepoError::from)?;
+        tracing::info!(backup = %b.id, "backup expired; removing its data");
+        remove_backup_data(repo, &b.id).await?;
+    }
+    for id in &unfinished {
+        repo.storage()
+            .delete(&layout::backup_info_key(id))
+            .await
+            .map_err(RepoError::from)?;
+        remove_backup_data(repo, id).await?;
+        tracing::info!(backup = %id, "finished removing a backup an earlier expire left");
+    }
+    delete_all(repo, wal_doomed.iter().map(|o| o.key.clone())).await?;
+    if let Some(lsn) = wal_kept_from {
+        tracing::info!(objects = wal_doomed.len(), kept_from = %lsn, "removed WAL no kept backup needs");
+    }
+    Ok(report)
+}
+
+/// Backups with an `expired` marker, from a run that stopped part-way (possibly before it
+/// removed the catalog entry).
+async fn unfinished_expiries(repo: &Repository) -> Result<Vec<String>, RepoError> {
+    let mut out = vec![];
+    for id in repo
+        .storage()
+        .list_folders(layout::BACKUP_DATA_PREFIX)
+        .await?
+    {
+        if repo
+            .storage()
+            .head(&layout::backup_expired_key(&id))
+            .await?
+            .is_some()
+        {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes everything under `backups/<id>/`, the `expired` marker last.
+async fn remove_backup_data(repo: &Repository, id: &str) -> Result<(), RepoError> {
+    let marker = layout::backup_expired_key(id);
+    let prefix = format!("{}{id}/", layout::BACKUP_DATA_PREFIX);
+    let keys = repo.storage().list(&prefix).await?;
+    delete_all(
+        repo,
+        keys.into_iter().map(|o| o.key).filter(|k| *k != marker),
+    )
+    .await?;
+    repo.storage().delete(&marker).await?;
+    Ok(())
+}
+
+/// WAL objects (files, summaries, stream chunks) of segments numbered below `first_kept`, on
+/// any timeline, oldest first.
+async fn wal_below(
+    repo: &Repository,
+    first_kept: SegNo,
+    seg_size: u64,
+) -> Result<Vec<ObjectInfo>, RepoError> {
+    let mut doomed: Vec<(SegNo, ObjectInfo)> = repo
+        .storage()
+        .list(layout::WAL_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let segno = layout::wal_object_owner(&o.key)
+                .as_ref()
+                .and_then(|n: &WalFileName| n.segno(seg_size))?;
+            (segno < first_kept).then_some((segno, o))
+        })
+        .collect();
+    doomed.sort_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
+    Ok(doomed.into_iter().map(|(_, o)| o).collect())
+}
+
+async fn delete_all(
+    repo: &Repository,
+    keys: impl Iterator<Item = String>,
+) -> Result<(), RepoError> {
+    let storage = repo.storage();
+    futures::stream::iter(keys)
+        .map(|k| async move { storage.delete(&k).await })
+        .buffered(DELETES_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+
+    fn backup(id: &str, stop: DateTime<Utc>) -> BackupInfo {
+        BackupInfo {
+            id: id.to_string(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: Lsn(0),
+            stop_lsn: Lsn(0),
+            start_time: stop,
+            stop_time: stop,
+            pg_version_num: 150000,
+            system_identifier: 1,
+            archives: vec![],
+            manifest: true,
+            compression: Codec::Lz4,
+            pitr_version: String::new(),
+        }
+    }
+
+    fn days_ago(now: DateTime<Utc>, d: i64) -> DateTime<Utc> {
+        now - chrono::Duration::days(d)
+    }
+
+    #[test]
+    fn policies_keep_a_suffix_and_always_the_newest() {
+        let now = Utc::now();
+        // Backups 10, 8, 5, 2 and 1 days old.
+        let b: Vec<BackupInfo> = [10, 8, 5, 2, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| backup(&format!("b{i}"), days_ago(now, *d)))
+            .collect();
+        let keep = |full, window_days: Option<u64>| {
+            backups_to_keep(
+                &b,
+                RetentionPolicy {
+                    full,
+                    window: window_days.map(|d| Duration::from_secs(d * 86400)),
+                },
+                now,
+            )
+        };
+        assert_eq!(keep(Some(2), None), 3..5);
+        assert_eq!(keep(Some(9), None), 0..5);
+        assert_eq!(keep(Some(1), None), 4..5);
+        // A 3-day window: the backups of the last 3 days (2, 1) plus the one 5 days old, which is
+        // what reaches 3 days ago.
+        assert_eq!(keep(None, Some(3)), 2..5);
+        // A window shorter than the newest backup's age still keeps the newest.
+        assert_eq!(keep(None, Some(0)), 4..5);
+        // A window older than every backup keeps them all.
+        assert_eq!(keep(None, Some(30)), 0..5);
+        assert_eq!(keep(None, Some(u64::MAX / 86400)), 0..5);
+        // Both: the union, i.e. the longer suffix.
+        assert_eq!(keep(Some(4), Some(3)), 1..5);
+        assert_eq!(keep(Some(1), Some(3)), 2..5);
+        assert_eq!(backups_to_keep(&[], RetentionPolicy::default(), now), 0..0);
+    }
+}
