@@ -6,5 +6,6 @@ mod archive;
 mod common;
 mod pg_client;
 mod pitr;
+mod prefetch;
 mod stream;
 mod verify;
