@@ -72,6 +72,8 @@ const MIN_FREE_BYTES: u64 = 1 << 30;
 /// The longest a call waits for a segment the worker is fetching; then it fetches it itself.
 const MAX_WAIT: Duration = Duration::from_secs(10);
 const WAIT_STEP: Duration = Duration::from_millis(5);
+/// Read size when checking a spooled segment.
+const CHECK_BUFFER: usize = 256 << 10;
 /// `worker.log` is cut back to empty beyond this, when a worker starts.
 const MAX_LOG_BYTES: u64 = 1 << 20;
 /// GETs in flight at once: enough to hide one request's latency behind another, few enough to
@@ -443,27 +445,73 @@ struct Expect<'a> {
 /// Beyond the CRC (a torn or damaged file), the segment's first page must say it is this
 /// segment of this cluster. PostgreSQL would refuse it otherwise, and in archive recovery a
 /// refused segment can end recovery early; the spool's own records are not trusted for that.
+///
+/// This is the whole cost of a hit, so the file is streamed through a small buffer: reading it
+/// into one 16 MiB allocation cost more in page faults than the copy and the CRC together.
 fn check_entry(path: &Path, e: &Expect) -> Result<u64, String> {
-    let content = fs::read(path).map_err(|e| e.to_string())?;
-    let len = content.len() as u64;
+    use crate::wal::{parse_long_header, Lsn, PageError};
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
     if len != e.seg_size {
         return Err(format!(
             "{len} bytes instead of a {}-byte segment",
             e.seg_size
         ));
     }
-    let actual = crc32c::crc32c(&content);
-    if actual != e.crc {
-        return Err(format!("crc32c {actual:08x}, named {:08x}", e.crc));
-    }
     let segno = e.name.segno(e.seg_size).ok_or("not a segment")?;
-    let header = crate::wal::validate_segment(&content, e.name.timeline(), segno)
-        .map_err(|err| err.to_string())?;
-    let system = header.system_identifier;
-    if system.to_string() != e.source_system || e.cluster_system.is_some_and(|c| c != system) {
-        return Err(format!(
-            "WAL of system {system}, not of this cluster or repository"
-        ));
+    // Page-aligned: the kernel's copy into a buffer misaligned by malloc's 16-byte header runs
+    // at a quarter of the speed on AMD EPYC (fast-string copies), 6.5 ms instead of 1.5 ms per
+    // 16 MiB.
+    let mut backing = vec![0u8; CHECK_BUFFER + 4096];
+    let start = backing.as_ptr().align_offset(4096).min(4096);
+    let buf = &mut backing[start..start + CHECK_BUFFER.min(len as usize)];
+    let (mut crc, mut done) = (0u32, 0u64);
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        file.read_exact(&mut buf[..n]).map_err(|e| e.to_string())?;
+        if done == 0 {
+            let h = parse_long_header(&buf[..n]).map_err(|err| err.to_string())?;
+            let expected = Lsn::from_segno(segno, e.seg_size);
+            let problem = if u64::from(h.seg_size) != e.seg_size {
+                Some(PageError::SizeMismatch {
+                    len,
+                    seg_size: h.seg_size,
+                })
+            } else if h.pageaddr != expected {
+                Some(PageError::AddressMismatch {
+                    expected,
+                    found: h.pageaddr,
+                })
+            } else if h.tli > e.name.timeline() {
+                Some(PageError::TimelineMismatch {
+                    expected: e.name.timeline(),
+                    found: h.tli,
+                })
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Err(p.to_string());
+            }
+            let system = h.system_identifier;
+            if system.to_string() != e.source_system
+                || e.cluster_system.is_some_and(|c| c != system)
+            {
+                return Err(format!(
+                    "WAL of system {system}, not of this cluster or repository"
+                ));
+            }
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        done += n as u64;
+    }
+    // Nothing may have been appended behind the length checked above.
+    if file.read(&mut buf[..1]).map_err(|e| e.to_string())? != 0 {
+        return Err("the file grew while it was read".into());
+    }
+    if crc != e.crc {
+        return Err(format!("crc32c {crc:08x}, named {:08x}", e.crc));
     }
     Ok(len)
 }
