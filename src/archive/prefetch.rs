@@ -278,8 +278,9 @@ impl Spool {
     /// The spool for `name` restored to `dest`, if this call is PostgreSQL's startup process
     /// asking for a segment: a regular segment name, `%p` inside a directory named `pg_wal`, and
     /// a current directory holding `PG_VERSION` (PostgreSQL runs restore_command from the data
-    /// directory) and `recovery.signal` or `standby.signal`. Anything else (a `.history`, `.partial` or `.backup` file, a manual call into
-    /// another directory, pg_rewind) is served exactly as without prefetch.
+    /// directory) and `recovery.signal` or `standby.signal`. Anything else (a `.history`,
+    /// `.partial` or `.backup` file, a manual call into another directory, pg_rewind) is served
+    /// exactly as without prefetch.
     pub(super) fn engage(name: &WalFileName, dest: &Path) -> Option<Spool> {
         position(name)?;
         let parent = dest.parent()?;
@@ -339,6 +340,8 @@ impl Spool {
                         let _ = fs::remove_file(&path);
                     }
                 },
+                // Removed by a worker's clean-up since the directory was read: not damage.
+                Err(_) if !path.exists() => {}
                 Err(problem) => {
                     tracing::warn!(file = %path.display(), %problem,
                         "discarding a damaged prefetched segment; fetching it from the repository");
