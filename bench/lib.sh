@@ -147,7 +147,8 @@ pgbr_conf() {
 
 # measure LABEL KEY CMD... : run CMD as postgres; wall time, user+sys CPU (getrusage of the
 # child and its waited-for descendants, microsecond resolution) and peak RSS go to results.jsonl.
-# The child's output goes to $BT/log/measure.log; a non-zero exit fails the benchmark.
+# The child's output goes to $BT/log/measure.log; a non-zero exit fails the benchmark. It runs in
+# $BT, or in $MEASURE_CWD when set (restore_command runs from the data directory).
 measure() {
     /usr/bin/python3 "$BT/bin/measure.py" run "$BT/results.jsonl" "$@"
 }
@@ -186,7 +187,7 @@ def run(path, label, key, cmd):
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                          user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
-                         cwd=bt)
+                         cwd=os.environ.get("MEASURE_CWD") or bt)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)

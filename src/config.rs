@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::archive::prefetch;
 use crate::codec::Codec;
 use crate::repo::WriteOptions;
 use crate::storage::{Location, S3Settings};
@@ -25,6 +26,8 @@ pub struct FileConfig {
     pub storage_retry_timeout: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    /// archive-get: segments to prefetch ahead of replay; 0 disables.
+    pub prefetch: Option<u32>,
     pub s3: Option<S3Settings>,
 }
 
@@ -36,6 +39,7 @@ pub struct Overrides {
     pub compression: Option<String>,
     pub compression_level: Option<i32>,
     pub storage_retry_timeout: Option<String>,
+    pub prefetch: Option<u32>,
 }
 
 /// Validated settings.
@@ -45,6 +49,8 @@ pub struct Settings {
     pub write: WriteOptions,
     pub storage_retry_timeout: Duration,
     pub config_file: Option<PathBuf>,
+    /// archive-get: segments kept ahead of replay in the prefetch spool; 0 disables it.
+    pub prefetch: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,17 @@ impl Settings {
             }),
         };
 
+        let prefetch = o
+            .prefetch
+            .or(file.prefetch)
+            .unwrap_or(prefetch::DEFAULT_AHEAD);
+        if prefetch > prefetch::MAX_AHEAD {
+            problems.push(format!(
+                "prefetch {prefetch} is out of range: 0 (off) to {}",
+                prefetch::MAX_AHEAD
+            ));
+        }
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
@@ -140,6 +157,7 @@ impl Settings {
             write: WriteOptions { codec, level },
             storage_retry_timeout,
             config_file: o.config.clone(),
+            prefetch,
         })
     }
 }
@@ -183,6 +201,37 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn prefetch_defaults_to_eight_and_the_flag_wins() {
+        let (_d, p) = write("repo = \"/x\"\nprefetch = 3\n");
+        let s = Settings::resolve(&Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.prefetch, 3);
+        let s = Settings::resolve(&Overrides {
+            config: Some(p),
+            prefetch: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.prefetch, 0);
+        let s = Settings::resolve(&Overrides {
+            repo: Some("/x".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.prefetch, 8);
+        let e = Settings::resolve(&Overrides {
+            repo: Some("/x".into()),
+            prefetch: Some(65),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("prefetch 65"), "{e}");
     }
 
     #[test]

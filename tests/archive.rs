@@ -94,6 +94,26 @@ fn archive_and_recover(backend: Backend) {
         log.contains(&format!("restored log file \"{last}\" from archive")),
         "{last} was not restored:\n{log}"
     );
+    // restore_command ran from the data directory into pg_wal, so prefetch was on: from the
+    // third segment on, the worker (started after the first) is ahead of replay or fetching
+    // the very segment asked for, which the call then waits for. And the end of recovery took
+    // the spool and its worker away.
+    let replayed: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("restored log file") && l.contains(" from archive"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    if replayed.len() >= 3 {
+        assert!(
+            log.contains("restored from the prefetch spool"),
+            "no segment came from the prefetch spool:\n{log}"
+        );
+    }
+    let spool = base.join("pg_wal/.pitr-prefetch");
+    crate::harness::poll("the prefetch spool to go", Duration::from_secs(5), || {
+        Ok((!spool.exists()).then_some(()))
+    })
+    .unwrap();
     restored.stop().unwrap();
 }
 

@@ -7,5 +7,6 @@ mod common;
 mod expire;
 mod pg_client;
 mod pitr;
+mod prefetch;
 mod stream;
 mod verify;

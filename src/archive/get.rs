@@ -1,6 +1,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use super::prefetch::{location_id, Prefetch, Spool};
 use super::ArchiveError;
 use crate::repo::{Repository, WriteOptions};
 use crate::storage::Storage;
@@ -22,12 +23,28 @@ pub enum GetOutcome {
 /// and renamed, so PostgreSQL never sees a partial file and no file is left behind on failure.
 /// Storage errors are retried by `storage` for its configured time, then returned: the caller
 /// must not report them as "not found".
+///
+/// With `prefetch`, a segment PostgreSQL's startup process asks for is first looked up in the
+/// prefetch spool (see `prefetch`); a miss takes exactly the path above. After a segment is
+/// served a background worker is started, if none runs, to fetch the next ones.
 pub async fn archive_get(
     storage: Storage,
     name: &str,
     dest: &Path,
+    prefetch: Option<&Prefetch>,
 ) -> Result<GetOutcome, ArchiveError> {
     let name = WalFileName::parse(name)?;
+    let spool = prefetch
+        .filter(|p| p.ahead > 0)
+        .and_then(|p| Some((Spool::engage(&name, dest)?, p)));
+    if let Some((spool, prefetch)) = &spool {
+        let location = location_id(storage.location());
+        if let Some(bytes) = spool.take_or_wait(&name, &location, dest).await {
+            tracing::info!(file = %name, bytes, "restored from the prefetch spool");
+            spool.after_serving(&name, prefetch);
+            return Ok(GetOutcome::Restored { bytes });
+        }
+    }
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
     let repo = Repository::open(storage, WriteOptions::default()).await?;
@@ -48,6 +65,9 @@ pub async fn archive_get(
         .await
         .expect("write task panicked")?;
     tracing::info!(file = %name, bytes = len, "restored");
+    if let Some((spool, prefetch)) = &spool {
+        spool.after_serving(&name, prefetch);
+    }
     Ok(GetOutcome::Restored { bytes: len })
 }
 

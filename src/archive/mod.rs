@@ -8,9 +8,11 @@
 //! codes themselves are chosen at the CLI edge; this module returns typed outcomes and errors.
 
 mod get;
+pub mod prefetch;
 mod push;
 
 pub use get::{archive_get, GetOutcome};
+pub use prefetch::{Prefetch, PrefetchError, WorkerArgs};
 pub use push::{archive_push, PushOutcome};
 
 use std::path::PathBuf;

@@ -7,6 +7,7 @@ mod restore_cmd;
 mod stream_cmd;
 mod verify_cmd;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,7 +91,14 @@ pub enum Command {
     /// Exits 0 when the file was restored, 1 when the repository does not have it (end of
     /// archive), and 200 on any other failure, which makes PostgreSQL stop recovery rather than
     /// finish early with data missing.
+    ///
+    /// Run by PostgreSQL from the data directory into pg_wal, it keeps the next segments
+    /// (`--prefetch`, 8 by default) in pg_wal/.pitr-prefetch, fetched by a background worker
+    /// while PostgreSQL replays: docs/prefetch.md.
     ArchiveGet {
+        /// Segments to fetch ahead of replay, 0 to 64; 0 disables prefetching (default 8).
+        #[arg(long, env = "PITR_PREFETCH", value_name = "N")]
+        prefetch: Option<u32>,
         /// Name of the WAL file (%f).
         wal_file: String,
         /// Where to write it (%p).
@@ -134,6 +142,21 @@ pub enum Command {
     /// DURATION needs (--retain-window), or both (the union); the newest backup is always kept.
     /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
     Expire(expire_cmd::ExpireArgs),
+    /// The background worker of archive-get's prefetch; started by archive-get itself.
+    #[command(name = archive::prefetch::WORKER_COMMAND, hide = true)]
+    PrefetchWorker(PrefetchWorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PrefetchWorkerArgs {
+    #[arg(long)]
+    spool: PathBuf,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    after: String,
+    #[arg(long)]
+    ahead: u32,
 }
 
 impl Command {
@@ -147,6 +170,7 @@ impl Command {
             Command::Verify { .. } => "verify",
             Command::Expire(_) => "expire",
             Command::Stream(_) => "stream",
+            Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
     }
 }
@@ -158,6 +182,61 @@ fn overrides(g: &GlobalArgs) -> Overrides {
         compression: g.compression.clone(),
         compression_level: g.compression_level,
         storage_retry_timeout: g.storage_retry_timeout.clone(),
+        prefetch: None,
+    }
+}
+
+/// The global options as flags, for the prefetch worker: it must open the same repository with
+/// the same settings. Values that came from PITR_* variables are passed as flags too, which
+/// resolves to the same thing; secrets live in the environment or the config file, never here.
+fn forwarded_global_args(g: &GlobalArgs) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec![];
+    let mut push = |flag: &str, value: Option<OsString>| {
+        if let Some(v) = value {
+            out.push(flag.into());
+            out.push(v);
+        }
+    };
+    push("--config", g.config.clone().map(Into::into));
+    push("--repo", g.repo.clone().map(Into::into));
+    push("--compression", g.compression.clone().map(Into::into));
+    push(
+        "--compression-level",
+        g.compression_level.map(|l| l.to_string().into()),
+    );
+    push(
+        "--storage-retry-timeout",
+        g.storage_retry_timeout.clone().map(Into::into),
+    );
+    push("--log-level", g.log_level.clone().map(Into::into));
+    push(
+        "--log-format",
+        g.log_format.map(|f| {
+            match f {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+            .into()
+        }),
+    );
+    out
+}
+
+/// archive-get's prefetch settings, or `None` when it is off or cannot work here.
+fn prefetch_settings(g: &GlobalArgs, ahead: u32) -> Option<archive::Prefetch> {
+    if ahead == 0 {
+        return None;
+    }
+    match std::env::current_exe() {
+        Ok(program) => Some(archive::Prefetch {
+            ahead,
+            program,
+            global_args: forwarded_global_args(g),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find the pitr binary; not prefetching");
+            None
+        }
     }
 }
 
@@ -243,8 +322,11 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<Code, Failure> {
     let is_get = matches!(cli.command, Command::ArchiveGet { .. });
-    let settings =
-        Settings::resolve(&overrides(&cli.global)).map_err(|e| Failure::from_config(e, is_get))?;
+    let mut o = overrides(&cli.global);
+    if let Command::ArchiveGet { prefetch, .. } = &cli.command {
+        o.prefetch = *prefetch;
+    }
+    let settings = Settings::resolve(&o).map_err(|e| Failure::from_config(e, is_get))?;
     let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::input(e, is_get))?;
     match cli.command {
@@ -254,8 +336,9 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
                 .map_err(Failure::from_archive_push)?;
             Ok(Code::Ok)
         }
-        Command::ArchiveGet { wal_file, dest } => {
-            match archive::archive_get(storage, &wal_file, &dest)
+        Command::ArchiveGet { wal_file, dest, .. } => {
+            let prefetch = prefetch_settings(&cli.global, settings.prefetch);
+            match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
                 .await
                 .map_err(Failure::from_archive_get)?
             {
@@ -269,5 +352,72 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
         Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
         Command::Expire(args) => expire_cmd::expire(storage, &settings, args).await,
+        Command::PrefetchWorker(a) => {
+            let args = archive::WorkerArgs {
+                spool: a.spool,
+                data_dir: a.data_dir,
+                after: a.after,
+                ahead: a.ahead,
+            };
+            // Always 0: nobody waits for the worker, and where PostgreSQL is PID 1 (a container
+            // without an init) the postmaster reaps it and would take any other status for a
+            // crashed server process.
+            if let Err(e) = archive::prefetch::run_worker(storage, args).await {
+                tracing::warn!(error = %e, "prefetch worker stopped");
+            }
+            Ok(Code::Ok)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worker command line archive-get builds must parse back to the same request.
+    #[test]
+    fn the_worker_command_line_round_trips() {
+        let global = GlobalArgs {
+            config: Some("/etc/pitr.toml".into()),
+            repo: Some("s3://b/p".into()),
+            compression: None,
+            compression_level: Some(5),
+            storage_retry_timeout: Some("5s".into()),
+            log_level: Some("debug".into()),
+            log_format: Some(LogFormat::Json),
+        };
+        let args = archive::WorkerArgs {
+            spool: "/data/pg_wal/.pitr-prefetch".into(),
+            data_dir: "/data".into(),
+            after: "000000010000000000000003".into(),
+            ahead: 8,
+        };
+        let mut argv: Vec<OsString> = vec!["pitr".into()];
+        argv.extend(forwarded_global_args(&global));
+        argv.extend(args.to_args());
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert_eq!(cli.global.repo, global.repo);
+        assert_eq!(cli.global.config, global.config);
+        assert_eq!(cli.global.compression_level, Some(5));
+        assert_eq!(
+            cli.global.storage_retry_timeout,
+            global.storage_retry_timeout
+        );
+        assert_eq!(cli.global.log_level, global.log_level);
+        assert_eq!(cli.global.log_format, Some(LogFormat::Json));
+        match cli.command {
+            Command::PrefetchWorker(a) => {
+                assert_eq!(
+                    archive::WorkerArgs {
+                        spool: a.spool,
+                        data_dir: a.data_dir,
+                        after: a.after,
+                        ahead: a.ahead
+                    },
+                    args
+                );
+            }
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }
