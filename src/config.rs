@@ -29,6 +29,17 @@ pub struct FileConfig {
     /// archive-get: segments to prefetch ahead of replay; 0 disables.
     pub prefetch: Option<u32>,
     pub s3: Option<S3Settings>,
+    pub retention: Option<RetentionFile>,
+}
+
+/// `[retention]`: the policy `pitr expire` applies when no flag says otherwise.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    /// Keep the newest N backups.
+    pub full: Option<usize>,
+    /// Keep what restoring to any moment of this long ago needs, e.g. "7d".
+    pub window: Option<String>,
 }
 
 /// Values given on the command line or through the environment (already merged by clap).
@@ -40,6 +51,8 @@ pub struct Overrides {
     pub compression_level: Option<i32>,
     pub storage_retry_timeout: Option<String>,
     pub prefetch: Option<u32>,
+    pub retain_full: Option<usize>,
+    pub retain_window: Option<String>,
 }
 
 /// Validated settings.
@@ -51,6 +64,10 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// archive-get: segments kept ahead of replay in the prefetch spool; 0 disables it.
     pub prefetch: u32,
+    /// expire: keep the newest N backups.
+    pub retain_full: Option<usize>,
+    /// expire: keep what restoring to any moment of this long ago needs.
+    pub retain_window: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +166,25 @@ impl Settings {
             ));
         }
 
+        let retention = file.retention.clone().unwrap_or_default();
+        let retain_full = o.retain_full.or(retention.full);
+        if retain_full == Some(0) {
+            problems.push(
+                "retain full 0 would remove every backup: the newest is always kept, use 1 or more"
+                    .to_string(),
+            );
+        }
+        let retain_window = match o.retain_window.as_deref().or(retention.window.as_deref()) {
+            None => None,
+            Some(w) => match humantime::parse_duration(w) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.push(format!("retention window {w:?}: {e} (use e.g. 7d or 36h)"));
+                    None
+                }
+            },
+        };
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
@@ -158,6 +194,8 @@ impl Settings {
             storage_retry_timeout,
             config_file: o.config.clone(),
             prefetch,
+            retain_full,
+            retain_window,
         })
     }
 }
@@ -201,6 +239,43 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn retention_comes_from_the_file_unless_a_flag_says_otherwise() {
+        let (_d, p) = write("repo = \"/x\"\n[retention]\nfull = 3\nwindow = \"7d\"\n");
+        let file_only = Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&file_only).unwrap();
+        assert_eq!(s.retain_full, Some(3));
+        assert_eq!(s.retain_window, Some(Duration::from_secs(7 * 86400)));
+        let s = Settings::resolve(&Overrides {
+            retain_full: Some(1),
+            retain_window: Some("36h".into()),
+            ..file_only.clone()
+        })
+        .unwrap();
+        assert_eq!(s.retain_full, Some(1));
+        assert_eq!(s.retain_window, Some(Duration::from_secs(36 * 3600)));
+        let e = Settings::resolve(&Overrides {
+            retain_full: Some(0),
+            retain_window: Some("a week".into()),
+            ..file_only
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("retain full 0"), "{e}");
+        assert!(e.contains("retention window \"a week\""), "{e}");
+        let (_d, p) = write("repo = \"/x\"\n[retention]\nkeep = 3\n");
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keep"), "{e}");
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub struct RetentionPolicy {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExpireError {
-    #[error("no retention policy given: set --retain-full N and/or --retain-window DURATION")]
+    #[error(
+        "no retention policy given: pass --retain-full N and/or --retain-window DURATION, or set \
+         [retention] full / window in the config file"
+    )]
     NoPolicy,
     #[error("--retain-full must be at least 1: the newest backup is always kept")]
     ZeroFull,

@@ -1,7 +1,5 @@
 //! `pitr expire`: argument handling and output.
 
-use std::time::Duration;
-
 use clap::Args;
 
 use super::exit::{Code, Failure};
@@ -18,8 +16,8 @@ pub struct ExpireArgs {
     #[arg(long, value_name = "N", env = "PITR_RETAIN_FULL")]
     pub retain_full: Option<usize>,
     /// Keep what restoring to any moment of the last DURATION needs (e.g. 7d, 36h).
-    #[arg(long, value_name = "DURATION", env = "PITR_RETAIN_WINDOW", value_parser = humantime::parse_duration)]
-    pub retain_window: Option<Duration>,
+    #[arg(long, value_name = "DURATION", env = "PITR_RETAIN_WINDOW")]
+    pub retain_window: Option<String>,
     /// Show what would be removed and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -36,9 +34,10 @@ pub async fn expire(
     let repo = Repository::open(storage, settings.write)
         .await
         .map_err(Failure::from_repo)?;
+    // Flags and PITR_RETAIN_* were merged with the config file's [retention] by `Settings`.
     let policy = RetentionPolicy {
-        full: args.retain_full,
-        window: args.retain_window,
+        full: settings.retain_full,
+        window: settings.retain_window,
     };
     let report = expire::expire(&repo, policy, DEFAULT_ABANDONED_AFTER, args.dry_run)
         .await

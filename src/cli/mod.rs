@@ -182,7 +182,7 @@ fn overrides(g: &GlobalArgs) -> Overrides {
         compression: g.compression.clone(),
         compression_level: g.compression_level,
         storage_retry_timeout: g.storage_retry_timeout.clone(),
-        prefetch: None,
+        ..Default::default()
     }
 }
 
@@ -323,8 +323,13 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<Code, Failure> {
     let is_get = matches!(cli.command, Command::ArchiveGet { .. });
     let mut o = overrides(&cli.global);
-    if let Command::ArchiveGet { prefetch, .. } = &cli.command {
-        o.prefetch = *prefetch;
+    match &cli.command {
+        Command::ArchiveGet { prefetch, .. } => o.prefetch = *prefetch,
+        Command::Expire(a) => {
+            o.retain_full = a.retain_full;
+            o.retain_window = a.retain_window.clone();
+        }
+        _ => {}
     }
     let settings = Settings::resolve(&o).map_err(|e| Failure::from_config(e, is_get))?;
     let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
