@@ -7,7 +7,8 @@
 # Starts a throwaway PostgreSQL 15 cluster (16 MiB segments) archiving with pitr into a local
 # repository and, for pg_waldump, copying the raw segments aside; builds pitr in release mode.
 # Needs PG15 at /usr/lib/postgresql/15/bin (override with PGBIN). Runs as the current user, or as
-# `postgres` through runuser when root.
+# `postgres` through runuser when root. With KEEP_WAL=DIR the raw segments are copied to DIR
+# afterwards (for profiling the reader on the same WAL, e.g. with bench/wal_bench.rs).
 set -euo pipefail
 
 SCALE=${1:-20}
@@ -21,6 +22,7 @@ PITR="$ROOT/target/release/pitr"
 WORK=$(mktemp -d /tmp/pitr-bench-verify.XXXXXX)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
+  if [ -n "${KEEP_WAL:-}" ] && [ -d "$WORK/raw" ]; then mkdir -p "$KEEP_WAL" && cp "$WORK/raw"/* "$KEEP_WAL"/; fi
   as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
