@@ -18,13 +18,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
-use super::reader::{EndReason, Next, WalError, WalReader};
+use super::reader::{EndReason, WalError, WalReader};
+use super::record::Record;
 use super::xact::{decode_event, pg_timestamp_to_utc, WalEvent, XactKind};
 
 use super::{Lsn, TimelineId};
-
-/// How much of a segment the summarizer hands the reader at once (a multiple of the page size).
-const FEED_SLICE: usize = 1 << 20;
 
 /// Version of the JSON layout, bumped on incompatible changes.
 pub const SUMMARY_FORMAT: u32 = 1;
@@ -188,13 +186,6 @@ pub fn summarize_segment(
             }
         }
     }
-    // Fed in slices, not whole: the reader copies what it is fed, and a whole-segment copy per
-    // segment was the largest transient allocation of `archive-push` and `pitr stream`.
-    let mut slices = segment.chunks(FEED_SLICE);
-    if let Some(first) = slices.next() {
-        reader.feed(first);
-    }
-
     let mut s = SegmentSummary {
         format: SUMMARY_FORMAT,
         segment_start: seg_start,
@@ -217,91 +208,29 @@ pub fn summarize_segment(
         ends_with_switch: false,
         end: SegmentEnd::Switch, // replaced below
     };
+    // The reader reads the records in place from `segment`: no copy of the segment (that was
+    // the largest transient allocation of `archive-push` and `pitr stream`, and most of the
+    // time), only of the record continuing into the next segment.
+    let outcome = reader.read_from(segment, |rec| add_record(&mut s, &rec));
     let mut error = None;
-    loop {
-        match reader.next_record() {
-            Ok(Next::Record(rec)) => {
-                s.first_record_lsn.get_or_insert(rec.lsn);
-                s.last_record_lsn = Some(rec.lsn);
-                s.end_lsn = Some(rec.end_lsn);
-                s.record_count += 1;
-                s.ends_with_switch = false;
-                match decode_event(&rec) {
-                    Some(WalEvent::XactEnd {
-                        kind,
-                        xid,
-                        xact_time,
-                    }) => {
-                        if kind.is_commit() {
-                            s.commit_count += 1;
-                        } else {
-                            s.abort_count += 1;
-                        }
-                        if let Some(time) = pg_timestamp_to_utc(xact_time) {
-                            let mark = XactMark {
-                                lsn: rec.lsn,
-                                time,
-                                xid,
-                                kind,
-                            };
-                            if s.first_xact.is_none() {
-                                s.first_xact = Some(mark.clone());
-                            }
-                            s.last_xact = Some(mark);
-                        }
-                    }
-                    Some(WalEvent::RestorePoint { name, rp_time }) => {
-                        if let Some(time) = pg_timestamp_to_utc(rp_time) {
-                            s.restore_points.push(RestorePointMark {
-                                name,
-                                time,
-                                lsn: rec.lsn,
-                            });
-                        }
-                    }
-                    Some(WalEvent::Checkpoint { shutdown, redo, .. }) => {
-                        s.checkpoints.push(CheckpointMark {
-                            lsn: rec.lsn,
-                            redo,
-                            shutdown,
-                        });
-                    }
-                    Some(WalEvent::Switch) => s.ends_with_switch = true,
-                    _ => {}
-                }
-            }
-            Ok(Next::NeedInput) if slices.len() > 0 => {
-                if let Some(more) = slices.next() {
-                    reader.feed(more);
-                }
-            }
-            Ok(Next::NeedInput) => {
-                s.end = if s.ends_with_switch {
-                    SegmentEnd::Switch
-                } else {
-                    SegmentEnd::Continues {
-                        next_record: reader.next_lsn(),
-                    }
-                };
-                break;
-            }
-            Ok(Next::EndOfWal(e)) => {
-                s.end = SegmentEnd::EndOfWal {
-                    lsn: e.lsn,
-                    reason: e.reason,
-                };
-                break;
-            }
-            Err(e) => {
-                s.end = SegmentEnd::Corrupt {
-                    lsn: e.lsn(),
-                    error: e.to_string(),
-                };
-                error = Some(e);
-                break;
-            }
+    s.end = match outcome {
+        Ok(None) if s.ends_with_switch => SegmentEnd::Switch,
+        Ok(None) => SegmentEnd::Continues {
+            next_record: reader.next_lsn(),
+        },
+        Ok(Some(e)) => SegmentEnd::EndOfWal {
+            lsn: e.lsn,
+            reason: e.reason,
+        },
+        Err(e) => {
+            let end = SegmentEnd::Corrupt {
+                lsn: e.lsn(),
+                error: e.to_string(),
+            };
+            error = Some(e);
+            end
         }
-    }
+    };
     if let Some(tli) = reader.page_tli() {
         s.last_page_timeline = tli;
     }
@@ -319,4 +248,56 @@ pub fn summarize_segment(
         tail,
         error,
     })
+}
+
+/// Counts one record into the summary and notes what recovery targets need from it.
+fn add_record(s: &mut SegmentSummary, rec: &Record<'_>) {
+    s.first_record_lsn.get_or_insert(rec.lsn);
+    s.last_record_lsn = Some(rec.lsn);
+    s.end_lsn = Some(rec.end_lsn);
+    s.record_count += 1;
+    s.ends_with_switch = false;
+    match decode_event(rec) {
+        Some(WalEvent::XactEnd {
+            kind,
+            xid,
+            xact_time,
+        }) => {
+            if kind.is_commit() {
+                s.commit_count += 1;
+            } else {
+                s.abort_count += 1;
+            }
+            if let Some(time) = pg_timestamp_to_utc(xact_time) {
+                let mark = XactMark {
+                    lsn: rec.lsn,
+                    time,
+                    xid,
+                    kind,
+                };
+                if s.first_xact.is_none() {
+                    s.first_xact = Some(mark.clone());
+                }
+                s.last_xact = Some(mark);
+            }
+        }
+        Some(WalEvent::RestorePoint { name, rp_time }) => {
+            if let Some(time) = pg_timestamp_to_utc(rp_time) {
+                s.restore_points.push(RestorePointMark {
+                    name,
+                    time,
+                    lsn: rec.lsn,
+                });
+            }
+        }
+        Some(WalEvent::Checkpoint { shutdown, redo, .. }) => {
+            s.checkpoints.push(CheckpointMark {
+                lsn: rec.lsn,
+                redo,
+                shutdown,
+            });
+        }
+        Some(WalEvent::Switch) => s.ends_with_switch = true,
+        _ => {}
+    }
 }
