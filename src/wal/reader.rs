@@ -12,8 +12,8 @@ use super::page::{
     XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 use super::record::{
-    decode_body, maxalign, record_crc, rmgr_id_is_valid, DecodedBody, Record, XLogRecord,
-    RM_XLOG_ID, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
+    decode_body, maxalign, record_crc_with, rmgr_id_is_valid, CrcScratch, DecodedBody, Record,
+    XLogRecord, RM_XLOG_ID, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
 };
 use super::{is_valid_segment_size, major_from_magic, Lsn, TimelineId, XLOG_BLCKSZ};
 
@@ -219,6 +219,7 @@ struct State {
     stopped: Option<Result<EndOfWal, WalError>>,
     /// Record most recently abandoned because of XLP_FIRST_IS_OVERWRITE_CONTRECORD.
     overwritten: Option<Lsn>,
+    crc_scratch: CrcScratch,
 }
 
 /// Contiguous input the reader works on: `bytes[0]` is at LSN `lsn`. It always starts at or
@@ -276,6 +277,7 @@ impl WalReader {
                 need_until: 0,
                 stopped: None,
                 overwritten: None,
+                crc_scratch: CrcScratch::default(),
             },
             buf: Vec::new(),
             buf_lsn: start.0,
@@ -460,10 +462,13 @@ impl WalReader {
 }
 
 impl State {
+    #[inline(always)]
     fn is_segment_start(&self, page: u64) -> bool {
-        page % self.seg_size == 0
+        // seg_size is a power of two (checked in `new`): a mask, not a division per record.
+        page & (self.seg_size - 1) == 0
     }
 
+    #[inline(always)]
     fn header_size_at(&self, page: u64) -> u64 {
         if self.is_segment_start(page) {
             SIZE_OF_LONG_PAGE_HEADER as u64
@@ -585,6 +590,7 @@ impl State {
     }
 
     /// [`WalReader::next_record`] over `src`; multi-page records are assembled in `rec_buf`.
+    #[inline(always)]
     fn next_record<'b>(
         &mut self,
         src: Src<'b>,
@@ -620,6 +626,7 @@ impl State {
         }
     }
 
+    #[inline(always)]
     fn step(
         &mut self,
         src: Src<'_>,
@@ -692,6 +699,7 @@ impl State {
     /// Finds the bytes of the record of `tot_len` bytes at `lsn`, validating continuation page
     /// headers. When not all are fed yet, sets `need_until` so the pages are not walked again
     /// before the record can be complete.
+    #[inline(always)]
     fn locate(
         &mut self,
         src: Src<'_>,
@@ -750,6 +758,7 @@ impl State {
 
     /// Validates the continuation pages of the record at `lsn` as far as they are fed, copying its
     /// fragments into `out` when `copy`.
+    #[inline(never)] // multi-page records only: keep it out of the per-record path
     fn walk_continuations(
         &mut self,
         src: Src<'_>,
@@ -819,6 +828,7 @@ impl State {
     /// Header checks (`ValidXLogRecordHeader`), CRC (`ValidXLogRecord`) and fragment headers
     /// (`DecodeXLogRecord`) of a located record; on success advances past it.
     /// `raw` starts at the record (and may go on past it).
+    #[inline(always)]
     fn check_record(
         &mut self,
         f: &Found,
@@ -848,7 +858,7 @@ impl State {
                 expected: self.prev,
             });
         }
-        let computed = record_crc(raw);
+        let computed = record_crc_with(raw, &mut self.crc_scratch);
         if computed != h.xl_crc {
             return Err(WalError::BadCrc {
                 lsn,
@@ -871,6 +881,7 @@ impl State {
     }
 
     /// The [`Record`] for a record `check_record` accepted.
+    #[inline(always)]
     fn record<'b>(&self, f: &Found, raw: &'b [u8], h: XLogRecord, body: DecodedBody) -> Record<'b> {
         let raw = raw.get(..h.xl_tot_len as usize).unwrap_or(&[]);
         Record {
