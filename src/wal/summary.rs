@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
 use super::reader::{EndReason, WalError, WalReader};
-use super::record::Record;
-use super::xact::{decode_event, pg_timestamp_to_utc, WalEvent, XactKind};
+use super::record::{Record, RM_XACT_ID, RM_XLOG_ID};
+use super::xact::{
+    decode_event, pg_timestamp_to_utc, WalEvent, XactKind, POSTGRES_EPOCH_UNIX_MICROS,
+};
 
 use super::{Lsn, TimelineId};
 
@@ -211,7 +213,9 @@ pub fn summarize_segment(
     // The reader reads the records in place from `segment`: no copy of the segment (that was
     // the largest transient allocation of `archive-push` and `pitr stream`, and most of the
     // time), only of the record continuing into the next segment.
-    let outcome = reader.read_from(segment, |rec| add_record(&mut s, &rec));
+    let mut last_xact = None;
+    let outcome = reader.read_from(segment, |rec| add_record(&mut s, &mut last_xact, &rec));
+    s.last_xact = last_xact.map(RawXact::mark);
     let mut error = None;
     s.end = match outcome {
         Ok(None) if s.ends_with_switch => SegmentEnd::Switch,
@@ -250,13 +254,49 @@ pub fn summarize_segment(
     })
 }
 
-/// Counts one record into the summary and notes what recovery targets need from it.
-fn add_record(s: &mut SegmentSummary, rec: &Record<'_>) {
+/// A transaction end whose time is known to convert ([`pg_time_converts`]), not yet converted:
+/// the summary keeps only the first and the last, so only those two pay for the calendar.
+#[derive(Clone, Copy)]
+struct RawXact {
+    lsn: Lsn,
+    xact_time: i64,
+    xid: u32,
+    kind: XactKind,
+}
+
+impl RawXact {
+    fn mark(self) -> XactMark {
+        // `unwrap_or_default` is never taken: only times `pg_time_converts` accepts get here.
+        XactMark {
+            lsn: self.lsn,
+            time: pg_timestamp_to_utc(self.xact_time).unwrap_or_default(),
+            xid: self.xid,
+            kind: self.kind,
+        }
+    }
+}
+
+/// Whether [`pg_timestamp_to_utc`] converts `ts`, without converting: the times chrono can
+/// represent form one range (a unit test pins both ends against the conversion itself).
+fn pg_time_converts(ts: i64) -> bool {
+    let unix =
+        DateTime::<Utc>::MIN_UTC.timestamp_micros()..=DateTime::<Utc>::MAX_UTC.timestamp_micros();
+    ts.checked_add(POSTGRES_EPOCH_UNIX_MICROS)
+        .is_some_and(|micros| unix.contains(&micros))
+}
+
+/// Counts one record into the summary and notes what recovery targets need from it; the last
+/// transaction end goes to `last_xact` (converted once, at the end of the segment).
+#[inline]
+fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Record<'_>) {
     s.first_record_lsn.get_or_insert(rec.lsn);
     s.last_record_lsn = Some(rec.lsn);
     s.end_lsn = Some(rec.end_lsn);
     s.record_count += 1;
     s.ends_with_switch = false;
+    if rec.xl_rmid != RM_XACT_ID && rec.xl_rmid != RM_XLOG_ID {
+        return; // nothing decode_event knows: most records
+    }
     match decode_event(rec) {
         Some(WalEvent::XactEnd {
             kind,
@@ -268,17 +308,17 @@ fn add_record(s: &mut SegmentSummary, rec: &Record<'_>) {
             } else {
                 s.abort_count += 1;
             }
-            if let Some(time) = pg_timestamp_to_utc(xact_time) {
-                let mark = XactMark {
+            if pg_time_converts(xact_time) {
+                let raw = RawXact {
                     lsn: rec.lsn,
-                    time,
+                    xact_time,
                     xid,
                     kind,
                 };
                 if s.first_xact.is_none() {
-                    s.first_xact = Some(mark.clone());
+                    s.first_xact = Some(raw.mark());
                 }
-                s.last_xact = Some(mark);
+                *last_xact = Some(raw);
             }
         }
         Some(WalEvent::RestorePoint { name, rp_time }) => {
@@ -299,5 +339,37 @@ fn add_record(s: &mut SegmentSummary, rec: &Record<'_>) {
         }
         Some(WalEvent::Switch) => s.ends_with_switch = true,
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_time_converts_exactly_when_the_conversion_does() {
+        let min = DateTime::<Utc>::MIN_UTC.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS;
+        let max = DateTime::<Utc>::MAX_UTC.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS;
+        let edges = [
+            i64::MIN,
+            min - 1,
+            min,
+            min + 1,
+            -1,
+            0,
+            1,
+            max - 1,
+            max,
+            max + 1,
+            i64::MAX,
+        ];
+        let steps = (0..200).map(|i| min / 200 * (200 - i) + max / 200 * i);
+        for ts in edges.into_iter().chain(steps) {
+            assert_eq!(
+                pg_time_converts(ts),
+                pg_timestamp_to_utc(ts).is_some(),
+                "{ts}"
+            );
+        }
     }
 }
