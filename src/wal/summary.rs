@@ -214,7 +214,11 @@ pub fn summarize_segment(
     // the largest transient allocation of `archive-push` and `pitr stream`, and most of the
     // time), only of the record continuing into the next segment.
     let mut last_xact = None;
-    let outcome = reader.read_from(segment, |rec| add_record(&mut s, &mut last_xact, &rec));
+    let outcome = reader.read_from(
+        segment,
+        #[inline(always)]
+        |rec| add_record(&mut s, &mut last_xact, &rec),
+    );
     s.last_xact = last_xact.map(RawXact::mark);
     let mut error = None;
     s.end = match outcome {
@@ -287,7 +291,7 @@ fn pg_time_converts(ts: i64) -> bool {
 
 /// Counts one record into the summary and notes what recovery targets need from it; the last
 /// transaction end goes to `last_xact` (converted once, at the end of the segment).
-#[inline]
+#[inline(always)]
 fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Record<'_>) {
     s.first_record_lsn.get_or_insert(rec.lsn);
     s.last_record_lsn = Some(rec.lsn);
