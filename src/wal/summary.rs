@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
 use super::reader::{EndReason, WalError, WalReader};
-use super::record::{Record, RM_XACT_ID, RM_XLOG_ID};
+use super::record::Record;
 use super::xact::{
-    decode_event, pg_timestamp_to_utc, WalEvent, XactKind, POSTGRES_EPOCH_UNIX_MICROS,
+    decode_event, may_be_event, pg_timestamp_to_utc, WalEvent, XactKind, POSTGRES_EPOCH_UNIX_MICROS,
 };
 
 use super::{Lsn, TimelineId};
@@ -298,8 +298,8 @@ fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Rec
     s.end_lsn = Some(rec.end_lsn);
     s.record_count += 1;
     s.ends_with_switch = false;
-    if rec.xl_rmid != RM_XACT_ID && rec.xl_rmid != RM_XLOG_ID {
-        return; // nothing decode_event knows: most records
+    if !may_be_event(rec.xl_rmid, rec.xl_info) {
+        return; // nothing decode_event knows: nearly all records
     }
     match decode_event(rec) {
         Some(WalEvent::XactEnd {
