@@ -31,7 +31,9 @@ pub use summary::{
     summarize_segment, CheckpointMark, RestorePointMark, SegmentEnd, SegmentSummary, SegmentTail,
     SkippedContinuation, Summarized, SummaryError, XactMark, SUMMARY_FORMAT,
 };
-pub use xact::{decode_event, pg_timestamp_to_utc, utc_to_pg_timestamp, WalEvent, XactKind};
+pub use xact::{
+    decode_event, may_be_event, pg_timestamp_to_utc, utc_to_pg_timestamp, WalEvent, XactKind,
+};
 
 /// PostgreSQL timeline identifier.
 pub type TimelineId = u32;

@@ -12,8 +12,8 @@ use super::page::{
     XLP_ALL_FLAGS, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 use super::record::{
-    decode_body, maxalign, record_crc, rmgr_id_is_valid, DecodedBody, Record, XLogRecord,
-    RM_XLOG_ID, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
+    decode_body, maxalign, record_crc_with, rmgr_id_is_valid, CrcScratch, DecodedBody, Record,
+    XLogRecord, RM_XLOG_ID, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
 };
 use super::{is_valid_segment_size, major_from_magic, Lsn, TimelineId, XLOG_BLCKSZ};
 
@@ -177,17 +177,28 @@ enum PageLook {
 
 /// Streaming reader over WAL bytes. Feed bytes with [`feed`](Self::feed) in LSN order starting at
 /// the `start` given to [`new`](Self::new); pull records with [`next_record`](Self::next_record)
-/// until it says [`Next::NeedInput`].
+/// until it says [`Next::NeedInput`]. Or hand it each piece of input with
+/// [`read_from`](Self::read_from), which reads the records in place instead of copying the input.
 ///
 /// `start` is either a page boundary (typically a segment start) — then any continuation of a
 /// record that began earlier is skipped, as `XLogFindNextRecord` does, and the first record
 /// returned is the first one that *starts* at or after `start` — or the start of a record known to
 /// be valid (e.g. a checkpoint's redo LSN).
 pub struct WalReader {
-    seg_size: u64,
-    /// Input bytes not yet consumed; `buf[0]` is at LSN `buf_lsn`.
+    st: State,
+    /// Input bytes not yet consumed (and, until the next feed, the consumed prefix); `buf[0]` is
+    /// at LSN `buf_lsn`. After [`read_from`](Self::read_from) this holds only the start of a
+    /// record that continues past that input.
     buf: Vec<u8>,
     buf_lsn: u64,
+    /// Reassembly buffer for records that cross a page boundary; reused.
+    rec_buf: Vec<u8>,
+}
+
+/// Everything the reader knows apart from its buffers, so that the same code reads from the
+/// reader's own buffer or from a slice the caller lends ([`Src`]).
+struct State {
+    seg_size: u64,
     /// Where the next record starts, or a page boundary before it.
     next: u64,
     /// `next` is a page boundary whose continuation data (if any) belongs to a record we did not
@@ -196,20 +207,39 @@ pub struct WalReader {
     /// Start of the previous record, for the `xl_prev` check; `None` before the first record when
     /// the caller did not say, and then only `xl_prev < lsn` is checked (PostgreSQL's randAccess).
     prev: Option<Lsn>,
-    /// Reassembly buffer for records that cross a page boundary; reused.
-    rec_buf: Vec<u8>,
     /// Page-header state, as `XLogReaderValidatePageHeader` keeps it.
     magic: Option<u16>,
     major: u32,
     system_identifier: Option<u64>,
     latest_page: u64,
     latest_tli: TimelineId,
-    /// Do not retry before the buffer reaches this LSN (the end of a record known to be longer).
+    /// Do not retry before the input reaches this LSN (the end of a record known to be longer).
     need_until: u64,
     /// Sticky outcome once reading cannot go on.
     stopped: Option<Result<EndOfWal, WalError>>,
     /// Record most recently abandoned because of XLP_FIRST_IS_OVERWRITE_CONTRECORD.
     overwritten: Option<Lsn>,
+    crc_scratch: CrcScratch,
+}
+
+/// Contiguous input the reader works on: `bytes[0]` is at LSN `lsn`. It always starts at or
+/// before `next`, so everything the reader looks at (page headers, records) is at or after `lsn`.
+#[derive(Clone, Copy)]
+struct Src<'b> {
+    lsn: u64,
+    bytes: &'b [u8],
+}
+
+impl<'b> Src<'b> {
+    fn end(&self) -> u64 {
+        self.lsn + self.bytes.len() as u64
+    }
+
+    /// The bytes `[lsn, lsn + len)`, if all are here.
+    fn get(&self, lsn: u64, len: usize) -> Option<&'b [u8]> {
+        let from = usize::try_from(lsn.checked_sub(self.lsn)?).ok()?;
+        self.bytes.get(from..from.checked_add(len)?)
+    }
 }
 
 impl WalReader {
@@ -234,21 +264,24 @@ impl WalReader {
             }
         }
         Ok(WalReader {
-            seg_size,
+            st: State {
+                seg_size,
+                next: start.0,
+                skip_contrecord: page_boundary,
+                prev: None,
+                magic: None,
+                major: 0,
+                system_identifier: None,
+                latest_page: 0,
+                latest_tli: 0,
+                need_until: 0,
+                stopped: None,
+                overwritten: None,
+                crc_scratch: CrcScratch::default(),
+            },
             buf: Vec::new(),
             buf_lsn: start.0,
-            next: start.0,
-            skip_contrecord: page_boundary,
-            prev: None,
             rec_buf: Vec::new(),
-            magic: None,
-            major: 0,
-            system_identifier: None,
-            latest_page: 0,
-            latest_tli: 0,
-            need_until: 0,
-            stopped: None,
-            overwritten: None,
         })
     }
 
@@ -257,24 +290,24 @@ impl WalReader {
     /// continues a known stream: if it is a page boundary, the previous record ended exactly
     /// there, so a continuation on that page is an error rather than something to skip.
     pub fn set_prev_record(&mut self, prev: Lsn) {
-        self.prev = Some(prev);
-        self.skip_contrecord = false;
+        self.st.prev = Some(prev);
+        self.st.skip_contrecord = false;
     }
 
     /// Requires every long page header to carry this system identifier.
     pub fn set_system_identifier(&mut self, sysid: u64) {
-        self.system_identifier = Some(sysid);
+        self.st.system_identifier = Some(sysid);
     }
 
     /// Where the next record starts (or the page boundary before it). After [`Next::NeedInput`]
     /// this is the start of the incomplete record: valid WAL read so far ends here.
     pub fn next_lsn(&self) -> Lsn {
-        Lsn(self.next)
+        Lsn(self.st.next)
     }
 
     /// Start of the last record returned.
     pub fn prev_record(&self) -> Option<Lsn> {
-        self.prev
+        self.st.prev
     }
 
     /// LSN just past the last byte fed.
@@ -284,61 +317,158 @@ impl WalReader {
 
     /// Magic of the pages read so far, once one page header has been seen.
     pub fn page_magic(&self) -> Option<u16> {
-        self.magic
+        self.st.magic
     }
 
     /// Timeline of the latest page header read.
     pub fn page_tli(&self) -> Option<TimelineId> {
-        self.magic.map(|_| self.latest_tli)
+        self.st.magic.map(|_| self.st.latest_tli)
     }
 
     /// Set when a partial record was abandoned because the following page was flagged
     /// XLP_FIRST_IS_OVERWRITE_CONTRECORD (PostgreSQL 14+ after crash recovery): its start LSN.
     pub fn overwritten_record(&self) -> Option<Lsn> {
-        self.overwritten
+        self.st.overwritten
     }
 
     /// The bytes fed but not consumed: from [`next_lsn`](Self::next_lsn) to the end of input
     /// (empty if `next_lsn` lies beyond it). After the last [`Next::NeedInput`] of a segment this
     /// is the start of the record that continues into the next segment.
     pub fn unconsumed(&self) -> &[u8] {
-        let from = self.next.saturating_sub(self.buf_lsn) as usize;
+        let from = self.st.next.saturating_sub(self.buf_lsn) as usize;
         self.buf.get(from..).unwrap_or(&[])
     }
 
     /// Appends input. Bytes before [`next_lsn`](Self::next_lsn) that are not needed (XLOG_SWITCH
     /// padding) are dropped without being looked at.
     pub fn feed(&mut self, mut bytes: &[u8]) {
-        let end = self.buf_lsn + self.buf.len() as u64;
-        if self.next >= end {
+        self.drop_consumed();
+        if self.buf.is_empty() && self.st.next > self.buf_lsn {
             // Everything buffered is consumed; skip input up to `next`.
-            let skip = (self.next - end).min(bytes.len() as u64);
+            let skip = (self.st.next - self.buf_lsn).min(bytes.len() as u64);
             bytes = &bytes[skip as usize..];
-            self.buf.clear();
-            self.buf_lsn = end + skip;
-        } else if self.next > self.buf_lsn {
-            // Drop the consumed prefix. Cheap: the remainder is at most one pending record.
-            let consumed = (self.next - self.buf_lsn) as usize;
-            self.buf.drain(..consumed);
-            self.buf_lsn = self.next;
+            self.buf_lsn += skip;
         }
         self.buf.extend_from_slice(bytes);
     }
 
-    fn avail_end(&self) -> u64 {
-        self.buf_lsn + self.buf.len() as u64
+    /// Forgets the buffered bytes before `next`. Cheap: what remains is at most one pending
+    /// record.
+    fn drop_consumed(&mut self) {
+        let end = self.fed_until().0;
+        if self.st.next >= end {
+            self.buf.clear();
+            self.buf_lsn = end;
+        } else if self.st.next > self.buf_lsn {
+            self.buf.drain(..(self.st.next - self.buf_lsn) as usize);
+            self.buf_lsn = self.st.next;
+        }
     }
 
-    /// The buffered bytes `[lsn, lsn + len)`, if all are buffered.
-    fn bytes(&self, lsn: u64, len: usize) -> Option<&[u8]> {
-        let from = usize::try_from(lsn.checked_sub(self.buf_lsn)?).ok()?;
-        self.buf.get(from..from.checked_add(len)?)
+    /// Reads the next record. Returns [`Next::NeedInput`] when the input ends inside it (feed
+    /// more and call again), [`Next::EndOfWal`] at never-written space, an error on corruption.
+    /// End of WAL and errors are sticky.
+    pub fn next_record(&mut self) -> Result<Next<'_>, WalError> {
+        let src = Src {
+            lsn: self.buf_lsn,
+            bytes: &self.buf,
+        };
+        self.st.next_record(src, &mut self.rec_buf)
     }
 
+    /// Reads all the records `input` (the bytes following those already fed) completes, handing
+    /// each to `on_record`. The same records, checks and outcome as [`feed`](Self::feed)`(input)`
+    /// followed by [`next_record`](Self::next_record) until it returns no record — `Ok(None)`
+    /// for [`Next::NeedInput`], `Ok(Some(_))` for [`Next::EndOfWal`] — and the reader is left in
+    /// the same state, but `input` is not copied: records lying in it are handed out in place.
+    /// Copied are only a record straddling earlier input and this one (into the internal buffer,
+    /// as much of `input` as it takes) and the record continuing past the end of `input`.
+    pub fn read_from(
+        &mut self,
+        input: &[u8],
+        mut on_record: impl FnMut(Record<'_>),
+    ) -> Result<Option<EndOfWal>, WalError> {
+        let input_lsn = self.fed_until().0;
+        let input_end = input_lsn + input.len() as u64;
+        self.drop_consumed();
+        if self.st.stopped.is_none() && self.st.need_until > input_end {
+            // The pending record cannot be complete even with `input`: like `next_record`, do
+            // not look at it again before it can be.
+            self.buf.extend_from_slice(input);
+            return Ok(None);
+        }
+        // A record begun in the bytes carried over from earlier input is finished in `buf`: move
+        // in as much of `input` as it needs, then read on from `input` itself.
+        let mut moved = 0usize;
+        while self.st.next < self.fed_until().0 {
+            let src = Src {
+                lsn: self.buf_lsn,
+                bytes: &self.buf,
+            };
+            let outcome = match self.st.next_record(src, &mut self.rec_buf) {
+                Ok(Next::Record(rec)) => {
+                    on_record(rec);
+                    continue;
+                }
+                Ok(Next::NeedInput) if moved < input.len() => {
+                    let fed = self.fed_until().0;
+                    let need = self.st.need_until;
+                    let take = if need > input_end {
+                        // It continues past `input`. Still validate the continuation pages that
+                        // are there now, as `feed(input)` + `next_record` would: all of `input`
+                        // in, and walk the pages again.
+                        self.st.need_until = 0;
+                        input.len() - moved
+                    } else if need > fed {
+                        // Its end is known and in `input`.
+                        (need - fed) as usize
+                    } else {
+                        // Its length is not known yet (page or record header cut short).
+                        (BLCKSZ as usize).min(input.len() - moved)
+                    };
+                    self.buf.extend_from_slice(&input[moved..moved + take]);
+                    moved += take;
+                    continue;
+                }
+                Ok(Next::NeedInput) => Ok(None),
+                Ok(Next::EndOfWal(e)) => Ok(Some(e)),
+                Err(e) => Err(e),
+            };
+            // Stopped inside the carried record: the rest of `input` counts as fed, as with feed.
+            self.buf.extend_from_slice(&input[moved..]);
+            return outcome;
+        }
+        let src = Src {
+            lsn: input_lsn + moved as u64,
+            bytes: &input[moved..],
+        };
+        let outcome = loop {
+            match self.st.next_record(src, &mut self.rec_buf) {
+                Ok(Next::Record(rec)) => on_record(rec),
+                Ok(Next::NeedInput) => break Ok(None),
+                Ok(Next::EndOfWal(e)) => break Ok(Some(e)),
+                Err(e) => break Err(e),
+            }
+        };
+        // Keep what the next call needs: the bytes from `next` on (none when `next` lies beyond
+        // the input, e.g. after XLOG_SWITCH; later input is skipped up to it).
+        let keep = self.st.next.clamp(src.lsn, src.end());
+        self.buf.clear();
+        self.buf
+            .extend_from_slice(&input[(keep - input_lsn) as usize..]);
+        self.buf_lsn = keep;
+        outcome
+    }
+}
+
+impl State {
+    #[inline(always)]
     fn is_segment_start(&self, page: u64) -> bool {
-        page % self.seg_size == 0
+        // seg_size is a power of two (checked in `new`): a mask, not a division per record.
+        page & (self.seg_size - 1) == 0
     }
 
+    #[inline(always)]
     fn header_size_at(&self, page: u64) -> u64 {
         if self.is_segment_start(page) {
             SIZE_OF_LONG_PAGE_HEADER as u64
@@ -348,8 +478,8 @@ impl WalReader {
     }
 
     /// Reads and validates the page header at `page` (a page boundary).
-    fn look_at_page(&mut self, page: u64) -> Result<PageLook, WalError> {
-        let Some(short) = self.bytes(page, SIZE_OF_SHORT_PAGE_HEADER) else {
+    fn look_at_page(&mut self, src: Src<'_>, page: u64) -> Result<PageLook, WalError> {
+        let Some(short) = src.get(page, SIZE_OF_SHORT_PAGE_HEADER) else {
             return Ok(PageLook::NeedInput);
         };
         if short.iter().all(|&b| b == 0) {
@@ -397,7 +527,7 @@ impl WalReader {
             });
         }
         if long {
-            let Some(l) = self.bytes(page, SIZE_OF_LONG_PAGE_HEADER) else {
+            let Some(l) = src.get(page, SIZE_OF_LONG_PAGE_HEADER) else {
                 return Ok(PageLook::NeedInput);
             };
             let sysid = u64::from_le_bytes(l[24..32].try_into().unwrap_or_default());
@@ -459,18 +589,21 @@ impl WalReader {
         Ok(PageLook::Header(h))
     }
 
-    /// Reads the next record. Returns [`Next::NeedInput`] when the input ends inside it (feed
-    /// more and call again), [`Next::EndOfWal`] at never-written space, an error on corruption.
-    /// End of WAL and errors are sticky.
-    pub fn next_record(&mut self) -> Result<Next<'_>, WalError> {
+    /// [`WalReader::next_record`] over `src`; multi-page records are assembled in `rec_buf`.
+    #[inline(always)]
+    fn next_record<'b>(
+        &mut self,
+        src: Src<'b>,
+        rec_buf: &'b mut Vec<u8>,
+    ) -> Result<Next<'b>, WalError> {
         if let Some(stopped) = &self.stopped {
             return stopped.clone().map(Next::EndOfWal);
         }
         let found = loop {
-            if self.avail_end() < self.need_until {
+            if src.end() < self.need_until {
                 return Ok(Next::NeedInput);
             }
-            match self.step() {
+            match self.step(src, rec_buf) {
                 Ok(Step::Found(found)) => break found,
                 Ok(Step::Restart) => continue,
                 Ok(Step::NeedInput) => return Ok(Next::NeedInput),
@@ -480,8 +613,12 @@ impl WalReader {
                 }
             }
         };
-        match self.check_record(&found) {
-            Ok((h, body)) => Ok(Next::Record(self.record(&found, h, body))),
+        let raw: &'b [u8] = match found.in_place {
+            Some(off) => src.bytes.get(off..).unwrap_or(&[]),
+            None => rec_buf,
+        };
+        match self.check_record(&found, raw) {
+            Ok((h, body)) => Ok(Next::Record(self.record(&found, raw, h, body))),
             Err(e) => {
                 self.stopped = Some(Err(e.clone()));
                 Err(e)
@@ -489,12 +626,16 @@ impl WalReader {
         }
     }
 
-    /// Finds the next record start and all of the record's bytes.
-    fn step(&mut self) -> Result<Step, Result<EndOfWal, WalError>> {
+    #[inline(always)]
+    fn step(
+        &mut self,
+        src: Src<'_>,
+        rec_buf: &mut Vec<u8>,
+    ) -> Result<Step, Result<EndOfWal, WalError>> {
         // A page boundary at `next`: read the page header, skip continuation data if asked to.
         while self.next % BLCKSZ == 0 {
             let page = self.next;
-            let h = match self.look_at_page(page).map_err(Err)? {
+            let h = match self.look_at_page(src, page).map_err(Err)? {
                 PageLook::Header(h) => h,
                 PageLook::NeedInput => return Ok(Step::NeedInput),
                 PageLook::Zero => {
@@ -530,7 +671,7 @@ impl WalReader {
 
         // xl_tot_len is always on the record's first page: records are 8-byte aligned and pages
         // are a multiple of 8, so at least 8 bytes of it are there.
-        let Some(len_bytes) = self.bytes(lsn, 4) else {
+        let Some(len_bytes) = src.get(lsn, 4) else {
             return Ok(Step::NeedInput);
         };
         let tot_len = u32::from_le_bytes(len_bytes.try_into().unwrap_or_default());
@@ -552,22 +693,29 @@ impl WalReader {
                 xl_tot_len: tot_len,
             }));
         }
-        self.locate(lsn, tot_len)
+        self.locate(src, lsn, tot_len, rec_buf)
     }
 
     /// Finds the bytes of the record of `tot_len` bytes at `lsn`, validating continuation page
     /// headers. When not all are fed yet, sets `need_until` so the pages are not walked again
     /// before the record can be complete.
-    fn locate(&mut self, lsn: u64, tot_len: u32) -> Result<Step, Result<EndOfWal, WalError>> {
+    #[inline(always)]
+    fn locate(
+        &mut self,
+        src: Src<'_>,
+        lsn: u64,
+        tot_len: u32,
+        rec_buf: &mut Vec<u8>,
+    ) -> Result<Step, Result<EndOfWal, WalError>> {
         let tot = tot_len as u64;
         let first_page_end = (lsn / BLCKSZ + 1) * BLCKSZ;
         let first_len = tot.min(first_page_end - lsn);
         if first_len == tot {
-            if self.avail_end() < lsn + tot {
+            if src.end() < lsn + tot {
                 self.need_until = lsn + tot;
                 return Ok(Step::NeedInput);
             }
-            let off = (lsn - self.buf_lsn) as usize;
+            let off = (lsn - src.lsn) as usize;
             return Ok(Step::Found(Found {
                 lsn,
                 in_place: Some(off),
@@ -589,15 +737,12 @@ impl WalReader {
         };
         // Copy only once everything is here, but validate the pages already fed right away so that
         // a garbage length fails now rather than looking like "record continues past the input".
-        let complete = self.avail_end() >= phys_end;
-        let mut out = std::mem::take(&mut self.rec_buf);
-        out.clear();
+        let complete = src.end() >= phys_end;
+        rec_buf.clear();
         if complete {
-            out.reserve(tot as usize);
+            rec_buf.reserve(tot as usize);
         }
-        let walked = self.walk_continuations(lsn, tot, first_len, complete, &mut out);
-        self.rec_buf = out;
-        match walked? {
+        match self.walk_continuations(src, lsn, tot, first_len, complete, rec_buf)? {
             Walk::Complete if complete => Ok(Step::Found(Found {
                 lsn,
                 in_place: None,
@@ -613,8 +758,10 @@ impl WalReader {
 
     /// Validates the continuation pages of the record at `lsn` as far as they are fed, copying its
     /// fragments into `out` when `copy`.
+    #[inline(never)] // multi-page records only: keep it out of the per-record path
     fn walk_continuations(
         &mut self,
+        src: Src<'_>,
         lsn: u64,
         tot: u64,
         first_len: u64,
@@ -622,7 +769,7 @@ impl WalReader {
         out: &mut Vec<u8>,
     ) -> Result<Walk, Result<EndOfWal, WalError>> {
         if copy {
-            match self.bytes(lsn, first_len as usize) {
+            match src.get(lsn, first_len as usize) {
                 Some(b) => out.extend_from_slice(b),
                 None => return Ok(Walk::Incomplete),
             }
@@ -630,7 +777,7 @@ impl WalReader {
         let mut got = first_len;
         let mut page = (lsn / BLCKSZ + 1) * BLCKSZ;
         while got < tot {
-            let h = match self.look_at_page(page).map_err(Err)? {
+            let h = match self.look_at_page(src, page).map_err(Err)? {
                 PageLook::Header(h) => h,
                 PageLook::NeedInput => return Ok(Walk::Incomplete),
                 PageLook::Zero => {
@@ -667,7 +814,7 @@ impl WalReader {
             let hdr = h.header_size() as u64;
             let chunk = (tot - got).min(BLCKSZ - hdr);
             if copy {
-                match self.bytes(page + hdr, chunk as usize) {
+                match src.get(page + hdr, chunk as usize) {
                     Some(b) => out.extend_from_slice(b),
                     None => return Ok(Walk::Incomplete),
                 }
@@ -680,12 +827,14 @@ impl WalReader {
 
     /// Header checks (`ValidXLogRecordHeader`), CRC (`ValidXLogRecord`) and fragment headers
     /// (`DecodeXLogRecord`) of a located record; on success advances past it.
-    fn check_record(&mut self, f: &Found) -> Result<(XLogRecord, DecodedBody), WalError> {
+    /// `raw` starts at the record (and may go on past it).
+    #[inline(always)]
+    fn check_record(
+        &mut self,
+        f: &Found,
+        raw: &[u8],
+    ) -> Result<(XLogRecord, DecodedBody), WalError> {
         let lsn = Lsn(f.lsn);
-        let raw: &[u8] = match f.in_place {
-            Some(off) => self.buf.get(off..).unwrap_or(&[]),
-            None => &self.rec_buf,
-        };
         let h = XLogRecord::parse(raw).ok_or(WalError::RecordTooShort {
             lsn,
             xl_tot_len: raw.len() as u32,
@@ -709,7 +858,7 @@ impl WalReader {
                 expected: self.prev,
             });
         }
-        let computed = record_crc(raw);
+        let computed = record_crc_with(raw, &mut self.crc_scratch);
         if computed != h.xl_crc {
             return Err(WalError::BadCrc {
                 lsn,
@@ -732,14 +881,9 @@ impl WalReader {
     }
 
     /// The [`Record`] for a record `check_record` accepted.
-    fn record(&self, f: &Found, h: XLogRecord, body: DecodedBody) -> Record<'_> {
-        let raw: &[u8] = match f.in_place {
-            Some(off) => self
-                .buf
-                .get(off..off + h.xl_tot_len as usize)
-                .unwrap_or(&[]),
-            None => &self.rec_buf,
-        };
+    #[inline(always)]
+    fn record<'b>(&self, f: &Found, raw: &'b [u8], h: XLogRecord, body: DecodedBody) -> Record<'b> {
+        let raw = raw.get(..h.xl_tot_len as usize).unwrap_or(&[]);
         Record {
             lsn: Lsn(f.lsn),
             end_lsn: Lsn(self.next),
@@ -762,7 +906,8 @@ impl WalReader {
 /// A record whose bytes are all present.
 struct Found {
     lsn: u64,
-    /// Offset in `buf` when the record is in one piece there; `None` when in `rec_buf`.
+    /// Offset in the input (`Src`) when the record is in one piece there; `None` when in
+    /// `rec_buf`.
     in_place: Option<usize>,
     /// LSN just past its last byte.
     phys_end: u64,
@@ -780,4 +925,165 @@ enum Walk {
     Complete,
     Incomplete,
     Overwritten,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::testdata::{segments, SEG_SIZE};
+
+    /// What a test compares of a record: position, header and a digest of its bytes.
+    type Seen = (Lsn, Lsn, u32, u8, u32, u32, usize);
+
+    fn seen(rec: &Record<'_>) -> Seen {
+        (
+            rec.lsn,
+            rec.end_lsn,
+            rec.xl_crc,
+            rec.block_count,
+            crc32c::crc32c(rec.raw),
+            crc32c::crc32c(rec.main_data),
+            rec.raw.len(),
+        )
+    }
+
+    /// The reader's position after reading, to compare the two ways of feeding it.
+    fn position(r: &WalReader) -> (Lsn, Option<Lsn>, Lsn, Vec<u8>, Option<u16>, Option<u32>) {
+        (
+            r.next_lsn(),
+            r.prev_record(),
+            r.fed_until(),
+            r.unconsumed().to_vec(),
+            r.page_magic(),
+            r.page_tli(),
+        )
+    }
+
+    type Outcome = Result<Option<EndOfWal>, WalError>;
+
+    /// `feed` + `next_record` over `all` in chunks of `chunk` bytes.
+    fn by_feed(start: Lsn, all: &[u8], chunk: usize) -> (Vec<Seen>, Outcome, WalReader) {
+        let mut r = WalReader::new(SEG_SIZE, start).unwrap();
+        let mut out = Vec::new();
+        let mut end = Ok(None);
+        'input: for c in all.chunks(chunk) {
+            r.feed(c);
+            loop {
+                match r.next_record() {
+                    Ok(Next::Record(rec)) => out.push(seen(&rec)),
+                    Ok(Next::NeedInput) => break,
+                    Ok(Next::EndOfWal(e)) => {
+                        end = Ok(Some(e));
+                        break 'input;
+                    }
+                    Err(e) => {
+                        end = Err(e);
+                        break 'input;
+                    }
+                }
+            }
+        }
+        (out, end, r)
+    }
+
+    /// `read_from` over `all` in chunks of `chunk` bytes.
+    fn by_read_from(start: Lsn, all: &[u8], chunk: usize) -> (Vec<Seen>, Outcome, WalReader) {
+        let mut r = WalReader::new(SEG_SIZE, start).unwrap();
+        let mut out = Vec::new();
+        let mut end = Ok(None);
+        for c in all.chunks(chunk) {
+            end = r.read_from(c, |rec| out.push(seen(&rec)));
+            if !matches!(end, Ok(None)) {
+                break;
+            }
+        }
+        (out, end, r)
+    }
+
+    #[test]
+    fn read_from_gives_what_feed_and_next_record_give() {
+        // Three segments: records within a page, across pages (up to 25 of them), across the
+        // segment boundary 07 -> 08, XLOG_SWITCH padding in 08 and the end of WAL in 09. Chunk
+        // sizes put chunk boundaries inside page headers, record headers and records, and
+        // exactly on pages and segments.
+        let segs = segments();
+        let all: Vec<u8> = segs.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let start = Lsn::from_segno(segs[0].0, SEG_SIZE);
+        let (reference, end, _) = by_feed(start, &all, all.len());
+        assert!(reference.len() > 500);
+        assert!(matches!(end, Ok(Some(_))));
+        for chunk in [1usize, 7, 24, 4096, 8192, 8193, 100_000, SEG_SIZE as usize] {
+            let (records, outcome, reader) = by_read_from(start, &all, chunk);
+            assert_eq!(records, reference, "chunk size {chunk}");
+            assert_eq!(outcome, end, "chunk size {chunk}");
+            let (_, _, fed) = by_feed(start, &all, chunk);
+            assert_eq!(position(&reader), position(&fed), "chunk size {chunk}");
+        }
+        // Stopping with a record continuing into input not given yet leaves the same carry.
+        let seg7 = &segs[0].1;
+        let (_, _, fed) = by_feed(start, seg7, seg7.len());
+        let (_, outcome, read) = by_read_from(start, seg7, seg7.len());
+        assert_eq!(outcome, Ok(None));
+        assert_eq!(position(&read), position(&fed));
+        assert!(!read.unconsumed().is_empty()); // the "cross" message, continued in 08
+    }
+
+    #[test]
+    fn read_from_hands_out_records_in_place_and_assembles_only_page_crossers() {
+        let segs = segments();
+        let seg = &segs[0].1;
+        let start = Lsn::from_segno(segs[0].0, SEG_SIZE);
+        let inside = seg.as_ptr_range();
+        let mut r = WalReader::new(SEG_SIZE, start).unwrap();
+        let (mut in_place, mut assembled) = (0, 0);
+        let end = r.read_from(seg, |rec| {
+            let first_page = rec.lsn.0 / BLCKSZ;
+            let last_page = (rec.lsn.0 + rec.xl_tot_len as u64 - 1) / BLCKSZ;
+            let borrowed = inside.contains(&rec.raw.as_ptr());
+            if first_page == last_page {
+                assert!(borrowed, "record at {} should be read in place", rec.lsn);
+                let at = (rec.lsn.0 - start.0) as usize;
+                assert_eq!(rec.raw, &seg[at..at + rec.xl_tot_len as usize]);
+                in_place += 1;
+            } else {
+                assert!(!borrowed, "record at {} crosses pages", rec.lsn);
+                assembled += 1;
+            }
+        });
+        assert_eq!(end, Ok(None));
+        assert!(in_place > 500 && assembled > 20, "{in_place} {assembled}");
+    }
+
+    #[test]
+    fn read_from_and_feed_agree_on_damaged_wal() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let segs = segments();
+        let start = Lsn::from_segno(segs[0].0, SEG_SIZE);
+        let base = &segs[0].1[..300 * 1024];
+        for seed in 0..200u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut b = base.to_vec();
+            for _ in 0..rng.gen_range(1..3) {
+                let at = rng.gen_range(0..b.len());
+                match rng.gen_range(0..3) {
+                    0 => b[at] ^= 1 << rng.gen_range(0..8),
+                    1 => {
+                        let end = (at + rng.gen_range(1..20_000)).min(b.len());
+                        b[at..end].fill(0);
+                    }
+                    _ => b.truncate(at),
+                }
+            }
+            let chunk = rng.gen_range(1..40_000);
+            let (want, want_end, fed) = by_feed(start, &b, chunk);
+            let (got, got_end, read) = by_read_from(start, &b, chunk);
+            assert_eq!(got, want, "seed {seed}");
+            assert_eq!(got_end, want_end, "seed {seed}");
+            assert_eq!(
+                (read.next_lsn(), read.prev_record()),
+                (fed.next_lsn(), fed.prev_record()),
+                "seed {seed}"
+            );
+        }
+    }
 }

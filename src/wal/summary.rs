@@ -18,13 +18,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::page::{parse_long_header, PageError, XLP_FIRST_IS_CONTRECORD};
-use super::reader::{EndReason, Next, WalError, WalReader};
-use super::xact::{decode_event, pg_timestamp_to_utc, WalEvent, XactKind};
+use super::reader::{EndReason, WalError, WalReader};
+use super::record::Record;
+use super::xact::{
+    decode_event, may_be_event, pg_timestamp_to_utc, WalEvent, XactKind, POSTGRES_EPOCH_UNIX_MICROS,
+};
 
 use super::{Lsn, TimelineId};
-
-/// How much of a segment the summarizer hands the reader at once (a multiple of the page size).
-const FEED_SLICE: usize = 1 << 20;
 
 /// Version of the JSON layout, bumped on incompatible changes.
 pub const SUMMARY_FORMAT: u32 = 1;
@@ -188,13 +188,6 @@ pub fn summarize_segment(
             }
         }
     }
-    // Fed in slices, not whole: the reader copies what it is fed, and a whole-segment copy per
-    // segment was the largest transient allocation of `archive-push` and `pitr stream`.
-    let mut slices = segment.chunks(FEED_SLICE);
-    if let Some(first) = slices.next() {
-        reader.feed(first);
-    }
-
     let mut s = SegmentSummary {
         format: SUMMARY_FORMAT,
         segment_start: seg_start,
@@ -217,91 +210,35 @@ pub fn summarize_segment(
         ends_with_switch: false,
         end: SegmentEnd::Switch, // replaced below
     };
+    // The reader reads the records in place from `segment`: no copy of the segment (that was
+    // the largest transient allocation of `archive-push` and `pitr stream`, and most of the
+    // time), only of the record continuing into the next segment.
+    let mut last_xact = None;
+    let outcome = reader.read_from(
+        segment,
+        #[inline(always)]
+        |rec| add_record(&mut s, &mut last_xact, &rec),
+    );
+    s.last_xact = last_xact.map(RawXact::mark);
     let mut error = None;
-    loop {
-        match reader.next_record() {
-            Ok(Next::Record(rec)) => {
-                s.first_record_lsn.get_or_insert(rec.lsn);
-                s.last_record_lsn = Some(rec.lsn);
-                s.end_lsn = Some(rec.end_lsn);
-                s.record_count += 1;
-                s.ends_with_switch = false;
-                match decode_event(&rec) {
-                    Some(WalEvent::XactEnd {
-                        kind,
-                        xid,
-                        xact_time,
-                    }) => {
-                        if kind.is_commit() {
-                            s.commit_count += 1;
-                        } else {
-                            s.abort_count += 1;
-                        }
-                        if let Some(time) = pg_timestamp_to_utc(xact_time) {
-                            let mark = XactMark {
-                                lsn: rec.lsn,
-                                time,
-                                xid,
-                                kind,
-                            };
-                            if s.first_xact.is_none() {
-                                s.first_xact = Some(mark.clone());
-                            }
-                            s.last_xact = Some(mark);
-                        }
-                    }
-                    Some(WalEvent::RestorePoint { name, rp_time }) => {
-                        if let Some(time) = pg_timestamp_to_utc(rp_time) {
-                            s.restore_points.push(RestorePointMark {
-                                name,
-                                time,
-                                lsn: rec.lsn,
-                            });
-                        }
-                    }
-                    Some(WalEvent::Checkpoint { shutdown, redo, .. }) => {
-                        s.checkpoints.push(CheckpointMark {
-                            lsn: rec.lsn,
-                            redo,
-                            shutdown,
-                        });
-                    }
-                    Some(WalEvent::Switch) => s.ends_with_switch = true,
-                    _ => {}
-                }
-            }
-            Ok(Next::NeedInput) if slices.len() > 0 => {
-                if let Some(more) = slices.next() {
-                    reader.feed(more);
-                }
-            }
-            Ok(Next::NeedInput) => {
-                s.end = if s.ends_with_switch {
-                    SegmentEnd::Switch
-                } else {
-                    SegmentEnd::Continues {
-                        next_record: reader.next_lsn(),
-                    }
-                };
-                break;
-            }
-            Ok(Next::EndOfWal(e)) => {
-                s.end = SegmentEnd::EndOfWal {
-                    lsn: e.lsn,
-                    reason: e.reason,
-                };
-                break;
-            }
-            Err(e) => {
-                s.end = SegmentEnd::Corrupt {
-                    lsn: e.lsn(),
-                    error: e.to_string(),
-                };
-                error = Some(e);
-                break;
-            }
+    s.end = match outcome {
+        Ok(None) if s.ends_with_switch => SegmentEnd::Switch,
+        Ok(None) => SegmentEnd::Continues {
+            next_record: reader.next_lsn(),
+        },
+        Ok(Some(e)) => SegmentEnd::EndOfWal {
+            lsn: e.lsn,
+            reason: e.reason,
+        },
+        Err(e) => {
+            let end = SegmentEnd::Corrupt {
+                lsn: e.lsn(),
+                error: e.to_string(),
+            };
+            error = Some(e);
+            end
         }
-    }
+    };
     if let Some(tli) = reader.page_tli() {
         s.last_page_timeline = tli;
     }
@@ -319,4 +256,124 @@ pub fn summarize_segment(
         tail,
         error,
     })
+}
+
+/// A transaction end whose time is known to convert ([`pg_time_converts`]), not yet converted:
+/// the summary keeps only the first and the last, so only those two pay for the calendar.
+#[derive(Clone, Copy)]
+struct RawXact {
+    lsn: Lsn,
+    xact_time: i64,
+    xid: u32,
+    kind: XactKind,
+}
+
+impl RawXact {
+    fn mark(self) -> XactMark {
+        // `unwrap_or_default` is never taken: only times `pg_time_converts` accepts get here.
+        XactMark {
+            lsn: self.lsn,
+            time: pg_timestamp_to_utc(self.xact_time).unwrap_or_default(),
+            xid: self.xid,
+            kind: self.kind,
+        }
+    }
+}
+
+/// Whether [`pg_timestamp_to_utc`] converts `ts`, without converting: the times chrono can
+/// represent form one range (a unit test pins both ends against the conversion itself).
+fn pg_time_converts(ts: i64) -> bool {
+    let unix =
+        DateTime::<Utc>::MIN_UTC.timestamp_micros()..=DateTime::<Utc>::MAX_UTC.timestamp_micros();
+    ts.checked_add(POSTGRES_EPOCH_UNIX_MICROS)
+        .is_some_and(|micros| unix.contains(&micros))
+}
+
+/// Counts one record into the summary and notes what recovery targets need from it; the last
+/// transaction end goes to `last_xact` (converted once, at the end of the segment).
+#[inline(always)]
+fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Record<'_>) {
+    s.first_record_lsn.get_or_insert(rec.lsn);
+    s.last_record_lsn = Some(rec.lsn);
+    s.end_lsn = Some(rec.end_lsn);
+    s.record_count += 1;
+    s.ends_with_switch = false;
+    if !may_be_event(rec.xl_rmid, rec.xl_info) {
+        return; // nothing decode_event knows: nearly all records
+    }
+    match decode_event(rec) {
+        Some(WalEvent::XactEnd {
+            kind,
+            xid,
+            xact_time,
+        }) => {
+            if kind.is_commit() {
+                s.commit_count += 1;
+            } else {
+                s.abort_count += 1;
+            }
+            if pg_time_converts(xact_time) {
+                let raw = RawXact {
+                    lsn: rec.lsn,
+                    xact_time,
+                    xid,
+                    kind,
+                };
+                if s.first_xact.is_none() {
+                    s.first_xact = Some(raw.mark());
+                }
+                *last_xact = Some(raw);
+            }
+        }
+        Some(WalEvent::RestorePoint { name, rp_time }) => {
+            if let Some(time) = pg_timestamp_to_utc(rp_time) {
+                s.restore_points.push(RestorePointMark {
+                    name,
+                    time,
+                    lsn: rec.lsn,
+                });
+            }
+        }
+        Some(WalEvent::Checkpoint { shutdown, redo, .. }) => {
+            s.checkpoints.push(CheckpointMark {
+                lsn: rec.lsn,
+                redo,
+                shutdown,
+            });
+        }
+        Some(WalEvent::Switch) => s.ends_with_switch = true,
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_time_converts_exactly_when_the_conversion_does() {
+        let min = DateTime::<Utc>::MIN_UTC.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS;
+        let max = DateTime::<Utc>::MAX_UTC.timestamp_micros() - POSTGRES_EPOCH_UNIX_MICROS;
+        let edges = [
+            i64::MIN,
+            min - 1,
+            min,
+            min + 1,
+            -1,
+            0,
+            1,
+            max - 1,
+            max,
+            max + 1,
+            i64::MAX,
+        ];
+        let steps = (0..200).map(|i| min / 200 * (200 - i) + max / 200 * i);
+        for ts in edges.into_iter().chain(steps) {
+            assert_eq!(
+                pg_time_converts(ts),
+                pg_timestamp_to_utc(ts).is_some(),
+                "{ts}"
+            );
+        }
+    }
 }

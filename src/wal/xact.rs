@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::record::{Record, RM_XACT_ID, RM_XLOG_ID};
+use super::record::{Record, RM_XACT_ID, RM_XLOG_ID, XLR_RMGR_INFO_MASK};
 use super::{Lsn, TimelineId};
 
 // RM_XACT_ID opcodes (xl_info & XLOG_XACT_OPMASK).
@@ -117,6 +117,31 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Whether [`decode_event`] can return an event for a record with this `xl_rmid` and `xl_info`:
+/// the records whose bytes it reads. Lets a reader leave the bytes of the others alone.
+pub fn may_be_event(rmid: u8, info: u8) -> bool {
+    match rmid {
+        RM_XACT_ID => matches!(
+            info & XLOG_XACT_OPMASK,
+            XLOG_XACT_COMMIT
+                | XLOG_XACT_ABORT
+                | XLOG_XACT_COMMIT_PREPARED
+                | XLOG_XACT_ABORT_PREPARED
+        ),
+        RM_XLOG_ID => matches!(
+            info & XLR_RMGR_INFO_MASK,
+            XLOG_CHECKPOINT_SHUTDOWN
+                | XLOG_CHECKPOINT_ONLINE
+                | XLOG_SWITCH
+                | XLOG_BACKUP_END
+                | XLOG_RESTORE_POINT
+                | XLOG_END_OF_RECOVERY
+                | XLOG_OVERWRITE_CONTRECORD
+        ),
+        _ => false,
+    }
 }
 
 /// Decodes `record` if it is one of the kinds in [`WalEvent`]. Returns `None` for other records
@@ -244,6 +269,21 @@ mod tests {
             block_count: 0,
             major,
             raw: &[],
+        }
+    }
+
+    #[test]
+    fn may_be_event_is_exactly_what_decode_event_decodes() {
+        let body: Vec<u8> = (0..200u8).collect(); // long enough for every event's body
+        for rmid in 0..=255u8 {
+            for info in 0..=255u8 {
+                let decoded = decode_event(&record(rmid, info, 1, &body, 15)).is_some();
+                assert_eq!(
+                    may_be_event(rmid, info),
+                    decoded,
+                    "rmid {rmid} info {info:#x}"
+                );
+            }
         }
     }
 
