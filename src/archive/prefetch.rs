@@ -242,6 +242,14 @@ fn write_small_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), 
     result.map_err(io_err("cannot write", &path))
 }
 
+/// A worker's `tmp.<segment>.<pid>`, as opposed to the short-lived temporary of a small file
+/// that an archive-get may be renaming into place right now.
+fn is_segment_tmp(file: &str) -> bool {
+    file.strip_prefix(TMP_PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(seg, _)| WalFileName::parse(seg).is_ok_and(|n| position(&n).is_some()))
+}
+
 fn read_requested(dir: &Path) -> Option<WalFileName> {
     let text = fs::read_to_string(dir.join(REQUESTED_FILE)).ok()?;
     let name = WalFileName::parse(text.trim()).ok()?;
@@ -257,7 +265,7 @@ fn wipe(dir: &Path) {
     for e in rd.flatten() {
         let file = e.file_name();
         let file = file.to_string_lossy();
-        if file == SOURCE_FILE || file.starts_with(TMP_PREFIX) || parse_entry(&file).is_some() {
+        if file == SOURCE_FILE || is_segment_tmp(&file) || parse_entry(&file).is_some() {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -641,9 +649,9 @@ pub async fn run_worker(storage: Storage, args: WorkerArgs) -> Result<(), Prefet
         return Ok(());
     };
     trim_log(&args.spool.join(LOG_FILE));
-    // Left by a worker that was killed mid-write; nothing else writes segments here.
+    // Left by a worker that was killed mid-write; only workers write segments here.
     for e in fs::read_dir(&args.spool).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+        if is_segment_tmp(&e.file_name().to_string_lossy()) {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -989,7 +997,8 @@ mod tests {
             "worker.log",
             "requested",
             "source",
-            "tmp.x.1",
+            "tmp.000000010000000000000004.1",
+            "tmp.requested.1",
             "000000010000000000000003.e3069283",
             "unrelated",
         ] {
@@ -1001,6 +1010,18 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["lock", "requested", "unrelated", "worker.log"]);
+        assert_eq!(
+            left,
+            [
+                "lock",
+                "requested",
+                "tmp.requested.1",
+                "unrelated",
+                "worker.log"
+            ]
+        );
+        assert!(is_segment_tmp("tmp.000000010000000000000003.4242"));
+        assert!(!is_segment_tmp("tmp.requested.4242"));
+        assert!(!is_segment_tmp("000000010000000000000003.e3069283"));
     }
 }
