@@ -335,12 +335,22 @@ fn a_damaged_spool_file_is_not_served() {
     assert!(!flipped.exists(), "the damaged file is removed");
     assert!(!data.spooled().contains(&n[1]));
 
+    // Let the worker finish its refill after n[1] (else it could fetch n[2] again right after
+    // the call below removed the short file, and the call would wait for that good copy).
+    poll("the worker's refill", Duration::from_secs(30), || {
+        let after = format!("after={}", n[1]);
+        Ok((data.worker_log().lines())
+            .any(|l| l.contains("prefetched") && l.contains(&after))
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", data.worker_log()));
     let short = data.entry_path(&n[2]);
     let b = fs::read(&short).unwrap();
     fs::write(&short, &b[..SEG_SIZE / 2]).unwrap();
     let o = data.get(&n[2], &["--prefetch", "3"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bytes instead of"), "{}", stderr(&o));
     assert!(data.take_restored() == wal.bytes(2));
     assert!(!short.exists());
 
