@@ -229,17 +229,41 @@ fn write_small_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), 
     result.map_err(io_err("cannot write", &path))
 }
 
-/// A worker's `tmp.<segment>.<pid>`, as opposed to the short-lived temporary of a small file
-/// that an archive-get may be renaming into place right now.
+/// A worker's `tmp.<segment>.<pid>`, as opposed to the temporary of a small file (`source`)
+/// that another process may be renaming into place right now.
 fn is_segment_tmp(file: &str) -> bool {
     file.strip_prefix(TMP_PREFIX)
         .and_then(|rest| rest.split_once('.'))
         .is_some_and(|(seg, _)| WalFileName::parse(seg).is_ok_and(|n| position(&n).is_some()))
 }
 
+/// Records the segment replay asked for last, for the worker: `requested` is a symbolic link
+/// whose target is the segment name, replaced atomically by a rename.
+///
+/// Not a regular file: on ext4 both ways of replacing a small file's content wait for that
+/// file's previous data to be written back (a rename over it flushes the new file first,
+/// auto_da_alloc; a truncation waits for pages under writeback), and that I/O queues behind
+/// the worker's 16 MiB segment writes. Either made a hit take 30-160 ms now and then instead
+/// of 6. A short symlink has no data blocks (its target lives in the inode), so replacing it
+/// is metadata only.
+fn write_requested(dir: &Path, name: &WalFileName) -> Result<(), PrefetchError> {
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{REQUESTED_FILE}.{}",
+        std::process::id()
+    ));
+    let path = dir.join(REQUESTED_FILE);
+    let _ = fs::remove_file(&tmp);
+    let result =
+        std::os::unix::fs::symlink(name.to_string(), &tmp).and_then(|()| fs::rename(&tmp, &path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err("cannot write", &path))
+}
+
 fn read_requested(dir: &Path) -> Option<WalFileName> {
-    let text = fs::read_to_string(dir.join(REQUESTED_FILE)).ok()?;
-    let name = WalFileName::parse(text.trim()).ok()?;
+    let target = fs::read_link(dir.join(REQUESTED_FILE)).ok()?;
+    let name = WalFileName::parse(target.to_str()?).ok()?;
     position(&name).map(|_| name)
 }
 
@@ -312,6 +336,28 @@ mod tests {
         ] {
             assert_eq!(parse_entry(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn requested_round_trips_and_anything_else_reads_as_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(read_requested(d.path()), None);
+        let n = WalFileName::parse("000000020000000100000003").unwrap();
+        write_requested(d.path(), &n).unwrap();
+        assert_eq!(read_requested(d.path()), Some(n.clone()));
+        write_requested(d.path(), &WalFileName::segment(2, 0x104, 16 << 20)).unwrap();
+        assert_eq!(
+            read_requested(d.path()).unwrap().to_string(),
+            "000000020000000100000004"
+        );
+        // Not a link, or a link to something else: nothing.
+        let p = d.path().join(REQUESTED_FILE);
+        fs::remove_file(&p).unwrap();
+        fs::write(&p, "000000020000000100000003").unwrap();
+        assert_eq!(read_requested(d.path()), None);
+        fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("00000002.history", &p).unwrap();
+        assert_eq!(read_requested(d.path()), None);
     }
 
     #[test]

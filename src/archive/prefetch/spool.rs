@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     entries, io_err, position, read_source, recovery_running, wipe, worker_running,
-    write_small_atomically, Prefetch, PrefetchError, WorkerArgs, LOG_FILE, POLL, REQUESTED_FILE,
-    SPOOL_DIR, TMP_PREFIX,
+    write_requested, Prefetch, PrefetchError, WorkerArgs, LOG_FILE, POLL, SPOOL_DIR, TMP_PREFIX,
 };
 use crate::wal::WalFileName;
 
@@ -176,7 +175,7 @@ impl Spool {
                 let _ = fs::remove_file(self.dir.join(file));
             }
         }
-        write_small_atomically(&self.dir, REQUESTED_FILE, name.to_string().as_bytes())?;
+        write_requested(&self.dir, name)?;
         if worker_running(&self.dir)? {
             return Ok(());
         }
