@@ -190,6 +190,17 @@ impl DataDir {
             .count()
     }
 
+    /// Waits until the worker has refilled the spool after replay asked for `name`.
+    fn wait_refill(&self, name: &str) {
+        let after = format!("after={name}");
+        poll("the worker's refill", Duration::from_secs(30), || {
+            Ok((self.worker_log().lines())
+                .any(|l| l.contains("prefetched") && l.contains(&after))
+                .then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.worker_log()));
+    }
+
     /// Pids of prefetch workers of this data directory.
     fn workers(&self) -> Vec<u32> {
         workers_of(&self.spool())
@@ -335,16 +346,22 @@ fn a_damaged_spool_file_is_not_served() {
     assert!(!flipped.exists(), "the damaged file is removed");
     assert!(!data.spooled().contains(&n[1]));
 
+    // Let the worker finish its refill after n[1] (else it could fetch n[2] again right after
+    // the call below removed the short file, and the call would wait for that good copy).
+    data.wait_refill(&n[1]);
     let short = data.entry_path(&n[2]);
     let b = fs::read(&short).unwrap();
     fs::write(&short, &b[..SEG_SIZE / 2]).unwrap();
     let o = data.get(&n[2], &["--prefetch", "3"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bytes instead of"), "{}", stderr(&o));
     assert!(data.take_restored() == wal.bytes(2));
     assert!(!short.exists());
 
-    // The worker is lingering for more; the data directory disappears under it.
+    // The worker is lingering for more; the data directory disappears under it. (After its
+    // refill: a file it creates meanwhile would make remove_dir_all fail.)
+    data.wait_refill(&n[2]);
     assert_eq!(data.workers().len(), 1);
     fs::remove_dir_all(&data.path).unwrap();
     poll("the worker to exit", Duration::from_secs(2), || {
