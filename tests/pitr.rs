@@ -211,7 +211,8 @@ fn restore_refuses_what_it_cannot_do() {
     ok(&repo, &["backup", "-d", &pg.conninfo()]);
     switch_and_wait(&pg);
 
-    let refusals: [(&[&str], &str); 4] = [
+    // A transaction that never ends in the archived WAL (xid 3 is the bootstrap xid).
+    let refusals: [(&[&str], &str); 5] = [
         (
             &["--target-time", "2999-01-01 00:00:00+00"],
             "in the future",
@@ -225,6 +226,10 @@ fn restore_refuses_what_it_cannot_do() {
             "past the end of the archived WAL",
         ),
         (&["--backup", "nope"], "no backup with id nope"),
+        (
+            &["--target-xid", "3"],
+            "transaction 3 neither commits nor aborts in the archived WAL",
+        ),
     ];
     for (args, msg) in refusals {
         let mut a = vec!["restore", "--pgdata", target.to_str().unwrap()];

@@ -176,6 +176,7 @@ mod tests {
             abort_count: 0,
             first_xact: None,
             last_xact: None,
+            xid_range: Some(crate::wal::XidRange { min: 5, max: 9 }),
             restore_points: vec![],
             checkpoints: vec![],
             ends_with_switch: false,

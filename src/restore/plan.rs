@@ -119,6 +119,11 @@ pub enum PlanError {
         hole: String,
         window: String,
     },
+    #[error(
+        "transaction {xid} neither commits nor aborts in the archived WAL after a backup (it may \
+         be older than the oldest backup, still running, or its WAL not archived yet); {window}"
+    )]
+    XidNotArchived { xid: u64, window: String },
     #[error("no restore point named {name:?} in the archived WAL reachable from a backup{known}")]
     UnknownRestorePoint { name: String, known: String },
     #[error(
@@ -188,8 +193,8 @@ pub struct SummaryNeeds {
     seg_size: u64,
     /// Distinct runs (by end), each from the earliest usable backup that reaches that end.
     pub runs: Vec<WalRun>,
-    /// Every segment of every run (restore-point targets); otherwise, per run, walking back from
-    /// its end to the first summary holding a transaction end is enough.
+    /// Every segment of every run (restore-point and xid targets); otherwise, per run, walking
+    /// back from its end to the first summary holding a transaction end is enough.
     pub all: bool,
 }
 
@@ -338,7 +343,7 @@ pub fn summary_needs(
         path: r.path,
         seg_size,
         runs,
-        all: matches!(req.target, Target::Name(_)),
+        all: matches!(req.target, Target::Name(_) | Target::Xid(_)),
     })
 }
 
@@ -573,8 +578,43 @@ pub fn plan(
         _ => None,
     };
 
-    // Can this backup reach the target? For xid targets the oldest backup is the safe choice
-    // unless one is named: summaries do not index xids (see docs/verify.md).
+    // An xid's commit (or abort) cannot end before the first segment whose summary may hold it
+    // (a missing or incomplete summary counts as "may"): a backup that stops by then reaches
+    // it. With every summary present and none holding it, no archived WAL can stop there and
+    // PostgreSQL would replay to the end and fail, so it is refused now.
+    let xid_floor: Option<Lsn> = match &req.target {
+        Target::Xid(x) => {
+            // recovery_target_xid compares 32-bit xids; the epoch is dropped.
+            let xid = *x as u32;
+            let mut floor: Option<SegNo> = None;
+            for w in &windows {
+                let first = usable
+                    .iter()
+                    .find(|b| b.id == w.backup_id)
+                    .map(|b| b.start_lsn.segno(seg_size))
+                    .unwrap_or(0);
+                let hit = (first..=w.last_segment)
+                    .find(|n| facts.segments.get(n).is_none_or(|s| s.may_end_xid(xid)));
+                floor = match (floor, hit) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            match floor {
+                Some(n) => Some(Lsn::from_segno(n, seg_size)),
+                None => {
+                    return Err(PlanError::XidNotArchived {
+                        xid: *x,
+                        window: window.clone(),
+                    })
+                }
+            }
+        }
+        _ => None,
+    };
+
+    // Can this backup reach the target? For an xid, the floor above is only a lower bound of
+    // where it ends, so a backup the user names is taken as reaching it.
     let reaches = |b: &BackupInfo| match &req.target {
         Target::Time(t) => b.stop_time <= t.with_timezone(&Utc),
         Target::Lsn(l) => b.stop_lsn <= *l,
@@ -614,7 +654,14 @@ pub fn plan(
         }
         None => {
             let pick = match &req.target {
-                Target::Xid(_) => usable.first().copied(),
+                // The newest backup stopping by the floor; when none does, the oldest, and
+                // PostgreSQL says whether the xid ends after its consistency point.
+                Target::Xid(_) => usable
+                    .iter()
+                    .rev()
+                    .find(|b| xid_floor.is_some_and(|f| b.stop_lsn <= f))
+                    .or(usable.first())
+                    .copied(),
                 _ => usable.iter().rev().find(|b| reaches(b)).copied(),
             };
             pick.ok_or_else(|| PlanError::BeforeOldestBackup {
@@ -806,6 +853,10 @@ mod tests {
             abort_count: 0,
             first_xact: Some(xact.clone()),
             last_xact: Some(xact),
+            xid_range: Some(crate::wal::XidRange {
+                min: 1000 + segno as u32,
+                max: 1000 + segno as u32,
+            }),
             restore_points: rps
                 .iter()
                 .map(|&(name, off)| RestorePointMark {
@@ -1145,6 +1196,55 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].to_lsn, Lsn::from_segno(5, SEG));
         assert_eq!(w[1].last_xact.as_ref().unwrap().xid, 1008);
+    }
+
+    #[test]
+    fn xid_targets_pick_the_newest_backup_before_the_first_segment_that_may_end_them() {
+        let backups = [
+            backup("a", 1, 2, 2, 10),
+            backup("b", 1, 4, 4, 20),
+            backup("c", 1, 7, 7, 35),
+        ];
+        let names = wal_1_to(8);
+        let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let h = Histories::new();
+        // Segment n ends transaction 1000 + n.
+        let mut f = facts_for(&i);
+        let pick = |f: &WalFacts, xid: u64| {
+            plan(&req(Target::Xid(xid)), &backups, &i, &h, f, SEG, now()).map(|p| p.backup.id)
+        };
+        assert_eq!(pick(&f, 1006).unwrap(), "b");
+        assert_eq!(pick(&f, 1008).unwrap(), "c");
+        assert_eq!(pick(&f, 1003).unwrap(), "a");
+        // Ends in the oldest backup's own segment: no backup stops before; the oldest is tried.
+        assert_eq!(pick(&f, 1002).unwrap(), "a");
+        // The epoch is not part of what PostgreSQL compares.
+        assert_eq!(pick(&f, (1 << 32) + 1006).unwrap(), "b");
+        // Ended nowhere in the archived WAL: refused before anything is written.
+        let e = pick(&f, 999).unwrap_err();
+        assert!(
+            matches!(e, PlanError::XidNotArchived { xid: 999, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("recoverable"), "{e}");
+        // A summary that cannot say (missing, or its leading continuation skipped) may hold it:
+        // the choice only moves to an older backup.
+        f.segments.remove(&5);
+        assert_eq!(pick(&f, 1008).unwrap(), "b");
+        let mut f = facts_for(&i);
+        f.segments.get_mut(&7).unwrap().skipped_continuation =
+            Some(crate::wal::SkippedContinuation { rem_len: 10 });
+        assert_eq!(pick(&f, 1008).unwrap(), "b");
+        // A summary from before xid ranges existed, with transaction ends: "maybe".
+        let mut f = facts_for(&i);
+        f.segments.get_mut(&3).unwrap().xid_range = None;
+        assert_eq!(pick(&f, 1006).unwrap(), "a");
+        // ... and without any: it cannot hold the xid.
+        f.segments.get_mut(&3).unwrap().commit_count = 0;
+        assert_eq!(pick(&f, 1006).unwrap(), "b");
+        // The needs of an xid target cover every segment from the oldest backup on.
+        let needs = summary_needs(&req(Target::Xid(5)), &backups, &i, &h, SEG).unwrap();
+        assert!(needs.all);
     }
 
     #[test]

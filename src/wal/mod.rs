@@ -29,7 +29,7 @@ pub use reader::{EndOfWal, EndReason, Next, WalError, WalReader};
 pub use record::{rmgr_name, BlockRef, Record, XLogRecord, RM_XACT_ID, RM_XLOG_ID};
 pub use summary::{
     summarize_segment, CheckpointMark, RestorePointMark, SegmentEnd, SegmentSummary, SegmentTail,
-    SkippedContinuation, Summarized, SummaryError, XactMark, SUMMARY_FORMAT,
+    SkippedContinuation, Summarized, SummaryError, XactMark, XidRange, SUMMARY_FORMAT,
 };
 pub use xact::{
     decode_event, may_be_event, pg_timestamp_to_utc, utc_to_pg_timestamp, WalEvent, XactKind,

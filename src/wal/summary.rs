@@ -69,6 +69,30 @@ pub enum SegmentEnd {
     Corrupt { lsn: Lsn, error: String },
 }
 
+/// Inclusive bounds of 32-bit xids (what `recovery_target_xid` compares, epoch dropped). Plain
+/// min/max: a segment straddling xid wraparound gets a range holding nearly every xid, which only
+/// makes [`SegmentSummary::may_end_xid`] say "maybe" more often.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidRange {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl SegmentSummary {
+    /// Whether a commit or abort of `xid` may end in this segment. `false` only when the summary
+    /// saw every record ending here (no skipped leading continuation, no corruption) and none of
+    /// them ended `xid`.
+    pub fn may_end_xid(&self, xid: u32) -> bool {
+        if self.skipped_continuation.is_some() || matches!(self.end, SegmentEnd::Corrupt { .. }) {
+            return true;
+        }
+        match self.xid_range {
+            Some(r) => r.min <= xid && xid <= r.max,
+            None => self.commit_count + self.abort_count > 0,
+        }
+    }
+}
+
 /// The first page started with the tail of a record not given to us (`xlp_rem_len` bytes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedContinuation {
@@ -100,6 +124,11 @@ pub struct SegmentSummary {
     pub abort_count: u64,
     pub first_xact: Option<XactMark>,
     pub last_xact: Option<XactMark>,
+    /// Lowest and highest xid of the transaction ends (commits and aborts) in this segment:
+    /// where a `recovery_target_xid` can stop. `None` without any, or in a summary written
+    /// before this field existed (then `commit_count + abort_count` says which).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid_range: Option<XidRange>,
     pub restore_points: Vec<RestorePointMark>,
     pub checkpoints: Vec<CheckpointMark>,
     pub ends_with_switch: bool,
@@ -205,6 +234,7 @@ pub fn summarize_segment(
         abort_count: 0,
         first_xact: None,
         last_xact: None,
+        xid_range: None,
         restore_points: Vec::new(),
         checkpoints: Vec::new(),
         ends_with_switch: false,
@@ -312,6 +342,13 @@ fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Rec
             } else {
                 s.abort_count += 1;
             }
+            s.xid_range = Some(match s.xid_range {
+                Some(r) => XidRange {
+                    min: r.min.min(xid),
+                    max: r.max.max(xid),
+                },
+                None => XidRange { min: xid, max: xid },
+            });
             if pg_time_converts(xact_time) {
                 let raw = RawXact {
                     lsn: rec.lsn,
