@@ -29,32 +29,7 @@ N=${N:-20}
 bench_init archive
 machine_info | tee "$BT/machine.txt" >&2
 
-PORT=$(free_port)
-PGDATA="$BT/pg"
-SRC="$BT/src"
-mkdir -p "$SRC" && chown postgres:postgres "$SRC"
-# Small max_wal_size: frequent checkpoints, so the WAL carries the full-page images a busy
-# OLTP server produces, not only small heap records.
-pg_init "$PGDATA" "$PORT" \
-    "wal_level = replica" \
-    "archive_mode = on" \
-    "archive_command = 'cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f'" \
-    "max_wal_size = 64MB" "min_wal_size = 32MB" \
-    "synchronous_commit = off" \
-    "shared_buffers = 128MB"
-pg_start "$PGDATA"
-
-count_segs() { find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
-
-log "generating WAL: pgbench -i -s 10, then TPC-B until $((N + 1)) more segments are archived"
-as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
-psql_at "$PORT" "checkpoint" >/dev/null
-base=$(count_segs)
-deadline=$((SECONDS + 300))
-while (($(count_segs) < base + N + 2)); do
-    ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
-    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
-done
+tpcb_archived_segments $((N + 2))
 # The newest N+1 archived segments, all written by the TPC-B run: the first one warms up every
 # repository (pitr creates its descriptor, every method gets its directories), the rest are timed.
 mapfile -t SEGS < <(find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%f\n' | sort | tail -n $((N + 1)))

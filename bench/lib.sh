@@ -9,6 +9,7 @@
 #   measure LABEL KEY CMD...   run CMD as postgres, append wall/CPU/peak-RSS to $BT/results.jsonl
 #   report ...            print the median table with ratios (see measure.py below)
 #   machine_info          nproc, memory, CPU, kernel, PostgreSQL and pgBackRest versions
+#   tpcb_archived_segments COUNT   a cluster archiving into $SRC, run until COUNT new segments
 #
 # Nothing listens on TCP: clusters use unix sockets under $BT/sock (listen_addresses = ''),
 # repositories are local directories, so no cloud endpoint or metadata service is ever touched.
@@ -265,4 +266,34 @@ if __name__ == "__main__":
     else:
         report(sys.argv[2], sys.argv[3:])
 PY
+}
+
+# A throwaway PostgreSQL cluster whose archive_command copies each finished segment into $SRC,
+# then pgbench -i -s 10 and TPC-B until COUNT more segments are there. A small max_wal_size
+# makes checkpoints frequent, so the WAL carries the full-page images a busy OLTP server
+# produces, not only small heap records. Sets PORT, PGDATA and SRC; the cluster keeps running.
+count_segs() { find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
+tpcb_archived_segments() { # count
+    local count=$1
+    PORT=$(free_port)
+    PGDATA="$BT/pg"
+    SRC="$BT/src"
+    mkdir -p "$SRC" && chown postgres:postgres "$SRC"
+    pg_init "$PGDATA" "$PORT" \
+        "wal_level = replica" \
+        "archive_mode = on" \
+        "archive_command = 'cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f'" \
+        "max_wal_size = 64MB" "min_wal_size = 32MB" \
+        "synchronous_commit = off" \
+        "shared_buffers = 128MB"
+    pg_start "$PGDATA"
+    log "generating WAL: pgbench -i -s 10, then TPC-B until $count more segments are archived"
+    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
+    psql_at "$PORT" "checkpoint" >/dev/null
+    local base deadline=$((SECONDS + 300))
+    base=$(count_segs)
+    while (($(count_segs) < base + count)); do
+        ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
+        as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
+    done
 }

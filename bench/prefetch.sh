@@ -27,30 +27,7 @@ GAP=${GAP:-0.1}
 bench_init prefetch
 machine_info | tee "$BT/machine.txt" >&2
 
-PORT=$(free_port)
-PGDATA="$BT/pg"
-SRC="$BT/src"
-mkdir -p "$SRC" && chown postgres:postgres "$SRC"
-pg_init "$PGDATA" "$PORT" \
-    "wal_level = replica" \
-    "archive_mode = on" \
-    "archive_command = 'cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f'" \
-    "max_wal_size = 64MB" "min_wal_size = 32MB" \
-    "synchronous_commit = off" \
-    "shared_buffers = 128MB"
-pg_start "$PGDATA"
-
-count_segs() { find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
-
-log "generating WAL: pgbench -i -s 10, then TPC-B until $N more segments are archived"
-as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
-psql_at "$PORT" "checkpoint" >/dev/null
-base=$(count_segs)
-deadline=$((SECONDS + 300))
-while (($(count_segs) < base + N + 1)); do
-    ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
-    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
-done
+tpcb_archived_segments $((N + 1))
 pg_stop "$PGDATA"
 # N consecutive segments of the TPC-B run: replay asks for them one after the other.
 mapfile -t SEGS < <(find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%f\n' | sort | tail -n "$N")

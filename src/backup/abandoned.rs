@@ -81,20 +81,10 @@ pub async fn backups_in_progress(
         .list_folders(layout::BACKUP_DATA_PREFIX)
         .await?
     {
-        if repo
-            .storage()
-            .head(&layout::backup_info_key(&id))
-            .await?
-            .is_some()
-        {
+        if repo.exists(&layout::backup_info_key(&id)).await? {
             continue;
         }
-        if repo
-            .storage()
-            .head(&layout::backup_expired_key(&id))
-            .await?
-            .is_some()
-        {
+        if repo.exists(&layout::backup_expired_key(&id)).await? {
             continue;
         }
         let state = repo.get_optional(&layout::backup_state_key(&id)).await?;
@@ -136,12 +126,7 @@ pub async fn remove_abandoned(
         .list_folders(layout::BACKUP_DATA_PREFIX)
         .await?;
     for id in ids {
-        if repo
-            .storage()
-            .head(&layout::backup_info_key(&id))
-            .await?
-            .is_some()
-        {
+        if repo.exists(&layout::backup_info_key(&id)).await? {
             continue;
         }
         // A backup with no readable lease cannot prove it is alive.

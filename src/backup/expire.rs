@@ -210,12 +210,7 @@ async fn unfinished_expiries(repo: &Repository) -> Result<Vec<String>, RepoError
         .list_folders(layout::BACKUP_DATA_PREFIX)
         .await?
     {
-        if repo
-            .storage()
-            .head(&layout::backup_expired_key(&id))
-            .await?
-            .is_some()
-        {
+        if repo.exists(&layout::backup_expired_key(&id)).await? {
             out.push(id);
         }
     }

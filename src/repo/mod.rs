@@ -212,6 +212,11 @@ impl Repository {
         })
     }
 
+    /// Whether an object exists (a HEAD: nothing is read or verified).
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.storage.head(key).await?.is_some())
+    }
+
     /// Reads an object if it exists; corruption and storage failures are errors, never `None`.
     pub async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
         match self.get_verified(key).await {
