@@ -134,6 +134,19 @@ fn primary(extra_conf: &[&str]) -> PgCluster {
     b.start().unwrap()
 }
 
+/// Waits until the stream is attached to the slot, then returns the server's current segment:
+/// the first one the test may expect in the repository. On PostgreSQL 13/14 a new slot cannot be
+/// read back (no READ_REPLICATION_SLOT), so the stream starts at the server's position when it
+/// connects, and WAL written before that is not its to ship.
+fn first_streamed_segment(pg: &PgCluster, s: &Streamer) -> String {
+    poll("stream attached to its slot", Duration::from_secs(60), || {
+        let active = pg.psql("select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = 'pitr'")?;
+        Ok((active == "t").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- stream log ---\n{}", s.log()));
+    current_segment(pg)
+}
+
 /// Waits until the slot's restart_lsn (= our flush feedback) reaches `lsn`.
 fn wait_flushed(pg: &PgCluster, s: &Streamer, lsn: &str, timeout: Duration) {
     poll("flush feedback", timeout, || {
@@ -214,8 +227,8 @@ fn switch(pg: &PgCluster) -> (String, String) {
 fn stream_matches_pg_wal_under_load(backend: Backend) {
     let repo = TestRepo::new(backend);
     let pg = primary(&[]);
-    let first = current_segment(&pg);
     let mut s = Streamer::start(&repo, &pg, &["--chunk-interval", "200ms"]);
+    let first = first_streamed_segment(&pg, &s);
     pg.pgbench_init(1).unwrap();
     pg.pgbench(["-T", "4", "-c", "2"]).unwrap();
     let (last, end) = switch(&pg);
@@ -376,9 +389,9 @@ fn kill_9_twenty_times_under_load() {
     use rand::Rng;
     let repo = TestRepo::new(Backend::Local);
     let pg = primary(&[]);
-    let first = current_segment(&pg);
     let args = ["--chunk-interval", "100ms"];
     let mut s = Streamer::start(&repo, &pg, &args);
+    let first = first_streamed_segment(&pg, &s);
     pg.pgbench_init(1).unwrap();
     s = std::thread::scope(|scope| {
         let load = scope.spawn(|| pg.pgbench(["-T", "8", "-c", "2"]).unwrap());
@@ -424,9 +437,9 @@ fn slot_restart_lsn(pg: &PgCluster) -> String {
 fn s3_outage_under_load_loses_nothing() {
     let mut repo = TestRepo::new(Backend::S3);
     let pg = primary(&[]);
-    let first = current_segment(&pg);
     let args = ["--chunk-interval", "200ms", "--storage-retry-timeout", "1s"];
     let mut s = Streamer::start(&repo, &pg, &args);
+    let first = first_streamed_segment(&pg, &s);
     pg.pgbench_init(1).unwrap();
     let (_, end) = switch(&pg);
     wait_flushed(&pg, &s, &end, Duration::from_secs(60));
@@ -626,12 +639,12 @@ fn lsn(text: &str) -> u64 {
 fn server_restart_mid_stream_no_gap_and_list_shows_streamed_position() {
     let repo = TestRepo::new(Backend::Local);
     let mut pg = primary(&[]);
-    let first = current_segment(&pg);
     let mut s = Streamer::start(
         &repo,
         &pg,
         &["--chunk-interval", "200ms", "--max-reconnect-delay", "1s"],
     );
+    let first = first_streamed_segment(&pg, &s);
     psql1(
         &pg,
         "create table t(i int, pad text); insert into t select g, repeat('x', 200) from generate_series(1, 5000) g",
