@@ -526,17 +526,22 @@ pub fn plan(
         }
     }
 
+    // Where the WAL of a window begins: the start of the backup it is measured from.
+    let window_first_segment = |w: &Window| {
+        usable
+            .iter()
+            .find(|b| b.id == w.backup_id)
+            .map(|b| b.start_lsn.segno(seg_size))
+            .unwrap_or(0)
+    };
+
     // A restore point is found in the summaries; the newest backup that ends before it is the
     // one to replay from (PostgreSQL stops at the first restore point of that name it replays).
     let restore_point = match &req.target {
         Target::Name(name) => {
             let mut found: Vec<(SegNo, &RestorePointMark)> = vec![];
             for w in &windows {
-                let first = usable
-                    .iter()
-                    .find(|b| b.id == w.backup_id)
-                    .map(|b| b.start_lsn.segno(seg_size))
-                    .unwrap_or(0);
+                let first = window_first_segment(w);
                 for (n, rp) in facts.restore_points(name, first, w.last_segment) {
                     if !found.iter().any(|(_, f)| f.lsn == rp.lsn) {
                         found.push((n, rp));
@@ -588,11 +593,7 @@ pub fn plan(
             let xid = *x as u32;
             let mut floor: Option<SegNo> = None;
             for w in &windows {
-                let first = usable
-                    .iter()
-                    .find(|b| b.id == w.backup_id)
-                    .map(|b| b.start_lsn.segno(seg_size))
-                    .unwrap_or(0);
+                let first = window_first_segment(w);
                 let hit = (first..=w.last_segment)
                     .find(|n| facts.segments.get(n).is_none_or(|s| s.may_end_xid(xid)));
                 floor = match (floor, hit) {
@@ -1198,8 +1199,8 @@ mod tests {
         assert_eq!(w[1].last_xact.as_ref().unwrap().xid, 1008);
     }
 
-    #[test]
-    fn xid_targets_pick_the_newest_backup_before_the_first_segment_that_may_end_them() {
+    /// Backups a (segment 2), b (4) and c (7) over WAL segments 1 to 8 of timeline 1.
+    fn three_backups_over_wal_1_to_8() -> ([BackupInfo; 3], WalInventory, Histories) {
         let backups = [
             backup("a", 1, 2, 2, 10),
             backup("b", 1, 4, 4, 20),
@@ -1207,7 +1208,12 @@ mod tests {
         ];
         let names = wal_1_to(8);
         let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
-        let h = Histories::new();
+        (backups, i, Histories::new())
+    }
+
+    #[test]
+    fn xid_targets_pick_the_newest_backup_before_the_first_segment_that_may_end_them() {
+        let (backups, i, h) = three_backups_over_wal_1_to_8();
         // Segment n ends transaction 1000 + n.
         let mut f = facts_for(&i);
         let pick = |f: &WalFacts, xid: u64| {
@@ -1249,14 +1255,7 @@ mod tests {
 
     #[test]
     fn restore_points_pick_the_newest_backup_before_them() {
-        let backups = [
-            backup("a", 1, 2, 2, 10),
-            backup("b", 1, 4, 4, 20),
-            backup("c", 1, 7, 7, 35),
-        ];
-        let names = wal_1_to(8);
-        let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
-        let h = Histories::new();
+        let (backups, i, h) = three_backups_over_wal_1_to_8();
         let mut f = facts_for(&i);
         f.segments
             .insert(5, summary(1, 5, &[("before_migration", 0x800)]));
