@@ -67,39 +67,27 @@ pub(super) async fn claim_completion(repo: &Repository, id: &str) -> Result<bool
     }
 }
 
-/// Backups that may still publish a catalog entry: no catalog entry yet, not being expired, not
-/// declared aborted, and either completed a moment ago (state `complete`, catalog entry about to
-/// be written) or holding a lease younger than `abandoned_after`. Their start LSN is not known
-/// until they publish.
-pub async fn backups_in_progress(
+/// Whether backup `id`, which has no catalog entry, may still publish one: it completed a moment
+/// ago (state `complete`, catalog entry about to be written) or holds a lease younger than
+/// `abandoned_after`. Its start LSN is not known until it publishes.
+pub(super) async fn may_still_publish(
     repo: &Repository,
+    id: &str,
     abandoned_after: Duration,
-) -> Result<Vec<String>, RepoError> {
-    let mut alive = vec![];
-    for id in repo
-        .storage()
-        .list_folders(layout::BACKUP_DATA_PREFIX)
-        .await?
-    {
-        if repo.exists(&layout::backup_info_key(&id)).await? {
-            continue;
-        }
-        if repo.exists(&layout::backup_expired_key(&id)).await? {
-            continue;
-        }
-        let state = repo.get_optional(&layout::backup_state_key(&id)).await?;
-        let alive_now = match state.as_deref() {
+) -> Result<bool, RepoError> {
+    Ok(
+        match repo
+            .get_optional(&layout::backup_state_key(id))
+            .await?
+            .as_deref()
+        {
             Some(ABORTED) => false,
             Some(_) => true,
-            None => lease_age(repo, &id)
+            None => lease_age(repo, id)
                 .await?
                 .is_some_and(|age| age < abandoned_after),
-        };
-        if alive_now {
-            alive.push(id);
-        }
-    }
-    Ok(alive)
+        },
+    )
 }
 
 /// How long ago backup `id` last refreshed its lease; `None` when it has no readable lease.

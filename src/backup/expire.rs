@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::abandoned::backups_in_progress;
+use super::abandoned::may_still_publish;
 use crate::repo::{layout, BackupInfo, RepoError, Repository};
 use crate::storage::ObjectInfo;
 use crate::wal::{Lsn, SegNo, WalFileName};
@@ -126,18 +126,19 @@ pub async fn expire(
     if policy.full == Some(0) {
         return Err(ExpireError::ZeroFull);
     }
-    let unfinished = unfinished_expiries(repo).await?;
+    let listed = repo.list_backups().await?;
+    let Folders {
+        unfinished,
+        in_progress,
+    } = scan_folders(repo, &listed, abandoned_after).await?;
     // A backup an earlier run marked is gone already as far as the policy is concerned.
-    let mut backups: Vec<BackupInfo> = repo
-        .list_backups()
-        .await?
+    let mut backups: Vec<BackupInfo> = listed
         .into_iter()
         .filter(|b| !unfinished.contains(&b.id))
         .collect();
     backups.sort_by(|a, b| (a.stop_time, &a.id).cmp(&(b.stop_time, &b.id)));
     let keep_range = backups_to_keep(&backups, policy, Utc::now());
     let (expired, kept) = backups.split_at(keep_range.start);
-    let in_progress = backups_in_progress(repo, abandoned_after).await?;
 
     let seg_size = repo.descriptor().wal_segment_size;
     let wal_from = kept.iter().map(|b| b.start_lsn).min();
@@ -201,17 +202,37 @@ pub async fn expire(
     Ok(report)
 }
 
-/// Backups with an `expired` marker, from a run that stopped part-way (possibly before it
-/// removed the catalog entry).
-async fn unfinished_expiries(repo: &Repository) -> Result<Vec<String>, RepoError> {
-    let mut out = vec![];
+/// What the backup data folders say beyond the catalog.
+struct Folders {
+    /// Backups with an `expired` marker, from a run that stopped part-way (possibly before it
+    /// removed the catalog entry).
+    unfinished: Vec<String>,
+    /// Backups without a catalog entry that may still publish one.
+    in_progress: Vec<String>,
+}
+
+/// One LIST of the backup data folders, each sorted out by its marker, its catalog entry
+/// (`listed`) and, for unpublished ones, its state and lease.
+async fn scan_folders(
+    repo: &Repository,
+    listed: &[BackupInfo],
+    abandoned_after: Duration,
+) -> Result<Folders, RepoError> {
+    let mut out = Folders {
+        unfinished: vec![],
+        in_progress: vec![],
+    };
     for id in repo
         .storage()
         .list_folders(layout::BACKUP_DATA_PREFIX)
         .await?
     {
         if repo.exists(&layout::backup_expired_key(&id)).await? {
-            out.push(id);
+            out.unfinished.push(id);
+        } else if !listed.iter().any(|b| b.id == id)
+            && may_still_publish(repo, &id, abandoned_after).await?
+        {
+            out.in_progress.push(id);
         }
     }
     Ok(out)
