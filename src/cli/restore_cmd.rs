@@ -11,6 +11,7 @@ use super::exit::{Code, Failure};
 use crate::config::Settings;
 use crate::repo::Repository;
 use crate::restore::recovery_conf::shell_word;
+use crate::restore::Window;
 use crate::restore::{
     self, plan::Histories, RestoreOptions, RestoreRequest, Target, TargetAction, TimelineTarget,
 };
@@ -275,6 +276,24 @@ fn print_plan(s: &serde_json::Value, as_json: bool) {
     println!("restore_command:   {}", b("restore_command"));
 }
 
+/// A recoverable window in words: from the end of its backup to its last archived transaction.
+pub fn window_text(w: &Window) -> String {
+    let to = match &w.last_xact {
+        Some(x) => format!(
+            "{} (last archived transaction, LSN {})",
+            x.time.format("%Y-%m-%d %H:%M:%S%.6f%:z"),
+            x.lsn
+        ),
+        None => "no transaction archived after the backup yet".into(),
+    };
+    format!(
+        "from {} (end of backup {}, LSN {}) to {to}",
+        w.from_time.format("%Y-%m-%d %H:%M:%S%:z"),
+        w.backup_id,
+        w.from_lsn
+    )
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -424,20 +443,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         }
         Ok(ws) => {
             for w in &ws {
-                let to = match &w.last_xact {
-                    Some(x) => format!(
-                        "{} (last archived transaction, LSN {})",
-                        x.time.format("%Y-%m-%d %H:%M:%S%.6f%:z"),
-                        x.lsn
-                    ),
-                    None => "no transaction archived after the backup yet".into(),
-                };
-                println!(
-                    "recoverable: from {} (end of backup {}, LSN {}) to {to}",
-                    w.from_time.format("%Y-%m-%d %H:%M:%S%:z"),
-                    w.backup_id,
-                    w.from_lsn
-                );
+                println!("recoverable: {}", window_text(w));
                 println!(
                     "             WAL to LSN {} on timeline {}",
                     w.to_lsn, w.timeline

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::exit::{Code, Failure};
-use super::restore_cmd::human_bytes;
+use super::restore_cmd::{human_bytes, window_text};
 use crate::config::Settings;
 use crate::repo::Repository;
 use crate::storage::Storage;
@@ -84,19 +84,9 @@ fn print_report(repo: &Repository, r: &VerifyReport) {
     }
     println!();
     for w in &r.windows {
-        let to = match &w.last_xact {
-            Some(x) => format!(
-                "{} (last archived transaction, LSN {})",
-                x.time.format("%Y-%m-%d %H:%M:%S%.6f%:z"),
-                x.lsn
-            ),
-            None => "no transaction archived after the backup".into(),
-        };
         println!(
-            "  recoverable: from {} (end of backup {}, LSN {}) to {to}; WAL to LSN {} on timeline {}",
-            w.from_time.format("%Y-%m-%d %H:%M:%S%:z"),
-            w.backup_id,
-            w.from_lsn,
+            "  recoverable: {}; WAL to LSN {} on timeline {}",
+            window_text(w),
             w.to_lsn,
             w.timeline
         );
