@@ -6,24 +6,17 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
 use crate::backup::{self, BackupOptions, BackupProgress};
 use crate::config::Settings;
-use crate::pg::ConnConfig;
 use crate::storage::Storage;
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Connection string (libpq key=value or postgres:// URL); PG* variables and ~/.pgpass apply.
-    /// The role needs the REPLICATION attribute.
-    #[arg(
-        short = 'd',
-        long = "dbname",
-        value_name = "CONNINFO",
-        default_value = ""
-    )]
-    pub conninfo: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Backup label, shown in pg_stat_progress_basebackup and backup_label.
     #[arg(long)]
     pub label: Option<String>,
@@ -64,9 +57,7 @@ fn backup_failure(e: backup::BackupError) -> Failure {
 }
 
 pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Result<Code, Failure> {
-    let conn = ConnConfig::parse(&a.conninfo)
-        .map_err(|e| Failure::new(Code::Input, e, None))?
-        .application_name("pitr backup");
+    let conn = a.conn.config("pitr backup")?;
     let opts = BackupOptions {
         label: a.label,
         fast_checkpoint: a.checkpoint == Checkpoint::Fast,

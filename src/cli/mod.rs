@@ -1,6 +1,7 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
 
 mod backup_cmd;
+mod conn_args;
 mod exit;
 mod expire_cmd;
 mod restore_cmd;

@@ -6,24 +6,16 @@ use std::time::Duration;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
+use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
 use crate::config::Settings;
-use crate::pg::ConnConfig;
 use crate::storage::Storage;
 use crate::stream::{self, StreamError, StreamOptions};
 
 #[derive(Args, Debug)]
 pub struct StreamArgs {
-    /// Connection string (libpq key=value or postgres:// URL); PG* variables and ~/.pgpass apply.
-    /// The role needs REPLICATION. List several hosts with target_session_attrs=read-write to
-    /// follow a promoted standby.
-    #[arg(
-        short = 'd',
-        long = "dbname",
-        value_name = "CONNINFO",
-        default_value = ""
-    )]
-    pub conninfo: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Physical replication slot to stream through; it holds WAL on the server until it is
     /// durable in the repository.
     #[arg(long, value_name = "NAME", default_value = "pitr")]
@@ -139,9 +131,7 @@ fn install_signals(cancel: CancellationToken, force: CancellationToken) -> Resul
 }
 
 pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Result<Code, Failure> {
-    let conn = ConnConfig::parse(&a.conninfo)
-        .map_err(|e| Failure::new(Code::Input, e, None))?
-        .application_name(a.application_name.clone());
+    let conn = a.conn.config(a.application_name.clone())?;
     if let Some(addr) = a.metrics_addr {
         stream::metrics::install_exporter(addr).map_err(|m| {
             Failure::new(
