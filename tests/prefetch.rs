@@ -386,7 +386,7 @@ fn a_segment_of_stream_chunks_is_never_spooled() {
         .build()
         .unwrap()
         .block_on(async {
-            use pitr::repo::{layout, Repository, WriteOptions};
+            use pitr::repo::{ChunkRef, Repository, WriteOptions};
             let loc = pitr::storage::Location::parse(&repo.url).unwrap();
             let storage = pitr::storage::Storage::open(&loc, Duration::from_secs(5)).unwrap();
             let r = Repository::open(storage, WriteOptions::default())
@@ -394,10 +394,12 @@ fn a_segment_of_stream_chunks_is_never_spooled() {
                 .unwrap();
             let name = pitr::wal::WalFileName::parse(&n[3]).unwrap();
             for (start, end) in [(0, half / 2), (half / 2, half)] {
-                let key = layout::wal_chunk_key(&name, start as u32, end as u32);
-                r.put_immutable(&key, &format!("chunk {key}"), &open[start..end])
-                    .await
-                    .unwrap();
+                let chunk = ChunkRef {
+                    segment: name.clone(),
+                    start: start as u32,
+                    end: end as u32,
+                };
+                r.put_chunk(&chunk, &open[start..end]).await.unwrap();
             }
         });
     let work = TestDir::new();

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::prefetch::{location_id, Prefetch, Spool};
 use super::ArchiveError;
-use crate::repo::{Repository, WriteOptions};
+use crate::repo::{Repository, WalForRecovery, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::WalFileName;
 
@@ -48,16 +48,13 @@ pub async fn archive_get(
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
     let repo = Repository::open(storage, WriteOptions::default()).await?;
-    let content = match repo.get_wal_file(&name).await? {
-        Some(c) => c,
-        // The newest segment may exist only as chunks shipped by `pitr stream`.
-        None => match crate::stream::chunks::assemble_partial_segment(&repo, &name).await? {
-            Some(c) => c,
-            None => {
-                tracing::info!(file = %name, "not in the repository");
-                return Ok(GetOutcome::NotFound);
-            }
-        },
+    // The newest segment may exist only as chunks shipped by `pitr stream`.
+    let Some(found) = repo.wal_file_for_recovery(&name).await? else {
+        tracing::info!(file = %name, "not in the repository");
+        return Ok(GetOutcome::NotFound);
+    };
+    let content = match found {
+        WalForRecovery::Stored(c) | WalForRecovery::FromChunks(c) => c,
     };
     let dest = dest.to_path_buf();
     let len = content.len() as u64;

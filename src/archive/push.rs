@@ -86,7 +86,7 @@ pub async fn archive_push(
         }
     };
 
-    let outcome = super::store_wal_file(&repo, &name, &content).await?;
+    let outcome = repo.store_wal_file(&name, &content).await?;
     Ok(match outcome {
         PutOutcome::Stored => {
             tracing::info!(file = %name, bytes = content.len(), repo = %repo.location(), "archived");

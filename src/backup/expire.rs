@@ -17,16 +17,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::abandoned::may_still_publish;
-use crate::repo::{layout, BackupInfo, RepoError, Repository};
-use crate::storage::ObjectInfo;
-use crate::wal::{Lsn, SegNo, WalFileName};
-
-/// Deletes in flight at once: object stores answer each in a round trip.
-const DELETES_IN_FLIGHT: usize = 16;
+use crate::repo::{BackupInfo, RepoError, Repository, StoredObject};
+use crate::wal::Lsn;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetentionPolicy {
@@ -156,8 +150,8 @@ pub async fn expire(
         ),
         (Some(lsn), None) => (Some(lsn), None),
     };
-    let wal_doomed: Vec<ObjectInfo> = match wal_kept_from {
-        Some(lsn) => wal_below(repo, lsn.segno(seg_size), seg_size).await?,
+    let wal_doomed: Vec<StoredObject> = match wal_kept_from {
+        Some(lsn) => repo.wal_objects_below(lsn.segno(seg_size)).await?,
         None => vec![],
     };
 
@@ -176,26 +170,17 @@ pub async fn expire(
     }
 
     for b in expired {
-        let marker = serde_json::to_vec(&serde_json::json!({ "expired_at": Utc::now() }))
-            .expect("marker serializes");
-        repo.put_mutable(&layout::backup_expired_key(&b.id), &marker)
-            .await?;
-        repo.storage()
-            .delete(&layout::backup_info_key(&b.id))
-            .await
-            .map_err(RepoError::from)?;
+        repo.mark_expired(&b.id).await?;
+        repo.unpublish_backup(&b.id).await?;
         tracing::info!(backup = %b.id, "backup expired; removing its data");
-        remove_backup_data(repo, &b.id).await?;
+        repo.remove_backup_data(&b.id).await?;
     }
     for id in &unfinished {
-        repo.storage()
-            .delete(&layout::backup_info_key(id))
-            .await
-            .map_err(RepoError::from)?;
-        remove_backup_data(repo, id).await?;
+        repo.unpublish_backup(id).await?;
+        repo.remove_backup_data(id).await?;
         tracing::info!(backup = %id, "finished removing a backup an earlier expire left");
     }
-    delete_all(repo, wal_doomed.iter().map(|o| o.key.clone())).await?;
+    repo.delete_objects(&wal_doomed).await?;
     if let Some(lsn) = wal_kept_from {
         tracing::info!(objects = wal_doomed.len(), kept_from = %lsn, "removed WAL no kept backup needs");
     }
@@ -222,70 +207,16 @@ async fn scan_folders(
         unfinished: vec![],
         in_progress: vec![],
     };
-    for id in repo
-        .storage()
-        .list_folders(layout::BACKUP_DATA_PREFIX)
-        .await?
-    {
-        if repo.exists(&layout::backup_expired_key(&id)).await? {
+    for id in repo.backup_folders().await? {
+        if repo.is_expiring(&id).await? {
             out.unfinished.push(id);
         } else if !listed.iter().any(|b| b.id == id)
-            && may_still_publish(repo, &id, abandoned_after).await?
+            && repo.backup_may_still_publish(&id, abandoned_after).await?
         {
             out.in_progress.push(id);
         }
     }
     Ok(out)
-}
-
-/// Removes everything under `backups/<id>/`, the `expired` marker last.
-async fn remove_backup_data(repo: &Repository, id: &str) -> Result<(), RepoError> {
-    let marker = layout::backup_expired_key(id);
-    let prefix = format!("{}{id}/", layout::BACKUP_DATA_PREFIX);
-    let keys = repo.storage().list(&prefix).await?;
-    delete_all(
-        repo,
-        keys.into_iter().map(|o| o.key).filter(|k| *k != marker),
-    )
-    .await?;
-    repo.storage().delete(&marker).await?;
-    Ok(())
-}
-
-/// WAL objects (files, summaries, stream chunks) of segments numbered below `first_kept`, on
-/// any timeline, oldest first.
-async fn wal_below(
-    repo: &Repository,
-    first_kept: SegNo,
-    seg_size: u64,
-) -> Result<Vec<ObjectInfo>, RepoError> {
-    let mut doomed: Vec<(SegNo, ObjectInfo)> = repo
-        .storage()
-        .list(layout::WAL_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let segno = layout::wal_object_owner(&o.key)
-                .as_ref()
-                .and_then(|n: &WalFileName| n.segno(seg_size))?;
-            (segno < first_kept).then_some((segno, o))
-        })
-        .collect();
-    doomed.sort_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
-    Ok(doomed.into_iter().map(|(_, o)| o).collect())
-}
-
-async fn delete_all(
-    repo: &Repository,
-    keys: impl Iterator<Item = String>,
-) -> Result<(), RepoError> {
-    let storage = repo.storage();
-    futures::stream::iter(keys)
-        .map(|k| async move { storage.delete(&k).await })
-        .buffered(DELETES_IN_FLIGHT)
-        .try_collect::<Vec<()>>()
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,11 +7,10 @@
 //! at the end. The backup becomes visible only when its catalog object is written, after all
 //! parts, the manifest and the WAL from its start to its stop LSN are in the repository.
 
-mod abandoned;
 pub mod expire;
 mod run;
 
-pub use abandoned::{remove_abandoned, DEFAULT_ABANDONED_AFTER};
+pub use crate::repo::DEFAULT_ABANDONED_AFTER;
 pub use run::{run_backup, BackupError, BackupOptions, BackupProgress};
 
 /// Raw bytes per stored part: large enough that request overhead is small, small enough that a

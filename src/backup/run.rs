@@ -9,7 +9,7 @@ use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
-    layout, BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions,
+    BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -196,10 +196,12 @@ impl Uploads {
             self.join_one().await?;
         }
         let repo = repo.clone();
-        let key = layout::backup_part_key(id, archive, part);
-        let archive = archive.to_string();
-        self.set
-            .spawn(async move { repo.put_part(&key, data).await.map(|n| (archive, n)) });
+        let (id, archive) = (id.to_string(), archive.to_string());
+        self.set.spawn(async move {
+            repo.put_backup_part(&id, &archive, part, data)
+                .await
+                .map(|n| (archive, n))
+        });
         Ok(())
     }
 
@@ -238,7 +240,7 @@ pub async fn run_backup(
     };
     let repo = Repository::open_for_cluster(storage, &cluster, "backup", write).await?;
 
-    match super::remove_abandoned(&repo, opts.abandoned_after).await {
+    match repo.remove_abandoned_backups(opts.abandoned_after).await {
         Ok(ids) if !ids.is_empty() => tracing::info!(removed = ?ids, "removed abandoned backups"),
         Ok(_) => {}
         // Cleaning up is housekeeping: it must not stop a new backup.
@@ -246,7 +248,7 @@ pub async fn run_backup(
     }
 
     let start_time = Utc::now();
-    let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
+    let id = repo.claim_backup_id(start_time).await?;
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
     let bb_opts = BaseBackupOptions {
         label: label.clone(),
@@ -259,7 +261,7 @@ pub async fn run_backup(
         progress: true,
     };
     tracing::info!(backup = %id, server_version = version, "starting base backup");
-    let lease = super::abandoned::hold_lease(&repo, &id).await?;
+    let lease = repo.hold_backup_lease(&id);
     let started = Started {
         repo,
         id,
@@ -383,8 +385,7 @@ async fn receive_and_publish(
     }
 
     verify_against_manifest(&manifest_bytes, &checksums)?;
-    repo.put_part(&layout::backup_manifest_key(&id), manifest_bytes)
-        .await?;
+    repo.put_backup_manifest(&id, manifest_bytes).await?;
 
     wait_for_wal(
         &repo,
@@ -397,7 +398,7 @@ async fn receive_and_publish(
     )
     .await?;
 
-    if !super::abandoned::claim_completion(&repo, &id).await? {
+    if !repo.claim_backup_completion(&id).await? {
         return Err(BackupError::Abandoned);
     }
     let info = BackupInfo {
@@ -474,16 +475,9 @@ async fn wait_for_wal(
     let last = Lsn(stop.0.saturating_sub(1)).segno(seg_size);
     for segno in start.segno(seg_size)..=last {
         let name = WalFileName::segment(tli, segno, seg_size);
-        let key = layout::wal_key(&name);
         let mut announced = false;
         loop {
-            if repo
-                .storage()
-                .head(&key)
-                .await
-                .map_err(RepoError::from)?
-                .is_some()
-            {
+            if repo.has_wal_file(&name).await? {
                 break;
             }
             if began.elapsed() > timeout {

@@ -182,7 +182,9 @@ fn classify_repo(e: RepoError) -> Failure {
                     .into(),
             ),
         ),
-        e @ RepoError::BadDescriptor { .. } => Failure::new(Code::Corrupt, e, None),
+        e @ (RepoError::BadDescriptor { .. } | RepoError::BadHistory { .. }) => {
+            Failure::new(Code::Corrupt, e, None)
+        }
     }
 }
 

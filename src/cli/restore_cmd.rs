@@ -16,7 +16,7 @@ use crate::restore::{
     self, plan::Histories, RestoreOptions, RestoreRequest, Target, TargetAction, TimelineTarget,
 };
 use crate::storage::{Location, Storage};
-use crate::wal::{parse_history, Lsn, WalFileName};
+use crate::wal::{Lsn, WalFileName};
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
@@ -125,17 +125,7 @@ async fn plan_with_facts(
 }
 
 async fn load_histories(repo: &Repository, tlis: &[u32]) -> Result<Histories, Failure> {
-    let mut h = Histories::new();
-    for &tli in tlis {
-        let name = WalFileName::History { tli };
-        let Some(raw) = repo.get_wal_file(&name).await.map_err(Failure::from_repo)? else {
-            continue;
-        };
-        let entries = parse_history(&raw)
-            .map_err(|e| Failure::new(Code::Corrupt, format!("{name}: {e}"), None))?;
-        h.insert(tli, entries);
-    }
-    Ok(h)
+    repo.histories(tlis).await.map_err(Failure::from_repo)
 }
 
 pub async fn restore(
@@ -315,9 +305,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         .map_err(Failure::from_repo)?;
     let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
     // One LIST of wal/: the WAL files and the chunks `pitr stream` ships for the open segment.
-    let scan = crate::stream::chunks::WalScan::load(&repo)
-        .await
-        .map_err(Failure::from_repo)?;
+    let scan = repo.wal_scan().await.map_err(Failure::from_repo)?;
     let seg = repo.descriptor().wal_segment_size;
     let streamed = scan.streamed_ends(seg);
     let inv = scan.inventory;

@@ -2,13 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, BACKUP_CATALOG_PREFIX, WAL_PREFIX};
 use super::{PutOutcome, RepoError, Repository, Result};
-use crate::codec::{self, Codec};
+use crate::codec::Codec;
 use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
 
 /// One tar stream of a backup: the main data directory (`base.tar`) or a tablespace.
@@ -152,7 +151,7 @@ impl Repository {
     /// Completed backups, oldest first.
     pub async fn list_backups(&self) -> Result<Vec<BackupInfo>> {
         let mut out = vec![];
-        for obj in self.storage().list(BACKUP_CATALOG_PREFIX).await? {
+        for obj in self.storage.list(BACKUP_CATALOG_PREFIX).await? {
             let raw = self.get_verified(&obj.key).await?;
             let info: BackupInfo =
                 serde_json::from_slice(&raw).map_err(|e| RepoError::BadDescriptor {
@@ -168,7 +167,7 @@ impl Repository {
     /// Lists the WAL folder (one LIST; used by `list`, `restore` planning and `verify`, never by
     /// the archive hooks).
     pub async fn wal_inventory(&self) -> Result<WalInventory> {
-        let objects = self.storage().list(WAL_PREFIX).await?;
+        let objects = self.storage.list(WAL_PREFIX).await?;
         let names = objects.iter().filter_map(|o| {
             let file = o.key.rsplit('/').next()?;
             WalFileName::parse(file).ok()
@@ -177,21 +176,6 @@ impl Repository {
             names,
             self.descriptor().wal_segment_size,
         ))
-    }
-
-    /// Stores a backup part or manifest with the configured codec; returns the stored size.
-    /// Compression runs on the blocking pool so that a backup compresses on every core while
-    /// the async threads keep reading from the server.
-    pub async fn put_part(&self, key: &str, content: Vec<u8>) -> Result<u64> {
-        let (c, level) = (self.write.codec, self.write.level);
-        let framed = tokio::task::spawn_blocking(move || codec::encode(&content, c, level))
-            .await
-            .expect("compression task panicked");
-        let stored = framed.len() as u64;
-        self.storage()
-            .put_if_absent(key, Bytes::from(framed))
-            .await?;
-        Ok(stored)
     }
 
     pub fn write_codec(&self) -> Codec {

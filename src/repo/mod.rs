@@ -3,16 +3,24 @@
 //! Uses `storage` to move bytes and `codec` to frame them; knows WAL file names but nothing of
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
+mod backups;
 mod catalog;
+mod chunks;
 mod descriptor;
-pub mod layout;
+mod layout;
+mod scan;
 mod summary;
+mod wal;
 
 use bytes::Bytes;
 
+pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
+pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
+pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
+pub use wal::Histories;
 
 use crate::codec::{self, Codec, CodecError};
 use crate::storage::{Storage, StorageError};
@@ -61,6 +69,8 @@ pub enum RepoError {
         new_len: u64,
         new_crc: u32,
     },
+    #[error("timeline history {name} is unreadable: {message}")]
+    BadHistory { name: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
 }
@@ -161,50 +171,56 @@ impl Repository {
         &self.descriptor
     }
 
-    pub fn storage(&self) -> &Storage {
-        &self.storage
-    }
-
     pub fn location(&self) -> String {
         self.storage.location().to_string()
     }
 
+    /// Where the repository lives, as configured (e.g. to tell two repositories apart).
+    pub fn storage_location(&self) -> &crate::storage::Location {
+        self.storage.location()
+    }
+
     /// Stores `content` under `key` unless it is there already. If it is, the stored object is
     /// read back and compared: identical bytes are success (PostgreSQL retries an archive
-    /// command after a crash), different bytes are refused and the stored object is untouched.
-    pub async fn put_immutable(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
+    /// command after a crash, an object store may have kept a PUT whose answer was lost),
+    /// different bytes are refused and the stored object is untouched.
+    async fn put_immutable(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
         let framed = codec::encode(content, self.write.codec, self.write.level);
         match self.storage.put_if_absent(key, Bytes::from(framed)).await {
             Ok(()) => Ok(PutOutcome::Stored),
             Err(StorageError::AlreadyExists { .. }) => {
-                let stored = self.get_verified(key).await?;
-                if stored == content {
-                    Ok(PutOutcome::AlreadyStored)
-                } else {
-                    Err(RepoError::ConflictingContent {
-                        name: name.to_string(),
-                        key: key.to_string(),
-                        stored_len: stored.len() as u64,
-                        stored_crc: crc32c::crc32c(&stored),
-                        new_len: content.len() as u64,
-                        new_crc: crc32c::crc32c(content),
-                    })
-                }
+                self.check_identical(key, name, content).await
             }
             Err(e) => Err(e.into()),
         }
     }
 
+    /// After a conditional create found `key` taken: `AlreadyStored` when it holds `content`.
+    async fn check_identical(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
+        let stored = self.get_verified(key).await?;
+        if stored == content {
+            return Ok(PutOutcome::AlreadyStored);
+        }
+        Err(RepoError::ConflictingContent {
+            name: name.to_string(),
+            key: key.to_string(),
+            stored_len: stored.len() as u64,
+            stored_crc: crc32c::crc32c(&stored),
+            new_len: content.len() as u64,
+            new_crc: crc32c::crc32c(content),
+        })
+    }
+
     /// Stores an object that is mutable by design (a lease), replacing any previous version.
     /// Never used for WAL or backup data.
-    pub async fn put_mutable(&self, key: &str, content: &[u8]) -> Result<()> {
+    async fn put_mutable(&self, key: &str, content: &[u8]) -> Result<()> {
         let framed = codec::encode(content, Codec::None, 0);
         self.storage.put_overwrite(key, Bytes::from(framed)).await?;
         Ok(())
     }
 
     /// Reads an object and verifies its checksums.
-    pub async fn get_verified(&self, key: &str) -> Result<Vec<u8>> {
+    async fn get_verified(&self, key: &str) -> Result<Vec<u8>> {
         let bytes = self.storage.get(key).await?;
         codec::decode(&bytes).map_err(|source| RepoError::Corrupt {
             key: key.to_string(),
@@ -213,12 +229,12 @@ impl Repository {
     }
 
     /// Whether an object exists (a HEAD: nothing is read or verified).
-    pub async fn exists(&self, key: &str) -> Result<bool> {
+    async fn exists(&self, key: &str) -> Result<bool> {
         Ok(self.storage.head(key).await?.is_some())
     }
 
     /// Reads an object if it exists; corruption and storage failures are errors, never `None`.
-    pub async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
         match self.get_verified(key).await {
             Ok(v) => Ok(Some(v)),
             Err(RepoError::Storage(StorageError::NotFound { .. })) => Ok(None),
@@ -229,6 +245,11 @@ impl Repository {
     pub async fn put_wal_file(&self, name: &WalFileName, content: &[u8]) -> Result<PutOutcome> {
         self.put_immutable(&layout::wal_key(name), &name.to_string(), content)
             .await
+    }
+
+    /// Whether WAL file `name` is stored (a HEAD: nothing is read).
+    pub async fn has_wal_file(&self, name: &WalFileName) -> Result<bool> {
+        self.exists(&layout::wal_key(name)).await
     }
 
     pub async fn get_wal_file(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {

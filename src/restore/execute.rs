@@ -20,7 +20,7 @@ use super::plan::RestorePlan;
 use super::recovery_conf;
 use crate::format::manifest::{self, ManifestFile};
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
-use crate::repo::{layout, BackupArchive, RepoError, Repository};
+use crate::repo::{BackupArchive, RepoError, Repository};
 
 /// Parts fetched and decoded ahead of the writer. Each is at most one backup part (16 MiB) raw
 /// plus its compressed copy, so this bounds restore memory at roughly 4 × 32 MiB.
@@ -286,11 +286,8 @@ async fn restore_archive(
         }
         extractor.finish()
     });
-    let keys: Vec<String> = (0..archive.parts)
-        .map(|i| layout::backup_part_key(backup_id, &archive.name, i))
-        .collect();
-    let mut parts = futures::stream::iter(keys)
-        .map(|key| async move { repo.get_verified(&key).await })
+    let mut parts = futures::stream::iter(0..archive.parts)
+        .map(|i| repo.backup_part(backup_id, &archive.name, i))
         .buffered(PREFETCH_PARTS);
     let mut fetch_result = Ok(());
     while let Some(part) = parts.next().await {
@@ -346,9 +343,11 @@ pub async fn execute(
     create_private_dir(&opts.pgdata)?;
 
     let expected = if backup.manifest {
-        let raw = repo
-            .get_verified(&layout::backup_manifest_key(&backup.id))
-            .await?;
+        let raw = repo.backup_manifest(&backup.id).await?.ok_or_else(|| {
+            RestoreError::Repo(RepoError::Storage(crate::storage::StorageError::NotFound {
+                key: format!("backup_manifest of backup {}", backup.id),
+            }))
+        })?;
         manifest::parse(&raw)?
     } else {
         HashMap::new()

@@ -20,7 +20,7 @@
 //! pieces, the receiver stops reading, and PostgreSQL keeps the WAL in the slot.
 
 pub mod budget;
-pub mod chunks;
+
 pub mod metrics;
 mod receiver;
 pub mod segment;
@@ -33,9 +33,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::archive;
 use crate::pg::{self, sqlstate, ConnConfig, CreateSlotOptions, ReplicationConn};
-use crate::repo::{ClusterIdentity, RepoError, Repository, WriteOptions};
+use crate::repo::{ClusterIdentity, RepoError, Repository, WalScan, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::{parse_history, HistoryError, Lsn, TimelineId, WalFileName};
 
@@ -234,7 +233,7 @@ pub async fn run(
         let (file, content) = conn.timeline_history(sys.timeline).await?;
         let entries = parse_history(&content)?;
         if let Ok(name) = WalFileName::parse(&file) {
-            archive::store_wal_file(&repo, &name, &content).await?;
+            repo.store_wal_file(&name, &content).await?;
         }
         entries
     } else {
@@ -242,7 +241,7 @@ pub async fn run(
     };
 
     // One LIST of wal/ gives both the inventory and the chunk folders.
-    let scan = chunks::WalScan::load(&repo).await?;
+    let scan = repo.wal_scan().await?;
     delete_stale_chunks(&repo, &scan).await;
     let inv = scan.inventory;
     let mut sp = start::choose_start(
@@ -280,8 +279,8 @@ pub async fn run(
 
     // Resume inside the start segment after the chunks already stored for it.
     let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
-    let plan = chunks::list_chunks(&repo, &first).await?;
-    let preloaded = chunks::read_chain(&repo, &plan).await?;
+    let plan = repo.list_chunks(&first).await?;
+    let preloaded = repo.read_chain(&plan).await?;
     let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
     if !preloaded.is_empty() {
         tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
@@ -289,14 +288,7 @@ pub async fn run(
     let budget = Budget::new(seg_size);
     tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
     let first_buf = budget.segment().await;
-    let open = OpenSegment::new(
-        sp.tli,
-        start,
-        seg_size,
-        preloaded,
-        plan.all_keys(),
-        first_buf,
-    )?;
+    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?;
 
     let progress = Arc::new(Progress::new(start));
     let (durable_tx, durable_rx) = watch::channel(start);
@@ -503,7 +495,7 @@ async fn chunk(seg: &mut OpenSegment, budget: &Budget) -> Option<Job> {
 /// Deletes the chunks of segments already stored whole: a stream stopped (kill -9) between
 /// storing a segment and deleting its chunks leaves them. Best effort: they are never read once
 /// their segment exists, so a failure only leaves garbage.
-async fn delete_stale_chunks(repo: &Repository, scan: &chunks::WalScan) {
+async fn delete_stale_chunks(repo: &Repository, scan: &WalScan) {
     let stale = scan.stale_chunks();
     if stale.is_empty() {
         return;
@@ -512,9 +504,5 @@ async fn delete_stale_chunks(repo: &Repository, scan: &chunks::WalScan) {
         chunks = stale.len(),
         "deleting chunks of segments already stored whole"
     );
-    for key in stale {
-        if let Err(e) = repo.storage().delete(&key).await {
-            tracing::warn!(%key, error = %e, "could not delete a stale chunk");
-        }
-    }
+    repo.delete_chunks(&stale).await;
 }

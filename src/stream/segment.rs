@@ -12,7 +12,7 @@
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::budget::{ChunkData, SegBuf};
-use crate::repo::layout;
+use crate::repo::ChunkRef;
 use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
 
 /// Work for the uploader, in the order it must become durable.
@@ -26,18 +26,18 @@ pub enum Job {
         data: ChunkData,
         durable_end: Lsn,
     },
-    /// A completed segment; `chunk_keys` are its chunks, deleted once it is stored.
+    /// A completed segment; `chunks` are its chunks, deleted once it is stored.
     Segment {
         name: WalFileName,
         data: SegBuf,
-        chunk_keys: Vec<String>,
+        chunks: Vec<ChunkRef>,
         durable_end: Lsn,
     },
     /// The last, incomplete segment of a timeline that ended (`<name>.partial`).
     Partial {
         name: WalFileName,
         data: SegBuf,
-        chunk_keys: Vec<String>,
+        chunks: Vec<ChunkRef>,
         durable_end: Lsn,
     },
     /// A timeline history file, fetched with TIMELINE_HISTORY.
@@ -97,19 +97,19 @@ pub struct OpenSegment {
     /// Bytes `[0, shipped)` were handed out as chunks (or were already stored when resuming).
     shipped: usize,
     /// Chunk objects of this segment, to delete once the segment is stored.
-    chunk_keys: Vec<String>,
+    chunks: Vec<ChunkRef>,
 }
 
 impl OpenSegment {
     /// Starts filling at `start` on `tli`. When resuming inside a segment, `preloaded` holds the
     /// segment's bytes before `start` (read back from its chunks, all of them durable) and
-    /// `chunk_keys` the chunk objects found. `buf` is the (empty) buffer to fill.
+    /// `chunks` the chunk objects found. `buf` is the (empty) buffer to fill.
     pub fn new(
         tli: TimelineId,
         start: Lsn,
         seg_size: u64,
         preloaded: Vec<u8>,
-        chunk_keys: Vec<String>,
+        chunks: Vec<ChunkRef>,
         mut buf: SegBuf,
     ) -> Result<OpenSegment, SegmentError> {
         let offset = start.segment_offset(seg_size);
@@ -128,7 +128,7 @@ impl OpenSegment {
             segno: start.segno(seg_size),
             shipped: buf.len(),
             buf,
-            chunk_keys,
+            chunks,
         })
     }
 
@@ -203,13 +203,13 @@ impl OpenSegment {
         let name = self.name();
         let durable_end = self.segment_end();
         let data = std::mem::take(&mut self.buf);
-        let chunk_keys = std::mem::take(&mut self.chunk_keys);
+        let chunks = std::mem::take(&mut self.chunks);
         self.segno += 1;
         self.shipped = 0;
         Job::Segment {
             name,
             data,
-            chunk_keys,
+            chunks,
             durable_end,
         }
     }
@@ -224,8 +224,11 @@ impl OpenSegment {
         let segment = self.name();
         // Offsets fit in u32: PostgreSQL segments are at most 1 GiB.
         let (start, end) = (self.shipped as u32, self.buf.len() as u32);
-        self.chunk_keys
-            .push(layout::wal_chunk_key(&segment, start, end));
+        self.chunks.push(ChunkRef {
+            segment: segment.clone(),
+            start,
+            end,
+        });
         let data = ChunkData {
             data: bytes::Bytes::copy_from_slice(&self.buf[self.shipped..]),
             permit,
@@ -268,7 +271,7 @@ impl OpenSegment {
             out.push(Job::Partial {
                 name,
                 data,
-                chunk_keys: std::mem::take(&mut self.chunk_keys),
+                chunks: std::mem::take(&mut self.chunks),
                 durable_end,
             });
         }
@@ -276,7 +279,7 @@ impl OpenSegment {
         self.segno = switch.segno(self.seg_size);
         self.buf = SegBuf::default();
         self.shipped = 0;
-        self.chunk_keys.clear();
+        self.chunks.clear();
         self.seg_start()
     }
 }
@@ -367,11 +370,11 @@ mod tests {
         assert_eq!((start, end), (1000, 1500));
         // Completing the segment hands over the chunk keys for deletion.
         push_all(&mut s, Lsn(1500), &bytes(SEG as usize - 1500, 3), &mut out).unwrap();
-        let Job::Segment { chunk_keys, .. } = &out[0] else {
+        let Job::Segment { chunks, .. } = &out[0] else {
             panic!()
         };
-        assert_eq!(chunk_keys.len(), 2);
-        assert!(chunk_keys[1].ends_with("000005DC"));
+        assert_eq!(chunks.len(), 2);
+        assert_eq!((chunks[1].start, chunks[1].end), (1000, 1500));
     }
 
     #[test]
@@ -386,16 +389,14 @@ mod tests {
     #[test]
     fn resume_preloads_durable_bytes() {
         let pre = bytes(4096, 9);
+        let k = ChunkRef {
+            segment: WalFileName::segment(1, 1, SEG),
+            start: 0,
+            end: 4096,
+        };
         assert!(OpenSegment::new(1, Lsn(SEG + 100), SEG, pre.clone(), vec![], buf()).is_err());
-        let mut s = OpenSegment::new(
-            1,
-            Lsn(SEG + 4096),
-            SEG,
-            pre.clone(),
-            vec!["k".into()],
-            buf(),
-        )
-        .unwrap();
+        let mut s =
+            OpenSegment::new(1, Lsn(SEG + 4096), SEG, pre.clone(), vec![k.clone()], buf()).unwrap();
         assert_eq!(s.unshipped(), 0);
         let mut out = vec![];
         push_all(
@@ -405,14 +406,11 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        let Job::Segment {
-            data, chunk_keys, ..
-        } = &out[0]
-        else {
+        let Job::Segment { data, chunks, .. } = &out[0] else {
             panic!()
         };
         assert_eq!(&data[..4096], pre.as_slice());
-        assert_eq!(chunk_keys, &vec!["k".to_string()]);
+        assert_eq!(chunks, &vec![k]);
     }
 
     #[test]

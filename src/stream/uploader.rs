@@ -17,8 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::{self as m, Progress};
 use super::segment::Job;
 use super::StreamError;
-use crate::archive;
-use crate::repo::{layout, PutOutcome, RepoError, Repository};
+use crate::repo::{ChunkRef, PutOutcome, RepoError, Repository};
 use crate::storage::StorageError;
 use crate::wal::Lsn;
 
@@ -47,17 +46,20 @@ async fn store(repo: &Repository, job: &Job) -> Result<PutOutcome, RepoError> {
             data,
             ..
         } => {
-            let key = layout::wal_chunk_key(segment, *start, *end);
-            // Same key, same bytes after a restart: AlreadyStored. Different bytes: refused.
-            repo.put_immutable(&key, &format!("chunk {key}"), &data.data)
-                .await
+            let chunk = ChunkRef {
+                segment: segment.clone(),
+                start: *start,
+                end: *end,
+            };
+            // Same chunk, same bytes after a restart: AlreadyStored. Different bytes: refused.
+            repo.put_chunk(&chunk, &data.data).await
         }
         // Every completed WAL file goes through the one entry point archive-push uses, so the
         // objects (and whatever is stored beside them) are the same whatever their source.
         Job::Segment { name, data, .. } | Job::Partial { name, data, .. } => {
-            archive::store_wal_file(repo, name, data).await
+            repo.store_wal_file(name, data).await
         }
-        Job::History { name, data } => archive::store_wal_file(repo, name, data).await,
+        Job::History { name, data } => repo.store_wal_file(name, data).await,
     }
 }
 
@@ -148,12 +150,8 @@ pub(super) async fn run(
         }
         // The segment object now holds every byte of its chunks: they are garbage. Deleting is
         // best effort; a leftover chunk is never read once its segment exists.
-        if let Job::Segment { chunk_keys, .. } | Job::Partial { chunk_keys, .. } = &job {
-            for key in chunk_keys {
-                if let Err(e) = repo.storage().delete(key).await {
-                    tracing::warn!(%key, error = %e, "could not delete a chunk of a stored segment");
-                }
-            }
+        if let Job::Segment { chunks, .. } | Job::Partial { chunks, .. } = &job {
+            repo.delete_chunks(chunks).await;
         }
     }
     Ok(())

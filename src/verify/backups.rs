@@ -7,25 +7,24 @@ use std::collections::{HashMap, HashSet};
 use super::{read_checked, record_read_error, ProblemKind, Severity, VerifyProgress, VerifyReport};
 use crate::format::manifest::{self, ManifestFile};
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
-use crate::repo::{layout, BackupInfo, RepoError, Repository};
-use crate::storage::ObjectInfo;
+use crate::repo::{BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
 
 /// Reads the catalog and checks every completed backup; frame-checks the other backup objects
 /// (parts left by interrupted backups). Returns the catalog entries that parsed, oldest first.
 pub(super) async fn verify_backups(
     repo: &Repository,
-    objects: &[ObjectInfo],
+    objects: &[ScannedObject],
     report: &mut VerifyReport,
     progress: &(dyn Fn(VerifyProgress) + Sync),
 ) -> Result<Vec<BackupInfo>, RepoError> {
-    let sizes: HashMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    let sizes: HashMap<&str, u64> = objects.iter().map(|o| (o.key(), o.size)).collect();
     let mut checked: HashSet<String> = HashSet::new();
     let mut catalog = vec![];
     for o in objects
         .iter()
-        .filter(|o| o.key.starts_with(layout::BACKUP_CATALOG_PREFIX))
+        .filter(|o| matches!(o.kind, ObjectKind::Catalog { .. }))
     {
-        checked.insert(o.key.clone());
+        checked.insert(o.key().to_string());
         let Some(raw) = read_checked(repo, o, report, progress).await? else {
             continue;
         };
@@ -34,7 +33,7 @@ pub(super) async fn verify_backups(
             Err(e) => report.problem(
                 Severity::Error,
                 ProblemKind::BadMetadata,
-                Some(o.key.clone()),
+                Some(o.key().to_string()),
                 format!("backup catalog entry does not parse: {e}"),
             ),
         }
@@ -47,7 +46,7 @@ pub(super) async fn verify_backups(
     }
 
     // Data no completed backup refers to: only its frame can be checked.
-    for o in objects.iter().filter(|o| !checked.contains(&o.key)) {
+    for o in objects.iter().filter(|o| !checked.contains(o.key())) {
         read_checked(repo, o, report, progress).await?;
     }
     Ok(catalog)
@@ -77,13 +76,13 @@ async fn verify_one(
         )
     };
     let expected: Option<HashMap<String, ManifestFile>> = if b.manifest {
-        let key = layout::backup_manifest_key(&b.id);
+        let key = repo.backup_manifest_key(&b.id);
         checked.insert(key.clone());
         report.objects += 1;
         let size = sizes.get(key.as_str()).copied().unwrap_or(0);
         report.bytes += size;
         progress(VerifyProgress::Checked { bytes: size });
-        match repo.get_optional(&key).await {
+        match repo.backup_manifest(&b.id).await {
             Ok(Some(raw)) => match manifest::parse(&raw) {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -116,14 +115,14 @@ async fn verify_one(
         let mut file_problems: Vec<String> = vec![];
         let mut stream_ok = true;
         for part in 0..archive.parts {
-            let key = layout::backup_part_key(&b.id, &archive.name, part);
+            let key = repo.backup_part_key(&b.id, &archive.name, part);
             checked.insert(key.clone());
             report.objects += 1;
             let size = sizes.get(key.as_str()).copied().unwrap_or(0);
             report.bytes += size;
-            let chunk = match repo.get_optional(&key).await {
-                Ok(Some(c)) => c,
-                Ok(None) => {
+            let chunk = match repo.backup_part(&b.id, &archive.name, part).await {
+                Ok(c) => c,
+                Err(RepoError::Storage(e)) if e.is_not_found() => {
                     mismatch(report, Some(key), "part is missing".into());
                     stream_ok = false;
                     break;

@@ -21,9 +21,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::repo::{layout, RepoError, Repository};
+use crate::repo::{ObjectKind, RepoError, Repository, ScannedObject};
 use crate::restore::Window;
-use crate::storage::ObjectInfo;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VerifyOptions {
@@ -142,7 +141,7 @@ pub async fn verify(
         full: opts.full,
         ..Default::default()
     };
-    let objects = repo.storage().list("").await?;
+    let objects = repo.scan().await?;
     progress(VerifyProgress::Total {
         bytes: objects.iter().map(|o| o.size).sum(),
         objects: objects.len() as u64,
@@ -152,25 +151,18 @@ pub async fn verify(
     let mut backup_objects = vec![];
     let mut other = vec![];
     for o in objects {
-        if o.key.starts_with(layout::WAL_PREFIX) {
-            wal_objects.push(o);
-        } else if o.key.starts_with(layout::BACKUP_DATA_PREFIX)
-            || o.key.starts_with(layout::BACKUP_CATALOG_PREFIX)
-        {
-            backup_objects.push(o);
-        } else {
-            other.push(o);
+        match o.kind {
+            ObjectKind::Wal(_) | ObjectKind::Summary(_) | ObjectKind::Chunk(_) => {
+                wal_objects.push(o)
+            }
+            ObjectKind::Catalog { .. } | ObjectKind::BackupData { .. } => backup_objects.push(o),
+            ObjectKind::Descriptor | ObjectKind::Unknown => other.push(o),
         }
     }
 
     // Small objects with no structure to check beyond their frame (the descriptor).
     for o in &other {
-        report.objects += 1;
-        report.bytes += o.size;
-        if let Err(e) = repo.get_verified(&o.key).await {
-            record_read_error(&mut report, &o.key, e)?;
-        }
-        progress(VerifyProgress::Checked { bytes: o.size });
+        read_checked(repo, o, &mut report, progress).await?;
     }
 
     let catalog = backups::verify_backups(repo, &backup_objects, &mut report, progress).await?;
@@ -186,16 +178,16 @@ pub async fn verify(
 /// error ends the run, since it says nothing about the repository's health.
 async fn read_checked(
     repo: &Repository,
-    o: &ObjectInfo,
+    o: &ScannedObject,
     report: &mut VerifyReport,
     progress: &(dyn Fn(VerifyProgress) + Sync),
 ) -> Result<Option<Vec<u8>>, RepoError> {
     report.objects += 1;
     report.bytes += o.size;
     progress(VerifyProgress::Checked { bytes: o.size });
-    match repo.get_verified(&o.key).await {
+    match repo.read_object(o).await {
         Ok(raw) => Ok(Some(raw)),
-        Err(e) => record_read_error(report, &o.key, e).map(|()| None),
+        Err(e) => record_read_error(report, o.key(), e).map(|()| None),
     }
 }
 

@@ -10,10 +10,12 @@ use super::{
     read_checked, record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress,
     VerifyReport,
 };
-use crate::repo::{layout, BackupInfo, RepoError, Repository, StoredSummary, WalInventory};
+use crate::repo::{
+    wal_file_key, BackupInfo, ChunkRef, ObjectKind, RepoError, Repository, ScannedObject,
+    StoredSummary, WalInventory,
+};
 use crate::restore::plan::{Histories, WalFacts};
 use crate::restore::{recoverable_windows, summary_needs, RestoreRequest};
-use crate::storage::ObjectInfo;
 use crate::wal::{
     parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
     SegmentTail, TimelineId, WalFileName,
@@ -24,72 +26,62 @@ use crate::wal::{
 /// holds one segment, so memory stays at a few segments.
 const SEGMENTS_IN_FLIGHT: usize = 4;
 
-/// A segment key and what the listing says about it.
-struct SegmentObject {
+/// A segment and what the listing says about it.
+struct SegmentObject<'a> {
     tli: TimelineId,
     segno: SegNo,
     name: WalFileName,
-    key: String,
-    size: u64,
-    summary_key: Option<String>,
+    object: &'a ScannedObject,
+    summary: Option<&'a ScannedObject>,
 }
 
 pub(super) async fn verify_wal(
     repo: &Repository,
     catalog: &[BackupInfo],
-    objects: &[ObjectInfo],
+    objects: &[ScannedObject],
     opts: VerifyOptions,
     report: &mut VerifyReport,
     progress: &(dyn Fn(VerifyProgress) + Sync),
 ) -> Result<(), RepoError> {
     let started = Instant::now();
     let seg_size = repo.descriptor().wal_segment_size;
-    let summary_keys: HashMap<&str, u64> = objects
+    let summaries: HashMap<&WalFileName, &ScannedObject> = objects
         .iter()
-        .filter_map(|o| Some((o.key.strip_suffix(layout::SUMMARY_SUFFIX)?, o.size)))
+        .filter_map(|o| match &o.kind {
+            ObjectKind::Summary(n) => Some((n, o)),
+            _ => None,
+        })
         .collect();
     let mut segments: Vec<SegmentObject> = vec![];
     let mut histories_keys = vec![];
     let mut others = vec![];
+    let mut chunks = vec![];
     let mut names = vec![];
     for o in objects {
-        if o.key.ends_with(layout::SUMMARY_SUFFIX) {
-            continue; // checked with its segment
-        }
-        let file = o.key.rsplit('/').next().unwrap_or_default();
-        match WalFileName::parse(file) {
-            Ok(name @ WalFileName::Segment { .. }) => {
-                let segno = name.segno(seg_size).expect("segments have a number");
+        match &o.kind {
+            ObjectKind::Wal(name @ WalFileName::Segment { .. }) => {
                 names.push(name.clone());
                 segments.push(SegmentObject {
                     tli: name.timeline(),
-                    segno,
-                    summary_key: summary_keys
-                        .contains_key(o.key.as_str())
-                        .then(|| format!("{}{}", o.key, layout::SUMMARY_SUFFIX)),
-                    name,
-                    key: o.key.clone(),
-                    size: o.size,
+                    segno: name.segno(seg_size).expect("segments have a number"),
+                    name: name.clone(),
+                    object: o,
+                    summary: summaries.get(name).copied(),
                 });
             }
-            Ok(name @ WalFileName::History { tli }) => {
-                names.push(name);
-                histories_keys.push((tli, o));
+            ObjectKind::Wal(name @ WalFileName::History { tli }) => {
+                names.push(name.clone());
+                histories_keys.push((*tli, o));
             }
-            Ok(name) => {
-                names.push(name);
+            ObjectKind::Wal(name) => {
+                names.push(name.clone());
                 others.push(o);
             }
-            Err(_) => others.push(o),
+            // Checked with its segment; an orphaned summary is harmless and only frame-checked.
+            ObjectKind::Summary(n) if names_segment(objects, n) => {}
+            ObjectKind::Chunk(c) => chunks.push((c, o)),
+            _ => others.push(o),
         }
-    }
-    // Orphaned summaries are harmless; they are frame-checked like any other object.
-    for o in objects.iter().filter(|o| {
-        o.key
-            .strip_suffix(layout::SUMMARY_SUFFIX)
-            .is_some_and(|seg| !segments.iter().any(|s| s.key == seg))
-    }) {
-        others.push(o);
     }
     segments.sort_by_key(|s| (s.tli, s.segno));
     let inv = WalInventory::from_names(names.iter().cloned(), seg_size);
@@ -97,6 +89,7 @@ pub(super) async fn verify_wal(
     for o in others {
         read_checked(repo, o, report, progress).await?;
     }
+    verify_chunks(repo, &chunks, report, progress).await?;
 
     let histories = verify_histories(repo, &histories_keys, &inv, report, progress).await?;
     let Segments { summaries, broken } =
@@ -133,6 +126,48 @@ pub(super) async fn verify_wal(
     Ok(())
 }
 
+/// Whether the listing holds segment `name` itself.
+fn names_segment(objects: &[ScannedObject], name: &WalFileName) -> bool {
+    objects
+        .iter()
+        .any(|o| matches!(&o.kind, ObjectKind::Wal(n) if n == name))
+}
+
+/// Frame-checks the chunks of segments not stored whole. A chunk that vanished since the
+/// listing was deleted because its segment was stored whole meanwhile, as designed (a stream
+/// is writing): the segment is read instead, never reported as damage.
+async fn verify_chunks(
+    repo: &Repository,
+    chunks: &[(&ChunkRef, &ScannedObject)],
+    report: &mut VerifyReport,
+    progress: &(dyn Fn(VerifyProgress) + Sync),
+) -> Result<(), RepoError> {
+    let mut landed: BTreeSet<&WalFileName> = BTreeSet::new();
+    for (c, o) in chunks {
+        if landed.contains(&c.segment) {
+            continue;
+        }
+        report.objects += 1;
+        report.bytes += o.size;
+        progress(VerifyProgress::Checked { bytes: o.size });
+        match repo.read_object(o).await {
+            Ok(_) => {}
+            Err(RepoError::Storage(e)) if e.is_not_found() => {
+                match repo.get_wal_file(&c.segment).await {
+                    Ok(Some(_)) => {
+                        tracing::debug!(segment = %c.segment, "chunks gone: the segment landed while verifying");
+                        landed.insert(&c.segment);
+                    }
+                    Ok(None) => record_read_error(report, o.key(), RepoError::Storage(e))?,
+                    Err(e) => record_read_error(report, &wal_file_key(&c.segment), e)?,
+                }
+            }
+            Err(e) => record_read_error(report, o.key(), e)?,
+        }
+    }
+    Ok(())
+}
+
 /// What reading the segments established.
 #[derive(Default)]
 struct Segments {
@@ -146,7 +181,7 @@ struct Segments {
 /// from one segment to the next on the same timeline.
 async fn verify_segments(
     repo: &Repository,
-    segments: &[SegmentObject],
+    segments: &[SegmentObject<'_>],
     opts: VerifyOptions,
     report: &mut VerifyReport,
     progress: &(dyn Fn(VerifyProgress) + Sync),
@@ -154,19 +189,9 @@ async fn verify_segments(
     let mut out = Segments::default();
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
-            let framed = repo.storage().get(&s.key).await;
-            let decoded = match framed {
-                Ok(bytes) => tokio::task::spawn_blocking(move || crate::codec::decode(&bytes))
-                    .await
-                    .expect("decode task panicked")
-                    .map_err(|source| RepoError::Corrupt {
-                        key: s.key.clone(),
-                        source,
-                    }),
-                Err(e) => Err(e.into()),
-            };
-            let summary = match &s.summary_key {
-                Some(k) => Some(read_summary(repo, k).await),
+            let decoded = repo.read_object(s.object).await;
+            let summary = match s.summary {
+                Some(o) => Some(read_summary(repo, o).await),
                 None => None,
             };
             (s, decoded, summary)
@@ -175,16 +200,18 @@ async fn verify_segments(
 
     let mut tail: Option<(TimelineId, SegNo, SegmentTail)> = None;
     while let Some((s, decoded, stored)) = fetched.next().await {
-        report.objects += 1 + s.summary_key.is_some() as u64;
-        report.bytes += s.size;
+        report.objects += 1 + s.summary.is_some() as u64;
+        report.bytes += s.object.size;
         report.wal_segments += 1;
-        progress(VerifyProgress::Checked { bytes: s.size });
+        progress(VerifyProgress::Checked {
+            bytes: s.object.size,
+        });
         let content = match decoded {
             Ok(c) => c,
             Err(e) => {
                 tail = None;
                 out.broken.insert((s.tli, s.segno));
-                record_read_error(report, &s.key, e)?;
+                record_read_error(report, s.object.key(), e)?;
                 continue;
             }
         };
@@ -195,7 +222,7 @@ async fn verify_segments(
             report.problem(
                 Severity::Error,
                 ProblemKind::BadWal,
-                Some(s.key.clone()),
+                Some(s.object.key().to_string()),
                 format!("{} is not a valid WAL segment: {e}", s.name),
             );
             continue;
@@ -205,7 +232,7 @@ async fn verify_segments(
                 report.problem(
                     Severity::Warning,
                     ProblemKind::MissingSummary,
-                    Some(s.key.clone()),
+                    Some(s.object.key().to_string()),
                     format!(
                         "{} has no summary; restore rebuilds it by reading the segment",
                         s.name
@@ -253,7 +280,7 @@ async fn verify_segments(
                     report.problem(
                         Severity::Error,
                         ProblemKind::BadWal,
-                        Some(s.key.clone()),
+                        Some(s.object.key().to_string()),
                         format!("{} cannot be read: {e}", s.name),
                     );
                     continue;
@@ -274,7 +301,7 @@ async fn verify_segments(
                 report.problem(
                     Severity::Error,
                     ProblemKind::BadWal,
-                    Some(s.key.clone()),
+                    Some(s.object.key().to_string()),
                     format!(
                         "{}: records are damaged from LSN {lsn}: {error}; replay stops there",
                         s.name
@@ -284,7 +311,7 @@ async fn verify_segments(
             SegmentEnd::EndOfWal { lsn, .. } => report.problem(
                 Severity::Warning,
                 ProblemKind::BadWal,
-                Some(s.key.clone()),
+                Some(s.object.key().to_string()),
                 format!(
                     "{}: WAL ends at LSN {lsn}, before the end of this complete segment",
                     s.name
@@ -297,19 +324,23 @@ async fn verify_segments(
     Ok(out)
 }
 
-async fn read_summary(repo: &Repository, key: &str) -> Result<StoredSummary, (String, String)> {
+async fn read_summary(
+    repo: &Repository,
+    o: &ScannedObject,
+) -> Result<StoredSummary, (String, String)> {
+    let key = || o.key().to_string();
     let raw = repo
-        .get_verified(key)
+        .read_object(o)
         .await
-        .map_err(|e| (key.to_string(), e.to_string()))?;
-    serde_json::from_slice(&raw).map_err(|e| (key.to_string(), e.to_string()))
+        .map_err(|e| (key(), e.to_string()))?;
+    serde_json::from_slice(&raw).map_err(|e| (key(), e.to_string()))
 }
 
 /// History files: readable, parseable, ancestors older and present, switch points increasing,
 /// and each parent's history a prefix of its child's. Returns the parsed histories.
 async fn verify_histories(
     repo: &Repository,
-    keys: &[(TimelineId, &ObjectInfo)],
+    keys: &[(TimelineId, &ScannedObject)],
     inv: &WalInventory,
     report: &mut VerifyReport,
     progress: &(dyn Fn(VerifyProgress) + Sync),
@@ -326,7 +357,7 @@ async fn verify_histories(
             Err(e) => report.problem(
                 Severity::Error,
                 ProblemKind::BadHistory,
-                Some(o.key.clone()),
+                Some(o.key().to_string()),
                 format!("timeline {tli} history does not parse: {e}"),
             ),
         }
@@ -335,7 +366,7 @@ async fn verify_histories(
         report.problem(
             Severity::Error,
             ProblemKind::BadHistory,
-            Some(layout::wal_key(&WalFileName::History { tli })),
+            Some(wal_file_key(&WalFileName::History { tli })),
             format!("timeline {tli}: {msg}"),
         )
     };
@@ -446,7 +477,7 @@ fn check_continuity(
                     Severity::Error
                 },
                 kind: ProblemKind::WalHole,
-                object: Some(layout::wal_key(&WalFileName::segment(
+                object: Some(wal_file_key(&WalFileName::segment(
                     tli,
                     first_missing,
                     seg_size,
@@ -476,7 +507,7 @@ fn check_continuity(
             report.problems.push(super::Problem {
                 severity: Severity::Error,
                 kind: ProblemKind::BackupWalMissing,
-                object: Some(layout::wal_key(&name)),
+                object: Some(wal_file_key(&name)),
                 message: format!(
                     "backup {} needs WAL segments {} to {} to reach consistency; {} of them are missing, first {name}",
                     b.id,

@@ -151,7 +151,7 @@ impl SpoolSource {
         let d = repo.descriptor();
         SpoolSource {
             format: SOURCE_FORMAT,
-            location: location_id(repo.storage().location()),
+            location: location_id(repo.storage_location()),
             system_identifier: d.system_identifier.to_string(),
             created_at: d.created_at.to_rfc3339(),
             wal_segment_size: d.wal_segment_size,

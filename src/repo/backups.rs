@@ -1,0 +1,347 @@
+//! Backup data and the protocol that decides a backup's fate: ids, leases, the `state` object,
+//! the `expired` marker.
+//!
+//! A running backup claims a fresh id by creating `backups/<id>/lease` (conditional create, so
+//! two backups never share an id whatever their timing) and rewrites it every
+//! [`LEASE_REFRESH`]. A backup whose catalog entry is missing and whose lease is older than the
+//! threshold is abandoned: a cleanup creates `backups/<id>/state` = `aborted` (put-if-absent)
+//! and, only if that succeeded or the state already said so, deletes the parts. A backup that
+//! finishes creates the same object as `complete` before publishing its catalog entry, so a
+//! backup that was merely slow (a paused process, a long network stall) and a cleanup can never
+//! both win: either the backup publishes and keeps its parts, or it fails and its parts go.
+//!
+//! `pitr expire` removes a backup in an order that an interruption can never expose half-done:
+//! [`Repository::mark_expired`] first, then [`Repository::unpublish_backup`], then
+//! [`Repository::remove_backup_data`], which removes the marker last.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::{layout, PutOutcome, RepoError, Repository, Result};
+use crate::codec::{self, Codec};
+use crate::storage::StorageError;
+use crate::wal::{SegNo, WalFileName};
+
+pub const LEASE_REFRESH: Duration = Duration::from_secs(60);
+pub const DEFAULT_ABANDONED_AFTER: Duration = Duration::from_secs(15 * 60);
+
+const COMPLETE: &[u8] = b"complete";
+const ABORTED: &[u8] = b"aborted";
+
+/// Deletes in flight at once: object stores answer each in a round trip.
+const DELETES_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Lease {
+    backup_id: String,
+    pid: u32,
+    updated_at: DateTime<Utc>,
+}
+
+fn lease_json(id: &str) -> Vec<u8> {
+    let lease = Lease {
+        backup_id: id.to_string(),
+        pid: std::process::id(),
+        updated_at: Utc::now(),
+    };
+    serde_json::to_vec(&lease).expect("lease serializes")
+}
+
+/// A stored object that a job may count and hand back for deletion, without knowing its key's
+/// layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredObject {
+    key: String,
+    pub size: u64,
+}
+
+impl StoredObject {
+    /// The object's key, for messages.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl Repository {
+    /// Claims a new backup id for a backup started at `start`: `<UTC start>-<6 hex>`. The id is
+    /// taken by creating its lease with a conditional create, so a second backup started in
+    /// the same second (or a replayed id) gets another one.
+    pub async fn claim_backup_id(&self, start: DateTime<Utc>) -> Result<String> {
+        let stamp = start.format("%Y%m%dT%H%M%SZ");
+        loop {
+            let id = format!(
+                "{stamp}-{:06x}",
+                rand::thread_rng().gen_range(0..1u32 << 24)
+            );
+            let framed = codec::encode(&lease_json(&id), Codec::None, 0);
+            match self
+                .storage
+                .put_if_absent(&layout::backup_lease_key(&id), Bytes::from(framed))
+                .await
+            {
+                Ok(()) => return Ok(id),
+                Err(StorageError::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn write_lease(&self, id: &str) -> Result<()> {
+        self.put_mutable(&layout::backup_lease_key(id), &lease_json(id))
+            .await
+    }
+
+    /// Keeps refreshing backup `id`'s lease until the returned handle is aborted.
+    pub fn hold_backup_lease(&self, id: &str) -> JoinHandle<()> {
+        let (repo, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_REFRESH).await;
+                if let Err(e) = repo.write_lease(&id).await {
+                    tracing::warn!(backup = %id, error = %e, "could not refresh the backup lease");
+                }
+            }
+        })
+    }
+
+    /// Claims completion for backup `id`. `false` if a cleanup declared it abandoned first.
+    pub async fn claim_backup_completion(&self, id: &str) -> Result<bool> {
+        self.create_state(id, COMPLETE).await
+    }
+
+    /// Creates backup `id`'s state object; `false` when it exists with the other state.
+    async fn create_state(&self, id: &str, state: &[u8]) -> Result<bool> {
+        let key = layout::backup_state_key(id);
+        match self
+            .put_immutable(&key, &format!("state of backup {id}"), state)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(RepoError::ConflictingContent { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether backup `id`, which has no catalog entry, may still publish one: it completed a
+    /// moment ago (state `complete`, catalog entry about to be written) or holds a lease younger
+    /// than `abandoned_after`. Its start LSN is not known until it publishes.
+    pub async fn backup_may_still_publish(
+        &self,
+        id: &str,
+        abandoned_after: Duration,
+    ) -> Result<bool> {
+        Ok(
+            match self
+                .get_optional(&layout::backup_state_key(id))
+                .await?
+                .as_deref()
+            {
+                Some(ABORTED) => false,
+                Some(_) => true,
+                None => self
+                    .lease_age(id)
+                    .await?
+                    .is_some_and(|age| age < abandoned_after),
+            },
+        )
+    }
+
+    /// How long ago backup `id` last refreshed its lease; `None` when it has no readable lease.
+    async fn lease_age(&self, id: &str) -> Result<Option<Duration>> {
+        Ok(
+            match self.get_optional(&layout::backup_lease_key(id)).await? {
+                Some(raw) => serde_json::from_slice::<Lease>(&raw)
+                    .ok()
+                    .map(|l| (Utc::now() - l.updated_at).to_std().unwrap_or_default()),
+                None => None,
+            },
+        )
+    }
+
+    /// Removes the data of backups that never completed and whose lease is older than
+    /// `abandoned_after`. Returns the ids removed.
+    pub async fn remove_abandoned_backups(&self, abandoned_after: Duration) -> Result<Vec<String>> {
+        let mut removed = vec![];
+        for id in self.backup_folders().await? {
+            if self.exists(&layout::backup_info_key(&id)).await? {
+                continue;
+            }
+            // A backup with no readable lease cannot prove it is alive.
+            if self
+                .lease_age(&id)
+                .await?
+                .is_some_and(|age| age < abandoned_after)
+            {
+                continue;
+            }
+            // The mirror of `claim_backup_completion`: whoever creates the state first decides.
+            if !self.create_state(&id, ABORTED).await? {
+                // It completed after all; its catalog entry is about to appear.
+                continue;
+            }
+            // The aborted state stays, so that a backup process that wakes up later cannot
+            // claim completion over deleted parts.
+            let state_key = layout::backup_state_key(&id);
+            let keys = self.backup_folder_keys(&id).await?;
+            let n = self
+                .delete_all(keys.into_iter().filter(|k| *k != state_key))
+                .await?;
+            tracing::info!(backup = %id, objects = n, "removed an abandoned backup");
+            removed.push(id);
+        }
+        Ok(removed)
+    }
+
+    /// The ids of every backup folder under `backups/`, published or not.
+    pub async fn backup_folders(&self) -> Result<Vec<String>> {
+        Ok(self
+            .storage
+            .list_folders(layout::BACKUP_DATA_PREFIX)
+            .await?)
+    }
+
+    async fn backup_folder_keys(&self, id: &str) -> Result<Vec<String>> {
+        let prefix = format!("{}{id}/", layout::BACKUP_DATA_PREFIX);
+        Ok(self
+            .storage
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    async fn delete_all(&self, keys: impl Iterator<Item = String>) -> Result<usize> {
+        let storage = &self.storage;
+        let done = futures::stream::iter(keys)
+            .map(|k| async move { storage.delete(&k).await })
+            .buffered(DELETES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(done.len())
+    }
+
+    /// Whether an earlier `pitr expire` started removing backup `id` (its marker is there).
+    pub async fn is_expiring(&self, id: &str) -> Result<bool> {
+        self.exists(&layout::backup_expired_key(id)).await
+    }
+
+    /// First step of removing backup `id`: the marker that lets a later run finish the job.
+    pub async fn mark_expired(&self, id: &str) -> Result<()> {
+        let marker = serde_json::to_vec(&serde_json::json!({ "expired_at": Utc::now() }))
+            .expect("marker serializes");
+        self.put_mutable(&layout::backup_expired_key(id), &marker)
+            .await
+    }
+
+    /// Removes backup `id`'s catalog entry: from now on `list` and `restore` do not see it.
+    pub async fn unpublish_backup(&self, id: &str) -> Result<()> {
+        Ok(self.storage.delete(&layout::backup_info_key(id)).await?)
+    }
+
+    /// Removes everything under `backups/<id>/`, the `expired` marker last.
+    pub async fn remove_backup_data(&self, id: &str) -> Result<()> {
+        let marker = layout::backup_expired_key(id);
+        let keys = self.backup_folder_keys(id).await?;
+        self.delete_all(keys.into_iter().filter(|k| *k != marker))
+            .await?;
+        self.storage.delete(&marker).await?;
+        Ok(())
+    }
+
+    /// WAL objects (files, summaries, stream chunks) of segments numbered below `first_kept`,
+    /// on any timeline, oldest first. Timeline history files are never among them.
+    pub async fn wal_objects_below(&self, first_kept: SegNo) -> Result<Vec<StoredObject>> {
+        let seg_size = self.descriptor().wal_segment_size;
+        let mut doomed: Vec<(SegNo, StoredObject)> = self
+            .storage
+            .list(layout::WAL_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let segno = layout::wal_object_owner(&o.key)
+                    .as_ref()
+                    .and_then(|n: &WalFileName| n.segno(seg_size))?;
+                (segno < first_kept).then_some((
+                    segno,
+                    StoredObject {
+                        key: o.key,
+                        size: o.size,
+                    },
+                ))
+            })
+            .collect();
+        doomed.sort_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
+        Ok(doomed.into_iter().map(|(_, o)| o).collect())
+    }
+
+    /// Deletes objects found by a scan of this repository.
+    pub async fn delete_objects(&self, objects: &[StoredObject]) -> Result<()> {
+        self.delete_all(objects.iter().map(|o| o.key.clone()))
+            .await?;
+        Ok(())
+    }
+
+    /// Stores part `part` of archive `archive` of backup `id`; returns the stored size.
+    pub async fn put_backup_part(
+        &self,
+        id: &str,
+        archive: &str,
+        part: u32,
+        content: Vec<u8>,
+    ) -> Result<u64> {
+        self.put_part(layout::backup_part_key(id, archive, part), content)
+            .await
+    }
+
+    /// Stores backup `id`'s `backup_manifest` as the server sent it; returns the stored size.
+    pub async fn put_backup_manifest(&self, id: &str, content: Vec<u8>) -> Result<u64> {
+        self.put_part(layout::backup_manifest_key(id), content)
+            .await
+    }
+
+    /// Part `part` of archive `archive` of backup `id`, verified.
+    pub async fn backup_part(&self, id: &str, archive: &str, part: u32) -> Result<Vec<u8>> {
+        self.get_verified(&layout::backup_part_key(id, archive, part))
+            .await
+    }
+
+    /// Backup `id`'s manifest, verified; `None` when it is not stored.
+    pub async fn backup_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        self.get_optional(&layout::backup_manifest_key(id)).await
+    }
+
+    /// Stores a backup part or manifest with the configured codec; returns the stored size.
+    /// Compression runs on the blocking pool so that a backup compresses on every core while
+    /// the async threads keep reading from the server.
+    ///
+    /// Idempotent under retries like every immutable object: when the object store kept a PUT
+    /// whose response was lost, the retry finds the object there; identical content is success,
+    /// different content is refused and the stored object untouched.
+    async fn put_part(&self, key: String, content: Vec<u8>) -> Result<u64> {
+        let (c, level) = (self.write.codec, self.write.level);
+        let (framed, content) = tokio::task::spawn_blocking(move || {
+            let framed = codec::encode(&content, c, level);
+            (framed, content)
+        })
+        .await
+        .expect("compression task panicked");
+        let stored = framed.len() as u64;
+        match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
+            Ok(()) => Ok(stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let name = key.rsplit('/').take(3).collect::<Vec<_>>().join(" ");
+                let outcome = self.check_identical(&key, &name, &content).await?;
+                debug_assert_eq!(outcome, PutOutcome::AlreadyStored);
+                Ok(self.storage.head(&key).await?.unwrap_or(stored))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

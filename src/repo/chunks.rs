@@ -1,0 +1,406 @@
+//! Sub-segment chunks: how the open segment's bytes are found again in the repository.
+//!
+//! `pitr stream` ships the segment it is filling as immutable chunk objects
+//! (`wal/<16 hex>/chunks/<segment>/<start>-<end>`, see [`layout::wal_chunk_key`]), each holding
+//! bytes `[start, end)` of that segment. Two readers need them back:
+//! - `pitr stream` itself after a restart (kill -9, crash), to resume exactly at the end of
+//!   what is durable instead of re-shipping or, worse, shipping different chunk boundaries;
+//! - `archive-get`, to serve the newest, still incomplete segment during restore to latest.
+//!
+//! Both use the same rule, [`plan_chain`]: start at offset 0 and follow chunks whose start is
+//! the previous chunk's end. Anything that does not continue the chain (a gap, an overlap)
+//! is ignored, because bytes after a hole cannot be replayed anyway. The planning is pure; the
+//! one I/O function reads and checks the chain.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{layout, PutOutcome, RepoError, Repository, WalInventory};
+use crate::codec::CodecError;
+use crate::storage::StorageError;
+use crate::wal::{Lsn, TimelineId, WalFileName};
+
+/// One chunk object: bytes `[start, end)` of `segment`. The object's key is derived from it
+/// (see [`layout::wal_chunk_key`]) and never leaves this module.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChunkRef {
+    pub segment: WalFileName,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl ChunkRef {
+    fn key(&self) -> String {
+        layout::wal_chunk_key(&self.segment, self.start, self.end)
+    }
+}
+
+impl std::fmt::Display for ChunkRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{:08X}-{:08X}]", self.segment, self.start, self.end)
+    }
+}
+
+/// The contiguous chain of chunks from offset 0, and what else was found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Chunks to concatenate, in order: `chain[0].start == 0`, `chain[i+1].start == chain[i].end`.
+    pub chain: Vec<ChunkRef>,
+    /// Chunks not on the chain (after a gap, or overlapping it). Never read; deleted with the rest.
+    pub stray: Vec<ChunkRef>,
+}
+
+impl ChunkPlan {
+    /// Bytes covered by the chain: the segment offset where the next byte belongs.
+    pub fn end(&self) -> u32 {
+        self.chain.last().map_or(0, |c| c.end)
+    }
+
+    /// Every chunk, chain and stray, e.g. to delete once the full segment is stored.
+    pub fn all(&self) -> Vec<ChunkRef> {
+        self.chain.iter().chain(&self.stray).cloned().collect()
+    }
+}
+
+/// Picks the chain from offset 0. At each position the chunk reaching furthest wins, so that
+/// a restarted streamer's longer chunk with the same start is preferred over a shorter one.
+pub fn plan_chain(mut chunks: Vec<ChunkRef>) -> ChunkPlan {
+    chunks.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end)));
+    let mut plan = ChunkPlan::default();
+    let mut pos = 0u32;
+    for c in chunks {
+        if c.start == pos && c.end > pos {
+            pos = c.end;
+            plan.chain.push(c);
+        } else {
+            plan.stray.push(c);
+        }
+    }
+    plan
+}
+
+impl Repository {
+    /// Lists the chunks of `segment` (one LIST request) and plans the chain.
+    pub async fn list_chunks(&self, segment: &WalFileName) -> Result<ChunkPlan, RepoError> {
+        let prefix = layout::wal_chunk_prefix(segment);
+        let objects = self.storage.list(&prefix).await?;
+        let chunks = objects
+            .into_iter()
+            .filter_map(|o| parse_chunk_key(&o.key).map(|(_, c)| c))
+            .filter(|c| &c.segment == segment)
+            .collect();
+        Ok(plan_chain(chunks))
+    }
+
+    /// Stores one chunk. Same chunk, same bytes after a restart: `AlreadyStored`; different
+    /// bytes under the same offsets: refused, the stored chunk untouched.
+    pub async fn put_chunk(&self, chunk: &ChunkRef, data: &[u8]) -> Result<PutOutcome, RepoError> {
+        let key = chunk.key();
+        self.put_immutable(&key, &format!("chunk {key}"), data)
+            .await
+    }
+
+    /// Deletes chunks whose bytes are stored in their complete segment. Best effort: a leftover
+    /// chunk is never read once its segment exists, so a failure only leaves garbage (logged).
+    pub async fn delete_chunks(&self, chunks: &[ChunkRef]) {
+        for c in chunks {
+            if let Err(e) = self.storage.delete(&c.key()).await {
+                tracing::warn!(chunk = %c, error = %e, "could not delete a chunk of a stored segment");
+            }
+        }
+    }
+
+    /// Reads the chain's chunks, each verified against its checksum and its declared length, and
+    /// returns their concatenation: bytes `[0, plan.end())` of the segment.
+    ///
+    /// A chunk that disappears between the LIST and the GET (the full segment was stored and its
+    /// chunks deleted meanwhile) is reported as `StorageError::NotFound`; callers then look for
+    /// the segment object again.
+    pub async fn read_chain(&self, plan: &ChunkPlan) -> Result<Vec<u8>, RepoError> {
+        let mut out = Vec::with_capacity(plan.end() as usize);
+        for c in &plan.chain {
+            let key = c.key();
+            let bytes = self.get_verified(&key).await?;
+            let expected = u64::from(c.end - c.start);
+            if bytes.len() as u64 != expected {
+                // The name is part of the contract: a chunk whose size disagrees with its name
+                // is as corrupt as one failing its checksum.
+                return Err(RepoError::Corrupt {
+                    key,
+                    source: CodecError::ContentLength {
+                        expected,
+                        actual: bytes.len() as u64,
+                    },
+                });
+            }
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+
+    /// For `archive-get`: WAL file `name` as recovery should see it: the stored object, or for a
+    /// segment not stored whole, the bytes `pitr stream` shipped for it as chunks, zero-padded
+    /// to the segment size (as PostgreSQL and pg_receivewal leave an unfinished segment).
+    /// `None` when the repository has neither.
+    ///
+    /// Safety rules:
+    /// - a complete segment always wins: chunks are deleted only after the segment object is
+    ///   stored, so when chunks vanish under us (or none are found) the segment object is looked
+    ///   up once more before answering "not found";
+    /// - only the chain from offset 0 is served; bytes after a hole are never served;
+    /// - the zero padding reads as the end of WAL to PostgreSQL (a page with a zero magic),
+    ///   exactly where replay of a `.partial` stops. A later request for the same name (a
+    ///   standby polling its restore_command) gets more of the segment, or the complete object.
+    pub async fn wal_file_for_recovery(
+        &self,
+        name: &WalFileName,
+    ) -> Result<Option<WalForRecovery>, RepoError> {
+        if let Some(full) = self.get_wal_file(name).await? {
+            return Ok(Some(WalForRecovery::Stored(full)));
+        }
+        if !matches!(name, WalFileName::Segment { .. }) {
+            return Ok(None);
+        }
+        Ok(self
+            .assemble_partial_segment(name)
+            .await?
+            .map(|(bytes, whole)| match whole {
+                true => WalForRecovery::Stored(bytes),
+                false => WalForRecovery::FromChunks(bytes),
+            }))
+    }
+
+    /// Segment `name` from its chunks (`false`), or its complete object if that appeared
+    /// meanwhile (`true`).
+    async fn assemble_partial_segment(
+        &self,
+        name: &WalFileName,
+    ) -> Result<Option<(Vec<u8>, bool)>, RepoError> {
+        let seg_size = self.descriptor().wal_segment_size as usize;
+        // Two rounds cover one race: chunks deleted between the LIST and the GETs because the
+        // segment was completed and stored meanwhile.
+        for _ in 0..2 {
+            let plan = self.list_chunks(name).await?;
+            if plan.chain.is_empty() {
+                return Ok(self.get_wal_file(name).await?.map(|b| (b, true)));
+            }
+            match self.read_chain(&plan).await {
+                Ok(mut bytes) => {
+                    if !plan.stray.is_empty() {
+                        tracing::warn!(file = %name, stray = plan.stray.len(), "chunks after a hole were not used");
+                    }
+                    let wal_bytes = bytes.len();
+                    bytes.resize(seg_size, 0);
+                    tracing::info!(file = %name, wal_bytes, chunks = plan.chain.len(),
+                        "serving the newest, incomplete segment assembled from streamed chunks (zero-padded)");
+                    return Ok(Some((bytes, false)));
+                }
+                Err(RepoError::Storage(StorageError::NotFound { .. })) => {
+                    if let Some(full) = self.get_wal_file(name).await? {
+                        return Ok(Some((full, true)));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.get_wal_file(name).await?.map(|b| (b, true)))
+    }
+}
+
+/// What [`Repository::wal_file_for_recovery`] found.
+#[derive(Debug)]
+pub enum WalForRecovery {
+    /// The stored WAL file object.
+    Stored(Vec<u8>),
+    /// A segment not stored whole yet, assembled from its chunks and zero-padded. Never spool or
+    /// cache it: the complete segment may later differ past the chunks' end.
+    FromChunks(Vec<u8>),
+}
+
+impl WalForRecovery {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            WalForRecovery::Stored(b) | WalForRecovery::FromChunks(b) => b,
+        }
+    }
+}
+
+/// What one LIST of `wal/` shows: the inventory of WAL files, and the chunk folders beside
+/// them. `pitr list` and `pitr stream`'s startup read both from the same request.
+#[derive(Debug, Default)]
+pub struct WalScan {
+    pub inventory: WalInventory,
+    /// Chunk folders by segment, with the chunks found in each.
+    pub chunk_folders: BTreeMap<WalFileName, Vec<ChunkRef>>,
+    /// Segment objects present (complete segments only).
+    segments: BTreeSet<WalFileName>,
+}
+
+/// The chunk a key `wal/<16 hex>/chunks/<segment>/<start>-<end>` names.
+pub(super) fn parse_chunk_key(key: &str) -> Option<(WalFileName, ChunkRef)> {
+    let mut parts = key.rsplit('/');
+    let _file = parts.next()?;
+    let segment = WalFileName::parse(parts.next()?).ok()?;
+    if parts.next()? != "chunks" || !matches!(segment, WalFileName::Segment { .. }) {
+        return None;
+    }
+    let (start, end) = layout::parse_wal_chunk_key(key)?;
+    Some((
+        segment.clone(),
+        ChunkRef {
+            segment,
+            start,
+            end,
+        },
+    ))
+}
+
+impl Repository {
+    /// What the repository holds under `wal/` (one LIST request): the inventory of WAL files
+    /// and the chunk folders beside them.
+    pub async fn wal_scan(&self) -> Result<WalScan, RepoError> {
+        let objects = self.storage.list(layout::WAL_PREFIX).await?;
+        Ok(WalScan::from_keys(
+            objects.into_iter().map(|o| o.key),
+            self.descriptor().wal_segment_size,
+        ))
+    }
+}
+
+impl WalScan {
+    /// Sorts the keys under `wal/` into WAL files and chunks.
+    pub(super) fn from_keys(keys: impl IntoIterator<Item = String>, seg_size: u64) -> WalScan {
+        let mut scan = WalScan::default();
+        let mut names = vec![];
+        for key in keys {
+            if let Some((segment, chunk)) = parse_chunk_key(&key) {
+                scan.chunk_folders.entry(segment).or_default().push(chunk);
+                continue;
+            }
+            let Some(name) = key
+                .rsplit('/')
+                .next()
+                .and_then(|f| WalFileName::parse(f).ok())
+            else {
+                continue;
+            };
+            if matches!(name, WalFileName::Segment { .. }) {
+                scan.segments.insert(name.clone());
+            }
+            names.push(name);
+        }
+        scan.inventory = WalInventory::from_names(names, seg_size);
+        scan
+    }
+
+    /// Chunks of segments whose complete object is stored: left behind when a stream stopped
+    /// between storing a segment and deleting its chunks. Never read again; safe to delete.
+    pub fn stale_chunks(&self) -> Vec<ChunkRef> {
+        self.chunk_folders
+            .iter()
+            .filter(|(seg, _)| self.segments.contains(seg))
+            .flat_map(|(_, chunks)| chunks.iter().cloned())
+            .collect()
+    }
+
+    /// Per timeline, how far WAL reaches in the repository counting the chunks of segments not
+    /// yet complete (the end of each chunk chain from offset 0): the streamed position.
+    /// Timelines without such chunks are absent.
+    pub fn streamed_ends(&self, seg_size: u64) -> BTreeMap<TimelineId, Lsn> {
+        let mut out = BTreeMap::new();
+        for (seg, chunks) in &self.chunk_folders {
+            if self.segments.contains(seg) {
+                continue;
+            }
+            let end = plan_chain(chunks.clone()).end();
+            let Some(segno) = seg.segno(seg_size) else {
+                continue;
+            };
+            if end == 0 {
+                continue;
+            }
+            let lsn = Lsn(Lsn::from_segno(segno, seg_size).0 + u64::from(end));
+            let e = out.entry(seg.timeline()).or_insert(lsn);
+            *e = (*e).max(lsn);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(start: u32, end: u32) -> ChunkRef {
+        ChunkRef {
+            segment: WalFileName::parse("000000010000000000000005").unwrap(),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn chain_follows_contiguous_chunks_from_zero() {
+        let p = plan_chain(vec![c(100, 250), c(0, 100), c(250, 4096)]);
+        assert_eq!(p.chain, vec![c(0, 100), c(100, 250), c(250, 4096)]);
+        assert!(p.stray.is_empty());
+        assert_eq!(p.end(), 4096);
+    }
+
+    #[test]
+    fn chain_stops_at_a_gap() {
+        let p = plan_chain(vec![c(0, 100), c(200, 300)]);
+        assert_eq!(p.end(), 100);
+        assert_eq!(p.stray, vec![c(200, 300)]);
+        assert_eq!(p.all().len(), 2);
+    }
+
+    #[test]
+    fn chain_without_a_start_is_empty() {
+        let p = plan_chain(vec![c(8192, 9000)]);
+        assert_eq!(p.end(), 0);
+        assert!(p.chain.is_empty());
+    }
+
+    #[test]
+    fn longest_chunk_wins_and_overlaps_are_stray() {
+        let p = plan_chain(vec![c(0, 100), c(0, 300), c(100, 200), c(300, 400)]);
+        assert_eq!(p.chain, vec![c(0, 300), c(300, 400)]);
+        assert_eq!(p.stray, vec![c(0, 100), c(100, 200)]);
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_streamed_ends_and_stale_chunks() {
+        let seg = 16u64 << 20;
+        let keys = [
+            "wal/0000000100000000/000000010000000000000003",
+            "wal/0000000100000000/000000010000000000000004",
+            // stale: segment 4 is stored
+            "wal/0000000100000000/chunks/000000010000000000000004/00000000-00001000",
+            // open segment 5: a chain 0..0x3000 and a stray after a gap
+            "wal/0000000100000000/chunks/000000010000000000000005/00000000-00001000",
+            "wal/0000000100000000/chunks/000000010000000000000005/00001000-00003000",
+            "wal/0000000100000000/chunks/000000010000000000000005/00004000-00005000",
+            "wal/00000002.history",
+            "wal/0000000200000000/chunks/000000020000000000000005/00000000-00000100",
+        ];
+        let scan = WalScan::from_keys(keys.iter().map(|k| k.to_string()), seg);
+        assert_eq!(scan.inventory.timelines[&1].ranges, vec![(3, 4)]);
+        assert_eq!(scan.inventory.histories, vec![2]);
+        assert_eq!(
+            scan.stale_chunks()
+                .iter()
+                .map(|c| c.key())
+                .collect::<Vec<_>>(),
+            vec![keys[2].to_string()],
+            "only chunks of stored segments are stale"
+        );
+        let ends = scan.streamed_ends(seg);
+        assert_eq!(ends[&1], Lsn(5 * seg + 0x3000));
+        assert_eq!(ends[&2], Lsn(5 * seg + 0x100));
+    }
+}
