@@ -5,7 +5,8 @@
 //! | module                                   | uses                               |
 //! |------------------------------------------|------------------------------------|
 //! | `cli`                                    | the jobs                           |
-//! | `archive`, `stream`, `backup`, `restore` | `pg`, `repo`, `codec`, `storage`, `wal` |
+//! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `codec`, `wal` |
+//! | `recovery`                               | `repo`, `wal`                      |
 //! | `repo`                                   | `storage`, `codec`, `wal`          |
 //! | `pg`                                     | `wal`                              |
 //! | `storage`, `codec`, `wal`                | nothing else in the crate          |
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod format;
 pub mod pg;
+pub mod recovery;
 pub mod repo;
 pub mod restore;
 pub mod storage;

@@ -9,12 +9,12 @@ use serde_json::json;
 
 use super::exit::{Code, Failure};
 use crate::config::Settings;
+use crate::recovery::{
+    self, Catalog, RecoveryError, RestoreRequest, Target, TargetAction, TimelineTarget, Window,
+};
 use crate::repo::Repository;
 use crate::restore::recovery_conf::shell_word;
-use crate::restore::Window;
-use crate::restore::{
-    self, plan::Histories, RestoreOptions, RestoreRequest, Target, TargetAction, TimelineTarget,
-};
+use crate::restore::{self, RestoreOptions};
 use crate::storage::{Location, Storage};
 use crate::wal::{Lsn, WalFileName};
 
@@ -67,7 +67,7 @@ pub struct RestoreArgs {
 
 fn target_of(a: &RestoreArgs) -> Result<Target, Failure> {
     Ok(if let Some(t) = &a.target_time {
-        Target::Time(restore::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
+        Target::Time(recovery::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
     } else if let Some(l) = a.target_lsn {
         Target::Lsn(l)
     } else if let Some(x) = a.target_xid {
@@ -100,7 +100,7 @@ fn restore_command(settings: &Settings) -> String {
     format!("{cmd} archive-get %f %p")
 }
 
-fn refused(e: restore::PlanError) -> Failure {
+fn refused(e: recovery::PlanError) -> Failure {
     Failure::new(
         Code::RestoreRefused,
         e,
@@ -108,24 +108,12 @@ fn refused(e: restore::PlanError) -> Failure {
     )
 }
 
-/// Plans `req`, reading the segment summaries the target needs first.
-async fn plan_with_facts(
-    repo: &Repository,
-    req: &RestoreRequest,
-    backups: &[crate::repo::BackupInfo],
-    inv: &crate::repo::WalInventory,
-    histories: &Histories,
-    seg: u64,
-) -> Result<restore::RestorePlan, Failure> {
-    let needs = restore::summary_needs(req, backups, inv, histories, seg).map_err(refused)?;
-    let facts = restore::load_facts(repo, &needs)
-        .await
-        .map_err(Failure::from_repo)?;
-    restore::plan(req, backups, inv, histories, &facts, seg, Utc::now()).map_err(refused)
-}
-
-async fn load_histories(repo: &Repository, tlis: &[u32]) -> Result<Histories, Failure> {
-    repo.histories(tlis).await.map_err(Failure::from_repo)
+/// A planning failure: a refusal, or a repository that could not be read.
+fn plan_failure(e: RecoveryError) -> Failure {
+    match e {
+        RecoveryError::Plan(p) => refused(p),
+        RecoveryError::Repo(r) => Failure::from_repo(r),
+    }
 }
 
 pub async fn restore(
@@ -147,9 +135,7 @@ pub async fn restore(
     let repo = Repository::open(storage, settings.write)
         .await
         .map_err(Failure::from_repo)?;
-    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
-    let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
-    let histories = load_histories(&repo, &inv.histories).await?;
+    let catalog = Catalog::load(&repo).await.map_err(Failure::from_repo)?;
     let req = RestoreRequest {
         target,
         action: a.target_action,
@@ -158,8 +144,10 @@ pub async fn restore(
         inclusive: !a.target_exclusive,
         standby: a.standby,
     };
-    let seg = repo.descriptor().wal_segment_size;
-    let plan = plan_with_facts(&repo, &req, &backups, &inv, &histories, seg).await?;
+    let plan = catalog
+        .plan(&repo, &req, Utc::now())
+        .await
+        .map_err(plan_failure)?;
 
     let summary = json!({
         "backup": plan.backup.id,
@@ -303,25 +291,14 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
     let repo = Repository::open(storage, settings.write)
         .await
         .map_err(Failure::from_repo)?;
-    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
-    // One LIST of wal/: the WAL files and the chunks `pitr stream` ships for the open segment.
-    let scan = repo.wal_scan().await.map_err(Failure::from_repo)?;
-    let seg = repo.descriptor().wal_segment_size;
-    let streamed = scan.streamed_ends(seg);
-    let inv = scan.inventory;
-    let histories = load_histories(&repo, &inv.histories).await?;
-    let latest = RestoreRequest::latest();
-    let window: Result<Vec<restore::Window>, String> =
-        match restore::summary_needs(&latest, &backups, &inv, &histories, seg) {
-            Err(e) => Err(e.to_string()),
-            Ok(needs) => {
-                let facts = restore::load_facts(&repo, &needs)
-                    .await
-                    .map_err(Failure::from_repo)?;
-                restore::recoverable_windows(&latest, &backups, &inv, &histories, &facts, seg)
-                    .map_err(|e| e.to_string())
-            }
-        };
+    let catalog = Catalog::load(&repo).await.map_err(Failure::from_repo)?;
+    let seg = catalog.seg_size;
+    let window: Result<Vec<Window>, String> = match catalog.windows(&repo).await {
+        Ok(w) => Ok(w),
+        Err(RecoveryError::Plan(e)) => Err(e.to_string()),
+        Err(RecoveryError::Repo(e)) => return Err(Failure::from_repo(e)),
+    };
+    let (backups, inv, streamed) = (&catalog.backups, &catalog.inventory, &catalog.streamed);
     let mut wal = BTreeMap::new();
     for (tli, t) in &inv.timelines {
         let ranges: Vec<_> = t
@@ -332,7 +309,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         wal.insert(tli.to_string(), ranges);
     }
     let d = repo.descriptor();
-    let window_json = |w: &restore::Window| {
+    let window_json = |w: &Window| {
         json!({
             "from_backup": w.backup_id,
             "from_time": w.from_time,
@@ -388,7 +365,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
             "BACKUP", "TLI", "START LSN", "STOP LSN", "STOP TIME", "SIZE", "STORED"
         );
-        for b in &backups {
+        for b in backups {
             println!(
                 "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
                 b.id,
@@ -418,7 +395,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             println!("  warning: {} holes on timeline {tli}", t.ranges.len() - 1);
         }
     }
-    for (tli, lsn) in &streamed {
+    for (tli, lsn) in streamed {
         println!(
             "WAL timeline {tli}: streamed to {lsn} (segment {}, in chunks)",
             WalFileName::segment(*tli, lsn.segno(seg), seg)

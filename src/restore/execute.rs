@@ -16,10 +16,10 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
-use super::plan::RestorePlan;
 use super::recovery_conf;
 use crate::format::manifest::{self, ManifestFile};
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
+use crate::recovery::RestorePlan;
 use crate::repo::{BackupArchive, RepoError, Repository};
 
 /// Parts fetched and decoded ahead of the writer. Each is at most one backup part (16 MiB) raw

@@ -1,21 +1,12 @@
 //! `pitr restore`: plan and execute a point-in-time restore.
 //!
-//! Validate, plan, then act: [`plan::plan`] is pure and decides everything (which backup, which
+//! Validate, plan, then act: [`crate::recovery::plan`] is pure and decides everything (which backup, which
 //! WAL, whether the target is reachable) before a single byte is written; `--dry-run` prints
 //! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
 mod durable;
 mod execute;
-pub mod facts;
-pub mod plan;
 pub mod recovery_conf;
-pub mod target;
 
 pub use execute::{check_target_dir, execute, RestoreError, RestoreOptions, RestoreReport};
-pub use facts::load_facts;
-pub use plan::{
-    plan, recoverable_windows, summary_needs, PlanError, RestorePlan, RestoreRequest, WalFacts,
-    Window,
-};
-pub use target::{parse_target_time, Target, TargetAction, TimelineTarget};

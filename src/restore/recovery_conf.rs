@@ -1,8 +1,7 @@
 //! The recovery settings PostgreSQL reads: `recovery.signal` / `standby.signal` and lines
 //! appended to `postgresql.auto.conf` (PostgreSQL 12+).
 
-use super::plan::RestorePlan;
-use super::target::{format_pg_time, Target};
+use crate::recovery::{format_pg_time, RestorePlan, Target};
 
 /// Quotes a value for postgresql.conf: single quotes, with embedded quotes doubled.
 pub fn quote(value: &str) -> String {

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::recovery::Window;
 use crate::repo::{ObjectKind, RepoError, Repository, ScannedObject};
-use crate::restore::Window;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VerifyOptions {

@@ -10,12 +10,12 @@ use super::{
     read_checked, record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress,
     VerifyReport,
 };
+use crate::recovery::{Catalog, RestoreRequest, WalFacts};
+use crate::repo::Histories;
 use crate::repo::{
     wal_file_key, BackupInfo, ChunkRef, ObjectKind, RepoError, Repository, ScannedObject,
     StoredSummary, WalInventory,
 };
-use crate::restore::plan::{Histories, WalFacts};
-use crate::restore::{recoverable_windows, summary_needs, RestoreRequest};
 use crate::wal::{
     parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
     SegmentTail, TimelineId, WalFileName,
@@ -106,8 +106,14 @@ pub(super) async fn verify_wal(
     let inv = WalInventory::from_names(usable_names, seg_size);
 
     // Windows on the latest timeline, from what the summaries say.
-    let latest = RestoreRequest::latest();
-    if let Ok(needs) = summary_needs(&latest, catalog, &inv, &histories, seg_size) {
+    let recoverable = Catalog {
+        backups: catalog.to_vec(),
+        inventory: inv,
+        histories,
+        seg_size,
+        streamed: Default::default(),
+    };
+    if let Ok(needs) = recoverable.summary_needs(&RestoreRequest::latest()) {
         let mut facts = WalFacts::default();
         for run in &needs.runs {
             for n in run.first..=run.last {
@@ -117,12 +123,19 @@ pub(super) async fn verify_wal(
                 }
             }
         }
-        if let Ok(w) = recoverable_windows(&latest, catalog, &inv, &histories, &facts, seg_size) {
+        if let Ok(w) = recoverable.windows_with(&facts) {
             report.windows = w;
         }
     }
 
-    check_continuity(catalog, &inv, &summaries, &broken, seg_size, report);
+    check_continuity(
+        catalog,
+        &recoverable.inventory,
+        &summaries,
+        &broken,
+        seg_size,
+        report,
+    );
     Ok(())
 }
 

@@ -20,9 +20,7 @@ use chrono::{DateTime, Utc};
 
 use super::target::{Target, TargetAction, TimelineTarget};
 use crate::repo::{BackupInfo, WalInventory};
-use crate::wal::{
-    HistoryEntry, Lsn, RestorePointMark, SegNo, SegmentSummary, TimelineId, WalFileName, XactMark,
-};
+use crate::wal::{Lsn, RestorePointMark, SegNo, SegmentSummary, TimelineId, WalFileName, XactMark};
 
 #[derive(Clone, Debug)]
 pub struct RestoreRequest {
@@ -143,8 +141,7 @@ pub enum PlanError {
     NoBackupOnTimeline { tli: TimelineId },
 }
 
-/// Timeline histories: for each timeline, its ancestors (from its `.history` file).
-pub type Histories = BTreeMap<TimelineId, Vec<HistoryEntry>>;
+pub use crate::repo::Histories;
 
 /// Segment summaries along the resolved timeline path, by segment number: the ones
 /// [`summary_needs`] asked for (others may be absent).
@@ -499,6 +496,10 @@ fn describe_target(t: &Target) -> String {
 
 /// Decides how to restore, or refuses with the reason and the recoverable window. `facts` holds
 /// the summaries [`summary_needs`] asked for.
+///
+/// Phases, each its own function: the time sanity check, the restore point or xid bound the
+/// target resolves to ([`find_restore_point`], [`xid_floor`]), the backup choice
+/// ([`choose_backup`]), then reachability from that backup ([`check_reachable`]).
 pub fn plan(
     req: &RestoreRequest,
     backups: &[BackupInfo],
@@ -508,289 +509,346 @@ pub fn plan(
     seg_size: u64,
     now: DateTime<Utc>,
 ) -> Result<RestorePlan, PlanError> {
-    let target_text = describe_target(&req.target);
     let r = resolve(req, backups, inv, histories)?;
-    let resolved_timeline = r.timeline;
-    let path = &r.path;
-    let usable = &r.usable;
-    let oldest = usable[0];
     let windows = windows(&r, inv, facts, seg_size);
-    let window = describe_windows(&windows);
-
+    let ctx = Ctx {
+        req,
+        r: &r,
+        inv,
+        facts,
+        seg_size,
+        target_text: describe_target(&req.target),
+        window: describe_windows(&windows),
+        windows: &windows,
+    };
     if let Target::Time(t) = &req.target {
         if t.with_timezone(&Utc) > now {
             return Err(PlanError::TargetInFuture {
-                target: target_text,
+                target: ctx.target_text,
                 now: now.to_rfc3339(),
             });
         }
     }
-
-    // Where the WAL of a window begins: the start of the backup it is measured from.
-    let window_first_segment = |w: &Window| {
-        usable
-            .iter()
-            .find(|b| b.id == w.backup_id)
-            .map(|b| b.start_lsn.segno(seg_size))
-            .unwrap_or(0)
-    };
-
-    // A restore point is found in the summaries; the newest backup that ends before it is the
-    // one to replay from (PostgreSQL stops at the first restore point of that name it replays).
     let restore_point = match &req.target {
-        Target::Name(name) => {
-            let mut found: Vec<(SegNo, &RestorePointMark)> = vec![];
-            for w in &windows {
-                let first = window_first_segment(w);
-                for (n, rp) in facts.restore_points(name, first, w.last_segment) {
-                    if !found.iter().any(|(_, f)| f.lsn == rp.lsn) {
-                        found.push((n, rp));
-                    }
-                }
-            }
-            match found.as_slice() {
-                [] => {
-                    let mut names: Vec<&str> = facts
-                        .segments
-                        .values()
-                        .flat_map(|s| s.restore_points.iter().map(|r| r.name.as_str()))
-                        .collect();
-                    names.dedup();
-                    let known = if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; restore points archived: {}", names.join(", "))
-                    };
-                    return Err(PlanError::UnknownRestorePoint {
-                        name: name.clone(),
-                        known,
-                    });
-                }
-                [(n, rp)] => Some((*n, (*rp).clone())),
-                many => {
-                    return Err(PlanError::AmbiguousRestorePoint {
-                        name: name.clone(),
-                        count: many.len(),
-                        at: many
-                            .iter()
-                            .map(|(_, r)| format!("LSN {} at {}", r.lsn, fmt_time(&r.time)))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
-                }
-            }
-        }
+        Target::Name(name) => Some(find_restore_point(&ctx, name)?),
         _ => None,
     };
-
-    // An xid's commit (or abort) cannot end before the first segment whose summary may hold it
-    // (a missing or incomplete summary counts as "may"): a backup that stops by then reaches
-    // it. With every summary present and none holding it, no archived WAL can stop there and
-    // PostgreSQL would replay to the end and fail, so it is refused now.
-    let xid_floor: Option<Lsn> = match &req.target {
-        Target::Xid(x) => {
-            // recovery_target_xid compares 32-bit xids; the epoch is dropped.
-            let xid = *x as u32;
-            let mut floor: Option<SegNo> = None;
-            for w in &windows {
-                let first = window_first_segment(w);
-                let hit = (first..=w.last_segment)
-                    .find(|n| facts.segments.get(n).is_none_or(|s| s.may_end_xid(xid)));
-                floor = match (floor, hit) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            match floor {
-                Some(n) => Some(Lsn::from_segno(n, seg_size)),
-                None => {
-                    return Err(PlanError::XidNotArchived {
-                        xid: *x,
-                        window: window.clone(),
-                    })
-                }
-            }
-        }
+    let floor = match &req.target {
+        Target::Xid(x) => Some(xid_floor(&ctx, *x)?),
         _ => None,
     };
-
-    // Can this backup reach the target? For an xid, the floor above is only a lower bound of
-    // where it ends, so a backup the user names is taken as reaching it.
-    let reaches = |b: &BackupInfo| match &req.target {
-        Target::Time(t) => b.stop_time <= t.with_timezone(&Utc),
-        Target::Lsn(l) => b.stop_lsn <= *l,
-        Target::Name(_) => restore_point
-            .as_ref()
-            .is_some_and(|(_, rp)| b.stop_lsn <= rp.lsn),
-        _ => true,
-    };
-
-    let backup = match &req.backup_id {
-        Some(id) => {
-            let b = backups
-                .iter()
-                .find(|b| &b.id == id)
-                .ok_or_else(|| PlanError::BackupNotFound { id: id.clone() })?;
-            if !backup_on_path(b, path) {
-                return Err(PlanError::NoBackupOnTimeline {
-                    tli: resolved_timeline,
-                });
-            }
-            if !reaches(b) {
-                let stop = match &req.target {
-                    Target::Time(_) => b.stop_time.to_rfc3339(),
-                    _ => b.stop_lsn.to_string(),
-                };
-                let target_text = match &restore_point {
-                    Some((_, rp)) => format!("{target_text} (LSN {})", rp.lsn),
-                    None => target_text,
-                };
-                return Err(PlanError::BackupAfterTarget {
-                    id: id.clone(),
-                    stop,
-                    target: target_text,
-                });
-            }
-            b
-        }
-        None => {
-            let pick = match &req.target {
-                // The newest backup stopping by the floor; when none does, the oldest, and
-                // PostgreSQL says whether the xid ends after its consistency point.
-                Target::Xid(_) => usable
-                    .iter()
-                    .rev()
-                    .find(|b| xid_floor.is_some_and(|f| b.stop_lsn <= f))
-                    .or(usable.first())
-                    .copied(),
-                _ => usable.iter().rev().find(|b| reaches(b)).copied(),
-            };
-            pick.ok_or_else(|| PlanError::BeforeOldestBackup {
-                target: match &restore_point {
-                    Some((_, rp)) => format!("{target_text} (LSN {})", rp.lsn),
-                    None => target_text.clone(),
-                },
-                oldest: match &req.target {
-                    Target::Time(_) => oldest.stop_time.to_rfc3339(),
-                    _ => format!("LSN {}", oldest.stop_lsn),
-                },
-                window: window.clone(),
-            })?
-        }
-    };
-
-    // The backup's own WAL must be complete, or PostgreSQL never reaches consistency.
-    let first = backup.start_lsn.segno(seg_size);
-    let stop_seg = Lsn(backup.stop_lsn.0.saturating_sub(1)).segno(seg_size);
-    let end_seg = contiguous_end(inv, path, first, seg_size);
-    let missing_from = match end_seg {
-        None => Some(first),
-        Some(e) if e < stop_seg => Some(e + 1),
-        _ => None,
-    };
-    if let Some(m) = missing_from {
-        let tli = timeline_of_segment(path, m, seg_size);
-        return Err(PlanError::MissingBackupWal {
-            id: backup.id.clone(),
-            missing: WalFileName::segment(tli, m, seg_size).to_string(),
-        });
-    }
-    let end_seg = end_seg.expect("checked above");
-    let recoverable_end = Lsn::from_segno(end_seg + 1, seg_size);
-    // A later window starting after the target means the target is in a hole, not past the end.
-    let hole_before = |later_than: &dyn Fn(&Window) -> bool| {
-        windows
-            .iter()
-            .any(|w| w.last_segment > end_seg && later_than(w))
-            .then(|| describe_hole(inv, path, end_seg, seg_size))
-    };
-    let last_xact = facts.last_xact(first, end_seg, backup.stop_lsn).cloned();
-    match &req.target {
-        Target::Lsn(l) if *l > recoverable_end => {
-            return Err(match hole_before(&|w| w.from_lsn > *l) {
-                Some(hole) => PlanError::InHole {
-                    target: target_text,
-                    hole,
-                    window,
-                },
-                None => PlanError::PastEnd {
-                    target: target_text,
-                    end: recoverable_end,
-                    window,
-                },
-            });
-        }
-        Target::Time(t) => {
-            let t = t.with_timezone(&Utc);
-            let reached = last_xact.as_ref().is_some_and(|x| {
-                if req.inclusive {
-                    x.time > t
-                } else {
-                    x.time >= t
-                }
-            });
-            if !reached {
-                if let Some(hole) = hole_before(&|w| w.from_time > t) {
-                    return Err(PlanError::InHole {
-                        target: target_text,
-                        hole,
-                        window,
-                    });
-                }
-                return Err(PlanError::PastLastTransaction {
-                    target: target_text,
-                    last: match &last_xact {
-                        Some(x) => format!("{} at LSN {}", fmt_time(&x.time), x.lsn),
-                        None => format!("none archived after backup {}", backup.id),
-                    },
-                    window,
-                });
-            }
-        }
-        Target::Name(_) => {
-            let (n, rp) = restore_point
-                .as_ref()
-                .expect("name targets resolve a restore point");
-            if *n > end_seg {
-                return Err(PlanError::InHole {
-                    target: format!("{target_text} (LSN {})", rp.lsn),
-                    hole: describe_hole(inv, path, end_seg, seg_size),
-                    window,
-                });
-            }
-        }
-        _ => {}
-    }
-
+    let backup = choose_backup(&ctx, backups, restore_point.as_ref(), floor)?;
+    let reach = check_reachable(&ctx, backup, restore_point.as_ref())?;
+    let path = &r.path;
+    let segment = |n| WalFileName::segment(timeline_of_segment(path, n, seg_size), n, seg_size);
     Ok(RestorePlan {
         backup: backup.clone(),
         target: req.target.clone(),
         action: req.action,
         timeline: req.timeline,
-        resolved_timeline,
+        resolved_timeline: r.timeline,
         inclusive: req.inclusive,
         standby: req.standby,
-        wal_first: WalFileName::segment(
-            timeline_of_segment(path, first, seg_size),
-            first,
-            seg_size,
-        ),
-        wal_last: WalFileName::segment(
-            timeline_of_segment(path, end_seg, seg_size),
-            end_seg,
-            seg_size,
-        ),
-        recoverable_end,
+        wal_first: segment(backup.start_lsn.segno(seg_size)),
+        wal_last: segment(reach.end_seg),
+        recoverable_end: Lsn::from_segno(reach.end_seg + 1, seg_size),
         bytes_to_fetch: backup.stored_bytes(),
-        last_xact,
+        last_xact: reach.last_xact,
         restore_point: restore_point.map(|(_, rp)| rp),
         windows,
+    })
+}
+
+/// What every planning phase reads.
+struct Ctx<'a> {
+    req: &'a RestoreRequest,
+    r: &'a Resolved<'a>,
+    inv: &'a WalInventory,
+    facts: &'a WalFacts,
+    seg_size: u64,
+    target_text: String,
+    /// The recoverable windows, as text for refusals.
+    window: String,
+    windows: &'a [Window],
+}
+
+impl Ctx<'_> {
+    /// Where the WAL of a window begins: the start of the backup it is measured from.
+    fn window_first_segment(&self, w: &Window) -> SegNo {
+        self.r
+            .usable
+            .iter()
+            .find(|b| b.id == w.backup_id)
+            .map(|b| b.start_lsn.segno(self.seg_size))
+            .unwrap_or(0)
+    }
+
+    /// The target as refusals name it: a restore point with its LSN.
+    fn target_with_lsn(&self, restore_point: Option<&(SegNo, RestorePointMark)>) -> String {
+        match restore_point {
+            Some((_, rp)) => format!("{} (LSN {})", self.target_text, rp.lsn),
+            None => self.target_text.clone(),
+        }
+    }
+}
+
+/// A restore point is found in the summaries; the newest backup that ends before it is the one
+/// to replay from (PostgreSQL stops at the first restore point of that name it replays). Exactly
+/// one restore point of that name may be reachable.
+fn find_restore_point(ctx: &Ctx, name: &str) -> Result<(SegNo, RestorePointMark), PlanError> {
+    let mut found: Vec<(SegNo, &RestorePointMark)> = vec![];
+    for w in ctx.windows {
+        let first = ctx.window_first_segment(w);
+        for (n, rp) in ctx.facts.restore_points(name, first, w.last_segment) {
+            if !found.iter().any(|(_, f)| f.lsn == rp.lsn) {
+                found.push((n, rp));
+            }
+        }
+    }
+    match found.as_slice() {
+        [] => {
+            let mut names: Vec<&str> = ctx
+                .facts
+                .segments
+                .values()
+                .flat_map(|s| s.restore_points.iter().map(|r| r.name.as_str()))
+                .collect();
+            names.dedup();
+            let known = if names.is_empty() {
+                String::new()
+            } else {
+                format!("; restore points archived: {}", names.join(", "))
+            };
+            Err(PlanError::UnknownRestorePoint {
+                name: name.to_string(),
+                known,
+            })
+        }
+        [(n, rp)] => Ok((*n, (*rp).clone())),
+        many => Err(PlanError::AmbiguousRestorePoint {
+            name: name.to_string(),
+            count: many.len(),
+            at: many
+                .iter()
+                .map(|(_, r)| format!("LSN {} at {}", r.lsn, fmt_time(&r.time)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// An xid's commit (or abort) cannot end before the first segment whose summary may hold it (a
+/// missing or incomplete summary counts as "may"): a backup that stops by then reaches it. With
+/// every summary present and none holding it, no archived WAL can stop there and PostgreSQL
+/// would replay to the end and fail, so it is refused now.
+fn xid_floor(ctx: &Ctx, xid: u64) -> Result<Lsn, PlanError> {
+    // recovery_target_xid compares 32-bit xids; the epoch is dropped.
+    let xid32 = xid as u32;
+    let mut floor: Option<SegNo> = None;
+    for w in ctx.windows {
+        let first = ctx.window_first_segment(w);
+        let hit = (first..=w.last_segment).find(|n| {
+            ctx.facts
+                .segments
+                .get(n)
+                .is_none_or(|s| s.may_end_xid(xid32))
+        });
+        floor = match (floor, hit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    floor
+        .map(|n| Lsn::from_segno(n, ctx.seg_size))
+        .ok_or_else(|| PlanError::XidNotArchived {
+            xid,
+            window: ctx.window.clone(),
+        })
+}
+
+/// Whether backup `b` ends before the target. For an xid, the floor is only a lower bound of
+/// where it ends, so a backup the user names is taken as reaching it.
+fn reaches(ctx: &Ctx, b: &BackupInfo, restore_point: Option<&(SegNo, RestorePointMark)>) -> bool {
+    match &ctx.req.target {
+        Target::Time(t) => b.stop_time <= t.with_timezone(&Utc),
+        Target::Lsn(l) => b.stop_lsn <= *l,
+        Target::Name(_) => restore_point.is_some_and(|(_, rp)| b.stop_lsn <= rp.lsn),
+        _ => true,
+    }
+}
+
+/// The backup the user named, checked; or the newest usable one that ends before the target.
+fn choose_backup<'a>(
+    ctx: &Ctx<'a>,
+    backups: &'a [BackupInfo],
+    restore_point: Option<&(SegNo, RestorePointMark)>,
+    floor: Option<Lsn>,
+) -> Result<&'a BackupInfo, PlanError> {
+    let usable = &ctx.r.usable;
+    if let Some(id) = &ctx.req.backup_id {
+        let b = backups
+            .iter()
+            .find(|b| &b.id == id)
+            .ok_or_else(|| PlanError::BackupNotFound { id: id.clone() })?;
+        if !backup_on_path(b, &ctx.r.path) {
+            return Err(PlanError::NoBackupOnTimeline {
+                tli: ctx.r.timeline,
+            });
+        }
+        if !reaches(ctx, b, restore_point) {
+            return Err(PlanError::BackupAfterTarget {
+                id: id.clone(),
+                stop: match &ctx.req.target {
+                    Target::Time(_) => b.stop_time.to_rfc3339(),
+                    _ => b.stop_lsn.to_string(),
+                },
+                target: ctx.target_with_lsn(restore_point),
+            });
+        }
+        return Ok(b);
+    }
+    let pick = match &ctx.req.target {
+        // The newest backup stopping by the floor; when none does, the oldest, and PostgreSQL
+        // says whether the xid ends after its consistency point.
+        Target::Xid(_) => usable
+            .iter()
+            .rev()
+            .find(|b| floor.is_some_and(|f| b.stop_lsn <= f))
+            .or(usable.first())
+            .copied(),
+        _ => usable
+            .iter()
+            .rev()
+            .find(|b| reaches(ctx, b, restore_point))
+            .copied(),
+    };
+    let oldest = usable[0];
+    pick.ok_or_else(|| PlanError::BeforeOldestBackup {
+        target: ctx.target_with_lsn(restore_point),
+        oldest: match &ctx.req.target {
+            Target::Time(_) => oldest.stop_time.to_rfc3339(),
+            _ => format!("LSN {}", oldest.stop_lsn),
+        },
+        window: ctx.window.clone(),
+    })
+}
+
+/// How far replay from the chosen backup gets.
+struct Reach {
+    /// Last segment held contiguously from the backup's start.
+    end_seg: SegNo,
+    last_xact: Option<XactMark>,
+}
+
+/// The backup's own WAL must be complete (or PostgreSQL never reaches consistency), and the
+/// target must lie within the WAL held contiguously after it.
+fn check_reachable(
+    ctx: &Ctx,
+    backup: &BackupInfo,
+    restore_point: Option<&(SegNo, RestorePointMark)>,
+) -> Result<Reach, PlanError> {
+    let (path, seg_size) = (&ctx.r.path, ctx.seg_size);
+    let first = backup.start_lsn.segno(seg_size);
+    let stop_seg = Lsn(backup.stop_lsn.0.saturating_sub(1)).segno(seg_size);
+    let end_seg = match contiguous_end(ctx.inv, path, first, seg_size) {
+        Some(e) if e >= stop_seg => e,
+        other => {
+            let m = other.map_or(first, |e| e + 1);
+            return Err(PlanError::MissingBackupWal {
+                id: backup.id.clone(),
+                missing: WalFileName::segment(timeline_of_segment(path, m, seg_size), m, seg_size)
+                    .to_string(),
+            });
+        }
+    };
+    let last_xact = ctx
+        .facts
+        .last_xact(first, end_seg, backup.stop_lsn)
+        .cloned();
+    let reach = Reach { end_seg, last_xact };
+    match &ctx.req.target {
+        Target::Lsn(l) => check_lsn_target(ctx, &reach, *l)?,
+        Target::Time(t) => check_time_target(ctx, backup, &reach, t.with_timezone(&Utc))?,
+        Target::Name(_) => {
+            let (n, _) = restore_point.expect("name targets resolve a restore point");
+            if *n > end_seg {
+                return Err(PlanError::InHole {
+                    target: ctx.target_with_lsn(restore_point),
+                    hole: describe_hole(ctx.inv, path, end_seg, seg_size),
+                    window: ctx.window.clone(),
+                });
+            }
+        }
+        _ => {}
+    }
+    Ok(reach)
+}
+
+/// A later window starting after the target means the target is in a hole, not past the end.
+fn hole_before(ctx: &Ctx, end_seg: SegNo, later_than: impl Fn(&Window) -> bool) -> Option<String> {
+    ctx.windows
+        .iter()
+        .any(|w| w.last_segment > end_seg && later_than(w))
+        .then(|| describe_hole(ctx.inv, &ctx.r.path, end_seg, ctx.seg_size))
+}
+
+fn check_lsn_target(ctx: &Ctx, reach: &Reach, l: Lsn) -> Result<(), PlanError> {
+    let end = Lsn::from_segno(reach.end_seg + 1, ctx.seg_size);
+    if l <= end {
+        return Ok(());
+    }
+    Err(match hole_before(ctx, reach.end_seg, |w| w.from_lsn > l) {
+        Some(hole) => PlanError::InHole {
+            target: ctx.target_text.clone(),
+            hole,
+            window: ctx.window.clone(),
+        },
+        None => PlanError::PastEnd {
+            target: ctx.target_text.clone(),
+            end,
+            window: ctx.window.clone(),
+        },
+    })
+}
+
+/// PostgreSQL stops at the first transaction end after the target time: one must be archived.
+fn check_time_target(
+    ctx: &Ctx,
+    backup: &BackupInfo,
+    reach: &Reach,
+    t: DateTime<Utc>,
+) -> Result<(), PlanError> {
+    let inclusive = ctx.req.inclusive;
+    let reached =
+        reach
+            .last_xact
+            .as_ref()
+            .is_some_and(|x| if inclusive { x.time > t } else { x.time >= t });
+    if reached {
+        return Ok(());
+    }
+    if let Some(hole) = hole_before(ctx, reach.end_seg, |w| w.from_time > t) {
+        return Err(PlanError::InHole {
+            target: ctx.target_text.clone(),
+            hole,
+            window: ctx.window.clone(),
+        });
+    }
+    Err(PlanError::PastLastTransaction {
+        target: ctx.target_text.clone(),
+        last: match &reach.last_xact {
+            Some(x) => format!("{} at LSN {}", fmt_time(&x.time), x.lsn),
+            None => format!("none archived after backup {}", backup.id),
+        },
+        window: ctx.window.clone(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
+
+    use crate::wal::HistoryEntry;
 
     use super::*;
     use crate::codec::Codec;
