@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::pg::{self, sqlstate, ConnConfig, CreateSlotOptions, ReplicationConn};
 use crate::repo::{ClusterIdentity, RepoError, Repository, WalScan, WriteOptions};
 use crate::storage::Storage;
-use crate::wal::{parse_history, HistoryError, Lsn, TimelineId, WalFileName};
+use crate::wal::{parse_history, HistoryEntry, HistoryError, Lsn, TimelineId, WalFileName};
 
 use self::budget::Budget;
 use self::metrics::Progress;
@@ -194,31 +194,12 @@ pub async fn run(
     cancel: CancellationToken,
     force: CancellationToken,
 ) -> Result<StreamSummary, StreamError> {
-    // The first connection decides everything else; retry while the server starts up.
-    let bootstrap = Receiver::new(
-        cfg.clone(),
-        opts.slot.clone(),
-        opts.clone(),
-        0,
-        0,
-        Arc::new(Progress::default()),
-        None,
-        watch::channel(Lsn::INVALID).1,
-        cancel.clone(),
-        force.clone(),
-    );
-    let Some((mut conn, sys)) = bootstrap.connect_any().await? else {
+    let Some((mut conn, sys)) = connect(&cfg, &opts, &cancel, &force).await? else {
         return Ok(StreamSummary {
             received: Lsn::INVALID,
             durable: Lsn::INVALID,
         });
     };
-    if !opts.allow_standby && is_standby(&mut conn).await? {
-        return Err(StreamError::Standby);
-    }
-    if conn.show("wal_level").await? == "minimal" {
-        return Err(StreamError::WalLevelMinimal);
-    }
     let seg_size = conn.wal_segment_size().await?;
     let cluster = ClusterIdentity {
         system_identifier: sys.system_id,
@@ -228,73 +209,15 @@ pub async fn run(
     // The slot first: a missing slot must not leave a new repository behind.
     let slot_restart = prepare_slot(&mut conn, &opts).await?;
     let repo = Repository::open_for_cluster(storage, &cluster, "stream", write).await?;
-
-    let history = if sys.timeline > 1 {
-        let (file, content) = conn.timeline_history(sys.timeline).await?;
-        let entries = parse_history(&content)?;
-        if let Ok(name) = WalFileName::parse(&file) {
-            repo.store_wal_file(&name, &content).await?;
-        }
-        entries
-    } else {
-        vec![]
-    };
-
-    // One LIST of wal/ gives both the inventory and the chunk folders.
-    let scan = repo.wal_scan().await?;
-    delete_stale_chunks(&repo, &scan).await;
-    let inv = scan.inventory;
-    let mut sp = start::choose_start(
-        &inv,
-        &history,
-        sys.timeline,
-        slot_restart,
-        sys.xlogpos,
-        seg_size,
-    );
-    if let (true, StartSource::Repository, Some(r)) = (opts.accept_gap, sp.source, slot_restart) {
-        let slot_seg = Lsn::from_segno(r.segno(seg_size), seg_size);
-        if slot_seg > sp.lsn {
-            tracing::error!(repository_end = %sp.lsn, slot_restart_lsn = %r,
-                "--accept-gap: WAL from the repository's end to the slot's restart_lsn is skipped; \
-                 restores cannot cross this gap: take a new base backup");
-            sp = start::StartPoint {
-                tli: start::timeline_of(slot_seg, &history, sys.timeline),
-                lsn: slot_seg,
-                source: StartSource::Slot,
-            };
-        }
-    }
-    match sp.source {
-        StartSource::Repository => {
-            tracing::info!(start = %sp.lsn, timeline = sp.tli, "continuing after the WAL already in the repository")
-        }
-        StartSource::Slot => {
-            tracing::info!(start = %sp.lsn, timeline = sp.tli, "starting at the slot's restart_lsn")
-        }
-        StartSource::ServerPosition => tracing::warn!(start = %sp.lsn, timeline = sp.tli,
-            "the slot reserves no WAL and the repository has none: starting at the server's current position. \
-             WAL before it is NOT in the repository; take a base backup after this point"),
-    }
-
-    // Resume inside the start segment after the chunks already stored for it.
-    let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
-    let plan = repo.list_chunks(&first).await?;
-    let preloaded = repo.read_chain(&plan).await?;
-    let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
-    if !preloaded.is_empty() {
-        tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
-    }
-    let budget = Budget::new(seg_size);
-    tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
-    let first_buf = budget.segment().await;
-    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?;
+    let history = store_history(&mut conn, &repo, sys.timeline).await?;
+    let sp = start_point(&repo, &history, &sys, slot_restart, &opts).await?;
+    let (open, budget) = resume_segment(&repo, &sp, seg_size).await?;
+    let start = open.next_lsn();
 
     let progress = Arc::new(Progress::new(start));
     let (durable_tx, durable_rx) = watch::channel(start);
     let (piece_tx, piece_rx) = mpsc::channel(PIECE_QUEUE);
     let (job_tx, job_rx) = mpsc::channel(JOB_QUEUE);
-
     let uploader = tokio::spawn(uploader::run(
         repo.clone(),
         job_rx,
@@ -303,7 +226,6 @@ pub async fn run(
         force.clone(),
     ));
     let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone(), budget));
-
     let mut receiver = Receiver::new(
         cfg,
         opts.slot.clone(),
@@ -331,9 +253,138 @@ pub async fn run(
         }),
         other => other,
     };
+    drain(receiver, streamed, assembler, uploader, &progress).await
+}
 
-    // Drain: closing the piece channel makes the assembler ship its last chunk and close the
-    // job channel, and the uploader stores everything queued before returning.
+/// The first connection decides everything else; retries while the server starts up. `None`
+/// when cancelled before a server answered.
+async fn connect(
+    cfg: &ConnConfig,
+    opts: &StreamOptions,
+    cancel: &CancellationToken,
+    force: &CancellationToken,
+) -> Result<Option<(ReplicationConn, pg::IdentifySystem)>, StreamError> {
+    let bootstrap = Receiver::new(
+        cfg.clone(),
+        opts.slot.clone(),
+        opts.clone(),
+        0,
+        0,
+        Arc::new(Progress::default()),
+        None,
+        watch::channel(Lsn::INVALID).1,
+        cancel.clone(),
+        force.clone(),
+    );
+    let Some((mut conn, sys)) = bootstrap.connect_any().await? else {
+        return Ok(None);
+    };
+    if !opts.allow_standby && is_standby(&mut conn).await? {
+        return Err(StreamError::Standby);
+    }
+    if conn.show("wal_level").await? == "minimal" {
+        return Err(StreamError::WalLevelMinimal);
+    }
+    Ok(Some((conn, sys)))
+}
+
+/// Stores the current timeline's history file (every restore across the switch needs it) and
+/// returns its entries.
+async fn store_history(
+    conn: &mut ReplicationConn,
+    repo: &Repository,
+    tli: TimelineId,
+) -> Result<Vec<HistoryEntry>, StreamError> {
+    if tli <= 1 {
+        return Ok(vec![]);
+    }
+    let (file, content) = conn.timeline_history(tli).await?;
+    let entries = parse_history(&content)?;
+    if let Ok(name) = WalFileName::parse(&file) {
+        repo.store_wal_file(&name, &content).await?;
+    }
+    Ok(entries)
+}
+
+/// Where streaming starts: after the WAL the repository holds, else at the slot's restart_lsn,
+/// else at the server's position (see `start`). One LIST of `wal/` gives both the inventory
+/// and the chunk folders.
+async fn start_point(
+    repo: &Repository,
+    history: &[HistoryEntry],
+    sys: &pg::IdentifySystem,
+    slot_restart: Option<Lsn>,
+    opts: &StreamOptions,
+) -> Result<start::StartPoint, StreamError> {
+    let seg_size = repo.descriptor().wal_segment_size;
+    let scan = repo.wal_scan().await?;
+    delete_stale_chunks(repo, &scan).await;
+    let mut sp = start::choose_start(
+        &scan.inventory,
+        history,
+        sys.timeline,
+        slot_restart,
+        sys.xlogpos,
+        seg_size,
+    );
+    if let (true, StartSource::Repository, Some(r)) = (opts.accept_gap, sp.source, slot_restart) {
+        let slot_seg = Lsn::from_segno(r.segno(seg_size), seg_size);
+        if slot_seg > sp.lsn {
+            tracing::error!(repository_end = %sp.lsn, slot_restart_lsn = %r,
+                "--accept-gap: WAL from the repository's end to the slot's restart_lsn is skipped; \
+                 restores cannot cross this gap: take a new base backup");
+            sp = start::StartPoint {
+                tli: start::timeline_of(slot_seg, history, sys.timeline),
+                lsn: slot_seg,
+                source: StartSource::Slot,
+            };
+        }
+    }
+    match sp.source {
+        StartSource::Repository => {
+            tracing::info!(start = %sp.lsn, timeline = sp.tli, "continuing after the WAL already in the repository")
+        }
+        StartSource::Slot => {
+            tracing::info!(start = %sp.lsn, timeline = sp.tli, "starting at the slot's restart_lsn")
+        }
+        StartSource::ServerPosition => tracing::warn!(start = %sp.lsn, timeline = sp.tli,
+            "the slot reserves no WAL and the repository has none: starting at the server's current position. \
+             WAL before it is NOT in the repository; take a base backup after this point"),
+    }
+    Ok(sp)
+}
+
+/// The open segment at the start point, preloaded with the chunks already stored for it, so
+/// that streaming resumes exactly after what is durable.
+async fn resume_segment(
+    repo: &Repository,
+    sp: &start::StartPoint,
+    seg_size: u64,
+) -> Result<(OpenSegment, Budget), StreamError> {
+    let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
+    let plan = repo.list_chunks(&first).await?;
+    let preloaded = repo.read_chain(&plan).await?;
+    let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
+    if !preloaded.is_empty() {
+        tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
+    }
+    let budget = Budget::new(seg_size);
+    tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
+    let first_buf = budget.segment().await;
+    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?;
+    Ok((open, budget))
+}
+
+/// Closing the piece channel makes the assembler ship its last chunk and close the job
+/// channel, and the uploader stores everything queued before returning. Succeeds only when
+/// everything received is durable.
+async fn drain(
+    mut receiver: Receiver,
+    streamed: Result<Option<pg::XLogStream>, StreamError>,
+    assembler: tokio::task::JoinHandle<Result<(), StreamError>>,
+    uploader: tokio::task::JoinHandle<Result<(), StreamError>>,
+    progress: &Progress,
+) -> Result<StreamSummary, StreamError> {
     receiver.close_pipeline();
     let assembled = join(assembler).await;
     let uploaded = join(uploader).await;
@@ -414,6 +465,32 @@ async fn prepare_slot(
     Ok(None)
 }
 
+/// Appends received WAL to the open segment, sending the job of each segment it completes
+/// before asking for the next buffer: the budget frees that buffer only once it is stored.
+async fn take_data(
+    seg: &mut OpenSegment,
+    budget: &Budget,
+    lsn: Lsn,
+    data: &[u8],
+    jobs: &mpsc::Sender<Job>,
+) -> Result<(), StreamError> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < data.len() {
+        if seg.needs_buffer() {
+            // Waits for budget: a completed segment must be stored first.
+            seg.install(budget.segment().await);
+        }
+        off += seg.push(Lsn(lsn.0 + off as u64), &data[off..], &mut out)?;
+        for j in out.drain(..) {
+            jobs.send(j)
+                .await
+                .map_err(|_| StreamError::PipelineClosed)?;
+        }
+    }
+    Ok(())
+}
+
 /// The assembler task: pieces in, jobs out. Ends when the piece channel closes, after
 /// shipping what it holds as a last chunk.
 async fn assemble(
@@ -440,17 +517,7 @@ async fn assemble(
                     return Ok(());
                 }
                 Some(Piece::Data { lsn, data, server_end }) => {
-                    let mut off = 0;
-                    while off < data.len() {
-                        if seg.needs_buffer() {
-                            // Waits for budget: a completed segment must be stored first.
-                            seg.install(budget.segment().await);
-                        }
-                        off += seg.push(Lsn(lsn.0 + off as u64), &data[off..], &mut out)?;
-                        for j in out.drain(..) {
-                            send(j).await?;
-                        }
-                    }
+                    take_data(&mut seg, &budget, lsn, &data, &jobs).await?;
                     let ship = if opts.synchronous {
                         // Everything that has arrived, as one chunk (group commit).
                         pieces.is_empty()

@@ -38,6 +38,13 @@ pub(super) enum Piece {
 /// First reconnect delay; doubles up to the configured maximum.
 const FIRST_RECONNECT: Duration = Duration::from_millis(250);
 
+/// What one message means for the stream.
+enum Flow {
+    Continue,
+    TimelineEnded(TimelineId, Lsn),
+    Lost(Option<pg::Error>),
+}
+
 /// How one START_REPLICATION ended.
 enum StreamEnd {
     Cancelled(XLogStream),
@@ -216,25 +223,10 @@ impl Receiver {
             match self.stream(stream, tli).await? {
                 StreamEnd::Cancelled(s) => return Ok(Some(s)),
                 StreamEnd::TimelineEnded(s, next_tli, switch) => {
-                    let mut c = s.into_conn()?;
-                    let (file, content) = c.timeline_history(next_tli).await?;
-                    let name = WalFileName::parse(&file).map_err(|_| {
-                        StreamError::Pg(pg::Error::Protocol {
-                            context: "TIMELINE_HISTORY",
-                            message: format!("bad history file name {file:?}"),
-                        })
-                    })?;
-                    tracing::info!(from = tli, to = next_tli, %switch, "timeline switch: following");
-                    self.forward(Piece::TimelineSwitch {
-                        next_tli,
-                        switch,
-                        history: (name, content),
-                    })
-                    .await?;
+                    conn = Some(self.follow_timeline(s, tli, next_tli, switch).await?);
                     tli = next_tli;
                     // The new timeline's copy of the switch segment is streamed from its start.
                     start = Lsn::from_segno(switch.segno(self.seg_size), self.seg_size);
-                    conn = Some(c);
                     delay = FIRST_RECONNECT;
                 }
                 StreamEnd::Lost(err) => {
@@ -256,6 +248,33 @@ impl Receiver {
                 }
             }
         }
+    }
+
+    /// After the server ended timeline `tli` at `switch`: fetches the next timeline's history
+    /// and hands the switch to the pipeline, which stores the history and the `.partial`.
+    async fn follow_timeline(
+        &mut self,
+        s: XLogStream,
+        tli: TimelineId,
+        next_tli: TimelineId,
+        switch: Lsn,
+    ) -> Result<ReplicationConn, StreamError> {
+        let mut c = s.into_conn()?;
+        let (file, content) = c.timeline_history(next_tli).await?;
+        let name = WalFileName::parse(&file).map_err(|_| {
+            StreamError::Pg(pg::Error::Protocol {
+                context: "TIMELINE_HISTORY",
+                message: format!("bad history file name {file:?}"),
+            })
+        })?;
+        tracing::info!(from = tli, to = next_tli, %switch, "timeline switch: following");
+        self.forward(Piece::TimelineSwitch {
+            next_tli,
+            switch,
+            history: (name, content),
+        })
+        .await?;
+        Ok(c)
     }
 
     /// Where the next START_REPLICATION must begin: right after the last byte received.
@@ -339,39 +358,75 @@ impl Receiver {
                         return Ok(end);
                     }
                 }
-                msg = s.next_message(), if !has_pending => match msg {
-                    Ok(Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. })) => {
-                        let end = Lsn(wal_start.0 + data.len() as u64);
-                        self.progress.set_received(end, data.len() as u64);
-                        self.progress.set_server(wal_end);
-                        self.pending = Some(Piece::Data { lsn: wal_start, data, server_end: wal_end });
-                    }
-                    Ok(Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. })) => {
-                        self.progress.set_server(wal_end);
-                        if reply_requested {
-                            if let Some(end) = status_failed(self.send_status(&mut s, false).await) {
-                                return Ok(end);
-                            }
+                msg = s.next_message(), if !has_pending => {
+                    match self.on_message(&mut s, msg, tli).await? {
+                        Flow::Continue => {}
+                        Flow::TimelineEnded(next, at) => {
+                            return Ok(StreamEnd::TimelineEnded(s, next, at))
                         }
+                        Flow::Lost(e) => return Ok(StreamEnd::Lost(e)),
                     }
-                    Ok(Some(ReplicationMessage::EndOfTimeline { next_timeline, next_timeline_start })) => {
-                        return Ok(StreamEnd::TimelineEnded(s, next_timeline, next_timeline_start));
-                    }
-                    Ok(None) => return Ok(StreamEnd::Lost(None)),
-                    Err(e) => {
-                        // The walsender reports removed WAL only once it tries to read it.
-                        let at = self.progress.received();
-                        if let Some(err) = super::classify_start_error(&e, &self.slot, tli, at) {
-                            return Err(err);
-                        }
-                        if fatal(&e) {
-                            return Err(StreamError::Pg(e));
-                        }
-                        return Ok(StreamEnd::Lost(Some(e)));
-                    }
-                },
+                }
             }
         }
+    }
+
+    /// One message from the walsender: data becomes the pending piece, keepalives are
+    /// answered, the end of a timeline or of the connection ends the stream.
+    async fn on_message(
+        &mut self,
+        s: &mut XLogStream,
+        msg: Result<Option<ReplicationMessage>, pg::Error>,
+        tli: TimelineId,
+    ) -> Result<Flow, StreamError> {
+        match msg {
+            Ok(Some(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            })) => {
+                let end = Lsn(wal_start.0 + data.len() as u64);
+                self.progress.set_received(end, data.len() as u64);
+                self.progress.set_server(wal_end);
+                self.pending = Some(Piece::Data {
+                    lsn: wal_start,
+                    data,
+                    server_end: wal_end,
+                });
+            }
+            Ok(Some(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            })) => {
+                self.progress.set_server(wal_end);
+                if reply_requested {
+                    if let Some(StreamEnd::Lost(e)) =
+                        status_failed(self.send_status(s, false).await)
+                    {
+                        return Ok(Flow::Lost(e));
+                    }
+                }
+            }
+            Ok(Some(ReplicationMessage::EndOfTimeline {
+                next_timeline,
+                next_timeline_start,
+            })) => return Ok(Flow::TimelineEnded(next_timeline, next_timeline_start)),
+            Ok(None) => return Ok(Flow::Lost(None)),
+            Err(e) => {
+                // The walsender reports removed WAL only once it tries to read it.
+                let at = self.progress.received();
+                if let Some(err) = super::classify_start_error(&e, &self.slot, tli, at) {
+                    return Err(err);
+                }
+                if fatal(&e) {
+                    return Err(StreamError::Pg(e));
+                }
+                return Ok(Flow::Lost(Some(e)));
+            }
+        }
+        Ok(Flow::Continue)
     }
 
     /// After the pipeline drained: the last feedback, then a polite end of the stream.

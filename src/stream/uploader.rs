@@ -73,62 +73,7 @@ pub(super) async fn run(
     force: CancellationToken,
 ) -> Result<(), StreamError> {
     while let Some(job) = jobs.recv().await {
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempts = 0u32;
-        let outcome = loop {
-            let started = Instant::now();
-            match store(&repo, &job).await {
-                Ok(o) => {
-                    metrics::histogram!(m::UPLOAD_SECONDS, "kind" => job.kind())
-                        .record(started.elapsed().as_secs_f64());
-                    break o;
-                }
-                Err(e) if is_outage(&e) => {
-                    attempts += 1;
-                    metrics::counter!(m::UPLOAD_RETRIES).increment(1);
-                    metrics::counter!(m::ERRORS, "kind" => "storage").increment(1);
-                    tracing::error!(
-                        error = %e,
-                        kind = job.kind(),
-                        attempts,
-                        received = %progress.received(),
-                        durable = %progress.durable(),
-                        behind_bytes = progress.lag_bytes(),
-                        behind_seconds = progress.lag().as_secs(),
-                        retry_in = ?backoff,
-                        "repository unavailable: WAL is NOT being made durable; not acknowledging \
-                         (the replication slot keeps it on the server); retrying"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = force.cancelled() => {
-                            return Err(StreamError::NotDurable {
-                                received: progress.received(),
-                                durable: progress.durable(),
-                            });
-                        }
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                // Another source (the promoted server's archive_command) stored its own copy of
-                // this .partial, with different bytes past the switch point. The new timeline's
-                // segment holds everything recovery needs, so keep theirs and go on.
-                Err(RepoError::ConflictingContent { .. }) if matches!(job, Job::Partial { .. }) => {
-                    tracing::warn!(
-                        kind = job.kind(),
-                        "a different .partial of this segment is already stored; kept it"
-                    );
-                    break PutOutcome::AlreadyStored;
-                }
-                Err(e) => {
-                    metrics::counter!(m::ERRORS, "kind" => "repository").increment(1);
-                    return Err(e.into());
-                }
-            }
-        };
-        if attempts > 0 {
-            tracing::warn!(attempts, "repository reachable again; catching up");
-        }
+        let outcome = store_until_stored(&repo, &job, &progress, &force).await?;
         metrics::counter!(m::UPLOADS, "kind" => job.kind()).increment(1);
         metrics::counter!(m::UPLOADED_BYTES).increment(job.content_len() as u64);
         match &job {
@@ -155,4 +100,68 @@ pub(super) async fn run(
         }
     }
     Ok(())
+}
+
+/// Stores `job`, retrying a repository outage forever (until `force`): WAL is never dropped.
+async fn store_until_stored(
+    repo: &Repository,
+    job: &Job,
+    progress: &Progress,
+    force: &CancellationToken,
+) -> Result<PutOutcome, StreamError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempts = 0u32;
+    loop {
+        let started = Instant::now();
+        let e = match store(repo, job).await {
+            Ok(o) => {
+                metrics::histogram!(m::UPLOAD_SECONDS, "kind" => job.kind())
+                    .record(started.elapsed().as_secs_f64());
+                if attempts > 0 {
+                    tracing::warn!(attempts, "repository reachable again; catching up");
+                }
+                return Ok(o);
+            }
+            // Another source (the promoted server's archive_command) stored its own copy of
+            // this .partial, with different bytes past the switch point. The new timeline's
+            // segment holds everything recovery needs, so keep theirs and go on.
+            Err(RepoError::ConflictingContent { .. }) if matches!(job, Job::Partial { .. }) => {
+                tracing::warn!(
+                    kind = job.kind(),
+                    "a different .partial of this segment is already stored; kept it"
+                );
+                return Ok(PutOutcome::AlreadyStored);
+            }
+            Err(e) if is_outage(&e) => e,
+            Err(e) => {
+                metrics::counter!(m::ERRORS, "kind" => "repository").increment(1);
+                return Err(e.into());
+            }
+        };
+        attempts += 1;
+        metrics::counter!(m::UPLOAD_RETRIES).increment(1);
+        metrics::counter!(m::ERRORS, "kind" => "storage").increment(1);
+        tracing::error!(
+            error = %e,
+            kind = job.kind(),
+            attempts,
+            received = %progress.received(),
+            durable = %progress.durable(),
+            behind_bytes = progress.lag_bytes(),
+            behind_seconds = progress.lag().as_secs(),
+            retry_in = ?backoff,
+            "repository unavailable: WAL is NOT being made durable; not acknowledging \
+             (the replication slot keeps it on the server); retrying"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = force.cancelled() => {
+                return Err(StreamError::NotDurable {
+                    received: progress.received(),
+                    durable: progress.durable(),
+                });
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
 }
