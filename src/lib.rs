@@ -2,14 +2,16 @@
 //!
 //! Layers, and what each may use:
 //!
-//! | module                                   | uses                               |
-//! |------------------------------------------|------------------------------------|
-//! | `cli`                                    | the jobs                           |
-//! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `codec`, `wal` |
-//! | `recovery`                               | `repo`, `wal`                      |
-//! | `repo`                                   | `storage`, `codec`, `wal`          |
-//! | `pg`                                     | `wal`                              |
-//! | `storage`, `codec`, `wal`                | nothing else in the crate          |
+//! | module                                             | uses                                   |
+//! |----------------------------------------------------|----------------------------------------|
+//! | `cli`                                              | the jobs, `recovery`                   |
+//! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `format`, `wal` |
+//! | `recovery` (what can be restored, and how)         | `repo`, `wal`                          |
+//! | `repo` (the only owner of the repository format)   | `storage`, `codec`, `wal`              |
+//! | `pg`                                               | `wal`                                  |
+//! | `storage`, `codec`, `format`, `wal`                | nothing else in the crate              |
+//!
+//! A job never imports another job, and only `repo` calls `storage` with keys.
 pub mod archive;
 pub mod backup;
 pub mod cli;

@@ -164,20 +164,6 @@ impl Repository {
         Ok(out)
     }
 
-    /// Lists the WAL folder (one LIST; used by `list`, `restore` planning and `verify`, never by
-    /// the archive hooks).
-    pub async fn wal_inventory(&self) -> Result<WalInventory> {
-        let objects = self.storage.list(WAL_PREFIX).await?;
-        let names = objects.iter().filter_map(|o| {
-            let file = o.key.rsplit('/').next()?;
-            WalFileName::parse(file).ok()
-        });
-        Ok(WalInventory::from_names(
-            names,
-            self.descriptor().wal_segment_size,
-        ))
-    }
-
     pub fn write_codec(&self) -> Codec {
         self.write.codec
     }
