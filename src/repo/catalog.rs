@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::layout::{self, BACKUP_CATALOG_PREFIX, WAL_PREFIX};
+use super::layout::{self, BACKUP_CATALOG_PREFIX};
 use super::{PutOutcome, RepoError, Repository, Result};
 use crate::codec::Codec;
 use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
