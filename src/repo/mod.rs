@@ -7,6 +7,8 @@ mod catalog;
 mod descriptor;
 pub mod layout;
 mod summary;
+#[cfg(test)]
+mod tests_memory;
 
 use bytes::Bytes;
 
