@@ -117,7 +117,7 @@ on_local_and_s3!(
 );
 
 /// A cluster with 1 MiB segments and a few finished segments to play with.
-fn cluster_with_segments() -> (PgCluster, Vec<String>) {
+pub(crate) fn cluster_with_segments() -> (PgCluster, Vec<String>) {
     let pg = PgCluster::builder().wal_segsize(1).start().unwrap();
     pg.psql("create table t as select generate_series(1, 20000) g")
         .unwrap();
@@ -133,7 +133,7 @@ fn cluster_with_segments() -> (PgCluster, Vec<String>) {
     (pg, segs)
 }
 
-fn copy_segment(pg: &PgCluster, name: &str, to: &Path) -> std::path::PathBuf {
+pub(crate) fn copy_segment(pg: &PgCluster, name: &str, to: &Path) -> std::path::PathBuf {
     let dest = to.join(name);
     fs::copy(pg.data_dir().join("pg_wal").join(name), &dest).unwrap();
     dest

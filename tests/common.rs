@@ -134,6 +134,17 @@ impl TestRepo {
         v
     }
 
+    /// Sends pitr's S3 requests (of [`TestRepo::pitr`] and of the commands in postgresql.conf)
+    /// to `endpoint`, e.g. a [`crate::harness::Proxy`] in front of the server.
+    pub fn set_s3_endpoint(&mut self, endpoint: &str) {
+        assert!(self.s3.is_some(), "only an S3 repository has an endpoint");
+        for (k, v) in &mut self.env {
+            if k == "AWS_ENDPOINT_URL" {
+                *v = endpoint.to_string();
+            }
+        }
+    }
+
     /// Runs `pitr --repo URL <rest>` with the repository's environment; waits for it to exit.
     pub fn pitr(&self, rest: &[&str]) -> Output {
         pitr(self.args(rest), &self.env)

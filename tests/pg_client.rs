@@ -481,6 +481,10 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
     let seg_end = Lsn(seg_start.0 + SEG);
     let mut received = Vec::with_capacity(SEG as usize);
     let mut cancelled = 0u32;
+    // XLogData that arrived on a call made after a cancelled one: the stream was dropped
+    // mid-wait and still delivered the next bytes in order.
+    let mut resumed = 0u32;
+    let mut after_cancel = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while stream.received_lsn() < seg_end {
         ensure!(
@@ -491,13 +495,18 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
         // or duplicate a byte (it checks XLogData contiguity itself, and we compare below).
         let msg = tokio::select! {
             m = stream.next_message() => m?,
-            _ = tokio::time::sleep(Duration::from_micros(20)) => { cancelled += 1; continue; }
+            _ = tokio::time::sleep(Duration::from_micros(20)) => {
+                cancelled += 1;
+                after_cancel = true;
+                continue;
+            }
         };
         match msg {
             Some(ReplicationMessage::XLogData {
                 wal_start, data, ..
             }) => {
                 ensure!(wal_start.0 == seg_start.0 + received.len() as u64);
+                resumed += u32::from(std::mem::take(&mut after_cancel));
                 received.extend_from_slice(&data);
             }
             Some(ReplicationMessage::Keepalive {
@@ -519,7 +528,12 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
         on_disk == received,
         "streamed bytes differ from pg_wal/{name}"
     );
-    eprintln!("select! cancelled next_message {cancelled} times");
+    eprintln!("select! cancelled next_message {cancelled} times, {resumed} resumed with data");
+    // Otherwise the test proved nothing about cancellation.
+    assert!(
+        cancelled > 0 && resumed > 0,
+        "next_message was cancelled {cancelled} times, {resumed} times before data arrived"
+    );
 
     // Keepalive: with wal_sender_timeout = 2s the server asks for a reply within ~1s of
     // silence; answering keeps the connection, and the flush position reaches the slot.

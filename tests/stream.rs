@@ -102,6 +102,17 @@ impl Streamer {
         }
     }
 
+    /// Asserts that the stream is still running, e.g. before killing it, so that a kill
+    /// provokes what the test is about instead of hitting a process that already exited.
+    fn assert_running(&mut self) {
+        let exited = self.child.as_mut().expect("started").try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "pitr stream exited on its own ({exited:?}):\n{}",
+            self.log()
+        );
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -362,6 +373,7 @@ fn kill_9_twenty_times_under_load() {
         let mut rng = rand::thread_rng();
         for _ in 0..20 {
             std::thread::sleep(Duration::from_millis(rng.gen_range(50..400)));
+            s.assert_running();
             s.kill9();
             s = s.restart(&repo, &pg, &args);
         }
@@ -373,6 +385,7 @@ fn kill_9_twenty_times_under_load() {
     psql1(&pg, "create table mid(id int); insert into mid values (1)");
     let lsn = psql1(&pg, "select pg_current_wal_lsn()");
     wait_flushed(&pg, &s, &lsn, Duration::from_secs(60));
+    s.assert_running();
     s.kill9();
     s = s.restart(&repo, &pg, &args);
     let (last, end) = switch(&pg);
