@@ -2,19 +2,12 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{switch_and_wait, Backend, TestRepo};
+use crate::common::{
+    assert_code, code, on_local_and_s3, stderr, switch_and_wait, Backend, TestRepo,
+};
 use crate::harness::{command_as_server_user, pg_bin, pitr, PgCluster, TestDir};
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A primary archiving into the repository under pgbench load; a base backup taken with
 /// pg_basebackup (no WAL included) recovers everything from the repository alone.
@@ -117,18 +110,14 @@ fn archive_and_recover(backend: Backend) {
     restored.stop().unwrap();
 }
 
-#[test]
-fn archive_and_recover_on_local_directory() {
-    archive_and_recover(Backend::Local);
-}
-
-#[test]
-fn archive_and_recover_on_s3() {
-    archive_and_recover(Backend::S3);
-}
+on_local_and_s3!(
+    archive_and_recover,
+    archive_and_recover_on_local_directory,
+    archive_and_recover_on_s3
+);
 
 /// A cluster with 1 MiB segments and a few finished segments to play with.
-fn cluster_with_segments() -> (PgCluster, Vec<String>) {
+pub(crate) fn cluster_with_segments() -> (PgCluster, Vec<String>) {
     let pg = PgCluster::builder().wal_segsize(1).start().unwrap();
     pg.psql("create table t as select generate_series(1, 20000) g")
         .unwrap();
@@ -144,7 +133,7 @@ fn cluster_with_segments() -> (PgCluster, Vec<String>) {
     (pg, segs)
 }
 
-fn copy_segment(pg: &PgCluster, name: &str, to: &Path) -> std::path::PathBuf {
+pub(crate) fn copy_segment(pg: &PgCluster, name: &str, to: &Path) -> std::path::PathBuf {
     let dest = to.join(name);
     fs::copy(pg.data_dir().join("pg_wal").join(name), &dest).unwrap();
     dest
@@ -176,7 +165,7 @@ fn exit_code_contract(backend: Backend) {
     // not found: exit 1 and nothing written
     let missing = work.join("missing");
     let o = get("0000000100000000000000FF", &missing);
-    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_code(&o, 1);
     assert!(!missing.exists());
     assert_eq!(code(&get("00000009.history", &missing)), 1);
 
@@ -191,7 +180,7 @@ fn exit_code_contract(backend: Backend) {
     bytes[mid] ^= 0xFF;
     fs::write(&changed, &bytes).unwrap();
     let o = push(&changed);
-    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert_code(&o, 4);
     assert!(stderr(&o).contains("different content"), "{}", stderr(&o));
     assert_eq!(code(&get(&segs[0], &dest)), 0);
     assert_eq!(
@@ -205,7 +194,7 @@ fn exit_code_contract(backend: Backend) {
     let foreign_dir = work.subdir("foreign");
     let foreign = copy_segment(&other, &other_segs[1], &foreign_dir);
     let o = push(&foreign);
-    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert_code(&o, 4);
     assert!(
         stderr(&o).contains("belongs to PostgreSQL system"),
         "{}",
@@ -216,7 +205,7 @@ fn exit_code_contract(backend: Backend) {
     let junk = work.join("000000010000000000000042");
     fs::write(&junk, vec![7u8; 1 << 20]).unwrap();
     let o = push(&junk);
-    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_code(&o, 3);
     assert!(stderr(&o).contains("not a valid WAL segment"));
     let short_dir = work.subdir("short");
     let short = short_dir.join(&segs[1]);
@@ -226,7 +215,7 @@ fn exit_code_contract(backend: Backend) {
     )
     .unwrap();
     let o = push(&short);
-    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_code(&o, 3);
     assert_eq!(code(&push(&work.join("000000010000000000000077"))), 3);
     assert_eq!(code(&push(&work.join("notwal"))), 3);
 
@@ -241,7 +230,7 @@ fn exit_code_contract(backend: Backend) {
     fs::write(&stored, &obj).unwrap();
     let bad = work.join("bad");
     let o = get(&segs[1], &bad);
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
     assert!(
         stderr(&o).contains("corrupt") && stderr(&o).contains(&key),
         "{}",
@@ -265,7 +254,7 @@ fn exit_code_contract(backend: Backend) {
         ],
         env,
     );
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
     let o = pitr(
         [
             "--repo",
@@ -275,7 +264,7 @@ fn exit_code_contract(backend: Backend) {
         ],
         env,
     );
-    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_code(&o, 3);
     let cfg = work.write_file(
         "pitr.toml",
         format!("repo = \"{}\"\nretry_timeout = \"5s\"\n", repo.url),
@@ -289,10 +278,10 @@ fn exit_code_contract(backend: Backend) {
         ],
         env,
     );
-    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_code(&o, 3);
     assert!(stderr(&o).contains("retry_timeout"), "{}", stderr(&o));
     let o = pitr(["archive-get", "--bogus-flag", &segs[0], "x"], env);
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
 }
 
 #[test]
@@ -310,7 +299,7 @@ fn exit_code_contract_on_local_directory() {
         ],
         &[],
     );
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
 }
 
 #[test]
@@ -328,57 +317,51 @@ fn s3_failures_stop_recovery_and_fail_archiving() {
     let seg = seg.to_str().unwrap();
     let dest = work.join("dest");
     let dest = dest.to_str().unwrap();
-    assert_eq!(code(&pitr(repo.args(&["archive-push", seg]), &repo.env)), 0);
+    assert_eq!(code(&repo.pitr(&["archive-push", seg])), 0);
 
     // wrong credentials
     let mut bad_env = repo.env.clone();
     bad_env.retain(|(k, _)| k != "AWS_SECRET_ACCESS_KEY");
     bad_env.push(("AWS_SECRET_ACCESS_KEY".into(), "wrong".into()));
     let o = pitr(repo.args(&["archive-get", &segs[0], dest]), &bad_env);
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
     let o = pitr(repo.args(&["archive-push", seg]), &bad_env);
-    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert_code(&o, 5);
     assert!(stderr(&o).contains("credentials"), "{}", stderr(&o));
 
     // missing bucket
     let s3 = repo.s3.as_ref().unwrap();
     let url = format!("s3://no-such-bucket-{}/x", s3.port());
     let o = pitr(["--repo", &url, "archive-push", seg], &repo.env);
-    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert_code(&o, 5);
     assert!(stderr(&o).contains("bucket"), "{}", stderr(&o));
     let o = pitr(["--repo", &url, "archive-get", &segs[0], dest], &repo.env);
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
 
     // outage: bounded retries, then a fatal status; nothing written
     repo.s3.as_mut().unwrap().stop();
     let started = Instant::now();
-    let o = pitr(
-        repo.args(&[
-            "--storage-retry-timeout",
-            "2s",
-            "archive-get",
-            &segs[0],
-            dest,
-        ]),
-        &repo.env,
-    );
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    let o = repo.pitr(&[
+        "--storage-retry-timeout",
+        "2s",
+        "archive-get",
+        &segs[0],
+        dest,
+    ]);
+    assert_code(&o, 200);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "retried for {:?}",
         started.elapsed()
     );
     assert!(!Path::new(dest).exists());
-    let o = pitr(
-        repo.args(&["--storage-retry-timeout", "2s", "archive-push", seg]),
-        &repo.env,
-    );
-    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    let o = repo.pitr(&["--storage-retry-timeout", "2s", "archive-push", seg]);
+    assert_code(&o, 5);
 
     // back up: the same request works
     repo.s3.as_mut().unwrap().start().unwrap();
-    let o = pitr(repo.args(&["archive-get", &segs[0], dest]), &repo.env);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = repo.pitr(&["archive-get", &segs[0], dest]);
+    assert_code(&o, 0);
 }
 
 /// A repository written by a newer pitr is refused, not misread.
@@ -405,24 +388,22 @@ fn newer_repository_format_is_refused() {
     )
     .unwrap();
     let o = pitr(repo.args(&["archive-push", seg.to_str().unwrap()]), &[]);
-    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert_code(&o, 4);
     assert!(stderr(&o).contains("format version 99"), "{}", stderr(&o));
     let o = pitr(
         repo.args(&["archive-get", &segs[0], work.join("x").to_str().unwrap()]),
         &[],
     );
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
 }
 
 /// The storage contract, on a real S3-compatible server.
 #[tokio::test]
 async fn s3_backend_keeps_the_storage_contract() {
     let s3 = crate::harness::S3Server::new().unwrap();
-    for (k, v) in s3.env() {
-        // object_store reads AWS_* from the environment; this test process owns its own env.
-        std::env::set_var(k, v);
-    }
-    let loc = pitr::storage::Location::parse(&s3.repo_url("contract")).unwrap();
+    let loc = pitr::storage::Location::parse(&s3.repo_url("contract"))
+        .unwrap()
+        .with_s3_settings(s3.settings());
     let storage = pitr::storage::Storage::open(&loc, Duration::from_secs(5)).unwrap();
     // s3s-fs checks If-None-Match, then writes: not atomic under a race (see run_contract).
     pitr::storage::contract::run_contract(&storage, false).await;

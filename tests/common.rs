@@ -1,11 +1,61 @@
 //! Repository fixtures shared by the integration tests: the same test body runs against a
-//! local directory and a real S3-compatible server.
+//! local directory and a real S3-compatible server ([`on_local_and_s3!`]), and pitr's output
+//! is read and checked with [`code`], [`stdout`], [`stderr`], [`text`] and [`assert_code`].
 
 use std::path::PathBuf;
-
+use std::process::Output;
 use std::time::Duration;
 
-use crate::harness::{conf_quote, pitr_bin, poll, PgCluster, S3Server, TestDir};
+use pitr::storage::{Location, Storage};
+
+use crate::harness::{conf_quote, pitr, pitr_bin, poll, PgCluster, S3Server, TestDir};
+
+/// Defines two tests that run `body(Backend)`: `$local` on a local directory and `$s3` on a real
+/// S3-compatible server. Names are spelled out because CI filters tests by name.
+macro_rules! on_local_and_s3 {
+    ($body:ident, $local:ident, $s3:ident) => {
+        #[test]
+        fn $local() {
+            $body($crate::common::Backend::Local);
+        }
+
+        #[test]
+        fn $s3() {
+            $body($crate::common::Backend::S3);
+        }
+    };
+}
+pub(crate) use on_local_and_s3;
+
+/// The exit code of a finished pitr, or -1 when a signal ended it.
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Everything pitr printed: stdout, then stderr.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+/// Asserts the exit code; on a mismatch the panic shows everything pitr printed.
+#[track_caller]
+pub fn assert_code(o: &Output, expected: i32) {
+    assert_eq!(
+        code(o),
+        expected,
+        "pitr exited with {}, expected {expected}:\n{}",
+        code(o),
+        text(o)
+    );
+}
 
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
@@ -82,6 +132,37 @@ impl TestRepo {
         let mut v = vec!["--repo".to_string(), self.url.clone()];
         v.extend(rest.iter().map(|s| s.to_string()));
         v
+    }
+
+    /// Sends pitr's S3 requests (of [`TestRepo::pitr`] and of the commands in postgresql.conf)
+    /// to `endpoint`, e.g. a [`crate::harness::Proxy`] in front of the server.
+    pub fn set_s3_endpoint(&mut self, endpoint: &str) {
+        assert!(self.s3.is_some(), "only an S3 repository has an endpoint");
+        for (k, v) in &mut self.env {
+            if k == "AWS_ENDPOINT_URL" {
+                *v = endpoint.to_string();
+            }
+        }
+    }
+
+    /// Runs `pitr --repo URL <rest>` with the repository's environment; waits for it to exit.
+    pub fn pitr(&self, rest: &[&str]) -> Output {
+        pitr(self.args(rest), &self.env)
+    }
+
+    /// The repository's location with its S3 settings carried in it: the library opens it from
+    /// a test without touching the process environment, which every test shares.
+    pub fn location(&self) -> Location {
+        let loc = Location::parse(&self.url).unwrap();
+        match &self.s3 {
+            Some(s3) => loc.with_s3_settings(s3.settings()),
+            None => loc,
+        }
+    }
+
+    /// The repository's storage, opened with the library, for looking behind pitr's back.
+    pub fn storage(&self) -> Storage {
+        Storage::open(&self.location(), Duration::from_secs(5)).unwrap()
     }
 }
 

@@ -3,11 +3,10 @@
 //! restoring the kept backups needs, and a restore to the latest point must bring every row back.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
-use crate::common::{switch_and_wait, Backend, TestRepo};
+use crate::common::{assert_code, on_local_and_s3, switch_and_wait, text, Backend, TestRepo};
 use crate::harness::TestDir;
-use crate::pitr::{code, insert, ok, primary, restore_and_read, run, text};
+use crate::pitr::{insert, ok, primary, restore_and_read, run};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -25,13 +24,7 @@ fn backup_ids(repo: &TestRepo) -> Vec<String> {
 
 /// The repository's storage, opened with the library, for looking behind pitr's back.
 fn storage(repo: &TestRepo) -> (tokio::runtime::Runtime, pitr::storage::Storage) {
-    for (k, v) in &repo.env {
-        // object_store reads AWS_* from the environment; this test process owns its own env.
-        std::env::set_var(k, v);
-    }
-    let loc = pitr::storage::Location::parse(&repo.url).unwrap();
-    let storage = pitr::storage::Storage::open(&loc, Duration::from_secs(5)).unwrap();
-    (tokio::runtime::Runtime::new().unwrap(), storage)
+    (tokio::runtime::Runtime::new().unwrap(), repo.storage())
 }
 
 /// Every key under `prefix`.
@@ -84,7 +77,7 @@ fn expire_keeps_what_restores_need(backend: Backend) {
 
     // No policy: a usage error that says what to pass.
     let o = run(&repo, &["expire"]);
-    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert_code(&o, 2);
     assert!(text(&o).contains("--retain-full"), "{}", text(&o));
 
     // A dry run reports the oldest backup and changes nothing.
@@ -164,7 +157,7 @@ fn expire_keeps_what_restores_need(backend: Backend) {
 
     // What is left verifies clean and restores every row.
     let o = run(&repo, &["verify"]);
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_code(&o, 0);
     let work = TestDir::new();
     let (_restored, phases) = restore_and_read(&repo, &work, "latest", &[], false);
     assert_eq!(phases, "a:10,b:10,c:10,d:10");
@@ -183,12 +176,8 @@ fn expire_keeps_what_restores_need(backend: Backend) {
     assert!(keys(&repo, &format!("backups/{}/", ids[1])).is_empty());
 }
 
-#[test]
-fn expire_keeps_what_restores_need_on_local_directory() {
-    expire_keeps_what_restores_need(Backend::Local);
-}
-
-#[test]
-fn expire_keeps_what_restores_need_on_s3() {
-    expire_keeps_what_restores_need(Backend::S3);
-}
+on_local_and_s3!(
+    expire_keeps_what_restores_need,
+    expire_keeps_what_restores_need_on_local_directory,
+    expire_keeps_what_restores_need_on_s3
+);

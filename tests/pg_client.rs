@@ -20,7 +20,7 @@ use pitr::pg::{
 use pitr::wal::{Lsn, WalFileName};
 
 use crate::harness::{
-    command_as_server_user, free_port, make_accessible, run_checked, PgCluster, TestDir,
+    command_as_server_user, free_port, make_accessible, run_checked, PgCluster, Proxy, TestDir,
 };
 
 const SEG: u64 = 16 * 1024 * 1024;
@@ -462,11 +462,18 @@ async fn base_backup_with_a_tablespace() -> Result<()> {
 }
 
 /// Streams a whole segment while the caller's select! keeps cancelling `next_message`, and
-/// checks every byte against the server's own pg_wal file.
+/// checks every byte against the server's own pg_wal file. The server's bytes come through a
+/// proxy in 64 KiB pieces 2 ms apart, so XLogData messages (up to 128 KiB) arrive in parts and
+/// next_message is cancelled in the middle of reading one.
 #[tokio::test]
 async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<()> {
     let cluster = start_primary()?;
-    let mut conn = connect(&tcp_conninfo(&cluster, "repl", "replpw")).await?;
+    let proxy = Proxy::dribble(cluster.port(), 64 * 1024, Duration::from_millis(2));
+    let mut conn = connect(&format!(
+        "host=127.0.0.1 port={} user=repl password=replpw sslmode=disable",
+        proxy.port()
+    ))
+    .await?;
     let id = conn.identify_system().await?;
     conn.create_replication_slot("stream_test", CreateSlotOptions::default())
         .await?;
@@ -481,6 +488,10 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
     let seg_end = Lsn(seg_start.0 + SEG);
     let mut received = Vec::with_capacity(SEG as usize);
     let mut cancelled = 0u32;
+    // XLogData that arrived on a call made after a cancelled one: the stream was dropped
+    // mid-wait and still delivered the next bytes in order.
+    let mut resumed = 0u32;
+    let mut after_cancel = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while stream.received_lsn() < seg_end {
         ensure!(
@@ -491,13 +502,18 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
         // or duplicate a byte (it checks XLogData contiguity itself, and we compare below).
         let msg = tokio::select! {
             m = stream.next_message() => m?,
-            _ = tokio::time::sleep(Duration::from_micros(20)) => { cancelled += 1; continue; }
+            _ = tokio::time::sleep(Duration::from_micros(20)) => {
+                cancelled += 1;
+                after_cancel = true;
+                continue;
+            }
         };
         match msg {
             Some(ReplicationMessage::XLogData {
                 wal_start, data, ..
             }) => {
                 ensure!(wal_start.0 == seg_start.0 + received.len() as u64);
+                resumed += u32::from(std::mem::take(&mut after_cancel));
                 received.extend_from_slice(&data);
             }
             Some(ReplicationMessage::Keepalive {
@@ -519,7 +535,14 @@ async fn start_replication_matches_pg_wal_and_survives_cancellation() -> Result<
         on_disk == received,
         "streamed bytes differ from pg_wal/{name}"
     );
-    eprintln!("select! cancelled next_message {cancelled} times");
+    eprintln!("select! cancelled next_message {cancelled} times, {resumed} resumed with data");
+    // Otherwise the test proved nothing about cancellation.
+    assert!(
+        cancelled > 0 && resumed > 0 && proxy.pieces() > received.len() / (128 * 1024),
+        "next_message was cancelled {cancelled} times, {resumed} times before data arrived; \
+         the proxy forwarded {} pieces",
+        proxy.pieces()
+    );
 
     // Keepalive: with wal_sender_timeout = 2s the server asks for a reply within ~1s of
     // silence; answering keeps the connection, and the flush position reaches the slot.

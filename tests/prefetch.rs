@@ -7,18 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::common::{Backend, TestRepo};
-use crate::harness::{clean_env, pitr, pitr_bin, poll, PgCluster, TestDir};
+use crate::common::{assert_code, code, on_local_and_s3, stderr, Backend, TestRepo};
+use crate::harness::{clean_env, pitr_bin, poll, PgCluster, TestDir};
 
 const SEG_SIZE: usize = 1 << 20;
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Segments of a real cluster (1 MiB segments), copied out of its pg_wal as each one completes.
 struct Wal {
@@ -74,10 +66,7 @@ impl Wal {
 
 fn push(repo: &TestRepo, wal: &Wal, range: std::ops::Range<usize>) {
     for i in range {
-        let o = pitr(
-            repo.args(&["archive-push", wal.path(i).to_str().unwrap()]),
-            &repo.env,
-        );
+        let o = repo.pitr(&["archive-push", wal.path(i).to_str().unwrap()]);
         assert_eq!(code(&o), 0, "archive-push: {}", stderr(&o));
     }
 }
@@ -260,7 +249,7 @@ fn replay_through_the_spool(backend: Backend) {
     let n = &wal.names;
 
     let o = data.get(&n[0], &[]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
     assert_eq!(data.take_restored(), wal.bytes(0));
 
@@ -271,7 +260,7 @@ fn replay_through_the_spool(backend: Backend) {
 
     for (i, name) in n.iter().enumerate().take(9).skip(1) {
         let o = data.get(name, &[]);
-        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        assert_code(&o, 0);
         assert!(
             stderr(&o).contains(HIT),
             "{name} was not a hit: {}",
@@ -294,7 +283,7 @@ fn replay_through_the_spool(backend: Backend) {
     data.wait_spooled(&n[9..]);
     for (i, name) in n.iter().enumerate().skip(9) {
         let o = data.get(name, &[]);
-        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        assert_code(&o, 0);
         assert!(stderr(&o).contains(HIT), "{}", stderr(&o));
         assert!(data.take_restored() == wal.bytes(i));
     }
@@ -305,15 +294,11 @@ fn replay_through_the_spool(backend: Backend) {
     data.end_recovery();
 }
 
-#[test]
-fn replay_through_the_spool_on_local_directory() {
-    replay_through_the_spool(Backend::Local);
-}
-
-#[test]
-fn replay_through_the_spool_on_s3() {
-    replay_through_the_spool(Backend::S3);
-}
+on_local_and_s3!(
+    replay_through_the_spool,
+    replay_through_the_spool_on_local_directory,
+    replay_through_the_spool_on_s3
+);
 
 /// A spooled segment with a flipped byte, or cut short, is never served: the call returns the
 /// repository's bytes and the bad file is gone. A deleted data directory stops the worker.
@@ -335,7 +320,7 @@ fn a_damaged_spool_file_is_not_served() {
     b[SEG_SIZE / 2] ^= 0x01;
     fs::write(&flipped, &b).unwrap();
     let o = data.get(&n[1], &["--prefetch", "3"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("damaged prefetched segment") && stderr(&o).contains("crc32c"),
@@ -353,7 +338,7 @@ fn a_damaged_spool_file_is_not_served() {
     let b = fs::read(&short).unwrap();
     fs::write(&short, &b[..SEG_SIZE / 2]).unwrap();
     let o = data.get(&n[2], &["--prefetch", "3"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
     assert!(stderr(&o).contains("bytes instead of"), "{}", stderr(&o));
     assert!(data.take_restored() == wal.bytes(2));
@@ -427,7 +412,7 @@ fn a_segment_of_stream_chunks_is_never_spooled() {
     assert!(data.spooled().is_empty(), "{:?}", data.spooled());
 
     let o = data.get(&n[3], &[]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(
         stderr(&o).contains("assembled from streamed chunks"),
         "{}",
@@ -489,7 +474,7 @@ fn a_spool_of_another_repository_is_wiped() {
     other[SEG_SIZE - 1] ^= 0xFF;
     let forged = forge_entry(&data, &n[1], &other);
     let o = data.get(&n[1], &["--prefetch", "2"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(
         stderr(&o).contains("filled from another repository"),
         "{}",
@@ -515,7 +500,7 @@ fn a_spool_of_another_repository_is_wiped() {
     foreign[24..32].copy_from_slice(&1u64.to_le_bytes());
     let forged = forge_entry(&data, &n[2], &foreign);
     let o = data.get(&n[2], &["--prefetch", "2"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(!stderr(&o).contains(HIT), "{}", stderr(&o));
     assert!(stderr(&o).contains("system 1"), "{}", stderr(&o));
     assert!(data.take_restored() == wal.bytes(2));
@@ -543,21 +528,18 @@ fn prefetch_stays_out_of_other_calls() {
     let n = &wal.names;
 
     let o = data.get(&n[0], &["--prefetch", "0"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert!(data.take_restored() == wal.bytes(0));
     let o = data.get("00000002.history", &[]);
-    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_code(&o, 1);
     // A directory not named pg_wal.
     let elsewhere = work.subdir("elsewhere");
-    let o = pitr(
-        repo.args(&[
-            "archive-get",
-            &n[1],
-            elsewhere.join("RECOVERYXLOG").to_str().unwrap(),
-        ]),
-        &repo.env,
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = repo.pitr(&[
+        "archive-get",
+        &n[1],
+        elsewhere.join("RECOVERYXLOG").to_str().unwrap(),
+    ]);
+    assert_code(&o, 0);
     assert!(!elsewhere.join(".pitr-prefetch").exists());
     assert!(!data.spool().exists());
     assert!(data.workers().is_empty());
@@ -573,5 +555,5 @@ fn prefetch_stays_out_of_other_calls() {
     assert!(!data.spool().exists());
     // Out of range is a configuration error, which stops recovery.
     let o = data.get(&n[1], &["--prefetch", "65"]);
-    assert_eq!(code(&o), 200, "{}", stderr(&o));
+    assert_code(&o, 200);
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{Backend, TestRepo};
-use crate::harness::{clean_env, pitr, pitr_bin, poll, PgCluster, TestDir};
+use crate::common::{assert_code, on_local_and_s3, stderr, Backend, TestRepo};
+use crate::harness::{clean_env, pitr_bin, poll, PgCluster, TestDir};
 
 /// A running `pitr stream`, its stderr captured in a file shown when a test fails.
 struct Streamer {
@@ -102,6 +102,17 @@ impl Streamer {
         }
     }
 
+    /// Asserts that the stream is still running, e.g. before killing it, so that a kill
+    /// provokes what the test is about instead of hitting a process that already exited.
+    fn assert_running(&mut self) {
+        let exited = self.child.as_mut().expect("started").try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "pitr stream exited on its own ({exited:?}):\n{}",
+            self.log()
+        );
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -177,10 +188,7 @@ fn assert_segments_match(repo: &TestRepo, pg: &PgCluster, first: &str, last: &st
     let names = segment_names(first, last);
     for name in &names {
         let dest = tmp.join(name);
-        let out = pitr(
-            repo.args(&["archive-get", name, dest.to_str().unwrap()]),
-            &repo.env,
-        );
+        let out = repo.pitr(&["archive-get", name, dest.to_str().unwrap()]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -193,13 +201,10 @@ fn assert_segments_match(repo: &TestRepo, pg: &PgCluster, first: &str, last: &st
             stored == original,
             "{name}: stored bytes differ from pg_wal"
         );
-        let push = pitr(
-            repo.args(&[
-                "archive-push",
-                pg.data_dir().join("pg_wal").join(name).to_str().unwrap(),
-            ]),
-            &repo.env,
-        );
+        let push = repo.pitr(&[
+            "archive-push",
+            pg.data_dir().join("pg_wal").join(name).to_str().unwrap(),
+        ]);
         assert_eq!(
             push.status.code(),
             Some(0),
@@ -242,25 +247,18 @@ fn stream_matches_pg_wal_under_load(backend: Backend) {
     assert!(log.contains("everything received is durable"), "{log}");
 }
 
-#[test]
-fn stream_matches_pg_wal_under_load_on_local_directory() {
-    stream_matches_pg_wal_under_load(Backend::Local);
-}
-
-#[test]
-fn stream_matches_pg_wal_under_load_on_s3() {
-    stream_matches_pg_wal_under_load(Backend::S3);
-}
+on_local_and_s3!(
+    stream_matches_pg_wal_under_load,
+    stream_matches_pg_wal_under_load_on_local_directory,
+    stream_matches_pg_wal_under_load_on_s3
+);
 
 /// Restores `repo`'s latest backup into a new directory, starts PostgreSQL on it and waits for
 /// recovery to finish.
 fn restore_latest(repo: &TestRepo) -> (PgCluster, TestDir) {
     let dir = TestDir::new();
     let pgdata = dir.join("restored");
-    let out = pitr(
-        repo.args(&["restore", "--pgdata", pgdata.to_str().unwrap()]),
-        &repo.env,
-    );
+    let out = repo.pitr(&["restore", "--pgdata", pgdata.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "restore: {}{}",
@@ -280,10 +278,7 @@ fn restore_latest(repo: &TestRepo) -> (PgCluster, TestDir) {
 }
 
 fn backup(repo: &TestRepo, pg: &PgCluster) {
-    let out = pitr(
-        repo.args(&["backup", "-d", &pg.conninfo(), "--wal-timeout", "60s"]),
-        &repo.env,
-    );
+    let out = repo.pitr(&["backup", "-d", &pg.conninfo(), "--wal-timeout", "60s"]);
     assert!(
         out.status.success(),
         "backup: {}",
@@ -319,22 +314,11 @@ fn crash_and_restore_latest(backend: Backend) {
     );
 }
 
-#[test]
-fn crash_and_restore_latest_on_local_directory() {
-    crash_and_restore_latest(Backend::Local);
-}
-
-#[test]
-fn crash_and_restore_latest_on_s3() {
-    crash_and_restore_latest(Backend::S3);
-}
-
-fn code_and_stderr(out: &std::process::Output) -> (i32, String) {
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+on_local_and_s3!(
+    crash_and_restore_latest,
+    crash_and_restore_latest_on_local_directory,
+    crash_and_restore_latest_on_s3
+);
 
 /// Bad input: each a clear error and a documented exit code, never a retry loop.
 #[test]
@@ -342,12 +326,9 @@ fn bad_input_is_a_clear_error() {
     let repo = TestRepo::new(Backend::Local);
     let pg = primary(&[]);
     // Missing slot without --create-slot.
-    let out = pitr(
-        repo.args(&["stream", "-d", &pg.conninfo(), "--slot", "nosuch"]),
-        &repo.env,
-    );
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 7, "{err}");
+    let out = repo.pitr(&["stream", "-d", &pg.conninfo(), "--slot", "nosuch"]);
+    assert_code(&out, 7);
+    let err = stderr(&out);
     assert!(
         err.contains("\"nosuch\" does not exist") && err.contains("--create-slot"),
         "{err}"
@@ -355,12 +336,9 @@ fn bad_input_is_a_clear_error() {
     // A role without REPLICATION.
     psql1(&pg, "create role plain login");
     let ci = format!("{} user=plain", pg.conninfo());
-    let out = pitr(
-        repo.args(&["stream", "-d", &ci, "--create-slot"]),
-        &repo.env,
-    );
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 7, "{err}");
+    let out = repo.pitr(&["stream", "-d", &ci, "--create-slot"]);
+    assert_code(&out, 7);
+    let err = stderr(&out);
     assert!(err.contains("REPLICATION"), "{err}");
     // A repository of another cluster: the repository belongs to `pg` once a stream ran.
     let mut s = Streamer::start(&repo, &pg, &[]);
@@ -372,12 +350,9 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(s.term(Duration::from_secs(30)).success(), "{}", s.log());
     let other = primary(&[]);
-    let out = pitr(
-        repo.args(&["stream", "-d", &other.conninfo(), "--create-slot"]),
-        &repo.env,
-    );
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 4, "{err}");
+    let out = repo.pitr(&["stream", "-d", &other.conninfo(), "--create-slot"]);
+    assert_code(&out, 4);
+    let err = stderr(&out);
     assert!(err.contains("belongs to PostgreSQL system"), "{err}");
 }
 
@@ -398,6 +373,7 @@ fn kill_9_twenty_times_under_load() {
         let mut rng = rand::thread_rng();
         for _ in 0..20 {
             std::thread::sleep(Duration::from_millis(rng.gen_range(50..400)));
+            s.assert_running();
             s.kill9();
             s = s.restart(&repo, &pg, &args);
         }
@@ -409,6 +385,7 @@ fn kill_9_twenty_times_under_load() {
     psql1(&pg, "create table mid(id int); insert into mid values (1)");
     let lsn = psql1(&pg, "select pg_current_wal_lsn()");
     wait_flushed(&pg, &s, &lsn, Duration::from_secs(60));
+    s.assert_running();
     s.kill9();
     s = s.restart(&repo, &pg, &args);
     let (last, end) = switch(&pg);
@@ -615,10 +592,7 @@ fn promote_follows_to_timeline_2() {
     assert!(log.contains("timeline switch: following"), "{log}");
     assert!(log.contains(".partial"), "{log}");
     // The new timeline's segments match the promoted server's pg_wal.
-    let out = pitr(
-        repo.args(&["archive-get", &last, work.join("x").to_str().unwrap()]),
-        &repo.env,
-    );
+    let out = repo.pitr(&["archive-get", &last, work.join("x").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     assert!(
         fs::read(work.join("x")).unwrap()
@@ -657,9 +631,8 @@ fn server_restart_mid_stream_no_gap_and_list_shows_streamed_position() {
     // Idle from here: the open segment stays open, its chunks reach the current position.
     let here = psql1(&pg, "select pg_current_wal_lsn()");
     wait_flushed(&pg, &s, &here, Duration::from_secs(60));
-    let out = pitr(repo.args(&["list", "--json"]), &repo.env);
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 0, "{err}");
+    let out = repo.pitr(&["list", "--json"]);
+    assert_code(&out, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let streamed = v["streamed_to_lsn"]
         .as_str()
@@ -669,7 +642,7 @@ fn server_restart_mid_stream_no_gap_and_list_shows_streamed_position() {
         "streamed_to_lsn {streamed} < {here}"
     );
     assert_eq!(v["streamed"]["1"].as_str(), Some(streamed), "{v}");
-    let text = pitr(repo.args(&["list"]), &repo.env);
+    let text = repo.pitr(&["list"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&format!("streamed to {streamed}")), "{text}");
 
@@ -679,7 +652,7 @@ fn server_restart_mid_stream_no_gap_and_list_shows_streamed_position() {
     let st = s.term(Duration::from_secs(30));
     assert!(st.success(), "exit {st:?}\n{}", s.log());
     // Once the segment is stored whole its chunks are gone, and so is the streamed position.
-    let out = pitr(repo.args(&["list", "--json"]), &repo.env);
+    let out = repo.pitr(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["streamed_to_lsn"].is_null(), "{v}");
 }
@@ -710,12 +683,9 @@ fn removed_wal_is_exit_11_with_the_lost_position() {
         &pg,
         "select pg_create_physical_replication_slot('pitr', true)",
     );
-    let out = pitr(
-        repo.args(&["stream", "-d", &pg.conninfo(), "--slot", "pitr"]),
-        &repo.env,
-    );
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 11, "{err}");
+    let out = repo.pitr(&["stream", "-d", &pg.conninfo(), "--slot", "pitr"]);
+    assert_code(&out, 11);
+    let err = stderr(&out);
     assert!(
         err.contains(&format!("WAL from {end}")) || err.contains("lost"),
         "{err}"
@@ -735,12 +705,9 @@ fn wal_level_minimal_is_a_clear_error() {
         .conf("max_wal_senders = 0")
         .start()
         .unwrap();
-    let out = pitr(
-        repo.args(&["stream", "-d", &pg.conninfo(), "--create-slot"]),
-        &repo.env,
-    );
-    let (code, err) = code_and_stderr(&out);
-    assert_eq!(code, 7, "{err}");
+    let out = repo.pitr(&["stream", "-d", &pg.conninfo(), "--create-slot"]);
+    assert_code(&out, 7);
+    let err = stderr(&out);
     assert!(
         err.contains("wal_level") && err.contains("max_wal_senders"),
         "{err}"

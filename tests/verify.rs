@@ -9,20 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::common::{Backend, TestRepo};
-use crate::harness::{pitr, PgCluster, TestDir};
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use crate::common::{assert_code, code, on_local_and_s3, stderr, stdout, Backend, TestRepo};
+use crate::harness::{PgCluster, TestDir};
 
 /// A cluster with 1 MiB segments archiving into `repo`, with a completed `pitr backup`.
 struct Archived {
@@ -43,17 +31,14 @@ impl Archived {
             .unwrap();
         pg.psql("create table t(id int primary key, note text)")
             .unwrap();
-        let o = pitr(
-            repo.args(&[
-                "backup",
-                "-d",
-                &pg.conninfo(),
-                "--json",
-                "--wal-timeout",
-                "60s",
-            ]),
-            &repo.env,
-        );
+        let o = repo.pitr(&[
+            "backup",
+            "-d",
+            &pg.conninfo(),
+            "--json",
+            "--wal-timeout",
+            "60s",
+        ]);
         assert_eq!(code(&o), 0, "backup: {}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let backup_id = v["id"]
@@ -89,7 +74,7 @@ impl Archived {
     }
 
     fn pitr(&self, args: &[&str]) -> Output {
-        pitr(self.repo.args(args), &self.repo.env)
+        self.repo.pitr(args)
     }
 
     fn segment_key(seg: &str) -> String {
@@ -134,7 +119,7 @@ fn summaries_bound_time_targets_by_the_last_archived_commit() {
     assert!(summary["commit_count"].as_u64().unwrap() >= 1, "{summary}");
 
     let o = a.pitr(&["list", "--json"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     let v = json(&o);
     let w = &v["recoverable_window"];
     let to_time = w["to_time"].as_str().unwrap_or_else(|| panic!("{v}"));
@@ -155,7 +140,7 @@ fn summaries_bound_time_targets_by_the_last_archived_commit() {
         "--target-time",
         &after_last,
     ]);
-    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert_code(&o, 8);
     let err = stderr(&o);
     assert!(err.contains("last archived transaction"), "{err}");
     assert!(err.contains("recoverable window: from"), "{err}");
@@ -174,7 +159,7 @@ fn summaries_bound_time_targets_by_the_last_archived_commit() {
         "--dry-run",
         "--json",
     ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     assert_eq!(json(&o)["backup"], a.backup_id.as_str());
 }
 
@@ -213,7 +198,7 @@ fn target_name_restores_exactly_the_rows_before_the_restore_point() {
         "--target-name",
         "no_such_point",
     ]);
-    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert_code(&o, 8);
     assert!(stderr(&o).contains("before_purge"), "{}", stderr(&o));
     assert!(!refused.exists());
 
@@ -226,7 +211,7 @@ fn target_name_restores_exactly_the_rows_before_the_restore_point() {
         "before_purge",
         "--json",
     ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
     let v = json(&o);
     assert_eq!(v["backup"], second.as_str(), "{v}");
     assert_eq!(v["restore_point"]["name"], "before_purge", "{v}");
@@ -256,19 +241,15 @@ fn target_name_restores_exactly_the_rows_before_the_restore_point() {
     );
 }
 
+on_local_and_s3!(
+    verify_finds_damage,
+    verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_local_directory,
+    verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_s3
+);
+
 /// Clean repository verifies clean; then one byte flipped in a stored segment, a deleted
 /// segment and a truncated history file are each found, naming the object and the window cut;
 /// a time target in the hole is refused with both windows.
-#[test]
-fn verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_local_directory() {
-    verify_finds_damage(Backend::Local);
-}
-
-#[test]
-fn verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_s3() {
-    verify_finds_damage(Backend::S3);
-}
-
 fn verify_finds_damage(backend: Backend) {
     let a = Archived::new(backend);
     a.insert(0, 100);
@@ -295,7 +276,7 @@ fn verify_finds_damage(backend: Backend) {
         "1\tFF/0\tno recovery target specified\n",
     );
     let o = a.pitr(&["archive-push", hist.to_str().unwrap()]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_code(&o, 0);
 
     let o = a.pitr(&["verify"]);
     assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
@@ -354,7 +335,7 @@ fn verify_finds_damage(backend: Backend) {
         "--target-time",
         &in_hole,
     ]);
-    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert_code(&o, 8);
     let err = stderr(&o);
     assert!(err.contains("falls in a hole"), "{err}");
     assert!(err.contains(&seg_b), "{err}");
@@ -371,19 +352,15 @@ fn verify_finds_damage(backend: Backend) {
     assert!(stdout(&o).contains(key_h), "{}", stdout(&o));
 }
 
+on_local_and_s3!(
+    only_full_verify_catches_a_broken_record,
+    only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_local_directory,
+    only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_s3
+);
+
 /// A segment whose page headers and frame are valid but whose records are broken (one record
 /// CRC patched, object re-framed with a valid checksum) passes the object checks and is caught
 /// by `--full`, which names the segment and the LSN.
-#[test]
-fn only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_local_directory() {
-    only_full_verify_catches_a_broken_record(Backend::Local);
-}
-
-#[test]
-fn only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_s3() {
-    only_full_verify_catches_a_broken_record(Backend::S3);
-}
-
 fn only_full_verify_catches_a_broken_record(backend: Backend) {
     let a = Archived::new(backend);
     a.insert(0, 100);

@@ -10,6 +10,8 @@ mod descriptor;
 mod layout;
 mod scan;
 mod summary;
+#[cfg(test)]
+mod tests_memory;
 mod wal;
 
 use bytes::Bytes;

@@ -70,6 +70,12 @@ pub async fn run_contract(s: &Storage, atomic_create: bool) {
     } else {
         assert!(wins >= 1, "at least one racing put_if_absent must win");
     }
+    // Whoever won, the object is one writer's bytes whole, never a mix or a torn write.
+    let raced = s.get("contract/race").await.unwrap();
+    assert!(
+        raced.len() == 1000 && raced.iter().all(|b| *b == raced[0]) && raced[0] < 8,
+        "a raced object is not one writer's bytes"
+    );
 
     let mut listed: Vec<String> = s
         .list("contract/")

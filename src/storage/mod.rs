@@ -3,6 +3,7 @@
 //! [`Storage`] is what the rest of pitr holds: a [`Backend`] (our own local directory backend, or
 //! `object_store` for S3, GCS and Azure) plus the retry policy for transient errors. Keys are
 //! `/`-separated relative paths; the backend maps them under the repository root.
+//! [`Storage::in_memory`] is a repository in memory for unit tests of repository rules.
 //!
 //! Contract every backend keeps (pinned by the shared contract tests):
 //! - `put_if_absent` is atomic and never replaces an existing object: of two writers racing for
@@ -13,6 +14,7 @@
 
 mod local;
 mod location;
+mod memory;
 mod object;
 
 use std::sync::Arc;

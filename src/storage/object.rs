@@ -100,11 +100,16 @@ impl ObjectStoreBackend {
             }
             Location::Local(_) => unreachable!("local repositories use LocalBackend"),
         };
-        Ok(ObjectStoreBackend {
+        Ok(Self::from_store(store, prefix, url))
+    }
+
+    /// A backend over any `object_store` store, with keys under `prefix` (no slashes around it).
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, url: String) -> Self {
+        ObjectStoreBackend {
             store,
             prefix: prefix.to_string(),
             url,
-        })
+        }
     }
 
     fn path(&self, key: &str) -> ObjectPath {

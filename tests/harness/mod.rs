@@ -2,6 +2,7 @@
 //!
 //! - [`PgCluster`]: `PgCluster::builder().conf("archive_mode = on").envs(s3.env()).start()?`
 //! - [`S3Server`]: `S3Server::new()?`, `stop()`/`start()` for outages, `object_path(key)`.
+//! - [`Proxy`]: a misbehaving network in front of a server (lost answers, dribbled bytes).
 //! - [`pitr_bin`], [`pitr`], [`pitr_as_server_user`], [`TestDir`], [`make_accessible`],
 //!   [`free_port`], [`conf_quote`].
 //!
@@ -13,11 +14,13 @@
 #![allow(dead_code, unused_imports)]
 
 mod pg;
+mod proxy;
 mod s3;
 mod selftest;
 mod util;
 
 pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
+pub use proxy::Proxy;
 pub use s3::{s3s_fs_bin, S3Server};
 pub use util::{
     clean_env, command_as_server_user, conf_quote, free_port, is_root, make_accessible, pitr,

@@ -211,6 +211,19 @@ impl S3Server {
         .collect()
     }
 
+    /// The same settings as [`S3Server::env`], for `Location::with_s3_settings`: a test that
+    /// opens the repository with the library passes them there, never through the process
+    /// environment (tests share one process).
+    pub fn settings(&self) -> pitr::storage::S3Settings {
+        pitr::storage::S3Settings {
+            endpoint: Some(self.endpoint()),
+            region: Some(REGION.to_string()),
+            access_key_id: Some(ACCESS_KEY.to_string()),
+            secret_access_key: Some(SECRET_KEY.to_string()),
+            virtual_hosted_style: None,
+        }
+    }
+
     /// `s3://<bucket>/<prefix>` (no trailing slash added).
     pub fn repo_url(&self, prefix: &str) -> String {
         format!("s3://{}/{}", self.bucket, prefix.trim_start_matches('/'))
