@@ -188,10 +188,16 @@ impl Repository {
             // The aborted state stays, so that a backup process that wakes up later cannot
             // claim completion over deleted parts.
             let state_key = layout::backup_state_key(&id);
-            let keys = self.backup_folder_keys(&id).await?;
-            let n = self
-                .delete_all(keys.into_iter().filter(|k| *k != state_key))
-                .await?;
+            let keys: Vec<String> = self
+                .backup_folder_keys(&id)
+                .await?
+                .into_iter()
+                .filter(|k| *k != state_key)
+                .collect();
+            if keys.is_empty() {
+                continue; // removed by an earlier run: only its state is left
+            }
+            let n = self.delete_all(keys.into_iter()).await?;
             tracing::info!(backup = %id, objects = n, "removed an abandoned backup");
             removed.push(id);
         }

@@ -75,3 +75,89 @@ async fn a_repository_of_another_cluster_is_refused() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn backups_started_in_the_same_second_get_different_ids() {
+    let repo = repo().await;
+    let t = chrono::Utc::now();
+    let a = repo.claim_backup_id(t).await.unwrap();
+    let b = repo.claim_backup_id(t).await.unwrap();
+    assert_ne!(a, b);
+    let stamp = t.format("%Y%m%dT%H%M%SZ-").to_string();
+    assert!(a.starts_with(&stamp) && b.starts_with(&stamp), "{a} {b}");
+    assert_eq!(repo.backup_folders().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_backup_part_stored_again_after_a_lost_answer_is_success() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    let part = vec![7u8; 100_000];
+    let first = repo
+        .put_backup_part(&id, "base.tar", 0, part.clone())
+        .await
+        .unwrap();
+    let again = repo
+        .put_backup_part(&id, "base.tar", 0, part.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, again, "the stored size is reported both times");
+    assert!(matches!(
+        repo.put_backup_part(&id, "base.tar", 0, vec![8u8; 100]).await,
+        Err(RepoError::ConflictingContent { .. })
+    ));
+    assert_eq!(repo.backup_part(&id, "base.tar", 0).await.unwrap(), part);
+    repo.put_backup_manifest(&id, b"{}".to_vec()).await.unwrap();
+    repo.put_backup_manifest(&id, b"{}".to_vec()).await.unwrap();
+}
+
+#[tokio::test]
+async fn completion_and_abandonment_exclude_each_other() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    // A zero threshold makes every unpublished backup abandoned at once.
+    let removed = repo
+        .remove_abandoned_backups(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![id.clone()]);
+    assert!(!repo.claim_backup_completion(&id).await.unwrap());
+
+    let id2 = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    assert!(repo.claim_backup_completion(&id2).await.unwrap());
+    assert!(repo
+        .remove_abandoned_backups(std::time::Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn recovery_prefers_the_whole_segment_and_pads_chunks() {
+    let repo = repo().await;
+    let seg = crate::wal::WalFileName::segment(1, 3, CLUSTER.wal_segment_size);
+    assert!(repo.wal_file_for_recovery(&seg).await.unwrap().is_none());
+    let c = |start, end| ChunkRef {
+        segment: seg.clone(),
+        start,
+        end,
+    };
+    repo.put_chunk(&c(0, 4), b"abcd").await.unwrap();
+    repo.put_chunk(&c(4, 6), b"ef").await.unwrap();
+    // After a hole: never served.
+    repo.put_chunk(&c(8, 9), b"z").await.unwrap();
+    match repo.wal_file_for_recovery(&seg).await.unwrap() {
+        Some(WalForRecovery::FromChunks(b)) => {
+            assert_eq!(&b[..6], b"abcdef");
+            assert!(b[6..].iter().all(|&x| x == 0));
+            assert_eq!(b.len() as u64, CLUSTER.wal_segment_size);
+        }
+        other => panic!("{other:?}"),
+    }
+    let whole = vec![1u8; CLUSTER.wal_segment_size as usize];
+    repo.put_wal_file(&seg, &whole).await.unwrap();
+    assert!(matches!(
+        repo.wal_file_for_recovery(&seg).await.unwrap(),
+        Some(WalForRecovery::Stored(b)) if b == whole
+    ));
+}
