@@ -402,13 +402,19 @@ impl Keyring {
     /// the content is unreadable and checked against the content.
     pub fn from_json(bytes: &[u8], generation: u64) -> Result<Keyring, CryptError> {
         let corrupt = |what: String| CryptError::CorruptKeyring { generation, what };
-        let k: Keyring = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if k.keyring_version != KEYRING_VERSION {
+        // The version first: a newer keyring may have fields this pitr would call unknown.
+        #[derive(serde::Deserialize)]
+        struct Version {
+            keyring_version: u32,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if v.keyring_version != KEYRING_VERSION {
             return Err(corrupt(format!(
                 "keyring version {} (this pitr knows {KEYRING_VERSION}; upgrade pitr if newer)",
-                k.keyring_version
+                v.keyring_version
             )));
         }
+        let k: Keyring = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
         if k.generation != generation {
             return Err(corrupt(format!("it says generation {}", k.generation)));
         }
@@ -678,6 +684,9 @@ mod tests {
             Keyring::from_json(b"{not json", 7),
             Err(CryptError::CorruptKeyring { generation: 7, .. })
         ));
+        let newer = br#"{"keyring_version": 2, "something": "new"}"#;
+        let e = Keyring::from_json(newer, 1).unwrap_err().to_string();
+        assert!(e.contains("keyring version 2"), "{e}");
     }
 
     #[test]
