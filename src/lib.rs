@@ -18,6 +18,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod format;
+pub mod key_source;
 pub mod pg;
 pub mod recovery;
 pub mod repo;

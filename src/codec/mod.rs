@@ -5,6 +5,7 @@
 //! uncompressed content, so every read verifies what it returns. Pure code: no I/O.
 //! The byte layout is specified in docs/repository-format.md; keep the two in step.
 
+pub mod crypt;
 mod frame;
 
 pub use frame::{
