@@ -23,8 +23,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use super::object::Payload;
 use super::{layout, PutOutcome, RepoError, Repository, Result};
-use crate::codec::{self, Codec};
 use crate::storage::StorageError;
 use crate::wal::{SegNo, WalFileName};
 
@@ -79,12 +79,11 @@ impl Repository {
                 "{stamp}-{:06x}",
                 rand::thread_rng().gen_range(0..1u32 << 24)
             );
-            let framed = codec::encode(&lease_json(&id), Codec::None, 0);
-            match self
-                .storage
-                .put_if_absent(&layout::backup_lease_key(&id), Bytes::from(framed))
-                .await
-            {
+            let key = layout::backup_lease_key(&id);
+            let framed = self
+                .objects
+                .encode(&key, &lease_json(&id), Payload::Control);
+            match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
                 Ok(()) => return Ok(id),
                 Err(StorageError::AlreadyExists { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -331,13 +330,7 @@ impl Repository {
     /// whose response was lost, the retry finds the object there; identical content is success,
     /// different content is refused and the stored object untouched.
     async fn put_part(&self, key: String, content: Vec<u8>) -> Result<u64> {
-        let (c, level) = (self.write.codec, self.write.level);
-        let (framed, content) = tokio::task::spawn_blocking(move || {
-            let framed = codec::encode(&content, c, level);
-            (framed, content)
-        })
-        .await
-        .expect("compression task panicked");
+        let (framed, content) = self.objects.encode_blocking(&key, content).await;
         let stored = framed.len() as u64;
         match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
             Ok(()) => Ok(stored),

@@ -165,7 +165,7 @@ impl Repository {
     }
 
     pub fn write_codec(&self) -> Codec {
-        self.write.codec
+        self.objects.write.codec
     }
 }
 

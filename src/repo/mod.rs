@@ -8,6 +8,7 @@ mod catalog;
 mod chunks;
 mod descriptor;
 mod layout;
+mod object;
 mod scan;
 mod summary;
 #[cfg(test)]
@@ -24,9 +25,10 @@ pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 
-use crate::codec::{self, Codec, CodecError};
+use crate::codec::{Codec, CodecError};
 use crate::storage::{Storage, StorageError};
 use crate::wal::WalFileName;
+use object::{ObjectCodec, Payload};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -108,7 +110,7 @@ pub enum PutOutcome {
 pub struct Repository {
     storage: Storage,
     descriptor: Descriptor,
-    write: WriteOptions,
+    objects: ObjectCodec,
 }
 
 impl Repository {
@@ -119,7 +121,7 @@ impl Repository {
             Some(descriptor) => Ok(Repository {
                 storage,
                 descriptor,
-                write,
+                objects: ObjectCodec { write },
             }),
             None => {
                 // Tell "bucket missing / unreachable" apart from "empty location".
@@ -165,7 +167,7 @@ impl Repository {
         Ok(Repository {
             storage,
             descriptor,
-            write,
+            objects: ObjectCodec { write },
         })
     }
 
@@ -187,7 +189,7 @@ impl Repository {
     /// command after a crash, an object store may have kept a PUT whose answer was lost),
     /// different bytes are refused and the stored object is untouched.
     async fn put_immutable(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
-        let framed = codec::encode(content, self.write.codec, self.write.level);
+        let framed = self.objects.encode(key, content, Payload::Data);
         match self.storage.put_if_absent(key, Bytes::from(framed)).await {
             Ok(()) => Ok(PutOutcome::Stored),
             Err(StorageError::AlreadyExists { .. }) => {
@@ -216,7 +218,7 @@ impl Repository {
     /// Stores an object that is mutable by design (a lease), replacing any previous version.
     /// Never used for WAL or backup data.
     async fn put_mutable(&self, key: &str, content: &[u8]) -> Result<()> {
-        let framed = codec::encode(content, Codec::None, 0);
+        let framed = self.objects.encode(key, content, Payload::Control);
         self.storage.put_overwrite(key, Bytes::from(framed)).await?;
         Ok(())
     }
@@ -224,10 +226,7 @@ impl Repository {
     /// Reads an object and verifies its checksums.
     async fn get_verified(&self, key: &str) -> Result<Vec<u8>> {
         let bytes = self.storage.get(key).await?;
-        codec::decode(&bytes).map_err(|source| RepoError::Corrupt {
-            key: key.to_string(),
-            source,
-        })
+        self.objects.decode(key, &bytes)
     }
 
     /// Whether an object exists (a HEAD: nothing is read or verified).

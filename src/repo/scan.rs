@@ -2,7 +2,7 @@
 //! object keys stay opaque to the caller (printed in reports, never parsed).
 
 use super::chunks::parse_chunk_key;
-use super::{layout, ChunkRef, RepoError, Repository, Result};
+use super::{layout, ChunkRef, Repository, Result};
 use crate::wal::WalFileName;
 
 /// What a stored object is, from its key alone.
@@ -138,11 +138,7 @@ impl Repository {
     /// a segment is up to 1 GiB.
     pub async fn read_object(&self, o: &ScannedObject) -> Result<Vec<u8>> {
         let bytes = self.storage.get(&o.key).await?;
-        let key = o.key.clone();
-        tokio::task::spawn_blocking(move || crate::codec::decode(&bytes))
-            .await
-            .expect("decode task panicked")
-            .map_err(|source| RepoError::Corrupt { key, source })
+        self.objects.decode_blocking(&o.key, bytes).await
     }
 
     /// The key of part `part` of archive `archive` of backup `id`, for reports.

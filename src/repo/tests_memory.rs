@@ -103,7 +103,8 @@ async fn a_backup_part_stored_again_after_a_lost_answer_is_success() {
         .unwrap();
     assert_eq!(first, again, "the stored size is reported both times");
     assert!(matches!(
-        repo.put_backup_part(&id, "base.tar", 0, vec![8u8; 100]).await,
+        repo.put_backup_part(&id, "base.tar", 0, vec![8u8; 100])
+            .await,
         Err(RepoError::ConflictingContent { .. })
     ));
     assert_eq!(repo.backup_part(&id, "base.tar", 0).await.unwrap(), part);
