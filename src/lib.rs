@@ -14,6 +14,7 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod error;
 pub mod format;
 pub mod pg;
 pub mod repo;

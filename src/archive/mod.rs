@@ -17,6 +17,7 @@ pub use push::{archive_push, PushOutcome};
 
 use std::path::PathBuf;
 
+use crate::error::{Classify, Code};
 use crate::repo::{PutOutcome, RepoError, Repository, StoredSummary};
 use crate::wal::{
     parse_long_header, summarize_segment, SegmentEnd, SegmentTail, WalFileName,
@@ -50,6 +51,36 @@ pub enum ArchiveError {
     NeedsDescriptor { name: String },
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Classify for ArchiveError {
+    fn code(&self) -> Code {
+        match self {
+            ArchiveError::Repo(e) => e.code(),
+            ArchiveError::Name(_)
+            | ArchiveError::ReadInput { .. }
+            | ArchiveError::NotWal { .. }
+            | ArchiveError::Empty { .. }
+            | ArchiveError::WriteOutput { .. } => Code::Input,
+            ArchiveError::NeedsDescriptor { .. } => Code::Conflict,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            ArchiveError::Repo(e) => return e.hint(),
+            ArchiveError::Name(_) | ArchiveError::NotWal { .. } | ArchiveError::Empty { .. } => {
+                "archive-push takes the path PostgreSQL passes as %p: a WAL segment, .partial, .backup or .history file"
+            }
+            ArchiveError::ReadInput { .. } => {
+                "check the path and that pitr runs as the PostgreSQL OS user"
+            }
+            ArchiveError::WriteOutput { .. } | ArchiveError::NeedsDescriptor { .. } => {
+                return None
+            }
+        };
+        Some(hint.into())
+    }
 }
 
 /// Stores one completed WAL file, whether it came from `archive-push` or from `pitr stream`.

@@ -21,6 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::abandoned::may_still_publish;
+use crate::error::{Classify, Code};
 use crate::repo::{layout, BackupInfo, RepoError, Repository};
 use crate::storage::ObjectInfo;
 use crate::wal::{Lsn, SegNo, WalFileName};
@@ -48,6 +49,24 @@ pub enum ExpireError {
     ZeroFull,
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Classify for ExpireError {
+    fn code(&self) -> Code {
+        match self {
+            ExpireError::Repo(e) => e.code(),
+            ExpireError::NoPolicy | ExpireError::ZeroFull => Code::Usage,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            ExpireError::Repo(e) => e.hint(),
+            ExpireError::NoPolicy | ExpireError::ZeroFull => {
+                Some("example: pitr expire --retain-full 2 --retain-window 7d --dry-run".into())
+            }
+        }
+    }
 }
 
 /// One backup in the report.

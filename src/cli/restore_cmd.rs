@@ -67,7 +67,7 @@ pub struct RestoreArgs {
 
 fn target_of(a: &RestoreArgs) -> Result<Target, Failure> {
     Ok(if let Some(t) = &a.target_time {
-        Target::Time(restore::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
+        Target::Time(restore::parse_target_time(t).map_err(Failure::input)?)
     } else if let Some(l) = a.target_lsn {
         Target::Lsn(l)
     } else if let Some(x) = a.target_xid {
@@ -100,14 +100,6 @@ fn restore_command(settings: &Settings) -> String {
     format!("{cmd} archive-get %f %p")
 }
 
-fn refused(e: restore::PlanError) -> Failure {
-    Failure::new(
-        Code::RestoreRefused,
-        e,
-        Some("`pitr list` shows the backups and the recoverable window".into()),
-    )
-}
-
 /// Plans `req`, reading the segment summaries the target needs first.
 async fn plan_with_facts(
     repo: &Repository,
@@ -117,18 +109,16 @@ async fn plan_with_facts(
     histories: &Histories,
     seg: u64,
 ) -> Result<restore::RestorePlan, Failure> {
-    let needs = restore::summary_needs(req, backups, inv, histories, seg).map_err(refused)?;
-    let facts = restore::load_facts(repo, &needs)
-        .await
-        .map_err(Failure::from_repo)?;
-    restore::plan(req, backups, inv, histories, &facts, seg, Utc::now()).map_err(refused)
+    let needs = restore::summary_needs(req, backups, inv, histories, seg)?;
+    let facts = restore::load_facts(repo, &needs).await?;
+    restore::plan(req, backups, inv, histories, &facts, seg, Utc::now()).map_err(Failure::from)
 }
 
 async fn load_histories(repo: &Repository, tlis: &[u32]) -> Result<Histories, Failure> {
     let mut h = Histories::new();
     for &tli in tlis {
         let name = WalFileName::History { tli };
-        let Some(raw) = repo.get_wal_file(&name).await.map_err(Failure::from_repo)? else {
+        let Some(raw) = repo.get_wal_file(&name).await? else {
             continue;
         };
         let entries = parse_history(&raw)
@@ -145,20 +135,18 @@ pub async fn restore(
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
     // Refuse a non-empty directory before any other work.
-    restore::check_target_dir(&a.pgdata).map_err(Failure::from_restore)?;
+    restore::check_target_dir(&a.pgdata)?;
     let mut tablespace_map = vec![];
     for m in &a.tablespace_map {
-        let (old, new) = m.split_once('=').ok_or_else(|| {
-            Failure::input(format!("--tablespace-map {m:?}: expected OLD=NEW"), false)
-        })?;
+        let (old, new) = m
+            .split_once('=')
+            .ok_or_else(|| Failure::input(format!("--tablespace-map {m:?}: expected OLD=NEW")))?;
         tablespace_map.push((old.to_string(), PathBuf::from(new)));
     }
 
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
-    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
-    let inv = repo.wal_inventory().await.map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
+    let backups = repo.list_backups().await?;
+    let inv = repo.wal_inventory().await?;
     let histories = load_histories(&repo, &inv.histories).await?;
     let req = RestoreRequest {
         target,
@@ -195,9 +183,7 @@ pub async fn restore(
         tablespace_map,
         restore_command: restore_command(settings),
     };
-    let report = restore::execute(&repo, &plan, &opts)
-        .await
-        .map_err(Failure::from_restore)?;
+    let report = restore::execute(&repo, &plan, &opts).await?;
     if a.json {
         let mut s = summary;
         s["files"] = json!(report.files);
@@ -310,14 +296,10 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
-    let backups = repo.list_backups().await.map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
+    let backups = repo.list_backups().await?;
     // One LIST of wal/: the WAL files and the chunks `pitr stream` ships for the open segment.
-    let scan = crate::stream::chunks::WalScan::load(&repo)
-        .await
-        .map_err(Failure::from_repo)?;
+    let scan = crate::stream::chunks::WalScan::load(&repo).await?;
     let seg = repo.descriptor().wal_segment_size;
     let streamed = scan.streamed_ends(seg);
     let inv = scan.inventory;
@@ -327,9 +309,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         match restore::summary_needs(&latest, &backups, &inv, &histories, seg) {
             Err(e) => Err(e.to_string()),
             Ok(needs) => {
-                let facts = restore::load_facts(&repo, &needs)
-                    .await
-                    .map_err(Failure::from_repo)?;
+                let facts = restore::load_facts(&repo, &needs).await?;
                 restore::recoverable_windows(&latest, &backups, &inv, &histories, &facts, seg)
                     .map_err(|e| e.to_string())
             }
