@@ -388,6 +388,44 @@ mod tests {
         assert!(e.to_string().contains("prefetch 65"), "{e}");
     }
 
+    /// docs/exit-codes.md promises one `error:` line and at most one `hint:` line.
+    #[test]
+    fn errors_are_one_line() {
+        let one_line = |e: &ConfigError| {
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text:?}");
+            assert!(!e.hint().unwrap_or_default().contains('\n'), "{e:?}");
+            text
+        };
+        let (_d, p) = write("repo = \"/x\"\ncompression = zstd\n");
+        let e = read_file(&p).unwrap_err();
+        let text = one_line(&e);
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e:?}");
+        assert!(text.contains("not valid TOML"), "{text}");
+        assert!(e.hint().unwrap().contains("line 2, column 15"), "{e:?}");
+        let (_d, p) = write("[s3\nregion = 1\n");
+        one_line(&read_file(&p).unwrap_err());
+        let (_d, p) = write("repo = \"/x\"\nprefetch = \"many\"\n");
+        let e = read_file(&p).unwrap_err();
+        one_line(&e);
+        assert!(e.hint().unwrap().contains("docs/configuration.md"), "{e:?}");
+        let e = Settings::resolve(&Overrides {
+            repo: Some("ftp://host/x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let text = one_line(&e);
+        assert!(text.starts_with("invalid repository URL"), "{text}");
+        let e = Settings::resolve(&Overrides {
+            repo: Some("ftp://host/x".into()),
+            compression: Some("gzip".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let text = one_line(&e);
+        assert!(text.contains("2 invalid settings: (1)"), "{text}");
+    }
+
     #[test]
     fn every_problem_is_reported_at_once() {
         let o = Overrides {

@@ -349,6 +349,40 @@ mod tests {
         assert!(Error::AllHostsFailed { errors: vec![conn] }.is_transient());
     }
 
+    /// English and PostgreSQL 15's German (postgres-15.mo): the same code and hint.
+    #[test]
+    fn hints_follow_the_sqlstate_not_the_language() {
+        let hint = |e: Error| e.hint().unwrap_or_default();
+        for m in [
+            "number of requested standby connections exceeds max_wal_senders (currently 0)",
+            "Anzahl angeforderter Standby-Verbindungen überschreitet max_wal_senders (aktuell 0)",
+        ] {
+            assert!(server("53300", m).is_no_wal_senders(), "{m}");
+            assert!(hint(server("53300", m)).contains("wal_level"), "{m}");
+        }
+        let busy =
+            "Anzahl angeforderter Standby-Verbindungen überschreitet max_wal_senders (aktuell 10)";
+        assert!(!server("53300", busy).is_no_wal_senders());
+        assert!(hint(server("53300", busy)).contains("busy"));
+        let auth = |code: &str, message: &str| Error::Auth {
+            user: "u".into(),
+            sqlstate: Some(code.into()),
+            message: message.into(),
+        };
+        for m in [
+            "password authentication failed for user \"u\"",
+            "Passwort-Authentifizierung für Benutzer »u« fehlgeschlagen",
+        ] {
+            assert!(hint(auth("28P01", m)).contains("password"), "{m}");
+            assert_eq!(auth("28P01", m).code(), Code::Postgres);
+        }
+        let no_hba = "kein pg_hba.conf-Eintrag für Replikationsverbindung von Host »127.0.0.1«, Benutzer »u«, keine Verschlüsselung";
+        assert!(hint(auth("28000", no_hba)).contains("REPLICATION"));
+        let no_role = "nur Superuser und Replikationsrollen können WAL-Sender starten";
+        assert!(hint(server("42501", no_role)).contains("REPLICATION"));
+        assert_eq!(Error::config("bad").code(), Code::Input);
+    }
+
     #[test]
     fn server_display_has_all_parts() {
         let s = server("42501", "denied").to_string();

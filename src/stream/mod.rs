@@ -608,3 +608,61 @@ async fn delete_stale_chunks(repo: &Repository, scan: &chunks::WalScan) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, message: &str) -> pg::Error {
+        pg::Error::Server {
+            sqlstate: code.into(),
+            severity: "ERROR".into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    fn classify(code: &str, message: &str) -> Option<StreamError> {
+        classify_start_error(&server(code, message), "pitr", 1, Lsn(0x300_0000))
+    }
+
+    /// The German wording of PostgreSQL 15 (postgres-15.mo): the same decision as in English.
+    #[test]
+    fn start_errors_are_classified_whatever_the_language() {
+        for m in [
+            "replication slot \"pitr\" does not exist",
+            "Replikations-Slot »pitr« existiert nicht",
+        ] {
+            assert!(
+                matches!(classify("42704", m), Some(StreamError::MissingSlot { .. })),
+                "{m}"
+            );
+        }
+        for m in [
+            "requested WAL segment 000000010000000000000003 has already been removed",
+            "das angeforderte WAL-Segment 000000010000000000000003 wurde schon entfernt",
+        ] {
+            assert!(
+                matches!(classify("58P01", m), Some(StreamError::WalRemoved { .. })),
+                "{m}"
+            );
+        }
+        for m in [
+            "requested starting point 0/3000000 is ahead of the WAL flush position of this server 0/2000060",
+            "angeforderter Startpunkt 0/3000000 ist vor der WAL-Flush-Position dieses Servers 0/2000060",
+        ] {
+            assert!(
+                matches!(classify("XX000", m), Some(StreamError::RepositoryAhead { .. })),
+                "{m}"
+            );
+        }
+        let m = "angeforderter Startpunkt 0/3000000 auf Zeitleiste 2 ist nicht in der History dieses Servers";
+        assert!(classify("XX000", m).is_none());
+        assert!(classify(
+            "57P01",
+            "terminating connection due to administrator command"
+        )
+        .is_none());
+    }
+}
