@@ -5,6 +5,7 @@ mod harness;
 mod archive;
 mod common;
 mod expire;
+mod locale;
 mod pg_client;
 mod pitr;
 mod prefetch;
