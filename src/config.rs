@@ -112,7 +112,7 @@ impl Classify for ConfigError {
     fn hint(&self) -> Option<String> {
         match self {
             ConfigError::Syntax { line, column, .. } => Some(format!(
-                "fix the TOML syntax at line {line}, column {column} (strings need double quotes, tables [brackets])"
+                "fix the TOML syntax at line {line}, column {column} (strings in quotes, table names in [brackets])"
             )),
             ConfigError::Parse { .. } => {
                 Some("check the key names and value types against docs/configuration.md".into())
@@ -153,8 +153,11 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     // Syntax first, on its own: a typo in the syntax needs another fix than a typo in a key.
     let at = |e: &toml::de::Error| line_column(&text, e.span().map_or(0, |s| s.start));
-    let message =
-        |e: &toml::de::Error| e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    // toml words some messages over several lines; the `error:` line is one.
+    let message = |e: &toml::de::Error| {
+        let lines = e.message().lines().map(str::trim).filter(|l| !l.is_empty());
+        lines.collect::<Vec<_>>().join("; ")
+    };
     if let Err(e) = text.parse::<toml::Table>() {
         let (line, column) = at(&e);
         return Err(ConfigError::Syntax {
