@@ -183,6 +183,8 @@ impl Error {
         };
         match self.sqlstate() {
             Some(sqlstate::INSUFFICIENT_PRIVILEGE) => true,
+            // 28000 also means "role does not exist" or a failed peer/ident check. The file name
+            // pg_hba.conf is never translated; "replication" is the English fallback.
             Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION) => {
                 msg.contains("pg_hba.conf") || msg.contains("replication")
             }
