@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need, when missing: PostgreSQL server binaries
-# (Debian's postgresql-15) and the S3-compatible test server s3s-fs. Idempotent and quick
+# (Debian's postgresql-15), the de_DE.UTF-8 locale (tests/locale.rs runs a server that answers
+# in German) and the S3-compatible test server s3s-fs. Idempotent and quick
 # when everything is there. Called by scripts/test.sh and .ci/run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -27,6 +28,31 @@ install_postgres() {
     fi
 }
 
+# A server with lc_messages = 'de_DE.UTF-8' needs the locale generated; the German messages
+# themselves ship with postgresql-15 (/usr/share/locale/de/LC_MESSAGES/postgres-15.mo).
+install_german_locale() {
+    if locale -a 2>/dev/null | grep -qiE '^de_DE\.utf-?8$'; then
+        echo "locale de_DE.UTF-8 already generated"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "the locale de_DE.UTF-8 is missing: run (as root) apt-get install locales, enable de_DE.UTF-8 in /etc/locale.gen and run locale-gen" >&2
+        return 1
+    fi
+    if ! command -v locale-gen >/dev/null; then
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends locales
+    fi
+    if ! grep -qE '^de_DE\.UTF-8 UTF-8' /etc/locale.gen; then
+        echo 'de_DE.UTF-8 UTF-8' >>/etc/locale.gen
+    fi
+    locale-gen
+    if ! locale -a | grep -qiE '^de_DE\.utf-?8$'; then
+        echo "locale-gen did not produce de_DE.UTF-8" >&2
+        return 1
+    fi
+}
+
 install_s3s_fs() {
     if s3s-fs --version 2>/dev/null | grep -qF "$S3S_FS_VERSION"; then
         echo "s3s-fs $S3S_FS_VERSION already installed"
@@ -36,4 +62,5 @@ install_s3s_fs() {
 }
 
 install_postgres
+install_german_locale
 install_s3s_fs

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::archive::prefetch;
 use crate::codec::Codec;
+use crate::error::{Classify, Code};
 use crate::repo::WriteOptions;
 use crate::storage::{Location, S3Settings};
 
@@ -77,10 +78,70 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid settings:\n  - {}", .problems.join("\n  - "))]
+    /// The file is not TOML at all.
+    #[error("config file {path} is not valid TOML: {message} (line {line}, column {column})")]
+    Syntax {
+        path: PathBuf,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    /// Valid TOML with an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message} (line {line}, column {column})")]
+    Parse {
+        path: PathBuf,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    /// One line whatever the count: docs/exit-codes.md promises one `error:` line.
+    #[error("{}", one_line(.problems))]
     Invalid { problems: Vec<String> },
+}
+
+impl Classify for ConfigError {
+    fn code(&self) -> Code {
+        match self {
+            ConfigError::Read { .. }
+            | ConfigError::Syntax { .. }
+            | ConfigError::Parse { .. }
+            | ConfigError::Invalid { .. } => Code::Input,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            ConfigError::Syntax { line, column, .. } => Some(format!(
+                "fix the TOML syntax at line {line}, column {column} (strings in quotes, table names in [brackets])"
+            )),
+            ConfigError::Parse { .. } => {
+                Some("check the key names and value types against docs/configuration.md".into())
+            }
+            ConfigError::Read { .. } | ConfigError::Invalid { .. } => None,
+        }
+    }
+}
+
+fn one_line(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => {
+            let numbered: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("({}) {p}", i + 1))
+                .collect();
+            format!("{} invalid settings: {}", many.len(), numbered.join(" "))
+        }
+    }
+}
+
+/// The 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
 }
 
 pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -90,9 +151,30 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e.message().to_string(),
+    // Syntax first, on its own: a typo in the syntax needs another fix than a typo in a key.
+    let at = |e: &toml::de::Error| line_column(&text, e.span().map_or(0, |s| s.start));
+    // toml words some messages over several lines; the `error:` line is one.
+    let message = |e: &toml::de::Error| {
+        let lines = e.message().lines().map(str::trim).filter(|l| !l.is_empty());
+        lines.collect::<Vec<_>>().join("; ")
+    };
+    if let Err(e) = text.parse::<toml::Table>() {
+        let (line, column) = at(&e);
+        return Err(ConfigError::Syntax {
+            path: path.into(),
+            message: message(&e),
+            line,
+            column,
+        });
+    }
+    toml::from_str(&text).map_err(|e| {
+        let (line, column) = at(&e);
+        ConfigError::Parse {
+            path: path.into(),
+            message: message(&e),
+            line,
+            column,
+        }
     })
 }
 
@@ -307,6 +389,44 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("prefetch 65"), "{e}");
+    }
+
+    /// docs/exit-codes.md promises one `error:` line and at most one `hint:` line.
+    #[test]
+    fn errors_are_one_line() {
+        let one_line = |e: &ConfigError| {
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text:?}");
+            assert!(!e.hint().unwrap_or_default().contains('\n'), "{e:?}");
+            text
+        };
+        let (_d, p) = write("repo = \"/x\"\ncompression = zstd\n");
+        let e = read_file(&p).unwrap_err();
+        let text = one_line(&e);
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e:?}");
+        assert!(text.contains("not valid TOML"), "{text}");
+        assert!(e.hint().unwrap().contains("line 2, column 15"), "{e:?}");
+        let (_d, p) = write("[s3\nregion = 1\n");
+        one_line(&read_file(&p).unwrap_err());
+        let (_d, p) = write("repo = \"/x\"\nprefetch = \"many\"\n");
+        let e = read_file(&p).unwrap_err();
+        one_line(&e);
+        assert!(e.hint().unwrap().contains("docs/configuration.md"), "{e:?}");
+        let e = Settings::resolve(&Overrides {
+            repo: Some("ftp://host/x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let text = one_line(&e);
+        assert!(text.starts_with("invalid repository URL"), "{text}");
+        let e = Settings::resolve(&Overrides {
+            repo: Some("ftp://host/x".into()),
+            compression: Some("gzip".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let text = one_line(&e);
+        assert!(text.contains("2 invalid settings: (1)"), "{text}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod error;
 pub mod format;
 pub mod key_source;
 pub mod pg;

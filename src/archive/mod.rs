@@ -17,6 +17,7 @@ pub use push::{archive_push, PushOutcome};
 
 use std::path::PathBuf;
 
+use crate::error::{Classify, Code};
 use crate::repo::RepoError;
 use crate::wal::{PageError, WalFileNameError};
 
@@ -46,4 +47,34 @@ pub enum ArchiveError {
     NeedsDescriptor { name: String },
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Classify for ArchiveError {
+    fn code(&self) -> Code {
+        match self {
+            ArchiveError::Repo(e) => e.code(),
+            ArchiveError::Name(_)
+            | ArchiveError::ReadInput { .. }
+            | ArchiveError::NotWal { .. }
+            | ArchiveError::Empty { .. }
+            | ArchiveError::WriteOutput { .. } => Code::Input,
+            ArchiveError::NeedsDescriptor { .. } => Code::Conflict,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            ArchiveError::Repo(e) => return e.hint(),
+            ArchiveError::Name(_) | ArchiveError::NotWal { .. } | ArchiveError::Empty { .. } => {
+                "archive-push takes the path PostgreSQL passes as %p: a WAL segment, .partial, .backup or .history file"
+            }
+            ArchiveError::ReadInput { .. } => {
+                "check the path and that pitr runs as the PostgreSQL OS user"
+            }
+            ArchiveError::WriteOutput { .. } | ArchiveError::NeedsDescriptor { .. } => {
+                return None
+            }
+        };
+        Some(hint.into())
+    }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::error::{Classify, Code};
 use crate::repo::{BackupInfo, RepoError, Repository, StoredObject};
 use crate::wal::Lsn;
 
@@ -42,6 +43,24 @@ pub enum ExpireError {
     ZeroFull,
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Classify for ExpireError {
+    fn code(&self) -> Code {
+        match self {
+            ExpireError::Repo(e) => e.code(),
+            ExpireError::NoPolicy | ExpireError::ZeroFull => Code::Usage,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            ExpireError::Repo(e) => e.hint(),
+            ExpireError::NoPolicy | ExpireError::ZeroFull => {
+                Some("example: pitr expire --retain-full 2 --retain-window 7d --dry-run".into())
+            }
+        }
+    }
 }
 
 /// One backup in the report.

@@ -5,6 +5,7 @@ use chrono::Utc;
 use tokio::task::JoinSet;
 
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
+use crate::error::{Classify, Code};
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
@@ -69,6 +70,36 @@ pub enum BackupError {
          is archive_command set to `pitr archive-push %p` for this repository, or `pitr stream` running?"
     )]
     WalTimeout { segment: String, waited: Duration },
+}
+
+impl Classify for BackupError {
+    fn code(&self) -> Code {
+        match self {
+            BackupError::Pg(e) => e.code(),
+            BackupError::Repo(e) => e.code(),
+            BackupError::Tar { .. }
+            | BackupError::Manifest(_)
+            | BackupError::ManifestMismatch { .. }
+            | BackupError::Incomplete { .. }
+            | BackupError::Abandoned
+            | BackupError::WalTimeout { .. } => Code::JobFailed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            BackupError::Pg(e) => e.hint(),
+            BackupError::Repo(e) => e.hint(),
+            BackupError::Tar { .. }
+            | BackupError::Manifest(_)
+            | BackupError::ManifestMismatch { .. }
+            | BackupError::Incomplete { .. }
+            | BackupError::Abandoned
+            | BackupError::WalTimeout { .. } => {
+                Some("nothing was published: `pitr list` will not show this backup".into())
+            }
+        }
+    }
 }
 
 impl From<TarError> for BackupError {

@@ -44,18 +44,6 @@ pub enum Checkpoint {
     Spread,
 }
 
-fn backup_failure(e: backup::BackupError) -> Failure {
-    match e {
-        backup::BackupError::Pg(p) => Failure::from_pg(p),
-        backup::BackupError::Repo(r) => Failure::from_repo(r),
-        e => Failure::new(
-            Code::JobFailed,
-            e,
-            Some("nothing was published: `pitr list` will not show this backup".into()),
-        ),
-    }
-}
-
 pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Result<Code, Failure> {
     let conn = a.conn.config("pitr backup")?;
     let opts = BackupOptions {
@@ -91,7 +79,7 @@ pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Res
     };
     let info = backup::run_backup(storage, settings.write, &conn, &opts, &progress).await;
     bar.finish_and_clear();
-    let info = info.map_err(backup_failure)?;
+    let info = info?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info).expect("json"));
     } else {

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use super::exit::{Code, Failure};
+use super::exit::Failure;
 use crate::pg::ConnConfig;
 
 #[derive(Args, Debug)]
@@ -23,8 +23,6 @@ impl ConnArgs {
     /// The parsed connection settings, reporting as `application_name`; a malformed string is
     /// bad input.
     pub fn config(&self, application_name: impl Into<String>) -> Result<ConnConfig, Failure> {
-        Ok(ConnConfig::parse(&self.conninfo)
-            .map_err(|e| Failure::new(Code::Input, e, None))?
-            .application_name(application_name))
+        Ok(ConnConfig::parse(&self.conninfo)?.application_name(application_name))
     }
 }

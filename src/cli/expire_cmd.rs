@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
-use crate::backup::expire::{self, ExpireError, ExpireReport, RetentionPolicy};
+use crate::backup::expire::{self, ExpireReport, RetentionPolicy};
 use crate::backup::DEFAULT_ABANDONED_AFTER;
 use crate::config::Settings;
 use crate::repo::Repository;
@@ -31,24 +31,13 @@ pub async fn expire(
     settings: &Settings,
     args: ExpireArgs,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
     // Flags and PITR_RETAIN_* were merged with the config file's [retention] by `Settings`.
     let policy = RetentionPolicy {
         full: settings.retain_full,
         window: settings.retain_window,
     };
-    let report = expire::expire(&repo, policy, DEFAULT_ABANDONED_AFTER, args.dry_run)
-        .await
-        .map_err(|e| match e {
-            ExpireError::Repo(e) => Failure::from_repo(e),
-            e @ (ExpireError::NoPolicy | ExpireError::ZeroFull) => Failure::new(
-                Code::Usage,
-                e,
-                Some("example: pitr expire --retain-full 2 --retain-window 7d --dry-run".into()),
-            ),
-        })?;
+    let report = expire::expire(&repo, policy, DEFAULT_ABANDONED_AFTER, args.dry_run).await?;
     if args.json {
         println!(
             "{}",

@@ -332,21 +332,19 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         }
         _ => {}
     }
-    let settings = Settings::resolve(&o).map_err(|e| Failure::from_config(e, is_get))?;
+    let settings = Settings::resolve(&o).map_err(|e| Failure::for_command(e, is_get))?;
     let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
-        .map_err(|e| Failure::input(e, is_get))?;
+        .map_err(|e| Failure::for_command(e, is_get))?;
     match cli.command {
         Command::ArchivePush { path } => {
-            archive::archive_push(storage, &path, settings.write)
-                .await
-                .map_err(Failure::from_archive_push)?;
+            archive::archive_push(storage, &path, settings.write).await?;
             Ok(Code::Ok)
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
             match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
                 .await
-                .map_err(Failure::from_archive_get)?
+                .map_err(Failure::for_archive_get)?
             {
                 GetOutcome::Restored { .. } => Ok(Code::Ok),
                 GetOutcome::NotFound => Ok(Code::NotFound),

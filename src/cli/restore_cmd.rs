@@ -67,7 +67,7 @@ pub struct RestoreArgs {
 
 fn target_of(a: &RestoreArgs) -> Result<Target, Failure> {
     Ok(if let Some(t) = &a.target_time {
-        Target::Time(recovery::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
+        Target::Time(recovery::parse_target_time(t).map_err(Failure::input)?)
     } else if let Some(l) = a.target_lsn {
         Target::Lsn(l)
     } else if let Some(x) = a.target_xid {
@@ -100,22 +100,6 @@ fn restore_command(settings: &Settings) -> String {
     format!("{cmd} archive-get %f %p")
 }
 
-fn refused(e: recovery::PlanError) -> Failure {
-    Failure::new(
-        Code::RestoreRefused,
-        e,
-        Some("`pitr list` shows the backups and the recoverable window".into()),
-    )
-}
-
-/// A planning failure: a refusal, or a repository that could not be read.
-fn plan_failure(e: RecoveryError) -> Failure {
-    match e {
-        RecoveryError::Plan(p) => refused(p),
-        RecoveryError::Repo(r) => Failure::from_repo(r),
-    }
-}
-
 pub async fn restore(
     storage: Storage,
     settings: &Settings,
@@ -123,19 +107,17 @@ pub async fn restore(
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
     // Refuse a non-empty directory before any other work.
-    restore::check_target_dir(&a.pgdata).map_err(Failure::from_restore)?;
+    restore::check_target_dir(&a.pgdata)?;
     let mut tablespace_map = vec![];
     for m in &a.tablespace_map {
-        let (old, new) = m.split_once('=').ok_or_else(|| {
-            Failure::input(format!("--tablespace-map {m:?}: expected OLD=NEW"), false)
-        })?;
+        let (old, new) = m
+            .split_once('=')
+            .ok_or_else(|| Failure::input(format!("--tablespace-map {m:?}: expected OLD=NEW")))?;
         tablespace_map.push((old.to_string(), PathBuf::from(new)));
     }
 
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
-    let catalog = Catalog::load(&repo).await.map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
+    let catalog = Catalog::load(&repo).await?;
     let req = RestoreRequest {
         target,
         action: a.target_action,
@@ -144,10 +126,7 @@ pub async fn restore(
         inclusive: !a.target_exclusive,
         standby: a.standby,
     };
-    let plan = catalog
-        .plan(&repo, &req, Utc::now())
-        .await
-        .map_err(plan_failure)?;
+    let plan = catalog.plan(&repo, &req, Utc::now()).await?;
 
     let summary = json!({
         "backup": plan.backup.id,
@@ -173,9 +152,7 @@ pub async fn restore(
         tablespace_map,
         restore_command: restore_command(settings),
     };
-    let report = restore::execute(&repo, &plan, &opts)
-        .await
-        .map_err(Failure::from_restore)?;
+    let report = restore::execute(&repo, &plan, &opts).await?;
     if a.json {
         let mut s = summary;
         s["files"] = json!(report.files);
@@ -288,15 +265,13 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
-    let catalog = Catalog::load(&repo).await.map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
+    let catalog = Catalog::load(&repo).await?;
     let seg = catalog.seg_size;
     let window: Result<Vec<Window>, String> = match catalog.windows(&repo).await {
         Ok(w) => Ok(w),
         Err(RecoveryError::Plan(e)) => Err(e.to_string()),
-        Err(RecoveryError::Repo(e)) => return Err(Failure::from_repo(e)),
+        Err(RecoveryError::Repo(e)) => return Err(e.into()),
     };
     let (backups, inv, streamed) = (&catalog.backups, &catalog.inventory, &catalog.streamed);
     let mut wal = BTreeMap::new();

@@ -10,7 +10,7 @@ use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
 use crate::config::Settings;
 use crate::storage::Storage;
-use crate::stream::{self, StreamError, StreamOptions};
+use crate::stream::{self, StreamOptions};
 
 #[derive(Args, Debug)]
 pub struct StreamArgs {
@@ -52,42 +52,6 @@ pub struct StreamArgs {
     /// restart_lsn instead of failing. Leaves a gap: take a new base backup.
     #[arg(long)]
     pub accept_gap: bool,
-}
-
-fn failure(e: StreamError) -> Failure {
-    match e {
-        StreamError::Repo(r) => Failure::from_repo(r),
-        StreamError::Pg(p) => Failure::from_pg(p),
-        e @ StreamError::MissingSlot { .. } => Failure::new(
-            Code::Postgres,
-            e,
-            Some("pass --create-slot to create it, or name an existing physical slot with --slot".into()),
-        ),
-        e @ StreamError::Standby => Failure::new(
-            Code::Postgres,
-            e,
-            Some("connect to the primary (target_session_attrs=read-write), or pass --allow-standby".into()),
-        ),
-        e @ StreamError::WalLevelMinimal => Failure::new(
-            Code::Postgres,
-            e,
-            Some("set wal_level = replica and max_wal_senders > 0, then restart PostgreSQL".into()),
-        ),
-        e @ StreamError::WalRemoved { .. } => Failure::new(
-            Code::WalGap,
-            e,
-            Some("take a new base backup (`pitr backup`), then run `pitr stream --accept-gap` once to continue from the slot; \
-                  keep the slot so that this cannot happen again".into()),
-        ),
-        e @ StreamError::RepositoryAhead { .. } => Failure::new(Code::Conflict, e, Some("use a separate repository for this server".into())),
-        e @ StreamError::OtherServer { .. } => Failure::new(Code::Conflict, e, None),
-        e @ StreamError::NotDurable { .. } => Failure::new(
-            Code::Storage,
-            e,
-            Some("start `pitr stream` again: it resumes from what is durable, and the slot kept the rest".into()),
-        ),
-        e => Failure::new(Code::Internal, e, None),
-    }
 }
 
 /// First SIGTERM/SIGINT: stop and drain. Second: give up draining.
@@ -156,8 +120,6 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
     install_signals(cancel.clone(), force.clone())?;
-    stream::run(storage, settings.write, conn, opts, cancel, force)
-        .await
-        .map_err(failure)?;
+    stream::run(storage, settings.write, conn, opts, cancel, force).await?;
     Ok(Code::Ok)
 }

@@ -17,9 +17,7 @@ pub async fn verify(
     full: bool,
     as_json: bool,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
-        .await
-        .map_err(Failure::from_repo)?;
+    let repo = Repository::open(storage, settings.write).await?;
     // Drawn only on a terminal: under cron or in CI the report alone goes out.
     let bar = if std::io::stderr().is_terminal() && !as_json {
         let b = ProgressBar::new(0);
@@ -38,9 +36,7 @@ pub async fn verify(
         VerifyProgress::Total { bytes, .. } => bar.set_length(bytes),
         VerifyProgress::Checked { bytes } => bar.inc(bytes),
     };
-    let report = verify::verify(&repo, VerifyOptions { full }, &progress)
-        .await
-        .map_err(Failure::from_repo)?;
+    let report = verify::verify(&repo, VerifyOptions { full }, &progress).await?;
     bar.finish_and_clear();
     if as_json {
         println!(

@@ -7,11 +7,17 @@
 use std::fmt;
 use std::io;
 
+use crate::error::{Classify, Code};
+
 /// SQLSTATE codes we branch on (PostgreSQL `src/backend/utils/errcodes.txt`).
 pub mod sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     pub const INVALID_PASSWORD: &str = "28P01";
+    /// A file the server needs is missing; at START_REPLICATION or while streaming, the WAL
+    /// segment the walsender opens (`WalSndSegmentOpen`: "requested WAL segment ... has already
+    /// been removed", `errcode_for_file_access()` with ENOENT).
+    pub const UNDEFINED_FILE: &str = "58P01";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CRASH_SHUTDOWN: &str = "57P02";
@@ -177,6 +183,8 @@ impl Error {
         };
         match self.sqlstate() {
             Some(sqlstate::INSUFFICIENT_PRIVILEGE) => true,
+            // 28000 also means "role does not exist" or a failed peer/ident check. The file name
+            // pg_hba.conf is never translated; "replication" is the English fallback.
             Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION) => {
                 msg.contains("pg_hba.conf") || msg.contains("replication")
             }
@@ -187,6 +195,26 @@ impl Error {
     /// `max_connections` / `max_wal_senders` reached (53300).
     pub fn is_too_many_connections(&self) -> bool {
         self.sqlstate() == Some(sqlstate::TOO_MANY_CONNECTIONS)
+    }
+
+    /// The server allows no replication connection at all (`max_wal_senders = 0`, which
+    /// `wal_level = minimal` requires): raising nothing else helps, and retrying is pointless.
+    ///
+    /// PostgreSQL reports this with the same SQLSTATE as busy senders (53300, "number of requested
+    /// standby connections exceeds max_wal_senders (currently %d)"). The parameter name is never
+    /// translated and the limit is the message's only number, so this reads those two, whatever
+    /// the server's lc_messages.
+    pub fn is_no_wal_senders(&self) -> bool {
+        let Error::Server { message, .. } = self else {
+            return false;
+        };
+        let mut numbers = message
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty());
+        self.is_too_many_connections()
+            && message.contains("max_wal_senders")
+            && numbers.next() == Some("0")
+            && numbers.next().is_none()
     }
 
     /// Whether trying again later may succeed without anyone changing configuration: network
@@ -223,6 +251,62 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            // The connection string, a PG* variable or the password file: the user's input.
+            Error::Config { .. } => Code::Input,
+            Error::Connect { .. }
+            | Error::Timeout { .. }
+            | Error::Io { .. }
+            | Error::Closed { .. }
+            | Error::Tls { .. }
+            | Error::Auth { .. }
+            | Error::Server { .. }
+            | Error::Protocol { .. }
+            | Error::UnsupportedServerVersion { .. }
+            | Error::Unsupported { .. }
+            | Error::AllHostsFailed { .. }
+            | Error::WrongSessionAttrs { .. } => Code::Postgres,
+        }
+    }
+
+    /// The fix for the common causes, decided by SQLSTATE and variant, never by message text
+    /// (the server's messages follow its lc_messages).
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            Error::AllHostsFailed { errors } => return errors.iter().find_map(Error::hint),
+            // 28000 also covers "no pg_hba.conf entry": that one the DBA fixes, like a missing
+            // REPLICATION attribute.
+            Error::Auth { .. } if self.is_insufficient_privilege() => REPLICATION_HINT,
+            Error::Auth { .. } => {
+                "check the user and password (PGPASSWORD, ~/.pgpass or the connection string)"
+            }
+            Error::Server { .. } if self.is_insufficient_privilege() => REPLICATION_HINT,
+            Error::Server { .. } if self.is_no_wal_senders() => {
+                "replication needs wal_level = replica (or logical) and max_wal_senders > 0 on the server"
+            }
+            Error::Server { .. } if self.is_too_many_connections() => {
+                "all WAL senders are busy: raise max_wal_senders or stop another replication client"
+            }
+            Error::UnsupportedServerVersion { .. } => "pitr supports PostgreSQL 13 and later",
+            Error::Config { .. }
+            | Error::Connect { .. }
+            | Error::Timeout { .. }
+            | Error::Io { .. }
+            | Error::Closed { .. }
+            | Error::Tls { .. }
+            | Error::Server { .. }
+            | Error::Protocol { .. }
+            | Error::Unsupported { .. }
+            | Error::WrongSessionAttrs { .. } => return None,
+        };
+        Some(hint.into())
+    }
+}
+
+const REPLICATION_HINT: &str = "the role needs REPLICATION (ALTER ROLE name REPLICATION) and a pg_hba.conf line for `replication`";
 
 #[cfg(test)]
 mod tests {
@@ -265,6 +349,40 @@ mod tests {
         };
         assert!(conn.is_transient());
         assert!(Error::AllHostsFailed { errors: vec![conn] }.is_transient());
+    }
+
+    /// English and PostgreSQL 15's German (postgres-15.mo): the same code and hint.
+    #[test]
+    fn hints_follow_the_sqlstate_not_the_language() {
+        let hint = |e: Error| e.hint().unwrap_or_default();
+        for m in [
+            "number of requested standby connections exceeds max_wal_senders (currently 0)",
+            "Anzahl angeforderter Standby-Verbindungen überschreitet max_wal_senders (aktuell 0)",
+        ] {
+            assert!(server("53300", m).is_no_wal_senders(), "{m}");
+            assert!(hint(server("53300", m)).contains("wal_level"), "{m}");
+        }
+        let busy =
+            "Anzahl angeforderter Standby-Verbindungen überschreitet max_wal_senders (aktuell 10)";
+        assert!(!server("53300", busy).is_no_wal_senders());
+        assert!(hint(server("53300", busy)).contains("busy"));
+        let auth = |code: &str, message: &str| Error::Auth {
+            user: "u".into(),
+            sqlstate: Some(code.into()),
+            message: message.into(),
+        };
+        for m in [
+            "password authentication failed for user \"u\"",
+            "Passwort-Authentifizierung für Benutzer »u« fehlgeschlagen",
+        ] {
+            assert!(hint(auth("28P01", m)).contains("password"), "{m}");
+            assert_eq!(auth("28P01", m).code(), Code::Postgres);
+        }
+        let no_hba = "kein pg_hba.conf-Eintrag für Replikationsverbindung von Host »127.0.0.1«, Benutzer »u«, keine Verschlüsselung";
+        assert!(hint(auth("28000", no_hba)).contains("REPLICATION"));
+        let no_role = "nur Superuser und Replikationsrollen können WAL-Sender starten";
+        assert!(hint(server("42501", no_role)).contains("REPLICATION"));
+        assert_eq!(Error::config("bad").code(), Code::Input);
     }
 
     #[test]

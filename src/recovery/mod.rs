@@ -21,6 +21,7 @@ pub use plan::{
 };
 pub use target::{format_pg_time, parse_target_time, Target, TargetAction, TimelineTarget};
 
+use crate::error::{Classify, Code};
 use crate::repo::{BackupInfo, Histories, RepoError, Repository, WalInventory};
 use crate::wal::{Lsn, TimelineId};
 
@@ -31,6 +32,22 @@ pub enum RecoveryError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+impl Classify for RecoveryError {
+    fn code(&self) -> Code {
+        match self {
+            RecoveryError::Plan(e) => e.code(),
+            RecoveryError::Repo(e) => e.code(),
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            RecoveryError::Plan(e) => e.hint(),
+            RecoveryError::Repo(e) => e.hint(),
+        }
+    }
 }
 
 /// The repository's recoverable state, loaded once.

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::target::{Target, TargetAction, TimelineTarget};
+use crate::error::{Classify, Code};
 use crate::repo::{BackupInfo, WalInventory};
 use crate::wal::{Lsn, RestorePointMark, SegNo, SegmentSummary, TimelineId, WalFileName, XactMark};
 
@@ -139,6 +140,17 @@ pub enum PlanError {
     MissingHistory { tli: TimelineId },
     #[error("no backup lies on the history of timeline {tli}")]
     NoBackupOnTimeline { tli: TimelineId },
+}
+
+/// Every planning failure is found before anything is written.
+impl Classify for PlanError {
+    fn code(&self) -> Code {
+        Code::RestoreRefused
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some("`pitr list` shows the backups and the recoverable window".into())
+    }
 }
 
 pub use crate::repo::Histories;

@@ -26,6 +26,7 @@ pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 
 use crate::codec::{Codec, CodecError};
+use crate::error::{Classify, Code};
 use crate::storage::{Storage, StorageError};
 use crate::wal::WalFileName;
 use object::{ObjectCodec, Payload};
@@ -77,6 +78,50 @@ pub enum RepoError {
     BadHistory { name: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
+}
+
+impl Classify for RepoError {
+    fn code(&self) -> Code {
+        match self {
+            RepoError::Storage(e) => e.code(),
+            RepoError::Corrupt { .. }
+            | RepoError::BadDescriptor { .. }
+            | RepoError::BadHistory { .. } => Code::Corrupt,
+            // No repository is where the user pointed: the storage location is wrong.
+            RepoError::NotInitialized { .. } => Code::Storage,
+            RepoError::NewerFormat { .. }
+            | RepoError::OtherCluster { .. }
+            | RepoError::SegmentSizeMismatch { .. }
+            | RepoError::ConflictingContent { .. } => Code::Conflict,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            RepoError::Storage(e) => return e.hint(),
+            RepoError::Corrupt { .. } => {
+                "the stored object is damaged; run `pitr verify` and take a new base backup if WAL is lost"
+            }
+            RepoError::NotInitialized { .. } => {
+                "check --repo / PITR_REPO; a repository is created by the first archive-push, backup or stream"
+            }
+            RepoError::NewerFormat { .. } => "upgrade pitr",
+            RepoError::OtherCluster { .. } => {
+                "use a separate repository (or prefix) for each cluster"
+            }
+            RepoError::ConflictingContent { .. } => {
+                "another server may be archiving into this repository, or the file was changed after \
+                 archiving; the stored object was kept untouched"
+            }
+            RepoError::BadHistory { .. } => {
+                "recovery cannot follow a timeline whose history is damaged; `pitr verify` reports it"
+            }
+            RepoError::SegmentSizeMismatch { .. } | RepoError::BadDescriptor { .. } => {
+                return None
+            }
+        };
+        Some(hint.into())
+    }
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;

@@ -17,6 +17,7 @@ use futures::StreamExt;
 
 use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
 use super::recovery_conf;
+use crate::error::{Classify, Code};
 use crate::format::manifest::{self, ManifestFile};
 use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
 use crate::recovery::RestorePlan;
@@ -71,6 +72,43 @@ pub enum RestoreError {
     MissingFiles { count: usize, example: String },
     #[error("tablespace {oid} has no location recorded; pass --tablespace-map OLD=NEW")]
     NoTablespaceLocation { oid: u32 },
+}
+
+impl Classify for RestoreError {
+    fn code(&self) -> Code {
+        match self {
+            RestoreError::Repo(e) => e.code(),
+            RestoreError::NotEmpty { .. } => Code::RestoreRefused,
+            RestoreError::NoTablespaceLocation { .. } => Code::Input,
+            RestoreError::Io { .. }
+            | RestoreError::Tar { .. }
+            | RestoreError::UnsafePath { .. }
+            | RestoreError::Manifest(_)
+            | RestoreError::ChecksumMismatch { .. }
+            | RestoreError::SizeMismatch { .. }
+            | RestoreError::MissingFiles { .. } => Code::JobFailed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            RestoreError::Repo(e) => return e.hint(),
+            RestoreError::NotEmpty { .. } => {
+                "restore into a new directory, or empty this one if you really mean to replace it"
+            }
+            RestoreError::NoTablespaceLocation { .. } => return None,
+            RestoreError::Io { .. }
+            | RestoreError::Tar { .. }
+            | RestoreError::UnsafePath { .. }
+            | RestoreError::Manifest(_)
+            | RestoreError::ChecksumMismatch { .. }
+            | RestoreError::SizeMismatch { .. }
+            | RestoreError::MissingFiles { .. } => {
+                "the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository"
+            }
+        };
+        Some(hint.into())
+    }
 }
 
 #[derive(Clone, Debug, Default)]

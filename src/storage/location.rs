@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Classify, Code};
+
 /// S3 settings that may come from the configuration file; anything unset falls back to the
 /// standard AWS environment variables and credential chain.
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
@@ -56,6 +58,12 @@ pub enum Location {
 pub struct LocationError {
     pub url: String,
     pub reason: String,
+}
+
+impl Classify for LocationError {
+    fn code(&self) -> Code {
+        Code::Input
+    }
 }
 
 impl Location {

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::error::{Classify, Code};
+
 pub use local::LocalBackend;
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
@@ -68,6 +70,32 @@ pub enum StorageError {
         elapsed: Duration,
         last: Box<StorageError>,
     },
+}
+
+impl Classify for StorageError {
+    fn code(&self) -> Code {
+        Code::Storage
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            StorageError::AccessDenied { .. } => {
+                "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the config file) and permissions"
+            }
+            // object_store's own wording (English whatever the locale), not a server's.
+            StorageError::Permanent { message, .. } if message.contains("bucket") => {
+                "create the bucket first, or fix the bucket name in --repo"
+            }
+            StorageError::RetriesExhausted { .. } => {
+                "the storage was unreachable; check the endpoint and network, or raise --storage-retry-timeout"
+            }
+            StorageError::NotFound { .. }
+            | StorageError::AlreadyExists { .. }
+            | StorageError::Transient { .. }
+            | StorageError::Permanent { .. } => return None,
+        };
+        Some(hint.into())
+    }
 }
 
 impl StorageError {

@@ -91,12 +91,7 @@ fn fatal(e: &pg::Error) -> bool {
     // "too many connections" is transient, except when the server allows none at all
     // (max_wal_senders = 0, as wal_level = minimal requires): that is configuration, and
     // retrying it forever would hide it.
-    if let pg::Error::Server { message, .. } = e {
-        if message.contains("max_wal_senders (currently 0)") {
-            return true;
-        }
-    }
-    !e.is_transient()
+    !e.is_transient() || e.is_no_wal_senders()
 }
 
 impl Receiver {

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Classify, Code};
 use crate::repo::{RepoError, Repository};
 use crate::storage::Location;
 use crate::wal::WalFileName;
@@ -82,6 +83,28 @@ pub enum PrefetchError {
     NotASegment { name: String },
     #[error(transparent)]
     Repo(#[from] RepoError),
+}
+
+/// Never an exit status today (the worker always exits 0, and archive-get turns prefetch
+/// problems into warnings); this is what each would mean if one were.
+impl Classify for PrefetchError {
+    fn code(&self) -> Code {
+        match self {
+            PrefetchError::Repo(e) => e.code(),
+            PrefetchError::Io { .. } => Code::Input,
+            PrefetchError::NotASegment { .. } => Code::Usage,
+            PrefetchError::Spawn { .. } => Code::Internal,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            PrefetchError::Repo(e) => e.hint(),
+            PrefetchError::Io { .. }
+            | PrefetchError::NotASegment { .. }
+            | PrefetchError::Spawn { .. } => None,
+        }
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PrefetchError + 'a {
