@@ -5,6 +5,7 @@ mod harness;
 mod archive;
 mod common;
 mod expire;
+mod independent_reader;
 mod pg_client;
 mod pitr;
 mod prefetch;
