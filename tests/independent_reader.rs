@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::common::{switch_and_wait, Backend, TestRepo};
 use crate::harness::{
-    command_as_server_user, pitr_as_server_user, pitr_bin, poll, PgCluster, TestDir,
+    command_as_server_user, pitr, pitr_as_server_user, pitr_bin, poll, PgCluster, TestDir,
 };
 
 /// Debian's interpreter: the one python3-lz4, python3-zstandard and python3-crc32c install for.
@@ -193,9 +193,24 @@ fn independent_reader_reproduces_wal_and_backups() {
     assert_archived_segments_match(&pg, root, &report, &tmp);
     assert_backup_matches_manifest(&repo, root, &tmp);
 
+    drop(stream);
     let check = reader_json(&["check", root]);
     assert_eq!(check["damaged"], Value::Array(vec![]), "{check}");
     assert!(check["objects"].as_u64().unwrap() > 20, "{check}");
+
+    let damaged_key = assert_chunk_rules_agree_with_pitr(&repo, open_seg, &tmp);
+    // Every frame is checked: the one damaged object, and only it, is reported.
+    let out = Command::new(PYTHON)
+        .args([script().to_str().unwrap(), "check", root])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let check: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let damaged = check["damaged"].as_array().unwrap();
+    assert!(
+        damaged.len() == 1 && damaged[0].as_str().unwrap().starts_with(&damaged_key),
+        "{check}"
+    );
 }
 
 fn parse_lsn(text: &str) -> u64 {
@@ -330,4 +345,75 @@ fn assert_backup_matches_manifest(repo: &TestRepo, root: &str, tmp: &TestDir) {
         "5049545201010000080000000000000009000000000000009d831f085f5cba9900000000ab1c5a80\
          80636f6d706c657465"
     );
+}
+
+/// The document's chain rule, as the reader implements it and as `pitr archive-get` serves the
+/// open segment, on chunks PostgreSQL did not write: a shorter chunk at offset 0 and a chunk after
+/// a gap (both garbage, both to be ignored), then a damaged chain chunk (an error for both).
+/// Returns the damaged chunk's key.
+fn assert_chunk_rules_agree_with_pitr(repo: &TestRepo, open_seg: &str, tmp: &TestDir) -> String {
+    let root = repo.url.as_str();
+    let (before, _) = get_wal(root, open_seg, tmp, false);
+    let (chain, _) = get_wal(root, open_seg, tmp, true);
+    let folder = format!("wal/{}/chunks/{open_seg}", &open_seg[..16]);
+    let mut chunks: Vec<(u32, u32)> = fs::read_dir(repo.object_file(&folder))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let (a, b) = name.split_once('-')?;
+            Some((
+                u32::from_str_radix(a, 16).ok()?,
+                u32::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect();
+    chunks.sort();
+    let first_end = chunks[0].1;
+    let end = chain.len() as u32;
+    assert!(chunks[0].0 == 0 && first_end > 1);
+    for (start, stop) in [(0, first_end - 1), (end + 0x100, end + 0x200)] {
+        let garbage = vec![0xAA; (stop - start) as usize];
+        let key = format!("{folder}/{start:08X}-{stop:08X}");
+        let framed = pitr::codec::encode(&garbage, pitr::codec::Codec::None, 0);
+        fs::write(repo.object_file(&key), framed).unwrap();
+    }
+    let (after, _) = get_wal(root, open_seg, tmp, false);
+    assert!(after == before, "the reader used a stray chunk");
+    assert!(
+        archive_get(repo, open_seg, tmp) == Ok(before),
+        "archive-get differs"
+    );
+
+    // Damage inside the last chain chunk's payload: never served, by either.
+    let (start, stop) = *chunks.iter().rfind(|c| c.1 == end).unwrap();
+    let key = format!("{folder}/{start:08X}-{stop:08X}");
+    let path = repo.object_file(&key);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    fs::write(&path, bytes).unwrap();
+    let dest = tmp.join("damaged");
+    let out = Command::new(PYTHON)
+        .arg(script())
+        .args(["get-wal", root, open_seg, dest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "reader on a damaged chunk");
+    let code = archive_get(repo, open_seg, tmp).unwrap_err();
+    assert!(code > 125, "archive-get on a damaged chunk: exit {code}");
+    key
+}
+
+/// `pitr archive-get NAME`: the bytes, or the exit code.
+fn archive_get(repo: &TestRepo, name: &str, tmp: &TestDir) -> Result<Vec<u8>, i32> {
+    let dest = tmp.join(format!("{name}.archive-get"));
+    let _ = fs::remove_file(&dest);
+    let out = pitr(
+        repo.args(&["archive-get", name, dest.to_str().unwrap()]),
+        &repo.env,
+    );
+    match out.status.code() {
+        Some(0) => Ok(fs::read(&dest).unwrap()),
+        code => Err(code.unwrap_or(-1)),
+    }
 }
