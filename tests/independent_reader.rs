@@ -19,19 +19,22 @@ use crate::harness::{
 /// Debian's interpreter: the one python3-lz4, python3-zstandard and python3-crc32c install for.
 const PYTHON: &str = "/usr/bin/python3";
 
+/// The reader's interpreter; `-B`: no `__pycache__` in the source tree.
+fn python() -> Command {
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg("-B");
+    cmd
+}
+
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/independent_reader/pitr_reader.py")
 }
 
 /// Runs the reader and returns its stdout; any non-zero exit fails the test with its stderr.
 fn reader(args: &[&str]) -> String {
-    let out = Command::new(PYTHON)
-        .arg(script())
-        .args(args)
-        .output()
-        .expect(
-            "running /usr/bin/python3 (scripts/install-test-deps.sh installs the reader's modules)",
-        );
+    let out = python().arg(script()).args(args).output().expect(
+        "running /usr/bin/python3 (scripts/install-test-deps.sh installs the reader's modules)",
+    );
     assert!(
         out.status.success(),
         "pitr_reader.py {args:?}: exit {:?}\n{}",
@@ -200,7 +203,7 @@ fn independent_reader_reproduces_wal_and_backups() {
 
     let damaged_key = assert_chunk_rules_agree_with_pitr(&repo, open_seg, &tmp);
     // Every frame is checked: the one damaged object, and only it, is reported.
-    let out = Command::new(PYTHON)
+    let out = python()
         .args([script().to_str().unwrap(), "check", root])
         .output()
         .unwrap();
@@ -393,7 +396,7 @@ fn assert_chunk_rules_agree_with_pitr(repo: &TestRepo, open_seg: &str, tmp: &Tes
     bytes[last] ^= 0x55;
     fs::write(&path, bytes).unwrap();
     let dest = tmp.join("damaged");
-    let out = Command::new(PYTHON)
+    let out = python()
         .arg(script())
         .args(["get-wal", root, open_seg, dest.to_str().unwrap()])
         .output()
