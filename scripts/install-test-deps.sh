@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need, when missing: PostgreSQL server binaries
 # (Debian's postgresql-15), the de_DE.UTF-8 locale (tests/locale.rs runs a server that answers
-# in German) and the S3-compatible test server s3s-fs. Idempotent and quick
+# in German), the S3-compatible test server s3s-fs, and the Python modules of the independent
+# repository reader (tests/independent_reader). Idempotent and quick
 # when everything is there. Called by scripts/test.sh and .ci/run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -61,6 +62,24 @@ install_s3s_fs() {
     cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked
 }
 
+# The independent reader runs on Debian's /usr/bin/python3 with Debian's modules, not on
+# whatever python3 comes first in PATH.
+install_reader_modules() {
+    local check='import lz4.block, zstandard, crc32c'
+    if /usr/bin/python3 -c "$check" 2>/dev/null; then
+        echo "independent reader modules already installed"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "the independent reader needs python3-lz4 python3-zstandard python3-crc32c: run (as root) apt-get install python3-lz4 python3-zstandard python3-crc32c" >&2
+        return 1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-lz4 python3-zstandard python3-crc32c
+    /usr/bin/python3 -c "$check"
+}
+
 install_postgres
 install_german_locale
 install_s3s_fs
+install_reader_modules

@@ -6,6 +6,7 @@ mod archive;
 mod common;
 mod expire;
 mod flaky;
+mod independent_reader;
 mod locale;
 mod pg_client;
 mod pitr;

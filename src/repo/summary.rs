@@ -36,12 +36,59 @@ pub struct Carry {
 }
 
 /// The summary object: a [`SegmentSummary`] plus the optional [`Carry`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// In JSON, `system_identifier` is a decimal string, as in `repository.json`: it is above 2^53,
+/// where most JSON readers lose precision. Summaries written before that hold a number; both
+/// forms are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredSummary {
-    #[serde(flatten)]
     pub summary: SegmentSummary,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carry: Option<Carry>,
+}
+
+/// [`StoredSummary`]'s JSON with `system_identifier` as a number (serde's derived form).
+#[derive(Serialize, Deserialize)]
+struct SummaryJson<S> {
+    #[serde(flatten)]
+    summary: S,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    carry: Option<Carry>,
+}
+
+const SYSTEM_IDENTIFIER: &str = "system_identifier";
+
+impl Serialize for StoredSummary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let json = SummaryJson {
+            summary: &self.summary,
+            carry: self.carry.clone(),
+        };
+        let mut value = serde_json::to_value(json).map_err(S::Error::custom)?;
+        if let Some(id) = value.get_mut(SYSTEM_IDENTIFIER) {
+            *id = self.summary.system_identifier.to_string().into();
+        }
+        value.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredSummary {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(d)?;
+        if let Some(id) = value.get_mut(SYSTEM_IDENTIFIER) {
+            if let Some(text) = id.as_str() {
+                let n: u64 = text.parse().map_err(D::Error::custom)?;
+                *id = n.into();
+            }
+        }
+        let json: SummaryJson<SegmentSummary> =
+            serde_json::from_value(value).map_err(D::Error::custom)?;
+        Ok(StoredSummary {
+            summary: json.summary,
+            carry: json.carry,
+        })
+    }
 }
 
 impl StoredSummary {
@@ -198,6 +245,30 @@ mod tests {
         let tail = back.tail().unwrap();
         assert_eq!(tail.bytes.len(), 40);
         assert_eq!(tail.system_identifier, 7);
+    }
+
+    /// `system_identifier` is written as a string (exact above 2^53 in any JSON reader) and
+    /// read back from a string or, as older repositories hold it, a number.
+    #[test]
+    fn system_identifier_is_a_string_and_numbers_are_still_read() {
+        let s7 = fixture("000000010000000000000007");
+        let mut stored = StoredSummary::from_summarized(&summarize_segment(&s7, None).unwrap());
+        stored.summary.system_identifier = 7715334408974327312;
+        let json: serde_json::Value = serde_json::to_value(&stored).unwrap();
+        assert_eq!(json["system_identifier"], "7715334408974327312");
+        assert!(json.get("carry").is_some());
+        let back: StoredSummary = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, stored);
+
+        let mut old = json;
+        old["system_identifier"] = serde_json::Value::from(7715334408974327312u64);
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(text.contains("\"system_identifier\":7715334408974327312"));
+        let back: StoredSummary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, stored);
+
+        old["system_identifier"] = "not a number".into();
+        assert!(serde_json::from_value::<StoredSummary>(old).is_err());
     }
 
     fn fixture(name: &str) -> Vec<u8> {
