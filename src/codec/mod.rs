@@ -1,6 +1,6 @@
 //! Object framing, compression and checksums.
 //!
-//! Every object pitr stores is one frame: a fixed 32-byte header followed by the (possibly
+//! Every object pitr stores is one frame: a fixed 40-byte header followed by the (possibly
 //! compressed) payload. The header carries the codec, both lengths and the CRC-32C of the
 //! uncompressed content, so every read verifies what it returns. Pure code: no I/O.
 //! The byte layout is specified in docs/repository-format.md; keep the two in step.

@@ -171,6 +171,11 @@ impl Repository {
             if self.exists(&layout::backup_info_key(&id)).await? {
                 continue;
             }
+            let keys = self.backup_folder_keys(&id).await?;
+            if keys.is_empty() {
+                // An empty folder left by a removal (the local backend keeps directories).
+                continue;
+            }
             // A backup with no readable lease cannot prove it is alive.
             if self
                 .lease_age(&id)
@@ -187,12 +192,7 @@ impl Repository {
             // The aborted state stays, so that a backup process that wakes up later cannot
             // claim completion over deleted parts.
             let state_key = layout::backup_state_key(&id);
-            let keys: Vec<String> = self
-                .backup_folder_keys(&id)
-                .await?
-                .into_iter()
-                .filter(|k| *k != state_key)
-                .collect();
+            let keys: Vec<String> = keys.into_iter().filter(|k| *k != state_key).collect();
             if keys.is_empty() {
                 continue; // removed by an earlier run: only its state is left
             }
