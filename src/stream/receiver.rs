@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self as m, Progress};
-use super::{StreamError, StreamOptions};
+use super::error::{classify_connect_error, classify_start_error, StreamError};
+use super::options::StreamOptions;
 use crate::pg::{self, ConnConfig, ReplicationConn, ReplicationMessage, XLogStream};
 use crate::wal::{Lsn, TimelineId, WalFileName};
 
@@ -142,7 +143,7 @@ impl Receiver {
             };
             match result {
                 Ok(ok) => return Ok(Some(ok)),
-                Err(e) if fatal(&e) => return Err(super::classify_connect_error(e)),
+                Err(e) if fatal(&e) => return Err(classify_connect_error(e)),
                 Err(e) => {
                     metrics::counter!(m::ERRORS, "kind" => "connection").increment(1);
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the server; retrying");
@@ -201,7 +202,7 @@ impl Receiver {
             {
                 Ok(s) => s,
                 Err(e) => {
-                    if let Some(err) = super::classify_start_error(&e, &self.slot, tli, start) {
+                    if let Some(err) = classify_start_error(&e, &self.slot, tli, start) {
                         return Err(err);
                     }
                     if fatal(&e) {
@@ -412,7 +413,7 @@ impl Receiver {
             Err(e) => {
                 // The walsender reports removed WAL only once it tries to read it.
                 let at = self.progress.received();
-                if let Some(err) = super::classify_start_error(&e, &self.slot, tli, at) {
+                if let Some(err) = classify_start_error(&e, &self.slot, tli, at) {
                     return Err(err);
                 }
                 if fatal(&e) {

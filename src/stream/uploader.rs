@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self as m, Progress};
 use super::segment::Job;
-use super::StreamError;
+use super::error::StreamError;
 use crate::repo::{ChunkRef, PutOutcome, RepoError, Repository};
 use crate::storage::StorageError;
 use crate::wal::Lsn;
