@@ -8,10 +8,12 @@
 //! codes themselves are chosen at the CLI edge; this module returns typed outcomes and errors.
 
 mod get;
+pub mod pgdata;
 pub mod prefetch;
 mod push;
 
 pub use get::{archive_get, GetOutcome};
+pub use pgdata::RecoveryMode;
 pub use prefetch::{Prefetch, PrefetchError, WorkerArgs};
 pub use push::{archive_push, PushOutcome};
 
@@ -44,6 +46,29 @@ pub enum ArchiveError {
          archive a WAL segment first (or run `pitr backup`)"
     )]
     NeedsDescriptor { name: String },
+    #[error("{path}: {message}")]
+    BadDataDir { path: PathBuf, message: String },
+    #[error(
+        "the repository at {location} has vanished: this cluster archived into it before \
+         (repository id {id}, recorded in {marker}), and its descriptor is gone; pitr does not \
+         create a new one there, since WAL archived earlier would then read as never archived"
+    )]
+    Vanished {
+        location: String,
+        id: String,
+        marker: PathBuf,
+    },
+    #[error(
+        "the repository at {location} is not the one this cluster archived into: it has \
+         repository id {found}, {marker} records {recorded}; it was recreated, and the WAL \
+         archived before is not in it"
+    )]
+    Replaced {
+        location: String,
+        found: String,
+        recorded: String,
+        marker: PathBuf,
+    },
     #[error(transparent)]
     Repo(#[from] RepoError),
 }

@@ -132,8 +132,21 @@ impl Failure {
         classify_archive(e)
     }
 
-    pub fn from_archive_get(e: ArchiveError) -> Failure {
-        classify_archive(e).for_command(true)
+    /// Every failure stops archive recovery (200). A standby only logs it and exits 1: its
+    /// `restore_command` is a fallback beside streaming, "not found" never ends its recovery,
+    /// and stopping it would take the standby down with the repository (docs/exit-codes.md).
+    /// Nothing unverified is served either way: this only chooses the exit status.
+    pub fn from_archive_get(e: ArchiveError, mode: crate::archive::RecoveryMode) -> Failure {
+        let mut f = classify_archive(e).for_command(true);
+        if mode == crate::archive::RecoveryMode::Standby {
+            f.code = Code::NotFound;
+            let standby = "this server is a standby (standby.signal): archive-get exits 1 so that it keeps streaming from its primary, but it cannot fetch WAL from the repository until this is fixed";
+            f.hint = Some(match f.hint {
+                Some(h) => format!("{h}; {standby}"),
+                None => standby.to_string(),
+            });
+        }
+        f
     }
 }
 
@@ -150,6 +163,26 @@ fn classify_archive(e: ArchiveError) -> Failure {
         }
         e @ ArchiveError::WriteOutput { .. } => Failure::new(Code::Input, e, None),
         e @ ArchiveError::NeedsDescriptor { .. } => Failure::new(Code::Conflict, e, None),
+        e @ ArchiveError::BadDataDir { .. } => Failure::new(
+            Code::Input,
+            e,
+            Some("PostgreSQL runs the hooks in its data directory; check that file (a damaged pitr.repository may be deleted: archive-push writes it again)".into()),
+        ),
+        ArchiveError::Vanished { location, id, marker } => {
+            let hint = format!(
+                "if the repository moved or a mount or bucket is missing, bring it back at {location} or point --repo at it; \
+                 to start a new repository there on purpose, delete {} (the next archive-push creates one) and take a new base backup at once",
+                marker.display()
+            );
+            Failure::new(Code::Storage, ArchiveError::Vanished { location, id, marker }, Some(hint))
+        }
+        ArchiveError::Replaced { location, found, recorded, marker } => {
+            let hint = format!(
+                "point --repo at the repository this cluster archived into; to use the new one on purpose, delete {} and take a new base backup at once",
+                marker.display()
+            );
+            Failure::new(Code::Conflict, ArchiveError::Replaced { location, found, recorded, marker }, Some(hint))
+        }
     }
 }
 

@@ -344,9 +344,10 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
+            let mode = archive::RecoveryMode::of_working_dir();
             match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
                 .await
-                .map_err(Failure::from_archive_get)?
+                .map_err(|e| Failure::from_archive_get(e, mode))?
             {
                 GetOutcome::Restored { .. } => Ok(Code::Ok),
                 GetOutcome::NotFound => Ok(Code::NotFound),
