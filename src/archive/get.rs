@@ -72,7 +72,8 @@ pub async fn archive_get(
 /// Opens the repository, and when run in a data directory (as PostgreSQL runs
 /// `restore_command`) checks it is this cluster's, and the very one the data directory's marker
 /// records for this location: a repository that vanished, or was created again after it did,
-/// must not answer "not found" for WAL archived before.
+/// must not answer "not found" for WAL archived before. A location the marker does not name yet
+/// is recorded there.
 async fn open_for_recovery(storage: Storage) -> Result<Repository, ArchiveError> {
     let write = WriteOptions::default();
     let Some(dir) = DataDir::working() else {
@@ -91,8 +92,20 @@ async fn open_for_recovery(storage: Storage) -> Result<Repository, ArchiveError>
     let what = format!("data directory {}", dir.path().display());
     match Repository::open_existing_for_cluster(storage, &cluster, &what, write).await {
         Ok(repo) => {
-            if let Some(a) = &recorded {
-                dir.check_same(repo.descriptor(), &location, a)?;
+            match &recorded {
+                Some(a) => dir.check_same(repo.descriptor(), &location, a)?,
+                // Recorded from the first file restored, so that a cluster restored from a
+                // backup taken before its source ever archived is protected too.
+                None => {
+                    let d = repo.descriptor();
+                    if let Err(e) = dir.record_archived(
+                        &location,
+                        d.repository_id.as_deref(),
+                        d.system_identifier,
+                    ) {
+                        tracing::warn!(error = %e, "cannot record the repository in the data directory");
+                    }
+                }
             }
             Ok(repo)
         }

@@ -15,6 +15,7 @@
 mod pg;
 mod s3;
 mod selftest;
+pub mod topology;
 mod util;
 
 pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
