@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use crate::common::{switch_and_wait, Backend, TestRepo};
 use crate::harness::topology::{
-    pitr_hook, standby_of, wait_archive_failed, wait_archived, wait_caught_up,
+    base_backup, pitr_hook, standby_of, wait_archive_failed, wait_archived, wait_caught_up,
 };
 use crate::harness::{conf_quote, make_accessible, poll, PgCluster, TestDir};
 use crate::pitr::ok;
 
 const WAIT: Duration = Duration::from_secs(90);
+/// The timeline a server writes on now (pg_control's checkpoint lags right after promotion).
+const CURRENT_TIMELINE: &str =
+    "select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int";
 
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
@@ -412,12 +415,7 @@ fn archive_mode_always_on_a_primary_and_its_standby() {
         "{}",
         restored.log_contents()
     );
-    assert_eq!(
-        restored
-            .psql("select timeline_id from pg_control_checkpoint()")
-            .unwrap(),
-        "3"
-    );
+    assert_eq!(restored.psql(CURRENT_TIMELINE).unwrap(), "3");
 }
 
 /// Restores the newest state into `work/<name>` (not archiving), starts it to the end of
@@ -435,4 +433,127 @@ fn restore_count(repo: &TestRepo, work: &TestDir, name: &str) -> (PgCluster, Str
         .unwrap_or_else(|e| panic!("{name}: {e}\n{}", pg.log_contents()));
     let n = count(&pg, "t");
     (pg, n)
+}
+
+/// As src/test/recovery/t/002_archiving.pl: a standby that restores from the archive only (no
+/// streaming) replays what the primary archives; promoted, it archives its history into the
+/// same repository, where a second standby from the same backup finds it and follows it.
+#[test]
+fn a_standby_restoring_only_from_the_archive_and_its_promotion() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let primary = PgCluster::builder()
+        .wal_segsize(1)
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    let archive_standby = |name: &str| {
+        let dir = work.subdir(name);
+        base_backup(&primary, &dir, &["-X", "stream"]).unwrap();
+        fs::write(dir.join("standby.signal"), "").unwrap();
+        PgCluster::builder()
+            .existing_data_dir(&dir)
+            .conf(repo.restore_command_conf())
+            .conf("wal_retrieve_retry_interval = '100ms'")
+            .envs(repo.env.clone())
+            .init()
+            .unwrap()
+    };
+    let mut standby = archive_standby("standby");
+    let mut standby2 = archive_standby("standby2");
+    standby.start().unwrap();
+    primary
+        .psql("create table tab_int as select generate_series(1, 1000) as a; checkpoint")
+        .unwrap();
+    let lsn = primary.psql("select pg_current_wal_lsn()").unwrap();
+    switch_and_wait(&primary);
+    primary
+        .psql("insert into tab_int values (generate_series(1001, 2000))")
+        .unwrap();
+    standby
+        .wait_for(
+            &format!("select '{lsn}'::pg_lsn <= pg_last_wal_replay_lsn()"),
+            "t",
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", standby.log_contents()));
+    assert_eq!(count(&standby, "tab_int"), "1000");
+
+    standby.promote().unwrap();
+    let history = repo.object_file("wal/00000002.history");
+    poll("00000002.history archived", WAIT, || {
+        Ok(history.exists().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", standby.log_contents()));
+
+    standby2.start().unwrap();
+    standby2.promote().unwrap();
+    let log = standby2.log_contents();
+    assert!(
+        log.contains("restored log file \"00000002.history\" from archive"),
+        "{log}"
+    );
+    for f in ["RECOVERYHISTORY", "RECOVERYXLOG"] {
+        assert!(!standby2.data_dir().join("pg_wal").join(f).exists(), "{f}");
+    }
+    assert_eq!(standby2.psql(CURRENT_TIMELINE).unwrap(), "3");
+}
+
+/// As src/test/recovery/t/023_pitr_prepared_xact.pl: recovery to a restore point keeps a
+/// transaction prepared before it, which can then be committed, and survives a crash after.
+#[test]
+fn pitr_keeps_a_prepared_transaction() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let primary = PgCluster::builder()
+        .wal_segsize(1)
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .conf("max_prepared_transactions = 10")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    primary.psql("create table foo(i int)").unwrap();
+    switch_and_wait(&primary);
+    ok(&repo, &["backup", "-d", &primary.conninfo()]);
+    primary
+        .psql("begin; insert into foo values (1); prepare transaction 'fooinsert'")
+        .unwrap();
+    primary
+        .psql("select pg_create_restore_point('rp')")
+        .unwrap();
+    primary.psql("insert into foo values (2)").unwrap();
+    switch_and_wait(&primary);
+
+    let dir = work.subdir("restored");
+    ok(
+        &repo,
+        &[
+            "restore",
+            "--pgdata",
+            dir.to_str().unwrap(),
+            "--target-name",
+            "rp",
+        ],
+    );
+    let mut restored = PgCluster::builder()
+        .existing_data_dir(&dir)
+        .conf("archive_mode = off")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    restored
+        .wait_for("select pg_is_in_recovery()", "f", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", restored.log_contents()));
+    assert_eq!(
+        restored.psql("select gid from pg_prepared_xacts").unwrap(),
+        "fooinsert"
+    );
+    assert_eq!(count(&restored, "foo"), "0");
+    restored.psql("commit prepared 'fooinsert'").unwrap();
+    restored.stop_immediate().unwrap();
+    restored.start().unwrap();
+    assert_eq!(count(&restored, "foo"), "1");
 }

@@ -91,7 +91,8 @@ pub enum Command {
     ///
     /// Exits 0 when the file was restored, 1 when the repository does not have it (end of
     /// archive), and 200 on any other failure, which makes PostgreSQL stop recovery rather than
-    /// finish early with data missing.
+    /// finish early with data missing. On a standby (standby.signal in the working directory)
+    /// repository failures exit 1 after logging the error, so that it keeps streaming.
     ///
     /// Run by PostgreSQL from the data directory into pg_wal, it keeps the next segments
     /// (`--prefetch`, 8 by default) in pg_wal/.pitr-prefetch, fetched by a background worker
