@@ -557,3 +557,89 @@ fn pitr_keeps_a_prepared_transaction() {
     restored.start().unwrap();
     assert_eq!(count(&restored, "foo"), "1");
 }
+
+/// As src/test/recovery/t/028_pitr_timelines.pl: the restore point is on timeline 1 but the
+/// only archived copy of its segment is timeline 2's (the old primary died before archiving
+/// it; the promoted standby archived it as a `.partial` and as the first segment of timeline 2).
+/// Recovery to it must stop on timeline 1 (switching to 3), and a later recovery follows 1 -> 3.
+#[test]
+fn pitr_to_a_target_only_archived_in_a_newer_timelines_segment() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let mut primary = PgCluster::builder()
+        .wal_segsize(1)
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    let mut copies = vec![];
+    for name in ["standby", "pitr", "pitr2"] {
+        let dir = work.subdir(name);
+        let args: &[&str] = if name == "standby" {
+            &["-R", "-X", "stream"]
+        } else {
+            &["-X", "stream"]
+        };
+        base_backup(&primary, &dir, args).unwrap();
+        copies.push(dir);
+    }
+    primary
+        .psql(
+            "create table foo(i int); insert into foo values (1); \
+             select pg_create_restore_point('rp'); insert into foo values (2)",
+        )
+        .unwrap();
+    let mut standby = PgCluster::builder()
+        .existing_data_dir(&copies[0])
+        .conf("archive_mode = always")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    wait_caught_up(&primary, &standby, WAIT).unwrap();
+    primary.stop_immediate().unwrap();
+    standby.promote().unwrap();
+    let seg = standby
+        .psql("select pg_walfile_name(pg_current_wal_lsn())")
+        .unwrap();
+    standby.psql("select pg_switch_wal()").unwrap();
+    wait_archived(&standby, &seg, WAIT).unwrap();
+    standby.stop().unwrap();
+
+    let recovering = |dir: &Path, target: Option<&str>| {
+        fs::write(dir.join("recovery.signal"), "").unwrap();
+        let mut b = PgCluster::builder()
+            .existing_data_dir(dir)
+            .conf(repo.restore_command_conf())
+            .conf("recovery_target_action = 'promote'")
+            .envs(repo.env.clone());
+        if let Some(t) = target {
+            b = b.conf(format!("recovery_target_name = '{t}'"));
+        }
+        let pg = b.start().unwrap();
+        pg.wait_for("select pg_is_in_recovery()", "f", WAIT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", pg.log_contents()));
+        pg
+    };
+    let mut pitr = recovering(&copies[1], Some("rp"));
+    assert_eq!(pitr.psql("select max(i) from foo").unwrap(), "1");
+    assert_eq!(pitr.psql(CURRENT_TIMELINE).unwrap(), "3");
+    pitr.psql("insert into foo values (3)").unwrap();
+    poll("the archiver to run", WAIT, || {
+        let n =
+            pitr.psql("select count(*) from pg_stat_activity where backend_type = 'archiver'")?;
+        Ok((n == "1").then_some(()))
+    })
+    .unwrap();
+    // A clean shutdown switches to a new segment and archives the last one.
+    pitr.stop().unwrap();
+    assert!(repo.object_file("wal/00000003.history").exists());
+
+    let pitr2 = recovering(&copies[2], None);
+    assert_eq!(
+        pitr2.psql("select max(i) from foo").unwrap(),
+        "3",
+        "{}",
+        pitr2.log_contents()
+    );
+}
