@@ -569,6 +569,8 @@ fn pitr_to_a_target_only_archived_in_a_newer_timelines_segment() {
     let mut primary = PgCluster::builder()
         .wal_segsize(1)
         .conf("archive_mode = on")
+        // The standby streams from the backup's start; nothing may be recycled before.
+        .conf("wal_keep_size = 128MB")
         .conf(repo.archive_command_conf())
         .envs(repo.env.clone())
         .start()
