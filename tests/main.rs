@@ -12,4 +12,5 @@ mod pg_client;
 mod pitr;
 mod prefetch;
 mod stream;
+mod topology;
 mod verify;

@@ -1,9 +1,10 @@
 use std::io::Write;
 use std::path::Path;
 
+use super::pgdata::DataDir;
 use super::prefetch::{location_id, Prefetch, Spool};
 use super::ArchiveError;
-use crate::repo::{Repository, WalForRecovery, WriteOptions};
+use crate::repo::{RepoError, Repository, WalForRecovery, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::WalFileName;
 
@@ -47,7 +48,7 @@ pub async fn archive_get(
     }
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
-    let repo = Repository::open(storage, WriteOptions::default()).await?;
+    let repo = open_for_recovery(storage).await?;
     // The newest segment may exist only as chunks shipped by `pitr stream`.
     let Some(found) = repo.wal_file_for_recovery(&name).await? else {
         tracing::info!(file = %name, "not in the repository");
@@ -66,6 +67,53 @@ pub async fn archive_get(
         spool.after_serving(&name, prefetch);
     }
     Ok(GetOutcome::Restored { bytes: len })
+}
+
+/// Opens the repository, and when run in a data directory (as PostgreSQL runs
+/// `restore_command`) checks it is this cluster's, and the very one the data directory's marker
+/// records for this location: a repository that vanished, or was created again after it did,
+/// must not answer "not found" for WAL archived before. A location the marker does not name yet
+/// is recorded there.
+async fn open_for_recovery(storage: Storage) -> Result<Repository, ArchiveError> {
+    let write = WriteOptions::default();
+    let Some(dir) = DataDir::working() else {
+        return Ok(Repository::open(storage, write).await?);
+    };
+    let cluster = match dir.identity() {
+        Ok(c) => c,
+        Err(e) => {
+            // pg_control is what PostgreSQL itself checks; not knowing it must not stop recovery.
+            tracing::warn!(error = %e, "cannot read the cluster's identity; the repository is not checked against it");
+            return Ok(Repository::open(storage, write).await?);
+        }
+    };
+    let location = location_id(storage.location());
+    let recorded = dir.archived_into(&location, cluster.system_identifier)?;
+    let what = format!("data directory {}", dir.path().display());
+    match Repository::open_existing_for_cluster(storage, &cluster, &what, write).await {
+        Ok(repo) => {
+            match &recorded {
+                Some(a) => dir.check_same(repo.descriptor(), &location, a)?,
+                // Recorded from the first file restored, so that a cluster restored from a
+                // backup taken before its source ever archived is protected too.
+                None => {
+                    let d = repo.descriptor();
+                    if let Err(e) = dir.record_archived(
+                        &location,
+                        d.repository_id.as_deref(),
+                        d.system_identifier,
+                    ) {
+                        tracing::warn!(error = %e, "cannot record the repository in the data directory");
+                    }
+                }
+            }
+            Ok(repo)
+        }
+        Err(RepoError::NotInitialized { .. }) if recorded.is_some() => {
+            Err(dir.vanished(&location, recorded.as_ref().expect("checked")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn write_atomically(dest: &Path, content: &[u8]) -> Result<(), ArchiveError> {

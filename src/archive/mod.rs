@@ -8,10 +8,12 @@
 //! codes themselves are chosen at the CLI edge; this module returns typed outcomes and errors.
 
 mod get;
+pub mod pgdata;
 pub mod prefetch;
 mod push;
 
 pub use get::{archive_get, GetOutcome};
+pub use pgdata::RecoveryMode;
 pub use prefetch::{Prefetch, PrefetchError, WorkerArgs};
 pub use push::{archive_push, PushOutcome};
 
@@ -45,6 +47,29 @@ pub enum ArchiveError {
          archive a WAL segment first (or run `pitr backup`)"
     )]
     NeedsDescriptor { name: String },
+    #[error("{path}: {message}")]
+    BadDataDir { path: PathBuf, message: String },
+    #[error(
+        "the repository at {location} has vanished: this cluster archived into it before \
+         (repository id {id}, recorded in {marker}), and its descriptor is gone; pitr does not \
+         create a new one there, since WAL archived earlier would then read as never archived"
+    )]
+    Vanished {
+        location: String,
+        id: String,
+        marker: PathBuf,
+    },
+    #[error(
+        "the repository at {location} is not the one this cluster archived into: it has \
+         repository id {found}, {marker} records {recorded}; it was recreated, and the WAL \
+         archived before is not in it"
+    )]
+    Replaced {
+        location: String,
+        found: String,
+        recorded: String,
+        marker: PathBuf,
+    },
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -57,8 +82,12 @@ impl Classify for ArchiveError {
             | ArchiveError::ReadInput { .. }
             | ArchiveError::NotWal { .. }
             | ArchiveError::Empty { .. }
-            | ArchiveError::WriteOutput { .. } => Code::Input,
-            ArchiveError::NeedsDescriptor { .. } => Code::Conflict,
+            | ArchiveError::WriteOutput { .. }
+            | ArchiveError::BadDataDir { .. } => Code::Input,
+            ArchiveError::NeedsDescriptor { .. } | ArchiveError::Replaced { .. } => Code::Conflict,
+            // The repository this cluster archived into is not where it was: a storage problem
+            // (a missing mount or bucket), never a reason to start a new one.
+            ArchiveError::Vanished { .. } => Code::Storage,
         }
     }
 
@@ -70,6 +99,22 @@ impl Classify for ArchiveError {
             }
             ArchiveError::ReadInput { .. } => {
                 "check the path and that pitr runs as the PostgreSQL OS user"
+            }
+            ArchiveError::BadDataDir { .. } => {
+                "PostgreSQL runs the hooks in its data directory; check that file (a damaged pitr.repository may be deleted: archive-push writes it again)"
+            }
+            ArchiveError::Vanished { location, marker, .. } => {
+                return Some(format!(
+                    "if the repository moved or a mount or bucket is missing, bring it back at {location} or point --repo at it; \
+                     to start a new repository there on purpose, delete {} (the next archive-push creates one) and take a new base backup at once",
+                    marker.display()
+                ))
+            }
+            ArchiveError::Replaced { marker, .. } => {
+                return Some(format!(
+                    "point --repo at the repository this cluster archived into; to use the new one on purpose, delete {} and take a new base backup at once",
+                    marker.display()
+                ))
             }
             ArchiveError::WriteOutput { .. } | ArchiveError::NeedsDescriptor { .. } => {
                 return None

@@ -1,7 +1,9 @@
 use std::path::Path;
 
+use super::pgdata::DataDir;
+use super::prefetch::location_id;
 use super::ArchiveError;
-use crate::repo::{ClusterIdentity, PutOutcome, Repository, WriteOptions};
+use crate::repo::{ClusterIdentity, PutOutcome, RepoError, Repository, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::{major_from_magic, validate_segment, WalFileName};
 
@@ -19,8 +21,13 @@ pub enum PushOutcome {
 ///
 /// WAL segments and `.partial` files are checked before anything is written: their first page
 /// must carry a long header for that very segment, of the declared size, from the cluster the
-/// repository belongs to. History and `.backup` files carry no cluster identity and are stored
+/// repository belongs to. History and `.backup` files carry no cluster identity: when run in a
+/// data directory (as PostgreSQL runs `archive_command`) they are checked against its
+/// `global/pg_control`, which can also create the repository; elsewhere they are stored only
 /// once the repository exists. Returns only once the object is durable.
+///
+/// In a data directory the location is recorded in its `pitr.repository` marker, and a
+/// location the marker names is never created again (see `pgdata`).
 pub async fn archive_push(
     storage: Storage,
     path: &Path,
@@ -43,50 +50,25 @@ pub async fn archive_push(
         });
     }
 
-    let repo = if name.holds_wal_pages() {
-        let tli = name.timeline();
-        // The segment number depends on the segment size, which the header declares; a wrong
-        // declaration fails the address check below.
-        let header =
-            crate::wal::parse_long_header(&content).map_err(|source| ArchiveError::NotWal {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let seg_size = header.seg_size as u64;
-        let segno = name
-            .segno(seg_size)
-            .expect("segment names have a segment number");
-        let is_partial = matches!(name, WalFileName::Partial { .. });
-        // A .partial file is a full-size segment whose tail was never written; check the header
-        // but not the length (pg_receivewal-style partials may be shorter).
-        let checked = if is_partial {
-            Ok(header)
-        } else {
-            validate_segment(&content, tli, segno)
-        };
-        let header = checked.map_err(|source| ArchiveError::NotWal {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cluster = ClusterIdentity {
-            system_identifier: header.system_identifier,
-            pg_major: major_from_magic(header.magic).expect("validated magic"),
-            wal_segment_size: seg_size,
-        };
-        Repository::open_for_cluster(storage, &cluster, &format!("WAL file {name}"), write).await?
+    let data_dir = DataDir::working();
+    let from_wal = if name.holds_wal_pages() {
+        Some(identity_from_wal(path, &name, &content)?)
     } else {
-        match Repository::open(storage, write).await {
-            Ok(r) => r,
-            Err(crate::repo::RepoError::NotInitialized { .. }) => {
-                return Err(ArchiveError::NeedsDescriptor {
-                    name: name.to_string(),
-                })
-            }
-            Err(e) => return Err(e.into()),
-        }
+        None
     };
-
+    let repo = open_repository(storage, &name, from_wal, data_dir.as_ref(), write).await?;
     let outcome = repo.store_wal_file(&name, &content).await?;
+    if let Some(dir) = &data_dir {
+        // The WAL is durable whatever happens here: a marker that cannot be written costs the
+        // vanished-repository check, not archiving.
+        let d = repo.descriptor();
+        let location = location_id(repo.storage_location());
+        if let Err(e) =
+            dir.record_archived(&location, d.repository_id.as_deref(), d.system_identifier)
+        {
+            tracing::warn!(error = %e, "cannot record the repository in the data directory");
+        }
+    }
     Ok(match outcome {
         PutOutcome::Stored => {
             tracing::info!(file = %name, bytes = content.len(), repo = %repo.location(), "archived");
@@ -99,4 +81,92 @@ pub async fn archive_push(
             PushOutcome::AlreadyArchived
         }
     })
+}
+
+/// The identity a segment or `.partial` file declares in its long header, once the header is
+/// checked to be that very segment's.
+fn identity_from_wal(
+    path: &Path,
+    name: &WalFileName,
+    content: &[u8],
+) -> Result<ClusterIdentity, ArchiveError> {
+    let not_wal = |source| ArchiveError::NotWal {
+        path: path.to_path_buf(),
+        source,
+    };
+    // The segment number depends on the segment size, which the header declares; a wrong
+    // declaration fails the address check below.
+    let header = crate::wal::parse_long_header(content).map_err(not_wal)?;
+    let seg_size = header.seg_size as u64;
+    let segno = name
+        .segno(seg_size)
+        .expect("segment names have a segment number");
+    // A .partial file is a full-size segment whose tail was never written; check the header
+    // but not the length (pg_receivewal-style partials may be shorter).
+    let header = if matches!(name, WalFileName::Partial { .. }) {
+        header
+    } else {
+        validate_segment(content, name.timeline(), segno).map_err(not_wal)?
+    };
+    Ok(ClusterIdentity {
+        system_identifier: header.system_identifier,
+        pg_major: major_from_magic(header.magic).expect("validated magic"),
+        wal_segment_size: seg_size,
+    })
+}
+
+/// Opens the repository `name` goes to, checked against the cluster: the one the WAL header
+/// names, else the data directory's. Creates it only where the data directory's marker does not
+/// say this cluster archived before, and refuses one that replaced the recorded repository.
+async fn open_repository(
+    storage: Storage,
+    name: &WalFileName,
+    from_wal: Option<ClusterIdentity>,
+    dir: Option<&DataDir>,
+    write: WriteOptions,
+) -> Result<Repository, ArchiveError> {
+    let (cluster, what) = match (from_wal, dir) {
+        (Some(c), _) => (c, format!("WAL file {name}")),
+        (None, Some(d)) => (
+            d.identity()?,
+            format!("{name} (global/pg_control of {})", d.path().display()),
+        ),
+        (None, None) => {
+            return match Repository::open(storage, write).await {
+                Ok(r) => Ok(r),
+                Err(RepoError::NotInitialized { .. }) => Err(ArchiveError::NeedsDescriptor {
+                    name: name.to_string(),
+                }),
+                Err(e) => Err(e.into()),
+            }
+        }
+    };
+    let location = location_id(storage.location());
+    let recorded = match dir {
+        Some(d) => d.archived_into(&location, cluster.system_identifier)?,
+        None => None,
+    };
+    let opened =
+        Repository::open_existing_for_cluster(storage.clone(), &cluster, &what, write).await;
+    let repo = match (opened, &recorded, dir) {
+        (Ok(repo), Some(a), Some(d)) => {
+            d.check_same(repo.descriptor(), &location, a)?;
+            repo
+        }
+        (Ok(repo), _, _) => repo,
+        (Err(RepoError::NotInitialized { .. }), Some(a), Some(d)) => {
+            return Err(d.vanished(&location, a))
+        }
+        (Err(RepoError::NotInitialized { .. }), _, _) => {
+            let source = if name.holds_wal_pages() {
+                "its WAL header"
+            } else {
+                "global/pg_control of the data directory"
+            };
+            tracing::info!(location = %location, system_id = cluster.system_identifier, file = %name, "no repository here yet: creating it for the cluster of {source}");
+            Repository::open_for_cluster(storage, &cluster, &what, write).await?
+        }
+        (Err(e), _, _) => return Err(e.into()),
+    };
+    Ok(repo)
 }

@@ -51,6 +51,27 @@ impl Failure {
         }
     }
 
+    /// [`Failure::for_archive_get`], except for a standby: every failure is logged and exits 1.
+    /// Its `restore_command` is a fallback beside streaming, "not found" never ends its
+    /// recovery, and stopping it would take the standby down with the repository
+    /// (docs/exit-codes.md). Nothing unverified is served either way: this only chooses the
+    /// exit status.
+    pub fn for_archive_get_in(
+        e: impl Into<Failure>,
+        mode: crate::archive::RecoveryMode,
+    ) -> Failure {
+        let mut f = Failure::for_archive_get(e);
+        if mode == crate::archive::RecoveryMode::Standby {
+            f.code = Code::NotFound;
+            let standby = "this server is a standby (standby.signal): archive-get exits 1 so that it keeps streaming from its primary, but it cannot fetch WAL from the repository until this is fixed";
+            f.hint = Some(match f.hint {
+                Some(h) => format!("{h}; {standby}"),
+                None => standby.to_string(),
+            });
+        }
+        f
+    }
+
     /// [`Failure::for_archive_get`] when `is_get`, else the error's own code.
     pub fn for_command(e: impl Into<Failure>, is_get: bool) -> Failure {
         if is_get {

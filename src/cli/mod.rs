@@ -91,7 +91,8 @@ pub enum Command {
     ///
     /// Exits 0 when the file was restored, 1 when the repository does not have it (end of
     /// archive), and 200 on any other failure, which makes PostgreSQL stop recovery rather than
-    /// finish early with data missing.
+    /// finish early with data missing. On a standby (standby.signal in the working directory)
+    /// repository failures exit 1 after logging the error, so that it keeps streaming.
     ///
     /// Run by PostgreSQL from the data directory into pg_wal, it keeps the next segments
     /// (`--prefetch`, 8 by default) in pg_wal/.pitr-prefetch, fetched by a background worker
@@ -342,9 +343,10 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
+            let mode = archive::RecoveryMode::of_working_dir();
             match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
                 .await
-                .map_err(Failure::for_archive_get)?
+                .map_err(|e| Failure::for_archive_get_in(e, mode))?
             {
                 GetOutcome::Restored { .. } => Ok(Code::Ok),
                 GetOutcome::NotFound => Ok(Code::NotFound),

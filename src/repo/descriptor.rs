@@ -30,6 +30,11 @@ pub struct Descriptor {
     pub wal_segment_size: u64,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
+    /// Random, chosen at creation: tells this repository from one created later at the same
+    /// location (which would hold none of its WAL). Absent in descriptors written before it
+    /// existed; those repositories keep working, but cannot be told apart from a successor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
 }
 
 pub(super) mod u64_as_string {
@@ -78,6 +83,11 @@ pub(super) async fn read(storage: &Storage) -> Result<Option<Descriptor>> {
     Ok(Some(d))
 }
 
+/// 128 random bits in hex: unique without coordination between writers.
+fn new_repository_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// Creates the descriptor. Two first writers may race: the loser reads the winner's.
 pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Result<Descriptor> {
     let d = Descriptor {
@@ -87,6 +97,7 @@ pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Resu
         wal_segment_size: cluster.wal_segment_size,
         created_at: Utc::now(),
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
+        repository_id: Some(new_repository_id()),
     };
     let json = serde_json::to_vec_pretty(&d).expect("descriptor serializes");
     // Uncompressed so that `tail -c +41 repository.json` shows it to a human.
@@ -96,7 +107,7 @@ pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Resu
         .await
     {
         Ok(()) => {
-            tracing::info!(location = %storage.location(), system_id = d.system_identifier, "created repository");
+            tracing::info!(location = %storage.location(), system_id = d.system_identifier, repository_id = d.repository_id.as_deref().unwrap_or(""), "created repository");
             Ok(d)
         }
         Err(StorageError::AlreadyExists { .. }) => {
@@ -107,5 +118,33 @@ pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Resu
                 })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A descriptor written before `repository_id` existed still reads, as one without an id.
+    #[test]
+    fn descriptors_without_a_repository_id_still_read() {
+        let old = r#"{"format_version":1,"system_identifier":"7711201025540057278","pg_major":15,
+            "wal_segment_size":16777216,"created_at":"2026-11-23T03:18:20.249Z","created_by":"pitr 0.1.0"}"#;
+        let d: Descriptor = serde_json::from_str(old).unwrap();
+        assert_eq!(d.repository_id, None);
+        assert_eq!(d.system_identifier, 7711201025540057278);
+        let id = new_repository_id();
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, new_repository_id());
+        let with = Descriptor {
+            repository_id: Some(id.clone()),
+            ..d
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(
+            json.contains(&format!("\"repository_id\":\"{id}\"")),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Descriptor>(&json).unwrap(), with);
     }
 }

@@ -193,6 +193,28 @@ impl Repository {
                 descriptor::create(&storage, cluster).await?
             }
         };
+        Repository::for_cluster(storage, descriptor, cluster, what, write)
+    }
+
+    /// Like [`Repository::open_for_cluster`], but never creates: a location without a
+    /// descriptor is `NotInitialized`, for callers that must decide whether creating is right.
+    pub async fn open_existing_for_cluster(
+        storage: Storage,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<Repository> {
+        let repo = Repository::open(storage, write).await?;
+        Repository::for_cluster(repo.storage, repo.descriptor, cluster, what, write)
+    }
+
+    fn for_cluster(
+        storage: Storage,
+        descriptor: Descriptor,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<Repository> {
         let location = storage.location().to_string();
         if descriptor.system_identifier != cluster.system_identifier {
             return Err(RepoError::OtherCluster {

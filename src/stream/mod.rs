@@ -21,8 +21,8 @@
 
 pub mod budget;
 
-pub mod metrics;
 mod error;
+pub mod metrics;
 mod options;
 mod receiver;
 pub mod segment;
@@ -454,4 +454,3 @@ async fn delete_stale_chunks(repo: &Repository, scan: &WalScan) {
     );
     repo.delete_chunks(&stale).await;
 }
-

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{self as m, Progress};
 use super::error::{classify_connect_error, classify_start_error, StreamError};
+use super::metrics::{self as m, Progress};
 use super::options::StreamOptions;
 use crate::pg::{self, ConnConfig, ReplicationConn, ReplicationMessage, XLogStream};
 use crate::wal::{Lsn, TimelineId, WalFileName};

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::error::StreamError;
 use super::metrics::{self as m, Progress};
 use super::segment::Job;
-use super::error::StreamError;
 use crate::repo::{ChunkRef, PutOutcome, RepoError, Repository};
 use crate::storage::StorageError;
 use crate::wal::Lsn;

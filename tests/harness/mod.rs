@@ -17,6 +17,7 @@ mod pg;
 mod proxy;
 mod s3;
 mod selftest;
+pub mod topology;
 mod util;
 
 pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
