@@ -366,6 +366,17 @@ pub(crate) mod build {
         b
     }
 
+    /// A symbolic link entry.
+    pub(crate) fn link(path: &str, target: &str) -> [u8; 512] {
+        let mut b = header(path, b'2', 0);
+        b[157..157 + target.len()].copy_from_slice(target.as_bytes());
+        // The checksum covers the link name too.
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u64 = b.iter().map(|&x| x as u64).sum();
+        b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        b
+    }
+
     /// A regular file entry: header, data, padding to the next block.
     pub(crate) fn file(path: &str, data: &[u8]) -> Vec<u8> {
         let mut a = header(path, b'0', data.len() as u64).to_vec();

@@ -517,3 +517,83 @@ fn finish_layout(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::ManifestFile;
+    use crate::format::tar::build::{file, header, link, END};
+
+    fn writer(root: &Path, syncer: &Syncer) -> FileWriter {
+        FileWriter {
+            root: root.to_path_buf(),
+            links: [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
+            current: None,
+            syncer: syncer.handle(),
+        }
+    }
+
+    fn write(archive: &[u8], w: &mut FileWriter, manifest: Manifest) -> Result<(), RestoreError> {
+        let mut check = ManifestCheck::new(Some(manifest));
+        let mut reader = ArchiveReader::new(None);
+        for piece in archive.chunks(700) {
+            reader.feed(piece, &mut check, w).map_err(|e| match e {
+                FeedError::Tar(t) => panic!("{t}"),
+                FeedError::Sink(e) => e,
+            })?;
+        }
+        reader.finish().unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn writes_files_links_and_directories_and_checks_each_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let mut a = header("global", b'5', 0).to_vec();
+        a.extend_from_slice(&file("global/pg_control", &[7u8; 1500]));
+        a.extend_from_slice(&header("pg_tblspc", b'5', 0));
+        a.extend_from_slice(&link("pg_tblspc/16384", "/old/ts"));
+        a.extend_from_slice(&END);
+        let want = ManifestFile {
+            size: 1500,
+            crc32c: Some(crc32c::crc32c(&[7u8; 1500])),
+        };
+        let manifest: Manifest = [("global/pg_control".to_string(), want.clone())].into();
+        write(&a, &mut writer(dir.path(), &syncer), manifest).unwrap();
+        let control = dir.path().join("global/pg_control");
+        assert_eq!(fs::read(&control).unwrap(), vec![7u8; 1500]);
+        assert_eq!(fs::metadata(&control).unwrap().mode() & 0o777, 0o600);
+        let target = fs::read_link(dir.path().join("pg_tblspc/16384")).unwrap();
+        assert_eq!(target, PathBuf::from("/new/ts"));
+
+        let other = tempfile::tempdir().unwrap();
+        let bad = [(
+            "global/pg_control".to_string(),
+            ManifestFile {
+                crc32c: Some(1),
+                ..want
+            },
+        )];
+        let e = write(&a, &mut writer(other.path(), &syncer), bad.into()).unwrap_err();
+        assert!(
+            matches!(&e, RestoreError::ChecksumMismatch { path, .. } if path == "global/pg_control"),
+            "{e}"
+        );
+        syncer.finish(&[dir.path().to_path_buf()]).unwrap();
+    }
+
+    #[test]
+    fn refuses_entries_outside_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let mut a = file("../escaped", b"x");
+        a.extend_from_slice(&END);
+        let e = write(&a, &mut writer(dir.path(), &syncer), Manifest::new()).unwrap_err();
+        assert!(
+            matches!(&e, RestoreError::UnsafePath { path } if path == "../escaped"),
+            "{e}"
+        );
+        assert!(!dir.path().parent().unwrap().join("escaped").exists());
+    }
+}
