@@ -12,6 +12,8 @@
 //! | `storage`, `codec`, `format`, `wal`                | nothing else in the crate              |
 //!
 //! A job never imports another job, and only `repo` calls `storage` with keys.
+#[cfg(test)]
+mod architecture_tests;
 pub mod archive;
 pub mod backup;
 pub mod cli;

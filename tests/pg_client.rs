@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use pitr::format::archive_check::{ArchiveReader, Discard, ManifestCheck};
 use pitr::pg::{
     self, BackupEvent, BaseBackupOptions, ConnConfig, CreateSlotOptions, ReplicationConn,
     ReplicationMessage,
@@ -455,6 +456,21 @@ async fn base_backup_with_a_tablespace() -> Result<()> {
             .any(|f| f["Path"].as_str().is_some_and(|p| p.starts_with(&prefix))),
         "no {prefix}* in the manifest"
     );
+
+    // pitr's archive check agrees with the server: every file matches, none is missing and none
+    // unlisted, the tablespace's members found under pg_tblspc/<oid>/.
+    let mut check = ManifestCheck::new(Some(pitr::format::manifest::parse(&manifest)?));
+    for (name, ts, bytes) in &archives {
+        let mut reader = ArchiveReader::new(ts.as_ref().map(|t| t.0));
+        if let Err(e) = reader.feed(bytes, &mut check, &mut Discard) {
+            bail!("{name}: {e:?}");
+        }
+        reader.finish()?;
+    }
+    let outcome = check.finish();
+    assert!(outcome.files > 100, "{outcome:?}");
+    assert!(outcome.missing.is_empty(), "{:?}", outcome.missing);
+    assert!(outcome.extra.is_empty(), "{:?}", outcome.extra);
 
     let mut conn = backup.into_conn()?;
     conn.identify_system().await?;

@@ -6,8 +6,9 @@ use tokio::task::JoinSet;
 
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
 use crate::error::{Classify, Code};
+use crate::format::archive_check::{ArchiveReader, Discard, FeedError, ManifestCheck, Mismatch};
 use crate::format::manifest;
-use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
+use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
     BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions,
@@ -115,17 +116,12 @@ impl From<TarError> for BackupError {
 struct ArchiveUpload {
     meta: BackupArchive,
     buf: Vec<u8>,
-    manifest_prefix: String,
-    reader: TarReader,
-    current: Option<(String, u32, u64)>,
+    reader: ArchiveReader,
 }
 
 impl ArchiveUpload {
     fn new(name: String, tablespace: Option<(u32, String)>) -> ArchiveUpload {
-        let manifest_prefix = tablespace
-            .as_ref()
-            .map(|(oid, _)| format!("pg_tblspc/{oid}/"))
-            .unwrap_or_default();
+        let reader = ArchiveReader::new(tablespace.as_ref().map(|t| t.0));
         ArchiveUpload {
             meta: BackupArchive {
                 name,
@@ -136,9 +132,7 @@ impl ArchiveUpload {
                 stored_bytes: 0,
             },
             buf: Vec::with_capacity(PART_SIZE),
-            manifest_prefix,
-            reader: TarReader::new(),
-            current: None,
+            reader,
         }
     }
 
@@ -146,34 +140,17 @@ impl ArchiveUpload {
     fn push(
         &mut self,
         data: &[u8],
-        checksums: &mut HashMap<String, (u64, u32)>,
+        files: &mut ManifestCheck,
     ) -> Result<Vec<(u32, Vec<u8>)>, BackupError> {
-        let prefix = &self.manifest_prefix;
-        let current = &mut self.current;
+        // The manifest comes after the archives, so files are checked in `verify_against_manifest`.
         self.reader
-            .feed(data, &mut |ev| -> Result<(), TarError> {
-                match ev {
-                    TarEvent::Entry(h) if h.kind == EntryKind::File => {
-                        *current = Some((format!("{prefix}{}", h.path), 0, 0))
-                    }
-                    TarEvent::Entry(_) => {}
-                    TarEvent::Data(d) => {
-                        if let Some((_, crc, len)) = current {
-                            *crc = crc32c::crc32c_append(*crc, d);
-                            *len += d.len() as u64;
-                        }
-                    }
-                    TarEvent::EntryEnd => {
-                        if let Some((path, crc, len)) = current.take() {
-                            checksums.insert(path, (len, crc));
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|source| BackupError::Tar {
-                archive: self.meta.name.clone(),
-                source,
+            .feed(data, files, &mut Discard)
+            .map_err(|e| match e {
+                FeedError::Tar(source) => BackupError::Tar {
+                    archive: self.meta.name.clone(),
+                    source,
+                },
+                FeedError::Sink(m) => mismatch_error(m),
             })?;
         self.meta.raw_bytes += data.len() as u64;
         let mut ready = vec![];
@@ -338,84 +315,19 @@ async fn receive_and_publish(
     } = started;
     let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
     let mut stream = conn.base_backup(bb_opts).await?;
-
-    let mut uploads = Uploads {
-        set: JoinSet::new(),
-        stored: HashMap::new(),
-    };
-    let mut archives: Vec<BackupArchive> = vec![];
-    let mut current: Option<ArchiveUpload> = None;
-    let mut checksums: HashMap<String, (u64, u32)> = HashMap::new();
-    let mut manifest_bytes: Vec<u8> = vec![];
-    let mut start: Option<(Lsn, TimelineId)> = None;
-    let mut end: Option<(Lsn, TimelineId)> = None;
-    let mut received: u64 = 0;
-
-    macro_rules! close_archive {
-        () => {
-            if let Some(mut a) = current.take() {
-                if let Some((n, data)) = a.finish()? {
-                    uploads.spawn(&repo, &id, &a.meta.name, n, data).await?;
-                }
-                archives.push(a.meta);
-            }
-        };
-    }
-
+    let mut receiver = Receiver::new(&repo, &id);
     while let Some(ev) = stream.next_event().await? {
-        match ev {
-            BackupEvent::Start {
-                start_lsn,
-                timeline,
-                tablespaces,
-            } => {
-                start = Some((start_lsn, timeline));
-                let total = tablespaces
-                    .iter()
-                    .map(|t| t.size_kb)
-                    .sum::<Option<u64>>()
-                    .map(|kb| kb * 1024);
-                progress(BackupProgress::Started {
-                    id: id.clone(),
-                    total_bytes: total,
-                });
-            }
-            BackupEvent::Archive { name, tablespace } => {
-                close_archive!();
-                current = Some(ArchiveUpload::new(name, tablespace));
-            }
-            BackupEvent::Data(bytes) => {
-                let a = current.as_mut().ok_or_else(|| BackupError::Incomplete {
-                    what: "data before any archive".into(),
-                })?;
-                received += bytes.len() as u64;
-                for (n, data) in a.push(&bytes, &mut checksums)? {
-                    let name = a.meta.name.clone();
-                    uploads.spawn(&repo, &id, &name, n, data).await?;
-                }
-                progress(BackupProgress::Bytes { done: received });
-            }
-            BackupEvent::Manifest(bytes) => {
-                close_archive!();
-                manifest_bytes.extend_from_slice(&bytes);
-            }
-            BackupEvent::Progress { .. } => {}
-            BackupEvent::End { stop_lsn, timeline } => end = Some((stop_lsn, timeline)),
-        }
+        receiver.on_event(ev, progress).await?;
     }
-    close_archive!();
-    uploads.join_all().await?;
-    let (start_lsn, timeline) = start.ok_or_else(|| BackupError::Incomplete {
-        what: "no start position".into(),
-    })?;
-    let (stop_lsn, _) = end.ok_or_else(|| BackupError::Incomplete {
-        what: "no end position".into(),
-    })?;
-    for a in &mut archives {
-        a.stored_bytes = uploads.stored.get(&a.name).copied().unwrap_or(0);
-    }
+    let Received {
+        archives,
+        files,
+        manifest_bytes,
+        start: (start_lsn, timeline),
+        stop_lsn,
+    } = receiver.finish().await?;
 
-    verify_against_manifest(&manifest_bytes, &checksums)?;
+    verify_against_manifest(&manifest_bytes, files)?;
     repo.put_backup_manifest(&id, manifest_bytes).await?;
 
     wait_for_wal(
@@ -452,43 +364,193 @@ async fn receive_and_publish(
     Ok(info)
 }
 
+/// A backup stream being received: each archive is checksummed and stored part by part as it
+/// comes.
+struct Receiver<'a> {
+    repo: &'a Repository,
+    id: &'a str,
+    uploads: Uploads,
+    archives: Vec<BackupArchive>,
+    current: Option<ArchiveUpload>,
+    files: ManifestCheck,
+    manifest_bytes: Vec<u8>,
+    start: Option<(Lsn, TimelineId)>,
+    stop_lsn: Option<Lsn>,
+    received: u64,
+}
+
+/// What the server sent, once every part is stored.
+struct Received {
+    archives: Vec<BackupArchive>,
+    /// Checked once the manifest is known, in [`verify_against_manifest`].
+    files: ManifestCheck,
+    manifest_bytes: Vec<u8>,
+    start: (Lsn, TimelineId),
+    stop_lsn: Lsn,
+}
+
+impl<'a> Receiver<'a> {
+    fn new(repo: &'a Repository, id: &'a str) -> Receiver<'a> {
+        Receiver {
+            repo,
+            id,
+            uploads: Uploads {
+                set: JoinSet::new(),
+                stored: HashMap::new(),
+            },
+            archives: vec![],
+            current: None,
+            files: ManifestCheck::new(None),
+            manifest_bytes: vec![],
+            start: None,
+            stop_lsn: None,
+            received: 0,
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        ev: BackupEvent,
+        progress: &(dyn Fn(BackupProgress) + Sync),
+    ) -> Result<(), BackupError> {
+        match ev {
+            BackupEvent::Start {
+                start_lsn,
+                timeline,
+                tablespaces,
+            } => {
+                self.start = Some((start_lsn, timeline));
+                let total = tablespaces
+                    .iter()
+                    .map(|t| t.size_kb)
+                    .sum::<Option<u64>>()
+                    .map(|kb| kb * 1024);
+                progress(BackupProgress::Started {
+                    id: self.id.to_string(),
+                    total_bytes: total,
+                });
+            }
+            BackupEvent::Archive { name, tablespace } => {
+                self.close_archive().await?;
+                self.current = Some(ArchiveUpload::new(name, tablespace));
+            }
+            BackupEvent::Data(bytes) => {
+                self.data(&bytes).await?;
+                progress(BackupProgress::Bytes {
+                    done: self.received,
+                });
+            }
+            BackupEvent::Manifest(bytes) => {
+                self.close_archive().await?;
+                self.manifest_bytes.extend_from_slice(&bytes);
+            }
+            BackupEvent::Progress { .. } => {}
+            BackupEvent::End { stop_lsn, .. } => self.stop_lsn = Some(stop_lsn),
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, bytes: &[u8]) -> Result<(), BackupError> {
+        let a = self
+            .current
+            .as_mut()
+            .ok_or_else(|| BackupError::Incomplete {
+                what: "data before any archive".into(),
+            })?;
+        self.received += bytes.len() as u64;
+        for (n, data) in a.push(bytes, &mut self.files)? {
+            let name = a.meta.name.clone();
+            self.uploads
+                .spawn(self.repo, self.id, &name, n, data)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn close_archive(&mut self) -> Result<(), BackupError> {
+        if let Some(mut a) = self.current.take() {
+            if let Some((n, data)) = a.finish()? {
+                self.uploads
+                    .spawn(self.repo, self.id, &a.meta.name, n, data)
+                    .await?;
+            }
+            self.archives.push(a.meta);
+        }
+        Ok(())
+    }
+
+    /// The stream has ended: waits for the last uploads.
+    async fn finish(mut self) -> Result<Received, BackupError> {
+        self.close_archive().await?;
+        self.uploads.join_all().await?;
+        let start = self.start.ok_or_else(|| BackupError::Incomplete {
+            what: "no start position".into(),
+        })?;
+        let stop_lsn = self.stop_lsn.ok_or_else(|| BackupError::Incomplete {
+            what: "no end position".into(),
+        })?;
+        for a in &mut self.archives {
+            a.stored_bytes = self.uploads.stored.get(&a.name).copied().unwrap_or(0);
+        }
+        Ok(Received {
+            archives: self.archives,
+            files: self.files,
+            manifest_bytes: self.manifest_bytes,
+            start,
+            stop_lsn,
+        })
+    }
+}
+
 /// Every file the manifest lists must have passed with the same size and checksum.
-fn verify_against_manifest(
-    raw: &[u8],
-    seen: &HashMap<String, (u64, u32)>,
-) -> Result<(), BackupError> {
+fn verify_against_manifest(raw: &[u8], mut files: ManifestCheck) -> Result<(), BackupError> {
     if raw.is_empty() {
         return Err(BackupError::Incomplete {
             what: "no backup manifest".into(),
         });
     }
-    let files = manifest::parse(raw).map_err(|e| BackupError::Manifest(e.to_string()))?;
-    for (path, exp) in &files {
-        let Some(&(len, crc)) = seen.get(path) else {
-            return Err(BackupError::ManifestMismatch {
-                path: path.clone(),
-                expected: "present".into(),
-                actual: "missing".into(),
-            });
-        };
-        if len != exp.size {
-            return Err(BackupError::ManifestMismatch {
-                path: path.clone(),
-                expected: format!("{} bytes", exp.size),
-                actual: format!("{len} bytes"),
-            });
-        }
-        if let Some(want) = exp.crc32c {
-            if want != crc {
-                return Err(BackupError::ManifestMismatch {
-                    path: path.clone(),
-                    expected: manifest::format_crc32c(want),
-                    actual: manifest::format_crc32c(crc),
-                });
-            }
-        }
+    let manifest = manifest::parse(raw).map_err(|e| BackupError::Manifest(e.to_string()))?;
+    files.set_manifest(manifest);
+    let outcome = files.finish();
+    if let Some(m) = outcome.mismatches.into_iter().next() {
+        return Err(mismatch_error(m));
+    }
+    if let Some(path) = outcome.missing.into_iter().next() {
+        return Err(BackupError::ManifestMismatch {
+            path,
+            expected: "present".into(),
+            actual: "missing".into(),
+        });
+    }
+    // The server lists every file it sends; an unlisted one is restored unchecked, not lost.
+    if let Some(example) = outcome.extra.first() {
+        tracing::warn!(count = outcome.extra.len(), %example, "files in the backup are not in its manifest");
     }
     Ok(())
+}
+
+fn mismatch_error(m: Mismatch) -> BackupError {
+    let (path, expected, actual) = match m {
+        Mismatch::Size {
+            path,
+            expected,
+            actual,
+        } => (path, format!("{expected} bytes"), format!("{actual} bytes")),
+        Mismatch::Checksum {
+            path,
+            expected,
+            actual,
+        } => (
+            path,
+            manifest::format_crc32c(expected),
+            manifest::format_crc32c(actual),
+        ),
+    };
+    BackupError::ManifestMismatch {
+        path,
+        expected,
+        actual,
+    }
 }
 
 /// Waits until every segment from the one holding `start` to the one holding the last byte

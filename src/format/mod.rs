@@ -1,5 +1,7 @@
 //! File formats inside a PostgreSQL base backup: the tar streams BASE_BACKUP sends and the
-//! backup manifest. Pure parsers, shared by the backup and restore jobs.
+//! backup manifest. Pure parsers and the check of one against the other, shared by the backup,
+//! restore and verify jobs.
 
+pub mod archive_check;
 pub mod manifest;
 pub mod tar;

@@ -345,10 +345,9 @@ impl TarReader {
     }
 }
 
+/// Tar bytes built in tests, the way PostgreSQL writes them.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+pub(crate) mod build {
     /// Builds a ustar header the way PostgreSQL's tarCreateHeader() does.
     pub(crate) fn header(path: &str, typeflag: u8, size: u64) -> [u8; 512] {
         let mut b = [0u8; 512];
@@ -366,6 +365,34 @@ mod tests {
         b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
         b
     }
+
+    /// A symbolic link entry.
+    pub(crate) fn link(path: &str, target: &str) -> [u8; 512] {
+        let mut b = header(path, b'2', 0);
+        b[157..157 + target.len()].copy_from_slice(target.as_bytes());
+        // The checksum covers the link name too.
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u64 = b.iter().map(|&x| x as u64).sum();
+        b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        b
+    }
+
+    /// A regular file entry: header, data, padding to the next block.
+    pub(crate) fn file(path: &str, data: &[u8]) -> Vec<u8> {
+        let mut a = header(path, b'0', data.len() as u64).to_vec();
+        a.extend_from_slice(data);
+        a.resize(a.len() + super::pad_of(data.len() as u64), 0);
+        a
+    }
+
+    /// The end-of-archive marker.
+    pub(crate) const END: [u8; 1024] = [0u8; 1024];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::header;
+    use super::*;
 
     fn archive() -> Vec<u8> {
         let mut a = vec![];

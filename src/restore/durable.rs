@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender};
 
-use super::execute::RestoreError;
+use super::error::RestoreError;
 
 /// Jobs waiting for the sync thread. Bounded, so that a slow disk slows the writer down instead
 /// of piling up open files.

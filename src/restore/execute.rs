@@ -5,23 +5,27 @@
 //! that writes files directly into place. No file is staged; every byte is checked twice: by the
 //! object checksum when fetched and by the manifest checksum when written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
 use super::recovery_conf;
-use crate::error::{Classify, Code};
-use crate::format::manifest::{self, ManifestFile};
-use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
+use crate::format::archive_check::{
+    ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch, Outcome,
+};
+use crate::format::manifest;
+use crate::format::tar::{EntryKind, TarHeader};
 use crate::recovery::RestorePlan;
-use crate::repo::{BackupArchive, RepoError, Repository};
+
+use super::error::RestoreError;
+use crate::repo::{BackupArchive, BackupInfo, RepoError, Repository};
 
 /// Parts fetched and decoded ahead of the writer. Each is at most one backup part (16 MiB) raw
 /// plus its compressed copy, so this bounds restore memory at roughly 4 × 32 MiB.
@@ -35,80 +39,6 @@ pub struct RestoreOptions {
     /// The full restore_command to write; built by the caller so it can name the binary and the
     /// repository or config file exactly as the user gave them.
     pub restore_command: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RestoreError {
-    #[error("{path} is not empty; restore needs an empty or missing directory")]
-    NotEmpty { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error(transparent)]
-    Repo(#[from] RepoError),
-    #[error("backup archive {archive}: {source}")]
-    Tar { archive: String, source: TarError },
-    #[error("backup entry {path:?} would be written outside the target directory")]
-    UnsafePath { path: String },
-    #[error(transparent)]
-    Manifest(#[from] manifest::ManifestError),
-    #[error(
-        "{path}: checksum mismatch against the backup manifest (expected {expected}, got {actual})"
-    )]
-    ChecksumMismatch {
-        path: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("{path}: size {actual} differs from the backup manifest's {expected}")]
-    SizeMismatch {
-        path: String,
-        expected: u64,
-        actual: u64,
-    },
-    #[error(
-        "{count} file(s) listed in the backup manifest were not in the backup, e.g. {example}"
-    )]
-    MissingFiles { count: usize, example: String },
-    #[error("tablespace {oid} has no location recorded; pass --tablespace-map OLD=NEW")]
-    NoTablespaceLocation { oid: u32 },
-}
-
-impl Classify for RestoreError {
-    fn code(&self) -> Code {
-        match self {
-            RestoreError::Repo(e) => e.code(),
-            RestoreError::NotEmpty { .. } => Code::RestoreRefused,
-            RestoreError::NoTablespaceLocation { .. } => Code::Input,
-            RestoreError::Io { .. }
-            | RestoreError::Tar { .. }
-            | RestoreError::UnsafePath { .. }
-            | RestoreError::Manifest(_)
-            | RestoreError::ChecksumMismatch { .. }
-            | RestoreError::SizeMismatch { .. }
-            | RestoreError::MissingFiles { .. } => Code::JobFailed,
-        }
-    }
-
-    fn hint(&self) -> Option<String> {
-        let hint = match self {
-            RestoreError::Repo(e) => return e.hint(),
-            RestoreError::NotEmpty { .. } => {
-                "restore into a new directory, or empty this one if you really mean to replace it"
-            }
-            RestoreError::NoTablespaceLocation { .. } => return None,
-            RestoreError::Io { .. }
-            | RestoreError::Tar { .. }
-            | RestoreError::UnsafePath { .. }
-            | RestoreError::Manifest(_)
-            | RestoreError::ChecksumMismatch { .. }
-            | RestoreError::SizeMismatch { .. }
-            | RestoreError::MissingFiles { .. } => {
-                "the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository"
-            }
-        };
-        Some(hint.into())
-    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -169,183 +99,185 @@ fn safe_join(root: &Path, entry: &str) -> Result<PathBuf, RestoreError> {
     Ok(root.join(rel))
 }
 
-/// Writes one tar stream under `root`, checking each file against the manifest as it is
-/// written (manifest paths are relative to the data directory, so tablespace entries are looked
-/// up under `manifest_prefix`). Owns all its state so it can move to a blocking thread.
-struct ArchiveExtractor {
-    archive: String,
+/// Writes the entries of a backup's archives into place as they are read. Owns all its state
+/// so it can move to the blocking thread that writes each archive.
+struct FileWriter {
+    /// Where the current archive's entries go: the data directory or a tablespace's directory.
     root: PathBuf,
-    manifest_prefix: String,
-    expected: Arc<HashMap<String, ManifestFile>>,
-    links: Arc<HashMap<String, PathBuf>>,
-    reader: TarReader,
+    /// Tablespace relocations: old location → new directory.
+    links: HashMap<String, PathBuf>,
     current: Option<OpenFile>,
-    seen: HashSet<String>,
-    files: u64,
-    bytes: u64,
     syncer: SyncHandle,
 }
 
 struct OpenFile {
     file: File,
-    manifest_path: String,
-    crc: u32,
+    path: PathBuf,
     len: u64,
     /// Length when the last flush was asked for.
     flushed: u64,
 }
 
-impl ArchiveExtractor {
-    fn feed(&mut self, chunk: &[u8]) -> Result<(), RestoreError> {
-        let mut reader = std::mem::take(&mut self.reader);
-        let res = reader.feed(chunk, &mut |ev| self.on_event(ev));
-        self.reader = reader;
-        res.map_err(|e| match e {
-            RestoreError::Tar { source, .. } => RestoreError::Tar {
-                archive: self.archive.clone(),
-                source,
-            },
-            other => other,
-        })
+impl FileWriter {
+    fn create_file(&mut self, path: PathBuf) -> Result<(), RestoreError> {
+        if let Some(parent) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_at(parent))?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        self.current = Some(OpenFile {
+            file,
+            path,
+            len: 0,
+            flushed: 0,
+        });
+        Ok(())
     }
 
-    fn finish(self) -> Result<Self, RestoreError> {
-        self.reader.finish().map_err(|source| RestoreError::Tar {
-            archive: self.archive.clone(),
-            source,
-        })?;
-        Ok(self)
+    /// pg_tblspc/<oid> links: point relocated tablespaces at their new home.
+    fn create_link(&self, link_target: &str, path: &Path) -> Result<(), RestoreError> {
+        let target = self
+            .links
+            .get(link_target)
+            .cloned()
+            .unwrap_or_else(|| link_target.into());
+        std::os::unix::fs::symlink(&target, path).map_err(io_at(path))
+    }
+}
+
+impl ArchiveSink for FileWriter {
+    type Error = RestoreError;
+
+    fn entry(&mut self, h: &TarHeader) -> Result<(), RestoreError> {
+        let path = safe_join(&self.root, &h.path)?;
+        match h.kind {
+            EntryKind::Directory => create_private_dir(&path),
+            EntryKind::File => self.create_file(path),
+            EntryKind::Symlink => self.create_link(&h.link_target, &path),
+            EntryKind::Other(_) => Ok(()),
+        }
     }
 
-    fn on_event(&mut self, ev: TarEvent<'_>) -> Result<(), RestoreError> {
-        match ev {
-            TarEvent::Entry(h) => {
-                let path = safe_join(&self.root, &h.path)?;
-                match h.kind {
-                    EntryKind::Directory => create_private_dir(&path)?,
-                    EntryKind::File => {
-                        if let Some(parent) = path.parent() {
-                            fs::DirBuilder::new()
-                                .recursive(true)
-                                .mode(0o700)
-                                .create(parent)
-                                .map_err(io_at(parent))?;
-                        }
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .open(&path)
-                            .map_err(io_at(&path))?;
-                        let manifest_path = format!("{}{}", self.manifest_prefix, h.path);
-                        self.current = Some(OpenFile {
-                            file,
-                            manifest_path,
-                            crc: 0,
-                            len: 0,
-                            flushed: 0,
-                        });
-                    }
-                    EntryKind::Symlink => {
-                        // pg_tblspc/<oid> links: point relocated tablespaces at their new home.
-                        let target = self
-                            .links
-                            .get(&h.link_target)
-                            .cloned()
-                            .unwrap_or_else(|| h.link_target.clone().into());
-                        std::os::unix::fs::symlink(&target, &path).map_err(io_at(&path))?;
-                    }
-                    EntryKind::Other(_) => {}
-                }
-            }
-            TarEvent::Data(d) => {
-                if let Some(f) = &mut self.current {
-                    f.file.write_all(d).map_err(|source| RestoreError::Io {
-                        path: self.root.join(&f.manifest_path),
-                        source,
-                    })?;
-                    f.crc = crc32c::crc32c_append(f.crc, d);
-                    f.len += d.len() as u64;
-                    if f.len - f.flushed >= FLUSH_EVERY {
-                        self.syncer
-                            .flush(&f.file, &self.root.join(&f.manifest_path));
-                        f.flushed = f.len;
-                    }
-                }
-            }
-            TarEvent::EntryEnd => {
-                if let Some(f) = self.current.take() {
-                    self.check_against_manifest(&f)?;
-                    self.files += 1;
-                    self.bytes += f.len;
-                    self.syncer.done(f.file, self.root.join(&f.manifest_path));
-                    self.seen.insert(f.manifest_path);
-                }
-            }
+    fn data(&mut self, d: &[u8]) -> Result<(), RestoreError> {
+        let Some(f) = &mut self.current else {
+            return Ok(());
+        };
+        f.file.write_all(d).map_err(io_at(&f.path))?;
+        f.len += d.len() as u64;
+        if f.len - f.flushed >= FLUSH_EVERY {
+            self.syncer.flush(&f.file, &f.path);
+            f.flushed = f.len;
         }
         Ok(())
     }
 
-    fn check_against_manifest(&self, f: &OpenFile) -> Result<(), RestoreError> {
-        let Some(exp) = self.expected.get(&f.manifest_path) else {
-            return Ok(());
-        };
-        if exp.size != f.len {
-            return Err(RestoreError::SizeMismatch {
-                path: f.manifest_path.clone(),
-                expected: exp.size,
-                actual: f.len,
-            });
+    /// Each file is checked against the manifest as soon as it is written.
+    fn file_end(&mut self, _: &FileSum, verdict: Result<(), Mismatch>) -> Result<(), RestoreError> {
+        verdict.map_err(mismatch_error)?;
+        if let Some(f) = self.current.take() {
+            self.syncer.done(f.file, f.path);
         }
-        match exp.crc32c {
-            Some(want) if want != f.crc => Err(RestoreError::ChecksumMismatch {
-                path: f.manifest_path.clone(),
-                expected: manifest::format_crc32c(want),
-                actual: manifest::format_crc32c(f.crc),
-            }),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 
-/// Fetches the parts of `archive` in order, a few ahead, and feeds them to the extractor on a
-/// blocking thread; returns the extractor once the whole archive is written.
+fn mismatch_error(m: Mismatch) -> RestoreError {
+    match m {
+        Mismatch::Size {
+            path,
+            expected,
+            actual,
+        } => RestoreError::SizeMismatch {
+            path,
+            expected,
+            actual,
+        },
+        Mismatch::Checksum {
+            path,
+            expected,
+            actual,
+        } => RestoreError::ChecksumMismatch {
+            path,
+            expected: manifest::format_crc32c(expected),
+            actual: manifest::format_crc32c(actual),
+        },
+    }
+}
+
+/// What the writer thread needs, moved to it for each archive and back.
+struct Extraction {
+    check: ManifestCheck,
+    writer: FileWriter,
+}
+
+/// Fetches the parts of `archive` in order, a few ahead, and feeds them to the writer on a
+/// blocking thread; returns the extraction once the whole archive is written.
 async fn restore_archive(
     repo: &Repository,
     backup_id: &str,
     archive: &BackupArchive,
-    mut extractor: ArchiveExtractor,
-) -> Result<ArchiveExtractor, RestoreError> {
+    extraction: Extraction,
+) -> Result<Extraction, RestoreError> {
     // Capacity 1: the writer holds one part, one waits, PREFETCH_PARTS are being fetched.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
-    let writer = tokio::task::spawn_blocking(move || -> Result<ArchiveExtractor, RestoreError> {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
+    let writer = spawn_writer(archive, extraction, rx);
+    let fetched = send_parts(repo, backup_id, archive, tx).await;
+    let written = writer.await.expect("restore writer panicked");
+    fetched?;
+    written
+}
+
+/// Writes the parts received on `rx`, on a blocking thread.
+fn spawn_writer(
+    archive: &BackupArchive,
+    mut ex: Extraction,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> tokio::task::JoinHandle<Result<Extraction, RestoreError>> {
+    let name = archive.name.clone();
+    let mut reader = ArchiveReader::new(archive.tablespace_oid);
+    let tar_error = |name: &str, source| RestoreError::Tar {
+        archive: name.to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
-            extractor.feed(&chunk)?;
+            reader
+                .feed(&chunk, &mut ex.check, &mut ex.writer)
+                .map_err(|e| match e {
+                    FeedError::Tar(source) => tar_error(&name, source),
+                    FeedError::Sink(e) => e,
+                })?;
         }
-        extractor.finish()
-    });
+        reader.finish().map_err(|source| tar_error(&name, source))?;
+        Ok(ex)
+    })
+}
+
+/// Fetches and verifies the parts of `archive`, a few ahead, and sends them in order. Stops
+/// quietly when the writer has stopped: its error is the one reported.
+async fn send_parts(
+    repo: &Repository,
+    backup_id: &str,
+    archive: &BackupArchive,
+    tx: mpsc::Sender<Vec<u8>>,
+) -> Result<(), RestoreError> {
     let mut parts = futures::stream::iter(0..archive.parts)
         .map(|i| repo.backup_part(backup_id, &archive.name, i))
         .buffered(PREFETCH_PARTS);
-    let mut fetch_result = Ok(());
     while let Some(part) = parts.next().await {
-        match part {
-            // A send fails only when the writer stopped on an error, which is reported below.
-            Ok(bytes) => {
-                if tx.send(bytes).await.is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                fetch_result = Err(RestoreError::from(e));
-                break;
-            }
+        if tx.send(part?).await.is_err() {
+            break;
         }
     }
-    drop(tx);
-    let written = writer.await.expect("restore writer panicked");
-    fetch_result?;
-    written
+    Ok(())
 }
 
 fn is_root() -> bool {
@@ -374,81 +306,125 @@ pub async fn execute(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let backup = &plan.backup;
-    check_target_dir(&opts.pgdata)?;
-    // Remember who owns the directory the user prepared, before we create anything.
-    let owner = fs::metadata(&opts.pgdata).ok().map(|m| (m.uid(), m.gid()));
-    create_private_dir(&opts.pgdata)?;
-
-    let expected = if backup.manifest {
-        let raw = repo.backup_manifest(&backup.id).await?.ok_or_else(|| {
-            RestoreError::Repo(RepoError::Storage(crate::storage::StorageError::NotFound {
-                key: format!("backup_manifest of backup {}", backup.id),
-            }))
-        })?;
-        manifest::parse(&raw)?
-    } else {
-        HashMap::new()
-    };
-    let expected = Arc::new(expected);
-    let links: Arc<HashMap<String, PathBuf>> =
-        Arc::new(opts.tablespace_map.iter().cloned().collect());
-
-    let mut report = RestoreReport::default();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut relocated: Vec<(u32, PathBuf)> = vec![];
+    let owner = prepare_target(&opts.pgdata)?;
+    let manifest = load_manifest(repo, &plan.backup).await?;
     let syncer = Syncer::start();
-    for archive in &backup.archives {
-        let (root, manifest_prefix) = match archive.tablespace_oid {
-            None => (opts.pgdata.clone(), String::new()),
-            Some(oid) => {
-                let old = archive
-                    .tablespace_location
-                    .clone()
-                    .ok_or(RestoreError::NoTablespaceLocation { oid })?;
-                let dir = links
-                    .get(&old)
-                    .cloned()
-                    .unwrap_or_else(|| PathBuf::from(&old));
-                check_target_dir(&dir)?;
-                create_private_dir(&dir)?;
-                relocated.push((oid, dir.clone()));
-                (dir, format!("pg_tblspc/{oid}/"))
-            }
-        };
-        let extractor = ArchiveExtractor {
-            archive: archive.name.clone(),
-            root,
-            manifest_prefix,
-            expected: expected.clone(),
-            links: links.clone(),
-            reader: TarReader::new(),
+    let extraction = Extraction {
+        check: ManifestCheck::new(manifest),
+        writer: FileWriter {
+            root: opts.pgdata.clone(),
+            links: opts.tablespace_map.iter().cloned().collect(),
             current: None,
-            seen: HashSet::new(),
-            files: 0,
-            bytes: 0,
             syncer: syncer.handle(),
-        };
-        let done = restore_archive(repo, &backup.id, archive, extractor).await?;
-        tracing::info!(archive = %archive.name, files = done.files, bytes = done.bytes, "restored archive");
-        report.files += done.files;
-        report.bytes += done.bytes;
-        seen.extend(done.seen);
-    }
-
-    // Every file the manifest lists must have arrived.
-    let missing: Vec<&String> = expected.keys().filter(|p| !seen.contains(*p)).collect();
-    if let Some(example) = missing.first() {
-        return Err(RestoreError::MissingFiles {
-            count: missing.len(),
-            example: (*example).clone(),
-        });
-    }
-
+        },
+    };
+    let (outcome, relocated) = restore_archives(repo, &plan.backup, extraction).await?;
+    check_complete(&outcome)?;
     finish_layout(&opts.pgdata, plan, opts, &relocated)?;
     let roots: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
         .chain(relocated.iter().map(|(_, d)| d.clone()))
         .collect();
+    make_durable(syncer, roots, owner).await?;
+    Ok(RestoreReport {
+        files: outcome.files,
+        bytes: outcome.bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Creates the data directory; returns who owns it, if it existed: the user may have prepared
+/// it for the server's account.
+fn prepare_target(pgdata: &Path) -> Result<Option<(u32, u32)>, RestoreError> {
+    check_target_dir(pgdata)?;
+    // Remember who owns the directory the user prepared, before we create anything.
+    let owner = fs::metadata(pgdata).ok().map(|m| (m.uid(), m.gid()));
+    create_private_dir(pgdata)?;
+    Ok(owner)
+}
+
+async fn load_manifest(
+    repo: &Repository,
+    backup: &BackupInfo,
+) -> Result<Option<Manifest>, RestoreError> {
+    if !backup.manifest {
+        return Ok(None);
+    }
+    let raw = repo.backup_manifest(&backup.id).await?.ok_or_else(|| {
+        RestoreError::Repo(RepoError::Storage(crate::storage::StorageError::NotFound {
+            key: repo.backup_manifest_key(&backup.id),
+        }))
+    })?;
+    Ok(Some(manifest::parse(&raw)?))
+}
+
+/// Writes every archive into place, in order; returns what was read and where each tablespace
+/// went.
+async fn restore_archives(
+    repo: &Repository,
+    backup: &BackupInfo,
+    mut ex: Extraction,
+) -> Result<(Outcome, Vec<(u32, PathBuf)>), RestoreError> {
+    let pgdata = ex.writer.root.clone();
+    let mut relocated: Vec<(u32, PathBuf)> = vec![];
+    for archive in &backup.archives {
+        ex.writer.root = match archive.tablespace_oid {
+            None => pgdata.clone(),
+            Some(oid) => {
+                let dir = tablespace_dir(archive, oid, &ex.writer.links)?;
+                relocated.push((oid, dir.clone()));
+                dir
+            }
+        };
+        let (files, bytes) = (ex.check.files(), ex.check.bytes());
+        ex = restore_archive(repo, &backup.id, archive, ex).await?;
+        let (files, bytes) = (ex.check.files() - files, ex.check.bytes() - bytes);
+        tracing::info!(archive = %archive.name, files, bytes, "restored archive");
+    }
+    Ok((ex.check.finish(), relocated))
+}
+
+/// Creates the directory a tablespace archive is restored into: its old location, or where
+/// `--tablespace-map` moves it.
+fn tablespace_dir(
+    archive: &BackupArchive,
+    oid: u32,
+    links: &HashMap<String, PathBuf>,
+) -> Result<PathBuf, RestoreError> {
+    let old = archive
+        .tablespace_location
+        .clone()
+        .ok_or(RestoreError::NoTablespaceLocation { oid })?;
+    let dir = links
+        .get(&old)
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(&old));
+    check_target_dir(&dir)?;
+    create_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Every file the manifest lists must have arrived.
+fn check_complete(outcome: &Outcome) -> Result<(), RestoreError> {
+    if let Some(example) = outcome.missing.first() {
+        return Err(RestoreError::MissingFiles {
+            count: outcome.missing.len(),
+            example: example.clone(),
+        });
+    }
+    // The server lists every file it sends; an unlisted one was written unchecked, not lost.
+    if let Some(example) = outcome.extra.first() {
+        tracing::warn!(count = outcome.extra.len(), %example, "files in the backup are not in its manifest");
+    }
+    Ok(())
+}
+
+/// Hands the tree to the directory's owner when run as root, then waits until everything
+/// written is on disk: a crash after "restored" must not leave a half-written tree.
+async fn make_durable(
+    syncer: Syncer,
+    roots: Vec<PathBuf>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), RestoreError> {
     if is_root() {
         if let Some((uid, gid)) = owner.filter(|&(uid, _)| uid != 0) {
             for dir in &roots {
@@ -456,12 +432,9 @@ pub async fn execute(
             }
         }
     }
-    // Restored means durable: a crash after "restored" must not leave a half-written tree.
     tokio::task::spawn_blocking(move || syncer.finish(&roots))
         .await
-        .expect("sync task panicked")?;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+        .expect("sync task panicked")
 }
 
 /// pg_wal, tablespace_map, signal file and recovery settings.
@@ -509,13 +482,82 @@ fn finish_layout(
     Ok(())
 }
 
-// The tar reader reports its own errors through the sink's error type; the archive name is
-// filled in by `ArchiveExtractor::feed`.
-impl From<TarError> for RestoreError {
-    fn from(source: TarError) -> Self {
-        RestoreError::Tar {
-            archive: String::new(),
-            source,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::ManifestFile;
+    use crate::format::tar::build::{file, header, link, END};
+
+    fn writer(root: &Path, syncer: &Syncer) -> FileWriter {
+        FileWriter {
+            root: root.to_path_buf(),
+            links: [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
+            current: None,
+            syncer: syncer.handle(),
         }
+    }
+
+    fn write(archive: &[u8], w: &mut FileWriter, manifest: Manifest) -> Result<(), RestoreError> {
+        let mut check = ManifestCheck::new(Some(manifest));
+        let mut reader = ArchiveReader::new(None);
+        for piece in archive.chunks(700) {
+            reader.feed(piece, &mut check, w).map_err(|e| match e {
+                FeedError::Tar(t) => panic!("{t}"),
+                FeedError::Sink(e) => e,
+            })?;
+        }
+        reader.finish().unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn writes_files_links_and_directories_and_checks_each_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let mut a = header("global", b'5', 0).to_vec();
+        a.extend_from_slice(&file("global/pg_control", &[7u8; 1500]));
+        a.extend_from_slice(&header("pg_tblspc", b'5', 0));
+        a.extend_from_slice(&link("pg_tblspc/16384", "/old/ts"));
+        a.extend_from_slice(&END);
+        let want = ManifestFile {
+            size: 1500,
+            crc32c: Some(crc32c::crc32c(&[7u8; 1500])),
+        };
+        let manifest: Manifest = [("global/pg_control".to_string(), want.clone())].into();
+        write(&a, &mut writer(dir.path(), &syncer), manifest).unwrap();
+        let control = dir.path().join("global/pg_control");
+        assert_eq!(fs::read(&control).unwrap(), vec![7u8; 1500]);
+        assert_eq!(fs::metadata(&control).unwrap().mode() & 0o777, 0o600);
+        let target = fs::read_link(dir.path().join("pg_tblspc/16384")).unwrap();
+        assert_eq!(target, PathBuf::from("/new/ts"));
+
+        let other = tempfile::tempdir().unwrap();
+        let bad = [(
+            "global/pg_control".to_string(),
+            ManifestFile {
+                crc32c: Some(1),
+                ..want
+            },
+        )];
+        let e = write(&a, &mut writer(other.path(), &syncer), bad.into()).unwrap_err();
+        assert!(
+            matches!(&e, RestoreError::ChecksumMismatch { path, .. } if path == "global/pg_control"),
+            "{e}"
+        );
+        syncer.finish(&[dir.path().to_path_buf()]).unwrap();
+    }
+
+    #[test]
+    fn refuses_entries_outside_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncer = Syncer::start();
+        let mut a = file("../escaped", b"x");
+        a.extend_from_slice(&END);
+        let e = write(&a, &mut writer(dir.path(), &syncer), Manifest::new()).unwrap_err();
+        assert!(
+            matches!(&e, RestoreError::UnsafePath { path } if path == "../escaped"),
+            "{e}"
+        );
+        assert!(!dir.path().parent().unwrap().join("escaped").exists());
     }
 }

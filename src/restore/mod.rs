@@ -6,7 +6,9 @@
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
 mod durable;
+mod error;
 mod execute;
 pub mod recovery_conf;
 
-pub use execute::{check_target_dir, execute, RestoreError, RestoreOptions, RestoreReport};
+pub use error::RestoreError;
+pub use execute::{check_target_dir, execute, RestoreOptions, RestoreReport};

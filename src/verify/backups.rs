@@ -3,11 +3,14 @@
 //! restore would check them, without writing anything.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 
 use super::{read_checked, record_read_error, ProblemKind, Severity, VerifyProgress, VerifyReport};
-use crate::format::manifest::{self, ManifestFile};
-use crate::format::tar::{EntryKind, TarError, TarEvent, TarReader};
-use crate::repo::{BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
+use crate::format::archive_check::{
+    ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch,
+};
+use crate::format::manifest;
+use crate::repo::{BackupArchive, BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
 
 /// Reads the catalog and checks every completed backup; frame-checks the other backup objects
 /// (parts left by interrupted backups). Returns the catalog entries that parsed, oldest first.
@@ -42,7 +45,15 @@ pub(super) async fn verify_backups(
 
     for b in &catalog {
         report.backups += 1;
-        verify_one(repo, b, &sizes, &mut checked, report, progress).await?;
+        let mut reading = Reading {
+            repo,
+            backup: b,
+            sizes: &sizes,
+            checked: &mut checked,
+            report,
+            progress,
+        };
+        reading.verify().await?;
     }
 
     // Data no completed backup refers to: only its frame can be checked.
@@ -52,170 +63,168 @@ pub(super) async fn verify_backups(
     Ok(catalog)
 }
 
-/// CRC and length of the file being read from the tar stream.
-struct OpenFile {
-    manifest_path: String,
-    crc: u32,
-    len: u64,
+/// One completed backup being checked: its manifest, then each archive, part by part.
+struct Reading<'a> {
+    repo: &'a Repository,
+    backup: &'a BackupInfo,
+    sizes: &'a HashMap<&'a str, u64>,
+    /// Keys read here; the objects no backup refers to are frame-checked afterwards.
+    checked: &'a mut HashSet<String>,
+    report: &'a mut VerifyReport,
+    progress: &'a (dyn Fn(VerifyProgress) + Sync),
 }
 
-async fn verify_one(
-    repo: &Repository,
-    b: &BackupInfo,
-    sizes: &HashMap<&str, u64>,
-    checked: &mut HashSet<String>,
-    report: &mut VerifyReport,
-    progress: &(dyn Fn(VerifyProgress) + Sync),
-) -> Result<(), RepoError> {
-    let mismatch = |report: &mut VerifyReport, key: Option<String>, msg: String| {
-        report.problem(
-            Severity::Error,
-            ProblemKind::BackupMismatch,
-            key,
-            format!("backup {}: {msg}", b.id),
-        )
-    };
-    let expected: Option<HashMap<String, ManifestFile>> = if b.manifest {
-        let key = repo.backup_manifest_key(&b.id);
-        checked.insert(key.clone());
-        report.objects += 1;
-        let size = sizes.get(key.as_str()).copied().unwrap_or(0);
-        report.bytes += size;
-        progress(VerifyProgress::Checked { bytes: size });
-        match repo.backup_manifest(&b.id).await {
-            Ok(Some(raw)) => match manifest::parse(&raw) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    mismatch(report, Some(key), e.to_string());
-                    None
-                }
-            },
-            Ok(None) => {
-                mismatch(report, Some(key), "backup_manifest is missing".into());
-                None
-            }
+impl Reading<'_> {
+    async fn verify(&mut self) -> Result<(), RepoError> {
+        let manifest = self.read_manifest().await?;
+        let mut check = ManifestCheck::new(manifest);
+        let mut damaged = false;
+        for archive in &self.backup.archives {
+            damaged |= !self.verify_archive(archive, &mut check).await?;
+        }
+        self.report.backup_files += check.files();
+        let outcome = check.finish();
+        // Only meaningful when every archive was read through.
+        if damaged {
+            return Ok(());
+        }
+        if let Some(first) = outcome.missing.first() {
+            let n = outcome.missing.len();
+            self.mismatch(
+                None,
+                format!("{n} file(s) listed in the manifest are not in the backup, e.g. {first}"),
+            );
+        }
+        if let Some(first) = outcome.extra.first() {
+            // The server lists every file it sends: restore writes such a file unchecked.
+            let n = outcome.extra.len();
+            self.report.problem(
+                Severity::Warning,
+                ProblemKind::BackupMismatch,
+                None,
+                format!(
+                    "backup {}: {n} file(s) in the backup are not listed in its manifest, e.g. {first}",
+                    self.backup.id
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// `None` when the backup has no manifest or it cannot be read (reported).
+    async fn read_manifest(&mut self) -> Result<Option<Manifest>, RepoError> {
+        if !self.backup.manifest {
+            return Ok(None);
+        }
+        let key = self.repo.backup_manifest_key(&self.backup.id);
+        let Some(raw) = self.fetch(&key, None, "backup_manifest is missing").await? else {
+            return Ok(None);
+        };
+        match manifest::parse(&raw) {
+            Ok(m) => Ok(Some(m)),
             Err(e) => {
-                record_read_error(report, &key, e)?;
-                None
+                self.mismatch(Some(key), e.to_string());
+                Ok(None)
             }
         }
-    } else {
-        None
-    };
+    }
 
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut damaged = false;
-    for archive in &b.archives {
-        let prefix = archive
-            .tablespace_oid
-            .map(|oid| format!("pg_tblspc/{oid}/"))
-            .unwrap_or_default();
-        let mut reader = TarReader::new();
-        let mut current: Option<OpenFile> = None;
-        let mut file_problems: Vec<String> = vec![];
+    /// Reads one archive through `check`; true when it was read through and every file
+    /// matched. After a tar error the remaining parts are still frame-checked.
+    async fn verify_archive(
+        &mut self,
+        archive: &BackupArchive,
+        check: &mut ManifestCheck,
+    ) -> Result<bool, RepoError> {
+        let mut reader = ArchiveReader::new(archive.tablespace_oid);
+        let mut problems = FileProblems::default();
         let mut stream_ok = true;
         for part in 0..archive.parts {
-            let key = repo.backup_part_key(&b.id, &archive.name, part);
-            checked.insert(key.clone());
-            report.objects += 1;
-            let size = sizes.get(key.as_str()).copied().unwrap_or(0);
-            report.bytes += size;
-            let chunk = match repo.backup_part(&b.id, &archive.name, part).await {
-                Ok(c) => c,
-                Err(RepoError::Storage(e)) if e.is_not_found() => {
-                    mismatch(report, Some(key), "part is missing".into());
-                    stream_ok = false;
-                    break;
-                }
-                Err(e) => {
-                    record_read_error(report, &key, e)?;
-                    stream_ok = false;
-                    break;
-                }
+            let key = self
+                .repo
+                .backup_part_key(&self.backup.id, &archive.name, part);
+            let Some(chunk) = self
+                .fetch(&key, Some((&archive.name, part)), "part is missing")
+                .await?
+            else {
+                stream_ok = false;
+                break;
             };
-            progress(VerifyProgress::Checked { bytes: size });
             if !stream_ok {
                 continue;
             }
-            let res = reader.feed(&chunk, &mut |ev| -> Result<(), TarError> {
-                match ev {
-                    TarEvent::Entry(h) => {
-                        current = (h.kind == EntryKind::File).then(|| OpenFile {
-                            manifest_path: format!("{prefix}{}", h.path),
-                            crc: 0,
-                            len: 0,
-                        });
-                    }
-                    TarEvent::Data(d) => {
-                        if let Some(f) = &mut current {
-                            f.crc = crc32c::crc32c_append(f.crc, d);
-                            f.len += d.len() as u64;
-                        }
-                    }
-                    TarEvent::EntryEnd => {
-                        if let Some(f) = current.take() {
-                            report.backup_files += 1;
-                            if let Some(exp) =
-                                expected.as_ref().and_then(|m| m.get(&f.manifest_path))
-                            {
-                                if exp.size != f.len {
-                                    file_problems.push(format!(
-                                        "{}: size {} differs from the manifest's {}",
-                                        f.manifest_path, f.len, exp.size
-                                    ));
-                                } else if exp.crc32c.is_some_and(|want| want != f.crc) {
-                                    file_problems.push(format!(
-                                        "{}: CRC-32C {} differs from the manifest's {}",
-                                        f.manifest_path,
-                                        manifest::format_crc32c(f.crc),
-                                        manifest::format_crc32c(exp.crc32c.unwrap_or(0))
-                                    ));
-                                }
-                            }
-                            seen.insert(f.manifest_path);
-                        }
-                    }
-                }
-                Ok(())
-            });
-            if let Err(e) = res {
-                mismatch(
-                    report,
-                    Some(key),
-                    format!("archive {} is not a valid tar stream: {e}", archive.name),
-                );
+            if let Err(e) = reader.feed(&chunk, check, &mut problems) {
+                let FeedError::Tar(e) = e;
+                let msg = format!("archive {} is not a valid tar stream: {e}", archive.name);
+                self.mismatch(Some(key), msg);
                 stream_ok = false;
             }
         }
         if stream_ok {
             if let Err(e) = reader.finish() {
-                mismatch(
-                    report,
-                    None,
-                    format!("archive {} ends early: {e}", archive.name),
-                );
+                self.mismatch(None, format!("archive {} ends early: {e}", archive.name));
                 stream_ok = false;
             }
         }
-        damaged |= !stream_ok || !file_problems.is_empty();
-        for p in file_problems {
-            mismatch(report, None, format!("archive {}: {p}", archive.name));
+        for m in &problems.0 {
+            self.mismatch(None, format!("archive {}: {m}", archive.name));
+        }
+        Ok(stream_ok && problems.0.is_empty())
+    }
+
+    /// Reads one object of the backup; `None` when it is missing or unreadable (reported).
+    /// Reads the manifest (`part` `None`) or a part, whose key is `key`; `None` when it is
+    /// missing or damaged (reported).
+    async fn fetch(
+        &mut self,
+        key: &str,
+        part: Option<(&str, u32)>,
+        missing: &str,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        self.checked.insert(key.to_string());
+        let size = self.sizes.get(key).copied().unwrap_or(0);
+        self.report.objects += 1;
+        self.report.bytes += size;
+        (self.progress)(VerifyProgress::Checked { bytes: size });
+        let id = &self.backup.id;
+        let read = match part {
+            None => self.repo.backup_manifest(id).await,
+            Some((archive, n)) => match self.repo.backup_part(id, archive, n).await {
+                Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+                other => other.map(Some),
+            },
+        };
+        match read {
+            Ok(Some(raw)) => Ok(Some(raw)),
+            Ok(None) => {
+                self.mismatch(Some(key.to_string()), missing.to_string());
+                Ok(None)
+            }
+            Err(e) => record_read_error(self.report, key, e).map(|()| None),
         }
     }
-    // Only meaningful when every archive was read through.
-    if let (Some(m), false) = (&expected, damaged) {
-        let mut missing: Vec<&String> = m.keys().filter(|p| !seen.contains(*p)).collect();
-        missing.sort();
-        if let Some(first) = missing.first() {
-            mismatch(
-                report,
-                None,
-                format!(
-                    "{} file(s) listed in the manifest are not in the backup, e.g. {first}",
-                    missing.len()
-                ),
-            );
-        }
+
+    fn mismatch(&mut self, key: Option<String>, msg: String) {
+        self.report.problem(
+            Severity::Error,
+            ProblemKind::BackupMismatch,
+            key,
+            format!("backup {}: {msg}", self.backup.id),
+        )
     }
-    Ok(())
+}
+
+/// Collects the files that differ from the manifest; reading goes on.
+#[derive(Default)]
+struct FileProblems(Vec<Mismatch>);
+
+impl ArchiveSink for FileProblems {
+    type Error = Infallible;
+
+    fn file_end(&mut self, _: &FileSum, verdict: Result<(), Mismatch>) -> Result<(), Infallible> {
+        if let Err(m) = verdict {
+            self.0.push(m);
+        }
+        Ok(())
+    }
 }

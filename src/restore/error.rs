@@ -1,0 +1,83 @@
+//! How a restore fails, and what each failure means for the target directory.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::error::{Classify, Code};
+use crate::format::manifest;
+use crate::format::tar::TarError;
+use crate::repo::RepoError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    #[error("{path} is not empty; restore needs an empty or missing directory")]
+    NotEmpty { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("backup archive {archive}: {source}")]
+    Tar { archive: String, source: TarError },
+    #[error("backup entry {path:?} would be written outside the target directory")]
+    UnsafePath { path: String },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(
+        "{path}: checksum mismatch against the backup manifest (expected {expected}, got {actual})"
+    )]
+    ChecksumMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: size {actual} differs from the backup manifest's {expected}")]
+    SizeMismatch {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "{count} file(s) listed in the backup manifest were not in the backup, e.g. {example}"
+    )]
+    MissingFiles { count: usize, example: String },
+    #[error("tablespace {oid} has no location recorded; pass --tablespace-map OLD=NEW")]
+    NoTablespaceLocation { oid: u32 },
+}
+
+impl Classify for RestoreError {
+    fn code(&self) -> Code {
+        match self {
+            RestoreError::Repo(e) => e.code(),
+            RestoreError::NotEmpty { .. } => Code::RestoreRefused,
+            RestoreError::NoTablespaceLocation { .. } => Code::Input,
+            RestoreError::Io { .. }
+            | RestoreError::Tar { .. }
+            | RestoreError::UnsafePath { .. }
+            | RestoreError::Manifest(_)
+            | RestoreError::ChecksumMismatch { .. }
+            | RestoreError::SizeMismatch { .. }
+            | RestoreError::MissingFiles { .. } => Code::JobFailed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        let hint = match self {
+            RestoreError::Repo(e) => return e.hint(),
+            RestoreError::NotEmpty { .. } => {
+                "restore into a new directory, or empty this one if you really mean to replace it"
+            }
+            RestoreError::NoTablespaceLocation { .. } => return None,
+            RestoreError::Io { .. }
+            | RestoreError::Tar { .. }
+            | RestoreError::UnsafePath { .. }
+            | RestoreError::Manifest(_)
+            | RestoreError::ChecksumMismatch { .. }
+            | RestoreError::SizeMismatch { .. }
+            | RestoreError::MissingFiles { .. } => {
+                "the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository"
+            }
+        };
+        Some(hint.into())
+    }
+}
