@@ -119,22 +119,29 @@ pub async fn run(
         cancel,
         force,
     );
-    let streamed = match receiver.run(Some(conn), sp.tli, start).await {
-        // Name the whole lost range: up to where the slot now keeps WAL.
-        Err(StreamError::WalRemoved {
+    let streamed = receiver
+        .run(Some(conn), sp.tli, start)
+        .await
+        .map_err(|e| name_lost_range(e, slot_restart));
+    drain(receiver, streamed, assembler, uploader, &progress).await
+}
+
+/// A removed-WAL error names the whole lost range: up to where the slot now keeps WAL.
+fn name_lost_range(e: StreamError, slot_restart: Option<Lsn>) -> StreamError {
+    match e {
+        StreamError::WalRemoved {
             tli,
             from,
             until: None,
             server_message,
-        }) => Err(StreamError::WalRemoved {
+        } => StreamError::WalRemoved {
             tli,
             from,
             until: slot_restart.filter(|r| *r > from),
             server_message,
-        }),
+        },
         other => other,
-    };
-    drain(receiver, streamed, assembler, uploader, &progress).await
+    }
 }
 
 /// The first connection decides everything else; retries while the server starts up. `None`

@@ -202,14 +202,8 @@ impl Receiver {
             {
                 Ok(s) => s,
                 Err(e) => {
-                    if let Some(err) = classify_start_error(&e, &self.slot, tli, start) {
-                        return Err(err);
-                    }
-                    if fatal(&e) {
-                        return Err(StreamError::Pg(e));
-                    }
-                    tracing::warn!(error = %e, retry_in = ?delay, "START_REPLICATION failed; retrying");
-                    if self.sleep_or_cancel(delay).await {
+                    self.start_failed(e, tli, start, delay).await?;
+                    if self.cancel.is_cancelled() {
                         return Ok(None);
                     }
                     delay = (delay * 2).min(self.opts.max_reconnect_delay);
@@ -244,6 +238,26 @@ impl Receiver {
                 }
             }
         }
+    }
+
+    /// START_REPLICATION was refused: a refusal that needs a human is the error; anything else
+    /// is retried after `delay` (or cancellation).
+    async fn start_failed(
+        &mut self,
+        e: pg::Error,
+        tli: TimelineId,
+        start: Lsn,
+        delay: Duration,
+    ) -> Result<(), StreamError> {
+        if let Some(err) = classify_start_error(&e, &self.slot, tli, start) {
+            return Err(err);
+        }
+        if fatal(&e) {
+            return Err(StreamError::Pg(e));
+        }
+        tracing::warn!(error = %e, retry_in = ?delay, "START_REPLICATION failed; retrying");
+        self.sleep_or_cancel(delay).await;
+        Ok(())
     }
 
     /// After the server ended timeline `tli` at `switch`: fetches the next timeline's history
