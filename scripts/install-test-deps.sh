@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need, when missing: PostgreSQL server binaries
-# (Debian's postgresql-15) and the S3-compatible test server s3s-fs. Idempotent and quick
+# (Debian's postgresql-15), the S3-compatible test server s3s-fs, and promtool (Debian's
+# prometheus package) for the alert rules in deploy/prometheus. Idempotent and quick
 # when everything is there. Called by scripts/test.sh and .ci/run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -35,5 +36,28 @@ install_s3s_fs() {
     cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked
 }
 
+# promtool checks and unit-tests deploy/prometheus/pitr-alerts.yml (tests/ops.rs). The package
+# also ships a Prometheus server; it must not keep running here.
+install_promtool() {
+    if command -v promtool >/dev/null; then
+        echo "promtool already installed"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "promtool is missing: run (as root) apt-get install prometheus" >&2
+        return 1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    if ! command -v promtool >/dev/null; then
+        echo "installing prometheus did not provide promtool" >&2
+        return 1
+    fi
+}
+
 install_postgres
 install_s3s_fs
+install_promtool

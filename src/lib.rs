@@ -4,7 +4,8 @@
 //!
 //! | module                                   | uses                               |
 //! |------------------------------------------|------------------------------------|
-//! | `cli`                                    | the jobs                           |
+//! | `cli`                                    | `ops`, the jobs                    |
+//! | `ops` (schedules, metrics, check, notify) | the jobs, `recovery`, `pg`, `repo` |
 //! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `codec`, `wal` |
 //! | `recovery`                               | `repo`, `wal`                      |
 //! | `repo`                                   | `storage`, `codec`, `wal`          |
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod format;
+pub mod ops;
 pub mod pg;
 pub mod recovery;
 pub mod repo;

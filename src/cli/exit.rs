@@ -37,6 +37,8 @@ pub enum Code {
     VerifyFailed = 10,
     /// stream: the server no longer has WAL the repository needs next; continuity is broken.
     WalGap = 11,
+    /// check: a check failed (the report names each problem with its fix).
+    CheckFailed = 12,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.

@@ -9,6 +9,7 @@ mod chunks;
 mod descriptor;
 mod layout;
 mod scan;
+mod stats;
 mod summary;
 mod wal;
 
@@ -19,6 +20,7 @@ pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
+pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 

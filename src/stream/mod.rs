@@ -72,6 +72,8 @@ pub struct StreamOptions {
     /// When the repository's end is no longer on the server, start from the slot instead of
     /// failing, leaving a recorded gap (a new base backup is needed).
     pub accept_gap: bool,
+    /// Positions and connection state, shared with observers (`ops` watches the lag with it).
+    pub progress: Arc<Progress>,
 }
 
 impl Default for StreamOptions {
@@ -86,6 +88,7 @@ impl Default for StreamOptions {
             max_reconnect_delay: Duration::from_secs(30),
             allow_standby: false,
             accept_gap: false,
+            progress: Arc::new(Progress::default()),
         }
     }
 }
@@ -214,7 +217,8 @@ pub async fn run(
     let (open, budget) = resume_segment(&repo, &sp, seg_size).await?;
     let start = open.next_lsn();
 
-    let progress = Arc::new(Progress::new(start));
+    let progress = opts.progress.clone();
+    progress.start_at(start);
     let (durable_tx, durable_rx) = watch::channel(start);
     let (piece_tx, piece_rx) = mpsc::channel(PIECE_QUEUE);
     let (job_tx, job_rx) = mpsc::channel(JOB_QUEUE);

@@ -206,6 +206,7 @@ impl Receiver {
             {
                 Ok(s) => s,
                 Err(e) => {
+                    self.progress.set_connected(false);
                     if let Some(err) = super::classify_start_error(&e, &self.slot, tli, start) {
                         return Err(err);
                     }
@@ -220,7 +221,12 @@ impl Receiver {
                     continue;
                 }
             };
-            match self.stream(stream, tli).await? {
+            self.progress.set_connected(true);
+            let ended = self.stream(stream, tli).await;
+            if !matches!(ended, Ok(StreamEnd::TimelineEnded(..))) {
+                self.progress.set_connected(false);
+            }
+            match ended? {
                 StreamEnd::Cancelled(s) => return Ok(Some(s)),
                 StreamEnd::TimelineEnded(s, next_tli, switch) => {
                     conn = Some(self.follow_timeline(s, tli, next_tli, switch).await?);
