@@ -3,8 +3,10 @@
 mod harness;
 
 mod archive;
+mod check;
 mod common;
 mod expire;
+mod ops;
 mod pg_client;
 mod pitr;
 mod prefetch;
