@@ -440,3 +440,103 @@ fn alert_rules_pass_promtool_check() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// While storage is down the stream is blocked and receives little, yet its lag gauges keep
+/// moving (the server's position is asked on a timer); a lost server connection is notified as
+/// stream_down then stream_up; and the stream alerts fire on these real values.
+#[test]
+fn lag_moves_while_blocked_and_stream_down_is_notified() {
+    let mut repo = TestRepo::new(Backend::S3);
+    let mut pg = PgCluster::builder().start().unwrap();
+    pg.psql("create table t(x text)").unwrap();
+    let receiver = Receiver::start();
+    let port = free_port();
+    let args = repo.args(&[
+        "--storage-retry-timeout",
+        "10m",
+        "stream",
+        "-d",
+        &pg.conninfo(),
+        "--create-slot",
+        "--status-interval",
+        "1s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--notify-url",
+        &receiver.url,
+    ]);
+    let svc = Service::start(&repo, &args);
+    let ok = wait_metric(port, &svc, "streaming", |s| {
+        s.values.get("pitr_stream_up") == Some(&1.0)
+    });
+
+    repo.s3.as_mut().unwrap().stop();
+    pg.psql("insert into t select repeat('x', 1000) from generate_series(1, 20000)")
+        .unwrap();
+    let first = wait_metric(port, &svc, "lag while blocked", |s| {
+        s.values
+            .get("pitr_stream_lag_bytes")
+            .is_some_and(|b| *b > 0.0)
+            && s.values
+                .get("pitr_stream_lag_seconds")
+                .is_some_and(|l| *l > 0.0)
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let later = scrape(port).unwrap();
+    let grew = later.get("pitr_stream_lag_seconds") - first.get("pitr_stream_lag_seconds");
+    assert!(
+        grew >= 2.0,
+        "lag_seconds moved by {grew} in 4s while blocked\n{}",
+        svc.log()
+    );
+    assert!(later.get("pitr_stream_lag_bytes") >= first.get("pitr_stream_lag_bytes"));
+    repo.s3.as_mut().unwrap().start().unwrap();
+    wait_metric(port, &svc, "caught up", |s| {
+        s.values.get("pitr_stream_lag_bytes") == Some(&0.0)
+    });
+
+    assert!(
+        receiver
+            .events()
+            .iter()
+            .all(|e| e["event"] != "stream_down"),
+        "no outage yet: {:?}",
+        receiver.events()
+    );
+    let before = receiver.events().len();
+    pg.stop().unwrap();
+    let down = wait_metric(port, &svc, "stream down", |s| {
+        s.values.get("pitr_stream_up") == Some(&0.0)
+    });
+    let at = receiver.wait_for("stream_down", None, before, &svc);
+    pg.start().unwrap();
+    receiver.wait_for("stream_up", None, at, &svc);
+
+    // Lag grows at the rate seen while blocked, from the value seen then.
+    let per_min = grew / (later.at - first.at) * 60.0;
+    let (l0, l1) = (
+        ok.get("pitr_stream_lag_seconds"),
+        first.get("pitr_stream_lag_seconds"),
+    );
+    let (up, dn) = (ok.get("pitr_stream_up"), down.get("pitr_stream_up"));
+    let dir = TestDir::new();
+    let rules = rules_without_annotations(&dir);
+    let test = format!(
+        r#"rule_files: ["{rules}"]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'pitr_stream_up'
+        values: '{up}x10 {dn}x20'
+      - series: 'pitr_stream_lag_seconds'
+        values: '{l0}x10 {l1}+{per_min}x30'
+    alert_rule_test:
+      - {{eval_time: 9m, alertname: PitrStreamDown, exp_alerts: []}}
+      - {{eval_time: 20m, alertname: PitrStreamDown, exp_alerts: [{{exp_labels: {{severity: critical}}}}]}}
+      - {{eval_time: 9m, alertname: PitrStreamLagging, exp_alerts: []}}
+      - {{eval_time: 35m, alertname: PitrStreamLagging, exp_alerts: [{{exp_labels: {{severity: warning}}}}]}}
+"#
+    );
+    run_promtool(&dir, &test);
+}

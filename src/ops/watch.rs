@@ -6,7 +6,7 @@
 //! - [`repository`]: refreshes the repository's gauges and watches the RPO.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,7 @@ pub async fn server_position(
 ) {
     let mut conn: Option<ReplicationConn> = None;
     let mut reported_down = false;
+    let mut down_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -43,7 +44,20 @@ pub async fn server_position(
             conn = None;
         }
         progress.publish();
-        let (up, since) = progress.connected();
+        // Measured from this loop's own first sight of the outage: before the stream's first
+        // connection, `Progress` has no meaningful time of change.
+        let (up, _) = progress.connected();
+        let since = match (up, down_since) {
+            (true, _) => {
+                down_since = None;
+                Duration::ZERO
+            }
+            (false, None) => {
+                down_since = Some(Instant::now());
+                Duration::ZERO
+            }
+            (false, Some(t)) => t.elapsed(),
+        };
         if !up && since >= STREAM_DOWN_AFTER && !reported_down {
             reported_down = true;
             notify.send(
