@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need, when missing: PostgreSQL server binaries
 # (Debian's postgresql-15), the de_DE.UTF-8 locale (tests/locale.rs runs a server that answers
-# in German), the S3-compatible test server s3s-fs, and the Python modules of the independent
-# repository reader (tests/independent_reader). Idempotent and quick
+# in German), the S3-compatible test server s3s-fs, the Python modules of the independent
+# repository reader (tests/independent_reader), and promtool (Debian's prometheus package) for
+# the alert rules in deploy/prometheus. Idempotent and quick
 # when everything is there. Called by scripts/test.sh and .ci/run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -79,7 +80,30 @@ install_reader_modules() {
     /usr/bin/python3 -c "$check"
 }
 
+# promtool checks and unit-tests deploy/prometheus/pitr-alerts.yml (tests/ops.rs). The package
+# also ships a Prometheus server; it must not keep running here.
+install_promtool() {
+    if command -v promtool >/dev/null; then
+        echo "promtool already installed"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "promtool is missing: run (as root) apt-get install prometheus" >&2
+        return 1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    if ! command -v promtool >/dev/null; then
+        echo "installing prometheus did not provide promtool" >&2
+        return 1
+    fi
+}
+
 install_postgres
 install_german_locale
 install_s3s_fs
 install_reader_modules
+install_promtool

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::archive::prefetch;
 use crate::codec::Codec;
 use crate::error::{Classify, Code};
+use crate::ops::Schedule;
 use crate::repo::WriteOptions;
 use crate::storage::{Location, S3Settings};
 
@@ -31,6 +32,18 @@ pub struct FileConfig {
     pub prefetch: Option<u32>,
     pub s3: Option<S3Settings>,
     pub retention: Option<RetentionFile>,
+    /// stream: when to take a full backup (5-field cron in UTC, @daily, "every 6h").
+    pub backup_schedule: Option<String>,
+    /// stream: when to take an incremental backup (not supported yet: each slot fails).
+    pub backup_incremental_schedule: Option<String>,
+    /// stream: when to verify the repository.
+    pub verify_schedule: Option<String>,
+    /// stream: POST a JSON event here on job failures and recoveries, RPO and stream changes.
+    pub notify_url: Option<String>,
+    /// stream: run this shell command with the JSON event on stdin.
+    pub notify_command: Option<String>,
+    /// stream: notify when the newest recoverable transaction is older than this, e.g. "15m".
+    pub rpo_alert: Option<String>,
 }
 
 /// `[retention]`: the policy `pitr expire` applies when no flag says otherwise.
@@ -54,6 +67,29 @@ pub struct Overrides {
     pub prefetch: Option<u32>,
     pub retain_full: Option<usize>,
     pub retain_window: Option<String>,
+    pub ops: OpsOverrides,
+}
+
+/// `pitr stream`'s schedule and notification flags (also config file keys of the same names).
+#[derive(Debug, Default, Clone)]
+pub struct OpsOverrides {
+    pub backup_schedule: Option<String>,
+    pub backup_incremental_schedule: Option<String>,
+    pub verify_schedule: Option<String>,
+    pub notify_url: Option<String>,
+    pub notify_command: Option<String>,
+    pub rpo_alert: Option<String>,
+}
+
+/// Validated schedules and notification settings.
+#[derive(Debug, Default, Clone)]
+pub struct OpsSettings {
+    pub backup_schedule: Option<Schedule>,
+    pub backup_incremental_schedule: Option<Schedule>,
+    pub verify_schedule: Option<Schedule>,
+    pub notify_url: Option<url::Url>,
+    pub notify_command: Option<String>,
+    pub rpo_alert: Option<Duration>,
 }
 
 /// Validated settings.
@@ -69,6 +105,8 @@ pub struct Settings {
     pub retain_full: Option<usize>,
     /// expire: keep what restoring to any moment of this long ago needs.
     pub retain_window: Option<Duration>,
+    /// stream: schedules and notifications.
+    pub ops: OpsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +305,8 @@ impl Settings {
             },
         };
 
+        let ops = resolve_ops(&o.ops, &file, &mut problems);
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
@@ -278,7 +318,61 @@ impl Settings {
             prefetch,
             retain_full,
             retain_window,
+            ops,
         })
+    }
+}
+
+/// Schedules and notification settings: flags over the file's keys of the same names.
+fn resolve_ops(o: &OpsOverrides, file: &FileConfig, problems: &mut Vec<String>) -> OpsSettings {
+    let mut schedule = |flag: &Option<String>, key: &Option<String>, name: &str| {
+        let spec = flag.as_ref().or(key.as_ref())?;
+        spec.parse::<Schedule>()
+            .map_err(|e| problems.push(format!("{name}: {e}")))
+            .ok()
+    };
+    let backup_schedule = schedule(&o.backup_schedule, &file.backup_schedule, "backup schedule");
+    let backup_incremental_schedule = schedule(
+        &o.backup_incremental_schedule,
+        &file.backup_incremental_schedule,
+        "backup incremental schedule",
+    );
+    let verify_schedule = schedule(&o.verify_schedule, &file.verify_schedule, "verify schedule");
+    let notify_url = o
+        .notify_url
+        .as_ref()
+        .or(file.notify_url.as_ref())
+        .and_then(|u| {
+            match url::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+                Ok(_) => {
+                    problems
+                        .push("notify url: only http:// and https:// URLs can be notified".into());
+                    None
+                }
+                // Not echoed: a webhook URL usually holds a token.
+                Err(e) => {
+                    problems.push(format!("notify url: not a valid URL ({e})"));
+                    None
+                }
+            }
+        });
+    let rpo_alert = o
+        .rpo_alert
+        .as_ref()
+        .or(file.rpo_alert.as_ref())
+        .and_then(|d| {
+            humantime::parse_duration(d)
+                .map_err(|e| problems.push(format!("rpo alert {d:?}: {e} (use e.g. 15m or 1h)")))
+                .ok()
+        });
+    OpsSettings {
+        backup_schedule,
+        backup_incremental_schedule,
+        verify_schedule,
+        notify_url,
+        notify_command: o.notify_command.clone().or(file.notify_command.clone()),
+        rpo_alert,
     }
 }
 
@@ -427,6 +521,36 @@ mod tests {
         .unwrap_err();
         let text = one_line(&e);
         assert!(text.contains("2 invalid settings: (1)"), "{text}");
+    }
+
+    #[test]
+    fn schedules_and_notifications_come_from_the_file_unless_a_flag_says_otherwise() {
+        let (_d, p) = write(
+            "repo = \"/x\"\nbackup_schedule = \"@daily\"\nverify_schedule = \"0 3 * * 0\"\n\
+             notify_url = \"https://hooks.example/abc\"\nrpo_alert = \"15m\"\n",
+        );
+        let file_only = Overrides {
+            config: Some(p),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&file_only).unwrap();
+        assert_eq!(s.ops.backup_schedule.unwrap().to_string(), "@daily");
+        assert_eq!(s.ops.verify_schedule.unwrap().to_string(), "0 3 * * 0");
+        assert_eq!(s.ops.rpo_alert, Some(Duration::from_secs(900)));
+        assert!(s.ops.notify_url.is_some());
+        let mut o = file_only.clone();
+        o.ops.backup_schedule = Some("every 6h".into());
+        o.ops.rpo_alert = Some("soon".into());
+        o.ops.verify_schedule = Some("* * *".into());
+        let e = Settings::resolve(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("rpo alert") && e.contains("verify schedule"),
+            "{e}"
+        );
+        o.ops.rpo_alert = None;
+        o.ops.verify_schedule = None;
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.ops.backup_schedule.unwrap().to_string(), "every 6h");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Code {
     VerifyFailed = 10,
     /// stream: the server no longer has WAL the repository needs next; continuity is broken.
     WalGap = 11,
+    /// check: a check failed (the report names each problem with its fix).
+    CheckFailed = 12,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.
@@ -47,7 +49,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in increasing order.
-    pub const ALL: [Code; 14] = [
+    pub const ALL: [Code; 15] = [
         Code::Ok,
         Code::NotFound,
         Code::Usage,
@@ -60,6 +62,7 @@ impl Code {
         Code::JobFailed,
         Code::VerifyFailed,
         Code::WalGap,
+        Code::CheckFailed,
         Code::Internal,
         Code::RecoveryFatal,
     ];
@@ -86,6 +89,7 @@ impl Code {
             Code::JobFailed => "a backup or restore failed part-way",
             Code::VerifyFailed => "`verify` found problems",
             Code::WalGap => "the server no longer has the WAL",
+            Code::CheckFailed => "a check failed",
             Code::Internal => "internal error",
             Code::RecoveryFatal => "any failure other than \"not found\"",
         }
@@ -140,6 +144,7 @@ mod tests {
                 | Code::JobFailed
                 | Code::VerifyFailed
                 | Code::WalGap
+                | Code::CheckFailed
                 | Code::Internal
                 | Code::RecoveryFatal => {}
             }

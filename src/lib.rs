@@ -4,7 +4,8 @@
 //!
 //! | module                                             | uses                                   |
 //! |----------------------------------------------------|----------------------------------------|
-//! | `cli`                                              | the jobs, `recovery`                   |
+//! | `cli`                                              | `ops`, the jobs, `recovery`            |
+//! | `ops` (schedules, metrics, check, notify)          | the jobs, `recovery`, `pg`, `repo`     |
 //! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `format`, `wal` |
 //! | `recovery` (what can be restored, and how)         | `repo`, `wal`                          |
 //! | `repo` (the only owner of the repository format)   | `storage`, `codec`, `wal`              |
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod key_source;
+pub mod ops;
 pub mod pg;
 pub mod recovery;
 pub mod repo;

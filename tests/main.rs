@@ -3,11 +3,13 @@
 mod harness;
 
 mod archive;
+mod check;
 mod common;
 mod expire;
 mod flaky;
 mod independent_reader;
 mod locale;
+mod ops;
 mod pg_client;
 mod pitr;
 mod prefetch;

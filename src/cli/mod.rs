@@ -1,10 +1,12 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
 
 mod backup_cmd;
+mod check_cmd;
 mod conn_args;
 mod exit;
 mod expire_cmd;
 mod restore_cmd;
+mod status_cmd;
 mod stream_cmd;
 mod verify_cmd;
 
@@ -136,8 +138,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream WAL continuously through a replication slot into the repository (docs/streaming.md).
+    /// Stream WAL continuously through a replication slot into the repository (docs/streaming.md),
+    /// with scheduled backups, expiry and verification, metrics and notifications
+    /// (docs/operations.md).
     Stream(stream_cmd::StreamArgs),
+    /// Check that the cluster and the repository are wired correctly, end to end: the
+    /// repository is writable and this cluster's, wal_level, replication privilege, and that
+    /// the segment of pg_switch_wal() reaches the repository. Exits 12 when a check fails.
+    Check(check_cmd::CheckArgs),
+    /// Print the repository's gauges once: recoverable-until, last backup, stored bytes
+    /// (--prometheus for node_exporter's textfile collector, --json).
+    Status(status_cmd::StatusArgs),
     /// Remove backups outside a retention policy, and the WAL only they needed.
     ///
     /// Keeps the newest N backups (--retain-full), or what restoring to any moment of the last
@@ -172,6 +183,8 @@ impl Command {
             Command::Verify { .. } => "verify",
             Command::Expire(_) => "expire",
             Command::Stream(_) => "stream",
+            Command::Check(_) => "check",
+            Command::Status(_) => "status",
             Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
     }
@@ -331,6 +344,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
             o.retain_full = a.retain_full;
             o.retain_window = a.retain_window.clone();
         }
+        Command::Stream(a) => o.ops = a.ops.overrides(),
         _ => {}
     }
     let settings = Settings::resolve(&o).map_err(|e| Failure::for_command(e, is_get))?;
@@ -357,6 +371,8 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
         Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
         Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
+        Command::Check(args) => check_cmd::check(storage, &settings, args).await,
+        Command::Status(args) => status_cmd::status(storage, &settings, args).await,
         Command::Expire(args) => expire_cmd::expire(storage, &settings, args).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {

@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
-use crate::config::Settings;
+use crate::backup::expire::RetentionPolicy;
+use crate::config::{OpsOverrides, Settings};
+use crate::ops::notify::NotifyOptions;
+use crate::ops::service::Schedules;
+use crate::ops::{run_service, ServiceOptions};
 use crate::storage::Storage;
 use crate::stream::{self, StreamOptions};
 
@@ -52,6 +56,78 @@ pub struct StreamArgs {
     /// restart_lsn instead of failing. Leaves a gap: take a new base backup.
     #[arg(long)]
     pub accept_gap: bool,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+/// Schedules and notifications (docs/operations.md); each is also a config file key.
+#[derive(Args, Debug)]
+pub struct OpsArgs {
+    /// Take a full base backup on this schedule: 5-field cron in UTC ("30 2 * * *"), @hourly,
+    /// @daily, @weekly, or "every 6h". With a [retention] policy, expire after each backup.
+    #[arg(long, env = "PITR_BACKUP_SCHEDULE", value_name = "SPEC")]
+    pub backup_schedule: Option<String>,
+    /// Take an incremental backup on this schedule (not supported yet: each slot fails, saying so).
+    #[arg(long, env = "PITR_BACKUP_INCREMENTAL_SCHEDULE", value_name = "SPEC")]
+    pub backup_incremental_schedule: Option<String>,
+    /// Run `pitr verify` on this schedule.
+    #[arg(long, env = "PITR_VERIFY_SCHEDULE", value_name = "SPEC")]
+    pub verify_schedule: Option<String>,
+    /// POST a JSON event here when a scheduled job fails or recovers, when the RPO is breached or
+    /// restored, and when the stream goes down or comes back.
+    #[arg(long, env = "PITR_NOTIFY_URL", value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// Run this shell command with the same JSON event on stdin (e.g. a mail or chat CLI).
+    #[arg(long, env = "PITR_NOTIFY_COMMAND", value_name = "CMD")]
+    pub notify_command: Option<String>,
+    /// Notify when the newest recoverable transaction is older than this (e.g. 15m).
+    #[arg(long, env = "PITR_RPO_ALERT", value_name = "DURATION")]
+    pub rpo_alert: Option<String>,
+    /// Refresh the repository's gauges (and check the RPO) this often; each refresh lists the
+    /// repository once.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub stats_interval: Duration,
+}
+
+impl OpsArgs {
+    pub fn overrides(&self) -> OpsOverrides {
+        OpsOverrides {
+            backup_schedule: self.backup_schedule.clone(),
+            backup_incremental_schedule: self.backup_incremental_schedule.clone(),
+            verify_schedule: self.verify_schedule.clone(),
+            notify_url: self.notify_url.clone(),
+            notify_command: self.notify_command.clone(),
+            rpo_alert: self.rpo_alert.clone(),
+        }
+    }
+}
+
+fn service_options(settings: &Settings, a: &StreamArgs) -> ServiceOptions {
+    let o = &settings.ops;
+    let retention = (settings.retain_full.is_some() || settings.retain_window.is_some()).then_some(
+        RetentionPolicy {
+            full: settings.retain_full,
+            window: settings.retain_window,
+        },
+    );
+    ServiceOptions {
+        schedules: Schedules {
+            backup: o.backup_schedule.clone(),
+            backup_incremental: o.backup_incremental_schedule.clone(),
+            verify: o.verify_schedule.clone(),
+        },
+        retention,
+        notify: NotifyOptions {
+            url: o.notify_url.clone(),
+            command: o.notify_command.clone(),
+        },
+        rpo_alert: o.rpo_alert,
+        stats_interval: a.ops.stats_interval.max(Duration::from_secs(1)),
+        position_interval: a
+            .status_interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(10)),
+        ..ServiceOptions::default()
+    }
 }
 
 /// First SIGTERM/SIGINT: stop and drain. Second: give up draining.
@@ -106,6 +182,7 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
         })?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
+    let svc = service_options(settings, &a);
     let opts = StreamOptions {
         slot: a.slot,
         create_slot: a.create_slot,
@@ -116,10 +193,11 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
         max_reconnect_delay: a.max_reconnect_delay,
         allow_standby: a.allow_standby,
         accept_gap: a.accept_gap,
+        ..StreamOptions::default()
     };
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
     install_signals(cancel.clone(), force.clone())?;
-    stream::run(storage, settings.write, conn, opts, cancel, force).await?;
+    run_service(storage, settings.write, conn, opts, svc, cancel, force).await?;
     Ok(Code::Ok)
 }

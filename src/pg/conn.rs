@@ -72,20 +72,30 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// Opens, secures and authenticates one connection to `hp`, within `connect_timeout`.
     pub async fn connect(cfg: &ConnConfig, hp: &HostPort) -> Result<Connection> {
+        Connection::connect_mode(cfg, hp, true).await
+    }
+
+    /// Like [`Connection::connect`], but an ordinary backend on `cfg.dbname` (default: the
+    /// user's name) that runs SQL: `pitr check` needs `pg_switch_wal()` and the catalogs.
+    pub async fn connect_sql(cfg: &ConnConfig, hp: &HostPort) -> Result<Connection> {
+        Connection::connect_mode(cfg, hp, false).await
+    }
+
+    async fn connect_mode(cfg: &ConnConfig, hp: &HostPort, repl: bool) -> Result<Connection> {
         let attempt = async {
             match cfg.sslmode {
                 // "allow": plaintext first, TLS only if the server turns plaintext down.
-                SslMode::Allow => match Connection::connect_once(cfg, hp, false).await {
+                SslMode::Allow => match Connection::connect_once(cfg, hp, false, repl).await {
                     Err(e @ (Error::Server { .. } | Error::Auth { .. }))
                         if matches!(hp.host, Host::Tcp(_)) =>
                     {
                         tracing::debug!(error = %e, "plaintext refused; retrying with TLS (sslmode=allow)");
-                        Connection::connect_once(cfg, hp, true).await
+                        Connection::connect_once(cfg, hp, true, repl).await
                     }
                     other => other,
                 },
-                SslMode::Disable => Connection::connect_once(cfg, hp, false).await,
-                _ => Connection::connect_once(cfg, hp, true).await,
+                SslMode::Disable => Connection::connect_once(cfg, hp, false, repl).await,
+                _ => Connection::connect_once(cfg, hp, true, repl).await,
             }
         };
         match cfg.connect_timeout {
@@ -99,7 +109,12 @@ impl Connection {
         }
     }
 
-    async fn connect_once(cfg: &ConnConfig, hp: &HostPort, try_tls: bool) -> Result<Connection> {
+    async fn connect_once(
+        cfg: &ConnConfig,
+        hp: &HostPort,
+        try_tls: bool,
+        repl: bool,
+    ) -> Result<Connection> {
         let connect_err = |source: io::Error| Error::Connect {
             host: hp.host.to_string(),
             port: hp.port,
@@ -141,7 +156,7 @@ impl Connection {
             process_id: 0,
             sasl_mechanism: None,
         };
-        conn.startup(cfg, hp, end_point).await?;
+        conn.startup(cfg, hp, end_point, repl).await?;
         Ok(conn)
     }
 
@@ -150,10 +165,16 @@ impl Connection {
         cfg: &ConnConfig,
         hp: &HostPort,
         end_point: Option<Option<Vec<u8>>>,
+        repl: bool,
     ) -> Result<()> {
         // replication=true: a physical walsender, which accepts replication commands and SHOW
         // only. The database parameter is meaningless there and is not sent.
-        let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user), ("replication", "true")];
+        let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user)];
+        if repl {
+            params.push(("replication", "true"));
+        } else {
+            params.push(("database", cfg.dbname.as_deref().unwrap_or(&cfg.user)));
+        }
         if let Some(app) = &cfg.application_name {
             params.push(("application_name", app));
         }

@@ -10,6 +10,7 @@ mod descriptor;
 mod layout;
 mod object;
 mod scan;
+mod stats;
 mod summary;
 #[cfg(test)]
 mod tests_memory;
@@ -22,6 +23,7 @@ pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
+pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 

@@ -4,7 +4,7 @@
 //! `metrics` facade: without `--metrics-addr` no recorder is installed and every call is a no-op.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::wal::Lsn;
@@ -23,6 +23,8 @@ pub const RECONNECTS: &str = "pitr_stream_reconnects_total";
 pub const STATUS_UPDATES: &str = "pitr_stream_status_updates_total";
 pub const LAST_DURABLE_TIMESTAMP: &str = "pitr_stream_last_durable_timestamp_seconds";
 pub const RECEIVED_BYTES: &str = "pitr_stream_received_bytes_total";
+/// 1 while a replication connection is streaming, 0 while it is lost or being re-established.
+pub const UP: &str = "pitr_stream_up";
 
 /// Installs the Prometheus exporter, serving `/metrics` on `addr`.
 pub fn install_exporter(addr: SocketAddr) -> Result<(), String> {
@@ -40,6 +42,7 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), String> {
     for name in [UPLOADS, UPLOAD_RETRIES, ERRORS, RECONNECTS] {
         metrics::counter!(name).absolute(0);
     }
+    metrics::gauge!(UP).set(0.0);
     Ok(())
 }
 
@@ -60,16 +63,49 @@ pub struct Progress {
     /// lag in seconds counts from there: under steady load it stays below the chunk interval
     /// plus one upload, during a storage outage it grows with the outage.
     last_durable_ms: AtomicU64,
+    /// Wall clock (ms) when the repository last fell behind the server (0: not behind), so that
+    /// the first write after an idle hour does not look like an hour of lag.
+    behind_since_ms: AtomicU64,
+    connected: AtomicBool,
+    /// Wall clock (ms) of the last change of `connected`.
+    connected_changed_ms: AtomicU64,
 }
 
 impl Progress {
     pub fn new(durable: Lsn) -> Progress {
         let p = Progress::default();
-        p.received.store(durable.0, Ordering::Relaxed);
-        p.durable.store(durable.0, Ordering::Relaxed);
-        p.last_durable_ms.store(now_ms(), Ordering::Relaxed);
-        p.publish();
+        p.start_at(durable);
         p
+    }
+
+    /// (Re)starts the positions at `durable`: the stream shares one `Progress` with its
+    /// observers from before it knows where it starts.
+    pub fn start_at(&self, durable: Lsn) {
+        self.received.store(durable.0, Ordering::Relaxed);
+        self.durable.store(durable.0, Ordering::Relaxed);
+        self.last_durable_ms.store(now_ms(), Ordering::Relaxed);
+        self.publish();
+    }
+
+    pub fn server(&self) -> Lsn {
+        Lsn(self.server.load(Ordering::Relaxed))
+    }
+
+    /// Records whether a replication connection is streaming.
+    pub fn set_connected(&self, up: bool) {
+        if self.connected.swap(up, Ordering::Relaxed) != up {
+            self.connected_changed_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        metrics::gauge!(UP).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Whether a replication connection is streaming, and for how long that has been so.
+    pub fn connected(&self) -> (bool, Duration) {
+        let since = self.connected_changed_ms.load(Ordering::Relaxed);
+        (
+            self.connected.load(Ordering::Relaxed),
+            Duration::from_millis(now_ms().saturating_sub(since)),
+        )
     }
 
     pub fn received(&self) -> Lsn {
@@ -87,8 +123,8 @@ impl Progress {
     }
 
     pub fn set_server(&self, lsn: Lsn) {
-        self.server.fetch_max(lsn.0, Ordering::Relaxed);
-        metrics::gauge!(SERVER_LSN).set(lsn.0 as f64);
+        let server = self.server.fetch_max(lsn.0, Ordering::Relaxed).max(lsn.0);
+        metrics::gauge!(SERVER_LSN).set(server as f64);
     }
 
     /// Records that WAL up to `lsn` is durable. Monotonic: never moves back.
@@ -99,21 +135,34 @@ impl Progress {
         self.publish();
     }
 
-    /// Received but not yet durable.
+    /// WAL the server has (or we received) that is not yet durable in the repository. The
+    /// server's position is also asked on a timer (`ops`), so this grows while the stream is
+    /// blocked and receives nothing.
     pub fn lag_bytes(&self) -> u64 {
-        self.received().0.saturating_sub(self.durable().0)
+        let ahead = self.received().0.max(self.server().0);
+        ahead.saturating_sub(self.durable().0)
     }
 
-    /// How long received WAL has been waiting for the repository to advance (0 when caught up).
+    /// How long WAL has been waiting for the repository to advance (0 when caught up).
     pub fn lag(&self) -> Duration {
         if self.lag_bytes() == 0 {
+            self.behind_since_ms.store(0, Ordering::Relaxed);
             return Duration::ZERO;
         }
-        let since = self.last_durable_ms.load(Ordering::Relaxed);
-        Duration::from_millis(now_ms().saturating_sub(since))
+        let now = now_ms();
+        let _ = self
+            .behind_since_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let since = self
+            .last_durable_ms
+            .load(Ordering::Relaxed)
+            .max(self.behind_since_ms.load(Ordering::Relaxed));
+        Duration::from_millis(now.saturating_sub(since))
     }
 
-    fn publish(&self) {
+    /// Publishes the position gauges; called as positions move and on a timer, so that the lag
+    /// keeps growing while nothing moves.
+    pub fn publish(&self) {
         metrics::gauge!(RECEIVED_LSN).set(self.received().0 as f64);
         metrics::gauge!(DURABLE_LSN).set(self.durable().0 as f64);
         metrics::gauge!(LAG_BYTES).set(self.lag_bytes() as f64);

@@ -95,7 +95,8 @@ pub async fn run(
     let (open, budget) = resume_segment(&repo, &sp, seg_size).await?;
     let start = open.next_lsn();
 
-    let progress = Arc::new(Progress::new(start));
+    let progress = opts.progress.clone();
+    progress.start_at(start);
     let (durable_tx, durable_rx) = watch::channel(start);
     let (piece_tx, piece_rx) = mpsc::channel(PIECE_QUEUE);
     let (job_tx, job_rx) = mpsc::channel(JOB_QUEUE);

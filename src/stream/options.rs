@@ -1,6 +1,9 @@
 //! What `pitr stream` is told to do.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::metrics::Progress;
 
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
@@ -20,6 +23,8 @@ pub struct StreamOptions {
     /// When the repository's end is no longer on the server, start from the slot instead of
     /// failing, leaving a recorded gap (a new base backup is needed).
     pub accept_gap: bool,
+    /// Positions and connection state, shared with observers (`ops` watches the lag with it).
+    pub progress: Arc<Progress>,
 }
 
 impl Default for StreamOptions {
@@ -34,6 +39,7 @@ impl Default for StreamOptions {
             max_reconnect_delay: Duration::from_secs(30),
             allow_standby: false,
             accept_gap: false,
+            progress: Arc::new(Progress::default()),
         }
     }
 }

@@ -202,6 +202,7 @@ impl Receiver {
             {
                 Ok(s) => s,
                 Err(e) => {
+                    self.progress.set_connected(false);
                     self.start_failed(e, tli, start, delay).await?;
                     if self.cancel.is_cancelled() {
                         return Ok(None);
@@ -210,7 +211,12 @@ impl Receiver {
                     continue;
                 }
             };
-            match self.stream(stream, tli).await? {
+            self.progress.set_connected(true);
+            let ended = self.stream(stream, tli).await;
+            if !matches!(ended, Ok(StreamEnd::TimelineEnded(..))) {
+                self.progress.set_connected(false);
+            }
+            match ended? {
                 StreamEnd::Cancelled(s) => return Ok(Some(s)),
                 StreamEnd::TimelineEnded(s, next_tli, switch) => {
                     conn = Some(self.follow_timeline(s, tli, next_tli, switch).await?);
