@@ -5,6 +5,7 @@
 //! | module                                   | uses                               |
 //! |------------------------------------------|------------------------------------|
 //! | `cli`                                    | the jobs                           |
+//! | `drill` (a composite job above `restore`) | `restore`, `recovery`, `repo`, `wal` |
 //! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `codec`, `wal` |
 //! | `recovery`                               | `repo`, `wal`                      |
 //! | `repo`                                   | `storage`, `codec`, `wal`          |
@@ -15,6 +16,7 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod drill;
 pub mod format;
 pub mod pg;
 pub mod recovery;

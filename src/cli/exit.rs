@@ -37,6 +37,10 @@ pub enum Code {
     VerifyFailed = 10,
     /// stream: the server no longer has WAL the repository needs next; continuity is broken.
     WalGap = 11,
+    /// drill: PostgreSQL did not replay to the target and promote (or did not start).
+    DrillNotReached = 12,
+    /// drill: the server came up but the check query failed.
+    DrillCheckFailed = 13,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.
@@ -182,7 +186,9 @@ fn classify_repo(e: RepoError) -> Failure {
                     .into(),
             ),
         ),
-        e @ (RepoError::BadDescriptor { .. } | RepoError::BadHistory { .. }) => {
+        e @ (RepoError::BadDescriptor { .. }
+        | RepoError::BadHistory { .. }
+        | RepoError::BadAudit { .. }) => {
             Failure::new(Code::Corrupt, e, None)
         }
     }

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
 use crate::backup::expire::{self, ExpireError, ExpireReport, RetentionPolicy};
@@ -30,6 +31,7 @@ pub async fn expire(
     storage: Storage,
     settings: &Settings,
     args: ExpireArgs,
+    changes: &mut Changes,
 ) -> Result<Code, Failure> {
     let repo = Repository::open(storage, settings.write)
         .await
@@ -49,6 +51,9 @@ pub async fn expire(
                 Some("example: pitr expire --retain-full 2 --retain-window 7d --dry-run".into()),
             ),
         })?;
+    if !report.dry_run {
+        record_changes(&report, changes);
+    }
     if args.json {
         println!(
             "{}",
@@ -58,6 +63,23 @@ pub async fn expire(
         print_report(&report);
     }
     Ok(Code::Ok)
+}
+
+fn record_changes(r: &ExpireReport, changes: &mut Changes) {
+    for b in &r.expired {
+        changes.deleted.push(format!("backup {}", b.id));
+    }
+    for id in &r.finished_from_earlier_run {
+        changes
+            .deleted
+            .push(format!("backup {id} (rest of an interrupted expire)"));
+    }
+    if r.wal_objects_removed > 0 {
+        changes.deleted.push(format!(
+            "{} WAL objects ({} bytes)",
+            r.wal_objects_removed, r.wal_bytes_removed
+        ));
+    }
 }
 
 fn print_report(r: &ExpireReport) {

@@ -3,6 +3,7 @@
 //! Uses `storage` to move bytes and `codec` to frame them; knows WAL file names but nothing of
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
+mod audit;
 mod backups;
 mod catalog;
 mod chunks;
@@ -14,6 +15,7 @@ mod wal;
 
 use bytes::Bytes;
 
+pub use audit::{AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
@@ -73,6 +75,8 @@ pub enum RepoError {
     BadHistory { name: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
+    #[error("audit record {key} is unreadable: {message}")]
+    BadAudit { key: String, message: String },
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;

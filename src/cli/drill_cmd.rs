@@ -1,0 +1,194 @@
+//! `pitr drill`: argument handling, signals and output.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::audit_cmd::Changes;
+use super::exit::{Code, Failure};
+use super::restore_cmd::restore_command;
+use crate::config::Settings;
+use crate::drill::{self, DrillError, DrillFailure, DrillOptions, DrillReport};
+use crate::recovery::{self, RestoreRequest, Target};
+use crate::repo::Repository;
+use crate::storage::Storage;
+use crate::wal::Lsn;
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_name"])))]
+pub struct DrillArgs {
+    /// Restore to this time instead of the latest archived WAL (RFC 3339 or PostgreSQL's format).
+    #[arg(long, value_name = "TIME")]
+    pub target_time: Option<String>,
+    /// Restore to this WAL position (e.g. 0/3000060).
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<Lsn>,
+    /// Restore to this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// Query to run on the restored server; its first row is reported. Default: read the
+    /// catalog of every database.
+    #[arg(long, value_name = "SQL")]
+    pub check_sql: Option<String>,
+    /// Database the check query runs in.
+    #[arg(long, value_name = "NAME", default_value = "postgres")]
+    pub check_dbname: String,
+    /// Directory of the PostgreSQL server binaries (default: /usr/lib/postgresql/N/bin for the
+    /// repository's major version N, else PATH).
+    #[arg(long, value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+    /// Keep the scratch directory (stopped cleanly) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Where to create the scratch directory (default: $TMPDIR, else /tmp). It needs room for
+    /// the whole restored cluster.
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    /// How long PostgreSQL may take to replay to the target and promote.
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub replay_timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn request(a: &DrillArgs) -> Result<RestoreRequest, Failure> {
+    let target = if let Some(t) = &a.target_time {
+        Target::Time(recovery::parse_target_time(t).map_err(|e| Failure::input(e, false))?)
+    } else if let Some(l) = a.target_lsn {
+        Target::Lsn(l)
+    } else if let Some(n) = &a.target_name {
+        Target::Name(n.clone())
+    } else {
+        Target::Latest
+    };
+    Ok(RestoreRequest {
+        target,
+        ..RestoreRequest::latest()
+    })
+}
+
+fn failure(e: DrillError) -> Failure {
+    let hint = |s: &str| Some(s.to_string());
+    match e {
+        DrillError::Refused(p) => Failure::new(
+            Code::RestoreRefused,
+            p,
+            hint("`pitr list` shows the backups and the recoverable window"),
+        ),
+        DrillError::Repo(r) => Failure::from_repo(r),
+        DrillError::Restore(r) => Failure::from_restore(r),
+        e @ DrillError::Setup(_) => Failure::new(
+            Code::Input,
+            e,
+            hint("install the server binaries of the repository's PostgreSQL version, or pass --pg-bin DIR"),
+        ),
+        e @ DrillError::Io { .. } => Failure::new(Code::Input, e, None),
+        e @ DrillError::NotReached { .. } => Failure::new(
+            Code::DrillNotReached,
+            e,
+            hint("the server log above says why; `pitr verify` checks the repository's WAL"),
+        ),
+        e @ DrillError::CheckFailed { .. } => Failure::new(Code::DrillCheckFailed, e, None),
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives; its name.
+async fn interrupted() -> &'static str {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+pub async fn drill(
+    storage: Storage,
+    settings: &Settings,
+    a: DrillArgs,
+    changes: &mut Changes,
+) -> Result<Code, Failure> {
+    let opts = DrillOptions {
+        request: request(&a)?,
+        check_sql: a.check_sql.clone(),
+        dbname: a.check_dbname.clone(),
+        pg_bin: a.pg_bin.clone(),
+        keep: a.keep,
+        scratch_parent: a.scratch_dir.clone().unwrap_or_else(std::env::temp_dir),
+        restore_command: restore_command(settings),
+        replay_timeout: a.replay_timeout,
+    };
+    let repo = Repository::open(storage, settings.write)
+        .await
+        .map_err(Failure::from_repo)?;
+    // Dropping the drill on a signal stops its server and removes its directory (its guards'
+    // Drop), before this process exits.
+    let result = tokio::select! {
+        r = drill::run(&repo, &opts) => r,
+        sig = interrupted() => {
+            return Err(Failure::new(
+                Code::JobFailed,
+                format!("interrupted by {sig}: the drill's server was stopped and its scratch directory removed"),
+                None,
+            ));
+        }
+    };
+    let report = match &result {
+        Ok(r) => r,
+        Err(DrillFailure { report, .. }) => report,
+    };
+    changes.details = serde_json::to_value(report).ok();
+    print(report, a.json);
+    result.map(|_| Code::Ok).map_err(|f| failure(f.error))
+}
+
+fn print(r: &DrillReport, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serializes")
+        );
+        return;
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let secs = |v: Option<f64>| v.map_or("-".into(), |s| format!("{s:.1}s"));
+    println!("drill:          {}", if r.ok { "ok" } else { "FAILED" });
+    println!("backup:         {}", or_dash(&r.backup));
+    println!("target:         {}", r.target);
+    println!("restore:        {}", secs(r.restore_seconds));
+    println!("replay:         {}", secs(r.replay_seconds));
+    println!(
+        "RTO:            {} (from the start of the drill to accepting connections)",
+        secs(r.rto_seconds)
+    );
+    println!(
+        "recovered to:   LSN {}, last commit {}",
+        or_dash(&r.recovered_lsn),
+        or_dash(&r.recovered_time)
+    );
+    println!(
+        "WAL fetched:    {}",
+        super::restore_cmd::human_bytes(r.wal_fetched_bytes)
+    );
+    if let Some(row) = &r.check_rows {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|c| c.clone().unwrap_or_else(|| "NULL".into()))
+            .collect();
+        println!("check:          {}", cells.join(" | "));
+    }
+    if let Some(dir) = &r.kept_dir {
+        println!(
+            "kept:           {} (start it with pg_ctl -D {}/data)",
+            dir.display(),
+            dir.display()
+        );
+    }
+}
