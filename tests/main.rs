@@ -3,7 +3,9 @@
 mod harness;
 
 mod archive;
+mod audit;
 mod common;
+mod drill;
 mod expire;
 mod pg_client;
 mod pitr;

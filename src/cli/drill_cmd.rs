@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
@@ -95,17 +95,30 @@ fn failure(e: DrillError) -> Failure {
     }
 }
 
-/// Resolves when SIGINT or SIGTERM arrives; its name.
-async fn interrupted() -> &'static str {
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+/// SIGINT and SIGTERM, caught from the start so that neither kills pitr before it has
+/// stopped the drill's server.
+struct Signals(Option<(Signal, Signal)>);
+
+impl Signals {
+    fn catch() -> Signals {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Signals(Some((int, term))),
+            _ => Signals(None),
+        }
+    }
+
+    /// Resolves when one arrives; its name.
+    async fn recv(&mut self) -> &'static str {
+        let Some((int, term)) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
     }
 }
 
@@ -115,6 +128,7 @@ pub async fn drill(
     a: DrillArgs,
     changes: &mut Changes,
 ) -> Result<Code, Failure> {
+    let mut signals = Signals::catch();
     let opts = DrillOptions {
         request: request(&a)?,
         check_sql: a.check_sql.clone(),
@@ -132,7 +146,7 @@ pub async fn drill(
     // Drop), before this process exits.
     let result = tokio::select! {
         r = drill::run(&repo, &opts) => r,
-        sig = interrupted() => {
+        sig = signals.recv() => {
             return Err(Failure::new(
                 Code::JobFailed,
                 format!("interrupted by {sig}: the drill's server was stopped and its scratch directory removed"),
@@ -146,6 +160,9 @@ pub async fn drill(
     };
     changes.details = serde_json::to_value(report).ok();
     print(report, a.json);
+    if let (true, Some(dir)) = (a.json, &report.kept_dir) {
+        eprintln!("pitr drill: kept the scratch directory {}", dir.display());
+    }
     result.map(|_| Code::Ok).map_err(|f| failure(f.error))
 }
 

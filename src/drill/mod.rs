@@ -120,6 +120,7 @@ pub async fn run(repo: &Repository, opts: &DrillOptions) -> Result<DrillReport, 
         server.stop(opts.keep);
     }
     if let Some(scratch) = res.scratch.as_mut() {
+        report.wal_fetched_bytes = wal_fetched(scratch, repo.descriptor().wal_segment_size);
         scratch.keep(opts.keep);
         if opts.keep {
             report.kept_dir = Some(scratch.root().to_path_buf());
@@ -187,9 +188,6 @@ async fn drill(
     let server = res.server.as_mut().expect("started");
     check_reached(server, opts, &plan, report).await?;
     report.check_rows = Some(run_check(server, opts).await?);
-    server.stop(opts.keep);
-    let scratch = res.scratch.as_ref().expect("created");
-    report.wal_fetched_bytes = wal_fetched(scratch, repo.descriptor().wal_segment_size);
     Ok(())
 }
 

@@ -152,7 +152,6 @@ impl Server {
             ("log_destination", "stderr".into()),
             ("log_min_messages", "warning".into()),
             ("cluster_name", "pitr-drill".into()),
-            ("external_pid_file", String::new()),
         ];
         for (k, v) in settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
@@ -283,12 +282,22 @@ fn parse_unaligned(out: &str) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
-/// The last `n` lines of the file at `path`, or a note that it cannot be read.
+/// The last `n` lines of the server log at `path`, without the refusals our own readiness
+/// probes caused, or a note that it cannot be read.
 pub fn log_tail(path: &Path, n: usize) -> String {
+    const PROBE_NOISE: [&str; 4] = [
+        "FATAL:  the database system is starting up",
+        "FATAL:  the database system is not accepting connections",
+        "FATAL:  the database system is in recovery mode",
+        "DETAIL:  Hot standby mode is disabled.",
+    ];
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !PROBE_NOISE.iter().any(|p| l.contains(p)))
+                .collect();
             lines[lines.len().saturating_sub(n)..].join("\n")
         }
         Err(e) => format!("(server log {} unreadable: {e})", path.display()),
