@@ -5,6 +5,7 @@ mod harness;
 mod archive;
 mod audit;
 mod common;
+mod deploy;
 mod drill;
 mod expire;
 mod pg_client;

@@ -41,12 +41,17 @@ pub fn audited_name(command: &Command) -> Option<&'static str> {
     }
 }
 
-/// Writes the command's start record: the command must not run if this fails.
-pub async fn begin(storage: &Storage, command: &str) -> Result<AuditEntry, Failure> {
-    let args = std::env::args_os()
+/// This process's arguments, secrets removed.
+pub fn arguments() -> Vec<String> {
+    std::env::args_os()
         .skip(1)
         .map(|a| redact(&a.to_string_lossy()))
-        .collect();
+        .collect()
+}
+
+/// Writes the command's start record: the command must not run if this fails.
+pub async fn begin(storage: &Storage, command: &str) -> Result<AuditEntry, Failure> {
+    let args = arguments();
     AuditLog::new(storage.clone())
         .begin(AuditRecord::starting(command, args))
         .await

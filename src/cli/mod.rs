@@ -346,7 +346,9 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     let settings = Settings::resolve(&o).map_err(|e| Failure::from_config(e, is_get))?;
     let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::input(e, is_get))?;
-    // Audited commands record themselves before they change anything (docs/operations.md).
+    // Audited commands record themselves before they change anything (docs/operations.md);
+    // whichever command creates the repository records that too.
+    crate::repo::set_invocation(audit_cmd::arguments());
     let audit = match audit_cmd::audited_name(&cli.command) {
         Some(name) => Some(audit_cmd::begin(&storage, name).await?),
         None => None,

@@ -7,11 +7,14 @@
 //! and removes its `.started` object. `<stem>` is `<UTC time>-<host>-<pid>`, so key order is
 //! time order. Both objects are created with a conditional create and never rewritten.
 
+use std::future::Future;
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{RepoError, Result};
+use super::{ClusterIdentity, RepoError, Result};
 use crate::codec::{self, Codec};
 use crate::storage::Storage;
 
@@ -190,6 +193,37 @@ impl AuditEntry {
         }
         Ok(self.record)
     }
+}
+
+/// The command line of this process (secrets removed), set by the CLI: repository creation,
+/// which any writer may do, records itself with it.
+static INVOCATION: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Sets the command line that [`creating_repository`] records; the first call wins.
+pub fn set_invocation(arguments: Vec<String>) {
+    let _ = INVOCATION.set(arguments);
+}
+
+/// Runs `create` (the descriptor's creation) inside a `create-repository` audit entry, when
+/// this process is the CLI. A refused audit record refuses the creation.
+pub(super) async fn creating_repository<T>(
+    storage: &Storage,
+    cluster: &ClusterIdentity,
+    create: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(arguments) = INVOCATION.get() else {
+        return create.await;
+    };
+    let mut record = AuditRecord::starting("create-repository", arguments.clone());
+    record.created = vec![format!(
+        "repository for PostgreSQL {} system {}",
+        cluster.pg_major, cluster.system_identifier
+    )];
+    let entry = AuditLog::new(storage.clone()).begin(record).await?;
+    let result = create.await;
+    let error = result.as_ref().err().map(|e| e.to_string());
+    entry.finish(u8::from(error.is_some()), error).await?;
+    result
 }
 
 /// Stores `record` under `key`, which must not exist: an audit object is never replaced.

@@ -15,7 +15,7 @@ mod wal;
 
 use bytes::Bytes;
 
-pub use audit::{AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
+pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
@@ -145,7 +145,8 @@ impl Repository {
             Some(d) => d,
             None => {
                 storage.check_reachable().await?;
-                descriptor::create(&storage, cluster).await?
+                let create = descriptor::create(&storage, cluster);
+                audit::creating_repository(&storage, cluster, create).await?
             }
         };
         let location = storage.location().to_string();
