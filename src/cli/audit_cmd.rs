@@ -217,7 +217,7 @@ pub async fn audit(storage: Storage, a: AuditArgs) -> Result<Code, Failure> {
             AuditOutcome::Started | AuditOutcome::Unfinished => "UNFINISHED".to_string(),
         };
         println!(
-            "{}  {:<8} {:<14} {}@{} (pid {}, pitr {})",
+            "{}  {:<17} {:<14} {}@{} (pid {}, pitr {})",
             r.started.format("%Y-%m-%d %H:%M:%S%:z"),
             r.command,
             outcome,
