@@ -2,7 +2,9 @@
 # The whole pitr loop on a throwaway PostgreSQL, into a local repository at ./repo:
 # archive WAL with `pitr archive-push`, take a base backup with `pitr backup`, write rows
 # before and after a moment T, then `pitr restore --target-time T` into a new directory,
-# start PostgreSQL on it and show that exactly the rows from before T came back.
+# start PostgreSQL on it and show that exactly the rows from before T came back; finally
+# `pitr drill --target-time T` does the same by itself and reports the RTO it measured, and
+# `pitr audit` shows who did what to the repository.
 #
 # Needs PostgreSQL (13+) server binaries (Debian: apt-get install postgresql-15) and cargo.
 # Run as root, it runs PostgreSQL as the `postgres` user. Everything it starts, it stops.
@@ -96,4 +98,14 @@ if [ "$rows" = 1500 ]; then
 else
     echo; echo "unexpected: $rows rows (expected 1500)" >&2; exit 1
 fi
+
+say "pitr drill --target-time '$T': the same restore, started, checked and timed by pitr itself"
+drilled=$(as_pg "$PITR" --repo "$REPO" drill --target-time "$T" --pg-bin "$PG_BIN" \
+    --check-sql "select count(*) from orders" --scratch-dir "$WORK")
+echo "$drilled"
+echo "$drilled" | grep -qE '^drill: +ok' || { echo "the drill failed" >&2; exit 1; }
+echo "$drilled" | grep -qE '^check: +1500$' || { echo "the drill restored other rows" >&2; exit 1; }
+
+say "pitr audit: every backup, restore and drill is recorded in the repository"
+"$PITR" --repo "$REPO" audit
 echo "The repository stays in $REPO; the clusters were stopped (data in $WORK)."

@@ -41,6 +41,10 @@ pub enum Code {
     WalGap = 11,
     /// check: a check failed (the report names each problem with its fix).
     CheckFailed = 12,
+    /// drill: PostgreSQL did not replay to the target and promote (or did not start).
+    DrillNotReached = 13,
+    /// drill: the server came up but the check query failed.
+    DrillCheckFailed = 14,
     /// Internal error (a bug).
     Internal = 70,
     /// archive-get: any failure other than "not found". Above 125, so PostgreSQL aborts recovery.
@@ -49,7 +53,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in increasing order.
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 17] = [
         Code::Ok,
         Code::NotFound,
         Code::Usage,
@@ -63,6 +67,8 @@ impl Code {
         Code::VerifyFailed,
         Code::WalGap,
         Code::CheckFailed,
+        Code::DrillNotReached,
+        Code::DrillCheckFailed,
         Code::Internal,
         Code::RecoveryFatal,
     ];
@@ -90,6 +96,8 @@ impl Code {
             Code::VerifyFailed => "`verify` found problems",
             Code::WalGap => "the server no longer has the WAL",
             Code::CheckFailed => "a check failed",
+            Code::DrillNotReached => "PostgreSQL did not reach the target",
+            Code::DrillCheckFailed => "the check query failed",
             Code::Internal => "internal error",
             Code::RecoveryFatal => "any failure other than \"not found\"",
         }
@@ -145,6 +153,8 @@ mod tests {
                 | Code::VerifyFailed
                 | Code::WalGap
                 | Code::CheckFailed
+                | Code::DrillNotReached
+                | Code::DrillCheckFailed
                 | Code::Internal
                 | Code::RecoveryFatal => {}
             }

@@ -3,8 +3,11 @@
 mod harness;
 
 mod archive;
+mod audit;
 mod check;
 mod common;
+mod deploy;
+mod drill;
 mod expire;
 mod flaky;
 mod independent_reader;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::audit_cmd::Changes;
 use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
@@ -44,7 +45,12 @@ pub enum Checkpoint {
     Spread,
 }
 
-pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Result<Code, Failure> {
+pub async fn backup(
+    storage: Storage,
+    settings: &Settings,
+    a: BackupArgs,
+    changes: &mut Changes,
+) -> Result<Code, Failure> {
     let conn = a.conn.config("pitr backup")?;
     let opts = BackupOptions {
         label: a.label,
@@ -80,6 +86,7 @@ pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Res
     let info = backup::run_backup(storage, settings.write, &conn, &opts, &progress).await;
     bar.finish_and_clear();
     let info = info?;
+    changes.created.push(format!("backup {}", info.id));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info).expect("json"));
     } else {

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
 use crate::backup::expire::{self, ExpireReport, RetentionPolicy};
@@ -30,6 +31,7 @@ pub async fn expire(
     storage: Storage,
     settings: &Settings,
     args: ExpireArgs,
+    changes: &mut Changes,
 ) -> Result<Code, Failure> {
     let repo = Repository::open(storage, settings.write).await?;
     // Flags and PITR_RETAIN_* were merged with the config file's [retention] by `Settings`.
@@ -38,6 +40,9 @@ pub async fn expire(
         window: settings.retain_window,
     };
     let report = expire::expire(&repo, policy, DEFAULT_ABANDONED_AFTER, args.dry_run).await?;
+    if !report.dry_run {
+        record_changes(&report, changes);
+    }
     if args.json {
         println!(
             "{}",
@@ -47,6 +52,23 @@ pub async fn expire(
         print_report(&report);
     }
     Ok(Code::Ok)
+}
+
+fn record_changes(r: &ExpireReport, changes: &mut Changes) {
+    for b in &r.expired {
+        changes.deleted.push(format!("backup {}", b.id));
+    }
+    for id in &r.finished_from_earlier_run {
+        changes
+            .deleted
+            .push(format!("backup {id} (rest of an interrupted expire)"));
+    }
+    if r.wal_objects_removed > 0 {
+        changes.deleted.push(format!(
+            "{} WAL objects ({} bytes)",
+            r.wal_objects_removed, r.wal_bytes_removed
+        ));
+    }
 }
 
 fn print_report(r: &ExpireReport) {

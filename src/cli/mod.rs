@@ -1,8 +1,10 @@
 //! Command-line parsing and output. Calls the library; holds no logic.
 
+mod audit_cmd;
 mod backup_cmd;
 mod check_cmd;
 mod conn_args;
+mod drill_cmd;
 mod exit;
 mod expire_cmd;
 mod restore_cmd;
@@ -155,6 +157,13 @@ pub enum Command {
     /// DURATION needs (--retain-window), or both (the union); the newest backup is always kept.
     /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
     Expire(expire_cmd::ExpireArgs),
+    /// Prove the repository restores: restore into a scratch directory, start PostgreSQL on it,
+    /// wait until it has replayed to the target and promoted, run a check query, and report the
+    /// RTO measured. Never writes to the repository (except its audit record); leaves nothing
+    /// running or on disk, also when interrupted. Exit codes 12 and 13: docs/exit-codes.md.
+    Drill(drill_cmd::DrillArgs),
+    /// List the audit trail: every backup, expire, restore and drill, newest last.
+    Audit(audit_cmd::AuditArgs),
     /// The background worker of archive-get's prefetch; started by archive-get itself.
     #[command(name = archive::prefetch::WORKER_COMMAND, hide = true)]
     PrefetchWorker(PrefetchWorkerArgs),
@@ -185,6 +194,8 @@ impl Command {
             Command::Stream(_) => "stream",
             Command::Check(_) => "check",
             Command::Status(_) => "status",
+            Command::Drill(_) => "drill",
+            Command::Audit(_) => "audit",
             Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
     }
@@ -350,6 +361,32 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     let settings = Settings::resolve(&o).map_err(|e| Failure::for_command(e, is_get))?;
     let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::for_command(e, is_get))?;
+    // Audited commands record themselves before they change anything (docs/operations.md);
+    // whichever command creates the repository records that too.
+    crate::repo::set_invocation(audit_cmd::arguments());
+    let audit = match audit_cmd::audited_name(&cli.command) {
+        Some(name) => Some(audit_cmd::begin(&storage, name).await?),
+        None => None,
+    };
+    let mut changes = audit_cmd::Changes::default();
+    let result = run_command(cli, storage, &settings, &mut changes).await;
+    if let Some(entry) = audit {
+        match (audit_cmd::finish(entry, &result, changes).await, &result) {
+            (Err(f), Ok(_)) => return Err(f),
+            // The command's own failure is the one to report.
+            (Err(f), Err(_)) => tracing::error!(error = %f.message, "audit record not written"),
+            _ => {}
+        }
+    }
+    result
+}
+
+async fn run_command(
+    cli: Cli,
+    storage: Storage,
+    settings: &Settings,
+    changes: &mut audit_cmd::Changes,
+) -> Result<Code, Failure> {
     match cli.command {
         Command::ArchivePush { path } => {
             archive::archive_push(storage, &path, settings.write).await?;
@@ -366,14 +403,16 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
                 GetOutcome::NotFound => Ok(Code::NotFound),
             }
         }
-        Command::Backup(args) => backup_cmd::backup(storage, &settings, args).await,
-        Command::List { json } => restore_cmd::list(storage, &settings, json).await,
-        Command::Restore(args) => restore_cmd::restore(storage, &settings, args).await,
-        Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
-        Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
-        Command::Check(args) => check_cmd::check(storage, &settings, args).await,
-        Command::Status(args) => status_cmd::status(storage, &settings, args).await,
-        Command::Expire(args) => expire_cmd::expire(storage, &settings, args).await,
+        Command::Backup(args) => backup_cmd::backup(storage, settings, args, changes).await,
+        Command::List { json } => restore_cmd::list(storage, settings, json).await,
+        Command::Restore(args) => restore_cmd::restore(storage, settings, args, changes).await,
+        Command::Verify { full, json } => verify_cmd::verify(storage, settings, full, json).await,
+        Command::Stream(args) => stream_cmd::stream(storage, settings, args).await,
+        Command::Check(args) => check_cmd::check(storage, settings, args).await,
+        Command::Status(args) => status_cmd::status(storage, settings, args).await,
+        Command::Expire(args) => expire_cmd::expire(storage, settings, args, changes).await,
+        Command::Drill(args) => drill_cmd::drill(storage, settings, args, changes).await,
+        Command::Audit(args) => audit_cmd::audit(storage, args).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {
                 spool: a.spool,

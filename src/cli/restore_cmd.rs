@@ -7,6 +7,7 @@ use chrono::Utc;
 use clap::Args;
 use serde_json::json;
 
+use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
 use crate::config::Settings;
 use crate::recovery::{
@@ -84,7 +85,7 @@ fn target_of(a: &RestoreArgs) -> Result<Target, Failure> {
 /// The restore_command written into the restored cluster: this very binary, with the
 /// repository (or config file) it was given, never a secret. `%` is doubled because PostgreSQL
 /// expands `%` sequences in restore_command.
-fn restore_command(settings: &Settings) -> String {
+pub(super) fn restore_command(settings: &Settings) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "pitr".into());
@@ -104,6 +105,7 @@ pub async fn restore(
     storage: Storage,
     settings: &Settings,
     a: RestoreArgs,
+    changes: &mut Changes,
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
     // Refuse a non-empty directory before any other work.
@@ -153,6 +155,11 @@ pub async fn restore(
         restore_command: restore_command(settings),
     };
     let report = restore::execute(&repo, &plan, &opts).await?;
+    changes.created.push(format!(
+        "restored backup {} into {}",
+        plan.backup.id,
+        a.pgdata.display()
+    ));
     if a.json {
         let mut s = summary;
         s["files"] = json!(report.files);

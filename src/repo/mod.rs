@@ -3,6 +3,7 @@
 //! Uses `storage` to move bytes and `codec` to frame them; knows WAL file names but nothing of
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
+mod audit;
 mod backups;
 mod catalog;
 mod chunks;
@@ -18,6 +19,7 @@ mod wal;
 
 use bytes::Bytes;
 
+pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
@@ -80,6 +82,8 @@ pub enum RepoError {
     BadHistory { name: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
+    #[error("audit record {key} is unreadable: {message}")]
+    BadAudit { key: String, message: String },
 }
 
 impl Classify for RepoError {
@@ -88,7 +92,8 @@ impl Classify for RepoError {
             RepoError::Storage(e) => e.code(),
             RepoError::Corrupt { .. }
             | RepoError::BadDescriptor { .. }
-            | RepoError::BadHistory { .. } => Code::Corrupt,
+            | RepoError::BadHistory { .. }
+            | RepoError::BadAudit { .. } => Code::Corrupt,
             // No repository is where the user pointed: the storage location is wrong.
             RepoError::NotInitialized { .. } => Code::Storage,
             RepoError::NewerFormat { .. }
@@ -118,9 +123,9 @@ impl Classify for RepoError {
             RepoError::BadHistory { .. } => {
                 "recovery cannot follow a timeline whose history is damaged; `pitr verify` reports it"
             }
-            RepoError::SegmentSizeMismatch { .. } | RepoError::BadDescriptor { .. } => {
-                return None
-            }
+            RepoError::SegmentSizeMismatch { .. }
+            | RepoError::BadDescriptor { .. }
+            | RepoError::BadAudit { .. } => return None,
         };
         Some(hint.into())
     }
@@ -192,7 +197,8 @@ impl Repository {
             Some(d) => d,
             None => {
                 storage.check_reachable().await?;
-                descriptor::create(&storage, cluster).await?
+                let create = descriptor::create(&storage, cluster);
+                audit::creating_repository(&storage, cluster, create).await?
             }
         };
         Repository::for_cluster(storage, descriptor, cluster, what, write)
