@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub backup_incremental_schedule: Option<String>,
     /// stream: when to verify the repository.
     pub verify_schedule: Option<String>,
+    /// stream: when to run `pitr drill` (restore to latest, start, check, measure RTO).
+    pub drill_schedule: Option<String>,
     /// stream: POST a JSON event here on job failures and recoveries, RPO and stream changes.
     pub notify_url: Option<String>,
     /// stream: run this shell command with the JSON event on stdin.
@@ -76,6 +78,7 @@ pub struct OpsOverrides {
     pub backup_schedule: Option<String>,
     pub backup_incremental_schedule: Option<String>,
     pub verify_schedule: Option<String>,
+    pub drill_schedule: Option<String>,
     pub notify_url: Option<String>,
     pub notify_command: Option<String>,
     pub rpo_alert: Option<String>,
@@ -87,6 +90,7 @@ pub struct OpsSettings {
     pub backup_schedule: Option<Schedule>,
     pub backup_incremental_schedule: Option<Schedule>,
     pub verify_schedule: Option<Schedule>,
+    pub drill_schedule: Option<Schedule>,
     pub notify_url: Option<url::Url>,
     pub notify_command: Option<String>,
     pub rpo_alert: Option<Duration>,
@@ -338,6 +342,7 @@ fn resolve_ops(o: &OpsOverrides, file: &FileConfig, problems: &mut Vec<String>) 
         "backup incremental schedule",
     );
     let verify_schedule = schedule(&o.verify_schedule, &file.verify_schedule, "verify schedule");
+    let drill_schedule = schedule(&o.drill_schedule, &file.drill_schedule, "drill schedule");
     let notify_url = o
         .notify_url
         .as_ref()
@@ -370,6 +375,7 @@ fn resolve_ops(o: &OpsOverrides, file: &FileConfig, problems: &mut Vec<String>) 
         backup_schedule,
         backup_incremental_schedule,
         verify_schedule,
+        drill_schedule,
         notify_url,
         notify_command: o.notify_command.clone().or(file.notify_command.clone()),
         rpo_alert,

@@ -44,6 +44,17 @@ impl Service {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// SIGTERM, then waits for the process to exit (what a service manager does).
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        poll("the service to exit", Duration::from_secs(60), || {
+            Ok(self.child.try_wait().unwrap().map(|_| ()))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n--- log ---\n{}", self.log()));
+    }
 }
 
 impl Drop for Service {
@@ -539,4 +550,55 @@ tests:
 "#
     );
     run_promtool(&dir, &test);
+}
+
+/// `--drill-schedule`: the service drills the latest point on its schedule (after its first
+/// scheduled backup exists) and reports the measured RTO under the contract's names.
+#[test]
+fn scheduled_drill_reports_its_rto() {
+    let mut repo = TestRepo::new(Backend::Local);
+    let pg = PgCluster::builder().start().unwrap();
+    pg.psql("create table beat(id serial primary key)").unwrap();
+    // The drill's server runs as the server user: its scratch directory must be reachable.
+    let scratch = TestDir::new();
+    let parent = scratch.subdir("tmp");
+    crate::harness::make_accessible(&parent).unwrap();
+    repo.env
+        .push(("TMPDIR".into(), parent.display().to_string()));
+    let port = free_port();
+    let args = repo.args(&[
+        "stream",
+        "-d",
+        &pg.conninfo(),
+        "--create-slot",
+        "--backup-schedule",
+        "every 10s",
+        "--drill-schedule",
+        "every 15s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut svc = Service::start(&repo, &args);
+    let done = wait_metric(port, &svc, "a successful scheduled drill", |s| {
+        let _ = pg.psql("insert into beat default values");
+        runs(s, "drill", "success") >= 1.0
+    });
+    let rto = done.get("pitr_drill_last_rto_seconds");
+    assert!(rto > 0.0 && rto < 170.0, "rto {rto}\n{}", svc.log());
+    assert!(now() - done.get("pitr_drill_last_success_timestamp_seconds") < 180.0);
+    // Stopped (possibly mid-drill), the service leaves no server and no scratch directory.
+    svc.terminate();
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&parent.display().to_string()))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}\n{}", svc.log());
+    assert_eq!(
+        fs::read_dir(&parent).unwrap().count(),
+        0,
+        "scratch left behind\n{}",
+        svc.log()
+    );
 }

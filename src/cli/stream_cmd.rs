@@ -73,6 +73,10 @@ pub struct OpsArgs {
     /// Run `pitr verify` on this schedule.
     #[arg(long, env = "PITR_VERIFY_SCHEDULE", value_name = "SPEC")]
     pub verify_schedule: Option<String>,
+    /// Run `pitr drill` (restore to latest into a scratch directory, start PostgreSQL, run the
+    /// default check, measure the RTO) on this schedule.
+    #[arg(long, env = "PITR_DRILL_SCHEDULE", value_name = "SPEC")]
+    pub drill_schedule: Option<String>,
     /// POST a JSON event here when a scheduled job fails or recovers, when the RPO is breached or
     /// restored, and when the stream goes down or comes back.
     #[arg(long, env = "PITR_NOTIFY_URL", value_name = "URL")]
@@ -95,6 +99,7 @@ impl OpsArgs {
             backup_schedule: self.backup_schedule.clone(),
             backup_incremental_schedule: self.backup_incremental_schedule.clone(),
             verify_schedule: self.verify_schedule.clone(),
+            drill_schedule: self.drill_schedule.clone(),
             notify_url: self.notify_url.clone(),
             notify_command: self.notify_command.clone(),
             rpo_alert: self.rpo_alert.clone(),
@@ -115,7 +120,9 @@ fn service_options(settings: &Settings, a: &StreamArgs) -> ServiceOptions {
             backup: o.backup_schedule.clone(),
             backup_incremental: o.backup_incremental_schedule.clone(),
             verify: o.verify_schedule.clone(),
+            drill: o.drill_schedule.clone(),
         },
+        restore_command: super::restore_cmd::restore_command(settings),
         retention,
         notify: NotifyOptions {
             url: o.notify_url.clone(),

@@ -3,7 +3,9 @@
 
 use crate::backup::expire::{self, RetentionPolicy};
 use crate::backup::{self, BackupOptions, DEFAULT_ABANDONED_AFTER};
+use crate::drill::{self, DrillOptions};
 use crate::pg::ConnConfig;
+use crate::recovery::RestoreRequest;
 use crate::repo::{Repository, WriteOptions};
 use crate::storage::Storage;
 use crate::verify::{self, VerifyOptions};
@@ -177,6 +179,48 @@ impl Job for VerifyJob {
         Ok(format!(
             "verified {} objects ({} bytes): no problems",
             report.objects, report.bytes
+        ))
+    }
+}
+
+/// `pitr drill` to the latest point with the default check: proof that the repository restores,
+/// and the RTO it takes.
+pub struct DrillJob {
+    pub repo: RepoAccess,
+    pub restore_command: String,
+}
+
+#[async_trait::async_trait]
+impl Job for DrillJob {
+    fn name(&self) -> &'static str {
+        m::JOB_DRILL
+    }
+
+    async fn run(&self) -> Result<String, String> {
+        let access = self.repo.clone();
+        let opts = DrillOptions {
+            request: RestoreRequest::latest(),
+            check_sql: None,
+            dbname: "postgres".into(),
+            pg_bin: None,
+            keep: false,
+            scratch_parent: std::env::temp_dir(),
+            restore_command: self.restore_command.clone(),
+            replay_timeout: std::time::Duration::from_secs(6 * 3600),
+        };
+        // On this runtime, not on a thread of its own: when the service stops, dropping this
+        // future stops the drill's server and removes its directory (the drill's guards).
+        let repo = access.open().await?;
+        let report = drill::run(&repo, &opts)
+            .await
+            .map_err(|f| format!("drill failed: {}", f.error))?;
+        let rto = report.rto_seconds.unwrap_or_default();
+        metrics::gauge!(m::DRILL_LAST_SUCCESS).set(chrono::Utc::now().timestamp() as f64);
+        metrics::gauge!(m::DRILL_LAST_RTO).set(rto);
+        Ok(format!(
+            "drill of backup {} reached {} in {rto:.1}s",
+            report.backup.as_deref().unwrap_or("-"),
+            report.recovered_lsn.as_deref().unwrap_or("the target")
         ))
     }
 }

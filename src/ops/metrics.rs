@@ -20,8 +20,14 @@ pub const RECOVERABLE_UNTIL: &str = "pitr_recoverable_until_timestamp_seconds";
 /// Stored bytes, label `kind` (wal, backups).
 pub const REPOSITORY_BYTES: &str = "pitr_repository_bytes";
 
+/// Completion time of the last successful scheduled drill of this service (absent until one).
+pub const DRILL_LAST_SUCCESS: &str = "pitr_drill_last_success_timestamp_seconds";
+/// The RTO the last successful scheduled drill measured: start to accepting connections.
+pub const DRILL_LAST_RTO: &str = "pitr_drill_last_rto_seconds";
+
 /// Job labels.
 pub const JOB_BACKUP: &str = "backup";
 pub const JOB_BACKUP_INCREMENTAL: &str = "backup_incremental";
 pub const JOB_EXPIRE: &str = "expire";
 pub const JOB_VERIFY: &str = "verify";
+pub const JOB_DRILL: &str = "drill";

@@ -165,7 +165,10 @@ async fn slots(entry: Entry, notify: Notifier, cancel: CancellationToken) {
             }
         });
     }
+    // Wait until the abandoned runs are dropped: a drill's guards stop its server and remove
+    // its directory then, which must happen before the process exits.
     runs.abort_all();
+    while runs.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::jobs::{BackupJob, ExpireJob, IncrementalBackupJob, RepoAccess, VerifyJob};
+use super::jobs::{BackupJob, DrillJob, ExpireJob, IncrementalBackupJob, RepoAccess, VerifyJob};
 use super::notify::{EventKind, Notifier, NotifyOptions};
 use super::schedule::Schedule;
 use super::scheduler::{Job, Scheduler};
@@ -25,11 +25,14 @@ pub struct Schedules {
     pub backup: Option<Schedule>,
     pub backup_incremental: Option<Schedule>,
     pub verify: Option<Schedule>,
+    pub drill: Option<Schedule>,
 }
 
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
     pub schedules: Schedules,
+    /// The restore_command a scheduled drill's cluster fetches WAL with.
+    pub restore_command: String,
     /// Expire by this policy after every scheduled backup.
     pub retention: Option<RetentionPolicy>,
     /// How scheduled backups are taken.
@@ -47,6 +50,7 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             schedules: Schedules::default(),
+            restore_command: "pitr archive-get %f %p".into(),
             retention: None,
             backup: BackupOptions {
                 label: None,
@@ -93,6 +97,11 @@ fn schedule_jobs(s: &mut Scheduler, svc: &ServiceOptions, repo: &RepoAccess, con
         expire,
     );
     add(&svc.schedules.verify, Arc::new(verify), None);
+    let drill = DrillJob {
+        repo: repo.clone(),
+        restore_command: svc.restore_command.clone(),
+    };
+    add(&svc.schedules.drill, Arc::new(drill), None);
 }
 
 /// Runs the stream with everything around it until `cancel` (see `stream::run`).
