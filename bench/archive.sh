@@ -3,6 +3,8 @@
 #
 #   sudo bench/archive.sh            # N=20 segments (plus one warm-up)
 #   N=40 sudo bench/archive.sh
+#   BASE=/path/to/old/pitr METHODS="floor pitr-lz4 pitr-base-lz4" REF=pitr-base-lz4 sudo bench/archive.sh
+#                                    # a second pitr binary side by side (e.g. the previous commit)
 #
 # Generates real 16 MiB WAL segments with pgbench on a throwaway PostgreSQL cluster (archived by
 # `cp` into a source directory), then for every segment runs each method once, in an order that
@@ -16,6 +18,12 @@
 #   pgbr-lz4   pgbackrest archive-push, archive-async=n, compress-type=lz4 (level 1, its default)
 #   pgbr-zst   pgbackrest ... compress-type=zst (level 3)
 #   pgbr-gz    pgbackrest ... compress-type=gz (level 6: pgBackRest's default)
+#   pitr-base-lz4 / pitr-base-zstd   the same as pitr-lz4 / pitr-zstd with the BASE binary (added
+#              to the default list when BASE is set)
+# METHODS="..." overrides the list (pgBackRest is set up only when a pgbr-* method is in it);
+# REF=method sets the reference of the ratio columns (default pgbr-lz4). PUSH_IN_PGDATA=1 runs
+# archive-push from the cluster's data directory, as PostgreSQL runs archive_command (pitr then
+# also reads and keeps its pitr.repository marker there); by default it runs in the temp dir.
 # get methods: the same, reading back what each pushed (floor = plain cp, no fsync: neither
 # PostgreSQL nor the tools fsync a restored segment).
 #
@@ -25,6 +33,21 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 N=${N:-20}
+if [[ -n "${METHODS:-}" ]]; then
+    read -r -a METHODS <<<"$METHODS"
+else
+    METHODS=(floor pitr-lz4 pitr-zstd pgbr-lz4 pgbr-zst pgbr-gz)
+    [[ -n "${BASE:-}" ]] && METHODS+=(pitr-base-lz4)
+fi
+for m in "${METHODS[@]}"; do
+    case $m in
+    floor | pitr-lz4 | pitr-zstd | pgbr-lz4 | pgbr-zst | pgbr-gz) ;;
+    pitr-base-lz4 | pitr-base-zstd) [[ -n "${BASE:-}" ]] || die "method $m needs BASE=/path/to/pitr" ;;
+    *) die "unknown method $m" ;;
+    esac
+done
+REF=${REF:-pgbr-lz4}
+wants_pgbr "${METHODS[@]}" || NEED_PGBR=0
 
 bench_init archive
 machine_info | tee "$BT/machine.txt" >&2
@@ -39,10 +62,16 @@ log "segments: ${SEGS[0]} .. ${SEGS[-1]} ($N timed, $WARM warm-up)"
 
 # Repositories and configurations.
 R="$BT/repos"
-mkdir -p "$R/floor" "$R/pitr-lz4" "$R/pitr-zstd" "$BT/get"
-for c in lz4 zst gz; do
-    pgbr_conf "$BT/pgbr-$c.conf" "$R/pgbr-$c" "$PGDATA" "$PORT" "$c"
-    as_pg pgbackrest --config="$BT/pgbr-$c.conf" --stanza=bench stanza-create >"$BT/log/stanza-$c.log" 2>&1
+mkdir -p "$R/floor" "$BT/get"
+for m in "${METHODS[@]}"; do
+    case $m in
+    pitr-*) mkdir -p "$R/$m" ;;
+    pgbr-*)
+        c=${m#pgbr-}
+        pgbr_conf "$BT/pgbr-$c.conf" "$R/pgbr-$c" "$PGDATA" "$PORT" "$c"
+        as_pg pgbackrest --config="$BT/pgbr-$c.conf" --stanza=bench stanza-create >"$BT/log/stanza-$c.log" 2>&1
+        ;;
+    esac
 done
 chown -R postgres:postgres "$R" "$BT/get"
 
@@ -50,18 +79,19 @@ push_cmd() { # method segment-path
     case $1 in
     pitr-lz4) echo "$PITR" --repo "$R/pitr-lz4" --compression lz4 archive-push "$2" ;;
     pitr-zstd) echo "$PITR" --repo "$R/pitr-zstd" --compression zstd archive-push "$2" ;;
+    pitr-base-*) echo "$PITR_BASE" --repo "$R/$1" --compression "${1#pitr-base-}" archive-push "$2" ;;
     pgbr-*) echo pgbackrest --config="$BT/pgbr-${1#pgbr-}.conf" --stanza=bench archive-push "$2" ;;
     esac
 }
 get_cmd() { # method segment-name dest
     case $1 in
     floor) echo cp "$R/floor/$2" "$3" ;;
+    pitr-base-*) echo "$PITR_BASE" --repo "$R/$1" archive-get "$2" "$3" ;;
     pitr-*) echo "$PITR" --repo "$R/$1" archive-get "$2" "$3" ;;
     pgbr-*) echo pgbackrest --config="$BT/pgbr-${1#pgbr-}.conf" --stanza=bench archive-get "$2" "$3" ;;
     esac
 }
 
-METHODS=(floor pitr-lz4 pitr-zstd pgbr-lz4 pgbr-zst pgbr-gz)
 M=${#METHODS[@]}
 
 # Paths contain no spaces (mktemp under /tmp), so word splitting of the echoed commands is safe
@@ -72,7 +102,7 @@ run_push() { # method seg
         measure "push/$m" "$seg" sh -c 'cp "$1" "$2.tmp" && sync "$2.tmp" && mv "$2.tmp" "$2" && sync "$3"' floor "$SRC/$seg" "$R/floor/$seg" "$R/floor"
     else
         # shellcheck disable=SC2046
-        measure "push/$m" "$seg" $(push_cmd "$m" "$SRC/$seg")
+        MEASURE_CWD=$PUSH_CWD measure "push/$m" "$seg" $(push_cmd "$m" "$SRC/$seg")
     fi
 }
 run_get() { # method seg
@@ -85,6 +115,8 @@ run_get() { # method seg
     rm -f "$dest"
 }
 
+PUSH_CWD=""
+[[ ${PUSH_IN_PGDATA:-0} == 1 ]] && PUSH_CWD=$PGDATA
 log "warm-up: $WARM into every repository"
 for m in "${METHODS[@]}"; do
     run_push "$m" "$WARM"
@@ -117,14 +149,15 @@ pg_stop "$PGDATA"
     echo
     sed 's/^/    /' "$BT/machine.txt"
     echo "    loadavg during run: $load0 -> $load1"
-    report --prefix push/ --ref pgbr-lz4 --floor floor --mb 16.777216 --title "archive-push (x pgbr-lz4 = pitr/pgBackRest like for like)"
-    report --prefix get/ --ref pgbr-lz4 --floor floor --mb 16.777216 --title "archive-get"
+    report --prefix push/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-push (x $REF)"
+    report --prefix get/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-get (x $REF)"
     echo
     echo "### repository size after $((N + 1)) segments ($((16 * (N + 1))) MiB of WAL)"
     echo
     echo "| method | MiB | ratio |"
     echo "|---|---|---|"
-    raw=$(du -sk "$R/floor" | cut -f1)
+    raw=$((16384 * (N + 1))) # KiB of WAL, when the floor was not run
+    [[ " ${METHODS[*]} " == *" floor "* ]] && raw=$(du -sk "$R/floor" | cut -f1)
     for m in "${METHODS[@]}"; do
         k=$(du -sk "$R/$m" | cut -f1)
         awk -v m="$m" -v k="$k" -v raw="$raw" 'BEGIN {printf "| %s | %.1f | %.3f |\n", m, k / 1024, k / raw}'

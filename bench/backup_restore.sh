@@ -3,6 +3,13 @@
 #
 #   sudo bench/backup_restore.sh                       # scale 50 (~750 MB), 3 repetitions
 #   SCALE=50 SMALL_SCALE=10 REPS=3 REPLAY_MB=384 sudo bench/backup_restore.sh
+#   BASE=/path/to/old/pitr BACKUP_METHODS="basebackup pitr pitr-base" BACKUP_REF=pitr-base \
+#     RESTORE_METHODS="pitr pitr-base" sudo bench/backup_restore.sh   # two pitr builds side by side
+#
+# With BASE set, a second pitr binary (e.g. the previous commit's build) archives into its own
+# repository too (its archive-push is added to archive_command), and the methods pitr-base
+# (backup, and restore with its own archive-get as restore_command) time it like pitr.
+# pgBackRest is set up (configuration, stanza, archive-push) only when a pgbr-* method is selected.
 #
 # One PostgreSQL 15 cluster archives every WAL segment into three repositories at once
 # (archive_command = pitr archive-push && pgbackrest[lz4] archive-push && pgbackrest[gz]
@@ -35,6 +42,13 @@ REPS=${REPS:-3}
 REPLAY_MB=${REPLAY_MB:-384}
 BACKUP_METHODS=(${BACKUP_METHODS:-basebackup pitr pgbr-lz4 pgbr-lz4-p2 pgbr-gz})
 RESTORE_METHODS=(${RESTORE_METHODS:-pitr pgbr-lz4 pgbr-gz})
+BACKUP_REF=${BACKUP_REF:-basebackup}
+for m in "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}"; do
+    [[ $m != pitr-base || -n "${BASE:-}" ]] || die "method pitr-base needs BASE=/path/to/pitr"
+done
+USE_PGBR=0
+wants_pgbr "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}" && USE_PGBR=1
+NEED_PGBR=$USE_PGBR
 
 bench_init backup
 machine_info | tee "$BT/machine.txt" >&2
@@ -44,11 +58,17 @@ PGDATA="$BT/pg"
 R="$BT/repos"
 mkdir -p "$R/pitr" "$BT/bb" "$BT/restore"
 CONN="host=$BT/sock port=$PORT user=postgres"
-pgbr_conf "$BT/pgbr-lz4.conf" "$R/pgbr-lz4" "$PGDATA" "$PORT" lz4 "process-max=1"
-pgbr_conf "$BT/pgbr-gz.conf" "$R/pgbr-gz" "$PGDATA" "$PORT" gz
 ARCHIVE_CMD="$PITR --repo $R/pitr archive-push %p"
-ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-lz4.conf --stanza=bench archive-push %p"
-ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-gz.conf --stanza=bench archive-push %p"
+if [[ -n "$PITR_BASE" ]]; then
+    mkdir -p "$R/pitr-base"
+    ARCHIVE_CMD+=" && $PITR_BASE --repo $R/pitr-base archive-push %p"
+fi
+if ((USE_PGBR)); then
+    pgbr_conf "$BT/pgbr-lz4.conf" "$R/pgbr-lz4" "$PGDATA" "$PORT" lz4 "process-max=1"
+    pgbr_conf "$BT/pgbr-gz.conf" "$R/pgbr-gz" "$PGDATA" "$PORT" gz
+    ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-lz4.conf --stanza=bench archive-push %p"
+    ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-gz.conf --stanza=bench archive-push %p"
+fi
 pg_init "$PGDATA" "$PORT" \
     "wal_level = replica" \
     "archive_mode = on" \
@@ -60,6 +80,7 @@ pg_init "$PGDATA" "$PORT" \
 chown -R postgres:postgres "$BT"
 pg_start "$PGDATA"
 for c in lz4 gz; do
+    ((USE_PGBR)) || break
     as_pg pgbackrest --config="$BT/pgbr-$c.conf" --stanza=bench stanza-create >"$BT/log/stanza-$c.log" 2>&1
 done
 
@@ -82,6 +103,7 @@ backup_cmd() { # method round -> command words
     case $1 in
     basebackup) echo "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D "$BT/bb/$2" -Ft -X none -c fast ;;
     pitr) echo "$PITR" --repo "$R/pitr" backup -d "$CONN" ;;
+    pitr-base) echo "$PITR_BASE" --repo "$R/pitr-base" backup -d "$CONN" ;;
     pgbr-lz4) echo pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --type=full backup ;;
     pgbr-lz4-p2) echo pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --type=full --process-max=2 backup ;;
     pgbr-gz) echo pgbackrest --config="$BT/pgbr-gz.conf" --stanza=bench --type=full backup ;;
@@ -92,6 +114,8 @@ backup_cmd() { # method round -> command words
 run_backup() { # label method round
     if [[ $2 == pitr ]]; then # the conninfo has spaces: no word splitting for this one
         measure "$1" "$3" "$PITR" --repo "$R/pitr" backup -d "$CONN"
+    elif [[ $2 == pitr-base ]]; then
+        measure "$1" "$3" "$PITR_BASE" --repo "$R/pitr-base" backup -d "$CONN"
     else
         # shellcheck disable=SC2046
         measure "$1" "$3" $(backup_cmd "$2" "$3")
@@ -191,6 +215,7 @@ for ((r = 1; r <= REPS; r++)); do
         # TARGET has a space: the restore command is an array, never word-split.
         case $m in
         pitr) cmd=("$PITR" --repo "$R/pitr" restore --pgdata "$d" --target-time "$TARGET") ;;
+        pitr-base) cmd=("$PITR_BASE" --repo "$R/pitr-base" restore --pgdata "$d" --target-time "$TARGET") ;;
         pgbr-lz4-p2) cmd=(pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --pg1-path="$d" --process-max=2 --type=time "--target=$TARGET" --target-action=promote restore) ;;
         pgbr-*) cmd=(pgbackrest --config="$BT/pgbr-${m#pgbr-}.conf" --stanza=bench --pg1-path="$d" --type=time "--target=$TARGET" --target-action=promote restore) ;;
         esac
@@ -229,13 +254,15 @@ startup_sync_median() { # method
     echo
     sed 's/^/    /' "$BT/machine.txt"
     echo "    loadavg: backups $load0 -> $load1, restores -> $load2"
-    report --prefix backup/ --ref basebackup --mb "$(awk -v b="$TAR_BYTES" 'BEGIN {print b / 1e6}')" \
+    report --prefix backup/ --ref "$BACKUP_REF" --mb "$(awk -v b="$TAR_BYTES" 'BEGIN {print b / 1e6}')" \
         --labels "$(IFS=,; echo "${BACKUP_METHODS[*]}")" \
-        --title "Base backup (x basebackup = time ratio to pg_basebackup -Ft; throughput ratio is its inverse)"
+        --title "Base backup (x $BACKUP_REF = time ratio; throughput ratio is its inverse)"
     echo
     echo "### Repository size after the backups (all rounds; includes archived WAL)"
     echo
-    for d in pitr pgbr-lz4 pgbr-gz; do echo "    $d: $(du -sh "$R/$d" | cut -f1)"; done
+    for d in pitr pitr-base pgbr-lz4 pgbr-gz; do
+        if [[ -d "$R/$d" ]]; then echo "    $d: $(du -sh "$R/$d" | cut -f1)"; fi
+    done
     ref=${RESTORE_METHODS[1]:-${RESTORE_METHODS[0]}}
     report --prefix pitr-e2e/ --ref "$ref" \
         --title "PITR end to end: restore to T + replay $((REPLAY_BYTES / 1000000)) MB of WAL until connections are accepted (x $ref)"

@@ -2,7 +2,11 @@
 #
 # What it gives:
 #   bench_init NAME      temp dir $BT (owned by postgres), cleanup trap, tools installed,
-#                        pitr built in release mode and copied to $BT/bin/pitr
+#                        pitr built in release mode and copied to $BT/bin/pitr ($PITR); with
+#                        PITR=/path/to/pitr that binary is used instead of building, and with
+#                        BASE=/path/to/pitr a second binary (e.g. the previous commit's build) is
+#                        copied to $BT/bin/pitr-base ($PITR_BASE) for the pitr-base-* methods
+#   wants_pgbr METHODS... true when one of the methods is a pgBackRest one (pgbr-*)
 #   pg_init DIR PORT [postgresql.conf lines...]   initdb as postgres, sockets in $BT/sock only
 #   pg_start DIR / pg_stop DIR                      (every started cluster is stopped on exit)
 #   as_pg CMD...          run as the postgres user
@@ -54,7 +58,8 @@ _need_apt() { # package command
 
 ensure_tools() {
     [[ $EUID -eq 0 ]] || die "run as root (PostgreSQL and pgBackRest run as the postgres user via runuser)"
-    _need_apt pgbackrest pgbackrest
+    # pgBackRest is only needed when a pgbr-* method is selected (the caller says so)
+    [[ ${NEED_PGBR:-1} == 1 ]] && _need_apt pgbackrest pgbackrest
     _need_apt time /usr/bin/time
     _need_apt python3 /usr/bin/python3
     if [[ -z "$PGBIN" ]]; then
@@ -66,10 +71,28 @@ ensure_tools() {
 }
 
 build_pitr() {
-    log "building pitr (cargo build --release)"
-    (cd "$REPO_ROOT" && cargo build --release --quiet)
-    install -m 0755 "$REPO_ROOT/target/release/pitr" "$BT/bin/pitr"
+    if [[ -n "${PITR:-}" ]]; then
+        [[ -x "$PITR" ]] || die "PITR=$PITR is not an executable"
+        log "using PITR=$PITR (not building)"
+        install -m 0755 "$PITR" "$BT/bin/pitr"
+    else
+        log "building pitr (cargo build --release)"
+        (cd "$REPO_ROOT" && cargo build --release --quiet)
+        install -m 0755 "$REPO_ROOT/target/release/pitr" "$BT/bin/pitr"
+    fi
     PITR="$BT/bin/pitr"
+    PITR_BASE=""
+    if [[ -n "${BASE:-}" ]]; then
+        [[ -x "$BASE" ]] || die "BASE=$BASE is not an executable"
+        install -m 0755 "$BASE" "$BT/bin/pitr-base"
+        PITR_BASE="$BT/bin/pitr-base"
+    fi
+}
+
+wants_pgbr() { # methods... -> true when one of them is pgbr-*
+    local m
+    for m in "$@"; do [[ $m == pgbr-* ]] && return 0; done
+    return 1
 }
 
 bench_init() { # name
@@ -167,10 +190,18 @@ machine_info() {
     echo "nproc:      $(nproc)"
     echo "memory:     $(free -h | awk '/^Mem:/ {print $2 " total, " $7 " available"}')"
     echo "cpu:        $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "lscpu:      $(lscpu 2>/dev/null | awk -F: '/^Model name/ {gsub(/^ +/, "", $2); m = $2} /^CPU\(s\)/ {gsub(/ /, "", $2); c = $2} END {print m ", " c " CPUs"}')"
     echo "kernel:     $(uname -r)"
     echo "postgres:   $("$PGBIN/postgres" --version)"
-    echo "pgbackrest: $(pgbackrest version)"
-    echo "pitr:       $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($("$BT/bin/pitr" --version))"
+    echo "pgbackrest: $(pgbackrest version 2>/dev/null || echo 'not installed')"
+    if [[ -n "${PITR_SRC:-}" ]]; then
+        echo "pitr:       $PITR_SRC ($("$BT/bin/pitr" --version))"
+    else
+        echo "pitr:       $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') ($("$BT/bin/pitr" --version))"
+    fi
+    if [[ -n "${PITR_BASE:-}" ]]; then
+        echo "pitr-base:  ${BASE_SRC:-$BASE} ($("$PITR_BASE" --version))"
+    fi
     echo "filesystem: $(df -T "$BT" | awk 'NR==2 {print $2 " on " $1}')"
     echo "loadavg:    $(cut -d' ' -f1-3 /proc/loadavg)"
 }

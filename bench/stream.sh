@@ -2,15 +2,22 @@
 # pitr stream vs pg_receivewal, side by side in one run on one PostgreSQL 15 server.
 #
 #   bench/stream.sh [SCALE] [LOAD_SECONDS]      (defaults: 30 and 20)
+#   BASE=/path/to/old/pitr ROUNDS=3 STEADY=0 METHODS="recv pitr pitr-base" bench/stream.sh 30
 #
-# 1. catch-up: both receivers stopped, `pgbench -i -s SCALE` writes WAL (SCALE 30 is about
+# 1. catch-up: all receivers stopped, `pgbench -i -s SCALE` writes WAL (SCALE 30 is about
 #    500 MiB, 60 about 1 GiB), then each receiver alone catches up to the same LSN, timed by
 #    /usr/bin/time -v (wall, CPU, peak RSS). pg_receivewal writes to a local directory with
 #    fsync; pitr stream compresses (lz4) and writes to a local repository with fsync, or to
-#    s3s-fs on 127.0.0.1 when PITR_BENCH_S3=1.
-# 2. steady state: both running, `pgbench -T LOAD_SECONDS -c 4`; pg_stat_replication sampled
-#    every second: flush lag in bytes (server's current LSN minus reported flush) and the
-#    server's own flush_lag.
+#    s3s-fs on 127.0.0.1 when PITR_BENCH_S3=1. METHODS (default "recv pitr", plus pitr-base
+#    when BASE=/path/to/pitr is set: that binary streams into its own repository and slot) and
+#    ROUNDS (default 1; each round writes the WAL again, the method order rotating per round).
+# 2. steady state (STEADY=1, the default; needs recv and pitr in METHODS): both running,
+#    `pgbench -T LOAD_SECONDS -c 4`; pg_stat_replication sampled every second: flush lag in
+#    bytes (server's current LSN minus reported flush) and the server's own flush_lag.
+#
+# Every catch-up goes to $WORK/catchup.tsv (method round seconds bytes cpu_s rss_kib) and the
+# medians are printed at the end; STREAM_OUT=FILE copies that file. The work dir is removed on
+# exit unless BENCH_KEEP=1.
 #
 # Needs: PostgreSQL 15 binaries in PG_BIN (default /usr/lib/postgresql/15/bin), a release
 # build of pitr (cargo build --release), /usr/bin/time. Run as root (uses runuser -u postgres)
@@ -23,12 +30,24 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PITR=${PITR:-$ROOT/target/release/pitr}
 [ -x "$PITR" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+ROUNDS=${ROUNDS:-1}
+STEADY=${STEADY:-1}
+if [ -n "${METHODS:-}" ]; then read -r -a METHODS <<<"$METHODS"
+else METHODS=(recv pitr); [ -n "${BASE:-}" ] && METHODS+=(pitr-base); fi
+for m in "${METHODS[@]}"; do
+  case $m in
+  recv | pitr) ;;
+  pitr-base) [ -x "${BASE:-}" ] || { echo "method pitr-base needs BASE=/path/to/pitr" >&2; exit 1; } ;;
+  *) echo "unknown method $m" >&2; exit 1 ;;
+  esac
+done
 WORK=$(mktemp -d /tmp/pitr-bench.XXXXXX)
 chmod 755 "$WORK"
 PORT=${PORT:-55432}
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 if [ "$(id -u)" = 0 ]; then chown postgres "$WORK"; fi
 cp "$PITR" "$WORK/pitr"; chmod 755 "$WORK/pitr"; PITR=$WORK/pitr
+if [ -n "${BASE:-}" ]; then cp "$BASE" "$WORK/pitr-base"; chmod 755 "$WORK/pitr-base"; BASE=$WORK/pitr-base; fi
 
 PGDATA=$WORK/data
 as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth=trust --no-sync -E UTF8 >/dev/null
@@ -50,29 +69,39 @@ cleanup() {
   [ -n "${S3_PID:-}" ] && kill "$S3_PID" 2>/dev/null
   sleep 1
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1
-  echo "work dir (logs): $WORK"
+  if [ -n "${STREAM_OUT:-}" ] && [ -f "$WORK/catchup.tsv" ]; then cp "$WORK/catchup.tsv" "$STREAM_OUT"; fi
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "work dir (logs): $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 PSQL() { as_pg "$PG_BIN/psql" -h "$WORK" -p "$PORT" -U postgres -Atq -c "$1" postgres; }
 CONN="host=$WORK port=$PORT user=postgres"
 
 REPO=$WORK/repo; mkdir -p "$REPO"
+REPO_BASE=$WORK/repo-base; mkdir -p "$REPO_BASE"
 declare -a PITR_ENV=()
 if [ "${PITR_BENCH_S3:-0}" = 1 ]; then
   S3PORT=$((PORT + 1)); mkdir -p "$WORK/s3/bench"
   s3s-fs --host 127.0.0.1 --port "$S3PORT" --access-key bench --secret-key benchsecret "$WORK/s3" >"$WORK/s3.log" 2>&1 &
   S3_PID=$!; sleep 1
-  REPO="s3://bench/repo"
+  REPO="s3://bench/repo"; REPO_BASE="s3://bench/repo-base"
   PITR_ENV=(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_ENDPOINT_URL="http://127.0.0.1:$S3PORT" AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true)
 fi
 RECVDIR=$WORK/receivewal; mkdir -p "$RECVDIR"; if [ "$(id -u)" = 0 ]; then chown postgres "$RECVDIR"; fi
 
-PSQL "select pg_create_physical_replication_slot('pitr', true)" >/dev/null
-PSQL "select pg_create_physical_replication_slot('recv', true)" >/dev/null
+has() { case " ${METHODS[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
+# A slot only for the methods run: an unused slot would hold back WAL removal.
+has pitr && PSQL "select pg_create_physical_replication_slot('pitr', true)" >/dev/null
+has recv && PSQL "select pg_create_physical_replication_slot('recv', true)" >/dev/null
+has pitr-base && PSQL "select pg_create_physical_replication_slot('pitrbase', true)" >/dev/null
 
 run_pitr() { # $1 = log suffix
   env "${PITR_ENV[@]}" /usr/bin/time -v -o "$WORK/time.pitr.$1" \
     "$PITR" --repo "$REPO" stream -d "$CONN" --slot pitr --application-name pitr >"$WORK/pitr.$1.log" 2>&1 &
+  PITR_PID=$!
+}
+run_pitr_base() { # $1 = log suffix
+  env "${PITR_ENV[@]}" /usr/bin/time -v -o "$WORK/time.pitr-base.$1" \
+    "$BASE" --repo "$REPO_BASE" stream -d "$CONN" --slot pitrbase --application-name pitrbase >"$WORK/pitr-base.$1.log" 2>&1 &
   PITR_PID=$!
 }
 run_recv() { # $1 = log suffix, $2 = extra args
@@ -98,20 +127,53 @@ report() { # name seconds bytes
     "$(echo "$bytes / 1048576 / $secs" | bc -l)" "$(echo "$user + $sys" | bc -l)" "$(echo "$rss / 1024" | bc -l)"
 }
 
-echo "== catch-up (pgbench -i -s $SCALE written while both receivers were stopped)"
-START=$(PSQL "select pg_current_wal_lsn()")
-as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-TARGET=$(PSQL "select pg_current_wal_lsn() from (select pg_switch_wal()) s")
-BYTES=$(PSQL "select '$TARGET'::pg_lsn - '$START'::pg_lsn")
-echo "WAL to catch up: $((BYTES / 1048576)) MiB ($START .. $TARGET)"
+echo "== catch-up (pgbench -i -s $SCALE written while every receiver was stopped): ${METHODS[*]}, $ROUNDS round(s)"
+: >"$WORK/catchup.tsv"
+# One catch-up of method $1 in round $2 to TARGET: wall from start until the server has the
+# receiver's flush at TARGET (slot restart_lsn), CPU and peak RSS of the whole process.
+catchup() {
+  local m=$1 r=$2 t0 t1 secs
+  t0=$(date +%s.%N)
+  case $m in
+  recv) run_recv "catchup$r" "--endpos=$TARGET"; wait "$RECV_PID" || true; RECV_PID=; t1=$(date +%s.%N) ;;
+  pitr) run_pitr "catchup$r"; wait_slot pitr "$TARGET"; t1=$(date +%s.%N); stop_wait "$PITR_PID"; PITR_PID= ;;
+  pitr-base) run_pitr_base "catchup$r"; wait_slot pitrbase "$TARGET"; t1=$(date +%s.%N); stop_wait "$PITR_PID"; PITR_PID= ;;
+  esac
+  secs=$(echo "$t1 - $t0" | bc -l)
+  report "$m.catchup$r" "$secs" "$BYTES"
+  printf '%s\t%s\t%.3f\t%s\t%s\t%s\n' "$m" "$r" "$secs" "$BYTES" \
+    "$(echo "$(timefield "$m.catchup$r" "User time") + $(timefield "$m.catchup$r" "System time")" | bc -l)" \
+    "$(timefield "$m.catchup$r" "Maximum resident")" >>"$WORK/catchup.tsv"
+}
+NM=${#METHODS[@]}
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+for r in $(seq 1 "$ROUNDS"); do
+  START=$(PSQL "select pg_current_wal_lsn()")
+  as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  TARGET=$(PSQL "select pg_current_wal_lsn() from (select pg_switch_wal()) s")
+  BYTES=$(PSQL "select '$TARGET'::pg_lsn - '$START'::pg_lsn")
+  echo "round $r: WAL to catch up: $((BYTES / 1048576)) MiB ($START .. $TARGET)"
+  for j in $(seq 0 $((NM - 1))); do
+    catchup "${METHODS[$(((r - 1 + j) % NM))]}" "$r"
+  done
+  # the catch-up WAL is no longer needed by any slot: let the next round start from a checkpoint
+  PSQL "checkpoint" >/dev/null
+done
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== catch-up medians ($ROUNDS round(s), loadavg $LOAD0 -> $LOAD1)"
+echo "| method | rounds | median s | median MB/s | median CPU s | max peak RSS MiB | every run, s |"
+echo "|---|---|---|---|---|---|---|"
+for m in "${METHODS[@]}"; do
+  awk -F'\t' -v m="$m" '$1 == m {n++; s[n] = $3; c[n] = $5; b = $4; if ($6 > rss) rss = $6; all = all (all ? ", " : "") sprintf("%.2f", $3)}
+    function med(a, n,   i, j, t) {for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) {t = a[j]; a[j] = a[j-1]; a[j-1] = t}
+      return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2}
+    END {if (n) {ms = med(s, n); printf "| %s | %d | %.2f | %.1f | %.2f | %.1f | %s |\n", m, n, ms, b / 1048576 / ms, med(c, n), rss / 1024, all}}' "$WORK/catchup.tsv"
+done
 
-t0=$(date +%s.%N); run_recv catchup "--endpos=$TARGET"; wait "$RECV_PID" || true; RECV_PID=
-t1=$(date +%s.%N); report recv.catchup "$(echo "$t1 - $t0" | bc -l)" "$BYTES"
-
-t0=$(date +%s.%N); run_pitr catchup; wait_slot pitr "$TARGET"
-t1=$(date +%s.%N); stop_wait "$PITR_PID"; PITR_PID=
-report pitr.catchup "$(echo "$t1 - $t0" | bc -l)" "$BYTES"
-
+if [ "$STEADY" != 1 ] || ! has recv || ! has pitr; then
+  echo "machine: $(nproc) cores, $(uname -sr); repo: $REPO"
+  exit 0
+fi
 echo "== steady state: pgbench -T $LOAD -c 4 with both receivers running"
 run_recv steady; run_pitr steady; sleep 2
 as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PORT" -U postgres -T "$LOAD" -c 4 -j 2 postgres >"$WORK/pgbench.log" 2>&1 &
