@@ -204,7 +204,7 @@ fn failed_drills_exit_non_zero_and_leave_nothing() {
         &parent,
         &["--check-sql", "select * from no_such_table"],
     );
-    assert_eq!(c, 13, "{out}");
+    assert_eq!(c, 14, "{out}");
     assert_eq!(v["ok"], false, "{out}");
     assert!(
         out.contains("no_such_table") && out.contains("server log"),
@@ -228,7 +228,7 @@ fn failed_drills_exit_non_zero_and_leave_nothing() {
     bytes[mid] ^= 0xff;
     std::fs::write(&file, bytes).unwrap();
     let (c, v, out) = drill_json(&repo, &parent, &[]);
-    assert_eq!(c, 12, "{out}");
+    assert_eq!(c, 13, "{out}");
     assert_eq!(v["ok"], false, "{out}");
     assert!(out.contains("did not reach the target"), "{out}");
     assert_nothing_left(&parent);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ClusterIdentity, RepoError, Result};
 use crate::codec::{self, Codec};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
 /// Folder of the audit trail.
 pub const AUDIT_PREFIX: &str = "audit/";
@@ -231,8 +231,11 @@ async fn put_new(storage: &Storage, key: &str, record: &AuditRecord) -> Result<(
     let json = serde_json::to_vec_pretty(record).expect("audit record serializes");
     // Uncompressed, like the descriptor: `tail -c +41` shows it to a human.
     let framed = codec::encode(&json, Codec::None, 0);
-    storage.put_if_absent(key, Bytes::from(framed)).await?;
-    Ok(())
+    match storage.put_if_absent(key, Bytes::from(framed.clone())).await {
+        // An object store kept a PUT whose answer was lost: the retry finds our own bytes.
+        Err(StorageError::AlreadyExists { .. }) if storage.get(key).await? == framed => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn read(storage: &Storage, key: &str) -> Result<AuditRecord> {
