@@ -102,8 +102,24 @@ install_promtool() {
     fi
 }
 
+# `systemd-analyze verify` checks the units in deploy/systemd (tests/deploy.rs).
+install_systemd_analyze() {
+    if command -v systemd-analyze >/dev/null; then
+        echo "systemd-analyze already installed"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "systemd-analyze is missing: run (as root) apt-get install systemd" >&2
+        return 1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends systemd
+    command -v systemd-analyze >/dev/null
+}
+
 install_postgres
 install_german_locale
+install_systemd_analyze
 install_s3s_fs
 install_reader_modules
 install_promtool
