@@ -117,9 +117,26 @@ install_systemd_analyze() {
     command -v systemd-analyze >/dev/null
 }
 
+# `docker-compose config` validates docker-compose.yml in CI (.ci/run); Debian packages the
+# standalone docker-compose, not the compose plugin. No container is started.
+install_docker_compose() {
+    if command -v docker-compose >/dev/null; then
+        echo "docker-compose already installed"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "docker-compose is missing: run (as root) apt-get install docker-compose" >&2
+        return 1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends docker-compose
+    command -v docker-compose >/dev/null
+}
+
 install_postgres
 install_german_locale
 install_systemd_analyze
+install_docker_compose
 install_s3s_fs
 install_reader_modules
 install_promtool
