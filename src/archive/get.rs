@@ -32,6 +32,7 @@ pub async fn archive_get(
     name: &str,
     dest: &Path,
     prefetch: Option<&Prefetch>,
+    options: WriteOptions,
 ) -> Result<GetOutcome, ArchiveError> {
     let name = WalFileName::parse(name)?;
     let spool = prefetch
@@ -47,7 +48,8 @@ pub async fn archive_get(
     }
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
-    let repo = Repository::open(storage, WriteOptions::default()).await?;
+    // With the key source: an encrypted repository is unlocked here, or refused (fatal).
+    let repo = Repository::open(storage, options).await?;
     // The newest segment may exist only as chunks shipped by `pitr stream`.
     let Some(found) = repo.wal_file_for_recovery(&name).await? else {
         tracing::info!(file = %name, "not in the repository");

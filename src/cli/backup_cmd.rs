@@ -89,7 +89,7 @@ pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Res
             bar.set_message(format!("waiting for WAL {segment}"))
         }
     };
-    let info = backup::run_backup(storage, settings.write, &conn, &opts, &progress).await;
+    let info = backup::run_backup(storage, settings.write.clone(), &conn, &opts, &progress).await;
     bar.finish_and_clear();
     let info = info.map_err(backup_failure)?;
     if a.json {

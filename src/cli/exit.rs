@@ -185,6 +185,36 @@ fn classify_repo(e: RepoError) -> Failure {
         e @ (RepoError::BadDescriptor { .. } | RepoError::BadHistory { .. }) => {
             Failure::new(Code::Corrupt, e, None)
         }
+        // Encryption (docs/encryption.md): a missing, wrong or superfluous key is configuration.
+        e @ RepoError::KeyRequired { .. } => Failure::new(
+            Code::Input,
+            e,
+            Some("or PITR_ENCRYPTION_KEY_FILE / PITR_ENCRYPTION_KEY_COMMAND, or [encryption] key_file / key_command in the config file".into()),
+        ),
+        e @ RepoError::NotEncrypted { .. } => Failure::new(
+            Code::Input,
+            e,
+            Some("check --repo; a repository is encrypted only if created with a key: remove the key settings for this one, or use a new repository".into()),
+        ),
+        e @ RepoError::WrongKey { .. } => Failure::new(
+            Code::Input,
+            e,
+            Some("check the key file or key command; after `pitr key rotate` only the new key opens the repository".into()),
+        ),
+        RepoError::KeySource(e) => {
+            let hint = e.hint();
+            Failure::new(Code::Input, e, Some(hint))
+        }
+        e @ (RepoError::NoKeyring { .. } | RepoError::BadKeyring { .. }) => Failure::new(
+            Code::Corrupt,
+            e,
+            Some("the key objects under keys/ are damaged or missing: restore them from a copy; without them nothing in the repository can be decrypted".into()),
+        ),
+        e @ (RepoError::RotationConflict { .. } | RepoError::NotNewestKey { .. }) => Failure::new(
+            Code::Conflict,
+            e,
+            Some("run `pitr key rotate` with the newest key as the current one (only one rotation at a time)".into()),
+        ),
     }
 }
 

@@ -31,7 +31,7 @@ pub async fn expire(
     settings: &Settings,
     args: ExpireArgs,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
+    let repo = Repository::open(storage, settings.write.clone())
         .await
         .map_err(Failure::from_repo)?;
     // Flags and PITR_RETAIN_* were merged with the config file's [retention] by `Settings`.

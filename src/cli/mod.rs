@@ -4,6 +4,7 @@ mod backup_cmd;
 mod conn_args;
 mod exit;
 mod expire_cmd;
+mod key_cmd;
 mod restore_cmd;
 mod stream_cmd;
 mod verify_cmd;
@@ -69,6 +70,23 @@ pub struct GlobalArgs {
     /// Log format on stderr: text (default) or json.
     #[arg(long, global = true, env = "PITR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Encryption passphrase file (trailing newline stripped): required by an encrypted
+    /// repository, and creates one when the repository is new (docs/encryption.md).
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_KEY_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_key_file: Option<PathBuf>,
+    /// Command (run with sh -c) that prints the encryption passphrase, e.g. a KMS or vault CLI.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_KEY_COMMAND",
+        value_name = "CMD"
+    )]
+    pub encryption_key_command: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +161,8 @@ pub enum Command {
     /// DURATION needs (--retain-window), or both (the union); the newest backup is always kept.
     /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
     Expire(expire_cmd::ExpireArgs),
+    /// Manage the encryption key of an encrypted repository (docs/encryption.md).
+    Key(key_cmd::KeyArgs),
     /// The background worker of archive-get's prefetch; started by archive-get itself.
     #[command(name = archive::prefetch::WORKER_COMMAND, hide = true)]
     PrefetchWorker(PrefetchWorkerArgs),
@@ -171,6 +191,7 @@ impl Command {
             Command::Verify { .. } => "verify",
             Command::Expire(_) => "expire",
             Command::Stream(_) => "stream",
+            Command::Key(_) => "key",
             Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
     }
@@ -183,13 +204,16 @@ fn overrides(g: &GlobalArgs) -> Overrides {
         compression: g.compression.clone(),
         compression_level: g.compression_level,
         storage_retry_timeout: g.storage_retry_timeout.clone(),
+        encryption_key_file: g.encryption_key_file.clone(),
+        encryption_key_command: g.encryption_key_command.clone(),
         ..Default::default()
     }
 }
 
 /// The global options as flags, for the prefetch worker: it must open the same repository with
 /// the same settings. Values that came from PITR_* variables are passed as flags too, which
-/// resolves to the same thing; secrets live in the environment or the config file, never here.
+/// resolves to the same thing; secrets live in the environment or the config file, never here
+/// (the encryption key file and key command are where the key is, not the key).
 fn forwarded_global_args(g: &GlobalArgs) -> Vec<OsString> {
     let mut out: Vec<OsString> = vec![];
     let mut push = |flag: &str, value: Option<OsString>| {
@@ -208,6 +232,14 @@ fn forwarded_global_args(g: &GlobalArgs) -> Vec<OsString> {
     push(
         "--storage-retry-timeout",
         g.storage_retry_timeout.clone().map(Into::into),
+    );
+    push(
+        "--encryption-key-file",
+        g.encryption_key_file.clone().map(Into::into),
+    );
+    push(
+        "--encryption-key-command",
+        g.encryption_key_command.clone().map(Into::into),
     );
     push("--log-level", g.log_level.clone().map(Into::into));
     push(
@@ -344,7 +376,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
-            match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
+            match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref(), settings.write)
                 .await
                 .map_err(Failure::from_archive_get)?
             {
@@ -358,6 +390,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::Verify { full, json } => verify_cmd::verify(storage, &settings, full, json).await,
         Command::Stream(args) => stream_cmd::stream(storage, &settings, args).await,
         Command::Expire(args) => expire_cmd::expire(storage, &settings, args).await,
+        Command::Key(args) => key_cmd::key(storage, &settings, args).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {
                 spool: a.spool,
@@ -368,7 +401,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
             // Always 0: nobody waits for the worker, and where PostgreSQL is PID 1 (a container
             // without an init) the postmaster reaps it and would take any other status for a
             // crashed server process.
-            if let Err(e) = archive::prefetch::run_worker(storage, args).await {
+            if let Err(e) = archive::prefetch::run_worker(storage, args, settings.write).await {
                 tracing::warn!(error = %e, "prefetch worker stopped");
             }
             Ok(Code::Ok)
@@ -391,6 +424,8 @@ mod tests {
             storage_retry_timeout: Some("5s".into()),
             log_level: Some("debug".into()),
             log_format: Some(LogFormat::Json),
+            encryption_key_file: None,
+            encryption_key_command: Some("vault kv get -field=k 'secret/p q'".into()),
         };
         let args = archive::WorkerArgs {
             spool: "/data/pg_wal/.pitr-prefetch".into(),
@@ -411,6 +446,10 @@ mod tests {
         );
         assert_eq!(cli.global.log_level, global.log_level);
         assert_eq!(cli.global.log_format, Some(LogFormat::Json));
+        assert_eq!(
+            cli.global.encryption_key_command,
+            global.encryption_key_command
+        );
         match cli.command {
             Command::PrefetchWorker(a) => {
                 assert_eq!(

@@ -156,7 +156,7 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
     install_signals(cancel.clone(), force.clone())?;
-    stream::run(storage, settings.write, conn, opts, cancel, force)
+    stream::run(storage, settings.write.clone(), conn, opts, cancel, force)
         .await
         .map_err(failure)?;
     Ok(Code::Ok)

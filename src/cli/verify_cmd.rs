@@ -17,7 +17,7 @@ pub async fn verify(
     full: bool,
     as_json: bool,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write)
+    let repo = Repository::open(storage, settings.write.clone())
         .await
         .map_err(Failure::from_repo)?;
     // Drawn only on a terminal: under cron or in CI the report alone goes out.

@@ -164,6 +164,28 @@ pub fn seal(dek: &Dek, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptErr
     Ok(out)
 }
 
+/// [`seal`] without copying: `buf[at..at + SEAL_HEADER_LEN]` is room for the seal header and
+/// the plaintext follows it to the end of `buf`. Writes the header, encrypts in place and
+/// appends the tag, so that `buf[at..]` is what [`seal`] returns. The bytes before `at` (a frame
+/// header to fill in afterwards) are left alone.
+pub fn seal_in_place(
+    dek: &Dek,
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+    at: usize,
+) -> Result<(), CryptError> {
+    let header_end = at + SEAL_HEADER_LEN;
+    assert!(buf.len() >= header_end, "no room for the seal header");
+    buf[at] = SEAL_VERSION;
+    fill_random(&mut buf[at + 1..header_end])?;
+    let (key, nonce, full_aad) = object_key(dek, &buf[at..header_end], aad);
+    let tag = key
+        .seal_in_place_separate_tag(nonce, Aad::from(&full_aad), &mut buf[header_end..])
+        .expect("AES-GCM seals inputs under 64 GiB");
+    buf.extend_from_slice(tag.as_ref());
+    Ok(())
+}
+
 /// The subkey, nonce and GCM AAD of an object from its 45-byte seal header.
 fn object_key(dek: &Dek, header: &[u8], aad: &[u8]) -> (LessSafeKey, Nonce, Vec<u8>) {
     let salt = &header[1..1 + OBJECT_SALT_LEN];
@@ -560,6 +582,18 @@ mod tests {
             );
             assert_eq!(open_owned(&dek, &aad, sealed).unwrap(), plain);
         }
+    }
+
+    #[test]
+    fn seal_in_place_matches_seal() {
+        let dek = Dek::generate().unwrap();
+        let plain = sample(5000);
+        let mut buf = vec![7u8; 40 + SEAL_HEADER_LEN];
+        buf.extend_from_slice(&plain);
+        seal_in_place(&dek, b"aad", &mut buf, 40).unwrap();
+        assert_eq!(&buf[..40], &[7u8; 40][..]);
+        assert_eq!(buf.len(), 40 + plain.len() + SEAL_OVERHEAD);
+        assert_eq!(open(&dek, b"aad", &buf[40..]).unwrap(), plain);
     }
 
     #[test]

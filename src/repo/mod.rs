@@ -7,6 +7,7 @@ mod backups;
 mod catalog;
 mod chunks;
 mod descriptor;
+mod keys;
 mod layout;
 mod object;
 mod scan;
@@ -20,12 +21,15 @@ use bytes::Bytes;
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
-pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
+pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};
+pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 
+use crate::codec::crypt::CryptError;
 use crate::codec::{Codec, CodecError};
+use crate::key_source::{KeySource, KeySourceError};
 use crate::storage::{Storage, StorageError};
 use crate::wal::WalFileName;
 use object::{ObjectCodec, Payload};
@@ -77,15 +81,42 @@ pub enum RepoError {
     BadHistory { name: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
+    #[error("this repository is encrypted: set --encryption-key-file or --encryption-key-command to open it ({location})")]
+    KeyRequired { location: String },
+    #[error("the repository at {location} is not encrypted, but an encryption key is configured: refusing to use it")]
+    NotEncrypted { location: String },
+    #[error("the encryption key does not open the repository at {location}: it is not the key of any of its key generations")]
+    WrongKey { location: String },
+    #[error("the repository at {location} is encrypted but has no keyring under keys/")]
+    NoKeyring { location: String },
+    #[error("a keyring of the repository at {location} is unusable: {source}")]
+    BadKeyring {
+        location: String,
+        source: CryptError,
+    },
+    #[error(transparent)]
+    KeySource(KeySourceError),
+    #[error("another key rotation created key generation {generation} of {location} meanwhile; this one changed nothing")]
+    RotationConflict { location: String, generation: u64 },
+    #[error("the current key opens key generation {opens} of {location}, but generation {newest} exists and the new key does not open it either: another rotation happened")]
+    NotNewestKey {
+        location: String,
+        opens: u64,
+        newest: u64,
+    },
 }
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
-/// How content is compressed when written.
-#[derive(Clone, Copy, Debug)]
+/// How this process writes the repository: compression of new objects, and where the
+/// encryption passphrase comes from (never the passphrase itself).
+#[derive(Clone, Debug)]
 pub struct WriteOptions {
     pub codec: Codec,
     pub level: i32,
+    /// Required exactly when the repository is encrypted; creating a repository with a key
+    /// makes it an encrypted one.
+    pub encryption_key: Option<KeySource>,
 }
 
 impl Default for WriteOptions {
@@ -93,6 +124,7 @@ impl Default for WriteOptions {
         WriteOptions {
             codec: Codec::Lz4,
             level: 3,
+            encryption_key: None,
         }
     }
 }
@@ -116,13 +148,14 @@ pub struct Repository {
 impl Repository {
     /// Opens an existing repository. Every reader starts here: a missing descriptor means the
     /// location is wrong or empty, which must never look like "this object does not exist".
+    /// An encrypted repository is unlocked here (one key source call, one KDF).
     pub async fn open(storage: Storage, write: WriteOptions) -> Result<Repository> {
         match descriptor::read(&storage).await? {
-            Some(descriptor) => Ok(Repository {
-                storage,
-                descriptor,
-                objects: ObjectCodec { write },
-            }),
+            Some(descriptor) => {
+                let key =
+                    keys::unlock_for(&storage, &descriptor, write.encryption_key.as_ref()).await?;
+                Ok(Repository::assemble(storage, descriptor, write, key))
+            }
             None => {
                 // Tell "bucket missing / unreachable" apart from "empty location".
                 storage.check_reachable().await?;
@@ -133,19 +166,50 @@ impl Repository {
         }
     }
 
-    /// Opens the repository for `cluster`, creating the descriptor if this is the first write.
-    /// Refuses a repository that belongs to another cluster.
+    fn assemble(
+        storage: Storage,
+        descriptor: Descriptor,
+        write: WriteOptions,
+        key: Option<keys::DataKey>,
+    ) -> Repository {
+        Repository {
+            storage,
+            descriptor,
+            objects: ObjectCodec {
+                write,
+                data_key: key.map(std::sync::Arc::new),
+            },
+        }
+    }
+
+    /// Opens the repository for `cluster`, creating the descriptor if this is the first write
+    /// (encrypted when a key is configured). Refuses a repository that belongs to another
+    /// cluster.
     pub async fn open_for_cluster(
         storage: Storage,
         cluster: &ClusterIdentity,
         what: &str,
         write: WriteOptions,
     ) -> Result<Repository> {
-        let descriptor = match descriptor::read(&storage).await? {
-            Some(d) => d,
+        let source = write.encryption_key.as_ref();
+        let (descriptor, key) = match descriptor::read(&storage).await? {
+            Some(d) => {
+                let key = keys::unlock_for(&storage, &d, source).await?;
+                (d, key)
+            }
             None => {
                 storage.check_reachable().await?;
-                descriptor::create(&storage, cluster).await?
+                let (encryption, key) = match source {
+                    Some(source) => {
+                        let (e, k) = keys::create_first(&storage, source).await?;
+                        (Some(e), Some(k))
+                    }
+                    None => (None, None),
+                };
+                let d = descriptor::create(&storage, cluster, encryption).await?;
+                // A concurrent creator may have won with the other kind of repository.
+                keys::check_configured(&storage, &d, key.is_some())?;
+                (d, key)
             }
         };
         let location = storage.location().to_string();
@@ -164,11 +228,7 @@ impl Repository {
                 cluster: cluster.wal_segment_size,
             });
         }
-        Ok(Repository {
-            storage,
-            descriptor,
-            objects: ObjectCodec { write },
-        })
+        Ok(Repository::assemble(storage, descriptor, write, key))
     }
 
     pub fn descriptor(&self) -> &Descriptor {
