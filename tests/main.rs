@@ -4,6 +4,7 @@ mod harness;
 
 mod archive;
 mod common;
+mod encryption;
 mod expire;
 mod flaky;
 mod pg_client;
