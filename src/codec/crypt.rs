@@ -106,8 +106,15 @@ impl fmt::Debug for Kek {
     }
 }
 
+/// Salts, nonces and keys come straight from the operating system (getrandom(2)), not from
+/// aws-lc's RNG: seeding that one runs its CPU-jitter entropy source first, which costs tens of
+/// milliseconds of CPU in every process (measured: +25 ms per archive-push, see
+/// docs/benchmarks.md), and a process here draws only a few dozen random bytes.
 fn fill_random(buf: &mut [u8]) -> Result<(), CryptError> {
-    aws_lc_rs::rand::fill(buf).map_err(|_| CryptError::Random)
+    use rand::RngCore;
+    rand::rngs::OsRng
+        .try_fill_bytes(buf)
+        .map_err(|_| CryptError::Random)
 }
 
 /// HKDF-SHA256(ikm, salt) expanded with `info` into a 32-byte secret.
