@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::archive::prefetch;
 use crate::codec::Codec;
 use crate::error::{Classify, Code};
+use crate::key_source::KeySource;
 use crate::ops::Schedule;
 use crate::repo::WriteOptions;
 use crate::storage::{Location, S3Settings};
@@ -46,6 +47,18 @@ pub struct FileConfig {
     pub notify_command: Option<String>,
     /// stream: notify when the newest recoverable transaction is older than this, e.g. "15m".
     pub rpo_alert: Option<String>,
+    pub encryption: Option<EncryptionFile>,
+}
+
+/// `[encryption]`: where the passphrase of an encrypted repository comes from. One of the two;
+/// the passphrase itself never goes in the configuration file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionFile {
+    /// A file whose content (one trailing newline stripped) is the passphrase.
+    pub key_file: Option<PathBuf>,
+    /// A command run with `sh -c` whose stdout (one trailing newline stripped) is the passphrase.
+    pub key_command: Option<String>,
 }
 
 /// `[retention]`: the policy `pitr expire` applies when no flag says otherwise.
@@ -70,6 +83,8 @@ pub struct Overrides {
     pub retain_full: Option<usize>,
     pub retain_window: Option<String>,
     pub ops: OpsOverrides,
+    pub encryption_key_file: Option<PathBuf>,
+    pub encryption_key_command: Option<String>,
 }
 
 /// `pitr stream`'s schedule and notification flags (also config file keys of the same names).
@@ -310,13 +325,18 @@ impl Settings {
         };
 
         let ops = resolve_ops(&o.ops, &file, &mut problems);
+        let encryption_key = key_source(o, file.encryption.as_ref(), &mut problems);
 
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
         Ok(Settings {
             repo: repo.expect("checked above"),
-            write: WriteOptions { codec, level },
+            write: WriteOptions {
+                codec,
+                level,
+                encryption_key,
+            },
             storage_retry_timeout,
             config_file: o.config.clone(),
             prefetch,
@@ -380,6 +400,40 @@ fn resolve_ops(o: &OpsOverrides, file: &FileConfig, problems: &mut Vec<String>) 
         notify_command: o.notify_command.clone().or(file.notify_command.clone()),
         rpo_alert,
     }
+}
+
+/// The encryption key source: a flag or variable wins over the file, as a pair (a key command
+/// given on the command line replaces a key file from the file, it does not conflict with it).
+/// Both kinds at the same level are ambiguous and refused.
+fn key_source(
+    o: &Overrides,
+    file: Option<&EncryptionFile>,
+    problems: &mut Vec<String>,
+) -> Option<KeySource> {
+    let levels = [
+        (
+            o.encryption_key_file.clone(),
+            o.encryption_key_command.clone(),
+            "--encryption-key-file (PITR_ENCRYPTION_KEY_FILE) and --encryption-key-command (PITR_ENCRYPTION_KEY_COMMAND)",
+        ),
+        (
+            file.and_then(|f| f.key_file.clone()),
+            file.and_then(|f| f.key_command.clone()),
+            "[encryption] key_file and key_command in the config file",
+        ),
+    ];
+    for (key_file, key_command, what) in levels {
+        match (key_file, key_command) {
+            (Some(_), Some(_)) => {
+                problems.push(format!("{what} are both set: give one key source"));
+                return None;
+            }
+            (Some(path), None) => return Some(KeySource::File(path)),
+            (None, Some(command)) => return Some(KeySource::Command(command)),
+            (None, None) => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -557,6 +611,51 @@ mod tests {
         o.ops.verify_schedule = None;
         let s = Settings::resolve(&o).unwrap();
         assert_eq!(s.ops.backup_schedule.unwrap().to_string(), "every 6h");
+    }
+
+    #[test]
+    fn the_key_source_comes_from_a_flag_then_the_file() {
+        let (_d, p) = write("repo = \"/x\"\n[encryption]\nkey_file = \"/etc/pitr/key\"\n");
+        let file_only = Overrides {
+            config: Some(p),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&file_only).unwrap();
+        assert_eq!(
+            s.write.encryption_key,
+            Some(KeySource::File("/etc/pitr/key".into()))
+        );
+        let s = Settings::resolve(&Overrides {
+            encryption_key_command: Some("vault kv get -field=k x".into()),
+            ..file_only.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            s.write.encryption_key,
+            Some(KeySource::Command("vault kv get -field=k x".into()))
+        );
+        let e = Settings::resolve(&Overrides {
+            encryption_key_command: Some("cmd".into()),
+            encryption_key_file: Some("/k".into()),
+            ..file_only
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both set"), "{e}");
+        let s = Settings::resolve(&Overrides {
+            repo: Some("/x".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.write.encryption_key, None);
+        let (_d, p) = write("repo = \"/x\"\n[encryption]\nkey = \"secret\"\n");
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `key`"), "{e}");
     }
 
     #[test]

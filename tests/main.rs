@@ -8,6 +8,7 @@ mod check;
 mod common;
 mod deploy;
 mod drill;
+mod encryption;
 mod expire;
 mod flaky;
 mod independent_reader;

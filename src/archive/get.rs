@@ -33,6 +33,7 @@ pub async fn archive_get(
     name: &str,
     dest: &Path,
     prefetch: Option<&Prefetch>,
+    options: WriteOptions,
 ) -> Result<GetOutcome, ArchiveError> {
     let name = WalFileName::parse(name)?;
     let spool = prefetch
@@ -48,7 +49,8 @@ pub async fn archive_get(
     }
     // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
     // a vanished mount must fail recovery loudly, not look like the end of the archive.
-    let repo = open_for_recovery(storage).await?;
+    // With the key source: an encrypted repository is unlocked here, or refused (fatal).
+    let repo = open_for_recovery(storage, options).await?;
     // The newest segment may exist only as chunks shipped by `pitr stream`.
     let Some(found) = repo.wal_file_for_recovery(&name).await? else {
         tracing::info!(file = %name, "not in the repository");
@@ -74,8 +76,10 @@ pub async fn archive_get(
 /// records for this location: a repository that vanished, or was created again after it did,
 /// must not answer "not found" for WAL archived before. A location the marker does not name yet
 /// is recorded there.
-async fn open_for_recovery(storage: Storage) -> Result<Repository, ArchiveError> {
-    let write = WriteOptions::default();
+async fn open_for_recovery(
+    storage: Storage,
+    write: WriteOptions,
+) -> Result<Repository, ArchiveError> {
     let Some(dir) = DataDir::working() else {
         return Ok(Repository::open(storage, write).await?);
     };

@@ -147,7 +147,8 @@ async fn open_repository(
         None => None,
     };
     let opened =
-        Repository::open_existing_for_cluster(storage.clone(), &cluster, &what, write).await;
+        Repository::open_existing_for_cluster(storage.clone(), &cluster, &what, write.clone())
+            .await;
     let repo = match (opened, &recorded, dir) {
         (Ok(repo), Some(a), Some(d)) => {
             d.check_same(repo.descriptor(), &location, a)?;

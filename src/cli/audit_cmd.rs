@@ -37,6 +37,7 @@ pub fn audited_name(command: &Command) -> Option<&'static str> {
         Command::Expire(a) if !a.dry_run => Some("expire"),
         Command::Restore(a) if !a.dry_run => Some("restore"),
         Command::Drill(_) => Some("drill"),
+        Command::Key(_) => Some("key-rotate"),
         _ => None,
     }
 }

@@ -83,7 +83,7 @@ pub async fn backup(
             bar.set_message(format!("waiting for WAL {segment}"))
         }
     };
-    let info = backup::run_backup(storage, settings.write, &conn, &opts, &progress).await;
+    let info = backup::run_backup(storage, settings.write.clone(), &conn, &opts, &progress).await;
     bar.finish_and_clear();
     let info = info?;
     changes.created.push(format!("backup {}", info.id));

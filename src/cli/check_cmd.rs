@@ -32,7 +32,7 @@ pub async fn check(storage: Storage, settings: &Settings, a: CheckArgs) -> Resul
         slot: a.slot,
         repo_url: crate::ops::notify::public_location(&settings.repo.to_string()),
     };
-    let report = check::check(storage, settings.write, &conn, &opts).await;
+    let report = check::check(storage, settings.write.clone(), &conn, &opts).await;
     if a.json {
         println!(
             "{}",

@@ -118,7 +118,7 @@ pub async fn drill(
         restore_command: restore_command(settings),
         replay_timeout: a.replay_timeout,
     };
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     // Dropping the drill on a signal stops its server and removes its directory (its guards'
     // Drop), before this process exits.
     let result = tokio::select! {

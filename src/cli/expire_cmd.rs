@@ -33,7 +33,7 @@ pub async fn expire(
     args: ExpireArgs,
     changes: &mut Changes,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     // Flags and PITR_RETAIN_* were merged with the config file's [retention] by `Settings`.
     let policy = RetentionPolicy {
         full: settings.retain_full,

@@ -7,6 +7,7 @@ mod conn_args;
 mod drill_cmd;
 mod exit;
 mod expire_cmd;
+mod key_cmd;
 mod restore_cmd;
 mod status_cmd;
 mod stream_cmd;
@@ -73,6 +74,23 @@ pub struct GlobalArgs {
     /// Log format on stderr: text (default) or json.
     #[arg(long, global = true, env = "PITR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Encryption passphrase file (trailing newline stripped): required by an encrypted
+    /// repository, and creates one when the repository is new (docs/encryption.md).
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_KEY_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_key_file: Option<PathBuf>,
+    /// Command (run with sh -c) that prints the encryption passphrase, e.g. a KMS or vault CLI.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_KEY_COMMAND",
+        value_name = "CMD"
+    )]
+    pub encryption_key_command: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,10 +178,12 @@ pub enum Command {
     /// Prove the repository restores: restore into a scratch directory, start PostgreSQL on it,
     /// wait until it has replayed to the target and promoted, run a check query, and report the
     /// RTO measured. Never writes to the repository (except its audit record); leaves nothing
-    /// running or on disk, also when interrupted. Exit codes 12 and 13: docs/exit-codes.md.
+    /// running or on disk, also when interrupted. Exit codes 13 and 14: docs/exit-codes.md.
     Drill(drill_cmd::DrillArgs),
     /// List the audit trail: every backup, expire, restore and drill, newest last.
     Audit(audit_cmd::AuditArgs),
+    /// Manage the encryption key of an encrypted repository (docs/encryption.md).
+    Key(key_cmd::KeyArgs),
     /// The background worker of archive-get's prefetch; started by archive-get itself.
     #[command(name = archive::prefetch::WORKER_COMMAND, hide = true)]
     PrefetchWorker(PrefetchWorkerArgs),
@@ -196,6 +216,7 @@ impl Command {
             Command::Status(_) => "status",
             Command::Drill(_) => "drill",
             Command::Audit(_) => "audit",
+            Command::Key(_) => "key",
             Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
     }
@@ -208,13 +229,16 @@ fn overrides(g: &GlobalArgs) -> Overrides {
         compression: g.compression.clone(),
         compression_level: g.compression_level,
         storage_retry_timeout: g.storage_retry_timeout.clone(),
+        encryption_key_file: g.encryption_key_file.clone(),
+        encryption_key_command: g.encryption_key_command.clone(),
         ..Default::default()
     }
 }
 
 /// The global options as flags, for the prefetch worker: it must open the same repository with
 /// the same settings. Values that came from PITR_* variables are passed as flags too, which
-/// resolves to the same thing; secrets live in the environment or the config file, never here.
+/// resolves to the same thing; secrets live in the environment or the config file, never here
+/// (the encryption key file and key command are where the key is, not the key).
 fn forwarded_global_args(g: &GlobalArgs) -> Vec<OsString> {
     let mut out: Vec<OsString> = vec![];
     let mut push = |flag: &str, value: Option<OsString>| {
@@ -233,6 +257,14 @@ fn forwarded_global_args(g: &GlobalArgs) -> Vec<OsString> {
     push(
         "--storage-retry-timeout",
         g.storage_retry_timeout.clone().map(Into::into),
+    );
+    push(
+        "--encryption-key-file",
+        g.encryption_key_file.clone().map(Into::into),
+    );
+    push(
+        "--encryption-key-command",
+        g.encryption_key_command.clone().map(Into::into),
     );
     push("--log-level", g.log_level.clone().map(Into::into));
     push(
@@ -389,15 +421,21 @@ async fn run_command(
 ) -> Result<Code, Failure> {
     match cli.command {
         Command::ArchivePush { path } => {
-            archive::archive_push(storage, &path, settings.write).await?;
+            archive::archive_push(storage, &path, settings.write.clone()).await?;
             Ok(Code::Ok)
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
             let mode = archive::RecoveryMode::of_working_dir();
-            match archive::archive_get(storage, &wal_file, &dest, prefetch.as_ref())
-                .await
-                .map_err(|e| Failure::for_archive_get_in(e, mode))?
+            match archive::archive_get(
+                storage,
+                &wal_file,
+                &dest,
+                prefetch.as_ref(),
+                settings.write.clone(),
+            )
+            .await
+            .map_err(|e| Failure::for_archive_get_in(e, mode))?
             {
                 GetOutcome::Restored { .. } => Ok(Code::Ok),
                 GetOutcome::NotFound => Ok(Code::NotFound),
@@ -413,6 +451,7 @@ async fn run_command(
         Command::Expire(args) => expire_cmd::expire(storage, settings, args, changes).await,
         Command::Drill(args) => drill_cmd::drill(storage, settings, args, changes).await,
         Command::Audit(args) => audit_cmd::audit(storage, args).await,
+        Command::Key(args) => key_cmd::key(storage, settings, args, changes).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {
                 spool: a.spool,
@@ -423,7 +462,9 @@ async fn run_command(
             // Always 0: nobody waits for the worker, and where PostgreSQL is PID 1 (a container
             // without an init) the postmaster reaps it and would take any other status for a
             // crashed server process.
-            if let Err(e) = archive::prefetch::run_worker(storage, args).await {
+            if let Err(e) =
+                archive::prefetch::run_worker(storage, args, settings.write.clone()).await
+            {
                 tracing::warn!(error = %e, "prefetch worker stopped");
             }
             Ok(Code::Ok)
@@ -446,6 +487,8 @@ mod tests {
             storage_retry_timeout: Some("5s".into()),
             log_level: Some("debug".into()),
             log_format: Some(LogFormat::Json),
+            encryption_key_file: None,
+            encryption_key_command: Some("vault kv get -field=k 'secret/p q'".into()),
         };
         let args = archive::WorkerArgs {
             spool: "/data/pg_wal/.pitr-prefetch".into(),
@@ -466,6 +509,10 @@ mod tests {
         );
         assert_eq!(cli.global.log_level, global.log_level);
         assert_eq!(cli.global.log_format, Some(LogFormat::Json));
+        assert_eq!(
+            cli.global.encryption_key_command,
+            global.encryption_key_command
+        );
         match cli.command {
             Command::PrefetchWorker(a) => {
                 assert_eq!(

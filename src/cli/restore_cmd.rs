@@ -10,6 +10,7 @@ use serde_json::json;
 use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
 use crate::config::Settings;
+use crate::key_source::KeySource;
 use crate::recovery::{
     self, Catalog, RecoveryError, RestoreRequest, Target, TargetAction, TimelineTarget, Window,
 };
@@ -97,6 +98,20 @@ pub(super) fn restore_command(settings: &Settings) -> String {
     }
     words.push("--repo".into());
     words.push(shell_word(&settings.repo.to_string()));
+    // Where the key is, never the key: the server's restore_command must open the repository
+    // the way this restore did, whether the source came from a flag, a variable or the file.
+    match &settings.write.encryption_key {
+        Some(KeySource::File(path)) => {
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            words.push("--encryption-key-file".into());
+            words.push(shell_word(&abs.display().to_string()));
+        }
+        Some(KeySource::Command(command)) => {
+            words.push("--encryption-key-command".into());
+            words.push(shell_word(command));
+        }
+        None => {}
+    }
     let cmd = words.join(" ").replace('%', "%%");
     format!("{cmd} archive-get %f %p")
 }
@@ -118,7 +133,7 @@ pub async fn restore(
         tablespace_map.push((old.to_string(), PathBuf::from(new)));
     }
 
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     let catalog = Catalog::load(&repo).await?;
     let req = RestoreRequest {
         target,
@@ -272,7 +287,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     let catalog = Catalog::load(&repo).await?;
     let seg = catalog.seg_size;
     let window: Result<Vec<Window>, String> = match catalog.windows(&repo).await {

@@ -21,7 +21,7 @@ pub struct StatusArgs {
 }
 
 pub async fn status(storage: Storage, settings: &Settings, a: StatusArgs) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     let s = repository_status(&repo).await?;
     if a.prometheus {
         print!("{}", s.to_prometheus());

@@ -205,6 +205,15 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
     install_signals(cancel.clone(), force.clone())?;
-    run_service(storage, settings.write, conn, opts, svc, cancel, force).await?;
+    run_service(
+        storage,
+        settings.write.clone(),
+        conn,
+        opts,
+        svc,
+        cancel,
+        force,
+    )
+    .await?;
     Ok(Code::Ok)
 }

@@ -17,7 +17,7 @@ pub async fn verify(
     full: bool,
     as_json: bool,
 ) -> Result<Code, Failure> {
-    let repo = Repository::open(storage, settings.write).await?;
+    let repo = Repository::open(storage, settings.write.clone()).await?;
     // Drawn only on a terminal: under cron or in CI the report alone goes out.
     let bar = if std::io::stderr().is_terminal() && !as_json {
         let b = ProgressBar::new(0);

@@ -106,8 +106,15 @@ impl fmt::Debug for Kek {
     }
 }
 
+/// Salts, nonces and keys come straight from the operating system (getrandom(2)), not from
+/// aws-lc's RNG: seeding that one runs its CPU-jitter entropy source first, which costs tens of
+/// milliseconds of CPU in every process (measured: +25 ms per archive-push, see
+/// docs/benchmarks.md), and a process here draws only a few dozen random bytes.
 fn fill_random(buf: &mut [u8]) -> Result<(), CryptError> {
-    aws_lc_rs::rand::fill(buf).map_err(|_| CryptError::Random)
+    use rand::RngCore;
+    rand::rngs::OsRng
+        .try_fill_bytes(buf)
+        .map_err(|_| CryptError::Random)
 }
 
 /// HKDF-SHA256(ikm, salt) expanded with `info` into a 32-byte secret.
@@ -162,6 +169,28 @@ pub fn seal(dek: &Dek, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptErr
         .expect("AES-GCM seals inputs under 64 GiB");
     out.extend_from_slice(tag.as_ref());
     Ok(out)
+}
+
+/// [`seal`] without copying: `buf[at..at + SEAL_HEADER_LEN]` is room for the seal header and
+/// the plaintext follows it to the end of `buf`. Writes the header, encrypts in place and
+/// appends the tag, so that `buf[at..]` is what [`seal`] returns. The bytes before `at` (a frame
+/// header to fill in afterwards) are left alone.
+pub fn seal_in_place(
+    dek: &Dek,
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+    at: usize,
+) -> Result<(), CryptError> {
+    let header_end = at + SEAL_HEADER_LEN;
+    assert!(buf.len() >= header_end, "no room for the seal header");
+    buf[at] = SEAL_VERSION;
+    fill_random(&mut buf[at + 1..header_end])?;
+    let (key, nonce, full_aad) = object_key(dek, &buf[at..header_end], aad);
+    let tag = key
+        .seal_in_place_separate_tag(nonce, Aad::from(&full_aad), &mut buf[header_end..])
+        .expect("AES-GCM seals inputs under 64 GiB");
+    buf.extend_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// The subkey, nonce and GCM AAD of an object from its 45-byte seal header.
@@ -560,6 +589,18 @@ mod tests {
             );
             assert_eq!(open_owned(&dek, &aad, sealed).unwrap(), plain);
         }
+    }
+
+    #[test]
+    fn seal_in_place_matches_seal() {
+        let dek = Dek::generate().unwrap();
+        let plain = sample(5000);
+        let mut buf = vec![7u8; 40 + SEAL_HEADER_LEN];
+        buf.extend_from_slice(&plain);
+        seal_in_place(&dek, b"aad", &mut buf, 40).unwrap();
+        assert_eq!(&buf[..40], &[7u8; 40][..]);
+        assert_eq!(buf.len(), 40 + plain.len() + SEAL_OVERHEAD);
+        assert_eq!(open(&dek, b"aad", &buf[40..]).unwrap(), plain);
     }
 
     #[test]

@@ -5,6 +5,15 @@ use std::str::FromStr;
 pub const FRAME_MAGIC: [u8; 4] = *b"PITR";
 /// Version of the frame layout below; readers refuse versions they do not know.
 pub const FRAME_VERSION: u8 = 1;
+/// Version of an encrypted frame (flag bit 0 set, payload sealed, `raw_crc32c` zero): a pitr
+/// that predates encryption says "upgrade pitr" instead of failing to decompress ciphertext.
+pub const FRAME_VERSION_ENCRYPTED: u8 = 2;
+/// Flag bit of an encrypted frame.
+pub const FLAG_ENCRYPTED: u16 = 1;
+/// Header bytes fixed before the payload is sealed (magic, version, codec, flags, raw_len,
+/// payload_len): an encrypted object's AAD binds them; the checksums after them cover the
+/// sealed bytes and are computed last.
+pub const SEALED_HEADER_PREFIX_LEN: usize = 24;
 pub const FRAME_HEADER_LEN: usize = 40;
 /// Largest content one frame may hold: a 1 GiB WAL segment plus room to spare.
 pub const MAX_RAW_LEN: u64 = 2 << 30;
@@ -76,6 +85,8 @@ pub struct FrameHeader {
     pub payload_len: u64,
     pub raw_crc32c: u32,
     pub payload_crc32c: u32,
+    /// Version 2 frame: the payload is sealed (docs/encryption.md), `raw_crc32c` is zero.
+    pub encrypted: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -99,51 +110,76 @@ pub enum CodecError {
     ContentChecksum { expected: u32, actual: u32 },
     #[error("decompressed length {actual} differs from the {expected} bytes the header records")]
     ContentLength { expected: u64, actual: u64 },
+    #[error("object frame has unknown flags {flags:#06x}")]
+    UnknownFlags { flags: u16 },
+    #[error("object is encrypted, but this repository is not: it was not written here by pitr")]
+    Encrypted,
+    #[error("object is not encrypted, but this repository is: it was not written here by pitr")]
+    NotEncrypted,
+    #[error(transparent)]
+    Sealed(#[from] super::crypt::CryptError),
 }
 
 /// Frames `raw` with `codec`. zstd uses `level`; lz4 and none ignore it.
 pub fn encode(raw: &[u8], codec: Codec, level: i32) -> Vec<u8> {
     // The payload is written straight after room for the header, so a 16 MiB segment is never
     // held twice in compressed form (that copy was most of the stream's memory over its cap).
-    let bound = match codec {
-        Codec::None => raw.len(),
-        Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
-        Codec::Zstd => zstd::zstd_safe::compress_bound(raw.len()),
-    };
-    let mut out = vec![0u8; FRAME_HEADER_LEN + bound];
-    let payload_len = match codec {
-        Codec::None => {
-            out[FRAME_HEADER_LEN..].copy_from_slice(raw);
-            Ok(raw.len())
-        }
-        Codec::Lz4 => lz4_flex::block::compress_into(raw, &mut out[FRAME_HEADER_LEN..])
-            .map_err(|e| e.to_string()),
-        Codec::Zstd => zstd::bulk::compress_to_buffer(raw, &mut out[FRAME_HEADER_LEN..], level)
-            .map_err(|e| e.to_string()),
-    };
-    // Compression into a buffer of the codec's own bound only fails on an invalid zstd level
-    // (validated at configuration time) or an allocation failure: store uncompressed rather
-    // than fail an archive.
-    let Ok(payload_len) = payload_len else {
-        return encode(raw, Codec::None, 0);
-    };
-    out.truncate(FRAME_HEADER_LEN + payload_len);
-    out.shrink_to_fit();
+    let (codec, mut out) = compress_with_room(raw, codec, level, FRAME_HEADER_LEN);
     let header = FrameHeader {
         codec,
         raw_len: raw.len() as u64,
-        payload_len: payload_len as u64,
+        payload_len: (out.len() - FRAME_HEADER_LEN) as u64,
         raw_crc32c: crc32c::crc32c(raw),
         payload_crc32c: crc32c::crc32c(&out[FRAME_HEADER_LEN..]),
+        encrypted: false,
     };
     out[..FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
     out
 }
 
-fn header_bytes(h: &FrameHeader) -> [u8; FRAME_HEADER_LEN] {
+/// `room` zero bytes followed by `raw` compressed with `codec`, and the codec actually used.
+/// Encryption (src/repo/object.rs) asks for room for the frame and seal headers, so that the
+/// payload is sealed where it lies.
+pub fn compress_with_room(raw: &[u8], codec: Codec, level: i32, room: usize) -> (Codec, Vec<u8>) {
+    let bound = match codec {
+        Codec::None => raw.len(),
+        Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
+        Codec::Zstd => zstd::zstd_safe::compress_bound(raw.len()),
+    };
+    let mut out = vec![0u8; room + bound];
+    let payload_len = match codec {
+        Codec::None => {
+            out[room..].copy_from_slice(raw);
+            Ok(raw.len())
+        }
+        Codec::Lz4 => {
+            lz4_flex::block::compress_into(raw, &mut out[room..]).map_err(|e| e.to_string())
+        }
+        Codec::Zstd => {
+            zstd::bulk::compress_to_buffer(raw, &mut out[room..], level).map_err(|e| e.to_string())
+        }
+    };
+    // Compression into a buffer of the codec's own bound only fails on an invalid zstd level
+    // (validated at configuration time) or an allocation failure: store uncompressed rather
+    // than fail an archive.
+    let Ok(payload_len) = payload_len else {
+        return compress_with_room(raw, Codec::None, 0, room);
+    };
+    out.truncate(room + payload_len);
+    out.shrink_to_fit();
+    (codec, out)
+}
+
+/// The 40 header bytes of `h`: version 2 and the encrypted flag when `h.encrypted`.
+pub fn header_bytes(h: &FrameHeader) -> [u8; FRAME_HEADER_LEN] {
     let mut b = [0u8; FRAME_HEADER_LEN];
     b[0..4].copy_from_slice(&FRAME_MAGIC);
-    b[4] = FRAME_VERSION;
+    if h.encrypted {
+        b[4] = FRAME_VERSION_ENCRYPTED;
+        b[6..8].copy_from_slice(&FLAG_ENCRYPTED.to_le_bytes());
+    } else {
+        b[4] = FRAME_VERSION;
+    }
     b[5] = h.codec.id();
     b[8..16].copy_from_slice(&h.raw_len.to_le_bytes());
     b[16..24].copy_from_slice(&h.payload_len.to_le_bytes());
@@ -164,8 +200,15 @@ pub fn peek_header(bytes: &[u8]) -> Result<FrameHeader, CodecError> {
     if u32_at(36) != crc32c::crc32c(&bytes[0..36]) {
         return Err(CodecError::HeaderChecksum);
     }
-    if bytes[4] > FRAME_VERSION {
-        return Err(CodecError::NewerVersion { found: bytes[4] });
+    let encrypted = match bytes[4] {
+        FRAME_VERSION => false,
+        FRAME_VERSION_ENCRYPTED => true,
+        found => return Err(CodecError::NewerVersion { found }),
+    };
+    // Version 1 never set flags (and never checked them); version 2 has exactly one.
+    let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if encrypted && flags != FLAG_ENCRYPTED {
+        return Err(CodecError::UnknownFlags { flags });
     }
     let codec = Codec::from_id(bytes[5]).ok_or(CodecError::UnknownCodec { id: bytes[5] })?;
     Ok(FrameHeader {
@@ -174,12 +217,13 @@ pub fn peek_header(bytes: &[u8]) -> Result<FrameHeader, CodecError> {
         payload_len: u64_at(16),
         raw_crc32c: u32_at(24),
         payload_crc32c: u32_at(28),
+        encrypted,
     })
 }
 
-/// Verifies a whole frame and returns its content.
-pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let h = peek_header(bytes)?;
+/// The payload of a frame whose header is `h`, after checking its length and checksum (so
+/// damage is found before a decompressor or a cipher sees it, and without the key).
+pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8], CodecError> {
     let payload = &bytes[FRAME_HEADER_LEN..];
     if payload.len() as u64 != h.payload_len {
         return Err(CodecError::PayloadLength {
@@ -201,26 +245,42 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
             actual: 0,
         });
     }
-    let raw_len = h.raw_len as usize;
-    let raw = match h.codec {
+    Ok(payload)
+}
+
+/// Decompresses `payload` into exactly `raw_len` bytes.
+pub fn decompress(codec: Codec, payload: &[u8], raw_len: u64) -> Result<Vec<u8>, CodecError> {
+    let raw = match codec {
         Codec::None => payload.to_vec(),
-        Codec::Lz4 => {
-            lz4_flex::block::decompress(payload, raw_len).map_err(|e| CodecError::Decompress {
+        Codec::Lz4 => lz4_flex::block::decompress(payload, raw_len as usize).map_err(|e| {
+            CodecError::Decompress {
                 message: e.to_string(),
-            })?
-        }
-        Codec::Zstd => {
-            zstd::bulk::decompress(payload, raw_len).map_err(|e| CodecError::Decompress {
+            }
+        })?,
+        Codec::Zstd => zstd::bulk::decompress(payload, raw_len as usize).map_err(|e| {
+            CodecError::Decompress {
                 message: e.to_string(),
-            })?
-        }
+            }
+        })?,
     };
-    if raw.len() as u64 != h.raw_len {
+    if raw.len() as u64 != raw_len {
         return Err(CodecError::ContentLength {
-            expected: h.raw_len,
+            expected: raw_len,
             actual: raw.len() as u64,
         });
     }
+    Ok(raw)
+}
+
+/// Verifies a whole unencrypted frame and returns its content. An encrypted frame is
+/// [`CodecError::Encrypted`]: src/repo/object.rs opens those, with the key.
+pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let h = peek_header(bytes)?;
+    if h.encrypted {
+        return Err(CodecError::Encrypted);
+    }
+    let payload = checked_payload(&h, bytes)?;
+    let raw = decompress(h.codec, payload, h.raw_len)?;
     let actual = crc32c::crc32c(&raw);
     if actual != h.raw_crc32c {
         return Err(CodecError::ContentChecksum {

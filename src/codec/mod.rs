@@ -9,5 +9,6 @@ pub mod crypt;
 mod frame;
 
 pub use frame::{
-    decode, encode, peek_header, Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC,
+    checked_payload, compress_with_room, decode, decompress, encode, header_bytes, peek_header,
+    Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC, SEALED_HEADER_PREFIX_LEN,
 };

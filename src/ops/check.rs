@@ -405,7 +405,7 @@ async fn check_wal_arrives(
     while started.elapsed() < opts.timeout {
         if repo.is_none() {
             // A new repository appears with the first WAL archived or streamed into it.
-            repo = Repository::open(storage.clone(), write).await.ok();
+            repo = Repository::open(storage.clone(), write.clone()).await.ok();
         }
         if let Some(r) = &repo {
             if let Ok(true) = r.has_wal_file(&name).await {

@@ -22,7 +22,7 @@ pub struct RepoAccess {
 
 impl RepoAccess {
     async fn open(&self) -> Result<Repository, String> {
-        Repository::open(self.storage.clone(), self.write)
+        Repository::open(self.storage.clone(), self.write.clone())
             .await
             .map_err(|e| e.to_string())
     }
@@ -71,7 +71,7 @@ impl Job for BackupJob {
     async fn run(&self) -> Result<String, String> {
         let info = backup::run_backup(
             self.repo.storage.clone(),
-            self.repo.write,
+            self.repo.write.clone(),
             &self.conn,
             &self.opts,
             &|_| {},

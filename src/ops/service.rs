@@ -117,7 +117,7 @@ pub async fn run_service(
     let notify = Notifier::start(svc.notify.clone(), &storage.location().to_string());
     let repo = RepoAccess {
         storage: storage.clone(),
-        write,
+        write: write.clone(),
     };
     let backup_conn = conn.clone().application_name("pitr backup");
     let mut scheduler = Scheduler::new(notify.clone());

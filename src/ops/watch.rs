@@ -119,7 +119,7 @@ pub async fn repository(
         }
         if repo.is_none() {
             // The stream creates the repository on its first run: wait for it.
-            repo = Repository::open(access.storage.clone(), access.write)
+            repo = Repository::open(access.storage.clone(), access.write.clone())
                 .await
                 .ok();
         }

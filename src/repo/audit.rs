@@ -231,7 +231,10 @@ async fn put_new(storage: &Storage, key: &str, record: &AuditRecord) -> Result<(
     let json = serde_json::to_vec_pretty(record).expect("audit record serializes");
     // Uncompressed, like the descriptor: `tail -c +41` shows it to a human.
     let framed = codec::encode(&json, Codec::None, 0);
-    match storage.put_if_absent(key, Bytes::from(framed.clone())).await {
+    match storage
+        .put_if_absent(key, Bytes::from(framed.clone()))
+        .await
+    {
         // An object store kept a PUT whose answer was lost: the retry finds our own bytes.
         Err(StorageError::AlreadyExists { .. }) if storage.get(key).await? == framed => Ok(()),
         other => Ok(other?),

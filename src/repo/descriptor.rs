@@ -5,12 +5,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{layout::DESCRIPTOR_KEY, RepoError, Result};
-use crate::codec::{self, Codec};
+use crate::codec::{self, crypt, Codec};
 use crate::storage::{Storage, StorageError};
 
 /// Version of the repository layout this pitr writes. Bump it when a reader of the old version
 /// would misread the new layout; readers refuse anything newer than they know.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of an encrypted repository: its objects are frames of version 2, which a
+/// pitr without encryption cannot read, and into which it must not write plaintext.
+pub const FORMAT_VERSION_ENCRYPTED: u32 = 2;
 
 /// What identifies the cluster a repository belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +38,48 @@ pub struct Descriptor {
     /// existed; those repositories keep working, but cannot be told apart from a successor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository_id: Option<String>,
+    /// Present when the repository is encrypted (docs/encryption.md). Absent, not null, in an
+    /// unencrypted repository, so that its descriptor is what it always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// The descriptor's `encryption` entry: what a command without a key needs to say "this
+/// repository is encrypted", and what the repository was created with. The keyrings under
+/// `keys/` say which key generations exist now, with their own KDF parameters and salts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    pub cipher: crypt::Cipher,
+    pub kdf: EncryptionKdf,
+    /// The key generation the repository was created with (the descriptor is never rewritten).
+    pub key_generation: u64,
+}
+
+/// The KDF and its cost parameters at creation (the salt is in the keyring).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionKdf {
+    pub algorithm: crypt::KdfAlgorithm,
+    pub version: u32,
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl Encryption {
+    pub(super) fn of(keyring: &crypt::Keyring) -> Encryption {
+        let k = &keyring.kdf;
+        Encryption {
+            cipher: keyring.cipher,
+            kdf: EncryptionKdf {
+                algorithm: k.algorithm,
+                version: k.version,
+                m_cost_kib: k.m_cost_kib,
+                t_cost: k.t_cost,
+                p_cost: k.p_cost,
+            },
+            key_generation: keyring.generation,
+        }
+    }
 }
 
 pub(super) mod u64_as_string {
@@ -69,17 +114,31 @@ pub(super) async fn read(storage: &Storage) -> Result<Option<Descriptor>> {
         .get("format_version")
         .and_then(|v| v.as_u64())
         .unwrap_or(0) as u32;
-    if found > FORMAT_VERSION {
+    if found > FORMAT_VERSION_ENCRYPTED {
         return Err(RepoError::NewerFormat {
             location: storage.location().to_string(),
             found,
-            supported: FORMAT_VERSION,
+            supported: FORMAT_VERSION_ENCRYPTED,
         });
     }
-    let d = serde_json::from_value(version).map_err(|e| RepoError::BadDescriptor {
+    let d: Descriptor = serde_json::from_value(version).map_err(|e| RepoError::BadDescriptor {
         key: DESCRIPTOR_KEY.into(),
         message: e.to_string(),
     })?;
+    if (d.format_version == FORMAT_VERSION_ENCRYPTED) != d.encryption.is_some() {
+        return Err(RepoError::BadDescriptor {
+            key: DESCRIPTOR_KEY.into(),
+            message: format!(
+                "format_version {} {} an `encryption` entry",
+                d.format_version,
+                if d.encryption.is_some() {
+                    "with"
+                } else {
+                    "without"
+                }
+            ),
+        });
+    }
     Ok(Some(d))
 }
 
@@ -89,15 +148,23 @@ fn new_repository_id() -> String {
 }
 
 /// Creates the descriptor. Two first writers may race: the loser reads the winner's.
-pub(super) async fn create(storage: &Storage, cluster: &ClusterIdentity) -> Result<Descriptor> {
+pub(super) async fn create(
+    storage: &Storage,
+    cluster: &ClusterIdentity,
+    encryption: Option<Encryption>,
+) -> Result<Descriptor> {
     let d = Descriptor {
-        format_version: FORMAT_VERSION,
+        format_version: match encryption {
+            Some(_) => FORMAT_VERSION_ENCRYPTED,
+            None => FORMAT_VERSION,
+        },
         system_identifier: cluster.system_identifier,
         pg_major: cluster.pg_major,
         wal_segment_size: cluster.wal_segment_size,
         created_at: Utc::now(),
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
         repository_id: Some(new_repository_id()),
+        encryption,
     };
     let json = serde_json::to_vec_pretty(&d).expect("descriptor serializes");
     // Uncompressed so that `tail -c +41 repository.json` shows it to a human.

@@ -110,6 +110,22 @@ pub fn backup_info_key(backup_id: &str) -> String {
     format!("{BACKUP_CATALOG_PREFIX}{backup_id}.json")
 }
 
+/// Folder of an encrypted repository's keyrings: `keys/<generation, 10 digits>.json`, one per
+/// key generation (normally one; two only while a rotation is under way or was interrupted).
+pub const KEYS_PREFIX: &str = "keys/";
+
+pub fn keyring_key(generation: u64) -> String {
+    format!("{KEYS_PREFIX}{generation:010}.json")
+}
+
+/// The generation of a key made by [`keyring_key`], `None` for other keys.
+pub fn parse_keyring_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(KEYS_PREFIX)?.strip_suffix(".json")?;
+    (digits.len() == 10 && digits.bytes().all(|c| c.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +173,15 @@ mod tests {
             wal_summary_key(&WalFileName::parse("000000010000000A000000FF").unwrap()),
             "wal/000000010000000A/000000010000000A000000FF.summary"
         );
+    }
+
+    #[test]
+    fn keyring_keys_round_trip() {
+        assert_eq!(keyring_key(1), "keys/0000000001.json");
+        assert_eq!(parse_keyring_key(&keyring_key(42)), Some(42));
+        for bad in ["keys/1.json", "keys/000000000x.json", "wal/0000000001.json"] {
+            assert_eq!(parse_keyring_key(bad), None, "{bad}");
+        }
     }
 
     #[test]

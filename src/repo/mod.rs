@@ -8,6 +8,7 @@ mod backups;
 mod catalog;
 mod chunks;
 mod descriptor;
+mod keys;
 mod layout;
 mod object;
 mod scan;
@@ -23,14 +24,17 @@ pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord,
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
-pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
+pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};
+pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub use wal::Histories;
 
+use crate::codec::crypt::CryptError;
 use crate::codec::{Codec, CodecError};
 use crate::error::{Classify, Code};
+use crate::key_source::{KeySource, KeySourceError};
 use crate::storage::{Storage, StorageError};
 use crate::wal::WalFileName;
 use object::{ObjectCodec, Payload};
@@ -84,6 +88,29 @@ pub enum RepoError {
     BadDescriptor { key: String, message: String },
     #[error("audit record {key} is unreadable: {message}")]
     BadAudit { key: String, message: String },
+    #[error("this repository is encrypted: set --encryption-key-file or --encryption-key-command to open it ({location})")]
+    KeyRequired { location: String },
+    #[error("the repository at {location} is not encrypted, but an encryption key is configured: refusing to use it")]
+    NotEncrypted { location: String },
+    #[error("the encryption key does not open the repository at {location}: it is not the key of any of its key generations")]
+    WrongKey { location: String },
+    #[error("the repository at {location} is encrypted but has no keyring under keys/")]
+    NoKeyring { location: String },
+    #[error("a keyring of the repository at {location} is unusable: {source}")]
+    BadKeyring {
+        location: String,
+        source: CryptError,
+    },
+    #[error(transparent)]
+    KeySource(KeySourceError),
+    #[error("another key rotation created key generation {generation} of {location} meanwhile; this one changed nothing")]
+    RotationConflict { location: String, generation: u64 },
+    #[error("the current key opens key generation {opens} of {location}, but generation {newest} exists and the new key does not open it either: another rotation happened")]
+    NotNewestKey {
+        location: String,
+        opens: u64,
+        newest: u64,
+    },
 }
 
 impl Classify for RepoError {
@@ -93,7 +120,15 @@ impl Classify for RepoError {
             RepoError::Corrupt { .. }
             | RepoError::BadDescriptor { .. }
             | RepoError::BadHistory { .. }
-            | RepoError::BadAudit { .. } => Code::Corrupt,
+            | RepoError::BadAudit { .. }
+            | RepoError::NoKeyring { .. }
+            | RepoError::BadKeyring { .. } => Code::Corrupt,
+            // A key that is missing, wrong or superfluous is a configuration error.
+            RepoError::KeyRequired { .. }
+            | RepoError::NotEncrypted { .. }
+            | RepoError::WrongKey { .. }
+            | RepoError::KeySource(_) => Code::Input,
+            RepoError::RotationConflict { .. } | RepoError::NotNewestKey { .. } => Code::Conflict,
             // No repository is where the user pointed: the storage location is wrong.
             RepoError::NotInitialized { .. } => Code::Storage,
             RepoError::NewerFormat { .. }
@@ -123,6 +158,22 @@ impl Classify for RepoError {
             RepoError::BadHistory { .. } => {
                 "recovery cannot follow a timeline whose history is damaged; `pitr verify` reports it"
             }
+            RepoError::KeyRequired { .. } => {
+                "or PITR_ENCRYPTION_KEY_FILE / PITR_ENCRYPTION_KEY_COMMAND, or [encryption] key_file / key_command in the config file"
+            }
+            RepoError::NotEncrypted { .. } => {
+                "check --repo; a repository is encrypted only if created with a key: remove the key settings for this one, or use a new repository"
+            }
+            RepoError::WrongKey { .. } => {
+                "check the key file or key command; after `pitr key rotate` only the new key opens the repository"
+            }
+            RepoError::KeySource(e) => return Some(e.hint()),
+            RepoError::NoKeyring { .. } | RepoError::BadKeyring { .. } => {
+                "the key objects under keys/ are damaged or missing: restore them from a copy; without them nothing in the repository can be decrypted"
+            }
+            RepoError::RotationConflict { .. } | RepoError::NotNewestKey { .. } => {
+                "run `pitr key rotate` with the newest key as the current one (only one rotation at a time)"
+            }
             RepoError::SegmentSizeMismatch { .. }
             | RepoError::BadDescriptor { .. }
             | RepoError::BadAudit { .. } => return None,
@@ -133,11 +184,15 @@ impl Classify for RepoError {
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
-/// How content is compressed when written.
-#[derive(Clone, Copy, Debug)]
+/// How this process writes the repository: compression of new objects, and where the
+/// encryption passphrase comes from (never the passphrase itself).
+#[derive(Clone, Debug)]
 pub struct WriteOptions {
     pub codec: Codec,
     pub level: i32,
+    /// Required exactly when the repository is encrypted; creating a repository with a key
+    /// makes it an encrypted one.
+    pub encryption_key: Option<KeySource>,
 }
 
 impl Default for WriteOptions {
@@ -145,6 +200,7 @@ impl Default for WriteOptions {
         WriteOptions {
             codec: Codec::Lz4,
             level: 3,
+            encryption_key: None,
         }
     }
 }
@@ -155,6 +211,32 @@ pub enum PutOutcome {
     Stored,
     /// The object was already there with byte-identical content: nothing to do.
     AlreadyStored,
+}
+
+/// Refuses a repository of another cluster, or of another WAL segment size.
+fn check_cluster(
+    storage: &Storage,
+    descriptor: &Descriptor,
+    cluster: &ClusterIdentity,
+    what: &str,
+) -> Result<()> {
+    let location = storage.location().to_string();
+    if descriptor.system_identifier != cluster.system_identifier {
+        return Err(RepoError::OtherCluster {
+            location,
+            repo_system_id: descriptor.system_identifier,
+            system_id: cluster.system_identifier,
+            what: what.to_string(),
+        });
+    }
+    if descriptor.wal_segment_size != cluster.wal_segment_size {
+        return Err(RepoError::SegmentSizeMismatch {
+            location,
+            repo: descriptor.wal_segment_size,
+            cluster: cluster.wal_segment_size,
+        });
+    }
+    Ok(())
 }
 
 /// An open repository whose descriptor has been read and checked.
@@ -168,13 +250,14 @@ pub struct Repository {
 impl Repository {
     /// Opens an existing repository. Every reader starts here: a missing descriptor means the
     /// location is wrong or empty, which must never look like "this object does not exist".
+    /// An encrypted repository is unlocked here (one key source call, one KDF).
     pub async fn open(storage: Storage, write: WriteOptions) -> Result<Repository> {
         match descriptor::read(&storage).await? {
-            Some(descriptor) => Ok(Repository {
-                storage,
-                descriptor,
-                objects: ObjectCodec { write },
-            }),
+            Some(descriptor) => {
+                let key =
+                    keys::unlock_for(&storage, &descriptor, write.encryption_key.as_ref()).await?;
+                Ok(Repository::assemble(storage, descriptor, write, key))
+            }
             None => {
                 // Tell "bucket missing / unreachable" apart from "empty location".
                 storage.check_reachable().await?;
@@ -185,23 +268,64 @@ impl Repository {
         }
     }
 
-    /// Opens the repository for `cluster`, creating the descriptor if this is the first write.
-    /// Refuses a repository that belongs to another cluster.
+    fn assemble(
+        storage: Storage,
+        descriptor: Descriptor,
+        write: WriteOptions,
+        key: Option<keys::DataKey>,
+    ) -> Repository {
+        Repository {
+            storage,
+            descriptor,
+            objects: ObjectCodec {
+                write,
+                data_key: key.map(std::sync::Arc::new),
+            },
+        }
+    }
+
+    /// Opens the repository for `cluster`, creating the descriptor if this is the first write
+    /// (encrypted when a key is configured). Refuses a repository that belongs to another
+    /// cluster.
     pub async fn open_for_cluster(
         storage: Storage,
         cluster: &ClusterIdentity,
         what: &str,
         write: WriteOptions,
     ) -> Result<Repository> {
-        let descriptor = match descriptor::read(&storage).await? {
-            Some(d) => d,
+        let source = write.encryption_key.as_ref();
+        let (descriptor, key) = match descriptor::read(&storage).await? {
+            Some(d) => {
+                let key = keys::unlock_for(&storage, &d, source).await?;
+                (d, key)
+            }
             None => {
                 storage.check_reachable().await?;
-                let create = descriptor::create(&storage, cluster);
+                let create = Repository::create(&storage, cluster, source);
                 audit::creating_repository(&storage, cluster, create).await?
             }
         };
-        Repository::for_cluster(storage, descriptor, cluster, what, write)
+        check_cluster(&storage, &descriptor, cluster, what)?;
+        Ok(Repository::assemble(storage, descriptor, write, key))
+    }
+
+    /// Creates the descriptor, and with a key source the first keyring before it.
+    async fn create(
+        storage: &Storage,
+        cluster: &ClusterIdentity,
+        source: Option<&KeySource>,
+    ) -> Result<(Descriptor, Option<keys::DataKey>)> {
+        let (encryption, key) = match source {
+            Some(source) => {
+                let (e, k) = keys::create_first(storage, source).await?;
+                (Some(e), Some(k))
+            }
+            None => (None, None),
+        };
+        let d = descriptor::create(storage, cluster, encryption).await?;
+        // A concurrent creator may have won with the other kind of repository.
+        keys::check_configured(storage, &d, key.is_some())?;
+        Ok((d, key))
     }
 
     /// Like [`Repository::open_for_cluster`], but never creates: a location without a
@@ -213,37 +337,8 @@ impl Repository {
         write: WriteOptions,
     ) -> Result<Repository> {
         let repo = Repository::open(storage, write).await?;
-        Repository::for_cluster(repo.storage, repo.descriptor, cluster, what, write)
-    }
-
-    fn for_cluster(
-        storage: Storage,
-        descriptor: Descriptor,
-        cluster: &ClusterIdentity,
-        what: &str,
-        write: WriteOptions,
-    ) -> Result<Repository> {
-        let location = storage.location().to_string();
-        if descriptor.system_identifier != cluster.system_identifier {
-            return Err(RepoError::OtherCluster {
-                location,
-                repo_system_id: descriptor.system_identifier,
-                system_id: cluster.system_identifier,
-                what: what.to_string(),
-            });
-        }
-        if descriptor.wal_segment_size != cluster.wal_segment_size {
-            return Err(RepoError::SegmentSizeMismatch {
-                location,
-                repo: descriptor.wal_segment_size,
-                cluster: cluster.wal_segment_size,
-            });
-        }
-        Ok(Repository {
-            storage,
-            descriptor,
-            objects: ObjectCodec { write },
-        })
+        check_cluster(&repo.storage, &repo.descriptor, cluster, what)?;
+        Ok(repo)
     }
 
     pub fn descriptor(&self) -> &Descriptor {

@@ -80,7 +80,11 @@ enum WorkerEnd {
 
 /// The prefetch worker: keeps the `ahead` segments after the last requested one in the spool
 /// until replay stops asking, recovery ends, or SIGTERM. Started by archive-get, detached.
-pub async fn run_worker(storage: Storage, args: WorkerArgs) -> Result<(), PrefetchError> {
+pub async fn run_worker(
+    storage: Storage,
+    args: WorkerArgs,
+    write: WriteOptions,
+) -> Result<(), PrefetchError> {
     let after = WalFileName::parse(&args.after)
         .ok()
         .filter(|n| position(n).is_some())
@@ -102,7 +106,7 @@ pub async fn run_worker(storage: Storage, args: WorkerArgs) -> Result<(), Prefet
         .map_err(io_err("cannot handle SIGTERM for", &args.spool))?;
     let started = Instant::now();
     let end = tokio::select! {
-        end = follow_replay(&storage, &args, after) => end,
+        end = follow_replay(&storage, &args, after, &write) => end,
         () = recovery_over(&args.data_dir) => WorkerEnd::RecoveryOver,
         _ = term.recv() => WorkerEnd::Terminated,
     };
@@ -145,7 +149,12 @@ fn remove_spool(dir: &Path, lock: SpoolLock) {
 }
 
 /// Refills the spool each time replay moves on, until replay stops asking for [`LINGER`].
-async fn follow_replay(storage: &Storage, args: &WorkerArgs, after: WalFileName) -> WorkerEnd {
+async fn follow_replay(
+    storage: &Storage,
+    args: &WorkerArgs,
+    after: WalFileName,
+    write: &WriteOptions,
+) -> WorkerEnd {
     let spool = &args.spool;
     let mut current = after;
     let mut last_move = Instant::now();
@@ -169,7 +178,7 @@ async fn follow_replay(storage: &Storage, args: &WorkerArgs, after: WalFileName)
             // not every poll.
             filled_for = Some(current.clone());
             if repo.is_none() {
-                match claim(storage, spool).await {
+                match claim(storage, spool, write).await {
                     Ok(r) => repo = Some(r),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot open the repository; not prefetching")
@@ -192,8 +201,9 @@ async fn follow_replay(storage: &Storage, args: &WorkerArgs, after: WalFileName)
 async fn claim(
     storage: &Storage,
     spool: &Path,
+    write: &WriteOptions,
 ) -> Result<(Repository, SpoolSource), PrefetchError> {
-    let repo = Repository::open(storage.clone(), WriteOptions::default()).await?;
+    let repo = Repository::open(storage.clone(), write.clone()).await?;
     let source = SpoolSource::of(&repo);
     if read_source(spool).as_ref() != Some(&source) {
         wipe(spool);
