@@ -13,6 +13,7 @@ mod ops;
 mod pg_client;
 mod pitr;
 mod prefetch;
+mod standby_backup;
 mod stream;
 mod topology;
 mod verify;

@@ -84,14 +84,17 @@ pub async fn backup(storage: Storage, settings: &Settings, a: BackupArgs) -> Res
         println!("{}", serde_json::to_string_pretty(&info).expect("json"));
     } else {
         println!(
-            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}",
+            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}{}",
             info.id,
             human_bytes(info.raw_bytes()),
             human_bytes(info.stored_bytes()),
             info.compression,
             info.start_lsn,
             info.stop_lsn,
-            info.timeline
+            info.timeline,
+            info.source
+                .as_ref()
+                .map_or(String::new(), |s| format!(", from the {s}"))
         );
     }
     Ok(Code::Ok)

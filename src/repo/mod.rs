@@ -19,7 +19,7 @@ mod wal;
 use bytes::Bytes;
 
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
-pub use catalog::{BackupArchive, BackupInfo, TimelineWal, WalInventory};
+pub use catalog::{BackupArchive, BackupInfo, BackupSource, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use descriptor::{ClusterIdentity, Descriptor, FORMAT_VERSION};
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
