@@ -168,3 +168,32 @@ fn backups_from_a_standby_restore_to_exact_rows() {
         );
     }
 }
+
+/// With a single WAL sender the backup cannot stream its own WAL: it says so and falls back to
+/// waiting for archive_command, which stores the WAL, and completes.
+#[test]
+fn a_backup_without_a_free_wal_sender_falls_back_to_archiving() {
+    let repo = TestRepo::new(Backend::Local);
+    let pg = PgCluster::builder()
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .conf("max_wal_senders = 1")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    pg.psql(MARKS).unwrap();
+    insert(&pg, "a_base");
+    let o = crate::pitr::run(
+        &repo,
+        &["backup", "-d", &pg.conninfo(), "--wal-timeout", WAL_TIMEOUT],
+    );
+    assert_eq!(crate::common::code(&o), 0, "{}", crate::common::text(&o));
+    assert!(
+        crate::common::text(&o).contains("second replication connection"),
+        "no warning about the fallback: {}",
+        crate::common::text(&o)
+    );
+    let work = TestDir::new();
+    let (restored, got) = restore_and_read(&repo, &work, "restored", &[], false);
+    assert_eq!(got, "a_base:10", "{}", restored.log_contents());
+}
