@@ -17,6 +17,7 @@ mod ops;
 mod pg_client;
 mod pitr;
 mod prefetch;
+mod standby_backup;
 mod stream;
 mod topology;
 mod verify;

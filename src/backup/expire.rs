@@ -258,6 +258,7 @@ mod tests {
             manifest: true,
             compression: Codec::Lz4,
             pitr_version: String::new(),
+            source: None,
         }
     }
 

@@ -5,10 +5,13 @@
 //! staged on disk and memory stays flat whatever the database size. As the bytes pass, a tar
 //! reader computes each file's CRC-32C, which is checked against the manifest the server sends
 //! at the end. The backup becomes visible only when its catalog object is written, after all
-//! parts, the manifest and the WAL from its start to its stop LSN are in the repository.
+//! parts, the manifest and the WAL from its start to its stop LSN are in the repository: the
+//! backup streams that WAL itself over a second replication connection ([`wal`]), falling back
+//! to waiting for archive-push or `pitr stream` when it cannot.
 
 pub mod expire;
 mod run;
+mod wal;
 
 pub use crate::repo::DEFAULT_ABANDONED_AFTER;
 pub use run::{run_backup, BackupError, BackupOptions, BackupProgress};

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::task::JoinSet;
 
+use super::wal::{OwnWalError, OwnWalStream, StopAt, WalConn};
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
 use crate::error::{Classify, Code};
 use crate::format::archive_check::{ArchiveReader, Discard, FeedError, ManifestCheck, Mismatch};
@@ -11,7 +12,7 @@ use crate::format::manifest;
 use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
-    BackupArchive, BackupInfo, ClusterIdentity, RepoError, Repository, WriteOptions,
+    BackupArchive, BackupInfo, BackupSource, ClusterIdentity, RepoError, Repository, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -21,7 +22,8 @@ pub struct BackupOptions {
     pub label: Option<String>,
     pub fast_checkpoint: bool,
     /// How long to wait, after BASE_BACKUP ends, for the WAL it needs to reach the repository
-    /// (through archive-push or `pitr stream`).
+    /// (streamed by the backup itself, or through archive-push or `pitr stream` when the
+    /// backup could not stream it).
     pub wal_timeout: Duration,
     pub max_rate_kb: Option<u32>,
     /// Unfinished backups whose lease is older than this are removed before this one starts.
@@ -241,6 +243,12 @@ pub async fn run_backup(
     let system = conn.identify_system().await?;
     let seg_size = conn.wal_segment_size().await?;
     let version = conn.server_version_num();
+    let hp = conn.connection().host().clone();
+    let source = BackupSource {
+        host: hp.host.to_string(),
+        port: hp.port,
+        standby: conn.in_hot_standby().await?,
+    };
     let cluster = ClusterIdentity {
         system_identifier: system.system_id,
         pg_major: conn.server_major(),
@@ -255,6 +263,15 @@ pub async fn run_backup(
         Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),
     }
 
+    let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
+        Ok(c) => Some(c),
+        // Without its own WAL a backup still completes once archiving or a stream stores it.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a second replication connection to stream the backup's WAL; \
+                 it must reach the repository through archive-push or `pitr stream`");
+            None
+        }
+    };
     let start_time = Utc::now();
     let id = repo.claim_backup_id(start_time).await?;
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
@@ -262,13 +279,14 @@ pub async fn run_backup(
         label: label.clone(),
         fast_checkpoint: opts.fast_checkpoint,
         manifest: true,
-        // Where archive_command is in use, let the server wait for its own archiving first; we
-        // check the repository afterwards either way.
-        wait_for_wal_archive: true,
+        // The backup streams its own WAL, as `pg_basebackup -X stream` does. Without that
+        // connection, where archive_command is in use, let the server wait for its own
+        // archiving first; we check the repository afterwards either way.
+        wait_for_wal_archive: wal_conn.is_none(),
         max_rate_kb: opts.max_rate_kb,
         progress: true,
     };
-    tracing::info!(backup = %id, server_version = version, "starting base backup");
+    tracing::info!(backup = %id, server_version = version, source = %source, "starting base backup");
     let lease = repo.hold_backup_lease(&id);
     let started = Started {
         repo,
@@ -278,8 +296,9 @@ pub async fn run_backup(
         version,
         system_id: system.system_id,
         seg_size,
+        source,
     };
-    let result = receive_and_publish(&started, conn, bb_opts, opts, progress).await;
+    let result = receive_and_publish(&started, conn, wal_conn, bb_opts, opts, progress).await;
     lease.abort();
     result
 }
@@ -293,6 +312,7 @@ struct Started {
     version: u32,
     system_id: u64,
     seg_size: u64,
+    source: BackupSource,
 }
 
 /// Receives the backup, stores it, waits for its WAL and publishes it. Any error leaves the
@@ -300,6 +320,7 @@ struct Started {
 async fn receive_and_publish(
     started: &Started,
     conn: ReplicationConn,
+    wal_conn: Option<WalConn>,
     bb_opts: BaseBackupOptions,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
@@ -312,10 +333,11 @@ async fn receive_and_publish(
         version,
         system_id,
         seg_size,
+        source,
     } = started;
     let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
     let mut stream = conn.base_backup(bb_opts).await?;
-    let mut receiver = Receiver::new(&repo, &id);
+    let mut receiver = Receiver::new(&repo, &id, seg_size, wal_conn);
     while let Some(ev) = stream.next_event().await? {
         receiver.on_event(ev, progress).await?;
     }
@@ -324,22 +346,31 @@ async fn receive_and_publish(
         files,
         manifest_bytes,
         start: (start_lsn, timeline),
-        stop_lsn,
+        stop: (stop_lsn, stop_timeline),
+        own_wal,
     } = receiver.finish().await?;
 
     verify_against_manifest(&manifest_bytes, files)?;
     repo.put_backup_manifest(&id, manifest_bytes).await?;
 
-    wait_for_wal(
-        &repo,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        seg_size,
-        opts.wal_timeout,
-        progress,
-    )
-    .await?;
+    let began = Instant::now();
+    let stop = StopAt {
+        lsn: stop_lsn,
+        timeline: stop_timeline,
+        segment_switch: !source.standby,
+    };
+    if !own_wal_stored(own_wal, stop, opts.wal_timeout).await? {
+        wait_for_wal(
+            &repo,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            seg_size,
+            opts.wal_timeout.saturating_sub(began.elapsed()),
+            progress,
+        )
+        .await?;
+    }
 
     if !repo.claim_backup_completion(&id).await? {
         return Err(BackupError::Abandoned);
@@ -358,6 +389,7 @@ async fn receive_and_publish(
         manifest: true,
         compression: repo.write_codec(),
         pitr_version: env!("CARGO_PKG_VERSION").to_string(),
+        source: Some(source.clone()),
     };
     repo.put_backup_info(&info).await?;
     tracing::info!(backup = %id, %start_lsn, %stop_lsn, bytes = info.raw_bytes(), stored = info.stored_bytes(), "backup complete");
@@ -375,8 +407,12 @@ struct Receiver<'a> {
     files: ManifestCheck,
     manifest_bytes: Vec<u8>,
     start: Option<(Lsn, TimelineId)>,
-    stop_lsn: Option<Lsn>,
+    stop: Option<(Lsn, TimelineId)>,
     received: u64,
+    seg_size: u64,
+    /// Opened before BASE_BACKUP; streaming starts once the start position is known.
+    wal_conn: Option<WalConn>,
+    own_wal: Option<OwnWalStream>,
 }
 
 /// What the server sent, once every part is stored.
@@ -386,11 +422,18 @@ struct Received {
     files: ManifestCheck,
     manifest_bytes: Vec<u8>,
     start: (Lsn, TimelineId),
-    stop_lsn: Lsn,
+    stop: (Lsn, TimelineId),
+    /// The backup's own WAL, still streaming.
+    own_wal: Option<OwnWalStream>,
 }
 
 impl<'a> Receiver<'a> {
-    fn new(repo: &'a Repository, id: &'a str) -> Receiver<'a> {
+    fn new(
+        repo: &'a Repository,
+        id: &'a str,
+        seg_size: u64,
+        wal_conn: Option<WalConn>,
+    ) -> Receiver<'a> {
         Receiver {
             repo,
             id,
@@ -403,8 +446,11 @@ impl<'a> Receiver<'a> {
             files: ManifestCheck::new(None),
             manifest_bytes: vec![],
             start: None,
-            stop_lsn: None,
+            stop: None,
             received: 0,
+            seg_size,
+            wal_conn,
+            own_wal: None,
         }
     }
 
@@ -420,6 +466,10 @@ impl<'a> Receiver<'a> {
                 tablespaces,
             } => {
                 self.start = Some((start_lsn, timeline));
+                if let Some(c) = self.wal_conn.take() {
+                    let repo = self.repo.clone();
+                    self.own_wal = Some(c.spawn(repo, timeline, start_lsn, self.seg_size));
+                }
                 let total = tablespaces
                     .iter()
                     .map(|t| t.size_kb)
@@ -445,7 +495,7 @@ impl<'a> Receiver<'a> {
                 self.manifest_bytes.extend_from_slice(&bytes);
             }
             BackupEvent::Progress { .. } => {}
-            BackupEvent::End { stop_lsn, .. } => self.stop_lsn = Some(stop_lsn),
+            BackupEvent::End { stop_lsn, timeline } => self.stop = Some((stop_lsn, timeline)),
         }
         Ok(())
     }
@@ -486,7 +536,7 @@ impl<'a> Receiver<'a> {
         let start = self.start.ok_or_else(|| BackupError::Incomplete {
             what: "no start position".into(),
         })?;
-        let stop_lsn = self.stop_lsn.ok_or_else(|| BackupError::Incomplete {
+        let stop = self.stop.ok_or_else(|| BackupError::Incomplete {
             what: "no end position".into(),
         })?;
         for a in &mut self.archives {
@@ -497,7 +547,8 @@ impl<'a> Receiver<'a> {
             files: self.files,
             manifest_bytes: self.manifest_bytes,
             start,
-            stop_lsn,
+            stop,
+            own_wal: self.own_wal,
         })
     }
 }
@@ -550,6 +601,34 @@ fn mismatch_error(m: Mismatch) -> BackupError {
         path,
         expected,
         actual,
+    }
+}
+
+/// Waits until the backup's own WAL is stored; `false` when it could not be streamed for a
+/// reason that must not fail the backup (the server or the connection failed, or was too
+/// slow): then the WAL may still reach the repository through archive-push or `pitr stream`,
+/// which [`wait_for_wal`] checks. A repository failure fails the backup: waiting would meet
+/// the same repository.
+async fn own_wal_stored(
+    own_wal: Option<OwnWalStream>,
+    stop: StopAt,
+    timeout: Duration,
+) -> Result<bool, BackupError> {
+    let Some(own_wal) = own_wal else {
+        return Ok(false);
+    };
+    match own_wal.finish(stop, timeout).await {
+        Ok(w) => {
+            tracing::info!(segments = w.segments, already_stored = w.already_stored,
+                incomplete_segment = ?w.prefix.as_ref().map(|(n, len)| format!("{n} ({len} bytes, as chunks)")),
+                "the backup's own WAL is stored");
+            Ok(true)
+        }
+        Err(OwnWalError::Repo(e)) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not stream the backup's WAL; waiting for archive-push or `pitr stream` to store it");
+            Ok(false)
+        }
     }
 }
 

@@ -24,7 +24,8 @@ pub struct BackupArgs {
     /// fast: checkpoint immediately; spread: wait for the next checkpoint to spread the I/O.
     #[arg(long, value_enum, default_value_t = Checkpoint::Fast)]
     pub checkpoint: Checkpoint,
-    /// How long to wait after the backup for its WAL to reach the repository.
+    /// How long to wait after the data for the backup's WAL to be stored (streamed by the
+    /// backup itself, or, when it cannot, by archive-push or `pitr stream`).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub wal_timeout: Duration,
     /// Limit the server's transfer rate, in kB/s (32 to 1048576).
@@ -91,14 +92,17 @@ pub async fn backup(
         println!("{}", serde_json::to_string_pretty(&info).expect("json"));
     } else {
         println!(
-            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}",
+            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}{}",
             info.id,
             human_bytes(info.raw_bytes()),
             human_bytes(info.stored_bytes()),
             info.compression,
             info.start_lsn,
             info.stop_lsn,
-            info.timeline
+            info.timeline,
+            info.source
+                .as_ref()
+                .map_or(String::new(), |s| format!(", from the {s}"))
         );
     }
     Ok(Code::Ok)

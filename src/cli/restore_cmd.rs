@@ -359,19 +359,21 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         println!("no backups yet: run `pitr backup -d CONNINFO`");
     } else {
         println!(
-            "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
+            "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  SOURCE",
             "BACKUP", "TLI", "START LSN", "STOP LSN", "STOP TIME", "SIZE", "STORED"
         );
         for b in backups {
             println!(
-                "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}",
+                "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {}",
                 b.id,
                 b.timeline,
                 b.start_lsn.to_string(),
                 b.stop_lsn.to_string(),
                 b.stop_time.format("%Y-%m-%d %H:%M:%S%:z").to_string(),
                 human_bytes(b.raw_bytes()),
-                human_bytes(b.stored_bytes())
+                human_bytes(b.stored_bytes()),
+                // Backups of older pitr versions did not record it.
+                b.source.as_ref().map_or("-".to_string(), |s| s.to_string())
             );
         }
     }

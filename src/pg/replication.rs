@@ -178,11 +178,7 @@ impl ReplicationConn {
         // On 13 we ask: SHOW works on a walsender, SQL does not. transaction_read_only is on
         // for a hot standby, so it also tells primary from standby there.
         let on = |v: &str| v == "on";
-        let in_hot_standby = match self.conn.parameter("in_hot_standby") {
-            Some(v) => on(v),
-            None if self.server_version_num >= 140000 => on(&self.show("in_hot_standby").await?),
-            None => on(&self.show("transaction_read_only").await?),
-        };
+        let in_hot_standby = self.in_hot_standby().await?;
         let read_only = in_hot_standby
             || match self.conn.parameter("default_transaction_read_only") {
                 Some(v) => on(v),
@@ -195,6 +191,18 @@ impl ReplicationConn {
             TargetSessionAttrs::Primary => !in_hot_standby,
             TargetSessionAttrs::Standby => in_hot_standby,
         })
+    }
+
+    /// Whether the server is a hot standby (in recovery, accepting connections).
+    pub async fn in_hot_standby(&mut self) -> Result<bool> {
+        // PostgreSQL 14+ reports in_hot_standby at startup (and when it changes). On 13 we ask:
+        // SHOW works on a walsender, SQL does not; transaction_read_only is on for a standby.
+        let v = match self.conn.parameter("in_hot_standby") {
+            Some(v) => v.to_string(),
+            None if self.server_version_num >= 140000 => self.show("in_hot_standby").await?,
+            None => self.show("transaction_read_only").await?,
+        };
+        Ok(v == "on")
     }
 
     /// `server_version_num`, derived from the `server_version` ParameterStatus: 150018, 170000.

@@ -890,6 +890,7 @@ mod tests {
             manifest: true,
             compression: Codec::Lz4,
             pitr_version: "test".into(),
+            source: None,
         }
     }
 

@@ -43,6 +43,27 @@ pub struct BackupInfo {
     pub manifest: bool,
     pub compression: Codec,
     pub pitr_version: String,
+    /// The server the backup was taken from; absent in catalogs of older pitr versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<BackupSource>,
+}
+
+/// Where a backup was taken: a primary, or a standby (whose WAL and system identifier are its
+/// primary's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSource {
+    /// Host name, IP address or Unix socket directory, as connected to.
+    pub host: String,
+    pub port: u16,
+    /// The server was in recovery (a hot standby) when the backup was taken.
+    pub standby: bool,
+}
+
+impl std::fmt::Display for BackupSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let role = if self.standby { "standby" } else { "primary" };
+        write!(f, "{role} {}:{}", self.host, self.port)
+    }
 }
 
 impl BackupInfo {

@@ -99,6 +99,56 @@ impl Repository {
             .await
     }
 
+    /// Stores bytes `[0, data.len())` of `segment`, a segment not complete yet (the end of a
+    /// backup's own WAL), as a chunk continuing the chain already stored for it, so that the
+    /// chunks a running `pitr stream` ships and this one form a single chain. Nothing is
+    /// written when the segment is stored whole or the chain already reaches as far. The
+    /// chain must hold the same bytes: a chain that differs is refused, untouched.
+    pub async fn store_segment_prefix(
+        &self,
+        segment: &WalFileName,
+        data: &[u8],
+    ) -> Result<PutOutcome, RepoError> {
+        if data.is_empty() || self.has_wal_file(segment).await? {
+            return Ok(PutOutcome::AlreadyStored);
+        }
+        let plan = self.list_chunks(segment).await?;
+        let have = plan.end() as usize;
+        if have > 0 {
+            let stored = match self.read_chain(&plan).await {
+                Ok(b) => b,
+                // The segment was stored whole meanwhile and its chunks deleted.
+                Err(RepoError::Storage(StorageError::NotFound { .. }))
+                    if self.has_wal_file(segment).await? =>
+                {
+                    return Ok(PutOutcome::AlreadyStored)
+                }
+                Err(e) => return Err(e),
+            };
+            let n = have.min(data.len());
+            if stored[..n] != data[..n] {
+                return Err(RepoError::ConflictingContent {
+                    name: format!("the chunks of {segment}"),
+                    key: layout::wal_chunk_prefix(segment),
+                    stored_len: n as u64,
+                    stored_crc: crc32c::crc32c(&stored[..n]),
+                    new_len: n as u64,
+                    new_crc: crc32c::crc32c(&data[..n]),
+                });
+            }
+        }
+        if have >= data.len() {
+            return Ok(PutOutcome::AlreadyStored);
+        }
+        let chunk = ChunkRef {
+            segment: segment.clone(),
+            // Offsets fit in u32: PostgreSQL segments are at most 1 GiB.
+            start: have as u32,
+            end: data.len() as u32,
+        };
+        self.put_chunk(&chunk, &data[have..]).await
+    }
+
     /// Deletes chunks whose bytes are stored in their complete segment. Best effort: a leftover
     /// chunk is never read once its segment exists, so a failure only leaves garbage (logged).
     pub async fn delete_chunks(&self, chunks: &[ChunkRef]) {

@@ -162,3 +162,36 @@ async fn recovery_prefers_the_whole_segment_and_pads_chunks() {
         Some(WalForRecovery::Stored(b)) if b == whole
     ));
 }
+
+#[tokio::test]
+async fn a_segment_prefix_continues_the_stored_chain_and_never_conflicts_silently() {
+    let repo = repo().await;
+    let seg = WalFileName::segment(1, 9, CLUSTER.wal_segment_size);
+    let wal: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    // A running stream shipped [0, 3000).
+    let streamed = ChunkRef {
+        segment: seg.clone(),
+        start: 0,
+        end: 3000,
+    };
+    repo.put_chunk(&streamed, &wal[..3000]).await.unwrap();
+    // The backup's prefix extends that chain instead of starting a rival one.
+    let o = repo.store_segment_prefix(&seg, &wal[..7000]).await.unwrap();
+    assert_eq!(o, PutOutcome::Stored);
+    let plan = repo.list_chunks(&seg).await.unwrap();
+    assert_eq!(plan.end(), 7000);
+    assert!(plan.stray.is_empty(), "{plan:?}");
+    assert_eq!(repo.read_chain(&plan).await.unwrap(), &wal[..7000]);
+    // Shorter than the chain: nothing to write.
+    let o = repo.store_segment_prefix(&seg, &wal[..5000]).await.unwrap();
+    assert_eq!(o, PutOutcome::AlreadyStored);
+    // Different bytes are refused.
+    let mut other = wal[..8000].to_vec();
+    other[10] ^= 1;
+    let e = repo.store_segment_prefix(&seg, &other).await.unwrap_err();
+    assert!(matches!(e, RepoError::ConflictingContent { .. }), "{e}");
+    // Once the segment is stored whole, prefixes are moot.
+    repo.put_wal_file(&seg, &wal).await.unwrap();
+    let o = repo.store_segment_prefix(&seg, &other).await.unwrap();
+    assert_eq!(o, PutOutcome::AlreadyStored);
+}

@@ -1,0 +1,376 @@
+//! The backup's own WAL, streamed over a second replication connection while the data streams,
+//! as `pg_basebackup -X stream` does, so that a backup completes without waiting for
+//! `archive_command`.
+//!
+//! - The connection is opened before BASE_BACKUP (to the very server the backup comes from)
+//!   and START_REPLICATION, without a slot, begins at the start of the segment holding the
+//!   backup's start LSN, on the backup's timeline, as soon as the server reports it.
+//! - Every completed segment is stored with [`Repository::store_wal_file`], the entry point
+//!   archive-push and `pitr stream` use: put-if-absent, identical bytes are success, so a
+//!   segment archived or streamed meanwhile is neither written twice nor conflicting.
+//! - The stream ends once WAL up to the stop LSN is received. On a primary the server switches
+//!   segments at the end of a backup, so the last needed segment completes and is stored whole.
+//!   On a standby no switch happens: the bytes received of the segment holding the stop LSN
+//!   are stored as chunks ([`Repository::store_segment_prefix`]), the objects `pitr stream`
+//!   writes and `archive-get` serves zero-padded; an incomplete segment is never stored as a
+//!   complete one.
+//! - Memory: the segment being filled plus at most one being stored.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::pg::{
+    self, ConnConfig, HostPort, ReplicationConn, ReplicationMessage, TargetSessionAttrs,
+};
+use crate::repo::{PutOutcome, RepoError, Repository};
+use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
+
+/// How often the stream reports its position while the server is quiet (well within the
+/// default `wal_sender_timeout` of 60 s).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why the backup's own WAL could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum OwnWalError {
+    /// The server or the connection failed; the WAL may still reach the repository through
+    /// archive-push or `pitr stream`.
+    #[error(transparent)]
+    Pg(#[from] pg::Error),
+    #[error("{0}")]
+    Stream(String),
+    /// The repository refused or failed: waiting for archiving would meet the same repository.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+/// Where the stream may stop, known once BASE_BACKUP has ended.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StopAt {
+    pub lsn: Lsn,
+    pub timeline: TimelineId,
+    /// The server switches segments at the end of the backup (a primary does), so the segment
+    /// holding the stop LSN completes and is stored whole.
+    pub segment_switch: bool,
+}
+
+/// What the stream stored.
+#[derive(Clone, Debug, Default)]
+pub(super) struct OwnWal {
+    /// Complete segments stored (or found already stored).
+    pub segments: u64,
+    pub already_stored: u64,
+    /// The segment holding the stop LSN, stored as chunks up to this many bytes.
+    pub prefix: Option<(WalFileName, usize)>,
+}
+
+/// The connection, opened before BASE_BACKUP so that the backup knows whether it may tell the
+/// server not to wait for archiving.
+pub(super) struct WalConn {
+    conn: ReplicationConn,
+}
+
+impl WalConn {
+    /// Connects to `host`, the one server the backup comes from (never another host of a
+    /// multi-host conninfo), and checks that it is the same cluster.
+    pub async fn connect(
+        cfg: &ConnConfig,
+        host: HostPort,
+        system_id: u64,
+    ) -> Result<WalConn, OwnWalError> {
+        let mut cfg = cfg.clone();
+        cfg.hosts = vec![host];
+        cfg.target_session_attrs = TargetSessionAttrs::Any;
+        let mut conn = ReplicationConn::connect(&cfg).await?;
+        let sys = conn.identify_system().await?;
+        if sys.system_id != system_id {
+            return Err(OwnWalError::Stream(format!(
+                "the WAL connection reached system {}, not {system_id}",
+                sys.system_id
+            )));
+        }
+        Ok(WalConn { conn })
+    }
+
+    /// Starts streaming from the segment holding `start` on `tli`, in a task.
+    pub fn spawn(
+        self,
+        repo: Repository,
+        tli: TimelineId,
+        start: Lsn,
+        seg_size: u64,
+    ) -> OwnWalStream {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(stream(self.conn, repo, tli, start, seg_size, stop_rx));
+        OwnWalStream { task, stop_tx }
+    }
+}
+
+/// A running stream of the backup's WAL. Dropping it (the backup failed) aborts the task.
+pub(super) struct OwnWalStream {
+    task: JoinHandle<Result<OwnWal, OwnWalError>>,
+    stop_tx: oneshot::Sender<StopAt>,
+}
+
+impl Drop for OwnWalStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OwnWalStream {
+    /// Tells the stream where the backup stopped and waits, at most `timeout`, until the WAL up
+    /// to there is stored.
+    pub async fn finish(mut self, stop: StopAt, timeout: Duration) -> Result<OwnWal, OwnWalError> {
+        let (tx, _) = oneshot::channel();
+        // A send error means the task has ended already: its result says why.
+        let _ = std::mem::replace(&mut self.stop_tx, tx).send(stop);
+        match tokio::time::timeout(timeout, &mut self.task).await {
+            Err(_) => Err(OwnWalError::Stream(format!(
+                "WAL up to {} was not received within {timeout:?}",
+                stop.lsn
+            ))),
+            Ok(Err(join)) => Err(OwnWalError::Stream(format!("the WAL task failed: {join}"))),
+            Ok(Ok(result)) => result,
+        }
+    }
+}
+
+/// The segment being filled.
+struct Filling {
+    tli: TimelineId,
+    segno: SegNo,
+    seg_size: u64,
+    buf: Vec<u8>,
+}
+
+impl Filling {
+    fn next_lsn(&self) -> Lsn {
+        Lsn(Lsn::from_segno(self.segno, self.seg_size).0 + self.buf.len() as u64)
+    }
+
+    fn name(&self) -> WalFileName {
+        WalFileName::segment(self.tli, self.segno, self.seg_size)
+    }
+
+    /// Appends `data` (received at [`Filling::next_lsn`]); returns the segments it completed.
+    fn push(&mut self, mut data: &[u8]) -> Vec<(WalFileName, Vec<u8>)> {
+        let mut done = vec![];
+        while !data.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(self.seg_size as usize);
+            }
+            let n = (self.seg_size as usize - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() as u64 == self.seg_size {
+                done.push((self.name(), std::mem::take(&mut self.buf)));
+                self.segno += 1;
+            }
+        }
+        done
+    }
+}
+
+/// Whether everything the backup needs has been received (see [`StopAt::segment_switch`]).
+fn reached(stop: &StopAt, next: Lsn, seg_size: u64) -> bool {
+    if !stop.segment_switch {
+        return next >= stop.lsn;
+    }
+    let last = Lsn(stop.lsn.0.saturating_sub(1)).segno(seg_size);
+    next >= Lsn::from_segno(last + 1, seg_size)
+}
+
+/// The upload in flight, at most one: the next completed segment waits for it.
+#[derive(Default)]
+struct Uploads {
+    /// The upload and the end of its segment.
+    running: Option<(JoinHandle<Result<PutOutcome, RepoError>>, Lsn)>,
+    stored: OwnWal,
+    /// End of the WAL stored so far, reported to the server as flushed.
+    durable: Lsn,
+}
+
+impl Uploads {
+    async fn wait(&mut self) -> Result<(), OwnWalError> {
+        if let Some((h, end)) = self.running.take() {
+            let outcome = h
+                .await
+                .map_err(|e| OwnWalError::Stream(format!("a WAL upload failed: {e}")))??;
+            self.stored.segments += 1;
+            if outcome == PutOutcome::AlreadyStored {
+                self.stored.already_stored += 1;
+            }
+            self.durable = end;
+        }
+        Ok(())
+    }
+
+    /// Stores a completed segment once the previous upload is done.
+    async fn store(
+        &mut self,
+        repo: &Repository,
+        name: WalFileName,
+        data: Vec<u8>,
+        seg_size: u64,
+    ) -> Result<(), OwnWalError> {
+        self.wait().await?;
+        let end = name
+            .segno(seg_size)
+            .map_or(Lsn::INVALID, |n| Lsn::from_segno(n + 1, seg_size));
+        let repo = repo.clone();
+        let task = tokio::spawn(async move {
+            let outcome = repo.store_wal_file(&name, &data).await?;
+            tracing::debug!(file = %name, already = outcome == PutOutcome::AlreadyStored, "backup WAL stored");
+            Ok(outcome)
+        });
+        self.running = Some((task, end));
+        Ok(())
+    }
+}
+
+/// The stream task: receives until the stop position (once known) is reached, stores what
+/// the backup needs, and ends the replication politely.
+async fn stream(
+    conn: ReplicationConn,
+    repo: Repository,
+    tli: TimelineId,
+    start: Lsn,
+    seg_size: u64,
+    mut stop_rx: oneshot::Receiver<StopAt>,
+) -> Result<OwnWal, OwnWalError> {
+    let mut seg = Filling {
+        tli,
+        segno: start.segno(seg_size),
+        seg_size,
+        buf: Vec::new(),
+    };
+    let mut s = conn
+        .start_replication(None, seg.next_lsn(), Some(tli))
+        .await?;
+    tracing::debug!(start = %seg.next_lsn(), timeline = tli, "streaming the backup's WAL");
+    let mut uploads = Uploads::default();
+    let mut stop: Option<StopAt> = None;
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Some(st) = &stop {
+            if reached(st, seg.next_lsn(), seg_size) {
+                break;
+            }
+        }
+        tokio::select! {
+            st = &mut stop_rx, if stop.is_none() => {
+                let st = st.map_err(|_| OwnWalError::Stream("the backup ended without a stop position".into()))?;
+                if st.timeline != tli {
+                    return Err(OwnWalError::Stream(format!(
+                        "the backup started on timeline {tli} and stopped on timeline {}", st.timeline
+                    )));
+                }
+                stop = Some(st);
+            }
+            _ = status.tick() => {
+                s.send_status_update(seg.next_lsn(), uploads.durable, uploads.durable, false).await?;
+            }
+            msg = s.next_message() => match msg? {
+                Some(ReplicationMessage::XLogData { data, .. }) => {
+                    for (name, bytes) in seg.push(&data) {
+                        uploads.store(&repo, name, bytes, seg_size).await?;
+                    }
+                }
+                Some(ReplicationMessage::Keepalive { reply_requested: true, .. }) => {
+                    s.send_status_update(seg.next_lsn(), uploads.durable, uploads.durable, false).await?;
+                }
+                Some(ReplicationMessage::Keepalive { .. }) => {}
+                Some(ReplicationMessage::EndOfTimeline { next_timeline, .. }) => {
+                    return Err(OwnWalError::Stream(format!(
+                        "timeline {tli} ended (the server switched to timeline {next_timeline}) before the backup's WAL was received"
+                    )));
+                }
+                None => return Err(OwnWalError::Stream("the server ended the WAL stream before the backup's stop position".into())),
+            }
+        }
+    }
+    uploads.wait().await?;
+    let stop = stop.expect("the loop ends only once the stop position is known");
+    let mut stored = std::mem::take(&mut uploads.stored);
+    stored.prefix = store_last_prefix(&repo, &seg, &stop).await?;
+    end_stream(s).await;
+    Ok(stored)
+}
+
+/// The segment holding the stop LSN, when it is not complete: its bytes received so far, as
+/// chunks. Bytes of a later segment (the stop LSN on a boundary) are not needed.
+async fn store_last_prefix(
+    repo: &Repository,
+    seg: &Filling,
+    stop: &StopAt,
+) -> Result<Option<(WalFileName, usize)>, OwnWalError> {
+    let last = Lsn(stop.lsn.0.saturating_sub(1)).segno(seg.seg_size);
+    if seg.buf.is_empty() || seg.segno != last {
+        return Ok(None);
+    }
+    let name = seg.name();
+    repo.store_segment_prefix(&name, &seg.buf).await?;
+    tracing::info!(segment = %name, bytes = seg.buf.len(), stop_lsn = %stop.lsn,
+        "stored the backup's last, incomplete segment as chunks");
+    Ok(Some((name, seg.buf.len())))
+}
+
+/// Ends START_REPLICATION with CopyDone and closes, so the server logs no broken connection.
+/// Everything needed is stored already: a failure here is only logged.
+async fn end_stream(mut s: pg::XLogStream) {
+    match tokio::time::timeout(Duration::from_secs(5), s.finish()).await {
+        Ok(Ok(_)) => {
+            if let Ok(c) = s.into_conn() {
+                c.close().await;
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "ending the backup's WAL stream"),
+        Err(_) => tracing::debug!("the server did not end the backup's WAL stream in time"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 1 << 20;
+
+    #[test]
+    fn filling_cuts_exact_segments() {
+        let mut f = Filling {
+            tli: 1,
+            segno: 3,
+            seg_size: SEG,
+            buf: vec![],
+        };
+        assert!(f.push(&vec![1; SEG as usize - 10]).is_empty());
+        let done = f.push(&[2; 30]);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].0.to_string(), "000000010000000000000003");
+        assert_eq!(done[0].1.len() as u64, SEG);
+        assert_eq!(&done[0].1[SEG as usize - 10..], &[2; 10]);
+        assert_eq!(f.next_lsn(), Lsn(4 * SEG + 20));
+    }
+
+    #[test]
+    fn stop_waits_for_the_switched_segment_on_a_primary_only() {
+        let stop = |segment_switch| StopAt {
+            lsn: Lsn(5 * SEG + 0x100),
+            timeline: 1,
+            segment_switch,
+        };
+        assert!(reached(&stop(false), Lsn(5 * SEG + 0x100), SEG));
+        assert!(!reached(&stop(true), Lsn(5 * SEG + 0x100), SEG));
+        assert!(reached(&stop(true), Lsn(6 * SEG), SEG));
+        // A stop LSN on a boundary needs nothing of the next segment.
+        let on_boundary = StopAt {
+            lsn: Lsn(6 * SEG),
+            timeline: 1,
+            segment_switch: true,
+        };
+        assert!(reached(&on_boundary, Lsn(6 * SEG), SEG));
+    }
+}
