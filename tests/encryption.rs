@@ -79,7 +79,10 @@ fn holding(objects: &BTreeMap<String, Vec<u8>>, needle: &[u8]) -> Vec<String> {
 fn data_objects(objects: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
     objects
         .iter()
-        .filter(|(k, _)| !k.starts_with("keys/") && !k.ends_with("/lease"))
+        // The audit trail records the rotation itself: metadata, not data.
+        .filter(|(k, _)| {
+            !k.starts_with("keys/") && !k.starts_with("audit/") && !k.ends_with("/lease")
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

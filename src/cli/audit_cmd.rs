@@ -7,7 +7,9 @@ use clap::Args;
 use super::exit::{Code, Failure};
 use super::Command;
 use crate::recovery;
-use crate::repo::{AuditEntry, AuditLog, AuditOutcome, AuditRecord, RepoError};
+use crate::repo::{
+    AuditEntry, AuditLog, AuditOutcome, AuditRecord, RepoError, Repository, WriteOptions,
+};
 use crate::storage::Storage;
 
 #[derive(Args, Debug)]
@@ -39,6 +41,21 @@ pub fn audited_name(command: &Command) -> Option<&'static str> {
         Command::Drill(_) => Some("drill"),
         Command::Key(_) => Some("key-rotate"),
         _ => None,
+    }
+}
+
+/// A command refused for its encryption key (missing, wrong, or set for an unencrypted
+/// repository) writes nothing, its audit record included: the key is checked first.
+pub async fn check_key(storage: &Storage, write: &WriteOptions) -> Result<(), Failure> {
+    match Repository::open(storage.clone(), write.clone()).await {
+        Err(
+            e @ (RepoError::KeyRequired { .. }
+            | RepoError::WrongKey { .. }
+            | RepoError::NotEncrypted { .. }
+            | RepoError::KeySource(_)),
+        ) => Err(e.into()),
+        // Anything else (a new location, storage trouble) is the command's own to report.
+        _ => Ok(()),
     }
 }
 

@@ -397,7 +397,10 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     // whichever command creates the repository records that too.
     crate::repo::set_invocation(audit_cmd::arguments());
     let audit = match audit_cmd::audited_name(&cli.command) {
-        Some(name) => Some(audit_cmd::begin(&storage, name).await?),
+        Some(name) => {
+            audit_cmd::check_key(&storage, &settings.write).await?;
+            Some(audit_cmd::begin(&storage, name).await?)
+        }
         None => None,
     };
     let mut changes = audit_cmd::Changes::default();
