@@ -169,7 +169,14 @@ impl TestRepo {
 /// Forces a segment switch and waits until PostgreSQL reports the finished segment archived;
 /// returns its name.
 pub fn switch_and_wait(pg: &PgCluster) -> String {
-    let seg = pg.psql("select pg_walfile_name(pg_switch_wal())").unwrap();
+    // A record first: with nothing written since the last switch (a backup just ended with
+    // one), pg_switch_wal() is a no-op and names a segment that never completes.
+    let seg = pg
+        .psql(
+            "select pg_walfile_name(pg_switch_wal()) \
+             from (select pg_logical_emit_message(false, 'pitr-test', 'switch')) m",
+        )
+        .unwrap();
     poll("archiving", Duration::from_secs(60), || {
         let last = pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver")?;
         Ok((last.as_str() >= seg.as_str()).then_some(()))

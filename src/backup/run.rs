@@ -279,10 +279,11 @@ pub async fn run_backup(
         label: label.clone(),
         fast_checkpoint: opts.fast_checkpoint,
         manifest: true,
-        // The backup streams its own WAL, as `pg_basebackup -X stream` does. Without that
-        // connection, where archive_command is in use, let the server wait for its own
-        // archiving first; we check the repository afterwards either way.
-        wait_for_wal_archive: wal_conn.is_none(),
+        // Where archive_command is in use, the server waits for its archiver to store the
+        // stop segment (the backup's own WAL stream may already have stored it: identical bytes,
+        // no conflict). Without archiving the server does not wait, and the backup's own WAL is
+        // what completes it. Either way the repository is checked afterwards.
+        wait_for_wal_archive: true,
         max_rate_kb: opts.max_rate_kb,
         progress: true,
     };

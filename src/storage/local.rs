@@ -88,12 +88,30 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
         }
     }
     fs::create_dir_all(dir)?;
+    let owner = fs::metadata(cur).ok();
     for d in missing.iter().rev() {
+        if let Some(m) = &owner {
+            take_owner(d, m);
+        }
         if let Some(parent) = d.parent() {
             fsync_dir(parent)?;
         }
     }
     Ok(())
+}
+
+/// Gives `path` the owner of the repository directory it was created in (`like`). pitr run as
+/// root (a manual `pitr backup`, a scheduled job) must not leave directories or objects that the
+/// archiver, running as the PostgreSQL user, can no longer write beside: that would stop WAL
+/// archiving. Only root can change an owner; for anyone else the owner already matches.
+fn take_owner(path: &Path, like: &fs::Metadata) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if (m.uid(), m.gid()) != (like.uid(), like.gid()) {
+        let _ = std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid()));
+    }
 }
 
 /// Writes `data` to a fresh temporary file beside `path` and fsyncs it.
@@ -110,6 +128,9 @@ fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
         rand::random::<u64>()
     ));
     let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    if let Ok(m) = fs::metadata(dir) {
+        take_owner(&tmp, &m);
+    }
     let res = f.write_all(data).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
