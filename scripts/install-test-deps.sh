@@ -102,41 +102,30 @@ install_promtool() {
     fi
 }
 
-# `systemd-analyze verify` checks the units in deploy/systemd (tests/deploy.rs).
-install_systemd_analyze() {
-    if command -v systemd-analyze >/dev/null; then
-        echo "systemd-analyze already installed"
+# A command the tests need, from the Debian package that ships it: nothing when it is there,
+# a loud failure with the install line when it cannot be installed.
+install_apt_tool() {
+    local tool=$1 package=$2
+    if command -v "$tool" >/dev/null; then
+        echo "$tool already installed"
         return
     fi
     if [ "$(id -u)" != 0 ]; then
-        echo "systemd-analyze is missing: run (as root) apt-get install systemd" >&2
+        echo "$tool is missing: run (as root) apt-get install $package" >&2
         return 1
     fi
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends systemd
-    command -v systemd-analyze >/dev/null
-}
-
-# `docker-compose config` validates docker-compose.yml in CI (.ci/run); Debian packages the
-# standalone docker-compose, not the compose plugin. No container is started.
-install_docker_compose() {
-    if command -v docker-compose >/dev/null; then
-        echo "docker-compose already installed"
-        return
-    fi
-    if [ "$(id -u)" != 0 ]; then
-        echo "docker-compose is missing: run (as root) apt-get install docker-compose" >&2
-        return 1
-    fi
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends docker-compose
-    command -v docker-compose >/dev/null
+    apt-get install -y -qq --no-install-recommends "$package"
+    command -v "$tool" >/dev/null || { echo "installing $package did not provide $tool" >&2; return 1; }
 }
 
 install_postgres
 install_german_locale
-install_systemd_analyze
-install_docker_compose
+# `systemd-analyze verify` checks the units in deploy/systemd (tests/deploy.rs).
+install_apt_tool systemd-analyze systemd
+# `docker-compose config` validates docker-compose.yml in CI (.ci/run); Debian packages the
+# standalone docker-compose, not the compose plugin. No container is started.
+install_apt_tool docker-compose docker-compose
 install_s3s_fs
 install_reader_modules
 install_promtool
