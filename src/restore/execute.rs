@@ -281,9 +281,7 @@ async fn send_parts(
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    rustix::process::geteuid().is_root()
 }
 
 /// When run as root, hands the restored tree to the owner of the (pre-created) target directory:

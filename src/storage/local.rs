@@ -88,7 +88,7 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
         }
     }
     fs::create_dir_all(dir)?;
-    let owner = fs::metadata(cur).ok();
+    let owner = repository_owner(cur);
     for d in missing.iter().rev() {
         if let Some(m) = &owner {
             take_owner(d, m);
@@ -100,10 +100,19 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Gives `path` the owner of the repository directory it was created in (`like`). pitr run as
-/// root (a manual `pitr backup`, a scheduled job) must not leave directories or objects that the
-/// archiver, running as the PostgreSQL user, can no longer write beside: that would stop WAL
-/// archiving. Only root can change an owner; for anyone else the owner already matches.
+/// The owner new objects under `dir` must take, when pitr runs as root; `None` otherwise. pitr
+/// run as root (a manual `pitr backup`, a scheduled job) must not leave directories or objects
+/// that the archiver, running as the PostgreSQL user, can no longer write beside: that would
+/// stop WAL archiving. Only root can change an owner, and anyone else creates objects it owns
+/// itself, so the usual archive-push pays nothing here.
+fn repository_owner(dir: &Path) -> Option<fs::Metadata> {
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    fs::metadata(dir).ok()
+}
+
+/// Gives `path` the owner of the repository directory it was created in (`like`).
 fn take_owner(path: &Path, like: &fs::Metadata) {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = fs::symlink_metadata(path) else {
@@ -128,7 +137,7 @@ fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
         rand::random::<u64>()
     ));
     let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    if let Ok(m) = fs::metadata(dir) {
+    if let Some(m) = repository_owner(dir) {
         take_owner(&tmp, &m);
     }
     let res = f.write_all(data).and_then(|_| f.sync_all());
