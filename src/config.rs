@@ -48,6 +48,26 @@ pub struct FileConfig {
     /// stream: notify when the newest recoverable transaction is older than this, e.g. "15m".
     pub rpo_alert: Option<String>,
     pub encryption: Option<EncryptionFile>,
+    /// `[[repository]]` tables: several repositories (docs/repositories.md). Exclusive with
+    /// `repo`, which names one.
+    #[serde(default)]
+    pub repository: Vec<RepositoryFile>,
+}
+
+/// One `[[repository]]` table. archive-push writes every one, archive-get and restore read the
+/// first that answers and has what they need, other commands use the first (docs/repositories.md).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryFile {
+    /// How commands and messages name it (`backup --to NAME`, `copy --from A --to B`).
+    pub name: String,
+    /// Same forms as `--repo`.
+    pub url: Option<String>,
+    /// A best-effort secondary: archive-push warns instead of failing when it cannot write it.
+    #[serde(default)]
+    pub optional: bool,
+    /// This repository's key source, instead of the top-level `[encryption]`.
+    pub encryption: Option<EncryptionFile>,
 }
 
 /// `[encryption]`: where the passphrase of an encrypted repository comes from. One of the two;
@@ -85,6 +105,10 @@ pub struct Overrides {
     pub ops: OpsOverrides,
     pub encryption_key_file: Option<PathBuf>,
     pub encryption_key_command: Option<String>,
+    /// `--repo-optional NAME`: repositories archive-push may miss (with a warning).
+    pub repo_optional: Vec<String>,
+    /// The repository a one-repository command uses instead of the first (`backup --to NAME`).
+    pub primary: Option<String>,
 }
 
 /// `pitr stream`'s schedule and notification flags (also config file keys of the same names).
@@ -111,10 +135,27 @@ pub struct OpsSettings {
     pub rpo_alert: Option<Duration>,
 }
 
+/// One configured repository, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepositorySettings {
+    /// `default` for a repository given by `--repo`, `PITR_REPO` or `repo`.
+    pub name: String,
+    pub location: Location,
+    /// A failure to write it is a warning, not a failed archive-push.
+    pub optional: bool,
+    pub encryption_key: Option<KeySource>,
+}
+
+/// The name of the one repository `--repo`, `PITR_REPO` or the `repo` key give.
+pub const DEFAULT_REPOSITORY_NAME: &str = "default";
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The repository of one-repository commands: the first, or the one `primary` named.
     pub repo: Location,
+    /// Every configured repository, in configuration order (at least one).
+    pub repositories: Vec<RepositorySettings>,
     pub write: WriteOptions,
     pub storage_retry_timeout: Duration,
     pub config_file: Option<PathBuf>,
@@ -236,6 +277,24 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 impl Settings {
+    /// How this process writes repository `r`: the common settings with its own key source.
+    pub fn write_for(&self, r: &RepositorySettings) -> WriteOptions {
+        WriteOptions {
+            encryption_key: r.encryption_key.clone(),
+            ..self.write.clone()
+        }
+    }
+
+    /// The repository named `name`.
+    pub fn repository(&self, name: &str) -> Result<&RepositorySettings, ConfigError> {
+        self.repositories
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| ConfigError::Invalid {
+                problems: vec![unknown_repository(name, &self.repositories)],
+            })
+    }
+
     pub fn resolve(o: &Overrides) -> Result<Settings, ConfigError> {
         let file = match &o.config {
             Some(p) => read_file(p)?,
@@ -243,22 +302,18 @@ impl Settings {
         };
         let mut problems = vec![];
 
-        let repo = match o.repo.clone().or(file.repo.clone()) {
-            None => {
-                problems.push(
-                    "no repository given: pass --repo DIR|s3://bucket/prefix, set PITR_REPO, or set `repo` in the config file"
-                        .to_string(),
-                );
-                None
-            }
-            Some(url) => match Location::parse(&url) {
-                Ok(l) => Some(l.with_s3_settings(file.s3.clone().unwrap_or_default())),
-                Err(e) => {
-                    problems.push(e.to_string());
-                    None
+        let repositories = resolve_repositories(o, &file, &mut problems);
+        let primary = match &o.primary {
+            None => repositories.first(),
+            Some(name) => {
+                let found = repositories.iter().find(|r| &r.name == name);
+                if found.is_none() && !repositories.is_empty() {
+                    problems.push(unknown_repository(name, &repositories));
                 }
-            },
-        };
+                found
+            }
+        }
+        .cloned();
 
         let codec = match o
             .compression
@@ -325,17 +380,18 @@ impl Settings {
         };
 
         let ops = resolve_ops(&o.ops, &file, &mut problems);
-        let encryption_key = key_source(o, file.encryption.as_ref(), &mut problems);
 
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { problems });
         }
+        let primary = primary.expect("checked above");
         Ok(Settings {
-            repo: repo.expect("checked above"),
+            repo: primary.location,
+            repositories,
             write: WriteOptions {
                 codec,
                 level,
-                encryption_key,
+                encryption_key: primary.encryption_key,
             },
             storage_retry_timeout,
             config_file: o.config.clone(),
@@ -402,19 +458,146 @@ fn resolve_ops(o: &OpsOverrides, file: &FileConfig, problems: &mut Vec<String>) 
     }
 }
 
+/// The repositories: `--repo` (or `PITR_REPO`) alone, else the file's `[[repository]]` tables,
+/// else its `repo` key. Names must be unique; `--repo-optional` must name one of them.
+fn resolve_repositories(
+    o: &Overrides,
+    file: &FileConfig,
+    problems: &mut Vec<String>,
+) -> Vec<RepositorySettings> {
+    let single = |url: &str, problems: &mut Vec<String>| {
+        let location = parse_location(url, file, problems);
+        let encryption_key = key_source(o, file.encryption.as_ref(), None, problems);
+        let repo = location.map(|location| RepositorySettings {
+            name: DEFAULT_REPOSITORY_NAME.into(),
+            location,
+            optional: false,
+            encryption_key,
+        });
+        repo.into_iter().collect::<Vec<_>>()
+    };
+    // One repository on the command line replaces the file's list, `--repo-optional` included.
+    if let Some(url) = o.repo.as_deref() {
+        return single(url, problems);
+    }
+    let repos = match (&file.repo, file.repository.is_empty()) {
+        (None, true) => {
+            problems.push(
+                "no repository given: pass --repo DIR|s3://bucket/prefix, set PITR_REPO, or set `repo` (or [[repository]] tables) in the config file"
+                    .to_string(),
+            );
+            return vec![];
+        }
+        (Some(url), true) => single(url, problems),
+        (repo, false) => {
+            if repo.is_some() {
+                problems.push(
+                    "the config file sets both `repo` and [[repository]] tables: keep one (a single [[repository]] table is the same as `repo`)"
+                        .to_string(),
+                );
+            }
+            repository_tables(o, file, problems)
+        }
+    };
+    check_optional_names(o, &repos, problems);
+    repos
+}
+
+fn parse_location(url: &str, file: &FileConfig, problems: &mut Vec<String>) -> Option<Location> {
+    match Location::parse(url) {
+        Ok(l) => Some(l.with_s3_settings(file.s3.clone().unwrap_or_default())),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    }
+}
+
+/// The `[[repository]]` tables, checked, with `--repo-optional` applied.
+fn repository_tables(
+    o: &Overrides,
+    file: &FileConfig,
+    problems: &mut Vec<String>,
+) -> Vec<RepositorySettings> {
+    let mut repos: Vec<RepositorySettings> = vec![];
+    for (i, r) in file.repository.iter().enumerate() {
+        let what = format!("[[repository]] number {} ({:?})", i + 1, r.name);
+        if r.name.trim().is_empty() || r.name.contains(char::is_whitespace) {
+            problems.push(format!(
+                "{what}: `name` must be one word, like \"primary\" or \"offsite\""
+            ));
+        } else if repos.iter().any(|p| p.name == r.name) {
+            problems.push(format!("{what}: the name {:?} is used twice", r.name));
+        }
+        let Some(url) = r.url.as_deref() else {
+            problems.push(format!("{what}: `url` is missing"));
+            continue;
+        };
+        let location = parse_location(url, file, problems);
+        let own = Some((r.name.as_str(), r.encryption.as_ref()));
+        let encryption_key = key_source(o, file.encryption.as_ref(), own, problems);
+        if let Some(location) = location {
+            repos.push(RepositorySettings {
+                name: r.name.clone(),
+                location,
+                optional: r.optional || o.repo_optional.contains(&r.name),
+                encryption_key,
+            });
+        }
+    }
+    if !repos.is_empty() && repos.iter().all(|r| r.optional) {
+        problems.push(
+            "every repository is optional: archive-push would succeed having stored nothing; make at least one not optional"
+                .to_string(),
+        );
+    }
+    repos
+}
+
+fn check_optional_names(o: &Overrides, repos: &[RepositorySettings], problems: &mut Vec<String>) {
+    for name in &o.repo_optional {
+        if !repos.iter().any(|r| &r.name == name) {
+            problems.push(format!(
+                "--repo-optional {}",
+                unknown_repository(name, repos)
+            ));
+        }
+    }
+}
+
+fn unknown_repository(name: &str, repos: &[RepositorySettings]) -> String {
+    let names: Vec<&str> = repos.iter().map(|r| r.name.as_str()).collect();
+    format!(
+        "no repository is named {name:?}: the configured ones are {}",
+        names.join(", ")
+    )
+}
+
 /// The encryption key source: a flag or variable wins over the file, as a pair (a key command
-/// given on the command line replaces a key file from the file, it does not conflict with it).
+/// given on the command line replaces a key file from the file, it does not conflict with it);
+/// in the file, a repository's own `[repository.encryption]` wins over `[encryption]`.
 /// Both kinds at the same level are ambiguous and refused.
 fn key_source(
     o: &Overrides,
     file: Option<&EncryptionFile>,
+    repository: Option<(&str, Option<&EncryptionFile>)>,
     problems: &mut Vec<String>,
 ) -> Option<KeySource> {
+    let own = repository.and_then(|(_, e)| e);
+    let own_what = format!(
+        "[repository.encryption] key_file and key_command of repository {:?}",
+        repository.map(|(n, _)| n).unwrap_or_default()
+    );
     let levels = [
         (
             o.encryption_key_file.clone(),
             o.encryption_key_command.clone(),
             "--encryption-key-file (PITR_ENCRYPTION_KEY_FILE) and --encryption-key-command (PITR_ENCRYPTION_KEY_COMMAND)",
+        ),
+        (
+            own.and_then(|f| f.key_file.clone()),
+            own.and_then(|f| f.key_command.clone()),
+            own_what.as_str(),
         ),
         (
             file.and_then(|f| f.key_file.clone()),
@@ -656,6 +839,81 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("unknown field `key`"), "{e}");
+    }
+
+    #[test]
+    fn several_repositories_come_from_tables_and_repo_overrides_them() {
+        let (_d, p) = write(
+            "[[repository]]\nname = \"local\"\nurl = \"/a\"\n\
+             [[repository]]\nname = \"offsite\"\nurl = \"s3://b/p\"\noptional = true\n\
+             [repository.encryption]\nkey_file = \"/k2\"\n",
+        );
+        let file_only = Overrides {
+            config: Some(p),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&file_only).unwrap();
+        let names: Vec<_> = s.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["local", "offsite"]);
+        assert_eq!(s.repo, Location::Local("/a".into()));
+        assert!(!s.repositories[0].optional && s.repositories[1].optional);
+        assert_eq!(s.write.encryption_key, None);
+        let offsite = s.repository("offsite").unwrap();
+        assert_eq!(
+            s.write_for(offsite).encryption_key,
+            Some(KeySource::File("/k2".into()))
+        );
+        let s = Settings::resolve(&Overrides {
+            primary: Some("offsite".into()),
+            ..file_only.clone()
+        })
+        .unwrap();
+        assert!(matches!(s.repo, Location::S3 { .. }), "{:?}", s.repo);
+        let s = Settings::resolve(&Overrides {
+            repo: Some("/flag".into()),
+            ..file_only.clone()
+        })
+        .unwrap();
+        assert_eq!(s.repositories.len(), 1);
+        assert_eq!(s.repositories[0].name, DEFAULT_REPOSITORY_NAME);
+        assert_eq!(s.repo, Location::Local("/flag".into()));
+        let e = Settings::resolve(&Overrides {
+            repo_optional: vec!["local".into()],
+            ..file_only.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("every repository is optional"), "{e}");
+        let e = Settings::resolve(&Overrides {
+            primary: Some("elsewhere".into()),
+            ..file_only
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"elsewhere\"") && e.contains("local, offsite"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn repository_tables_are_checked() {
+        let (_d, p) = write(
+            "repo = \"/x\"\n[[repository]]\nname = \"a\"\nurl = \"/a\"\n\
+             [[repository]]\nname = \"a\"\nurl = \"/b\"\n[[repository]]\nname = \"c\"\n",
+        );
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both `repo` and [[repository]]"), "{e}");
+        assert!(e.contains("\"a\" is used twice"), "{e}");
+        assert!(e.contains("`url` is missing"), "{e}");
+        let (_d, p) = write("[[repository]]\nurl = \"/a\"\n");
+        let e = read_file(&p).unwrap_err().to_string();
+        assert!(e.contains("name"), "{e}");
     }
 
     #[test]

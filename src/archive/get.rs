@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::pgdata::DataDir;
 use super::prefetch::{location_id, Prefetch, Spool};
-use super::ArchiveError;
+use super::{ArchiveError, Target};
 use crate::repo::{RepoError, Repository, WalForRecovery, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::WalFileName;
@@ -35,29 +35,41 @@ pub async fn archive_get(
     prefetch: Option<&Prefetch>,
     options: WriteOptions,
 ) -> Result<GetOutcome, ArchiveError> {
+    let source = Target {
+        name: crate::config::DEFAULT_REPOSITORY_NAME.into(),
+        storage,
+        write: options,
+        optional: false,
+    };
+    archive_get_from(&[source], name, dest, prefetch).await
+}
+
+/// [`archive_get`] from several repositories: the first that answers and has the file serves
+/// it. A repository that fails (unreachable, vanished, corrupt object) is skipped only when
+/// another one has the file; when none has it and one failed, the failure is returned, never
+/// "not found" (docs/repositories.md). The prefetch spool follows the first repository only:
+/// a miss takes the path above.
+pub async fn archive_get_from(
+    sources: &[Target],
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+) -> Result<GetOutcome, ArchiveError> {
     let name = WalFileName::parse(name)?;
     let spool = prefetch
         .filter(|p| p.ahead > 0)
         .and_then(|p| Some((Spool::engage(&name, dest)?, p)));
-    if let Some((spool, prefetch)) = &spool {
-        let location = location_id(storage.location());
+    if let (Some((spool, prefetch)), Some(first)) = (&spool, sources.first()) {
+        let location = location_id(first.storage.location());
         if let Some(bytes) = spool.take_or_wait(&name, &location, dest).await {
             tracing::info!(file = %name, bytes, "restored from the prefetch spool");
             spool.after_serving(&name, prefetch);
             return Ok(GetOutcome::Restored { bytes });
         }
     }
-    // Opening reads the descriptor, which proves the repository is really there: a wrong URL or
-    // a vanished mount must fail recovery loudly, not look like the end of the archive.
-    // With the key source: an encrypted repository is unlocked here, or refused (fatal).
-    let repo = open_for_recovery(storage, options).await?;
-    // The newest segment may exist only as chunks shipped by `pitr stream`.
-    let Some(found) = repo.wal_file_for_recovery(&name).await? else {
+    let Some(content) = fetch_first(sources, &name).await? else {
         tracing::info!(file = %name, "not in the repository");
         return Ok(GetOutcome::NotFound);
-    };
-    let content = match found {
-        WalForRecovery::Stored(c) | WalForRecovery::FromChunks(c) => c,
     };
     let dest = dest.to_path_buf();
     let len = content.len() as u64;
@@ -69,6 +81,52 @@ pub async fn archive_get(
         spool.after_serving(&name, prefetch);
     }
     Ok(GetOutcome::Restored { bytes: len })
+}
+
+/// The content of `name` from the first repository that answers and has it; `None` only when
+/// every repository answered that it does not.
+async fn fetch_first(
+    sources: &[Target],
+    name: &WalFileName,
+) -> Result<Option<Vec<u8>>, ArchiveError> {
+    let several = sources.len() > 1;
+    let mut failure = None;
+    for source in sources {
+        match fetch_one(source, name).await {
+            Ok(Some(content)) => {
+                if failure.is_some() {
+                    tracing::info!(file = %name, repository = %source.name, "restored from this repository instead");
+                }
+                return Ok(Some(content));
+            }
+            Ok(None) if several => {
+                tracing::info!(file = %name, repository = %source.name, "not in this repository");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let e = e.in_repository(&source.name, several);
+                if several {
+                    tracing::warn!(file = %name, error = %e, "repository failed; trying the next");
+                }
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    failure.map_or(Ok(None), Err)
+}
+
+/// `name` from one repository. Opening reads the descriptor, which proves the repository is
+/// really there: a wrong URL or a vanished mount must fail recovery loudly, not look like the
+/// end of the archive. With the key source: an encrypted repository is unlocked here, or
+/// refused (fatal). The newest segment may exist only as chunks shipped by `pitr stream`.
+async fn fetch_one(source: &Target, name: &WalFileName) -> Result<Option<Vec<u8>>, ArchiveError> {
+    let repo = open_for_recovery(source.storage.clone(), source.write.clone()).await?;
+    Ok(repo
+        .wal_file_for_recovery(name)
+        .await?
+        .map(|found| match found {
+            WalForRecovery::Stored(c) | WalForRecovery::FromChunks(c) => c,
+        }))
 }
 
 /// Opens the repository, and when run in a data directory (as PostgreSQL runs

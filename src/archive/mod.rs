@@ -12,16 +12,28 @@ pub mod pgdata;
 pub mod prefetch;
 mod push;
 
-pub use get::{archive_get, GetOutcome};
+pub use get::{archive_get, archive_get_from, GetOutcome};
 pub use pgdata::RecoveryMode;
 pub use prefetch::{Prefetch, PrefetchError, WorkerArgs};
-pub use push::{archive_push, PushOutcome};
+pub use push::{archive_push, archive_push_all, PushOutcome};
 
 use std::path::PathBuf;
 
 use crate::error::{Classify, Code};
-use crate::repo::RepoError;
+use crate::repo::{RepoError, WriteOptions};
+use crate::storage::Storage;
 use crate::wal::{PageError, WalFileNameError};
+
+/// One of several repositories archive-push writes and archive-get reads (docs/repositories.md).
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The configured name, for messages.
+    pub name: String,
+    pub storage: Storage,
+    pub write: WriteOptions,
+    /// archive-push: a failure to store here is a warning, not a failed push.
+    pub optional: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -72,12 +84,32 @@ pub enum ArchiveError {
     },
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A failure in one of several repositories, named.
+    #[error("repository {name}: {source}")]
+    InRepository {
+        name: String,
+        source: Box<ArchiveError>,
+    },
+}
+
+impl ArchiveError {
+    /// Names the repository, when there are several to tell apart.
+    pub(crate) fn in_repository(self, name: &str, several: bool) -> ArchiveError {
+        match several {
+            true => ArchiveError::InRepository {
+                name: name.to_string(),
+                source: Box::new(self),
+            },
+            false => self,
+        }
+    }
 }
 
 impl Classify for ArchiveError {
     fn code(&self) -> Code {
         match self {
             ArchiveError::Repo(e) => e.code(),
+            ArchiveError::InRepository { source, .. } => source.code(),
             ArchiveError::Name(_)
             | ArchiveError::ReadInput { .. }
             | ArchiveError::NotWal { .. }
@@ -94,6 +126,7 @@ impl Classify for ArchiveError {
     fn hint(&self) -> Option<String> {
         let hint = match self {
             ArchiveError::Repo(e) => return e.hint(),
+            ArchiveError::InRepository { source, .. } => return source.hint(),
             ArchiveError::Name(_) | ArchiveError::NotWal { .. } | ArchiveError::Empty { .. } => {
                 "archive-push takes the path PostgreSQL passes as %p: a WAL segment, .partial, .backup or .history file"
             }

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::pgdata::DataDir;
 use super::prefetch::location_id;
-use super::ArchiveError;
+use super::{ArchiveError, Target};
 use crate::repo::{ClusterIdentity, PutOutcome, RepoError, Repository, WriteOptions};
 use crate::storage::Storage;
 use crate::wal::{major_from_magic, validate_segment, WalFileName};
@@ -15,6 +15,48 @@ pub enum PushOutcome {
     },
     /// The same bytes were archived before (PostgreSQL retried after a crash or a timeout).
     AlreadyArchived,
+}
+
+/// Archives the file at `path` into every repository of `targets` at once, each through
+/// [`archive_push`]. Succeeds only when every repository that is not optional has the file
+/// durably: one that is down fails the push, so that PostgreSQL keeps the file and retries and no
+/// repository silently misses WAL. An optional repository's failure is a warning (`pitr copy`
+/// fills the gap later). `AlreadyArchived` only when no repository stored anything new.
+pub async fn archive_push_all(
+    targets: &[Target],
+    path: &Path,
+) -> Result<PushOutcome, ArchiveError> {
+    let several = targets.len() > 1;
+    let results = futures::future::join_all(targets.iter().map(|t| async move {
+        archive_push(t.storage.clone(), path, t.write.clone())
+            .await
+            .map_err(|e| e.in_repository(&t.name, several))
+    }))
+    .await;
+    let (mut stored, mut outcome, mut failure, mut missed) = (None, None, None, None);
+    for (t, result) in targets.iter().zip(results) {
+        match result {
+            Ok(o @ PushOutcome::Stored { .. }) => stored = Some(o),
+            Ok(o) => outcome = Some(o),
+            Err(e) if t.optional => {
+                tracing::warn!(repository = %t.name, error = %e, "not archived into this optional repository; `pitr copy` can fill it in later");
+                missed.get_or_insert(e);
+            }
+            Err(e) => {
+                if several {
+                    tracing::error!(repository = %t.name, error = %e, "not archived into this repository: the push fails, and PostgreSQL retries it");
+                }
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match (failure, stored.or(outcome), missed) {
+        (Some(e), _, _) => Err(e),
+        (None, Some(o), _) => Ok(o),
+        // Only optional repositories, all failed: nothing is archived anywhere.
+        (None, None, Some(e)) => Err(e),
+        (None, None, None) => Ok(PushOutcome::AlreadyArchived),
+    }
 }
 
 /// Archives the file at `path` (the `%p` of `archive_command`).

@@ -35,6 +35,9 @@ pub struct BackupArgs {
     /// (a running backup refreshes its lease every minute).
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     pub abandoned_after: Duration,
+    /// The configured repository to write (docs/repositories.md; default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub to: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

@@ -81,6 +81,12 @@ impl Failure {
         }
     }
 
+    /// The failure of one of several repositories: its message names it.
+    pub fn in_repository(mut self, name: &str) -> Failure {
+        self.message = format!("repository {name}: {}", self.message);
+        self
+    }
+
     /// Bad input found by the command line itself (not by a library error).
     pub fn input(message: impl ToString) -> Failure {
         Failure::new(Code::Input, message, None)

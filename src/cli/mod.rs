@@ -105,7 +105,14 @@ pub enum Command {
     ///
     /// Exits 0 only once the file is durable in the repository. Re-archiving identical content
     /// succeeds; different content under an archived name is refused.
+    ///
+    /// With several repositories (docs/repositories.md) it stores into each at once and exits 0
+    /// only when every one that is not optional has the file.
     ArchivePush {
+        /// A configured repository whose failure is only a warning (repeatable; also
+        /// `optional = true` in its [[repository]] table).
+        #[arg(long, value_name = "NAME")]
+        repo_optional: Vec<String>,
         /// Path of the WAL file (%p), relative to the data directory or absolute.
         path: PathBuf,
     },
@@ -383,6 +390,8 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     let mut o = overrides(&cli.global);
     match &cli.command {
         Command::ArchiveGet { prefetch, .. } => o.prefetch = *prefetch,
+        Command::ArchivePush { repo_optional, .. } => o.repo_optional = repo_optional.clone(),
+        Command::Backup(a) => o.primary = a.to.clone(),
         Command::Expire(a) => {
             o.retain_full = a.retain_full;
             o.retain_window = a.retain_window.clone();
@@ -391,8 +400,14 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         _ => {}
     }
     let settings = Settings::resolve(&o).map_err(|e| Failure::for_command(e, is_get))?;
-    let storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
+    if matches!(cli.command, Command::Stream(_)) && settings.repositories.len() > 1 {
+        return Err(stream_refuses_several(&settings));
+    }
+    let mut storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::for_command(e, is_get))?;
+    if matches!(cli.command, Command::Restore(_)) {
+        storage = first_answering(storage, &settings).await;
+    }
     // Audited commands record themselves before they change anything (docs/operations.md);
     // whichever command creates the repository records that too.
     crate::repo::set_invocation(audit_cmd::arguments());
@@ -423,22 +438,19 @@ async fn run_command(
     changes: &mut audit_cmd::Changes,
 ) -> Result<Code, Failure> {
     match cli.command {
-        Command::ArchivePush { path } => {
-            archive::archive_push(storage, &path, settings.write.clone()).await?;
+        Command::ArchivePush { path, .. } => {
+            let targets = targets(storage, settings)?;
+            archive::archive_push_all(&targets, &path).await?;
             Ok(Code::Ok)
         }
         Command::ArchiveGet { wal_file, dest, .. } => {
             let prefetch = prefetch_settings(&cli.global, settings.prefetch);
             let mode = archive::RecoveryMode::of_working_dir();
-            match archive::archive_get(
-                storage,
-                &wal_file,
-                &dest,
-                prefetch.as_ref(),
-                settings.write.clone(),
-            )
-            .await
-            .map_err(|e| Failure::for_archive_get_in(e, mode))?
+            let sources =
+                targets(storage, settings).map_err(|e| Failure::for_archive_get_in(e, mode))?;
+            match archive::archive_get_from(&sources, &wal_file, &dest, prefetch.as_ref())
+                .await
+                .map_err(|e| Failure::for_archive_get_in(e, mode))?
             {
                 GetOutcome::Restored { .. } => Ok(Code::Ok),
                 GetOutcome::NotFound => Ok(Code::NotFound),
@@ -473,6 +485,69 @@ async fn run_command(
             Ok(Code::Ok)
         }
     }
+}
+
+/// With several repositories, the first that opens: where restore records itself in the audit
+/// trail, so that a repository that is gone is neither written to nor in the way.
+async fn first_answering(primary: Storage, settings: &Settings) -> Storage {
+    if settings.repositories.len() < 2 {
+        return primary;
+    }
+    for r in &settings.repositories {
+        let Ok(storage) = Storage::open(&r.location, settings.storage_retry_timeout) else {
+            continue;
+        };
+        if crate::repo::Repository::open(storage.clone(), settings.write_for(r))
+            .await
+            .is_ok()
+        {
+            return storage;
+        }
+    }
+    primary
+}
+
+/// `pitr stream` writes one repository (several: docs/repositories.md).
+fn stream_refuses_several(settings: &Settings) -> Failure {
+    let names: Vec<&str> = settings
+        .repositories
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    Failure::new(
+        Code::Usage,
+        format!(
+            "pitr stream writes one repository, and {} are configured ({})",
+            names.len(),
+            names.join(", ")
+        ),
+        Some(
+            "pass --repo URL to stream into one of them; archive-push (archive_command) writes every one, and `pitr copy` fills the others"
+                .into(),
+        ),
+    )
+}
+
+/// Every configured repository, opened, in order; `primary` (already open) is reused for the
+/// repository it is. For the commands that use them all (archive-push, archive-get).
+fn targets(primary: Storage, settings: &Settings) -> Result<Vec<archive::Target>, Failure> {
+    settings
+        .repositories
+        .iter()
+        .map(|r| {
+            let storage = match &r.location == primary.location() {
+                true => primary.clone(),
+                false => Storage::open(&r.location, settings.storage_retry_timeout)
+                    .map_err(|e| Failure::from(e).in_repository(&r.name))?,
+            };
+            Ok(archive::Target {
+                name: r.name.clone(),
+                storage,
+                write: settings.write_for(r),
+                optional: r.optional,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

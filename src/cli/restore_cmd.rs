@@ -96,8 +96,12 @@ pub(super) fn restore_command(settings: &Settings) -> String {
         words.push("--config".into());
         words.push(shell_word(&abs.display().to_string()));
     }
-    words.push("--repo".into());
-    words.push(shell_word(&settings.repo.to_string()));
+    // Several repositories come from the config file, and archive-get reads them all in
+    // order: `--repo` would narrow that to one.
+    if settings.repositories.len() == 1 || settings.config_file.is_none() {
+        words.push("--repo".into());
+        words.push(shell_word(&settings.repo.to_string()));
+    }
     // Where the key is, never the key: the server's restore_command must open the repository
     // the way this restore did, whether the source came from a flag, a variable or the file.
     match &settings.write.encryption_key {
@@ -133,8 +137,6 @@ pub async fn restore(
         tablespace_map.push((old.to_string(), PathBuf::from(new)));
     }
 
-    let repo = Repository::open(storage, settings.write.clone()).await?;
-    let catalog = Catalog::load(&repo).await?;
     let req = RestoreRequest {
         target,
         action: a.target_action,
@@ -143,7 +145,7 @@ pub async fn restore(
         inclusive: !a.target_exclusive,
         standby: a.standby,
     };
-    let plan = catalog.plan(&repo, &req, Utc::now()).await?;
+    let (repo, plan) = open_and_plan(storage, settings, &req).await?;
 
     let summary = json!({
         "backup": plan.backup.id,
@@ -195,7 +197,7 @@ pub async fn restore(
             a.pgdata.display()
         );
         if matches!(
-            settings.repo,
+            repo.storage_location(),
             Location::S3 { .. } | Location::Gcs { .. } | Location::Azure { .. }
         ) && settings.config_file.is_none()
         {
@@ -206,6 +208,51 @@ pub async fn restore(
         }
     }
     Ok(Code::Ok)
+}
+
+/// The first repository that answers and can restore to the target, with its plan. With
+/// several repositories (docs/repositories.md) a failing one is skipped with a warning; when
+/// none can, the first one's failure is the answer.
+async fn open_and_plan(
+    primary: Storage,
+    settings: &Settings,
+    req: &RestoreRequest,
+) -> Result<(Repository, recovery::RestorePlan), Failure> {
+    let several = settings.repositories.len() > 1;
+    let mut first_failure = None;
+    for r in &settings.repositories {
+        let storage = match &r.location == primary.location() {
+            true => primary.clone(),
+            false => match Storage::open(&r.location, settings.storage_retry_timeout) {
+                Ok(s) => s,
+                Err(e) => {
+                    first_failure.get_or_insert(Failure::from(e).in_repository(&r.name));
+                    continue;
+                }
+            },
+        };
+        let attempt = async {
+            let repo = Repository::open(storage, settings.write_for(r)).await?;
+            let catalog = Catalog::load(&repo).await?;
+            let plan = catalog.plan(&repo, req, Utc::now()).await?;
+            Ok::<_, Failure>((repo, plan))
+        };
+        match attempt.await {
+            Ok(found) => {
+                if several {
+                    tracing::info!(repository = %r.name, location = %r.location, "restoring from this repository");
+                }
+                return Ok(found);
+            }
+            Err(f) if several => {
+                let f = f.in_repository(&r.name);
+                tracing::warn!(error = %f.message, "cannot restore from this repository; trying the next");
+                first_failure.get_or_insert(f);
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    Err(first_failure.unwrap_or_else(|| Failure::input("no repository is configured")))
 }
 
 fn print_plan(s: &serde_json::Value, as_json: bool) {
