@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-const JOBS: &[&str] = &["archive", "stream", "backup", "restore", "verify"];
+const JOBS: &[&str] = &["archive", "stream", "backup", "restore", "verify", "copy"];
 
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

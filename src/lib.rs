@@ -7,7 +7,7 @@
 //! | `cli`                                              | `ops`, the jobs, `recovery`            |
 //! | `ops` (schedules, metrics, check, notify)          | the jobs, `recovery`, `pg`, `repo`     |
 //! | `drill` (a composite job above `restore`)          | `restore`, `recovery`, `repo`, `wal`   |
-//! | `archive`, `stream`, `backup`, `restore`, `verify` | `recovery`, `pg`, `repo`, `format`, `wal` |
+//! | `archive`, `stream`, `backup`, `restore`, `verify`, `copy` | `recovery`, `pg`, `repo`, `format`, `wal` |
 //! | `recovery` (what can be restored, and how)         | `repo`, `wal`                          |
 //! | `repo` (the only owner of the repository format)   | `storage`, `codec`, `wal`              |
 //! | `pg`                                               | `wal`                                  |
@@ -21,6 +21,7 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod copy;
 pub mod drill;
 pub mod error;
 pub mod format;

@@ -36,7 +36,8 @@ pub async fn archive_get(
     options: WriteOptions,
 ) -> Result<GetOutcome, ArchiveError> {
     let source = Target {
-        name: crate::config::DEFAULT_REPOSITORY_NAME.into(),
+        // Named only in messages about several repositories.
+        name: "default".into(),
         storage,
         write: options,
         optional: false,

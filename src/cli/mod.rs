@@ -4,6 +4,7 @@ mod audit_cmd;
 mod backup_cmd;
 mod check_cmd;
 mod conn_args;
+mod copy_cmd;
 mod drill_cmd;
 mod exit;
 mod expire_cmd;
@@ -187,6 +188,9 @@ pub enum Command {
     /// RTO measured. Never writes to the repository (except its audit record); leaves nothing
     /// running or on disk, also when interrupted. Exit codes 13 and 14: docs/exit-codes.md.
     Drill(drill_cmd::DrillArgs),
+    /// Copy what one configured repository lacks of another: backups, WAL, summaries, object
+    /// for object, each verified; safe to interrupt and run again (docs/repositories.md).
+    Copy(copy_cmd::CopyArgs),
     /// List the audit trail: every backup, expire, restore and drill, newest last.
     Audit(audit_cmd::AuditArgs),
     /// Manage the encryption key of an encrypted repository (docs/encryption.md).
@@ -223,6 +227,7 @@ impl Command {
             Command::Status(_) => "status",
             Command::Drill(_) => "drill",
             Command::Audit(_) => "audit",
+            Command::Copy(_) => "copy",
             Command::Key(_) => "key",
             Command::PrefetchWorker(_) => archive::prefetch::WORKER_COMMAND,
         }
@@ -392,6 +397,7 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         Command::ArchiveGet { prefetch, .. } => o.prefetch = *prefetch,
         Command::ArchivePush { repo_optional, .. } => o.repo_optional = repo_optional.clone(),
         Command::Backup(a) => o.primary = a.to.clone(),
+        Command::Copy(a) => o.primary = Some(a.to.clone()),
         Command::Expire(a) => {
             o.retain_full = a.retain_full;
             o.retain_window = a.retain_window.clone();
@@ -466,6 +472,7 @@ async fn run_command(
         Command::Expire(args) => expire_cmd::expire(storage, settings, args, changes).await,
         Command::Drill(args) => drill_cmd::drill(storage, settings, args, changes).await,
         Command::Audit(args) => audit_cmd::audit(storage, args).await,
+        Command::Copy(args) => copy_cmd::copy(storage, settings, args).await,
         Command::Key(args) => key_cmd::key(storage, settings, args, changes).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {

@@ -7,6 +7,7 @@ mod audit;
 mod backups;
 mod catalog;
 mod chunks;
+mod copy;
 mod descriptor;
 mod keys;
 mod layout;
@@ -24,6 +25,7 @@ pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord,
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use catalog::{BackupArchive, BackupInfo, BackupSource, TimelineWal, WalInventory};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
+pub use copy::CopyPlan;
 pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};
 pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
@@ -103,6 +105,8 @@ pub enum RepoError {
     },
     #[error(transparent)]
     KeySource(KeySourceError),
+    #[error("the repository at {location} is not encrypted with the same data key as the source (or one of the two is not encrypted): objects cannot be copied into it as stored")]
+    OtherDataKey { location: String },
     #[error("another key rotation created key generation {generation} of {location} meanwhile; this one changed nothing")]
     RotationConflict { location: String, generation: u64 },
     #[error("the current key opens key generation {opens} of {location}, but generation {newest} exists and the new key does not open it either: another rotation happened")]
@@ -129,6 +133,7 @@ impl Classify for RepoError {
             | RepoError::WrongKey { .. }
             | RepoError::KeySource(_) => Code::Input,
             RepoError::RotationConflict { .. } | RepoError::NotNewestKey { .. } => Code::Conflict,
+            RepoError::OtherDataKey { .. } => Code::Conflict,
             // No repository is where the user pointed: the storage location is wrong.
             RepoError::NotInitialized { .. } => Code::Storage,
             RepoError::NewerFormat { .. }
@@ -173,6 +178,9 @@ impl Classify for RepoError {
             }
             RepoError::RotationConflict { .. } | RepoError::NotNewestKey { .. } => {
                 "run `pitr key rotate` with the newest key as the current one (only one rotation at a time)"
+            }
+            RepoError::OtherDataKey { .. } => {
+                "copy into an empty location (it gets the source's descriptor settings and keyrings), or between repositories made that way"
             }
             RepoError::SegmentSizeMismatch { .. }
             | RepoError::BadDescriptor { .. }
