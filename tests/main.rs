@@ -13,6 +13,7 @@ mod expire;
 mod flaky;
 mod independent_reader;
 mod locale;
+mod multi_repo;
 mod ops;
 mod pg_client;
 mod pitr;

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
-use crate::config::Settings;
+use crate::config::{RepositorySettings, Settings};
 use crate::key_source::KeySource;
 use crate::recovery::{
     self, Catalog, RecoveryError, RestoreRequest, Target, TargetAction, TimelineTarget, Window,
@@ -96,12 +96,8 @@ pub(super) fn restore_command(settings: &Settings) -> String {
         words.push("--config".into());
         words.push(shell_word(&abs.display().to_string()));
     }
-    // Several repositories come from the config file, and archive-get reads them all in
-    // order: `--repo` would narrow that to one.
-    if settings.repositories.len() == 1 || settings.config_file.is_none() {
-        words.push("--repo".into());
-        words.push(shell_word(&settings.repo.to_string()));
-    }
+    words.push("--repo".into());
+    words.push(shell_word(&settings.repo.to_string()));
     // Where the key is, never the key: the server's restore_command must open the repository
     // the way this restore did, whether the source came from a flag, a variable or the file.
     match &settings.write.encryption_key {
@@ -145,7 +141,15 @@ pub async fn restore(
         inclusive: !a.target_exclusive,
         standby: a.standby,
     };
-    let (repo, plan) = open_and_plan(storage, settings, &req).await?;
+    let (repo, plan, chosen) = open_and_plan(storage, settings, &req).await?;
+    // Recovery reads the repository the plan was made from: with several, another one may lack
+    // WAL this one has, and one that is gone would stop recovery at its end (docs/repositories.md).
+    let settings = &Settings {
+        repo: chosen.location.clone(),
+        write: settings.write_for(&chosen),
+        repositories: vec![chosen],
+        ..settings.clone()
+    };
 
     let summary = json!({
         "backup": plan.backup.id,
@@ -217,7 +221,7 @@ async fn open_and_plan(
     primary: Storage,
     settings: &Settings,
     req: &RestoreRequest,
-) -> Result<(Repository, recovery::RestorePlan), Failure> {
+) -> Result<(Repository, recovery::RestorePlan, RepositorySettings), Failure> {
     let several = settings.repositories.len() > 1;
     let mut first_failure = None;
     for r in &settings.repositories {
@@ -242,7 +246,7 @@ async fn open_and_plan(
                 if several {
                     tracing::info!(repository = %r.name, location = %r.location, "restoring from this repository");
                 }
-                return Ok(found);
+                return Ok((found.0, found.1, r.clone()));
             }
             Err(f) if several => {
                 let f = f.in_repository(&r.name);
