@@ -40,6 +40,7 @@ pub fn audited_name(command: &Command) -> Option<&'static str> {
         Command::Restore(a) if !a.dry_run => Some("restore"),
         Command::Drill(_) => Some("drill"),
         Command::Key(_) => Some("key-rotate"),
+        Command::Copy(_) => Some("copy"),
         _ => None,
     }
 }

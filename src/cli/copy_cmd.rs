@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::audit_cmd::Changes;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
 use crate::config::Settings;
@@ -38,7 +39,12 @@ impl CopyProgress for Bar {
 }
 
 /// `target` is the repository `--to` names, opened by the caller.
-pub async fn copy(target: Storage, settings: &Settings, a: CopyArgs) -> Result<Code, Failure> {
+pub async fn copy(
+    target: Storage,
+    settings: &Settings,
+    a: CopyArgs,
+    changes: &mut Changes,
+) -> Result<Code, Failure> {
     if a.from == a.to {
         return Err(Failure::input(format!(
             "--from and --to both name {:?}: copy between two repositories",
@@ -68,6 +74,19 @@ pub async fn copy(target: Storage, settings: &Settings, a: CopyArgs) -> Result<C
     let report = copy::copy(side(from, source), side(to, target), &bar).await;
     bar.0.finish_and_clear();
     let report = report?;
+    if report.created_target {
+        changes.created.push(format!("repository {}", to.location));
+    }
+    changes.created.push(format!(
+        "copied {} objects ({} bytes) from {}",
+        report.objects_copied, report.bytes_copied, from.name
+    ));
+    changes.created.extend(
+        report
+            .backups_copied
+            .iter()
+            .map(|id| format!("backup {id}")),
+    );
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         return Ok(Code::Ok);

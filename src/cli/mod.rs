@@ -22,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::archive::{self, GetOutcome};
 use crate::config::{Overrides, Settings};
+use crate::repo::WriteOptions;
 use crate::storage::Storage;
 
 pub use exit::{Code, Failure};
@@ -411,15 +412,16 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     }
     let mut storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::for_command(e, is_get))?;
+    let mut write = settings.write.clone();
     if matches!(cli.command, Command::Restore(_)) {
-        storage = first_answering(storage, &settings).await;
+        (storage, write) = first_answering(storage, &settings).await;
     }
     // Audited commands record themselves before they change anything (docs/operations.md);
     // whichever command creates the repository records that too.
     crate::repo::set_invocation(audit_cmd::arguments());
     let audit = match audit_cmd::audited_name(&cli.command) {
         Some(name) => {
-            audit_cmd::check_key(&storage, &settings.write).await?;
+            audit_cmd::check_key(&storage, &write).await?;
             Some(audit_cmd::begin(&storage, name).await?)
         }
         None => None,
@@ -472,7 +474,7 @@ async fn run_command(
         Command::Expire(args) => expire_cmd::expire(storage, settings, args, changes).await,
         Command::Drill(args) => drill_cmd::drill(storage, settings, args, changes).await,
         Command::Audit(args) => audit_cmd::audit(storage, args).await,
-        Command::Copy(args) => copy_cmd::copy(storage, settings, args).await,
+        Command::Copy(args) => copy_cmd::copy(storage, settings, args, changes).await,
         Command::Key(args) => key_cmd::key(storage, settings, args, changes).await,
         Command::PrefetchWorker(a) => {
             let args = archive::WorkerArgs {
@@ -496,22 +498,23 @@ async fn run_command(
 
 /// With several repositories, the first that opens: where restore records itself in the audit
 /// trail, so that a repository that is gone is neither written to nor in the way.
-async fn first_answering(primary: Storage, settings: &Settings) -> Storage {
+async fn first_answering(primary: Storage, settings: &Settings) -> (Storage, WriteOptions) {
     if settings.repositories.len() < 2 {
-        return primary;
+        return (primary, settings.write.clone());
     }
     for r in &settings.repositories {
         let Ok(storage) = Storage::open(&r.location, settings.storage_retry_timeout) else {
             continue;
         };
-        if crate::repo::Repository::open(storage.clone(), settings.write_for(r))
+        let write = settings.write_for(r);
+        if crate::repo::Repository::open(storage.clone(), write.clone())
             .await
             .is_ok()
         {
-            return storage;
+            return (storage, write);
         }
     }
-    primary
+    (primary, settings.write.clone())
 }
 
 /// `pitr stream` writes one repository (several: docs/repositories.md).
