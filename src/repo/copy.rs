@@ -313,4 +313,53 @@ mod tests {
         let e = a.check_copy_target(&b).unwrap_err();
         assert!(matches!(e, RepoError::OtherCluster { .. }), "{e}");
     }
+
+    fn with_key(passphrase: &str) -> WriteOptions {
+        WriteOptions {
+            encryption_key: Some(crate::key_source::KeySource::Command(format!(
+                "printf {passphrase}"
+            ))),
+            ..WriteOptions::default()
+        }
+    }
+
+    /// A copy of an encrypted repository into an empty location takes its keyrings: the same
+    /// passphrase opens the copy and its objects. A repository of another key is refused.
+    #[tokio::test]
+    async fn an_encrypted_repository_copies_with_its_keyrings() {
+        let a =
+            Repository::open_for_cluster(Storage::in_memory(), &CLUSTER, "test", with_key("k1"))
+                .await
+                .unwrap();
+        let seg = WalFileName::parse("000000010000000000000004").unwrap();
+        a.put_wal_file(&seg, b"sealed wal").await.unwrap();
+        let b_storage = Storage::in_memory();
+        let b = a
+            .create_copy_target(b_storage.clone(), with_key("k1"))
+            .await
+            .unwrap();
+        assert!(b.descriptor().encryption.is_some());
+        a.check_copy_target(&b).unwrap();
+        assert_eq!(copy_all(&a, &b).await, (1, 0));
+        let reopened = Repository::open(b_storage, with_key("k1")).await.unwrap();
+        assert_eq!(
+            reopened.get_wal_file(&seg).await.unwrap().unwrap(),
+            b"sealed wal"
+        );
+
+        // Same cluster, encrypted too, but under its own data key.
+        let c =
+            Repository::open_for_cluster(Storage::in_memory(), &CLUSTER, "test", with_key("k1"))
+                .await
+                .unwrap();
+        a.check_copy_target(&c).unwrap();
+        let plan = a.copy_plan().await.unwrap();
+        let e = a.copy_object_to(&c, &plan.wal[0]).await.unwrap_err();
+        assert!(matches!(e, RepoError::OtherDataKey { .. }), "{e}");
+        assert!(!c.has_wal_file(&seg).await.unwrap());
+        // Plain and encrypted do not mix.
+        let plain = source().await;
+        let e = a.check_copy_target(&plain).unwrap_err();
+        assert!(matches!(e, RepoError::OtherDataKey { .. }), "{e}");
+    }
 }
