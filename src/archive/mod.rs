@@ -95,12 +95,12 @@ pub enum ArchiveError {
 impl ArchiveError {
     /// Names the repository, when there are several to tell apart.
     pub(crate) fn in_repository(self, name: &str, several: bool) -> ArchiveError {
-        match several {
-            true => ArchiveError::InRepository {
-                name: name.to_string(),
-                source: Box::new(self),
-            },
-            false => self,
+        if !several {
+            return self;
+        }
+        ArchiveError::InRepository {
+            name: name.to_string(),
+            source: Box::new(self),
         }
     }
 }

@@ -55,15 +55,16 @@ pub async fn copy(
     let to = settings.repository(&a.to)?;
     let source = Storage::open(&from.location, settings.storage_retry_timeout)
         .map_err(|e| Failure::from(e).in_repository(&from.name))?;
-    let bar = match std::io::stderr().is_terminal() && !a.json {
-        true => ProgressBar::new(0).with_style(
+    let bar = if std::io::stderr().is_terminal() && !a.json {
+        ProgressBar::new(0).with_style(
             ProgressStyle::with_template(
                 "copy {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             )
             .expect("valid template")
             .progress_chars("=> "),
-        ),
-        false => ProgressBar::hidden(),
+        )
+    } else {
+        ProgressBar::hidden()
     };
     let bar = Bar(bar);
     let side = |r: &crate::config::RepositorySettings, storage| Side {
@@ -103,9 +104,10 @@ pub async fn copy(
         report.objects_skipped,
         human_bytes(report.bytes_skipped),
         to.name,
-        match report.backups_copied.is_empty() {
-            true => "none new".to_string(),
-            false => report.backups_copied.join(", "),
+        if report.backups_copied.is_empty() {
+            "none new".to_string()
+        } else {
+            report.backups_copied.join(", ")
         }
     );
     Ok(Code::Ok)

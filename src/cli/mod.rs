@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::archive::{self, GetOutcome};
-use crate::config::{Overrides, Settings};
+use crate::config::{Overrides, RepositorySettings, Settings};
 use crate::repo::WriteOptions;
 use crate::storage::Storage;
 
@@ -503,7 +503,7 @@ async fn first_answering(primary: Storage, settings: &Settings) -> (Storage, Wri
         return (primary, settings.write.clone());
     }
     for r in &settings.repositories {
-        let Ok(storage) = Storage::open(&r.location, settings.storage_retry_timeout) else {
+        let Ok(storage) = storage_of(&primary, r, settings) else {
             continue;
         };
         let write = settings.write_for(r);
@@ -538,6 +538,19 @@ fn stream_refuses_several(settings: &Settings) -> Failure {
     )
 }
 
+/// The storage of configured repository `r`: `primary` when it is that one (already open).
+pub(super) fn storage_of(
+    primary: &Storage,
+    r: &RepositorySettings,
+    settings: &Settings,
+) -> Result<Storage, Failure> {
+    if &r.location == primary.location() {
+        return Ok(primary.clone());
+    }
+    Storage::open(&r.location, settings.storage_retry_timeout)
+        .map_err(|e| Failure::from(e).in_repository(&r.name))
+}
+
 /// Every configured repository, opened, in order; `primary` (already open) is reused for the
 /// repository it is. For the commands that use them all (archive-push, archive-get).
 fn targets(primary: Storage, settings: &Settings) -> Result<Vec<archive::Target>, Failure> {
@@ -545,11 +558,7 @@ fn targets(primary: Storage, settings: &Settings) -> Result<Vec<archive::Target>
         .repositories
         .iter()
         .map(|r| {
-            let storage = match &r.location == primary.location() {
-                true => primary.clone(),
-                false => Storage::open(&r.location, settings.storage_retry_timeout)
-                    .map_err(|e| Failure::from(e).in_repository(&r.name))?,
-            };
+            let storage = storage_of(&primary, r, settings)?;
             Ok(archive::Target {
                 name: r.name.clone(),
                 storage,

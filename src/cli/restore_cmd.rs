@@ -225,15 +225,12 @@ async fn open_and_plan(
     let several = settings.repositories.len() > 1;
     let mut first_failure = None;
     for r in &settings.repositories {
-        let storage = match &r.location == primary.location() {
-            true => primary.clone(),
-            false => match Storage::open(&r.location, settings.storage_retry_timeout) {
-                Ok(s) => s,
-                Err(e) => {
-                    first_failure.get_or_insert(Failure::from(e).in_repository(&r.name));
-                    continue;
-                }
-            },
+        let storage = match super::storage_of(&primary, r, settings) {
+            Ok(s) => s,
+            Err(f) => {
+                first_failure.get_or_insert(f);
+                continue;
+            }
         };
         let attempt = async {
             let repo = Repository::open(storage, settings.write_for(r)).await?;
