@@ -107,7 +107,7 @@ async fn fetch_first(
             Err(e) => {
                 let e = e.in_repository(&source.name, several);
                 if several {
-                    tracing::warn!(file = %name, error = %e, "repository failed; trying the next");
+                    tracing::warn!(file = %name, error = %e, "cannot read from this repository; the others are asked");
                 }
                 failure.get_or_insert(e);
             }
