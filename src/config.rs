@@ -558,7 +558,7 @@ fn check_optional_names(o: &Overrides, repos: &[RepositorySettings], problems: &
     for name in &o.repo_optional {
         if !repos.iter().any(|r| &r.name == name) {
             problems.push(format!(
-                "--repo-optional {}",
+                "--repo-optional: {}",
                 unknown_repository(name, repos)
             ));
         }
