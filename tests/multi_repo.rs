@@ -4,7 +4,7 @@
 //! interrupted or not.
 
 use std::fs;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -346,15 +346,93 @@ fn count_files(dir: &std::path::Path) -> Option<usize> {
     Some(n)
 }
 
-/// `stream` with several repositories refuses, naming --repo; a command with an unknown
-/// repository name is refused before anything runs.
+/// `pitr stream` writes both repositories in step: the flush feedback (the slot's
+/// restart_lsn) is the lower of the two, so an S3 outage holds it back while the local
+/// repository moves on, and it catches up once S3 returns.
 #[test]
-fn several_repositories_are_refused_where_one_is_meant() {
+fn stream_writes_every_repository_and_acknowledges_the_lowest() {
+    let mut repos = TwoRepos::new("");
+    let pg = PgCluster::builder().start().unwrap();
+    let log = repos.work.join("stream.log");
+    let mut cmd = Command::new(pitr_bin());
+    cmd.args(["--config", repos.config.to_str().unwrap()])
+        .args(["stream", "-d", &pg.conninfo(), "--create-slot"])
+        .envs(repos.env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let stream_log = || fs::read_to_string(&log).unwrap_or_default();
+    let flushed = |lsn: &str| {
+        pg.psql(&format!(
+            "select coalesce(bool_or(restart_lsn >= '{lsn}'::pg_lsn), false) from pg_replication_slots where slot_name = 'pitr'"
+        ))
+        .unwrap()
+            == "t"
+    };
+    poll("the stream to attach", Duration::from_secs(60), || {
+        let active = pg.psql("select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = 'pitr'")?;
+        Ok((active == "t").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
+    pg.psql("create table t(x int); insert into t select generate_series(1, 1000)")
+        .unwrap();
+    let (seg, lsn) = switch_segment(&pg);
+    poll("flush feedback", Duration::from_secs(60), || {
+        Ok(flushed(&lsn).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
+    assert!(repos.has_wal(&repos.local_url(), &seg));
+    assert!(repos.has_wal(&repos.s3_url, &seg));
+
+    repos.s3.stop();
+    pg.psql("insert into t select generate_series(1, 1000)")
+        .unwrap();
+    let (seg2, lsn2) = switch_segment(&pg);
+    poll("the local repository", Duration::from_secs(30), || {
+        Ok(repos.has_wal(&repos.local_url(), &seg2).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
+    sleep(Duration::from_secs(2));
+    assert!(
+        !flushed(&lsn2),
+        "acknowledged while S3 was down:\n{}",
+        stream_log()
+    );
+    repos.s3.start().unwrap();
+    poll(
+        "flush feedback after the outage",
+        Duration::from_secs(90),
+        || Ok(flushed(&lsn2).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
+    assert!(repos.has_wal(&repos.s3_url, &seg2));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        stream_log().contains("repository unavailable"),
+        "{}",
+        stream_log()
+    );
+}
+
+/// Switches to a new segment; returns the finished one and the position after the switch.
+fn switch_segment(pg: &PgCluster) -> (String, String) {
+    let seg = pg
+        .psql("select pg_walfile_name(pg_switch_wal()) from (select pg_logical_emit_message(false, 'pitr-test', 'switch')) m")
+        .unwrap();
+    let lsn = pg.psql("select pg_current_wal_insert_lsn()").unwrap();
+    (seg, lsn)
+}
+
+/// A command with an unknown repository name is refused before anything runs.
+#[test]
+fn unknown_repository_names_are_refused() {
     let repos = TwoRepos::new("");
-    let o = repos.pitr(&["stream", "-d", "host=/nonexistent"]);
-    assert_code(&o, 2);
-    assert!(text(&o).contains("--repo"), "{}", text(&o));
     let o = repos.pitr(&["backup", "--to", "elsewhere", "-d", "host=/nonexistent"]);
     assert_code(&o, 3);
     assert!(text(&o).contains("\"elsewhere\""), "{}", text(&o));
+    let o = repos.pitr(&["copy", "--from", "local", "--to", "nowhere"]);
+    assert_code(&o, 3);
+    assert!(text(&o).contains("local, offsite"), "{}", text(&o));
 }

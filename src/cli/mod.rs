@@ -407,9 +407,6 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
         _ => {}
     }
     let settings = Settings::resolve(&o).map_err(|e| Failure::for_command(e, is_get))?;
-    if matches!(cli.command, Command::Stream(_)) && settings.repositories.len() > 1 {
-        return Err(stream_refuses_several(&settings));
-    }
     let mut storage = Storage::open(&settings.repo, settings.storage_retry_timeout)
         .map_err(|e| Failure::for_command(e, is_get))?;
     let mut write = settings.write.clone();
@@ -515,27 +512,6 @@ async fn first_answering(primary: Storage, settings: &Settings) -> (Storage, Wri
         }
     }
     (primary, settings.write.clone())
-}
-
-/// `pitr stream` writes one repository (several: docs/repositories.md).
-fn stream_refuses_several(settings: &Settings) -> Failure {
-    let names: Vec<&str> = settings
-        .repositories
-        .iter()
-        .map(|r| r.name.as_str())
-        .collect();
-    Failure::new(
-        Code::Usage,
-        format!(
-            "pitr stream writes one repository, and {} are configured ({})",
-            names.len(),
-            names.join(", ")
-        ),
-        Some(
-            "pass --repo URL to stream into one of them; archive-push (archive_command) writes every one, and `pitr copy` fills the others"
-                .into(),
-        ),
-    )
 }
 
 /// The storage of configured repository `r`: `primary` when it is that one (already open).

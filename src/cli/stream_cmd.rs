@@ -177,6 +177,25 @@ fn install_signals(cancel: CancellationToken, force: CancellationToken) -> Resul
     Ok(())
 }
 
+/// Every configured repository but the one streamed into first (docs/repositories.md).
+fn mirrors(settings: &Settings) -> Result<Vec<stream::Mirror>, Failure> {
+    let others = settings
+        .repositories
+        .iter()
+        .filter(|r| r.location != settings.repo);
+    others
+        .map(|r| {
+            let storage = Storage::open(&r.location, settings.storage_retry_timeout)
+                .map_err(|e| Failure::from(e).in_repository(&r.name))?;
+            Ok(stream::Mirror {
+                name: r.name.clone(),
+                storage,
+                write: settings.write_for(r),
+            })
+        })
+        .collect()
+}
+
 pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Result<Code, Failure> {
     let conn = a.conn.config(a.application_name.clone())?;
     if let Some(addr) = a.metrics_addr {
@@ -200,6 +219,7 @@ pub async fn stream(storage: Storage, settings: &Settings, a: StreamArgs) -> Res
         max_reconnect_delay: a.max_reconnect_delay,
         allow_standby: a.allow_standby,
         accept_gap: a.accept_gap,
+        mirrors: mirrors(settings)?,
         ..StreamOptions::default()
     };
     let cancel = CancellationToken::new();

@@ -40,7 +40,7 @@ use crate::storage::Storage;
 use crate::wal::{parse_history, HistoryEntry, Lsn, TimelineId, WalFileName};
 
 pub use error::StreamError;
-pub use options::StreamOptions;
+pub use options::{Mirror, StreamOptions};
 
 use self::budget::Budget;
 use self::metrics::Progress;
@@ -90,9 +90,11 @@ pub async fn run(
     // The slot first: a missing slot must not leave a new repository behind.
     let slot_restart = prepare_slot(&mut conn, &opts).await?;
     let repo = Repository::open_for_cluster(storage, &cluster, "stream", write).await?;
+    let mirrors = open_mirrors(&opts, &cluster).await?;
     let history = store_history(&mut conn, &repo, sys.timeline).await?;
     let sp = start_point(&repo, &history, &sys, slot_restart, &opts).await?;
     let (open, budget) = resume_segment(&repo, &sp, seg_size).await?;
+    sync_mirrors(&repo, &mirrors, &sp, sys.timeline, seg_size).await?;
     let start = open.next_lsn();
 
     let progress = opts.progress.clone();
@@ -102,6 +104,7 @@ pub async fn run(
     let (job_tx, job_rx) = mpsc::channel(JOB_QUEUE);
     let uploader = tokio::spawn(uploader::run(
         repo.clone(),
+        mirrors,
         job_rx,
         durable_tx,
         progress.clone(),
@@ -175,6 +178,50 @@ async fn connect(
         return Err(StreamError::WalLevelMinimal);
     }
     Ok(Some((conn, sys)))
+}
+
+/// The further repositories of `opts.mirrors`, opened (created when new) for this cluster.
+async fn open_mirrors(
+    opts: &StreamOptions,
+    cluster: &ClusterIdentity,
+) -> Result<Vec<Repository>, StreamError> {
+    let mut out = vec![];
+    for m in &opts.mirrors {
+        let what = format!("stream (repository {})", m.name);
+        let repo = Repository::open_for_cluster(m.storage.clone(), cluster, &what, m.write.clone())
+            .await?;
+        out.push(repo);
+    }
+    Ok(out)
+}
+
+/// Gives the mirrors what the main repository holds of the start: the current timeline's
+/// history and the open segment's stored prefix, so that what is acknowledged is durable in
+/// every repository. WAL before the start that a mirror lacks is `pitr copy`'s to fill.
+async fn sync_mirrors(
+    repo: &Repository,
+    mirrors: &[Repository],
+    sp: &start::StartPoint,
+    tli: TimelineId,
+    seg_size: u64,
+) -> Result<(), StreamError> {
+    if mirrors.is_empty() {
+        return Ok(());
+    }
+    let history = WalFileName::History { tli };
+    let history = match tli > 1 {
+        true => repo.get_wal_file(&history).await?.map(|h| (history, h)),
+        false => None,
+    };
+    let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
+    let prefix = repo.read_chain(&repo.list_chunks(&first).await?).await?;
+    for m in mirrors {
+        if let Some((name, content)) = &history {
+            m.store_wal_file(name, content).await?;
+        }
+        m.store_segment_prefix(&first, &prefix).await?;
+    }
+    Ok(())
 }
 
 /// Stores the current timeline's history file (every restore across the switch needs it) and

@@ -4,6 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::metrics::Progress;
+use crate::repo::WriteOptions;
+use crate::storage::Storage;
+
+/// A further repository every job is stored into, beside the main one (docs/repositories.md).
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub name: String,
+    pub storage: Storage,
+    pub write: WriteOptions,
+}
 
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
@@ -25,6 +35,8 @@ pub struct StreamOptions {
     pub accept_gap: bool,
     /// Positions and connection state, shared with observers (`ops` watches the lag with it).
     pub progress: Arc<Progress>,
+    /// Further repositories: WAL is durable (and acknowledged) only once stored in every one.
+    pub mirrors: Vec<Mirror>,
 }
 
 impl Default for StreamOptions {
@@ -40,6 +52,7 @@ impl Default for StreamOptions {
             allow_standby: false,
             accept_gap: false,
             progress: Arc::new(Progress::default()),
+            mirrors: vec![],
         }
     }
 }

@@ -67,13 +67,22 @@ async fn store(repo: &Repository, job: &Job) -> Result<PutOutcome, RepoError> {
 /// normal shutdown path is closing the channel, so that everything queued is stored).
 pub(super) async fn run(
     repo: Repository,
+    mirrors: Vec<Repository>,
     mut jobs: mpsc::Receiver<Job>,
     durable_tx: watch::Sender<Lsn>,
     progress: Arc<Progress>,
     force: CancellationToken,
 ) -> Result<(), StreamError> {
     while let Some(job) = jobs.recv().await {
-        let outcome = store_until_stored(&repo, &job, &progress, &force).await?;
+        // Into every repository at once, in step: a job is durable once each has it, so the
+        // position reported (and acknowledged) is the lowest of theirs.
+        let outcomes = futures::future::try_join_all(
+            std::iter::once(&repo)
+                .chain(&mirrors)
+                .map(|r| store_until_stored(r, &job, &progress, &force)),
+        )
+        .await?;
+        let outcome = outcomes[0];
         metrics::counter!(m::UPLOADS, "kind" => job.kind()).increment(1);
         metrics::counter!(m::UPLOADED_BYTES).increment(job.content_len() as u64);
         match &job {
@@ -97,6 +106,9 @@ pub(super) async fn run(
         // best effort; a leftover chunk is never read once its segment exists.
         if let Job::Segment { chunks, .. } | Job::Partial { chunks, .. } = &job {
             repo.delete_chunks(chunks).await;
+            for m in &mirrors {
+                m.delete_chunks(chunks).await;
+            }
         }
     }
     Ok(())
@@ -143,6 +155,7 @@ async fn store_until_stored(
         metrics::counter!(m::ERRORS, "kind" => "storage").increment(1);
         tracing::error!(
             error = %e,
+            repository = %repo.location(),
             kind = job.kind(),
             attempts,
             received = %progress.received(),
