@@ -15,7 +15,7 @@ use crate::error::{Classify, Code};
 use crate::key_source::KeySource;
 use crate::ops::Schedule;
 use crate::repo::WriteOptions;
-use crate::storage::{Location, S3Settings};
+use crate::storage::Location;
 
 /// The configuration file, as written by the user. Unknown keys are errors: a typo must not
 /// silently fall back to a default.
@@ -31,7 +31,9 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// archive-get: segments to prefetch ahead of replay; 0 disables.
     pub prefetch: Option<u32>,
-    pub s3: Option<S3Settings>,
+    /// `[s3]`, `[gcs]`, `[azure]`: the backend's keys.
+    #[serde(flatten)]
+    pub storage: crate::storage::BackendOptions,
     pub retention: Option<RetentionFile>,
     /// stream: when to take a full backup (5-field cron in UTC, @daily, "every 6h").
     pub backup_schedule: Option<String>,
@@ -252,7 +254,7 @@ impl Settings {
                 None
             }
             Some(url) => match Location::parse(&url) {
-                Ok(l) => Some(l.with_s3_settings(file.s3.clone().unwrap_or_default())),
+                Ok(l) => Some(l.with_options(&file.storage)),
                 Err(e) => {
                     problems.push(e.to_string());
                     None
@@ -475,6 +477,28 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn backend_tables_reach_the_location_and_refuse_typos() {
+        let (_d, p) = write(
+            "repo = \"gs://b/p\"\n[gcs]\nendpoint = \"http://127.0.0.1:1\"\n[azure]\naccount = \"a\"\n",
+        );
+        let s = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            matches!(&s.repo, crate::storage::Location::Gcs { settings, .. }
+                if settings.endpoint.as_deref() == Some("http://127.0.0.1:1")),
+            "{:?}",
+            s.repo
+        );
+        for bad in ["[gcs]\nendpont = \"x\"\n", "[azur]\naccount = \"a\"\n"] {
+            let (_d, p) = write(&format!("repo = \"/x\"\n{bad}"));
+            assert!(read_file(&p).is_err(), "{bad}");
+        }
     }
 
     #[test]

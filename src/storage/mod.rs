@@ -16,6 +16,7 @@ mod local;
 mod location;
 mod memory;
 mod object;
+mod options;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use crate::error::{Classify, Code};
 pub use local::LocalBackend;
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
+pub use options::{AzureSettings, BackendOptions, GcsSettings, AZURITE_ACCOUNT, AZURITE_KEY};
 
 /// One stored object, as returned by [`Storage::list`].
 #[derive(Clone, Debug, PartialEq, Eq)]
