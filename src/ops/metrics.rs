@@ -33,7 +33,7 @@ pub const JOB_VERIFY: &str = "verify";
 pub const JOB_DRILL: &str = "drill";
 
 // Storage requests, counted in the storage layer (`storage::Storage`) for every command and
-// exported by `pitr stream --metrics-listen` like everything above; docs/costs.md turns them
+// exported by `pitr stream --metrics-addr` like everything above; docs/costs.md turns them
 // into a monthly bill.
 /// Requests sent to the repository's storage, label `kind` (put, get, head, list, delete).
 pub const STORAGE_REQUESTS: &str = crate::storage::METRIC_REQUESTS;
