@@ -127,9 +127,11 @@ fn azure_store(container: &str, settings: &AzureSettings) -> Result<MicrosoftAzu
         }
         b = b.with_endpoint(e);
     }
-    // Our own emulator handling (above) replaces object_store's, whose address comes only from
-    // an environment variable.
-    b = b.with_use_emulator(false);
+    // `use_emulator` in the file replaces object_store's emulator mode (and its variable), whose
+    // address comes only from an environment variable; without the key the variable applies.
+    if settings.use_emulator.is_some() {
+        b = b.with_use_emulator(false);
+    }
     match (&settings.access_key, settings.sas_pairs()) {
         (Some(k), _) => b = b.with_access_key(k),
         (None, Some(pairs)) => b = b.with_sas_authorization(pairs),
