@@ -523,3 +523,25 @@ fn with_xml_headers(answer: Vec<u8>) -> Vec<u8> {
     }
     format!("{head}{extra}\r\n\r\n{body}").into_bytes()
 }
+
+/// Dropping an emulator stops its server and removes its dir: nothing outlives its test.
+#[test]
+fn emulators_stop_on_drop() {
+    for kind in [
+        EmulatorKind::Moto,
+        EmulatorKind::FakeGcs,
+        EmulatorKind::Azurite,
+    ] {
+        let e = Emulator::start(kind).unwrap();
+        let pid = fs::read_to_string(e.dir.join("server.pid")).unwrap();
+        let dir = e.dir.path().to_path_buf();
+        let port = e.port;
+        drop(e);
+        assert!(
+            !Path::new("/proc").join(pid.trim()).exists(),
+            "{kind:?} still running"
+        );
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "{kind:?}");
+        assert!(!dir.exists(), "{kind:?}: {} left behind", dir.display());
+    }
+}
