@@ -15,7 +15,7 @@ use crate::error::{Classify, Code};
 use crate::key_source::KeySource;
 use crate::ops::Schedule;
 use crate::repo::WriteOptions;
-use crate::storage::{Location, S3Settings};
+use crate::storage::{BackendOptions, Location};
 
 /// The configuration file, as written by the user. Unknown keys are errors: a typo must not
 /// silently fall back to a default.
@@ -31,7 +31,9 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// archive-get: segments to prefetch ahead of replay; 0 disables.
     pub prefetch: Option<u32>,
-    pub s3: Option<S3Settings>,
+    /// `[s3]`, `[gcs]`, `[azure]`: the backend's keys.
+    #[serde(flatten)]
+    pub storage: crate::storage::BackendOptions,
     pub retention: Option<RetentionFile>,
     /// stream: when to take a full backup (5-field cron in UTC, @daily, "every 6h").
     pub backup_schedule: Option<String>,
@@ -68,6 +70,22 @@ pub struct RepositoryFile {
     pub optional: bool,
     /// This repository's key source, instead of the top-level `[encryption]`.
     pub encryption: Option<EncryptionFile>,
+    /// `[repository.s3]`, `[repository.gcs]`, `[repository.azure]`: this repository's backend
+    /// keys, instead of the top-level tables (two buckets with different credentials).
+    pub s3: Option<crate::storage::S3Settings>,
+    pub gcs: Option<crate::storage::GcsSettings>,
+    pub azure: Option<crate::storage::AzureSettings>,
+}
+
+impl RepositoryFile {
+    /// This repository's backend tables, each falling back to the top-level one.
+    fn backend(&self, top: &BackendOptions) -> BackendOptions {
+        BackendOptions {
+            s3: self.s3.clone().or_else(|| top.s3.clone()),
+            gcs: self.gcs.clone().or_else(|| top.gcs.clone()),
+            azure: self.azure.clone().or_else(|| top.azure.clone()),
+        }
+    }
 }
 
 /// `[encryption]`: where the passphrase of an encrypted repository comes from. One of the two;
@@ -466,7 +484,7 @@ fn resolve_repositories(
     problems: &mut Vec<String>,
 ) -> Vec<RepositorySettings> {
     let single = |url: &str, problems: &mut Vec<String>| {
-        let location = parse_location(url, file, problems);
+        let location = parse_location(url, &file.storage, problems);
         let encryption_key = key_source(o, file.encryption.as_ref(), None, problems);
         let repo = location.map(|location| RepositorySettings {
             name: DEFAULT_REPOSITORY_NAME.into(),
@@ -503,9 +521,13 @@ fn resolve_repositories(
     repos
 }
 
-fn parse_location(url: &str, file: &FileConfig, problems: &mut Vec<String>) -> Option<Location> {
+fn parse_location(
+    url: &str,
+    backend: &BackendOptions,
+    problems: &mut Vec<String>,
+) -> Option<Location> {
     match Location::parse(url) {
-        Ok(l) => Some(l.with_s3_settings(file.s3.clone().unwrap_or_default())),
+        Ok(l) => Some(l.with_options(backend)),
         Err(e) => {
             problems.push(e.to_string());
             None
@@ -533,7 +555,7 @@ fn repository_tables(
             problems.push(format!("{what}: `url` is missing"));
             continue;
         };
-        let location = parse_location(url, file, problems);
+        let location = parse_location(url, &r.backend(&file.storage), problems);
         let own = Some((r.name.as_str(), r.encryption.as_ref()));
         let encryption_key = key_source(o, file.encryption.as_ref(), own, problems);
         if let Some(location) = location {
@@ -658,6 +680,28 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn backend_tables_reach_the_location_and_refuse_typos() {
+        let (_d, p) = write(
+            "repo = \"gs://b/p\"\n[gcs]\nendpoint = \"http://127.0.0.1:1\"\n[azure]\naccount = \"a\"\n",
+        );
+        let s = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            matches!(&s.repo, crate::storage::Location::Gcs { settings, .. }
+                if settings.endpoint.as_deref() == Some("http://127.0.0.1:1")),
+            "{:?}",
+            s.repo
+        );
+        for bad in ["[gcs]\nendpont = \"x\"\n", "[azur]\naccount = \"a\"\n"] {
+            let (_d, p) = write(&format!("repo = \"/x\"\n{bad}"));
+            assert!(read_file(&p).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -894,6 +938,27 @@ mod tests {
             e.contains("\"elsewhere\"") && e.contains("local, offsite"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_repository_table_has_its_own_backend_keys() {
+        let (_d, p) = write(
+            "[s3]\nendpoint = \"http://top\"\n\
+             [[repository]]\nname = \"a\"\nurl = \"s3://a/p\"\n\
+             [[repository]]\nname = \"b\"\nurl = \"s3://b/p\"\n\
+             [repository.s3]\nendpoint = \"http://own\"\n",
+        );
+        let s = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+        let endpoint = |i: usize| match &s.repositories[i].location {
+            Location::S3 { settings, .. } => settings.endpoint.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(endpoint(0).as_deref(), Some("http://top"));
+        assert_eq!(endpoint(1).as_deref(), Some("http://own"));
     }
 
     #[test]

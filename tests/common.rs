@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use pitr::storage::{Location, Storage};
 
-use crate::harness::{conf_quote, pitr, pitr_bin, poll, PgCluster, S3Server, TestDir};
+use crate::harness::{
+    conf_quote, pitr, pitr_bin, poll, Emulator, EmulatorKind, PgCluster, S3Server, TestDir,
+};
 
 /// Defines two tests that run `body(Backend)`: `$local` on a local directory and `$s3` on a real
 /// S3-compatible server. Names are spelled out because CI filters tests by name.
@@ -57,11 +59,39 @@ pub fn assert_code(o: &Output, expected: i32) {
     );
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Local,
+    /// s3s-fs.
     S3,
+    /// moto's S3 server, configured through `[s3]` in a config file.
+    Moto,
+    /// fake-gcs-server, configured through `[gcs]`.
+    Gcs,
+    /// Azurite, configured through `[azure]`.
+    Azure,
 }
+
+/// Defines one test per cloud emulator that runs `body(Backend)`, as [`on_local_and_s3!`] does.
+macro_rules! on_emulators {
+    ($body:ident, $moto:ident, $gcs:ident, $azure:ident) => {
+        #[test]
+        fn $moto() {
+            $body($crate::common::Backend::Moto);
+        }
+
+        #[test]
+        fn $gcs() {
+            $body($crate::common::Backend::Gcs);
+        }
+
+        #[test]
+        fn $azure() {
+            $body($crate::common::Backend::Azure);
+        }
+    };
+}
+pub(crate) use on_emulators;
 
 /// A repository for one test, with whatever it needs kept alive.
 pub struct TestRepo {
@@ -70,6 +100,10 @@ pub struct TestRepo {
     /// Holds the local repository (and is removed with it).
     _dir: TestDir,
     pub s3: Option<S3Server>,
+    /// The emulator of a Moto, Gcs or Azure repository, reached through [`TestRepo::config`].
+    pub emulator: Option<Emulator>,
+    /// `--config FILE` that every pitr command of this repository gets (emulators only).
+    pub config: Option<PathBuf>,
     prefix: String,
 }
 
@@ -84,6 +118,8 @@ impl TestRepo {
                     env: vec![],
                     _dir: dir,
                     s3: None,
+                    emulator: None,
+                    config: None,
                     prefix: String::new(),
                 }
             }
@@ -95,14 +131,39 @@ impl TestRepo {
                     env: s3.env(),
                     _dir: dir,
                     s3: Some(s3),
+                    emulator: None,
+                    config: None,
                     prefix,
                 }
             }
+            Backend::Moto => Self::on_emulator(dir, EmulatorKind::Moto),
+            Backend::Gcs => Self::on_emulator(dir, EmulatorKind::FakeGcs),
+            Backend::Azure => Self::on_emulator(dir, EmulatorKind::Azurite),
+        }
+    }
+
+    fn on_emulator(dir: TestDir, kind: EmulatorKind) -> TestRepo {
+        let emu = Emulator::start(kind).unwrap_or_else(|e| panic!("starting {kind:?}: {e:#}"));
+        let prefix = "clusters/db1".to_string();
+        // Readable by the server user: archive_command and restore_command read it.
+        let config = dir.write_file("pitr.toml", emu.config_toml());
+        TestRepo {
+            url: emu.repo_url(&prefix),
+            env: vec![],
+            _dir: dir,
+            s3: None,
+            emulator: Some(emu),
+            config: Some(config),
+            prefix,
         }
     }
 
     /// Where the object `key` lives on disk, to corrupt or inspect it.
     pub fn object_file(&self, key: &str) -> PathBuf {
+        assert!(
+            self.emulator.is_none(),
+            "an emulator's objects are not files to inspect"
+        );
         match &self.s3 {
             None => PathBuf::from(&self.url).join(key),
             Some(s3) => s3.object_path(&format!("{}/{key}", self.prefix)),
@@ -111,7 +172,15 @@ impl TestRepo {
 
     /// `pitr --repo URL <rest>` as one shell command line for postgresql.conf.
     pub fn command(&self, rest: &str) -> String {
-        format!("{} --repo {} {rest}", pitr_bin().display(), self.url)
+        let config = match &self.config {
+            Some(c) => format!(" --config {}", c.display()),
+            None => String::new(),
+        };
+        format!(
+            "{}{config} --repo {} {rest}",
+            pitr_bin().display(),
+            self.url
+        )
     }
 
     pub fn archive_command_conf(&self) -> String {
@@ -129,7 +198,11 @@ impl TestRepo {
     }
 
     pub fn args<'a>(&'a self, rest: &[&'a str]) -> Vec<String> {
-        let mut v = vec!["--repo".to_string(), self.url.clone()];
+        let mut v = vec![];
+        if let Some(c) = &self.config {
+            v.extend(["--config".to_string(), c.display().to_string()]);
+        }
+        v.extend(["--repo".to_string(), self.url.clone()]);
         v.extend(rest.iter().map(|s| s.to_string()));
         v
     }
@@ -154,9 +227,32 @@ impl TestRepo {
     /// a test without touching the process environment, which every test shares.
     pub fn location(&self) -> Location {
         let loc = Location::parse(&self.url).unwrap();
-        match &self.s3 {
-            Some(s3) => loc.with_s3_settings(s3.settings()),
-            None => loc,
+        match (&self.s3, &self.emulator) {
+            (Some(s3), _) => loc.with_s3_settings(s3.settings()),
+            (None, Some(emu)) => loc.with_options(&emu.options()),
+            (None, None) => loc,
+        }
+    }
+
+    /// The port of the repository's server (s3s-fs or an emulator).
+    pub fn endpoint_port(&self) -> u16 {
+        match (&self.s3, &self.emulator) {
+            (Some(s3), _) => s3.port(),
+            (None, Some(emu)) => emu.port(),
+            (None, None) => panic!("a local repository has no server"),
+        }
+    }
+
+    /// [`TestRepo::location`] with every request sent to `endpoint`, e.g. a proxy.
+    pub fn location_at(&self, endpoint: &str) -> Location {
+        let loc = Location::parse(&self.url).unwrap();
+        match (&self.s3, &self.emulator) {
+            (Some(s3), _) => loc.with_s3_settings(pitr::storage::S3Settings {
+                endpoint: Some(endpoint.to_string()),
+                ..s3.settings()
+            }),
+            (None, Some(emu)) => loc.with_options(&emu.options_at(endpoint)),
+            (None, None) => panic!("a local repository has no endpoint"),
         }
     }
 

@@ -19,6 +19,7 @@ mod pg_client;
 mod pitr;
 mod prefetch;
 mod standby_backup;
+mod storage_backends;
 mod stream;
 mod topology;
 mod verify;

@@ -288,7 +288,7 @@ fn backup(repo: &TestRepo, pg: &PgCluster) {
 
 /// The primary crashes mid-segment; restore to latest replays the streamed chunks of the
 /// unfinished segment: every row committed more than one chunk interval before the crash.
-fn crash_and_restore_latest(backend: Backend) {
+pub(crate) fn crash_and_restore_latest(backend: Backend) {
     let repo = TestRepo::new(backend);
     let mut pg = primary(&[]);
     let mut s = Streamer::start(&repo, &pg, &["--chunk-interval", "500ms"]);

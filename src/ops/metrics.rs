@@ -31,3 +31,11 @@ pub const JOB_BACKUP_INCREMENTAL: &str = "backup_incremental";
 pub const JOB_EXPIRE: &str = "expire";
 pub const JOB_VERIFY: &str = "verify";
 pub const JOB_DRILL: &str = "drill";
+
+// Storage requests, counted in the storage layer (`storage::Storage`) for every command and
+// exported by `pitr stream --metrics-addr` like everything above; docs/costs.md turns them
+// into a monthly bill.
+/// Requests sent to the repository's storage, label `kind` (put, get, head, list, delete).
+pub const STORAGE_REQUESTS: &str = crate::storage::METRIC_REQUESTS;
+/// Object bytes sent to (`direction` = up) and read from (`direction` = down) the storage.
+pub const STORAGE_BYTES: &str = crate::storage::METRIC_BYTES;

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use super::options::{AzureSettings, BackendOptions, GcsSettings};
 use crate::error::{Classify, Code};
 
 /// S3 settings that may come from the configuration file; anything unset falls back to the
@@ -14,6 +15,10 @@ pub struct S3Settings {
     pub region: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+    /// A file whose content (one trailing newline stripped) is the secret access key.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Allow an `http://` endpoint; implied when `endpoint` starts with `http://`.
+    pub allow_http: Option<bool>,
     /// Address buckets as `bucket.endpoint` instead of `endpoint/bucket`.
     pub virtual_hosted_style: Option<bool>,
 }
@@ -29,6 +34,8 @@ impl fmt::Debug for S3Settings {
                 "secret_access_key",
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
             )
+            .field("secret_access_key_file", &self.secret_access_key_file)
+            .field("allow_http", &self.allow_http)
             .field("virtual_hosted_style", &self.virtual_hosted_style)
             .finish()
     }
@@ -46,10 +53,12 @@ pub enum Location {
     Gcs {
         bucket: String,
         prefix: String,
+        settings: GcsSettings,
     },
     Azure {
         container: String,
         prefix: String,
+        settings: AzureSettings,
     },
 }
 
@@ -100,8 +109,8 @@ impl Location {
                     let prefix = prefix.trim_matches('/').to_string();
                     Ok(match scheme {
                         "s3" => Location::S3 { bucket, prefix, settings: S3Settings::default() },
-                        "gs" => Location::Gcs { bucket, prefix },
-                        _ => Location::Azure { container: bucket, prefix },
+                        "gs" => Location::Gcs { bucket, prefix, settings: GcsSettings::default() },
+                        _ => Location::Azure { container: bucket, prefix, settings: AzureSettings::default() },
                     })
                 }
                 other => Err(err(&format!(
@@ -130,6 +139,27 @@ impl Location {
             other => other,
         }
     }
+
+    /// Carries the backend table of this location's scheme from the configuration (the other
+    /// tables do not apply to it).
+    pub fn with_options(self, o: &BackendOptions) -> Location {
+        match self {
+            Location::S3 { .. } => self.with_s3_settings(o.s3.clone().unwrap_or_default()),
+            Location::Gcs { bucket, prefix, .. } => Location::Gcs {
+                bucket,
+                prefix,
+                settings: o.gcs.clone().unwrap_or_default(),
+            },
+            Location::Azure {
+                container, prefix, ..
+            } => Location::Azure {
+                container,
+                prefix,
+                settings: o.azure.clone().unwrap_or_default(),
+            },
+            Location::Local(_) => self,
+        }
+    }
 }
 
 impl fmt::Display for Location {
@@ -137,8 +167,10 @@ impl fmt::Display for Location {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
             Location::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
-            Location::Gcs { bucket, prefix } => write!(f, "gs://{bucket}/{prefix}"),
-            Location::Azure { container, prefix } => write!(f, "az://{container}/{prefix}"),
+            Location::Gcs { bucket, prefix, .. } => write!(f, "gs://{bucket}/{prefix}"),
+            Location::Azure {
+                container, prefix, ..
+            } => write!(f, "az://{container}/{prefix}"),
         }
     }
 }
@@ -172,14 +204,16 @@ mod tests {
             Location::parse("gs://bkt").unwrap(),
             Location::Gcs {
                 bucket: "bkt".into(),
-                prefix: "".into()
+                prefix: "".into(),
+                settings: GcsSettings::default()
             }
         );
         assert_eq!(
             Location::parse("az://c/p").unwrap(),
             Location::Azure {
                 container: "c".into(),
-                prefix: "p".into()
+                prefix: "p".into(),
+                settings: AzureSettings::default()
             }
         );
     }

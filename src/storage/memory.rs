@@ -56,4 +56,24 @@ mod tests {
         // Clones share the repository, as clones of any `Storage` do.
         assert_eq!(a.clone().head("k").await.unwrap(), Some(1));
     }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_kind() {
+        let s = Storage::in_memory();
+        s.put_if_absent("a/1", bytes::Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        let _ = s.put_if_absent("a/1", bytes::Bytes::new()).await;
+        s.get("a/1").await.unwrap();
+        s.head("a/2").await.unwrap();
+        s.list("a/").await.unwrap();
+        s.clone().delete("a/1").await.unwrap();
+        let c = s.requests();
+        assert_eq!(
+            (c.put, c.get, c.head, c.list, c.delete),
+            (2, 1, 1, 1, 1),
+            "{c:?}"
+        );
+        assert_eq!((c.bytes_up, c.bytes_down), (3, 3));
+    }
 }

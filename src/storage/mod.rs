@@ -16,6 +16,8 @@ mod local;
 mod location;
 mod memory;
 mod object;
+mod options;
+mod requests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,10 +26,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::{Classify, Code};
+use requests::Kind;
 
 pub use local::LocalBackend;
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
+pub use options::{AzureSettings, BackendOptions, GcsSettings, AZURITE_ACCOUNT, AZURITE_KEY};
+pub use requests::{RequestCounts, METRIC_BYTES, METRIC_REQUESTS};
 
 /// One stored object, as returned by [`Storage::list`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,12 +138,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn check_reachable(&self) -> Result<()>;
 }
 
-/// A storage backend plus the policy for transient errors.
+/// A storage backend plus the policy for transient errors, counting the requests it sends.
 #[derive(Clone, Debug)]
 pub struct Storage {
     backend: Arc<dyn Backend>,
     retry_for: Duration,
     location: Location,
+    requests: Arc<requests::Counter>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -151,11 +157,7 @@ impl Storage {
             Location::Local(path) => Arc::new(LocalBackend::new(path.clone())),
             _ => Arc::new(ObjectStoreBackend::new(location)?),
         };
-        Ok(Storage {
-            backend,
-            retry_for,
-            location: location.clone(),
-        })
+        Ok(Storage::from_backend(backend, location.clone(), retry_for))
     }
 
     pub fn from_backend(
@@ -167,7 +169,13 @@ impl Storage {
             backend,
             retry_for,
             location,
+            requests: Arc::default(),
         }
+    }
+
+    /// Requests sent by this storage and its clones since it was opened, retries included.
+    pub fn requests(&self) -> RequestCounts {
+        self.requests.snapshot()
     }
 
     pub fn location(&self) -> &Location {
@@ -204,33 +212,73 @@ impl Storage {
     }
 
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
-        self.retry("put", key, || self.backend.put_if_absent(key, data.clone()))
-            .await
+        self.retry("put", key, || {
+            self.requests.request(Kind::Put, 1);
+            self.requests.bytes_up(data.len());
+            self.backend.put_if_absent(key, data.clone())
+        })
+        .await
     }
     pub async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
-        self.retry("put", key, || self.backend.put_overwrite(key, data.clone()))
-            .await
+        self.retry("put", key, || {
+            self.requests.request(Kind::Put, 1);
+            self.requests.bytes_up(data.len());
+            self.backend.put_overwrite(key, data.clone())
+        })
+        .await
     }
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        self.retry("get", key, || self.backend.get(key)).await
+        let data = self
+            .retry("get", key, || {
+                self.requests.request(Kind::Get, 1);
+                self.backend.get(key)
+            })
+            .await?;
+        self.requests.bytes_down(data.len());
+        Ok(data)
     }
     pub async fn head(&self, key: &str) -> Result<Option<u64>> {
-        self.retry("head", key, || self.backend.head(key)).await
+        self.retry("head", key, || {
+            self.requests.request(Kind::Head, 1);
+            self.backend.head(key)
+        })
+        .await
     }
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
-        self.retry("list", prefix, || self.backend.list(prefix))
-            .await
+        let out = self
+            .retry("list", prefix, || async {
+                let r = self.backend.list(prefix).await;
+                let keys = r.as_ref().map_or(0, Vec::len);
+                self.requests
+                    .request(Kind::List, requests::list_pages(keys));
+                r
+            })
+            .await?;
+        Ok(out)
     }
     pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>> {
-        self.retry("list", prefix, || self.backend.list_folders(prefix))
-            .await
+        self.retry("list", prefix, || async {
+            let r = self.backend.list_folders(prefix).await;
+            let keys = r.as_ref().map_or(0, Vec::len);
+            self.requests
+                .request(Kind::List, requests::list_pages(keys));
+            r
+        })
+        .await
     }
     pub async fn delete(&self, key: &str) -> Result<()> {
-        self.retry("delete", key, || self.backend.delete(key)).await
+        self.retry("delete", key, || {
+            self.requests.request(Kind::Delete, 1);
+            self.backend.delete(key)
+        })
+        .await
     }
     pub async fn check_reachable(&self) -> Result<()> {
-        self.retry("open", "", || self.backend.check_reachable())
-            .await
+        self.retry("open", "", || {
+            self.requests.request(Kind::List, 1);
+            self.backend.check_reachable()
+        })
+        .await
     }
 }
 

@@ -11,12 +11,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorage, GoogleCloudStorageBuilder};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::{Backend, Location, LocationError, ObjectInfo, Result, StorageError};
+use super::{
+    AzureSettings, Backend, GcsSettings, Location, LocationError, ObjectInfo, Result, S3Settings,
+    StorageError, AZURITE_KEY,
+};
 
 #[derive(Debug)]
 pub struct ObjectStoreBackend {
@@ -41,63 +47,126 @@ fn client_options() -> ClientOptions {
         .with_timeout(Duration::from_secs(120))
 }
 
+/// A secret kept in a file: its content, one trailing newline stripped.
+fn read_secret(path: &std::path::Path, what: &str) -> Result<String, String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let s = s.strip_suffix('\n').unwrap_or(&s);
+    Ok(s.strip_suffix('\r').unwrap_or(s).to_string())
+}
+
+// Configuration keys are applied after `from_env`: a key in the file names this repository
+// and wins over the environment every process shares.
+fn s3_store(bucket: &str, settings: &S3Settings) -> Result<AmazonS3, String> {
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry_config())
+        .with_client_options(client_options());
+    if let Some(v) = &settings.endpoint {
+        b = b.with_endpoint(v);
+    }
+    if let Some(v) = &settings.region {
+        b = b.with_region(v);
+    }
+    if let Some(v) = &settings.access_key_id {
+        b = b.with_access_key_id(v);
+    }
+    if let Some(v) = &settings.secret_access_key {
+        b = b.with_secret_access_key(v);
+    }
+    if let Some(p) = &settings.secret_access_key_file {
+        b = b.with_secret_access_key(read_secret(p, "secret_access_key_file")?);
+    }
+    if let Some(v) = settings.virtual_hosted_style {
+        b = b.with_virtual_hosted_style_request(v);
+    }
+    // An http:// endpoint (MinIO or s3s on a private network) is an explicit choice.
+    let endpoint = settings
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+    if settings.allow_http == Some(true) || endpoint.is_some_and(|e| e.starts_with("http://")) {
+        b = b.with_allow_http(true);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+fn gcs_store(bucket: &str, settings: &GcsSettings) -> Result<GoogleCloudStorage, String> {
+    let mut b = GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry_config())
+        .with_client_options(client_options());
+    if let Some(p) = &settings.service_account_file {
+        b = b.with_service_account_path(p.display().to_string());
+    }
+    if let Some(k) = &settings.service_account_key {
+        b = b.with_service_account_key(k);
+    }
+    if let Some(e) = &settings.endpoint {
+        b = b.with_base_url(e.trim_end_matches('/'));
+        if e.starts_with("http://") {
+            b = b.with_client_options(client_options().with_allow_http(true));
+        }
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+fn azure_store(container: &str, settings: &AzureSettings) -> Result<MicrosoftAzure, String> {
+    let mut b = MicrosoftAzureBuilder::from_env()
+        .with_container_name(container)
+        .with_retry(retry_config())
+        .with_client_options(client_options());
+    let (account, endpoint) = settings.resolved_endpoint();
+    if let Some(a) = account {
+        b = b.with_account(a);
+    }
+    if let Some(e) = endpoint {
+        if e.starts_with("http://") {
+            b = b.with_client_options(client_options().with_allow_http(true));
+        }
+        b = b.with_endpoint(e);
+    }
+    // `use_emulator` in the file replaces object_store's emulator mode (and its variable), whose
+    // address comes only from an environment variable; without the key the variable applies.
+    if settings.use_emulator.is_some() {
+        b = b.with_use_emulator(false);
+    }
+    match (&settings.access_key, settings.sas_pairs()) {
+        (Some(k), _) => b = b.with_access_key(k),
+        (None, Some(pairs)) => b = b.with_sas_authorization(pairs),
+        (None, None) if settings.use_emulator == Some(true) => b = b.with_access_key(AZURITE_KEY),
+        (None, None) => {}
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
 impl ObjectStoreBackend {
     pub fn new(location: &Location) -> Result<ObjectStoreBackend, LocationError> {
         let url = location.to_string();
-        let err = |e: object_store::Error| LocationError {
+        let err = |reason: String| LocationError {
             url: url.clone(),
-            reason: e.to_string(),
+            reason,
         };
         let (store, prefix): (Arc<dyn ObjectStore>, &str) = match location {
             Location::S3 {
                 bucket,
                 prefix,
                 settings,
-            } => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options());
-                if let Some(v) = &settings.endpoint {
-                    b = b.with_endpoint(v);
-                }
-                if let Some(v) = &settings.region {
-                    b = b.with_region(v);
-                }
-                if let Some(v) = &settings.access_key_id {
-                    b = b.with_access_key_id(v);
-                }
-                if let Some(v) = &settings.secret_access_key {
-                    b = b.with_secret_access_key(v);
-                }
-                if let Some(v) = settings.virtual_hosted_style {
-                    b = b.with_virtual_hosted_style_request(v);
-                }
-                // An http:// endpoint (MinIO or s3s on a private network) is an explicit choice.
-                let endpoint = settings
-                    .endpoint
-                    .clone()
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-                    .or_else(|| std::env::var("AWS_ENDPOINT").ok());
-                if endpoint.is_some_and(|e| e.starts_with("http://")) {
-                    b = b.with_allow_http(true);
-                }
-                (Arc::new(b.build().map_err(err)?), prefix)
-            }
-            Location::Gcs { bucket, prefix } => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options());
-                (Arc::new(b.build().map_err(err)?), prefix)
-            }
-            Location::Azure { container, prefix } => {
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(container)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options());
-                (Arc::new(b.build().map_err(err)?), prefix)
-            }
+            } => (Arc::new(s3_store(bucket, settings).map_err(err)?), prefix),
+            Location::Gcs {
+                bucket,
+                prefix,
+                settings,
+            } => (Arc::new(gcs_store(bucket, settings).map_err(err)?), prefix),
+            Location::Azure {
+                container,
+                prefix,
+                settings,
+            } => (
+                Arc::new(azure_store(container, settings).map_err(err)?),
+                prefix,
+            ),
             Location::Local(_) => unreachable!("local repositories use LocalBackend"),
         };
         Ok(Self::from_store(store, prefix, url))
@@ -293,6 +362,78 @@ impl Backend for ObjectStoreBackend {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::storage::BackendOptions;
+
+    fn open(url: &str, o: &BackendOptions) -> Result<ObjectStoreBackend, LocationError> {
+        ObjectStoreBackend::new(&Location::parse(url).unwrap().with_options(o))
+    }
+
+    #[test]
+    fn every_backend_opens_from_its_table_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t\n").unwrap();
+        let sa = dir.path().join("sa.json");
+        std::fs::write(
+            &sa,
+            r#"{"private_key": "k", "private_key_id": "i", "client_email": "e", "disable_oauth": true}"#,
+        )
+        .unwrap();
+        let o = BackendOptions {
+            s3: Some(S3Settings {
+                endpoint: Some("http://127.0.0.1:1".into()),
+                access_key_id: Some("id".into()),
+                secret_access_key_file: Some(secret),
+                ..Default::default()
+            }),
+            gcs: Some(GcsSettings {
+                service_account_file: Some(sa),
+                endpoint: Some("http://127.0.0.1:1".into()),
+                ..Default::default()
+            }),
+            azure: Some(AzureSettings {
+                account: Some("acct".into()),
+                sas_token: Some("?sv=2022-11-02&sig=abc".into()),
+                ..Default::default()
+            }),
+        };
+        for url in ["s3://b/p", "gs://b/p", "az://c/p"] {
+            open(url, &o).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        let emulator = BackendOptions {
+            azure: Some(AzureSettings {
+                use_emulator: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        open("az://c/p", &emulator).unwrap();
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_named() {
+        let o = BackendOptions {
+            s3: Some(S3Settings {
+                secret_access_key_file: Some("/nonexistent/pitr-secret".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = open("s3://b/p", &o).unwrap_err();
+        assert!(e.reason.contains("/nonexistent/pitr-secret"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "abc\r\n").unwrap();
+        assert_eq!(read_secret(&p, "x").unwrap(), "abc");
+        std::fs::write(&p, "abc\n\n").unwrap();
+        assert_eq!(read_secret(&p, "x").unwrap(), "abc\n");
+    }
+
     #[test]
     fn reads_the_status_from_object_store_messages() {
         let m = "Error performing GET http://x/b in 1ms - Server returned non-2xx status code: 404 Not Found: <Error>";

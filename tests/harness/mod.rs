@@ -2,6 +2,7 @@
 //!
 //! - [`PgCluster`]: `PgCluster::builder().conf("archive_mode = on").envs(s3.env()).start()?`
 //! - [`S3Server`]: `S3Server::new()?`, `stop()`/`start()` for outages, `object_path(key)`.
+//! - [`Emulator`]: moto (S3), fake-gcs-server (GCS) or Azurite (Azure) with one bucket.
 //! - [`Proxy`]: a misbehaving network in front of a server (lost answers, dribbled bytes).
 //! - [`pitr_bin`], [`pitr`], [`pitr_as_server_user`], [`TestDir`], [`make_accessible`],
 //!   [`free_port`], [`conf_quote`].
@@ -13,6 +14,7 @@
 //! Every test module of the crate shares this binary and not all use every helper.
 #![allow(dead_code, unused_imports)]
 
+mod emulators;
 mod pg;
 mod proxy;
 mod s3;
@@ -20,6 +22,7 @@ mod selftest;
 pub mod topology;
 mod util;
 
+pub use emulators::{Emulator, EmulatorKind};
 pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
 pub use proxy::Proxy;
 pub use s3::{s3s_fs_bin, S3Server};

@@ -220,7 +220,7 @@ impl S3Server {
             region: Some(REGION.to_string()),
             access_key_id: Some(ACCESS_KEY.to_string()),
             secret_access_key: Some(SECRET_KEY.to_string()),
-            virtual_hosted_style: None,
+            ..Default::default()
         }
     }
 
