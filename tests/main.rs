@@ -10,6 +10,7 @@ mod deploy;
 mod drill;
 mod encryption;
 mod expire;
+mod failover;
 mod flaky;
 mod independent_reader;
 mod locale;

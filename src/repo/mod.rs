@@ -10,6 +10,7 @@ mod chunks;
 mod descriptor;
 mod keys;
 mod layout;
+pub mod marker;
 mod object;
 mod scan;
 mod stats;

@@ -1,5 +1,7 @@
 //! How `pitr stream` fails, and how the server's refusals are recognised.
 
+use std::path::PathBuf;
+
 use crate::error::{Classify, Code};
 use crate::pg::{self, sqlstate};
 use crate::repo::RepoError;
@@ -50,6 +52,31 @@ pub enum StreamError {
     Segment(#[from] SegmentError),
     #[error("the server's timeline history is invalid: {0}")]
     History(#[from] HistoryError),
+    #[error("{}: {message}", .path.display())]
+    BadMarker { path: PathBuf, message: String },
+    #[error(
+        "the repository at {location} has vanished: this cluster stored WAL into it before \
+         (repository id {id}, recorded in {}), and its descriptor is gone; pitr does not \
+         create a new one there, since WAL stored earlier would then read as never archived",
+        .marker.display()
+    )]
+    Vanished {
+        location: String,
+        id: String,
+        marker: PathBuf,
+    },
+    #[error(
+        "the repository at {location} is not the one this cluster stored WAL into: it has \
+         repository id {found}, {} records {recorded}; it was recreated, and the WAL \
+         stored before is not in it",
+        .marker.display()
+    )]
+    Replaced {
+        location: String,
+        found: String,
+        recorded: String,
+        marker: PathBuf,
+    },
     #[error("the streaming pipeline stopped unexpectedly")]
     PipelineClosed,
     #[error("a streaming task panicked: {0}")]
@@ -67,7 +94,11 @@ impl Classify for StreamError {
             // The server's history is the server's to fix, not a bug of pitr.
             StreamError::History(_) => Code::Postgres,
             StreamError::WalRemoved { .. } => Code::WalGap,
-            StreamError::RepositoryAhead { .. } | StreamError::OtherServer { .. } => Code::Conflict,
+            StreamError::RepositoryAhead { .. }
+            | StreamError::OtherServer { .. }
+            | StreamError::Replaced { .. } => Code::Conflict,
+            StreamError::BadMarker { .. } => Code::Input,
+            StreamError::Vanished { .. } => Code::Storage,
             // Received WAL is still only on the server (the slot keeps it): storage did not
             // take it in time.
             StreamError::NotDurable { .. } => Code::Storage,
@@ -95,6 +126,23 @@ impl Classify for StreamError {
                  keep the slot so that this cannot happen again"
             }
             StreamError::RepositoryAhead { .. } => "use a separate repository for this server",
+            StreamError::BadMarker { .. } => {
+                "a damaged pitr.repository may be deleted: archive-push and stream write it again"
+            }
+            StreamError::Vanished { location, marker, .. } => {
+                return Some(format!(
+                    "if the repository moved or a mount or bucket is missing, bring it back at {location} or point --repo at it; \
+                     to start a new repository there on purpose, delete {} and take a new base backup at once",
+                    marker.display()
+                ))
+            }
+            StreamError::Replaced { marker, .. } => {
+                return Some(format!(
+                    "point --repo at the repository this cluster stored WAL into; to use the new one on purpose, \
+                     delete {} and take a new base backup at once",
+                    marker.display()
+                ))
+            }
             StreamError::NotDurable { .. } => {
                 "start `pitr stream` again: it resumes from what is durable, and the slot kept the rest"
             }
