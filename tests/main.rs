@@ -21,4 +21,5 @@ mod prefetch;
 mod standby_backup;
 mod stream;
 mod topology;
+mod upstream_recovery;
 mod verify;
