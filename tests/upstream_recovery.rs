@@ -542,3 +542,105 @@ fn restartpoints_during_archive_recovery_as_045() {
     .unwrap_or_else(|e| panic!("{e}\n{}", restore.log_contents()));
     restore.stop().unwrap();
 }
+
+/// As 043_no_contrecord_switch.pl: the page holding the continuation of a record that spans two
+/// pages is zeroed in the last segment, and that segment is archived with archive-push. Two
+/// standbys restoring with archive-get stop at the zeroed page; one is promoted (the timeline
+/// switch falls right before the broken record) and switches WAL; the other, streaming from it
+/// and still restoring from the repository, follows it onto the new timeline.
+#[test]
+fn a_timeline_switch_before_a_broken_continuation_record_as_043() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let mut primary = PgCluster::builder()
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .conf("autovacuum = off")
+        .conf("checkpoint_timeout = '30min'")
+        .conf("wal_keep_size = 1GB")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
+    let backup = work.subdir("backup");
+    base_backup(&primary, &backup, &["-X", "stream"]).unwrap();
+    psql1(&primary, "create table t as select 0");
+    let setting = |name: &str| -> u64 {
+        psql1(
+            &primary,
+            &format!("select setting from pg_settings where name = '{name}'"),
+        )
+        .parse()
+        .unwrap()
+    };
+    let (seg_size, block) = (setting("wal_segment_size"), setting("wal_block_size"));
+    let tli: u64 = psql1(&primary, "select timeline_id from pg_control_checkpoint()")
+        .parse()
+        .unwrap();
+    let emit = |size: u64| -> u64 {
+        psql1(
+            &primary,
+            &format!("select pg_logical_emit_message(true, '', repeat('a', {size})) - '0/0'"),
+        )
+        .parse()
+        .unwrap()
+    };
+    let insert_lsn = || -> u64 {
+        psql1(&primary, "select pg_current_wal_insert_lsn() - '0/0'")
+            .parse()
+            .unwrap()
+    };
+    // Near the end of a page, with room for the start of a record only.
+    emit(0);
+    let mut end = insert_lsn();
+    while end % block >= block - block / 4 {
+        emit(block / 4);
+        end = insert_lsn();
+    }
+    let end = emit(block - end % block);
+    primary.stop_immediate().unwrap();
+
+    let start_page = end & !(block - 1);
+    let (segno, offset) = (start_page / seg_size, start_page % seg_size);
+    let per_id = 0x1_0000_0000 / seg_size;
+    let name = format!("{tli:08X}{:08X}{:08X}", segno / per_id, segno % per_id);
+    let path = primary.data_dir().join("pg_wal").join(&name);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&vec![0u8; block as usize]).unwrap();
+    }
+    ok(&repo, &["archive-push", path.to_str().unwrap()]);
+
+    let mut standby1 = restoring(&repo, &copy_dir(&backup, &work, "standby1"), true, &[]);
+    let mut standby2 = restoring(&repo, &copy_dir(&backup, &work, "standby2"), true, &[]);
+    standby1.start().unwrap();
+    standby2.start().unwrap();
+    for s in [&standby1, &standby2] {
+        poll("the zeroed page to be reached", WAIT, || {
+            let log = s.log_contents();
+            let hit = log.lines().any(|l| {
+                l.contains("invalid magic number 0000")
+                    && l.contains(&name)
+                    && l.contains(&format!("offset {offset}"))
+            });
+            Ok(hit.then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.log_contents()));
+    }
+    standby1.promote().unwrap();
+    psql1(&standby1, "select pg_switch_wal()");
+    psql1(
+        &standby1,
+        "insert into t select * from generate_series(1, 1000)",
+    );
+    standby2
+        .append_conf(&format!(
+            "primary_conninfo = {}",
+            conf_quote(&standby1.conninfo())
+        ))
+        .unwrap();
+    standby2.reload().unwrap();
+    wait_caught_up(&standby1, &standby2, WAIT).unwrap();
+    assert_eq!(psql1(&standby2, "select count(*) from t"), "1001");
+}
