@@ -298,8 +298,21 @@ fn failover_with_the_old_timeline_gone_everywhere_is_exit_11() {
         .wait_for("select pg_is_in_recovery()", "f", WAIT)
         .unwrap();
     insert(&standby, 5001, 5100, 2);
-    switch(&standby);
-    psql1(&standby, "checkpoint");
+    // Checkpoints on the new primary until the segment the repository needs next is gone.
+    let needed = format!(
+        "00000001{}",
+        &psql1(
+            &standby,
+            &format!("select pg_walfile_name('{durable}'::pg_lsn + 1)")
+        )[8..]
+    );
+    poll("the old timeline's segment to be removed", WAIT, || {
+        switch(&standby);
+        standby.psql("checkpoint")?;
+        let gone = !standby.data_dir().join("pg_wal").join(&needed).exists();
+        Ok(gone.then_some(()))
+    })
+    .unwrap();
     let out = repo.pitr(&["stream", "-d", &conninfo, "--create-slot"]);
     assert_code(&out, 11);
     let err = stderr(&out);

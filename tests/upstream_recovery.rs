@@ -483,9 +483,13 @@ fn an_overwritten_contrecord_is_replayed_from_the_archive_as_026() {
     );
     wait_caught_up(&primary, &standby, WAIT).unwrap();
     assert_eq!(psql1(&standby, "select * from foo"), "hello");
-    assert!(standby
-        .log_contents()
-        .contains("successfully skipped missing contrecord at"));
+    poll("the standby to log the skipped contrecord", WAIT, || {
+        let log = standby.log_contents();
+        Ok(log
+            .contains("successfully skipped missing contrecord at")
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", standby.log_contents()));
     switch_and_wait(&primary);
     wait_archived(&primary, &initfile, WAIT).unwrap();
 
