@@ -268,7 +268,14 @@ fn status_file(pg: &PgCluster, seg: &str, ext: &str) -> bool {
 fn archive_status_files_as_020() {
     let repo = TestRepo::new(Backend::Local);
     let work = TestDir::new();
-    let mut primary = archiving_primary(&repo, &["autovacuum = off"]);
+    // The default segment size, as upstream: the counts below depend on it.
+    let mut primary = PgCluster::builder()
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .conf("autovacuum = off")
+        .envs(repo.env.clone())
+        .start()
+        .unwrap();
     let failing = format!(
         "{} --repo {} archive-push %p_does_not_exist",
         crate::harness::pitr_bin().display(),
