@@ -227,9 +227,9 @@ fn failover_after_the_stream_stopped_has_no_hole() {
 /// The stream was ahead of the standby on timeline 1 (the standby stopped receiving, the old
 /// primary wrote on, the stream stored it): after the promotion the stream keeps what the
 /// repository has, says which range of timeline 1 is not on timeline 2, and follows timeline 2
-/// from the switch point. Restore to latest is timeline 2's history.
-#[test]
-fn failover_with_the_stream_ahead_follows_the_new_timeline() {
+/// from the switch point. Restore to latest is timeline 2's history. `restart`: the stream is
+/// stopped before the promotion and started after it; otherwise it runs through it.
+fn stream_ahead_at_failover(restart: bool) {
     let repo = TestRepo::new(Backend::Local);
     let work = TestDir::new();
     let (mut primary, mut standby) = primary_and_standby(&work);
@@ -239,13 +239,23 @@ fn failover_with_the_stream_ahead_follows_the_new_timeline() {
     let out = repo.pitr(&["backup", "-d", &primary.conninfo()]);
     assert_code(&out, 0);
     wait_caught_up(&primary, &standby, WAIT).unwrap();
+    // The stream has created its slot on the standby before the standby stops.
+    poll("the stream's slot on the standby", WAIT, || {
+        let n =
+            standby.psql("select count(*) from pg_replication_slots where slot_name = 'pitr'")?;
+        Ok((n == "1").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
     standby.stop().unwrap();
     // Only the stream gets these.
     insert(&primary, 1001, 3000, 1);
     switch(&primary);
     insert(&primary, 3001, 3100, 1);
-    wait_flushed(&primary, &s, &switch(&primary));
-    assert!(s.term().success(), "{}", s.log());
+    let end = psql1(&primary, "select pg_current_wal_lsn()");
+    wait_flushed(&primary, &s, &end);
+    if restart {
+        assert!(s.term().success(), "{}", s.log());
+    }
     primary.stop_immediate().unwrap();
     // The standby comes back with no primary to receive from, and is promoted.
     standby.start().unwrap();
@@ -255,15 +265,30 @@ fn failover_with_the_stream_ahead_follows_the_new_timeline() {
         .unwrap();
     insert(&standby, 5001, 5500, 2);
 
-    let mut s = Streamer::start(&repo, &conninfo);
+    if restart {
+        s = Streamer::start(&repo, &conninfo);
+    }
     wait_flushed(&standby, &s, &switch(&standby));
     assert!(s.term().success(), "{}", s.log());
     let log = s.log();
     assert!(log.contains("not on timeline 2"), "{log}");
+    if !restart {
+        assert!(log.contains("starting over from the repository"), "{log}");
+    }
     let (rows, restored, _dir) = restore_latest(&repo);
     assert_eq!(rows, "1500 5500", "{}", restored.log_contents());
     let tl = psql1(&restored, "select timeline_id from pg_control_checkpoint()");
     assert!(tl.parse::<u32>().unwrap() >= 2, "{tl}");
+}
+
+#[test]
+fn failover_with_the_stream_ahead_follows_the_new_timeline() {
+    stream_ahead_at_failover(true);
+}
+
+#[test]
+fn failover_with_the_stream_running_ahead_follows_the_new_timeline() {
+    stream_ahead_at_failover(false);
 }
 
 /// Without the slot on the standby (dropped there by hand) the new primary's checkpoint removes

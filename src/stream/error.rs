@@ -35,6 +35,16 @@ pub enum StreamError {
         server_message: String,
     },
     #[error(
+        "the server's timeline forked from timeline {tli} at {fork}, before {start} where the \
+         stream continues ({server_message})"
+    )]
+    TimelineForked {
+        tli: TimelineId,
+        start: Lsn,
+        fork: Lsn,
+        server_message: String,
+    },
+    #[error(
         "the repository ends at {start}, ahead of what the server has written ({server_message}); \
          is this repository from another server of the same cluster (a restored copy)?"
     )]
@@ -97,6 +107,8 @@ impl Classify for StreamError {
             StreamError::RepositoryAhead { .. }
             | StreamError::OtherServer { .. }
             | StreamError::Replaced { .. } => Code::Conflict,
+            // Handled by restarting from the repository; reaches the user only as a bug.
+            StreamError::TimelineForked { .. } => Code::Internal,
             StreamError::BadMarker { .. } => Code::Input,
             StreamError::Vanished { .. } => Code::Storage,
             // Received WAL is still only on the server (the slot keeps it): storage did not
@@ -147,6 +159,7 @@ impl Classify for StreamError {
                 "start `pitr stream` again: it resumes from what is durable, and the slot kept the rest"
             }
             StreamError::OtherServer { .. }
+            | StreamError::TimelineForked { .. }
             | StreamError::History(_)
             | StreamError::Segment(_)
             | StreamError::PipelineClosed
@@ -209,6 +222,14 @@ pub(crate) fn classify_start_error(
     if text("has already been removed") || text("can no longer") || text("has been invalidated") {
         return Some(wal_removed());
     }
+    if let Some(fork) = forked_before(message, detail.as_deref(), at) {
+        return Some(StreamError::TimelineForked {
+            tli,
+            start: at,
+            fork,
+            server_message: message.clone(),
+        });
+    }
     if is_start_ahead_of_flush(message, at) {
         return Some(StreamError::RepositoryAhead {
             start: at,
@@ -216,6 +237,23 @@ pub(crate) fn classify_start_error(
         });
     }
     None
+}
+
+/// "requested starting point %X/%X on timeline %u is not in this server's history", detail
+/// "This server's history forked from timeline %u at %X/%X." (no errcode): the stream was
+/// ahead of the server that was promoted. Read from the arguments, not the words: our start in
+/// the message, and in the detail one earlier position, where the server's history forked.
+fn forked_before(message: &str, detail: Option<&str>, start: Lsn) -> Option<Lsn> {
+    let lsns = |text: &str| -> Vec<Lsn> {
+        text.split(|c: char| !(c.is_ascii_hexdigit() || c == '/'))
+            .filter(|w| w.contains('/'))
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    match (lsns(message).as_slice(), lsns(detail?).as_slice()) {
+        ([s], [fork]) if *s == start && *fork < start => Some(*fork),
+        _ => None,
+    }
 }
 
 /// "requested starting point %X/%X is ahead of the WAL flush position of this server %X/%X"
@@ -281,6 +319,35 @@ mod tests {
         }
         let m = "angeforderter Startpunkt 0/3000000 auf Zeitleiste 2 ist nicht in der History dieses Servers";
         assert!(classify("XX000", m).is_none());
+        for (m, d) in [
+            (
+                "requested starting point 0/3000000 on timeline 1 is not in this server's history",
+                "This server's history forked from timeline 1 at 0/2000158.",
+            ),
+            (
+                m,
+                "Die History dieses Servers zweigte von Zeitleiste 1 bei 0/2000158 ab.",
+            ),
+        ] {
+            let e = pg::Error::Server {
+                sqlstate: "XX000".into(),
+                severity: "ERROR".into(),
+                message: m.into(),
+                detail: Some(d.into()),
+                hint: None,
+            };
+            let c = classify_start_error(&e, "pitr", 1, Lsn(0x300_0000));
+            assert!(
+                matches!(
+                    c,
+                    Some(StreamError::TimelineForked {
+                        fork: Lsn(0x200_0158),
+                        ..
+                    })
+                ),
+                "{m}: {c:?}"
+            );
+        }
         assert!(classify(
             "57P01",
             "terminating connection due to administrator command"

@@ -69,7 +69,47 @@ pub struct StreamSummary {
 
 /// Runs `pitr stream` until `cancel`, then drains: everything received is made durable and
 /// reported before returning. `force` (a second signal) abandons the drain.
+///
+/// When the server that took over was promoted from behind the stream (its history forked
+/// from the stream's timeline before the stream's position), what was received is made
+/// durable and the stream starts over from the repository, which then follows the new
+/// timeline from its switch point (see `start`).
 pub async fn run(
+    storage: Storage,
+    write: WriteOptions,
+    cfg: ConnConfig,
+    opts: StreamOptions,
+    cancel: CancellationToken,
+    force: CancellationToken,
+) -> Result<StreamSummary, StreamError> {
+    loop {
+        let once = run_once(
+            storage.clone(),
+            write.clone(),
+            cfg.clone(),
+            opts.clone(),
+            cancel.clone(),
+            force.clone(),
+        );
+        match once.await {
+            Err(StreamError::TimelineForked {
+                tli, start, fork, ..
+            }) if !cancel.is_cancelled() => {
+                tracing::warn!(timeline = tli, %fork, position = %start,
+                    "the new primary's history forked from timeline {tli} at {fork}, behind the stream's position {start}: \
+                     starting over from the repository");
+                // Never a hot loop, whatever the server answers next.
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_once(
     storage: Storage,
     write: WriteOptions,
     cfg: ConnConfig,
