@@ -304,13 +304,13 @@ fn failover_with_the_old_timeline_gone_everywhere_is_exit_11() {
     insert(&primary, 1, 1000, 1);
     let durable = switch(&primary);
     wait_flushed(&primary, &s, &durable);
-    assert!(s.term().success(), "{}", s.log());
     poll("the slot on the standby", WAIT, || {
         let n =
             standby.psql("select count(*) from pg_replication_slots where slot_name = 'pitr'")?;
         Ok((n == "1").then_some(()))
     })
     .unwrap();
+    assert!(s.term().success(), "{}", s.log());
     psql1(&standby, "select pg_drop_replication_slot('pitr')");
     for i in 0..4 {
         insert(&primary, 1001 + i * 1000, 2000 + i * 1000, 1);
