@@ -151,16 +151,7 @@ async fn run_once(
         force.clone(),
     ));
     let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone(), budget));
-    let keeper = CancellationToken::new();
-    if cfg.hosts.len() > 1 {
-        tokio::spawn(standbys::keep_slots(
-            cfg.clone(),
-            opts.clone(),
-            sys.system_id,
-            durable_rx.clone(),
-            keeper.clone(),
-        ));
-    }
+    let keeper = standbys::spawn(&cfg, &opts, sys.system_id, durable_rx.clone());
     let mut receiver = Receiver::new(
         cfg,
         opts.slot.clone(),

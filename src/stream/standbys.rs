@@ -22,8 +22,23 @@ const ROUND: Duration = Duration::from_secs(10);
 /// A standby that does not answer within this is skipped for the round.
 const PER_STANDBY: Duration = Duration::from_secs(10);
 
+/// Starts keeping the slots when the conninfo names several servers; cancel the token to stop.
+pub(super) fn spawn(
+    cfg: &ConnConfig,
+    opts: &StreamOptions,
+    system_id: u64,
+    durable: watch::Receiver<Lsn>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    if cfg.hosts.len() > 1 {
+        let (cfg, opts) = (cfg.clone(), opts.clone());
+        tokio::spawn(keep_slots(cfg, opts, system_id, durable, stop.clone()));
+    }
+    stop
+}
+
 /// Keeps the slot on every other host of `cfg` at the durable position until `cancel`.
-pub(super) async fn keep_slots(
+async fn keep_slots(
     cfg: ConnConfig,
     opts: StreamOptions,
     system_id: u64,
