@@ -645,3 +645,70 @@ fn pitr_to_a_target_only_archived_in_a_newer_timelines_segment() {
         pitr2.log_contents()
     );
 }
+
+/// `pitr stream` records the repository in the server's data directory like the hooks do (the
+/// marker keeps the server user as its owner, so the hooks still read it); with the repository
+/// moved away, a restarted stream refuses with exit 5 and creates nothing; once it is back the
+/// stream resumes.
+#[test]
+fn a_stream_never_recreates_a_vanished_repository() {
+    use crate::failover::{wait_flushed, Streamer};
+    let repo = TestRepo::new(Backend::Local);
+    let primary = PgCluster::builder()
+        .wal_segsize(1)
+        .conf("wal_keep_size = '1GB'")
+        .start()
+        .unwrap();
+    let mut s = Streamer::start(&repo, &primary.conninfo());
+    primary
+        .psql("create table t as select g as id from generate_series(1, 10) g")
+        .unwrap();
+    let end = primary
+        .psql("select pg_current_wal_lsn()::text from (select pg_switch_wal()) s")
+        .unwrap();
+    wait_flushed(&primary, &s, &end);
+    assert!(s.term().success(), "{}", s.log());
+    let marker = fs::read_to_string(primary.data_dir().join("pitr.repository")).unwrap();
+    let id = descriptor(&repo)["repository_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(marker.contains(&id), "{marker}");
+    // The server's own hooks can still read (and extend) the marker the stream wrote.
+    primary.psql("insert into t values (0)").unwrap();
+    let prev = primary
+        .psql("select pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    let o = pitr_hook(
+        primary.data_dir(),
+        repo.args(&["archive-push", &format!("pg_wal/{prev}")]),
+        &repo.env,
+    );
+    assert_eq!(
+        code(&o),
+        0,
+        "{}\n{:?}",
+        stderr(&o),
+        fs::read_dir(primary.data_dir().join("pg_wal"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
+
+    let moved = move_away(&repo);
+    let o = repo.pitr(&["stream", "-d", &primary.conninfo()]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("has vanished"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pitr.repository"), "{}", stderr(&o));
+    assert!(!repo.object_file("repository.json").exists());
+
+    bring_back(&repo, &moved);
+    let mut s = Streamer::start(&repo, &primary.conninfo());
+    primary.psql("insert into t values (11)").unwrap();
+    let end = primary
+        .psql("select pg_current_wal_lsn()::text from (select pg_switch_wal()) s")
+        .unwrap();
+    wait_flushed(&primary, &s, &end);
+    assert!(s.term().success(), "{}", s.log());
+}

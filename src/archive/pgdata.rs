@@ -8,19 +8,14 @@
 //! repository.
 
 use std::fs;
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-
 use super::ArchiveError;
+use crate::repo::marker::{is_recorded_one, MarkerFile};
 use crate::repo::{ClusterIdentity, Descriptor};
 use crate::wal::{parse_long_header, WalFileName};
 
-/// Name of the marker file in the data directory (see docs/repository-format.md).
-pub const MARKER_FILE: &str = "pitr.repository";
-const MARKER_FORMAT: u32 = 1;
+pub use crate::repo::marker::{Archived, MARKER_FILE};
 
 /// pg_control's `floatFormat`, a constant written to detect float incompatibilities. It is
 /// followed by `blcksz`, `relseg_size`, `xlog_blcksz` and `xlog_seg_size` in every version
@@ -213,42 +208,9 @@ fn segment_size_from_control(control: &Control) -> Option<u64> {
     (page_ok && seg_ok).then_some(seg_size as u64)
 }
 
-/// A repository the cluster has archived into, as the marker records it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Archived {
-    /// The repository location as `prefetch::location_id` spells it (S3 with its endpoint).
-    pub location: String,
-    /// The descriptor's `repository_id`; `None` for a repository created before ids existed.
-    pub repository_id: Option<String>,
-    /// As a string, like the descriptor's.
-    pub system_identifier: String,
-    pub first_archived_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Marker {
-    format: u32,
-    repositories: Vec<Archived>,
-}
-
 impl DataDir {
-    fn read_marker(&self) -> Result<Marker, ArchiveError> {
-        let raw = match fs::read(self.marker_path()) {
-            Ok(raw) => raw,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Marker::default()),
-            Err(e) => return Err(self.bad(MARKER_FILE, e)),
-        };
-        let marker: Marker = serde_json::from_slice(&raw).map_err(|e| self.bad(MARKER_FILE, e))?;
-        if marker.format > MARKER_FORMAT {
-            return Err(self.bad(
-                MARKER_FILE,
-                format!(
-                    "format {} is newer than this pitr's ({MARKER_FORMAT})",
-                    marker.format
-                ),
-            ));
-        }
-        Ok(marker)
+    fn marker(&self) -> MarkerFile {
+        MarkerFile::new(self.marker_path())
     }
 
     /// What the marker records of `location` for this cluster: `Some` when this cluster (or
@@ -258,12 +220,9 @@ impl DataDir {
         location: &str,
         system_identifier: u64,
     ) -> Result<Option<Archived>, ArchiveError> {
-        let system_identifier = system_identifier.to_string();
-        Ok(self
-            .read_marker()?
-            .repositories
-            .into_iter()
-            .find(|a| a.location == location && a.system_identifier == system_identifier))
+        self.marker()
+            .archived_into(location, system_identifier)
+            .map_err(|e| self.bad(MARKER_FILE, e))
     }
 
     /// Records that this cluster archived into `location`; nothing is written when the marker
@@ -274,24 +233,8 @@ impl DataDir {
         repository_id: Option<&str>,
         system_identifier: u64,
     ) -> Result<(), ArchiveError> {
-        let mut marker = self.read_marker()?;
-        let sysid = system_identifier.to_string();
-        let same = |a: &Archived| a.location == location && a.system_identifier == sysid;
-        if let Some(a) = marker.repositories.iter().find(|a| same(a)) {
-            if a.repository_id.as_deref() == repository_id {
-                return Ok(());
-            }
-        }
-        marker.repositories.retain(|a| !same(a));
-        marker.repositories.push(Archived {
-            location: location.to_string(),
-            repository_id: repository_id.map(str::to_string),
-            system_identifier: sysid,
-            first_archived_at: Utc::now(),
-        });
-        marker.format = MARKER_FORMAT;
-        let json = serde_json::to_vec_pretty(&marker).expect("marker serializes");
-        self.write_atomically(MARKER_FILE, &json)
+        self.marker()
+            .record(location, repository_id, system_identifier)
             .map_err(|e| self.bad(MARKER_FILE, e))
     }
 
@@ -315,7 +258,7 @@ impl DataDir {
         location: &str,
         recorded: &Archived,
     ) -> Result<(), ArchiveError> {
-        if descriptor.repository_id == recorded.repository_id {
+        if is_recorded_one(descriptor, recorded) {
             return Ok(());
         }
         let show = |id: &Option<String>| id.clone().unwrap_or_else(|| "(none)".into());
@@ -325,31 +268,6 @@ impl DataDir {
             recorded: show(&recorded.repository_id),
             marker: self.marker_path(),
         })
-    }
-
-    /// Temporary file, fsync, rename, fsync of the directory: a crash leaves the old marker or
-    /// the new one, never a torn one that would read as "never archived anywhere".
-    fn write_atomically(&self, name: &str, content: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = self
-            .path
-            .join(format!(".{name}.tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(content)?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.path.join(name))?;
-            fs::File::open(&self.path)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
     }
 }
 

@@ -11,6 +11,7 @@ mod copy;
 mod descriptor;
 mod keys;
 mod layout;
+pub mod marker;
 mod object;
 mod scan;
 mod stats;

@@ -1,5 +1,7 @@
 //! How `pitr stream` fails, and how the server's refusals are recognised.
 
+use std::path::PathBuf;
+
 use crate::error::{Classify, Code};
 use crate::pg::{self, sqlstate};
 use crate::repo::RepoError;
@@ -33,6 +35,16 @@ pub enum StreamError {
         server_message: String,
     },
     #[error(
+        "the server's timeline forked from timeline {tli} at {fork}, before {start} where the \
+         stream continues ({server_message})"
+    )]
+    TimelineForked {
+        tli: TimelineId,
+        start: Lsn,
+        fork: Lsn,
+        server_message: String,
+    },
+    #[error(
         "the repository ends at {start}, ahead of what the server has written ({server_message}); \
          is this repository from another server of the same cluster (a restored copy)?"
     )]
@@ -50,6 +62,31 @@ pub enum StreamError {
     Segment(#[from] SegmentError),
     #[error("the server's timeline history is invalid: {0}")]
     History(#[from] HistoryError),
+    #[error("{}: {message}", .path.display())]
+    BadMarker { path: PathBuf, message: String },
+    #[error(
+        "the repository at {location} has vanished: this cluster stored WAL into it before \
+         (repository id {id}, recorded in {}), and its descriptor is gone; pitr does not \
+         create a new one there, since WAL stored earlier would then read as never archived",
+        .marker.display()
+    )]
+    Vanished {
+        location: String,
+        id: String,
+        marker: PathBuf,
+    },
+    #[error(
+        "the repository at {location} is not the one this cluster stored WAL into: it has \
+         repository id {found}, {} records {recorded}; it was recreated, and the WAL \
+         stored before is not in it",
+        .marker.display()
+    )]
+    Replaced {
+        location: String,
+        found: String,
+        recorded: String,
+        marker: PathBuf,
+    },
     #[error("the streaming pipeline stopped unexpectedly")]
     PipelineClosed,
     #[error("a streaming task panicked: {0}")]
@@ -67,7 +104,13 @@ impl Classify for StreamError {
             // The server's history is the server's to fix, not a bug of pitr.
             StreamError::History(_) => Code::Postgres,
             StreamError::WalRemoved { .. } => Code::WalGap,
-            StreamError::RepositoryAhead { .. } | StreamError::OtherServer { .. } => Code::Conflict,
+            StreamError::RepositoryAhead { .. }
+            | StreamError::OtherServer { .. }
+            | StreamError::Replaced { .. } => Code::Conflict,
+            // Handled by restarting from the repository; reaches the user only as a bug.
+            StreamError::TimelineForked { .. } => Code::Internal,
+            StreamError::BadMarker { .. } => Code::Input,
+            StreamError::Vanished { .. } => Code::Storage,
             // Received WAL is still only on the server (the slot keeps it): storage did not
             // take it in time.
             StreamError::NotDurable { .. } => Code::Storage,
@@ -95,10 +138,28 @@ impl Classify for StreamError {
                  keep the slot so that this cannot happen again"
             }
             StreamError::RepositoryAhead { .. } => "use a separate repository for this server",
+            StreamError::BadMarker { .. } => {
+                "a damaged pitr.repository may be deleted: archive-push and stream write it again"
+            }
+            StreamError::Vanished { location, marker, .. } => {
+                return Some(format!(
+                    "if the repository moved or a mount or bucket is missing, bring it back at {location} or point --repo at it; \
+                     to start a new repository there on purpose, delete {} and take a new base backup at once",
+                    marker.display()
+                ))
+            }
+            StreamError::Replaced { marker, .. } => {
+                return Some(format!(
+                    "point --repo at the repository this cluster stored WAL into; to use the new one on purpose, \
+                     delete {} and take a new base backup at once",
+                    marker.display()
+                ))
+            }
             StreamError::NotDurable { .. } => {
                 "start `pitr stream` again: it resumes from what is durable, and the slot kept the rest"
             }
             StreamError::OtherServer { .. }
+            | StreamError::TimelineForked { .. }
             | StreamError::History(_)
             | StreamError::Segment(_)
             | StreamError::PipelineClosed
@@ -161,6 +222,14 @@ pub(crate) fn classify_start_error(
     if text("has already been removed") || text("can no longer") || text("has been invalidated") {
         return Some(wal_removed());
     }
+    if let Some(fork) = forked_before(message, detail.as_deref(), at) {
+        return Some(StreamError::TimelineForked {
+            tli,
+            start: at,
+            fork,
+            server_message: message.clone(),
+        });
+    }
     if is_start_ahead_of_flush(message, at) {
         return Some(StreamError::RepositoryAhead {
             start: at,
@@ -168,6 +237,23 @@ pub(crate) fn classify_start_error(
         });
     }
     None
+}
+
+/// "requested starting point %X/%X on timeline %u is not in this server's history", detail
+/// "This server's history forked from timeline %u at %X/%X." (no errcode): the stream was
+/// ahead of the server that was promoted. Read from the arguments, not the words: our start in
+/// the message, and in the detail one earlier position, where the server's history forked.
+fn forked_before(message: &str, detail: Option<&str>, start: Lsn) -> Option<Lsn> {
+    let lsns = |text: &str| -> Vec<Lsn> {
+        text.split(|c: char| !(c.is_ascii_hexdigit() || c == '/'))
+            .filter(|w| w.contains('/'))
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    match (lsns(message).as_slice(), lsns(detail?).as_slice()) {
+        ([s], [fork]) if *s == start && *fork < start => Some(*fork),
+        _ => None,
+    }
 }
 
 /// "requested starting point %X/%X is ahead of the WAL flush position of this server %X/%X"
@@ -233,6 +319,35 @@ mod tests {
         }
         let m = "angeforderter Startpunkt 0/3000000 auf Zeitleiste 2 ist nicht in der History dieses Servers";
         assert!(classify("XX000", m).is_none());
+        for (m, d) in [
+            (
+                "requested starting point 0/3000000 on timeline 1 is not in this server's history",
+                "This server's history forked from timeline 1 at 0/2000158.",
+            ),
+            (
+                m,
+                "Die History dieses Servers zweigte von Zeitleiste 1 bei 0/2000158 ab.",
+            ),
+        ] {
+            let e = pg::Error::Server {
+                sqlstate: "XX000".into(),
+                severity: "ERROR".into(),
+                message: m.into(),
+                detail: Some(d.into()),
+                hint: None,
+            };
+            let c = classify_start_error(&e, "pitr", 1, Lsn(0x300_0000));
+            assert!(
+                matches!(
+                    c,
+                    Some(StreamError::TimelineForked {
+                        fork: Lsn(0x200_0158),
+                        ..
+                    })
+                ),
+                "{m}: {c:?}"
+            );
+        }
         assert!(classify(
             "57P01",
             "terminating connection due to administrator command"

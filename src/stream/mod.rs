@@ -22,10 +22,12 @@
 pub mod budget;
 
 mod error;
+mod marker;
 pub mod metrics;
 mod options;
 mod receiver;
 pub mod segment;
+mod standbys;
 pub mod start;
 mod uploader;
 
@@ -67,7 +69,47 @@ pub struct StreamSummary {
 
 /// Runs `pitr stream` until `cancel`, then drains: everything received is made durable and
 /// reported before returning. `force` (a second signal) abandons the drain.
+///
+/// When the server that took over was promoted from behind the stream (its history forked
+/// from the stream's timeline before the stream's position), what was received is made
+/// durable and the stream starts over from the repository, which then follows the new
+/// timeline from its switch point (see `start`).
 pub async fn run(
+    storage: Storage,
+    write: WriteOptions,
+    cfg: ConnConfig,
+    opts: StreamOptions,
+    cancel: CancellationToken,
+    force: CancellationToken,
+) -> Result<StreamSummary, StreamError> {
+    loop {
+        let once = run_once(
+            storage.clone(),
+            write.clone(),
+            cfg.clone(),
+            opts.clone(),
+            cancel.clone(),
+            force.clone(),
+        );
+        match once.await {
+            Err(StreamError::TimelineForked {
+                tli, start, fork, ..
+            }) if !cancel.is_cancelled() => {
+                tracing::warn!(timeline = tli, %fork, position = %start,
+                    "the new primary's history forked from timeline {tli} at {fork}, behind the stream's position {start}: \
+                     starting over from the repository");
+                // Never a hot loop, whatever the server answers next.
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_once(
     storage: Storage,
     write: WriteOptions,
     cfg: ConnConfig,
@@ -89,13 +131,14 @@ pub async fn run(
     };
     // The slot first: a missing slot must not leave a new repository behind.
     let slot_restart = prepare_slot(&mut conn, &opts).await?;
-    let repo = Repository::open_for_cluster(storage, &cluster, "stream", write).await?;
+    let repo = marker::open_repository(&mut conn, storage, &cluster, write).await?;
     let mirrors = open_mirrors(&opts, &cluster).await?;
     let history = store_history(&mut conn, &repo, sys.timeline).await?;
     let sp = start_point(&repo, &history, &sys, slot_restart, &opts).await?;
-    let (open, budget) = resume_segment(&repo, &sp, seg_size).await?;
+    let (open, budget, sp) = resume_segment(&repo, sp, &history, sys.timeline, seg_size).await?;
     sync_mirrors(&repo, &mirrors, &sp, sys.timeline, seg_size).await?;
     let start = open.next_lsn();
+    let open_tli = open.timeline();
 
     let progress = opts.progress.clone();
     progress.start_at(start);
@@ -111,6 +154,7 @@ pub async fn run(
         force.clone(),
     ));
     let assembler = tokio::spawn(assemble(open, piece_rx, job_tx, opts.clone(), budget));
+    let keeper = standbys::spawn(&cfg, &opts, sys.system_id, durable_rx.clone());
     let mut receiver = Receiver::new(
         cfg,
         opts.slot.clone(),
@@ -124,9 +168,10 @@ pub async fn run(
         force,
     );
     let streamed = receiver
-        .run(Some(conn), sp.tli, start)
+        .run(Some(conn), open_tli, start)
         .await
         .map_err(|e| name_lost_range(e, slot_restart));
+    keeper.cancel();
     drain(receiver, streamed, assembler, uploader, &progress).await
 }
 
@@ -273,8 +318,12 @@ async fn start_point(
                 tli: start::timeline_of(slot_seg, history, sys.timeline),
                 lsn: slot_seg,
                 source: StartSource::Slot,
+                off_lineage: None,
             };
         }
+    }
+    if let Some(o) = &sp.off_lineage {
+        log_off_lineage(o, sp.tli);
     }
     match sp.source {
         StartSource::Repository => {
@@ -291,24 +340,58 @@ async fn start_point(
 }
 
 /// The open segment at the start point, preloaded with the chunks already stored for it, so
-/// that streaming resumes exactly after what is durable.
+/// that streaming resumes exactly after what is durable. Chunks of an ancestor timeline that
+/// reach past its switch point (the stream was ahead of the server that was promoted) are kept,
+/// and streaming continues on the next timeline's copy of that segment; the start point it
+/// settled on is returned with it.
 async fn resume_segment(
     repo: &Repository,
-    sp: &start::StartPoint,
+    mut sp: start::StartPoint,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
     seg_size: u64,
-) -> Result<(OpenSegment, Budget), StreamError> {
-    let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
-    let plan = repo.list_chunks(&first).await?;
-    let preloaded = repo.read_chain(&plan).await?;
+) -> Result<(OpenSegment, Budget, start::StartPoint), StreamError> {
+    let (plan, preloaded) = loop {
+        let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
+        let plan = repo.list_chunks(&first).await?;
+        let preloaded = repo.read_chain(&plan).await?;
+        let end = Lsn(sp.lsn.0 + preloaded.len() as u64);
+        match start::switch_of(sp.tli, history, server_tli) {
+            Some((switch, next)) if end > switch => {
+                log_off_lineage(
+                    &start::OffLineage {
+                        tli: sp.tli,
+                        from: switch,
+                        to: end,
+                    },
+                    next,
+                );
+                sp.tli = next;
+            }
+            _ => {
+                if !preloaded.is_empty() {
+                    tracing::info!(segment = %first, start = %end, chunks = plan.chain.len(), "resuming after the chunks already stored");
+                }
+                break (plan, preloaded);
+            }
+        }
+    };
     let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
-    if !preloaded.is_empty() {
-        tracing::info!(segment = %first, %start, chunks = plan.chain.len(), "resuming after the chunks already stored");
-    }
     let budget = Budget::new(seg_size);
     tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
     let first_buf = budget.segment().await;
     let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?;
-    Ok((open, budget))
+    Ok((open, budget, sp))
+}
+
+/// The repository holds WAL of timeline `o.tli` that the timeline the server followed does not
+/// continue: the stream was ahead of the server that was promoted. Transactions in that range
+/// committed on the old primary but are on no timeline a restore to latest follows.
+fn log_off_lineage(o: &start::OffLineage, next: TimelineId) {
+    tracing::warn!(timeline = o.tli, from = %o.from, to = %o.to, next_timeline = next,
+        "the repository holds WAL of timeline {} from {} to {} that is not on timeline {}: \
+         kept (a restore to a target on timeline {} can use it), following timeline {} from its switch point",
+        o.tli, o.from, o.to, next, o.tli, next);
 }
 
 /// Closing the piece channel makes the assembler ship its last chunk and close the job

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::{classify_connect_error, classify_start_error, StreamError};
 use super::metrics::{self as m, Progress};
 use super::options::StreamOptions;
-use crate::pg::{self, ConnConfig, ReplicationConn, ReplicationMessage, XLogStream};
+use crate::pg::{self, sqlstate, ConnConfig, ReplicationConn, ReplicationMessage, XLogStream};
 use crate::wal::{Lsn, TimelineId, WalFileName};
 
 /// What the receiver hands to the segment assembler.
@@ -258,7 +258,9 @@ impl Receiver {
         if let Some(err) = classify_start_error(&e, &self.slot, tli, start) {
             return Err(err);
         }
-        if fatal(&e) {
+        // The slot is in use for a moment while a previous walsender of ours exits, or while
+        // the standby-slot keeper confirms a position on this server just promoted: retry.
+        if fatal(&e) && e.sqlstate() != Some(sqlstate::OBJECT_IN_USE) {
             return Err(StreamError::Pg(e));
         }
         tracing::warn!(error = %e, retry_in = ?delay, "START_REPLICATION failed; retrying");

@@ -29,6 +29,20 @@ pub struct StartPoint {
     /// Start of a segment.
     pub lsn: Lsn,
     pub source: StartSource,
+    /// WAL the repository holds of an ancestor timeline past the point where the server's
+    /// timeline forked from it: kept, but on no timeline the server follows.
+    pub off_lineage: Option<OffLineage>,
+}
+
+/// A range of an ancestor timeline stored in the repository that the server's history does not
+/// continue: the stream was ahead of the server that was promoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffLineage {
+    pub tli: TimelineId,
+    /// The switch point: the new timeline's WAL starts here.
+    pub from: Lsn,
+    /// End of the WAL of `tli` the repository holds.
+    pub to: Lsn,
 }
 
 /// The timeline that wrote `lsn`, according to the server's history (oldest ancestor first).
@@ -37,6 +51,65 @@ pub fn timeline_of(lsn: Lsn, history: &[HistoryEntry], server_tli: TimelineId) -
         .iter()
         .find(|e| lsn < e.switchpoint)
         .map_or(server_tli, |e| e.tli)
+}
+
+/// Where ancestor timeline `tli` ended, and the timeline that continued it; `None` for the
+/// server's own timeline (or one not in its history).
+pub fn switch_of(
+    tli: TimelineId,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+) -> Option<(Lsn, TimelineId)> {
+    let i = history.iter().position(|e| e.tli == tli)?;
+    let next = history.get(i + 1).map_or(server_tli, |e| e.tli);
+    Some((history[i].switchpoint, next))
+}
+
+/// Where the repository's WAL on the server's lineage ends, and on which timeline streaming
+/// continues. An ancestor whose switch segment the repository holds (whole, or as `.partial`)
+/// is complete: what follows is the next timeline's copy of that segment, whatever the
+/// repository holds of the ancestor after the switch point.
+fn repository_end(
+    inv: &WalInventory,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+    seg_size: u64,
+) -> Option<(TimelineId, Lsn, Option<OffLineage>)> {
+    let ends = history
+        .iter()
+        .map(|e| (e.tli, Some(e.switchpoint)))
+        .chain(std::iter::once((server_tli, None)));
+    let mut best: Option<(TimelineId, Lsn, Option<OffLineage>)> = None;
+    for (t, switch) in ends {
+        let Some(wal) = inv.timelines.get(&t) else {
+            continue;
+        };
+        let last = wal.ranges.last().map(|r| r.1);
+        let end = last.map(|l| Lsn::from_segno(l + 1, seg_size));
+        let candidate = match (switch, last) {
+            (Some(sw), _)
+                if last >= Some(sw.segno(seg_size))
+                    || wal.partial.contains(&sw.segno(seg_size)) =>
+            {
+                let to = end.filter(|e| *e > sw);
+                let off = to.map(|to| OffLineage {
+                    tli: t,
+                    from: sw,
+                    to,
+                });
+                let seg = Lsn::from_segno(sw.segno(seg_size), seg_size);
+                let next = switch_of(t, history, server_tli).map_or(server_tli, |s| s.1);
+                (next, seg, off)
+            }
+            (_, Some(_)) => (t, end.expect("a last segment"), None),
+            (_, None) => continue,
+        };
+        if best.as_ref().is_none_or(|b| candidate.1 >= b.1) {
+            let off = candidate.2.or(best.and_then(|b| b.2));
+            best = Some((candidate.0, candidate.1, off));
+        }
+    }
+    best
 }
 
 pub fn choose_start(
@@ -48,25 +121,23 @@ pub fn choose_start(
     seg_size: u64,
 ) -> StartPoint {
     let seg_start = |lsn: Lsn| Lsn::from_segno(lsn.segno(seg_size), seg_size);
-    let lineage = history
-        .iter()
-        .map(|e| e.tli)
-        .chain(std::iter::once(server_tli));
-    let repo_end = lineage
-        .filter_map(|t| {
-            let last = inv.timelines.get(&t)?.ranges.last()?.1;
-            Some(Lsn::from_segno(last + 1, seg_size))
-        })
-        .max();
-    let (lsn, source) = match (repo_end, slot_restart) {
-        (Some(end), _) => (end, StartSource::Repository),
-        (None, Some(r)) => (seg_start(r), StartSource::Slot),
-        (None, None) => (seg_start(server_pos), StartSource::ServerPosition),
+    if let Some((tli, lsn, off_lineage)) = repository_end(inv, history, server_tli, seg_size) {
+        return StartPoint {
+            tli,
+            lsn,
+            source: StartSource::Repository,
+            off_lineage,
+        };
+    }
+    let (lsn, source) = match slot_restart {
+        Some(r) => (seg_start(r), StartSource::Slot),
+        None => (seg_start(server_pos), StartSource::ServerPosition),
     };
     StartPoint {
         tli: timeline_of(lsn, history, server_tli),
         lsn,
         source,
+        off_lineage: None,
     }
 }
 
@@ -101,7 +172,8 @@ mod tests {
             StartPoint {
                 tli: 1,
                 lsn: Lsn(SEG * 4),
-                source: StartSource::Repository
+                source: StartSource::Repository,
+                off_lineage: None,
             }
         );
     }
@@ -142,5 +214,47 @@ mod tests {
         let i = inv(&["000000030000000000000009"]);
         let s = choose_start(&i, &[], 1, Some(Lsn(SEG)), Lsn(SEG * 2), SEG);
         assert_eq!(s.source, StartSource::Slot);
+    }
+
+    /// The repository holds timeline 1 past the switch point (the stream was ahead of the
+    /// standby that was promoted): keep it, continue on timeline 2 at its copy of the switch
+    /// segment, and name the range of timeline 1 that timeline 2 does not continue.
+    #[test]
+    fn ahead_of_the_switch_point_continues_on_the_new_timeline() {
+        let i = inv(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+        ]);
+        let h = hist(&[(1, SEG * 3 + 0x158)]);
+        let s = choose_start(&i, &h, 2, None, Lsn(SEG * 5), SEG);
+        assert_eq!((s.tli, s.lsn), (2, Lsn(SEG * 3)));
+        assert_eq!(
+            s.off_lineage,
+            Some(OffLineage {
+                tli: 1,
+                from: Lsn(SEG * 3 + 0x158),
+                to: Lsn(SEG * 5)
+            })
+        );
+        // Timeline 2's own segments, once stored, decide; the range stays reported.
+        let i = inv(&["000000010000000000000004", "000000020000000000000003"]);
+        let s = choose_start(&i, &h, 2, None, Lsn(SEG * 5), SEG);
+        assert_eq!((s.tli, s.lsn), (2, Lsn(SEG * 4)));
+        assert_eq!(s.off_lineage.map(|o| o.to), Some(Lsn(SEG * 5)));
+    }
+
+    /// A `.partial` of the switch segment means timeline 1 is complete in the repository.
+    #[test]
+    fn a_partial_of_the_switch_segment_completes_the_old_timeline() {
+        let i = inv(&[
+            "000000010000000000000002",
+            "000000010000000000000003.partial",
+        ]);
+        let h = hist(&[(1, SEG * 3 + 0x158), (2, SEG * 7)]);
+        let s = choose_start(&i, &h, 3, None, Lsn(SEG * 9), SEG);
+        assert_eq!((s.tli, s.lsn, s.off_lineage), (2, Lsn(SEG * 3), None));
+        assert_eq!(switch_of(2, &h, 3), Some((Lsn(SEG * 7), 3)));
+        assert_eq!(switch_of(3, &h, 3), None);
     }
 }

@@ -185,17 +185,7 @@ impl SpoolSource {
 /// The repository location as the spool records it. For S3 the endpoint is part of it: the same
 /// bucket name on two endpoints is two repositories.
 pub fn location_id(location: &Location) -> String {
-    match location {
-        Location::S3 { settings, .. } => {
-            let endpoint = settings
-                .endpoint
-                .clone()
-                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-                .unwrap_or_else(|| "aws".into());
-            format!("{location} at {endpoint}")
-        }
-        other => other.to_string(),
-    }
+    crate::repo::marker::location_key(location)
 }
 
 /// `(log, seg)` of a segment name: orders segments by position whatever the segment size and
