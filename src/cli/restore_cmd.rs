@@ -23,9 +23,14 @@ use crate::wal::{Lsn, WalFileName};
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
 pub struct RestoreArgs {
-    /// Directory to restore into: must be empty or missing.
+    /// Directory to restore into: must be empty or missing (with --delta: may hold a stopped
+    /// cluster).
     #[arg(long, value_name = "DIR")]
     pub pgdata: PathBuf,
+    /// Restore into an existing, stopped data directory: keep files that already match the
+    /// backup, rewrite the others, remove what the backup does not have.
+    #[arg(long)]
+    pub delta: bool,
     /// Stop at this time: RFC 3339 (2026-11-23T03:18:29Z) or PostgreSQL's format (2026-11-23 03:18:29+00).
     #[arg(long, value_name = "TIME")]
     pub target_time: Option<String>,
@@ -123,8 +128,12 @@ pub async fn restore(
     changes: &mut Changes,
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
-    // Refuse a non-empty directory before any other work.
-    restore::check_target_dir(&a.pgdata)?;
+    // Refuse a non-empty directory (or, for --delta, a running server's) before any other work.
+    if a.delta {
+        restore::check_stopped(&a.pgdata)?;
+    } else {
+        restore::check_target_dir(&a.pgdata)?;
+    }
     let mut tablespace_map = vec![];
     for m in &a.tablespace_map {
         let (old, new) = m
@@ -168,6 +177,7 @@ pub async fn restore(
         pgdata: a.pgdata.clone(),
         tablespace_map,
         restore_command: restore_command(settings),
+        delta: a.delta,
     };
     let report = restore::execute(&repo, &plan, &opts).await?;
     changes.created.push(format!(
@@ -180,6 +190,12 @@ pub async fn restore(
         s["files"] = json!(report.files);
         s["bytes"] = json!(report.bytes);
         s["seconds"] = json!(report.seconds);
+        s["delta"] = json!(a.delta);
+        s["written_files"] = json!(report.written_files);
+        s["written_bytes"] = json!(report.written_bytes);
+        s["kept_files"] = json!(report.kept_files);
+        s["kept_bytes"] = json!(report.kept_bytes);
+        s["removed"] = json!(report.removed);
         println!("{}", serde_json::to_string_pretty(&s).expect("json"));
     } else {
         print_plan(&summary, false);
@@ -190,6 +206,16 @@ pub async fn restore(
             report.seconds,
             a.pgdata.display()
         );
+        if a.delta {
+            println!(
+                "delta: {} files ({}) written, {} files ({}) kept unchanged, {} removed (not in the backup)",
+                report.written_files,
+                human_bytes(report.written_bytes),
+                report.kept_files,
+                human_bytes(report.kept_bytes),
+                report.removed
+            );
+        }
         println!(
             "start PostgreSQL on it to replay WAL to the target, e.g.: pg_ctl -D {} start",
             a.pgdata.display()

@@ -13,6 +13,10 @@ use crate::repo::RepoError;
 pub enum RestoreError {
     #[error("{path} is not empty; restore needs an empty or missing directory")]
     NotEmpty { path: PathBuf },
+    #[error(
+        "{path} is in use by a running PostgreSQL (postmaster.pid names process {pid}); a delta restore needs a stopped server"
+    )]
+    ServerRunning { path: PathBuf, pid: i32 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -49,7 +53,9 @@ impl Classify for RestoreError {
     fn code(&self) -> Code {
         match self {
             RestoreError::Repo(e) => e.code(),
-            RestoreError::NotEmpty { .. } => Code::RestoreRefused,
+            RestoreError::NotEmpty { .. } | RestoreError::ServerRunning { .. } => {
+                Code::RestoreRefused
+            }
             RestoreError::NoTablespaceLocation { .. } => Code::Input,
             RestoreError::Io { .. }
             | RestoreError::Tar { .. }
@@ -66,6 +72,9 @@ impl Classify for RestoreError {
             RestoreError::Repo(e) => return e.hint(),
             RestoreError::NotEmpty { .. } => {
                 "restore into a new directory, or empty this one if you really mean to replace it"
+            }
+            RestoreError::ServerRunning { .. } => {
+                "stop the server first (pg_ctl -D DIR stop); if no server runs, the process is another one reusing the PID: remove postmaster.pid"
             }
             RestoreError::NoTablespaceLocation { .. } => return None,
             RestoreError::Io { .. }

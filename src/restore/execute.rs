@@ -15,6 +15,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::delta::{self, Delta};
 use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
 use super::recovery_conf;
 use crate::format::archive_check::{
@@ -39,12 +40,23 @@ pub struct RestoreOptions {
     /// The full restore_command to write; built by the caller so it can name the binary and the
     /// repository or config file exactly as the user gave them.
     pub restore_command: String,
+    /// Restore into an existing, stopped data directory, rewriting only what differs
+    /// (`--delta`, see [`super::delta`]).
+    pub delta: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
+    /// Files and bytes of the backup.
     pub files: u64,
     pub bytes: u64,
+    /// Of those, written; the rest were already in place (delta restore).
+    pub written_files: u64,
+    pub written_bytes: u64,
+    pub kept_files: u64,
+    pub kept_bytes: u64,
+    /// Files, links and directories a delta restore removed: not in the backup.
+    pub removed: u64,
     pub seconds: f64,
 }
 
@@ -108,6 +120,10 @@ struct FileWriter {
     links: HashMap<String, PathBuf>,
     current: Option<OpenFile>,
     syncer: SyncHandle,
+    /// Set for a delta restore: what may stay, and what the backup has.
+    delta: Option<Delta>,
+    written_files: u64,
+    written_bytes: u64,
 }
 
 struct OpenFile {
@@ -133,6 +149,7 @@ impl FileWriter {
             .mode(0o600)
             .open(&path)
             .map_err(io_at(&path))?;
+        self.written_files += 1;
         self.current = Some(OpenFile {
             file,
             path,
@@ -158,6 +175,15 @@ impl ArchiveSink for FileWriter {
 
     fn entry(&mut self, h: &TarHeader) -> Result<(), RestoreError> {
         let path = safe_join(&self.root, &h.path)?;
+        if let Some(d) = &mut self.delta {
+            let dir = h.kind == EntryKind::Directory;
+            d.see(&path, dir);
+            // Left as it is: `current` stays empty, so the file's data is only checked.
+            if h.kind == EntryKind::File && d.keep_file(&path, &h.path)? {
+                return Ok(());
+            }
+            d.clear(&path, dir)?;
+        }
         match h.kind {
             EntryKind::Directory => create_private_dir(&path),
             EntryKind::File => self.create_file(path),
@@ -172,6 +198,7 @@ impl ArchiveSink for FileWriter {
         };
         f.file.write_all(d).map_err(io_at(&f.path))?;
         f.len += d.len() as u64;
+        self.written_bytes += d.len() as u64;
         if f.len - f.flushed >= FLUSH_EVERY {
             self.syncer.flush(&f.file, &f.path);
             f.flushed = f.len;
@@ -304,36 +331,61 @@ pub async fn execute(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let owner = prepare_target(&opts.pgdata)?;
+    let owner = prepare_target(&opts.pgdata, opts.delta)?;
     let manifest = load_manifest(repo, &plan.backup).await?;
     let syncer = Syncer::start();
     let extraction = Extraction {
-        check: ManifestCheck::new(manifest),
         writer: FileWriter {
             root: opts.pgdata.clone(),
             links: opts.tablespace_map.iter().cloned().collect(),
             current: None,
             syncer: syncer.handle(),
+            delta: opts.delta.then(|| Delta::new(manifest.clone())),
+            written_files: 0,
+            written_bytes: 0,
         },
+        check: ManifestCheck::new(manifest),
     };
-    let (outcome, relocated) = restore_archives(repo, &plan.backup, extraction).await?;
+    let (outcome, relocated, writer) = restore_archives(repo, &plan.backup, extraction).await?;
     check_complete(&outcome)?;
+    let removed = match writer.delta {
+        Some(mut d) => {
+            d.remove_unseen(&opts.pgdata, true)?;
+            for (_, dir) in &relocated {
+                d.remove_unseen(dir, false)?;
+            }
+            tracing::info!(kept = d.kept_files, removed = d.removed, "delta restore");
+            Some(d)
+        }
+        None => None,
+    };
     finish_layout(&opts.pgdata, plan, opts, &relocated)?;
     let roots: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
         .chain(relocated.iter().map(|(_, d)| d.clone()))
         .collect();
     make_durable(syncer, roots, owner).await?;
+    let d = removed.unwrap_or_default();
     Ok(RestoreReport {
         files: outcome.files,
         bytes: outcome.bytes,
+        written_files: writer.written_files,
+        written_bytes: writer.written_bytes,
+        kept_files: d.kept_files,
+        kept_bytes: d.kept_bytes,
+        removed: d.removed,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
 /// Creates the data directory; returns who owns it, if it existed: the user may have prepared
-/// it for the server's account.
-fn prepare_target(pgdata: &Path) -> Result<Option<(u32, u32)>, RestoreError> {
-    check_target_dir(pgdata)?;
+/// it for the server's account. A delta restore takes an existing directory whose server is
+/// stopped.
+fn prepare_target(pgdata: &Path, delta: bool) -> Result<Option<(u32, u32)>, RestoreError> {
+    if delta {
+        delta::check_stopped(pgdata)?;
+    } else {
+        check_target_dir(pgdata)?;
+    }
     // Remember who owns the directory the user prepared, before we create anything.
     let owner = fs::metadata(pgdata).ok().map(|m| (m.uid(), m.gid()));
     create_private_dir(pgdata)?;
@@ -355,30 +407,34 @@ async fn load_manifest(
     Ok(Some(manifest::parse(&raw)?))
 }
 
-/// Writes every archive into place, in order; returns what was read and where each tablespace
-/// went.
+/// Writes every archive into place, in order; returns what was read, where each tablespace
+/// went, and the writer (its counts).
 async fn restore_archives(
     repo: &Repository,
     backup: &BackupInfo,
     mut ex: Extraction,
-) -> Result<(Outcome, Vec<(u32, PathBuf)>), RestoreError> {
+) -> Result<(Outcome, Vec<(u32, PathBuf)>, FileWriter), RestoreError> {
     let pgdata = ex.writer.root.clone();
     let mut relocated: Vec<(u32, PathBuf)> = vec![];
     for archive in &backup.archives {
         ex.writer.root = match archive.tablespace_oid {
             None => pgdata.clone(),
             Some(oid) => {
-                let dir = tablespace_dir(archive, oid, &ex.writer.links)?;
+                let delta = ex.writer.delta.is_some();
+                let dir = tablespace_dir(archive, oid, &ex.writer.links, delta)?;
                 relocated.push((oid, dir.clone()));
                 dir
             }
         };
+        if let Some(d) = &mut ex.writer.delta {
+            d.set_archive(archive.tablespace_oid);
+        }
         let (files, bytes) = (ex.check.files(), ex.check.bytes());
         ex = restore_archive(repo, &backup.id, archive, ex).await?;
         let (files, bytes) = (ex.check.files() - files, ex.check.bytes() - bytes);
         tracing::info!(archive = %archive.name, files, bytes, "restored archive");
     }
-    Ok((ex.check.finish(), relocated))
+    Ok((ex.check.finish(), relocated, ex.writer))
 }
 
 /// Creates the directory a tablespace archive is restored into: its old location, or where
@@ -387,6 +443,7 @@ fn tablespace_dir(
     archive: &BackupArchive,
     oid: u32,
     links: &HashMap<String, PathBuf>,
+    delta: bool,
 ) -> Result<PathBuf, RestoreError> {
     let old = archive
         .tablespace_location
@@ -396,7 +453,9 @@ fn tablespace_dir(
         .get(&old)
         .cloned()
         .unwrap_or_else(|| PathBuf::from(&old));
-    check_target_dir(&dir)?;
+    if !delta {
+        check_target_dir(&dir)?;
+    }
     create_private_dir(&dir)?;
     Ok(dir)
 }
@@ -492,6 +551,9 @@ mod tests {
             links: [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
             current: None,
             syncer: syncer.handle(),
+            delta: None,
+            written_files: 0,
+            written_bytes: 0,
         }
     }
 

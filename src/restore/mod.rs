@@ -5,10 +5,12 @@
 //! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
+mod delta;
 mod durable;
 mod error;
 mod execute;
 pub mod recovery_conf;
 
+pub use delta::check_stopped;
 pub use error::RestoreError;
 pub use execute::{check_target_dir, execute, RestoreOptions, RestoreReport};

@@ -1,0 +1,110 @@
+//! The restore side of incremental backups (issue 13) against real PostgreSQL: delta restore
+//! into a directory restored before, and restores from chains of incremental backups.
+
+use std::path::Path;
+use std::thread::sleep;
+use std::time::Duration;
+
+use crate::common::{assert_code, switch_and_wait, text, Backend, TestRepo};
+use crate::harness::{PgCluster, TestDir};
+use crate::pitr::{insert, ok, primary, restore_and_read, run};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Starts PostgreSQL on a restored directory, waits until it has promoted, and reads the
+/// marker rows as `phase:count,...`.
+fn start_and_read(repo: &TestRepo, dir: &Path) -> (PgCluster, String) {
+    let pg = PgCluster::builder()
+        .existing_data_dir(dir)
+        .envs(repo.env.clone())
+        .conf("archive_mode = off")
+        .start()
+        .unwrap();
+    pg.wait_for("select pg_is_in_recovery()", "f", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pg.log_contents()));
+    let phases = pg.psql("select string_agg(phase || ':' || n, ',' order by phase) from (select phase, count(*) n from marks group by phase) s").unwrap();
+    (pg, phases)
+}
+
+/// A primary with marker rows and a table large enough that a delta restore has something to
+/// keep.
+fn primary_with_data(repo: &TestRepo) -> PgCluster {
+    let pg = primary(repo);
+    pg.psql("create table marks(id serial primary key, phase text not null)")
+        .unwrap();
+    pg.psql("create table big as select g as id, repeat('x', 300) as pad from generate_series(1, 60000) g")
+        .unwrap();
+    pg.psql("checkpoint").unwrap();
+    pg
+}
+
+/// A timestamp between two inserts, a second clear of each.
+fn time_between(pg: &PgCluster) -> String {
+    sleep(Duration::from_millis(1100));
+    let t = pg.psql("select now()").unwrap();
+    sleep(Duration::from_millis(1100));
+    t
+}
+
+#[test]
+fn delta_restore_back_to_an_earlier_time() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let pg = primary_with_data(&repo);
+    insert(&pg, "a");
+    ok(&repo, &["backup", "-d", &pg.conninfo()]);
+    insert(&pg, "b");
+    let t = time_between(&pg);
+    insert(&pg, "c");
+    switch_and_wait(&pg);
+
+    let (mut restored, phases) = restore_and_read(&repo, &work, "delta", &[], false);
+    assert_eq!(phases, "a:10,b:10,c:10");
+    let dir = restored.data_dir().to_path_buf();
+    let dir_arg = dir.to_str().unwrap();
+    let delta_args = [
+        "restore",
+        "--delta",
+        "--pgdata",
+        dir_arg,
+        "--target-time",
+        &t,
+    ];
+
+    // Refused while its server runs: exit 8, nothing touched.
+    let o = run(&repo, &delta_args);
+    assert_code(&o, 8);
+    assert!(text(&o).contains("running PostgreSQL"), "{}", text(&o));
+    assert!(dir.join("postmaster.pid").exists());
+
+    restored.stop().unwrap();
+    drop(restored);
+    let mut args = delta_args.to_vec();
+    args.push("--json");
+    let v = json(&ok(&repo, &args));
+    let (bytes, written) = (
+        v["bytes"].as_u64().unwrap(),
+        v["written_bytes"].as_u64().unwrap(),
+    );
+    assert!(v["kept_files"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        written * 2 < bytes,
+        "a delta restore writes less than half of a full one: {v}"
+    );
+    assert_eq!(
+        v["kept_bytes"].as_u64().unwrap() + written,
+        bytes,
+        "every byte of the backup is either kept or written: {v}"
+    );
+    // Stale WAL of the first restore's timeline and its backup_label.old are gone.
+    assert!(!dir.join("backup_label.old").exists());
+    let (_pg, phases) = start_and_read(&repo, &dir);
+    assert_eq!(phases, "a:10,b:10");
+
+    // The text output gives the figures too.
+    drop(_pg);
+    let out = ok(&repo, &delta_args);
+    assert!(out.contains("kept unchanged"), "{out}");
+}
