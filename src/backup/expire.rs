@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::{Classify, Code};
+use crate::recovery::{is_full, parent_of};
 use crate::repo::{BackupInfo, RepoError, Repository, StoredObject};
 use crate::wal::Lsn;
 
@@ -117,7 +118,7 @@ impl Chains {
             full: backups.iter().map(is_full).collect(),
             parent: backups
                 .iter()
-                .map(|b| parent_id(b).and_then(index))
+                .map(|b| parent_of(b).and_then(index))
                 .collect(),
         }
     }
@@ -173,15 +174,6 @@ fn keep_range(
     // Every kept incremental keeps its whole chain.
     let first = (first..n).map(|i| chains.root(i)).min().unwrap_or(first);
     first..n
-}
-
-// Interim until the catalog carries `kind` and `parent` (issue 13, backup side).
-fn is_full(_b: &BackupInfo) -> bool {
-    true
-}
-
-fn parent_id(_b: &BackupInfo) -> Option<&str> {
-    None
 }
 
 /// Applies `policy` to the repository. With `dry_run` nothing is written or removed.

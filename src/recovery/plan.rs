@@ -53,6 +53,9 @@ impl RestoreRequest {
 #[derive(Clone, Debug)]
 pub struct RestorePlan {
     pub backup: BackupInfo,
+    /// What restoring `backup` reads, newest first: `backup` itself, then for an incremental
+    /// its parent, ..., down to the full backup at the root of its chain.
+    pub chain: Vec<BackupInfo>,
     pub target: Target,
     pub action: TargetAction,
     pub timeline: TimelineTarget,
@@ -140,6 +143,12 @@ pub enum PlanError {
     MissingHistory { tli: TimelineId },
     #[error("no backup lies on the history of timeline {tli}")]
     NoBackupOnTimeline { tli: TimelineId },
+    #[error("backup {id} cannot be restored: {source}")]
+    ChainBroken {
+        id: String,
+        #[source]
+        source: super::chain::ChainError,
+    },
 }
 
 /// Every planning failure is found before anything is written.
@@ -149,7 +158,10 @@ impl Classify for PlanError {
     }
 
     fn hint(&self) -> Option<String> {
-        Some("`pitr list` shows the backups and the recoverable window".into())
+        Some(match self {
+            PlanError::ChainBroken { .. } => "nothing was written; an incremental backup restores only with its whole chain: `pitr list` shows each backup's parent; restore another backup with --backup ID".into(),
+            _ => "`pitr list` shows the backups and the recoverable window".into(),
+        })
     }
 }
 
@@ -551,10 +563,21 @@ pub fn plan(
     };
     let backup = choose_backup(&ctx, backups, restore_point.as_ref(), floor)?;
     let reach = check_reachable(&ctx, backup, restore_point.as_ref())?;
+    // No fall-back to another backup: the user picks one with --backup.
+    let chain: Vec<BackupInfo> = super::chain::chain_of(backup, backups)
+        .map_err(|source| PlanError::ChainBroken {
+            id: backup.id.clone(),
+            source,
+        })?
+        .into_iter()
+        .cloned()
+        .collect();
+    let bytes_to_fetch = chain.iter().map(BackupInfo::stored_bytes).sum();
     let path = &r.path;
     let segment = |n| WalFileName::segment(timeline_of_segment(path, n, seg_size), n, seg_size);
     Ok(RestorePlan {
         backup: backup.clone(),
+        chain,
         target: req.target.clone(),
         action: req.action,
         timeline: req.timeline,
@@ -564,7 +587,7 @@ pub fn plan(
         wal_first: segment(backup.start_lsn.segno(seg_size)),
         wal_last: segment(reach.end_seg),
         recoverable_end: Lsn::from_segno(reach.end_seg + 1, seg_size),
-        bytes_to_fetch: backup.stored_bytes(),
+        bytes_to_fetch,
         last_xact: reach.last_xact,
         restore_point: restore_point.map(|(_, rp)| rp),
         windows,

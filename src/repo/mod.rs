@@ -4,6 +4,7 @@
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
 mod audit;
+mod backup_check;
 mod backups;
 mod catalog;
 mod chunks;

@@ -47,15 +47,31 @@ pub enum RestoreError {
     MissingFiles { count: usize, example: String },
     #[error("tablespace {oid} has no location recorded; pass --tablespace-map OLD=NEW")]
     NoTablespaceLocation { oid: u32 },
+    #[error("backup {backup} cannot be restored: member {member} of its chain {problem}")]
+    ChainBroken {
+        backup: String,
+        member: String,
+        problem: String,
+    },
+    #[error("{path}: not a valid incremental file: {reason}")]
+    BadIncremental { path: PathBuf, reason: String },
+    #[error(
+        "{path}: {blocks} block(s) were found in no member of the chain ({files} file(s) incomplete)"
+    )]
+    ChainIncomplete {
+        path: String,
+        blocks: u32,
+        files: usize,
+    },
 }
 
 impl Classify for RestoreError {
     fn code(&self) -> Code {
         match self {
             RestoreError::Repo(e) => e.code(),
-            RestoreError::NotEmpty { .. } | RestoreError::ServerRunning { .. } => {
-                Code::RestoreRefused
-            }
+            RestoreError::NotEmpty { .. }
+            | RestoreError::ServerRunning { .. }
+            | RestoreError::ChainBroken { .. } => Code::RestoreRefused,
             RestoreError::NoTablespaceLocation { .. } => Code::Input,
             RestoreError::Io { .. }
             | RestoreError::Tar { .. }
@@ -63,7 +79,9 @@ impl Classify for RestoreError {
             | RestoreError::Manifest(_)
             | RestoreError::ChecksumMismatch { .. }
             | RestoreError::SizeMismatch { .. }
-            | RestoreError::MissingFiles { .. } => Code::JobFailed,
+            | RestoreError::MissingFiles { .. }
+            | RestoreError::BadIncremental { .. }
+            | RestoreError::ChainIncomplete { .. } => Code::JobFailed,
         }
     }
 
@@ -77,13 +95,18 @@ impl Classify for RestoreError {
                 "stop the server first (pg_ctl -D DIR stop); if no server runs, the process is another one reusing the PID: remove postmaster.pid"
             }
             RestoreError::NoTablespaceLocation { .. } => return None,
+            RestoreError::ChainBroken { .. } => {
+                "nothing was written; `pitr verify` checks every chain; restore an older backup with --backup ID (`pitr list` shows each backup's parent)"
+            }
             RestoreError::Io { .. }
             | RestoreError::Tar { .. }
             | RestoreError::UnsafePath { .. }
             | RestoreError::Manifest(_)
             | RestoreError::ChecksumMismatch { .. }
             | RestoreError::SizeMismatch { .. }
-            | RestoreError::MissingFiles { .. } => {
+            | RestoreError::MissingFiles { .. }
+            | RestoreError::BadIncremental { .. }
+            | RestoreError::ChainIncomplete { .. } => {
                 "the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository"
             }
         };

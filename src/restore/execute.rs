@@ -15,6 +15,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::chain;
 use super::delta::{self, Delta};
 use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
 use super::recovery_conf;
@@ -57,10 +58,12 @@ pub struct RestoreReport {
     pub kept_bytes: u64,
     /// Files, links and directories a delta restore removed: not in the backup.
     pub removed: u64,
+    /// Files reconstructed from the blocks of an incremental chain.
+    pub rebuilt_files: u64,
     pub seconds: f64,
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
+pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -86,7 +89,7 @@ pub fn check_target_dir(dir: &Path) -> Result<(), RestoreError> {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), RestoreError> {
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), RestoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -97,7 +100,7 @@ fn create_private_dir(dir: &Path) -> Result<(), RestoreError> {
 }
 
 /// Joins a tar entry path under `root`, refusing anything that could escape it.
-fn safe_join(root: &Path, entry: &str) -> Result<PathBuf, RestoreError> {
+pub(super) fn safe_join(root: &Path, entry: &str) -> Result<PathBuf, RestoreError> {
     let rel = Path::new(entry);
     if entry.is_empty()
         || !rel
@@ -113,17 +116,17 @@ fn safe_join(root: &Path, entry: &str) -> Result<PathBuf, RestoreError> {
 
 /// Writes the entries of a backup's archives into place as they are read. Owns all its state
 /// so it can move to the blocking thread that writes each archive.
-struct FileWriter {
+pub(super) struct FileWriter {
     /// Where the current archive's entries go: the data directory or a tablespace's directory.
-    root: PathBuf,
+    pub root: PathBuf,
     /// Tablespace relocations: old location → new directory.
-    links: HashMap<String, PathBuf>,
+    pub links: HashMap<String, PathBuf>,
     current: Option<OpenFile>,
-    syncer: SyncHandle,
+    pub syncer: SyncHandle,
     /// Set for a delta restore: what may stay, and what the backup has.
-    delta: Option<Delta>,
-    written_files: u64,
-    written_bytes: u64,
+    pub delta: Option<Delta>,
+    pub written_files: u64,
+    pub written_bytes: u64,
     /// A delta restore's buffer for the bytes already on disk.
     scratch: Vec<u8>,
 }
@@ -140,6 +143,24 @@ struct OpenFile {
 }
 
 impl FileWriter {
+    pub(super) fn new(
+        root: PathBuf,
+        links: HashMap<String, PathBuf>,
+        syncer: SyncHandle,
+        delta: Option<Delta>,
+    ) -> FileWriter {
+        FileWriter {
+            root,
+            links,
+            current: None,
+            syncer,
+            delta,
+            written_files: 0,
+            written_bytes: 0,
+            scratch: vec![],
+        }
+    }
+
     /// What the writer did; drops its sync handle.
     fn into_results(self) -> (Option<Delta>, u64, u64) {
         (self.delta, self.written_files, self.written_bytes)
@@ -266,7 +287,7 @@ impl ArchiveSink for FileWriter {
     }
 }
 
-fn mismatch_error(m: Mismatch) -> RestoreError {
+pub(super) fn mismatch_error(m: Mismatch) -> RestoreError {
     match m {
         Mismatch::Size {
             path,
@@ -290,19 +311,22 @@ fn mismatch_error(m: Mismatch) -> RestoreError {
 }
 
 /// What the writer thread needs, moved to it for each archive and back.
-struct Extraction {
-    check: ManifestCheck,
-    writer: FileWriter,
+pub(super) struct Extraction<S = FileWriter> {
+    pub check: ManifestCheck,
+    pub writer: S,
 }
 
 /// Fetches the parts of `archive` in order, a few ahead, and feeds them to the writer on a
 /// blocking thread; returns the extraction once the whole archive is written.
-async fn restore_archive(
+pub(super) async fn restore_archive<S>(
     repo: &Repository,
     backup_id: &str,
     archive: &BackupArchive,
-    extraction: Extraction,
-) -> Result<Extraction, RestoreError> {
+    extraction: Extraction<S>,
+) -> Result<Extraction<S>, RestoreError>
+where
+    S: ArchiveSink<Error = RestoreError> + Send + 'static,
+{
     // Capacity 1: the writer holds one part, one waits, PREFETCH_PARTS are being fetched.
     let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
     let writer = spawn_writer(archive, extraction, rx);
@@ -313,11 +337,14 @@ async fn restore_archive(
 }
 
 /// Writes the parts received on `rx`, on a blocking thread.
-fn spawn_writer(
+fn spawn_writer<S>(
     archive: &BackupArchive,
-    mut ex: Extraction,
+    mut ex: Extraction<S>,
     mut rx: mpsc::Receiver<Vec<u8>>,
-) -> tokio::task::JoinHandle<Result<Extraction, RestoreError>> {
+) -> tokio::task::JoinHandle<Result<Extraction<S>, RestoreError>>
+where
+    S: ArchiveSink<Error = RestoreError> + Send + 'static,
+{
     let name = archive.name.clone();
     let mut reader = ArchiveReader::new(archive.tablespace_oid);
     let tar_error = |name: &str, source| RestoreError::Tar {
@@ -381,23 +408,23 @@ pub async fn execute(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    if plan.chain.len() > 1 {
+        chain::check_members(repo, &plan.chain).await?;
+    }
     let owner = prepare_target(&opts.pgdata, opts.delta)?;
     let manifest = load_manifest(repo, &plan.backup).await?;
     let syncer = Syncer::start();
     let extraction = Extraction {
-        writer: FileWriter {
-            root: opts.pgdata.clone(),
-            links: opts.tablespace_map.iter().cloned().collect(),
-            current: None,
-            syncer: syncer.handle(),
-            delta: opts.delta.then(Delta::default),
-            written_files: 0,
-            written_bytes: 0,
-            scratch: vec![],
-        },
-        check: ManifestCheck::new(manifest),
+        writer: FileWriter::new(
+            opts.pgdata.clone(),
+            opts.tablespace_map.iter().cloned().collect(),
+            syncer.handle(),
+            opts.delta.then(Delta::default),
+        ),
+        check: ManifestCheck::new(manifest.clone()),
     };
-    let (outcome, relocated, writer) = restore_archives(repo, &plan.backup, extraction).await?;
+    let (outcome, relocated, writer, rebuilt) =
+        write_backup(repo, plan, extraction, manifest.as_ref()).await?;
     // The writer's sync handle goes here: the syncer finishes only once every handle is gone.
     let (delta, written_files, written_bytes) = writer.into_results();
     check_complete(&outcome)?;
@@ -426,8 +453,32 @@ pub async fn execute(
         kept_files: d.kept_files,
         kept_bytes: d.kept_bytes,
         removed: d.removed,
+        rebuilt_files: rebuilt,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Writes the backup (or, for an incremental one, its chain) into place; returns what was
+/// read, where each tablespace went, the writer, and how many files were reconstructed from
+/// incremental entries (each checked against the manifest).
+async fn write_backup(
+    repo: &Repository,
+    plan: &RestorePlan,
+    extraction: Extraction,
+    manifest: Option<&Manifest>,
+) -> Result<(Outcome, Vec<(u32, PathBuf)>, FileWriter, u64), RestoreError> {
+    if plan.chain.len() <= 1 {
+        let (outcome, relocated, writer) = restore_archives(repo, &plan.backup, extraction).await?;
+        return Ok((outcome, relocated, writer, 0));
+    }
+    let mut done = chain::restore_chain(repo, &plan.chain, extraction).await?;
+    chain::check_rebuilt(&done.rebuilt, manifest, &mut done.outcome)?;
+    Ok((
+        done.outcome,
+        done.relocated,
+        done.writer,
+        done.rebuilt.len() as u64,
+    ))
 }
 
 /// Creates the data directory; returns who owns it, if it existed: the user may have prepared
@@ -489,7 +540,7 @@ async fn restore_archives(
 
 /// Creates the directory a tablespace archive is restored into: its old location, or where
 /// `--tablespace-map` moves it.
-fn tablespace_dir(
+pub(super) fn tablespace_dir(
     archive: &BackupArchive,
     oid: u32,
     links: &HashMap<String, PathBuf>,
@@ -596,16 +647,12 @@ mod tests {
     use crate::format::tar::build::{file, header, link, END};
 
     fn writer(root: &Path, syncer: &Syncer) -> FileWriter {
-        FileWriter {
-            root: root.to_path_buf(),
-            links: [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
-            current: None,
-            syncer: syncer.handle(),
-            delta: None,
-            written_files: 0,
-            written_bytes: 0,
-            scratch: vec![],
-        }
+        FileWriter::new(
+            root.to_path_buf(),
+            [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
+            syncer.handle(),
+            None,
+        )
     }
 
     fn write(archive: &[u8], w: &mut FileWriter, manifest: Manifest) -> Result<(), RestoreError> {

@@ -5,6 +5,7 @@
 //! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
+mod chain;
 mod delta;
 mod durable;
 mod error;

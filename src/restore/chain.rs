@@ -1,0 +1,782 @@
+//! Restoring an incremental backup: every file reconstructed from the chain (the backup, its
+//! parent, ..., the full backup at the root) in one streaming pass, newest member first.
+//!
+//! An incremental backup's archives hold each file either whole or as `INCREMENTAL.<name>` in
+//! PostgreSQL's format (a header with the truncation length and the numbers of the blocks it
+//! carries, padded to a block, then those blocks; see pg_combinebackup's reconstruct.c). The
+//! newest member's archives are written as in a full restore, except that an incremental entry
+//! creates its file at the final length and writes the blocks it carries; the blocks below its
+//! truncation length that it does not carry are remembered in a bitmap per file (16 KiB for a
+//! 1 GiB segment, nothing for a complete file). Each older member is then streamed in turn and
+//! fills only the blocks still needed, from its own incremental entries or from a whole file,
+//! which ends the search for that file: blocks no member has stay zero, as pg_combinebackup
+//! leaves them. Members whose blocks are no longer needed are not even fetched. Nothing is
+//! staged: blocks go straight to their place in the target files with positioned writes.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::RestoreError;
+use super::execute::{
+    io_at, mismatch_error, restore_archive, safe_join, tablespace_dir, Extraction, FileWriter,
+};
+use crate::format::archive_check::{
+    ArchiveSink, FileSum, Manifest, ManifestCheck, Mismatch, Outcome,
+};
+use crate::format::tar::{EntryKind, TarHeader};
+use crate::repo::{BackupInfo, Repository};
+
+/// PostgreSQL's block size (BLCKSZ), which incremental files are made of.
+pub(super) const BLOCK: u64 = 8192;
+/// `INCREMENTAL_MAGIC` in PostgreSQL's basebackup_incremental.h.
+const MAGIC: u32 = 0xd3ae_1f0d;
+/// RELSEG_SIZE: no relation segment has more blocks.
+const MAX_BLOCKS: u32 = 131_072;
+const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";
+
+/// The file an `INCREMENTAL.<name>` entry reconstructs (`dir/INCREMENTAL.x` → `dir/x`), or
+/// `None` for a whole file.
+pub(super) fn incremental_target(path: &str) -> Option<String> {
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((dir, name)) => (Some(dir), name),
+        None => (None, path),
+    };
+    let target = name.strip_prefix(INCREMENTAL_PREFIX)?;
+    Some(match dir {
+        Some(dir) => format!("{dir}/{target}"),
+        None => target.to_string(),
+    })
+}
+
+/// The header of an incremental file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Header {
+    /// Blocks of the file that may still equal the prior backup's; older members supply only
+    /// blocks below it.
+    pub truncation: u32,
+    /// The blocks carried, in the order their contents follow the header.
+    pub blocks: Vec<u32>,
+}
+
+impl Header {
+    /// The reconstructed file's length in blocks (find_reconstructed_block_length).
+    fn block_length(&self) -> u32 {
+        self.blocks
+            .iter()
+            .map(|&b| b + 1)
+            .max()
+            .unwrap_or(0)
+            .max(self.truncation)
+    }
+
+    /// Builds an incremental file's bytes (tests and synthetic members).
+    #[cfg(test)]
+    pub fn encode(&self, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![];
+        for w in [MAGIC, self.blocks.len() as u32, self.truncation] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for b in &self.blocks {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        if !self.blocks.is_empty() {
+            out.resize(out.len().next_multiple_of(BLOCK as usize), 0);
+        }
+        out.extend_from_slice(contents);
+        out
+    }
+}
+
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+}
+
+/// How many bytes the header at the start of `head` takes, as far as `head` tells: 12 until
+/// the block count is known. The header is padded to a block when blocks follow.
+fn header_need(head: &[u8]) -> Result<usize, String> {
+    if head.len() < 12 {
+        return Ok(12);
+    }
+    let (magic, count, truncation) = (word(head, 0), word(head, 1), word(head, 2));
+    if magic != MAGIC {
+        return Err(format!("bad magic number 0x{magic:08x}"));
+    }
+    if count > MAX_BLOCKS || truncation > MAX_BLOCKS {
+        return Err(format!(
+            "{count} blocks, truncation length {truncation}: more than a segment's {MAX_BLOCKS}"
+        ));
+    }
+    let raw = 12 + 4 * count as usize;
+    Ok(if count > 0 {
+        raw.next_multiple_of(BLOCK as usize)
+    } else {
+        raw
+    })
+}
+
+fn parse_header(head: &[u8]) -> Header {
+    let count = word(head, 1) as usize;
+    Header {
+        truncation: word(head, 2),
+        blocks: (0..count).map(|i| word(head, 3 + i)).collect(),
+    }
+}
+
+/// The blocks of one file still to be found in older members: bit `b` set = block `b` needed.
+#[derive(Debug)]
+struct Pending {
+    path: PathBuf,
+    needed: Vec<u64>,
+    /// The newest member's truncation length: older members supply only blocks below it.
+    limit: u32,
+    left: u32,
+}
+
+impl Pending {
+    fn new(path: PathBuf, header: &Header) -> Pending {
+        let limit = header.truncation;
+        let mut needed = vec![u64::MAX; (limit as usize).div_ceil(64)];
+        if limit % 64 != 0 {
+            *needed.last_mut().expect("limit > 0") = (1u64 << (limit % 64)) - 1;
+        }
+        let mut p = Pending {
+            path,
+            needed,
+            limit,
+            left: limit,
+        };
+        for &b in &header.blocks {
+            p.take(b);
+        }
+        p
+    }
+
+    fn wants(&self, b: u32) -> bool {
+        b < self.limit && self.needed[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    fn take(&mut self, b: u32) {
+        if self.wants(b) {
+            self.needed[(b / 64) as usize] &= !(1 << (b % 64));
+            self.left -= 1;
+        }
+    }
+}
+
+/// The entry being read.
+enum Current {
+    None,
+    /// The newest member's directories, links and whole files: the file writer's.
+    Inner,
+    Incremental(Incremental),
+    /// A whole file in an older member: the last source of the blocks still needed.
+    Whole {
+        key: String,
+        file: File,
+        pos: u64,
+    },
+}
+
+struct Incremental {
+    key: String,
+    path: PathBuf,
+    head: Vec<u8>,
+    header: Option<Header>,
+    file: Option<File>,
+    /// Bytes of block contents read so far.
+    pos: u64,
+}
+
+/// Writes the archives of every member of a chain; see the module docs.
+pub(super) struct ChainWriter {
+    pub inner: FileWriter,
+    /// 0 while the newest member is read.
+    member: usize,
+    /// Prefix of the current archive's members in the manifest (`pg_tblspc/<oid>/`).
+    prefix: String,
+    /// Files still missing blocks, by manifest path.
+    pending: HashMap<String, Pending>,
+    /// Every file reconstructed from incremental entries: path and manifest path, for the
+    /// final check.
+    pub rebuilt: Vec<(PathBuf, String)>,
+    current: Current,
+}
+
+impl ChainWriter {
+    pub fn new(inner: FileWriter) -> ChainWriter {
+        ChainWriter {
+            inner,
+            member: 0,
+            prefix: String::new(),
+            pending: HashMap::new(),
+            rebuilt: vec![],
+            current: Current::None,
+        }
+    }
+
+    /// The next archive: of member `member` (0 = newest), written under `root`.
+    pub fn set_archive(&mut self, member: usize, root: PathBuf, tablespace_oid: Option<u32>) {
+        self.member = member;
+        self.inner.root = root;
+        self.prefix = tablespace_oid
+            .map(|oid| format!("pg_tblspc/{oid}/"))
+            .unwrap_or_default();
+    }
+
+    /// Whether any file of the archive of `tablespace_oid` still needs blocks.
+    pub fn needs(&self, tablespace_oid: Option<u32>) -> bool {
+        self.pending.keys().any(|k| match tablespace_oid {
+            Some(oid) => k.starts_with(&format!("pg_tblspc/{oid}/")),
+            None => !k.starts_with("pg_tblspc/"),
+        })
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// After the chain's root: every block must have been found.
+    pub fn finish(&self) -> Result<(), RestoreError> {
+        match self.pending.iter().min_by_key(|(k, _)| *k) {
+            None => Ok(()),
+            Some((key, p)) => Err(RestoreError::ChainIncomplete {
+                path: key.clone(),
+                blocks: p.left,
+                files: self.pending.len(),
+            }),
+        }
+    }
+
+    fn start_incremental(&mut self, rel: String) -> Result<(), RestoreError> {
+        let path = safe_join(&self.inner.root, &rel)?;
+        let key = format!("{}{rel}", self.prefix);
+        if self.member == 0 {
+            // A delta restore rewrites reconstructed files (they are not compared).
+            if let Some(d) = &mut self.inner.delta {
+                d.see(&path, false);
+                d.clear(&path, false)?;
+            }
+        } else if !self.pending.contains_key(&key) {
+            return Ok(()); // complete already
+        }
+        self.current = Current::Incremental(Incremental {
+            key,
+            path,
+            head: vec![],
+            header: None,
+            file: None,
+            pos: 0,
+        });
+        Ok(())
+    }
+
+    fn start_whole(&mut self, rel: &str) -> Result<(), RestoreError> {
+        let key = format!("{}{rel}", self.prefix);
+        let Some(p) = self.pending.get(&key) else {
+            return Ok(());
+        };
+        let file = open_for_blocks(&p.path)?;
+        self.current = Current::Whole { key, file, pos: 0 };
+        Ok(())
+    }
+}
+
+fn open_for_blocks(path: &Path) -> Result<File, RestoreError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_at(path))
+}
+
+/// Creates the newest member's version of a reconstructed file at its final length (sparse:
+/// blocks no member supplies read as zeros).
+fn create_rebuilt(path: &Path, header: &Header) -> Result<File, RestoreError> {
+    if let Some(parent) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_at(parent))?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_at(path))?;
+    file.set_len(u64::from(header.block_length()) * BLOCK)
+        .map_err(io_at(path))?;
+    Ok(file)
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> RestoreError {
+    RestoreError::BadIncremental {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl ChainWriter {
+    /// Collects the header; returns what follows it in `d`, or `None` while it is incomplete.
+    fn header<'d>(
+        inc: &mut Incremental,
+        mut d: &'d [u8],
+    ) -> Result<Option<&'d [u8]>, RestoreError> {
+        loop {
+            let need = header_need(&inc.head).map_err(|r| bad(&inc.path, r))?;
+            if inc.head.len() >= need {
+                inc.header = Some(parse_header(&inc.head));
+                return Ok(Some(d));
+            }
+            let take = (need - inc.head.len()).min(d.len());
+            inc.head.extend_from_slice(&d[..take]);
+            d = &d[take..];
+            if inc.head.len() < need {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The header is complete: the newest member creates the file, an older one opens it.
+    fn begin_blocks(&mut self) -> Result<(), RestoreError> {
+        let Current::Incremental(inc) = &mut self.current else {
+            return Ok(());
+        };
+        let header = inc.header.as_ref().expect("header parsed");
+        if self.member == 0 {
+            inc.file = Some(create_rebuilt(&inc.path, header)?);
+            self.inner.written_files += 1;
+            self.rebuilt.push((inc.path.clone(), inc.key.clone()));
+            let p = Pending::new(inc.path.clone(), header);
+            if p.left > 0 {
+                self.pending.insert(inc.key.clone(), p);
+            }
+        } else {
+            inc.file = Some(open_for_blocks(&inc.path)?);
+        }
+        Ok(())
+    }
+
+    fn incremental_data(&mut self, d: &[u8]) -> Result<(), RestoreError> {
+        let Current::Incremental(inc) = &mut self.current else {
+            return Ok(());
+        };
+        let mut d = d;
+        if inc.header.is_none() {
+            match Self::header(inc, d)? {
+                Some(rest) => d = rest,
+                None => return Ok(()),
+            }
+            self.begin_blocks()?;
+        }
+        let Current::Incremental(inc) = &mut self.current else {
+            return Ok(());
+        };
+        let header = inc.header.as_ref().expect("header parsed");
+        let file = inc.file.as_ref().expect("file opened");
+        let mut pending = self.pending.get_mut(&inc.key);
+        while !d.is_empty() {
+            let (i, within) = ((inc.pos / BLOCK) as usize, inc.pos % BLOCK);
+            let Some(&b) = header.blocks.get(i) else {
+                return Err(bad(&inc.path, "more data than its header announces"));
+            };
+            let take = ((BLOCK - within) as usize).min(d.len());
+            // The newest member's blocks are all written; older ones only fill what is needed.
+            let want = self.member == 0 || pending.as_ref().is_some_and(|p| p.wants(b));
+            if want {
+                let at = u64::from(b) * BLOCK + within;
+                file.write_all_at(&d[..take], at)
+                    .map_err(io_at(&inc.path))?;
+                self.inner.written_bytes += take as u64;
+                if within + take as u64 == BLOCK && self.member > 0 {
+                    if let Some(p) = pending.as_mut() {
+                        p.take(b);
+                    }
+                }
+            }
+            inc.pos += take as u64;
+            d = &d[take..];
+        }
+        Ok(())
+    }
+
+    fn whole_data(&mut self, d: &[u8]) -> Result<(), RestoreError> {
+        let Current::Whole { key, file, pos } = &mut self.current else {
+            return Ok(());
+        };
+        let Some(p) = self.pending.get_mut(key.as_str()) else {
+            return Ok(());
+        };
+        let mut d = d;
+        while !d.is_empty() {
+            let (b, within) = ((*pos / BLOCK) as u32, *pos % BLOCK);
+            let take = ((BLOCK - within) as usize).min(d.len());
+            if p.wants(b) {
+                file.write_all_at(&d[..take], *pos)
+                    .map_err(io_at(&p.path))?;
+                self.inner.written_bytes += take as u64;
+                if within + take as u64 == BLOCK {
+                    p.take(b);
+                }
+            }
+            *pos += take as u64;
+            d = &d[take..];
+        }
+        Ok(())
+    }
+
+    fn end_incremental(&mut self, inc: Incremental) -> Result<(), RestoreError> {
+        let Some(header) = &inc.header else {
+            return Err(bad(&inc.path, "ends inside its header"));
+        };
+        if inc.pos != header.blocks.len() as u64 * BLOCK {
+            return Err(bad(&inc.path, "ends before its last block"));
+        }
+        if self.member > 0 && self.pending.get(&inc.key).is_some_and(|p| p.left == 0) {
+            self.pending.remove(&inc.key);
+        }
+        if let Some(file) = inc.file {
+            self.inner.syncer.done(file, inc.path);
+        }
+        Ok(())
+    }
+}
+
+impl ArchiveSink for ChainWriter {
+    type Error = RestoreError;
+
+    fn entry(&mut self, h: &TarHeader) -> Result<(), RestoreError> {
+        self.current = Current::None;
+        if h.kind == EntryKind::File {
+            if let Some(rel) = incremental_target(&h.path) {
+                return self.start_incremental(rel);
+            }
+        }
+        if self.member == 0 {
+            self.current = Current::Inner;
+            return self.inner.entry(h);
+        }
+        if h.kind == EntryKind::File {
+            return self.start_whole(&h.path);
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, d: &[u8]) -> Result<(), RestoreError> {
+        match &self.current {
+            Current::None => Ok(()),
+            Current::Inner => self.inner.data(d),
+            Current::Incremental(_) => self.incremental_data(d),
+            Current::Whole { .. } => self.whole_data(d),
+        }
+    }
+
+    fn file_end(&mut self, f: &FileSum, verdict: Result<(), Mismatch>) -> Result<(), RestoreError> {
+        match std::mem::replace(&mut self.current, Current::None) {
+            Current::None => Ok(()),
+            Current::Inner => self.inner.file_end(f, verdict),
+            Current::Incremental(inc) => {
+                // The server's manifest of an incremental backup lists its INCREMENTAL files.
+                verdict.map_err(mismatch_error)?;
+                self.end_incremental(inc)
+            }
+            Current::Whole { key, file, .. } => {
+                // A whole file ends the search: what it lacks stays zero.
+                if let Some(p) = self.pending.remove(&key) {
+                    self.inner.syncer.done(file, p.path);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads every member of `chain` (newest first) into place; returns the newest member's check,
+/// where each tablespace went, the file writer, and the files reconstructed.
+pub(super) async fn restore_chain(
+    repo: &Repository,
+    chain: &[BackupInfo],
+    ex: Extraction,
+) -> Result<ChainOutcome, RestoreError> {
+    let pgdata = ex.writer.root.clone();
+    let mut ex = Extraction {
+        check: ex.check,
+        writer: ChainWriter::new(ex.writer),
+    };
+    let newest = &chain[0];
+    let mut roots: HashMap<&str, PathBuf> = HashMap::new();
+    let mut relocated = vec![];
+    for archive in &newest.archives {
+        let root = match archive.tablespace_oid {
+            None => pgdata.clone(),
+            Some(oid) => {
+                let delta = ex.writer.inner.delta.is_some();
+                let dir = tablespace_dir(archive, oid, &ex.writer.inner.links, delta)?;
+                relocated.push((oid, dir.clone()));
+                dir
+            }
+        };
+        roots.insert(&archive.name, root.clone());
+        ex.writer.set_archive(0, root, archive.tablespace_oid);
+        ex = restore_archive(repo, &newest.id, archive, ex).await?;
+    }
+    // Older members' entries are checked by the final check of the files they complete.
+    let outcome = std::mem::replace(&mut ex.check, ManifestCheck::new(None)).finish();
+    for (m, member) in chain.iter().enumerate().skip(1) {
+        if ex.writer.is_complete() {
+            tracing::info!(
+                skipped = chain.len() - m,
+                "no older member of the chain is needed"
+            );
+            break;
+        }
+        for archive in &member.archives {
+            let Some(root) = roots.get(archive.name.as_str()) else {
+                continue;
+            };
+            if !ex.writer.needs(archive.tablespace_oid) {
+                continue;
+            }
+            ex.writer
+                .set_archive(m, root.clone(), archive.tablespace_oid);
+            ex = restore_archive(repo, &member.id, archive, ex).await?;
+        }
+        tracing::info!(member = %member.id, "filled blocks from an older member of the chain");
+    }
+    ex.writer.finish()?;
+    Ok(ChainOutcome {
+        outcome,
+        relocated,
+        rebuilt: std::mem::take(&mut ex.writer.rebuilt),
+        writer: ex.writer.inner,
+    })
+}
+
+pub(super) struct ChainOutcome {
+    pub outcome: Outcome,
+    pub relocated: Vec<(u32, PathBuf)>,
+    pub writer: FileWriter,
+    pub rebuilt: Vec<(PathBuf, String)>,
+}
+
+/// Checks every reconstructed file against the final manifest (which lists it when pitr's
+/// block mode took the backup: its stored manifest is the full backup's), and drops from
+/// `outcome` what reconstruction explains: the reconstructed files are not missing, the
+/// `INCREMENTAL.` entries are not extra.
+pub(super) fn check_rebuilt(
+    rebuilt: &[(PathBuf, String)],
+    manifest: Option<&Manifest>,
+    outcome: &mut Outcome,
+) -> Result<u64, RestoreError> {
+    let mut checked = 0;
+    for (path, key) in rebuilt {
+        let Some(want) = manifest.and_then(|m| m.get(key)) else {
+            continue;
+        };
+        let (size, crc) = size_and_crc(path)?;
+        if size != want.size {
+            return Err(RestoreError::SizeMismatch {
+                path: key.clone(),
+                expected: want.size,
+                actual: size,
+            });
+        }
+        if let Some(expected) = want.crc32c.filter(|&e| e != crc) {
+            return Err(mismatch_error(Mismatch::Checksum {
+                path: key.clone(),
+                expected,
+                actual: crc,
+            }));
+        }
+        checked += 1;
+    }
+    let keys: std::collections::HashSet<&str> = rebuilt.iter().map(|(_, k)| k.as_str()).collect();
+    outcome.missing.retain(|p| !keys.contains(p.as_str()));
+    outcome.extra.retain(|p| incremental_target(p).is_none());
+    Ok(checked)
+}
+
+fn size_and_crc(path: &Path) -> Result<(u64, u32), RestoreError> {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut size, mut crc) = (0u64, 0u32);
+    loop {
+        let n = f.read(&mut buf).map_err(io_at(path))?;
+        if n == 0 {
+            return Ok((size, crc));
+        }
+        size += n as u64;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+}
+
+/// Refuses the restore, before anything is written, when a member of the chain has lost an
+/// object or is being expired.
+pub(super) async fn check_members(
+    repo: &Repository,
+    chain: &[BackupInfo],
+) -> Result<(), RestoreError> {
+    for member in chain {
+        if let Some(problem) = repo.backup_objects_problem(member).await? {
+            return Err(RestoreError::ChainBroken {
+                backup: chain[0].id.clone(),
+                member: member.id.clone(),
+                problem,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::durable::Syncer;
+    use super::*;
+    use crate::format::archive_check::{ArchiveReader, FeedError};
+    use crate::format::tar::build::{file, header, END};
+
+    fn block(tag: u8) -> Vec<u8> {
+        vec![tag; BLOCK as usize]
+    }
+
+    fn blocks(tags: &[u8]) -> Vec<u8> {
+        tags.iter().flat_map(|&t| block(t)).collect()
+    }
+
+    fn incremental(path: &str, truncation: u32, carried: &[(u32, u8)]) -> Vec<u8> {
+        let h = Header {
+            truncation,
+            blocks: carried.iter().map(|&(b, _)| b).collect(),
+        };
+        let tags: Vec<u8> = carried.iter().map(|&(_, t)| t).collect();
+        file(path, &h.encode(&blocks(&tags)))
+    }
+
+    fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut a = header("base", b'5', 0).to_vec();
+        a.extend_from_slice(&header("base/1", b'5', 0));
+        for e in entries {
+            a.extend_from_slice(e);
+        }
+        a.extend_from_slice(&END);
+        a
+    }
+
+    /// Feeds `archive` in awkward pieces, as parts arrive.
+    fn feed(w: &mut ChainWriter, archive: &[u8]) -> Result<(), RestoreError> {
+        let mut check = ManifestCheck::new(None);
+        let mut reader = ArchiveReader::new(None);
+        for piece in archive.chunks(3000) {
+            reader.feed(piece, &mut check, w).map_err(|e| match e {
+                FeedError::Tar(t) => panic!("{t}"),
+                FeedError::Sink(e) => e,
+            })?;
+        }
+        reader.finish().unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn reconstructs_files_from_a_chain_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let syncer = Syncer::start();
+        let mut w = ChainWriter::new(FileWriter::new(
+            root.clone(),
+            HashMap::new(),
+            syncer.handle(),
+            None,
+        ));
+        // Newest: 100 keeps 3 blocks of which it carries 2, and grows to 6; 200 is unchanged.
+        let newest = archive(&[
+            file("PG_VERSION", b"17\n"),
+            incremental("base/1/INCREMENTAL.100", 3, &[(2, b'C'), (5, b'D')]),
+            incremental("base/1/INCREMENTAL.200", 3, &[]),
+        ]);
+        // Middle: 100 changed block 1 (and block 0 of an earlier version, superseded by none);
+        // 200 was rewritten whole.
+        let middle = archive(&[
+            incremental("base/1/INCREMENTAL.100", 4, &[(1, b'B')]),
+            file("base/1/200", &blocks(b"QRS")),
+            file("base/1/300", &blocks(b"Z")),
+        ]);
+        let full = archive(&[
+            file("base/1/100", &blocks(b"AAAA")),
+            file("base/1/200", &blocks(b"PP")),
+        ]);
+        w.set_archive(0, root.clone(), None);
+        feed(&mut w, &newest).unwrap();
+        assert!(w.needs(None));
+        w.set_archive(1, root.clone(), None);
+        feed(&mut w, &middle).unwrap();
+        assert!(
+            !w.is_complete(),
+            "block 0 of 100 is only in the full backup"
+        );
+        w.set_archive(2, root.clone(), None);
+        feed(&mut w, &full).unwrap();
+        w.finish().unwrap();
+
+        let mut want = blocks(b"ABC");
+        want.extend(vec![0u8; 2 * BLOCK as usize]);
+        want.extend(block(b'D'));
+        assert_eq!(fs::read(root.join("base/1/100")).unwrap(), want);
+        assert_eq!(fs::read(root.join("base/1/200")).unwrap(), blocks(b"QRS"));
+        assert_eq!(fs::read(root.join("PG_VERSION")).unwrap(), b"17\n");
+        assert!(
+            !root.join("base/1/300").exists(),
+            "not in the newest member"
+        );
+        assert!(!root.join("base/1/INCREMENTAL.100").exists());
+        assert_eq!(w.rebuilt.len(), 2);
+        drop(w); // its sync handle
+        syncer.finish(&[root]).unwrap();
+    }
+
+    #[test]
+    fn a_chain_that_lacks_blocks_or_has_a_bad_header_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let syncer = Syncer::start();
+        let new_writer = || {
+            ChainWriter::new(FileWriter::new(
+                root.clone(),
+                HashMap::new(),
+                syncer.handle(),
+                None,
+            ))
+        };
+        let mut w = new_writer();
+        w.set_archive(0, root.clone(), None);
+        feed(
+            &mut w,
+            &archive(&[incremental("base/1/INCREMENTAL.100", 2, &[])]),
+        )
+        .unwrap();
+        let e = w.finish().unwrap_err();
+        assert!(
+            matches!(&e, RestoreError::ChainIncomplete { path, blocks: 2, .. } if path == "base/1/100"),
+            "{e}"
+        );
+        drop(w);
+
+        let mut w = new_writer();
+        w.set_archive(0, root.join("other"), None);
+        let mut bad = Header {
+            truncation: 1,
+            blocks: vec![0],
+        }
+        .encode(&block(b'x'));
+        bad[0] ^= 1;
+        let e = feed(&mut w, &archive(&[file("base/1/INCREMENTAL.7", &bad)])).unwrap_err();
+        assert!(matches!(e, RestoreError::BadIncremental { .. }), "{e}");
+        assert_eq!(incremental_target("INCREMENTAL.x"), Some("x".into()));
+        assert_eq!(incremental_target("a/INCREMENTAL.x"), Some("a/x".into()));
+        assert_eq!(incremental_target("a/x"), None);
+        drop(w);
+        syncer.finish(&[root]).unwrap();
+    }
+}
