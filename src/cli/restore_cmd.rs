@@ -156,6 +156,9 @@ pub async fn restore(
 
     let summary = json!({
         "backup": plan.backup.id,
+        // What the restore reads, newest first: the backup, then (for an incremental) its
+        // parent, ..., the full backup at the root.
+        "chain": plan.chain.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
         "backup_stop_lsn": plan.backup.stop_lsn,
         "backup_stop_time": plan.backup.stop_time,
         "timeline": plan.resolved_timeline,
@@ -196,6 +199,7 @@ pub async fn restore(
         s["kept_files"] = json!(report.kept_files);
         s["kept_bytes"] = json!(report.kept_bytes);
         s["removed"] = json!(report.removed);
+        s["rebuilt_files"] = json!(report.rebuilt_files);
         println!("{}", serde_json::to_string_pretty(&s).expect("json"));
     } else {
         print_plan(&summary, false);
@@ -206,6 +210,12 @@ pub async fn restore(
             report.seconds,
             a.pgdata.display()
         );
+        if report.rebuilt_files > 0 {
+            println!(
+                "reconstructed {} files from the chain's blocks, each checked",
+                report.rebuilt_files
+            );
+        }
         if a.delta {
             println!(
                 "delta: {} files ({}) written, {} files ({}) kept unchanged, {} removed (not in the backup)",
@@ -250,6 +260,14 @@ fn print_plan(s: &serde_json::Value, as_json: bool) {
         b("backup_stop_lsn"),
         b("backup_stop_time")
     );
+    if let Some(chain) = s["chain"].as_array().filter(|c| c.len() > 1) {
+        let ids: Vec<&str> = chain.iter().filter_map(|v| v.as_str()).collect();
+        println!(
+            "chain:             {} (incremental, {} members; the last is the full backup)",
+            ids.join(" <- "),
+            ids.len()
+        );
+    }
     println!("timeline:          {}", b("timeline"));
     println!("WAL needed from:   {}", b("wal_first"));
     println!(

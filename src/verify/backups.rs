@@ -1,6 +1,7 @@
 //! Backups against their manifests: every part decoded (frame checksums), the tar stream parsed,
 //! and every file's size and CRC-32C compared with PostgreSQL's `backup_manifest`, exactly as a
-//! restore would check them, without writing anything.
+//! restore would check them, without writing anything. Then chains: every incremental backup's
+//! parents must be in the catalog, down to a full backup, and undamaged.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -10,6 +11,7 @@ use crate::format::archive_check::{
     ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch,
 };
 use crate::format::manifest;
+use crate::recovery::{chain_of, is_full};
 use crate::repo::{BackupArchive, BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
 
 /// Reads the catalog and checks every completed backup; frame-checks the other backup objects
@@ -43,8 +45,10 @@ pub(super) async fn verify_backups(
     }
     catalog.sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
 
+    let mut damaged: HashSet<&str> = HashSet::new();
     for b in &catalog {
         report.backups += 1;
+        let errors = report.errors();
         let mut reading = Reading {
             repo,
             backup: b,
@@ -54,13 +58,50 @@ pub(super) async fn verify_backups(
             progress,
         };
         reading.verify().await?;
+        if report.errors() > errors {
+            damaged.insert(&b.id);
+        }
     }
+    verify_chains(&catalog, &damaged, report);
 
     // Data no completed backup refers to: only its frame can be checked.
     for o in objects.iter().filter(|o| !checked.contains(o.key())) {
         read_checked(repo, o, report, progress).await?;
     }
     Ok(catalog)
+}
+
+/// Every incremental backup restores only with its whole chain: each member in the catalog,
+/// none damaged.
+fn verify_chains(catalog: &[BackupInfo], damaged: &HashSet<&str>, report: &mut VerifyReport) {
+    for b in catalog.iter().filter(|b| !is_full(b)) {
+        let problem = match chain_of(b, catalog) {
+            Err(e) => Some(e.to_string()),
+            Ok(chain) => chain[1..]
+                .iter()
+                .find(|m| damaged.contains(m.id.as_str()))
+                .map(|m| format!("member {} of its chain is damaged (see above)", m.id)),
+        };
+        if let Some(problem) = problem {
+            report.problem(
+                Severity::Error,
+                ProblemKind::BrokenChain,
+                None,
+                format!("backup {} cannot be restored: {problem}", b.id),
+            );
+        }
+    }
+}
+
+/// The file an `INCREMENTAL.<name>` entry of an incremental backup stands for.
+fn incremental_target(path: &str) -> Option<String> {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let target = name.strip_prefix("INCREMENTAL.")?;
+    Some(if dir.is_empty() {
+        target.to_string()
+    } else {
+        format!("{dir}/{target}")
+    })
 }
 
 /// One completed backup being checked: its manifest, then each archive, part by part.
@@ -83,7 +124,16 @@ impl Reading<'_> {
             damaged |= !self.verify_archive(archive, &mut check).await?;
         }
         self.report.backup_files += check.files();
-        let outcome = check.finish();
+        let mut outcome = check.finish();
+        // An incremental backup holds changed files as INCREMENTAL.<name>; the manifest pitr
+        // stores in block mode lists <name>, the final file: neither is a problem.
+        let stand_ins: HashSet<String> = outcome
+            .extra
+            .iter()
+            .filter_map(|p| incremental_target(p))
+            .collect();
+        outcome.missing.retain(|p| !stand_ins.contains(p));
+        outcome.extra.retain(|p| incremental_target(p).is_none());
         // Only meaningful when every archive was read through.
         if damaged {
             return Ok(());
