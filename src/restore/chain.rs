@@ -779,4 +779,150 @@ mod tests {
         drop(w);
         syncer.finish(&[root]).unwrap();
     }
+
+    mod on_a_repository {
+        use super::*;
+        use crate::codec::Codec;
+        use crate::recovery::{RestorePlan, Target, TargetAction, TimelineTarget};
+        use crate::repo::{BackupArchive, ClusterIdentity, WriteOptions};
+        use crate::restore::{execute, RestoreOptions};
+        use crate::storage::Storage;
+        use crate::wal::{Lsn, WalFileName};
+
+        const CLUSTER: ClusterIdentity = ClusterIdentity {
+            system_identifier: 7_000_000_000_000_000_002,
+            pg_major: 17,
+            wal_segment_size: 16 << 20,
+        };
+
+        /// Stores `tar` as backup `id`'s base.tar (in two parts, so a member spans parts) and
+        /// returns its catalog entry.
+        async fn put_backup(repo: &Repository, id: &str, lsn: u64, tar: &[u8]) -> BackupInfo {
+            let half = tar.len() / 2;
+            let mut stored = 0;
+            for (n, piece) in [&tar[..half], &tar[half..]].into_iter().enumerate() {
+                stored += repo
+                    .put_backup_part(id, "base.tar", n as u32, piece.to_vec())
+                    .await
+                    .unwrap();
+            }
+            BackupInfo {
+                id: id.to_string(),
+                label: String::new(),
+                timeline: 1,
+                start_lsn: Lsn(lsn),
+                stop_lsn: Lsn(lsn + 1),
+                start_time: chrono::Utc::now(),
+                stop_time: chrono::Utc::now(),
+                pg_version_num: 170000,
+                system_identifier: CLUSTER.system_identifier,
+                archives: vec![BackupArchive {
+                    name: "base.tar".into(),
+                    tablespace_oid: None,
+                    tablespace_location: None,
+                    parts: 2,
+                    raw_bytes: tar.len() as u64,
+                    stored_bytes: stored,
+                }],
+                manifest: false,
+                compression: Codec::Lz4,
+                pitr_version: String::new(),
+                source: None,
+            }
+        }
+
+        fn plan(chain: Vec<BackupInfo>) -> RestorePlan {
+            let seg = WalFileName::segment(1, 1, CLUSTER.wal_segment_size);
+            RestorePlan {
+                backup: chain[0].clone(),
+                chain,
+                target: Target::Latest,
+                action: TargetAction::Promote,
+                timeline: TimelineTarget::Latest,
+                resolved_timeline: 1,
+                inclusive: true,
+                standby: false,
+                wal_first: seg.clone(),
+                wal_last: seg,
+                recoverable_end: Lsn(0),
+                bytes_to_fetch: 0,
+                last_xact: None,
+                restore_point: None,
+                windows: vec![],
+            }
+        }
+
+        #[tokio::test]
+        async fn restores_a_chain_and_refuses_one_with_a_lost_member() {
+            let storage = Storage::in_memory();
+            let repo = Repository::open_for_cluster(
+                storage.clone(),
+                &CLUSTER,
+                "test",
+                WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+            let full = put_backup(
+                &repo,
+                "full",
+                100,
+                &archive(&[
+                    file("PG_VERSION", b"17\n"),
+                    file("base/1/100", &blocks(b"AAAA")),
+                ]),
+            )
+            .await;
+            let middle = put_backup(
+                &repo,
+                "middle",
+                200,
+                &archive(&[
+                    file("PG_VERSION", b"17\n"),
+                    incremental("base/1/INCREMENTAL.100", 4, &[(3, b'B')]),
+                ]),
+            )
+            .await;
+            let newest = put_backup(
+                &repo,
+                "newest",
+                300,
+                &archive(&[
+                    file("PG_VERSION", b"17\n"),
+                    incremental("base/1/INCREMENTAL.100", 4, &[(0, b'C')]),
+                ]),
+            )
+            .await;
+            let dir = tempfile::tempdir().unwrap();
+            let opts = |d: &Path| RestoreOptions {
+                pgdata: d.to_path_buf(),
+                tablespace_map: vec![],
+                restore_command: "true".into(),
+                delta: false,
+            };
+            let chain = vec![newest.clone(), middle.clone(), full.clone()];
+            let target = dir.path().join("ok");
+            let report = execute(&repo, &plan(chain.clone()), &opts(&target))
+                .await
+                .unwrap();
+            assert_eq!(report.rebuilt_files, 1);
+            assert_eq!(
+                fs::read(target.join("base/1/100")).unwrap(),
+                blocks(b"CAAB")
+            );
+
+            // A lost part of the middle member: refused before anything is written, naming it.
+            let key = repo.backup_part_key("middle", "base.tar", 1);
+            storage.delete(&key).await.unwrap();
+            let refused = dir.path().join("refused");
+            let e = execute(&repo, &plan(chain), &opts(&refused))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, RestoreError::ChainBroken { member, .. } if member == "middle"),
+                "{e}"
+            );
+            assert!(!refused.exists(), "nothing written");
+        }
+    }
 }
