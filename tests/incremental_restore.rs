@@ -108,3 +108,132 @@ fn delta_restore_back_to_an_earlier_time() {
     let out = ok(&repo, &delta_args);
     assert!(out.contains("kept unchanged"), "{out}");
 }
+
+fn backup_id(repo: &TestRepo, args: &[&str]) -> String {
+    let v = json(&ok(repo, args));
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+#[test]
+fn a_chain_of_three_incrementals_restores_to_a_time_and_expires_whole() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let pg = primary_with_data(&repo);
+    let conn = pg.conninfo();
+    let full_args = ["backup", "-d", conn.as_str(), "--json"];
+    let incr_args = ["backup", "-d", conn.as_str(), "--incremental", "--json"];
+    insert(&pg, "a");
+    let full = backup_id(&repo, &full_args);
+    insert(&pg, "b");
+    let i1 = backup_id(&repo, &incr_args);
+    insert(&pg, "c");
+    // About 2 % of the large table changes.
+    pg.psql("update big set pad = repeat('y', 300) where id <= 1200")
+        .unwrap();
+    let i2 = backup_id(&repo, &incr_args);
+    insert(&pg, "d");
+    let i3 = backup_id(&repo, &incr_args);
+    insert(&pg, "e");
+    let t = time_between(&pg);
+    insert(&pg, "f");
+    switch_and_wait(&pg);
+
+    let list = json(&ok(&repo, &["list", "--json"]));
+    let parents: Vec<(String, serde_json::Value)> = list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["id"].as_str().unwrap().to_string(), b["parent"].clone()))
+        .collect();
+    assert_eq!(
+        parents,
+        vec![
+            (full.clone(), serde_json::Value::Null),
+            (i1.clone(), full.as_str().into()),
+            (i2.clone(), i1.as_str().into()),
+            (i3.clone(), i2.as_str().into()),
+        ],
+        "{list}"
+    );
+
+    // Restored to a time after the last incremental: its chain, exact rows.
+    let dir = work.subdir("chain");
+    let v = json(&ok(
+        &repo,
+        &[
+            "restore",
+            "--pgdata",
+            dir.to_str().unwrap(),
+            "--target-time",
+            &t,
+            "--json",
+        ],
+    ));
+    assert_eq!(v["backup"], i3.as_str(), "{v}");
+    assert_eq!(v["chain"], serde_json::json!([i3, i2, i1, full]), "{v}");
+    assert!(v["rebuilt_files"].as_u64().unwrap() > 0, "{v}");
+    let (restored, phases) = start_and_read(&repo, &dir);
+    assert_eq!(phases, "a:10,b:10,c:10,d:10,e:10");
+    let changed = restored
+        .psql("select count(*) from big where pad like 'y%'")
+        .unwrap();
+    assert_eq!(changed, "1200");
+    assert_eq!(restored.psql("select count(*) from big").unwrap(), "60000");
+    drop(restored);
+
+    // A lost object of the middle member: refused before writing, naming it; no fall-back.
+    let lost = repo.object_file(&format!("backups/{i2}/base.tar/00000000"));
+    std::fs::remove_file(&lost).unwrap_or_else(|e| panic!("{}: {e}", lost.display()));
+    let refused = work.subdir("refused");
+    let o = run(
+        &repo,
+        &[
+            "restore",
+            "--pgdata",
+            refused.to_str().unwrap(),
+            "--target-time",
+            &t,
+        ],
+    );
+    assert_code(&o, 8);
+    assert!(text(&o).contains(&i2), "{}", text(&o));
+    assert!(
+        std::fs::read_dir(&refused).map_or(true, |mut d| d.next().is_none()),
+        "nothing written"
+    );
+    let o = run(&repo, &["verify"]);
+    assert_code(&o, 10);
+    assert!(
+        text(&o).contains(&i3) && text(&o).contains("chain"),
+        "{}",
+        text(&o)
+    );
+
+    // Retention counts full backups and keeps chains whole: with a second full, keeping one
+    // full removes the first with all three incrementals.
+    let v = json(&ok(
+        &repo,
+        &["expire", "--retain-full", "2", "--json", "--dry-run"],
+    ));
+    assert_eq!(v["expired"].as_array().unwrap().len(), 0, "{v}");
+    insert(&pg, "g");
+    let full2 = backup_id(&repo, &full_args);
+    let v = json(&ok(&repo, &["expire", "--retain-full", "1", "--json"]));
+    let expired: Vec<&str> = v["expired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(expired, vec![&full, &i1, &i2, &i3], "{v}");
+    let kept: Vec<&str> = v["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, vec![&full2], "{v}");
+}
