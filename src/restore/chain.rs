@@ -129,6 +129,8 @@ fn parse_header(head: &[u8]) -> Header {
 #[derive(Debug)]
 struct Pending {
     path: PathBuf,
+    /// Delta restore into a file that was already there: blocks are compared before written.
+    compare: bool,
     needed: Vec<u64>,
     /// The newest member's truncation length: older members supply only blocks below it.
     limit: u32,
@@ -136,7 +138,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(path: PathBuf, header: &Header) -> Pending {
+    fn new(path: PathBuf, header: &Header, compare: bool) -> Pending {
         let limit = header.truncation;
         let mut needed = vec![u64::MAX; (limit as usize).div_ceil(64)];
         if limit % 64 != 0 {
@@ -144,6 +146,7 @@ impl Pending {
         }
         let mut p = Pending {
             path,
+            compare,
             needed,
             limit,
             left: limit,
@@ -164,6 +167,32 @@ impl Pending {
             self.left -= 1;
         }
     }
+
+    /// The blocks still needed, in order.
+    fn still_needed(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.limit).filter(|&b| self.wants(b))
+    }
+}
+
+/// Writes `data` at `at`; with `compare`, only when the file does not hold it already (a delta
+/// restore). Returns whether it wrote.
+fn put(
+    file: &File,
+    path: &Path,
+    data: &[u8],
+    at: u64,
+    compare: bool,
+    scratch: &mut Vec<u8>,
+) -> Result<bool, RestoreError> {
+    if compare {
+        scratch.resize(data.len(), 0);
+        // Past the end (the file grew) reads short: then it is written.
+        if file.read_exact_at(scratch, at).is_ok() && scratch[..] == *data {
+            return Ok(false);
+        }
+    }
+    file.write_all_at(data, at).map_err(io_at(path))?;
+    Ok(true)
 }
 
 /// The entry being read.
@@ -188,6 +217,8 @@ struct Incremental {
     file: Option<File>,
     /// Bytes of block contents read so far.
     pos: u64,
+    /// Delta restore into a file that was already there: blocks are compared before written.
+    compare: bool,
 }
 
 /// Writes the archives of every member of a chain; see the module docs.
@@ -203,6 +234,8 @@ pub(super) struct ChainWriter {
     /// final check.
     pub rebuilt: Vec<(PathBuf, String)>,
     current: Current,
+    /// A delta restore's buffer for the bytes already on disk.
+    scratch: Vec<u8>,
 }
 
 impl ChainWriter {
@@ -214,6 +247,7 @@ impl ChainWriter {
             pending: HashMap::new(),
             rebuilt: vec![],
             current: Current::None,
+            scratch: vec![],
         }
     }
 
@@ -253,13 +287,19 @@ impl ChainWriter {
     fn start_incremental(&mut self, rel: String) -> Result<(), RestoreError> {
         let path = safe_join(&self.inner.root, &rel)?;
         let key = format!("{}{rel}", self.prefix);
+        let mut compare = false;
         if self.member == 0 {
-            // A delta restore rewrites reconstructed files (they are not compared).
+            // A delta restore reconstructs into the file already there, block by block.
             if let Some(d) = &mut self.inner.delta {
                 d.see(&path, false);
-                d.clear(&path, false)?;
+                compare = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+                if !compare {
+                    d.clear(&path, false)?;
+                }
             }
-        } else if !self.pending.contains_key(&key) {
+        } else if let Some(p) = self.pending.get(&key) {
+            compare = p.compare;
+        } else {
             return Ok(()); // complete already
         }
         self.current = Current::Incremental(Incremental {
@@ -269,6 +309,7 @@ impl ChainWriter {
             header: None,
             file: None,
             pos: 0,
+            compare,
         });
         Ok(())
     }
@@ -284,8 +325,10 @@ impl ChainWriter {
     }
 }
 
+/// Opens a file being reconstructed; readable too, for a delta restore's comparisons.
 fn open_for_blocks(path: &Path) -> Result<File, RestoreError> {
     OpenOptions::new()
+        .read(true)
         .write(true)
         .open(path)
         .map_err(io_at(path))
@@ -347,10 +390,29 @@ impl ChainWriter {
         };
         let header = inc.header.as_ref().expect("header parsed");
         if self.member == 0 {
-            inc.file = Some(create_rebuilt(&inc.path, header)?);
+            let file = if inc.compare {
+                let file = open_for_blocks(&inc.path)?;
+                let len = u64::from(header.block_length()) * BLOCK;
+                file.set_len(len).map_err(io_at(&inc.path))?;
+                // Blocks past the truncation length that the newest member does not carry
+                // are zeros (pg_combinebackup's), whatever the old file held there.
+                let zero = vec![0u8; BLOCK as usize];
+                for b in header.truncation..header.block_length() {
+                    if !header.blocks.contains(&b) {
+                        let at = u64::from(b) * BLOCK;
+                        if put(&file, &inc.path, &zero, at, true, &mut self.scratch)? {
+                            self.inner.written_bytes += BLOCK;
+                        }
+                    }
+                }
+                file
+            } else {
+                create_rebuilt(&inc.path, header)?
+            };
+            inc.file = Some(file);
             self.inner.written_files += 1;
             self.rebuilt.push((inc.path.clone(), inc.key.clone()));
-            let p = Pending::new(inc.path.clone(), header);
+            let p = Pending::new(inc.path.clone(), header, inc.compare);
             if p.left > 0 {
                 self.pending.insert(inc.key.clone(), p);
             }
@@ -388,9 +450,16 @@ impl ChainWriter {
             let want = self.member == 0 || pending.as_ref().is_some_and(|p| p.wants(b));
             if want {
                 let at = u64::from(b) * BLOCK + within;
-                file.write_all_at(&d[..take], at)
-                    .map_err(io_at(&inc.path))?;
-                self.inner.written_bytes += take as u64;
+                if put(
+                    file,
+                    &inc.path,
+                    &d[..take],
+                    at,
+                    inc.compare,
+                    &mut self.scratch,
+                )? {
+                    self.inner.written_bytes += take as u64;
+                }
                 if within + take as u64 == BLOCK && self.member > 0 {
                     if let Some(p) = pending.as_mut() {
                         p.take(b);
@@ -415,15 +484,47 @@ impl ChainWriter {
             let (b, within) = ((*pos / BLOCK) as u32, *pos % BLOCK);
             let take = ((BLOCK - within) as usize).min(d.len());
             if p.wants(b) {
-                file.write_all_at(&d[..take], *pos)
-                    .map_err(io_at(&p.path))?;
-                self.inner.written_bytes += take as u64;
+                if put(
+                    file,
+                    &p.path,
+                    &d[..take],
+                    *pos,
+                    p.compare,
+                    &mut self.scratch,
+                )? {
+                    self.inner.written_bytes += take as u64;
+                }
                 if within + take as u64 == BLOCK {
                     p.take(b);
                 }
             }
             *pos += take as u64;
             d = &d[take..];
+        }
+        Ok(())
+    }
+
+    /// Blocks no member supplied read as zeros in a new (sparse) file; a delta restore's old
+    /// file may hold anything there. `len` is what the whole file had.
+    fn zero_rest(&mut self, file: &File, p: &Pending, len: u64) -> Result<(), RestoreError> {
+        if !p.compare {
+            return Ok(());
+        }
+        let zero = vec![0u8; BLOCK as usize];
+        for b in p.still_needed() {
+            let at = u64::from(b) * BLOCK;
+            // The part of a block the whole file did have was written already.
+            let from = len.saturating_sub(at).min(BLOCK) as usize;
+            if put(
+                file,
+                &p.path,
+                &zero[from..],
+                at + from as u64,
+                true,
+                &mut self.scratch,
+            )? {
+                self.inner.written_bytes += (BLOCK as usize - from) as u64;
+            }
         }
         Ok(())
     }
@@ -483,9 +584,10 @@ impl ArchiveSink for ChainWriter {
                 verdict.map_err(mismatch_error)?;
                 self.end_incremental(inc)
             }
-            Current::Whole { key, file, .. } => {
-                // A whole file ends the search: what it lacks stays zero.
+            Current::Whole { key, file, pos } => {
+                // A whole file ends the search: what it lacks is zero.
                 if let Some(p) = self.pending.remove(&key) {
+                    self.zero_rest(&file, &p, pos)?;
                     self.inner.syncer.done(file, p.path);
                 }
                 Ok(())
@@ -910,6 +1012,26 @@ mod tests {
                 fs::read(target.join("base/1/100")).unwrap(),
                 blocks(b"CAAB")
             );
+
+            // Delta restores into it: only what differs is written, block by block.
+            let delta = |d: &Path| RestoreOptions {
+                delta: true,
+                ..opts(d)
+            };
+            let mut damaged = blocks(b"CAXB");
+            damaged.extend(block(b'Y')); // and a block too many
+            fs::write(target.join("base/1/100"), &damaged).unwrap();
+            fs::write(target.join("base/1/999"), b"dropped").unwrap();
+            let report = execute(&repo, &plan(chain.clone()), &delta(&target))
+                .await
+                .unwrap();
+            assert_eq!(
+                fs::read(target.join("base/1/100")).unwrap(),
+                blocks(b"CAAB")
+            );
+            assert!(!target.join("base/1/999").exists());
+            assert_eq!(report.written_bytes, BLOCK, "{report:?}");
+            assert_eq!(report.kept_files, 1, "PG_VERSION: {report:?}");
 
             // A lost part of the middle member: refused before anything is written, naming it.
             let key = repo.backup_part_key("middle", "base.tar", 1);
