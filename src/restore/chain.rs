@@ -20,7 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::error::RestoreError;
-use super::execute::{
+use super::writer::{
     io_at, mismatch_error, restore_archive, safe_join, tablespace_dir, Extraction, FileWriter,
 };
 use crate::format::archive_check::{

@@ -11,7 +11,9 @@ mod durable;
 mod error;
 mod execute;
 pub mod recovery_conf;
+mod writer;
 
 pub use delta::check_stopped;
 pub use error::RestoreError;
-pub use execute::{check_target_dir, execute, RestoreOptions, RestoreReport};
+pub use execute::{execute, RestoreOptions, RestoreReport};
+pub use writer::check_target_dir;
