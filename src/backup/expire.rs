@@ -72,6 +72,8 @@ impl Classify for ExpireError {
 #[derive(Clone, Debug, Serialize)]
 pub struct BackupSummary {
     pub id: String,
+    /// The backup an incremental was taken on; `None` for a full backup.
+    pub parent: Option<String>,
     pub stop_time: DateTime<Utc>,
     pub stored_bytes: u64,
 }
@@ -80,6 +82,7 @@ impl From<&BackupInfo> for BackupSummary {
     fn from(b: &BackupInfo) -> Self {
         BackupSummary {
             id: b.id.clone(),
+            parent: parent_of(b).map(str::to_string),
             stop_time: b.stop_time,
             stored_bytes: b.stored_bytes(),
         }

@@ -77,8 +77,12 @@ fn print_report(r: &ExpireReport) {
         println!("no backup to expire");
     }
     for b in &r.expired {
+        let kind = match &b.parent {
+            Some(p) => format!("incremental on {p}, "),
+            None => String::new(),
+        };
         println!(
-            "{verb} backup {} (finished {}, {})",
+            "{verb} backup {} ({kind}finished {}, {})",
             b.id,
             b.stop_time.to_rfc3339(),
             human_bytes(b.stored_bytes)

@@ -236,6 +236,8 @@ pub(super) struct ChainWriter {
     current: Current,
     /// A delta restore's buffer for the bytes already on disk.
     scratch: Vec<u8>,
+    /// Bytes of the newest member's incremental entries (the report counts final sizes).
+    pub incremental_bytes: u64,
 }
 
 impl ChainWriter {
@@ -248,6 +250,7 @@ impl ChainWriter {
             rebuilt: vec![],
             current: Current::None,
             scratch: vec![],
+            incremental_bytes: 0,
         }
     }
 
@@ -371,7 +374,14 @@ impl ChainWriter {
         loop {
             let need = header_need(&inc.head).map_err(|r| bad(&inc.path, r))?;
             if inc.head.len() >= need {
-                inc.header = Some(parse_header(&inc.head));
+                let header = parse_header(&inc.head);
+                if let Some(b) = header.blocks.iter().find(|&&b| b >= MAX_BLOCKS) {
+                    return Err(bad(
+                        &inc.path,
+                        format!("block number {b} is past a segment"),
+                    ));
+                }
+                inc.header = Some(header);
                 return Ok(Some(d));
             }
             let take = (need - inc.head.len()).min(d.len());
@@ -553,6 +563,9 @@ impl ArchiveSink for ChainWriter {
         self.current = Current::None;
         if h.kind == EntryKind::File {
             if let Some(rel) = incremental_target(&h.path) {
+                if self.member == 0 {
+                    self.incremental_bytes += h.size;
+                }
                 return self.start_incremental(rel);
             }
         }
@@ -649,6 +662,8 @@ pub(super) async fn restore_chain(
         tracing::info!(member = %member.id, "filled blocks from an older member of the chain");
     }
     ex.writer.finish()?;
+    let mut outcome = outcome;
+    outcome.bytes -= ex.writer.incremental_bytes;
     Ok(ChainOutcome {
         outcome,
         relocated,
@@ -658,6 +673,8 @@ pub(super) async fn restore_chain(
 }
 
 pub(super) struct ChainOutcome {
+    /// The newest member's archives against its manifest; `bytes` counts reconstructed
+    /// files at their final size.
     pub outcome: Outcome,
     pub relocated: Vec<(u32, PathBuf)>,
     pub writer: FileWriter,
@@ -677,10 +694,12 @@ pub(super) fn check_rebuilt(
     let mut unlisted = vec![];
     for (path, key) in rebuilt {
         let Some(want) = manifest.and_then(|m| m.get(key)) else {
+            outcome.bytes += fs::metadata(path).map_err(io_at(path))?.len();
             unlisted.push(key);
             continue;
         };
         let (size, crc) = size_and_crc(path)?;
+        outcome.bytes += size;
         if size != want.size {
             return Err(RestoreError::SizeMismatch {
                 path: key.clone(),
