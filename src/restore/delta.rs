@@ -35,9 +35,22 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Refuses a data directory that a running server uses: `postmaster.pid` names a process that
-/// exists. A stale file (the process is gone) is removed later like any file not in the backup.
+/// Refuses a directory a delta restore must not touch: one that is not empty and has no
+/// `PG_VERSION` (a typo in `--pgdata` must not empty someone's home directory), and a data
+/// directory that a running server uses: `postmaster.pid` names a process that exists. A stale
+/// `postmaster.pid` (the process is gone) is removed later like any file not in the backup.
 pub fn check_stopped(pgdata: &Path) -> Result<(), RestoreError> {
+    match fs::read_dir(pgdata) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !pgdata.join("PG_VERSION").exists() {
+                return Err(RestoreError::NotDataDir {
+                    path: pgdata.to_path_buf(),
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(pgdata)(e)),
+    }
     let pid_file = pgdata.join("postmaster.pid");
     let text = match fs::read_to_string(&pid_file) {
         Ok(t) => t,
@@ -173,6 +186,12 @@ mod tests {
     #[test]
     fn a_live_postmaster_is_refused_and_a_stale_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
+        check_stopped(dir.path()).unwrap();
+        check_stopped(&dir.path().join("missing")).unwrap();
+        fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+        let e = check_stopped(dir.path()).unwrap_err();
+        assert!(matches!(e, RestoreError::NotDataDir { .. }), "{e}");
+        fs::write(dir.path().join("PG_VERSION"), b"17\n").unwrap();
         check_stopped(dir.path()).unwrap();
         let pid_file = dir.path().join("postmaster.pid");
         fs::write(&pid_file, format!("{}\n/data\n", std::process::id())).unwrap();

@@ -17,6 +17,8 @@ pub enum RestoreError {
         "{path} is in use by a running PostgreSQL (postmaster.pid names process {pid}); a delta restore needs a stopped server"
     )]
     ServerRunning { path: PathBuf, pid: i32 },
+    #[error("{path} is not empty and has no PG_VERSION: not a PostgreSQL data directory, so --delta will not clean it")]
+    NotDataDir { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -71,6 +73,7 @@ impl Classify for RestoreError {
             RestoreError::Repo(e) => e.code(),
             RestoreError::NotEmpty { .. }
             | RestoreError::ServerRunning { .. }
+            | RestoreError::NotDataDir { .. }
             | RestoreError::ChainBroken { .. } => Code::RestoreRefused,
             RestoreError::NoTablespaceLocation { .. } => Code::Input,
             RestoreError::Io { .. }
@@ -95,6 +98,9 @@ impl Classify for RestoreError {
                 "stop the server first (pg_ctl -D DIR stop); if no server runs, the process is another one reusing the PID: remove postmaster.pid"
             }
             RestoreError::NoTablespaceLocation { .. } => return None,
+            RestoreError::NotDataDir { .. } => {
+                "check --pgdata; a delta restore removes everything the backup does not have, so it only works on a data directory (or an empty or missing one)"
+            }
             RestoreError::ChainBroken { .. } => {
                 "nothing was written; `pitr verify` checks every chain; restore an older backup with --backup ID (`pitr list` shows each backup's parent)"
             }
