@@ -259,6 +259,10 @@ mod tests {
             compression: Codec::Lz4,
             pitr_version: String::new(),
             source: None,
+            kind: Default::default(),
+            parent: None,
+            incremental_mode: None,
+            stored_total: None,
         }
     }
 
