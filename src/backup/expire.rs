@@ -312,6 +312,10 @@ mod tests {
             compression: Codec::Lz4,
             pitr_version: String::new(),
             source: None,
+            kind: Default::default(),
+            parent: None,
+            incremental_mode: None,
+            stored_total: None,
         }
     }
 

@@ -391,6 +391,10 @@ async fn receive_and_publish(
         compression: repo.write_codec(),
         pitr_version: env!("CARGO_PKG_VERSION").to_string(),
         source: Some(source.clone()),
+        kind: Default::default(),
+        parent: None,
+        incremental_mode: None,
+        stored_total: None,
     };
     repo.put_backup_info(&info).await?;
     tracing::info!(backup = %id, %start_lsn, %stop_lsn, bytes = info.raw_bytes(), stored = info.stored_bytes(), "backup complete");

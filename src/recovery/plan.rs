@@ -914,6 +914,10 @@ mod tests {
             compression: Codec::Lz4,
             pitr_version: "test".into(),
             source: None,
+            kind: Default::default(),
+            parent: None,
+            incremental_mode: None,
+            stored_total: None,
         }
     }
 

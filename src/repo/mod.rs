@@ -23,7 +23,9 @@ use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
-pub use catalog::{BackupArchive, BackupInfo, BackupSource, TimelineWal, WalInventory};
+pub use catalog::{
+    BackupArchive, BackupInfo, BackupKind, BackupSource, IncrementalMode, TimelineWal, WalInventory,
+};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};
 pub use keys::Rotation;
