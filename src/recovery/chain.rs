@@ -4,17 +4,19 @@
 //! An incremental backup names its parent (a full or another incremental); restoring it needs
 //! the parent's chain too, down to a full backup: its chain, newest first.
 
-use crate::repo::BackupInfo;
+use crate::repo::{BackupInfo, BackupKind};
 
 /// Whether `b` is a full backup (backups of older pitr versions all are).
 pub fn is_full(b: &BackupInfo) -> bool {
-    parent_of(b).is_none()
+    b.kind == BackupKind::Full
 }
 
 /// The id of the backup `b` was taken incrementally on; `None` for a full backup.
-pub fn parent_of(_b: &BackupInfo) -> Option<&str> {
-    // Interim until the catalog carries `kind` and `parent` (the backup side of issue 13).
-    None
+pub fn parent_of(b: &BackupInfo) -> Option<&str> {
+    match b.kind {
+        BackupKind::Full => None,
+        BackupKind::Incremental => b.parent.as_deref(),
+    }
 }
 
 /// Why a backup's chain cannot be restored: the first member that is missing or wrong.
@@ -34,7 +36,13 @@ pub fn chain_of<'a>(
 ) -> Result<Vec<&'a BackupInfo>, ChainError> {
     let mut chain = vec![backup];
     let mut child = backup;
-    while let Some(id) = parent_of(child) {
+    while !is_full(child) {
+        let Some(id) = parent_of(child) else {
+            return Err(ChainError {
+                member: child.id.clone(),
+                problem: "is incremental but names no parent".into(),
+            });
+        };
         let problem = |problem: &str| ChainError {
             member: id.to_string(),
             problem: problem.to_string(),
@@ -54,4 +62,70 @@ pub fn chain_of<'a>(
         child = parent;
     }
     Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+    use crate::wal::Lsn;
+
+    fn backup(id: &str, lsn: u64, parent: Option<&str>) -> BackupInfo {
+        BackupInfo {
+            id: id.to_string(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: Lsn(lsn),
+            stop_lsn: Lsn(lsn + 1),
+            start_time: chrono::Utc::now(),
+            stop_time: chrono::Utc::now(),
+            pg_version_num: 170000,
+            system_identifier: 1,
+            archives: vec![],
+            manifest: true,
+            compression: Codec::Lz4,
+            pitr_version: String::new(),
+            source: None,
+            kind: match parent {
+                Some(_) => BackupKind::Incremental,
+                None => BackupKind::Full,
+            },
+            parent: parent.map(str::to_string),
+            incremental_mode: None,
+            stored_total: None,
+        }
+    }
+
+    #[test]
+    fn chains_run_from_the_backup_to_its_full_and_name_the_first_missing_member() {
+        let all = vec![
+            backup("f", 10, None),
+            backup("i1", 20, Some("f")),
+            backup("i2", 30, Some("i1")),
+            backup("i3", 40, Some("i2")),
+        ];
+        let ids = |c: Vec<&BackupInfo>| c.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(chain_of(&all[3], &all).unwrap()),
+            ["i3", "i2", "i1", "f"]
+        );
+        assert_eq!(ids(chain_of(&all[0], &all).unwrap()), ["f"]);
+        assert!(is_full(&all[0]) && !is_full(&all[1]));
+
+        let without_middle: Vec<BackupInfo> =
+            all.iter().filter(|b| b.id != "i2").cloned().collect();
+        let e = chain_of(&all[3], &without_middle).unwrap_err();
+        assert_eq!(e.member, "i2");
+        assert!(
+            e.to_string().contains("not in the repository's catalog"),
+            "{e}"
+        );
+
+        // A parent that is not older, e.g. a loop in damaged entries, ends the walk.
+        let looped = vec![backup("a", 10, Some("b")), backup("b", 20, Some("a"))];
+        assert!(chain_of(&looped[1], &looped).is_err());
+        let mut orphan = backup("o", 50, None);
+        orphan.kind = BackupKind::Incremental;
+        assert_eq!(chain_of(&orphan, &all).unwrap_err().member, "o");
+    }
 }

@@ -1310,6 +1310,31 @@ mod tests {
     }
 
     #[test]
+    fn an_incremental_is_chosen_like_a_full_and_needs_its_whole_chain() {
+        let (mut backups, i, h) = three_backups_over_wal_1_to_8();
+        for (n, parent) in [(1, "a"), (2, "b")] {
+            backups[n].kind = crate::repo::BackupKind::Incremental;
+            backups[n].parent = Some(parent.into());
+        }
+        let f = facts_for(&i);
+        let p = plan(&req(at(38)), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.backup.id, "c");
+        let chain: Vec<&str> = p.chain.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(chain, ["c", "b", "a"]);
+        let p = plan(&req(at(25)), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.chain.len(), 2, "b and its full");
+
+        // Without b in the catalog, c is refused, naming b: no fall-back to a.
+        let without_b = [backups[0].clone(), backups[2].clone()];
+        let e = plan(&req(at(38)), &without_b, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::ChainBroken { id, source } if id == "c" && source.member == "b"),
+            "{e}"
+        );
+        assert_eq!(e.code(), Code::RestoreRefused);
+    }
+
+    #[test]
     fn xid_targets_pick_the_newest_backup_before_the_first_segment_that_may_end_them() {
         let (backups, i, h) = three_backups_over_wal_1_to_8();
         // Segment n ends transaction 1000 + n.

@@ -26,104 +26,14 @@ use super::writer::{
 use crate::format::archive_check::{
     ArchiveSink, FileSum, Manifest, ManifestCheck, Mismatch, Outcome,
 };
+use crate::format::incremental::{
+    target_name, IncrementalError, IncrementalHeader as Header, BLCKSZ,
+};
 use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupInfo, Repository};
 
-/// PostgreSQL's block size (BLCKSZ), which incremental files are made of.
-pub(super) const BLOCK: u64 = 8192;
-/// `INCREMENTAL_MAGIC` in PostgreSQL's basebackup_incremental.h.
-const MAGIC: u32 = 0xd3ae_1f0d;
-/// RELSEG_SIZE: no relation segment has more blocks.
-const MAX_BLOCKS: u32 = 131_072;
-const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";
-
-/// The file an `INCREMENTAL.<name>` entry reconstructs (`dir/INCREMENTAL.x` → `dir/x`), or
-/// `None` for a whole file.
-pub(super) fn incremental_target(path: &str) -> Option<String> {
-    let (dir, name) = match path.rsplit_once('/') {
-        Some((dir, name)) => (Some(dir), name),
-        None => (None, path),
-    };
-    let target = name.strip_prefix(INCREMENTAL_PREFIX)?;
-    Some(match dir {
-        Some(dir) => format!("{dir}/{target}"),
-        None => target.to_string(),
-    })
-}
-
-/// The header of an incremental file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Header {
-    /// Blocks of the file that may still equal the prior backup's; older members supply only
-    /// blocks below it.
-    pub truncation: u32,
-    /// The blocks carried, in the order their contents follow the header.
-    pub blocks: Vec<u32>,
-}
-
-impl Header {
-    /// The reconstructed file's length in blocks (find_reconstructed_block_length).
-    fn block_length(&self) -> u32 {
-        self.blocks
-            .iter()
-            .map(|&b| b + 1)
-            .max()
-            .unwrap_or(0)
-            .max(self.truncation)
-    }
-
-    /// Builds an incremental file's bytes (tests and synthetic members).
-    #[cfg(test)]
-    pub fn encode(&self, contents: &[u8]) -> Vec<u8> {
-        let mut out = vec![];
-        for w in [MAGIC, self.blocks.len() as u32, self.truncation] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        for b in &self.blocks {
-            out.extend_from_slice(&b.to_le_bytes());
-        }
-        if !self.blocks.is_empty() {
-            out.resize(out.len().next_multiple_of(BLOCK as usize), 0);
-        }
-        out.extend_from_slice(contents);
-        out
-    }
-}
-
-fn word(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"))
-}
-
-/// How many bytes the header at the start of `head` takes, as far as `head` tells: 12 until
-/// the block count is known. The header is padded to a block when blocks follow.
-fn header_need(head: &[u8]) -> Result<usize, String> {
-    if head.len() < 12 {
-        return Ok(12);
-    }
-    let (magic, count, truncation) = (word(head, 0), word(head, 1), word(head, 2));
-    if magic != MAGIC {
-        return Err(format!("bad magic number 0x{magic:08x}"));
-    }
-    if count > MAX_BLOCKS || truncation > MAX_BLOCKS {
-        return Err(format!(
-            "{count} blocks, truncation length {truncation}: more than a segment's {MAX_BLOCKS}"
-        ));
-    }
-    let raw = 12 + 4 * count as usize;
-    Ok(if count > 0 {
-        raw.next_multiple_of(BLOCK as usize)
-    } else {
-        raw
-    })
-}
-
-fn parse_header(head: &[u8]) -> Header {
-    let count = word(head, 1) as usize;
-    Header {
-        truncation: word(head, 2),
-        blocks: (0..count).map(|i| word(head, 3 + i)).collect(),
-    }
-}
+/// PostgreSQL's block size, which incremental files are made of.
+const BLOCK: u64 = BLCKSZ as u64;
 
 /// The blocks of one file still to be found in older members: bit `b` set = block `b` needed.
 #[derive(Debug)]
@@ -139,7 +49,7 @@ struct Pending {
 
 impl Pending {
     fn new(path: PathBuf, header: &Header, compare: bool) -> Pending {
-        let limit = header.truncation;
+        let limit = header.truncation_block_length;
         let mut needed = vec![u64::MAX; (limit as usize).div_ceil(64)];
         if limit % 64 != 0 {
             *needed.last_mut().expect("limit > 0") = (1u64 << (limit % 64)) - 1;
@@ -353,7 +263,7 @@ fn create_rebuilt(path: &Path, header: &Header) -> Result<File, RestoreError> {
         .mode(0o600)
         .open(path)
         .map_err(io_at(path))?;
-    file.set_len(u64::from(header.block_length()) * BLOCK)
+    file.set_len(u64::from(header.reconstructed_blocks()) * BLOCK)
         .map_err(io_at(path))?;
     Ok(file)
 }
@@ -371,19 +281,13 @@ impl ChainWriter {
         inc: &mut Incremental,
         mut d: &'d [u8],
     ) -> Result<Option<&'d [u8]>, RestoreError> {
+        let bad_header = |e: IncrementalError| bad(&inc.path, e.to_string());
         loop {
-            let need = header_need(&inc.head).map_err(|r| bad(&inc.path, r))?;
-            if inc.head.len() >= need {
-                let header = parse_header(&inc.head);
-                if let Some(b) = header.blocks.iter().find(|&&b| b >= MAX_BLOCKS) {
-                    return Err(bad(
-                        &inc.path,
-                        format!("block number {b} is past a segment"),
-                    ));
-                }
+            if let Some((header, _)) = Header::parse(&inc.head).map_err(bad_header)? {
                 inc.header = Some(header);
                 return Ok(Some(d));
             }
+            let need = Header::needed(&inc.head).map_err(bad_header)?;
             let take = (need - inc.head.len()).min(d.len());
             inc.head.extend_from_slice(&d[..take]);
             d = &d[take..];
@@ -402,12 +306,12 @@ impl ChainWriter {
         if self.member == 0 {
             let file = if inc.compare {
                 let file = open_for_blocks(&inc.path)?;
-                let len = u64::from(header.block_length()) * BLOCK;
+                let len = u64::from(header.reconstructed_blocks()) * BLOCK;
                 file.set_len(len).map_err(io_at(&inc.path))?;
                 // Blocks past the truncation length that the newest member does not carry
                 // are zeros (pg_combinebackup's), whatever the old file held there.
                 let zero = vec![0u8; BLOCK as usize];
-                for b in header.truncation..header.block_length() {
+                for b in header.truncation_block_length..header.reconstructed_blocks() {
                     if !header.blocks.contains(&b) {
                         let at = u64::from(b) * BLOCK;
                         if put(&file, &inc.path, &zero, at, true, &mut self.scratch)? {
@@ -562,7 +466,7 @@ impl ArchiveSink for ChainWriter {
     fn entry(&mut self, h: &TarHeader) -> Result<(), RestoreError> {
         self.current = Current::None;
         if h.kind == EntryKind::File {
-            if let Some(rel) = incremental_target(&h.path) {
+            if let Some(rel) = target_name(&h.path) {
                 if self.member == 0 {
                     self.incremental_bytes += h.size;
                 }
@@ -723,7 +627,7 @@ pub(super) fn check_rebuilt(
     }
     let keys: std::collections::HashSet<&str> = rebuilt.iter().map(|(_, k)| k.as_str()).collect();
     outcome.missing.retain(|p| !keys.contains(p.as_str()));
-    outcome.extra.retain(|p| incremental_target(p).is_none());
+    outcome.extra.retain(|p| target_name(p).is_none());
     Ok(checked)
 }
 
@@ -776,11 +680,18 @@ mod tests {
 
     fn incremental(path: &str, truncation: u32, carried: &[(u32, u8)]) -> Vec<u8> {
         let h = Header {
-            truncation,
+            truncation_block_length: truncation,
             blocks: carried.iter().map(|&(b, _)| b).collect(),
         };
         let tags: Vec<u8> = carried.iter().map(|&(_, t)| t).collect();
-        file(path, &h.encode(&blocks(&tags)))
+        file(path, &encode(&h, &blocks(&tags)))
+    }
+
+    fn encode(h: &Header, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![];
+        h.write_header(&mut out).unwrap();
+        out.extend_from_slice(contents);
+        out
     }
 
     fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
@@ -893,17 +804,17 @@ mod tests {
 
         let mut w = new_writer();
         w.set_archive(0, root.join("other"), None);
-        let mut bad = Header {
-            truncation: 1,
+        let h = Header {
+            truncation_block_length: 1,
             blocks: vec![0],
-        }
-        .encode(&block(b'x'));
+        };
+        let mut bad = encode(&h, &block(b'x'));
         bad[0] ^= 1;
         let e = feed(&mut w, &archive(&[file("base/1/INCREMENTAL.7", &bad)])).unwrap_err();
         assert!(matches!(e, RestoreError::BadIncremental { .. }), "{e}");
-        assert_eq!(incremental_target("INCREMENTAL.x"), Some("x".into()));
-        assert_eq!(incremental_target("a/INCREMENTAL.x"), Some("a/x".into()));
-        assert_eq!(incremental_target("a/x"), None);
+        assert_eq!(target_name("INCREMENTAL.x"), Some("x".into()));
+        assert_eq!(target_name("a/INCREMENTAL.x"), Some("a/x".into()));
+        assert_eq!(target_name("a/x"), None);
         drop(w);
         syncer.finish(&[root]).unwrap();
     }
@@ -956,6 +867,10 @@ mod tests {
                 compression: Codec::Lz4,
                 pitr_version: String::new(),
                 source: None,
+                kind: Default::default(),
+                parent: None,
+                incremental_mode: None,
+                stored_total: None,
             }
         }
 

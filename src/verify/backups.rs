@@ -10,6 +10,7 @@ use super::{read_checked, record_read_error, ProblemKind, Severity, VerifyProgre
 use crate::format::archive_check::{
     ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch,
 };
+use crate::format::incremental::target_name;
 use crate::format::manifest;
 use crate::recovery::{chain_of, is_full};
 use crate::repo::{BackupArchive, BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
@@ -93,17 +94,6 @@ fn verify_chains(catalog: &[BackupInfo], damaged: &HashSet<&str>, report: &mut V
     }
 }
 
-/// The file an `INCREMENTAL.<name>` entry of an incremental backup stands for.
-fn incremental_target(path: &str) -> Option<String> {
-    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-    let target = name.strip_prefix("INCREMENTAL.")?;
-    Some(if dir.is_empty() {
-        target.to_string()
-    } else {
-        format!("{dir}/{target}")
-    })
-}
-
 /// One completed backup being checked: its manifest, then each archive, part by part.
 struct Reading<'a> {
     repo: &'a Repository,
@@ -130,10 +120,10 @@ impl Reading<'_> {
         let stand_ins: HashSet<String> = outcome
             .extra
             .iter()
-            .filter_map(|p| incremental_target(p))
+            .filter_map(|p| target_name(p))
             .collect();
         outcome.missing.retain(|p| !stand_ins.contains(p));
-        outcome.extra.retain(|p| incremental_target(p).is_none());
+        outcome.extra.retain(|p| target_name(p).is_none());
         // Only meaningful when every archive was read through.
         if damaged {
             return Ok(());
