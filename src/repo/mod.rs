@@ -6,6 +6,7 @@
 mod audit;
 mod backup_check;
 mod backups;
+mod blockmap;
 mod catalog;
 mod chunks;
 mod descriptor;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
+pub use blockmap::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks};
 pub use catalog::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, IncrementalMode, TimelineWal, WalInventory,
 };
