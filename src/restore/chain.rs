@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -23,9 +22,7 @@ use super::error::RestoreError;
 use super::writer::{
     io_at, mismatch_error, restore_archive, safe_join, tablespace_dir, Extraction, FileWriter,
 };
-use crate::format::archive_check::{
-    ArchiveSink, FileSum, Manifest, ManifestCheck, Mismatch, Outcome,
-};
+use crate::format::archive_check::{ArchiveSink, FileSum, ManifestCheck, Mismatch, Outcome};
 use crate::format::incremental::{
     target_name, IncrementalError, IncrementalHeader as Header, BLCKSZ,
 };
@@ -585,66 +582,6 @@ pub(super) struct ChainOutcome {
     pub rebuilt: Vec<(PathBuf, String)>,
 }
 
-/// Checks every reconstructed file against the final manifest (which lists it when pitr's
-/// block mode took the backup: its stored manifest is the full backup's), and drops from
-/// `outcome` what reconstruction explains: the reconstructed files are not missing, the
-/// `INCREMENTAL.` entries are not extra.
-pub(super) fn check_rebuilt(
-    rebuilt: &[(PathBuf, String)],
-    manifest: Option<&Manifest>,
-    outcome: &mut Outcome,
-) -> Result<u64, RestoreError> {
-    let mut checked = 0;
-    let mut unlisted = vec![];
-    for (path, key) in rebuilt {
-        let Some(want) = manifest.and_then(|m| m.get(key)) else {
-            outcome.bytes += fs::metadata(path).map_err(io_at(path))?.len();
-            unlisted.push(key);
-            continue;
-        };
-        let (size, crc) = size_and_crc(path)?;
-        outcome.bytes += size;
-        if size != want.size {
-            return Err(RestoreError::SizeMismatch {
-                path: key.clone(),
-                expected: want.size,
-                actual: size,
-            });
-        }
-        if let Some(expected) = want.crc32c.filter(|&e| e != crc) {
-            return Err(mismatch_error(Mismatch::Checksum {
-                path: key.clone(),
-                expected,
-                actual: crc,
-            }));
-        }
-        checked += 1;
-    }
-    if let Some(example) = unlisted.first() {
-        // The server's own incremental manifest lists INCREMENTAL.<name> (checked as read),
-        // not the final file.
-        tracing::warn!(count = unlisted.len(), %example, "reconstructed files the manifest does not list were not checked after reconstruction");
-    }
-    let keys: std::collections::HashSet<&str> = rebuilt.iter().map(|(_, k)| k.as_str()).collect();
-    outcome.missing.retain(|p| !keys.contains(p.as_str()));
-    outcome.extra.retain(|p| target_name(p).is_none());
-    Ok(checked)
-}
-
-fn size_and_crc(path: &Path) -> Result<(u64, u32), RestoreError> {
-    let mut f = File::open(path).map_err(io_at(path))?;
-    let mut buf = vec![0u8; 256 << 10];
-    let (mut size, mut crc) = (0u64, 0u32);
-    loop {
-        let n = f.read(&mut buf).map_err(io_at(path))?;
-        if n == 0 {
-            return Ok((size, crc));
-        }
-        size += n as u64;
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-    }
-}
-
 /// Refuses the restore, before anything is written, when a member of the chain has lost an
 /// object or is being expired.
 pub(super) async fn check_members(
@@ -936,6 +873,20 @@ mod tests {
                 ]),
             )
             .await;
+            // The final content's block map (no manifest here): what checks the result.
+            let mut map = repo.put_block_map("newest");
+            let final_100 = blocks(b"CAAB");
+            map.add(&crate::repo::FileBlocks {
+                path: "base/1/100".into(),
+                size: final_100.len() as u64,
+                hashes: final_100
+                    .chunks(BLOCK as usize)
+                    .map(crate::repo::block_hash)
+                    .collect(),
+            })
+            .await
+            .unwrap();
+            map.finish().await.unwrap();
             let dir = tempfile::tempdir().unwrap();
             let opts = |d: &Path| RestoreOptions {
                 pgdata: d.to_path_buf(),

@@ -37,6 +37,8 @@ pub enum RestoreError {
         expected: String,
         actual: String,
     },
+    #[error("{path}: block {block} differs from the backup's block map")]
+    BlockMismatch { path: String, block: u64 },
     #[error("{path}: size {actual} differs from the backup manifest's {expected}")]
     SizeMismatch {
         path: String,
@@ -84,6 +86,7 @@ impl Classify for RestoreError {
             | RestoreError::SizeMismatch { .. }
             | RestoreError::MissingFiles { .. }
             | RestoreError::BadIncremental { .. }
+            | RestoreError::BlockMismatch { .. }
             | RestoreError::ChainIncomplete { .. } => Code::JobFailed,
         }
     }
@@ -112,6 +115,7 @@ impl Classify for RestoreError {
             | RestoreError::SizeMismatch { .. }
             | RestoreError::MissingFiles { .. }
             | RestoreError::BadIncremental { .. }
+            | RestoreError::BlockMismatch { .. }
             | RestoreError::ChainIncomplete { .. } => {
                 "the target directory is incomplete: empty it before retrying; `pitr verify` checks the repository"
             }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::chain;
+use super::check;
 use super::delta::{self, Delta};
 use super::durable::Syncer;
 use super::error::RestoreError;
@@ -139,7 +140,16 @@ async fn write_backup(
         return Ok((outcome, relocated, writer, 0));
     }
     let mut done = chain::restore_chain(repo, &plan.chain, extraction).await?;
-    chain::check_rebuilt(&done.rebuilt, manifest, &mut done.outcome)?;
+    // Server mode: PostgreSQL's incremental manifest does not list the final files.
+    let unlisted = done
+        .rebuilt
+        .iter()
+        .any(|(_, key)| !manifest.is_some_and(|m| m.contains_key(key)));
+    let mut map = match unlisted {
+        true => repo.block_map(&plan.backup.id).await?,
+        false => None,
+    };
+    check::check_rebuilt(&done.rebuilt, manifest, map.as_mut(), &mut done.outcome).await?;
     Ok((
         done.outcome,
         done.relocated,

@@ -6,6 +6,7 @@
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
 mod chain;
+mod check;
 mod delta;
 mod durable;
 mod error;
