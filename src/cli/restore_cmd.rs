@@ -330,6 +330,14 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A backup in `list --json`: its catalog object, with `stored_bytes` also for backups of
+/// older pitr versions (their archives' stored size).
+fn backup_json(b: &crate::repo::BackupInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(b).expect("backup info serializes");
+    v["stored_bytes"] = json!(b.stored_bytes());
+    v
+}
+
 pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
     let repo = Repository::open(storage, settings.write.clone()).await?;
     let catalog = Catalog::load(&repo).await?;
@@ -379,7 +387,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             "system_identifier": d.system_identifier.to_string(),
             "pg_major": d.pg_major,
             "wal_segment_size": d.wal_segment_size,
-            "backups": backups,
+            "backups": backups.iter().map(backup_json).collect::<Vec<_>>(),
             "wal": wal,
             // Newest streamed position (end of the newest chunk chain), on the highest
             // timeline that has chunks; null when no stream has shipped chunks.
@@ -403,19 +411,29 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         println!("no backups yet: run `pitr backup -d CONNINFO`");
     } else {
         println!(
-            "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  SOURCE",
-            "BACKUP", "TLI", "START LSN", "STOP LSN", "STOP TIME", "SIZE", "STORED"
+            "{:<23} {:<11} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {:<23}  SOURCE",
+            "BACKUP",
+            "KIND",
+            "TLI",
+            "START LSN",
+            "STOP LSN",
+            "STOP TIME",
+            "SIZE",
+            "STORED",
+            "PARENT"
         );
         for b in backups {
             println!(
-                "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {}",
+                "{:<23} {:<11} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {:<23}  {}",
                 b.id,
+                b.kind.to_string(),
                 b.timeline,
                 b.start_lsn.to_string(),
                 b.stop_lsn.to_string(),
                 b.stop_time.format("%Y-%m-%d %H:%M:%S%:z").to_string(),
                 human_bytes(b.raw_bytes()),
                 human_bytes(b.stored_bytes()),
+                b.parent.as_deref().unwrap_or("-"),
                 // Backups of older pitr versions did not record it.
                 b.source.as_ref().map_or("-".to_string(), |s| s.to_string())
             );
