@@ -211,6 +211,10 @@ fn a_chain_of_three_incrementals_restores_to_a_time_and_expires_whole() {
     assert_eq!(phases, "a:10,b:10,c:10,d:10,e:10");
     drop(restored);
 
+    // A healthy chain verifies clean: INCREMENTAL entries stand for their files.
+    let out = ok(&repo, &["verify"]);
+    assert!(!out.contains("chain"), "{out}");
+
     // A lost object of the middle member: refused before writing, naming it; no fall-back.
     let lost = repo.object_file(&format!("backups/{i2}/base.tar/00000000"));
     std::fs::remove_file(&lost).unwrap_or_else(|e| panic!("{}: {e}", lost.display()));
