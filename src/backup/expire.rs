@@ -389,6 +389,18 @@ mod tests {
         assert_eq!(keep(None, Some(1)), 3..6);
         // A 4-day window is reached by I1 (5 days old), whose chain starts at F0.
         assert_eq!(keep(None, Some(4)), 0..6);
+        // The same through the catalog fields.
+        let mut infos = b.clone();
+        for (i, p) in [(1, 0), (2, 1), (4, 3), (5, 4)] {
+            infos[i].kind = crate::repo::BackupKind::Incremental;
+            infos[i].parent = Some(format!("b{p}"));
+        }
+        assert_eq!(Chains::of(&infos), chains);
+        let policy = RetentionPolicy {
+            full: Some(1),
+            window: None,
+        };
+        assert_eq!(backups_to_keep(&infos, policy, now), 3..6);
         // An incremental whose parent is gone keeps what it can.
         let broken = Chains {
             full: vec![true, false, false, true, false, false],

@@ -268,3 +268,63 @@ impl ArchiveSink for FileProblems {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+    use crate::repo::BackupKind;
+    use crate::wal::Lsn;
+
+    fn backup(id: &str, lsn: u64, parent: Option<&str>) -> BackupInfo {
+        BackupInfo {
+            id: id.to_string(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: Lsn(lsn),
+            stop_lsn: Lsn(lsn + 1),
+            start_time: chrono::Utc::now(),
+            stop_time: chrono::Utc::now(),
+            pg_version_num: 170000,
+            system_identifier: 1,
+            archives: vec![],
+            manifest: true,
+            compression: Codec::Lz4,
+            pitr_version: String::new(),
+            source: None,
+            kind: match parent {
+                Some(_) => BackupKind::Incremental,
+                None => BackupKind::Full,
+            },
+            parent: parent.map(str::to_string),
+            incremental_mode: None,
+            stored_total: None,
+        }
+    }
+
+    #[test]
+    fn chains_with_a_missing_or_damaged_member_are_reported() {
+        let catalog = vec![
+            backup("f", 10, None),
+            backup("i1", 20, Some("f")),
+            backup("i2", 30, Some("i1")),
+            backup("j", 40, Some("gone")),
+        ];
+        let mut report = VerifyReport::default();
+        verify_chains(&catalog, &HashSet::new(), &mut report);
+        assert_eq!(report.problems.len(), 1);
+        assert!(
+            report.problems[0].message.contains("backup j"),
+            "{:?}",
+            report.problems
+        );
+        assert!(report.problems[0].message.contains("gone"));
+
+        let mut report = VerifyReport::default();
+        verify_chains(&catalog, &["f"].into(), &mut report);
+        let messages: Vec<&str> = report.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[0].contains("backup i1") && messages[0].contains("member f"));
+        assert_eq!(report.problems[0].kind, ProblemKind::BrokenChain);
+    }
+}
