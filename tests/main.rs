@@ -11,6 +11,7 @@ mod drill;
 mod encryption;
 mod expire;
 mod flaky;
+mod incremental;
 mod independent_reader;
 mod locale;
 mod ops;
