@@ -4,7 +4,7 @@
 use std::fs;
 
 use crate::common::{assert_code, text, Backend, TestRepo};
-use crate::harness::PgCluster;
+use crate::harness::{pg_bin, PgCluster};
 use crate::pitr::{ok, primary, run};
 
 fn json(out: &str) -> serde_json::Value {
@@ -14,7 +14,10 @@ fn json(out: &str) -> serde_json::Value {
 /// A table of ~100k rows of poorly compressible text (~35 MB), frozen and checkpointed so that
 /// hint bits and the visibility map do not change every block after the full backup.
 fn primary_with_big_table(repo: &TestRepo) -> PgCluster {
-    let pg = primary(repo);
+    table_in(primary(repo))
+}
+
+fn table_in(pg: PgCluster) -> PgCluster {
     pg.psql(
         "create table big as select g as id, md5(g::text) || md5((g * 3)::text) || md5((g * 7)::text) \
          || md5((g * 11)::text) || md5((g * 13)::text) || md5((g * 17)::text) as pad \
@@ -123,4 +126,69 @@ fn incremental_without_a_parent_is_refused() {
     );
     assert_code(&o, 2);
     assert!(text(&o).contains("parent backup nope"), "{}", text(&o));
+}
+
+/// The major version of the PostgreSQL binaries the tests run (PG_BIN).
+fn pg_major() -> u32 {
+    let out = std::process::Command::new(pg_bin("postgres"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    let num = v.split_whitespace().nth(2).unwrap();
+    num.split('.').next().unwrap().parse().unwrap()
+}
+
+/// PostgreSQL 17+ with summarize_wal = on: the server sends only the changed blocks (run with
+/// PG_BIN pointing at 17 or 18); older servers take the block mode and say why.
+#[test]
+fn server_mode_where_the_server_summarizes_wal() {
+    let repo = TestRepo::new(Backend::Local);
+    let major = pg_major();
+    let mut b = PgCluster::builder()
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .envs(repo.env.clone());
+    if major >= 17 {
+        b = b.conf("summarize_wal = on");
+    }
+    let pg = table_in(b.start().unwrap());
+    let full = json(&ok(&repo, &["backup", "-d", &pg.conninfo(), "--json"]));
+    pg.psql("update big set pad = upper(pad) where id <= 2000")
+        .unwrap();
+    pg.psql("checkpoint").unwrap();
+    let out = ok(&repo, &["backup", "-d", &pg.conninfo(), "--incremental"]);
+    let list = backups(&repo);
+    let i = &list[1];
+    assert_eq!(i["parent"], full["id"]);
+    if major >= 17 {
+        assert!(
+            out.contains("server mode") && out.contains("summarize_wal = on"),
+            "{out}"
+        );
+        assert_eq!(i["incremental_mode"], "server");
+    } else {
+        assert!(
+            out.contains(&format!("PostgreSQL {major} has no incremental")),
+            "{out}"
+        );
+        assert_eq!(i["incremental_mode"], "block");
+    }
+    let (fs_, is_) = (
+        list[0]["stored_bytes"].as_u64().unwrap(),
+        i["stored_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        is_ * 4 < fs_,
+        "incremental stored {is_} bytes, the full {fs_}"
+    );
+
+    // The next incremental (server mode on the incremental's manifest) still works.
+    pg.psql("update big set pad = lower(pad) where id > 99000")
+        .unwrap();
+    let out = ok(
+        &repo,
+        &["backup", "-d", &pg.conninfo(), "--incremental", "--json"],
+    );
+    assert_eq!(json(&out)["parent"], i["id"]);
 }
