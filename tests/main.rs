@@ -11,6 +11,7 @@ mod drill;
 mod encryption;
 mod expire;
 mod flaky;
+mod incremental;
 mod incremental_restore;
 mod independent_reader;
 mod locale;

@@ -36,6 +36,9 @@ pub struct BackupMaps {
     pub files_incremental: u64,
     pub blocks_changed: u64,
     pub blocks_same: u64,
+    /// Server mode: the server sent `INCREMENTAL.` entries itself and files it sent whole stay
+    /// whole (its manifest lists them so); the map is carried forward from the parent's.
+    pub server_mode: bool,
 }
 
 /// Whether a file name is a relation file: `<relfilenode>[_fsm|_vm|_init][.<segment>]`.
@@ -103,6 +106,8 @@ enum State {
     /// Bytes of the current entry (data and padding) still to pass through.
     Pass(u64),
     Rel(Box<RelFile>),
+    /// Server mode: an `INCREMENTAL.` entry the server sent, passing through.
+    ServerInc(Box<ServerInc>),
     /// After the end-of-archive blocks: everything passes through.
     Trailer,
 }
@@ -162,6 +167,18 @@ impl TarDiff {
                         self.state = self.on_header(h, maps, out).await?;
                     }
                 }
+                State::ServerInc(f) => {
+                    let n = (f.size - f.done).min(rest.len() as u64) as usize;
+                    out.extend_from_slice(&rest[..n]);
+                    f.take(&rest[..n])?;
+                    used += n;
+                    if f.done == f.size {
+                        let pad = pad_of(f.size);
+                        if let State::ServerInc(f) = std::mem::replace(&mut self.state, pass(pad)) {
+                            f.finish(maps).await?;
+                        }
+                    }
+                }
                 State::Rel(f) => {
                     let n = (f.size - f.done).min(rest.len() as u64) as usize;
                     f.take(&rest[..n], out)?;
@@ -215,6 +232,21 @@ impl TarDiff {
             && size.is_some_and(|s| s > 0 && s % BLCKSZ as u64 == 0)
             && name_end + incremental::PREFIX.len() < 100
             && is_relation_path(&path, self.tablespace);
+        if maps.server_mode && regular && ustar_prefix_empty {
+            if let (Some(size), Some(target)) = (size, incremental::target_name(&path)) {
+                if is_relation_path(&target, self.tablespace) {
+                    out.extend_from_slice(&h);
+                    maps.files_incremental += 1;
+                    let key = format!("{}{target}", self.prefix);
+                    let f = ServerInc::new(key, size);
+                    return Ok(if size == 0 {
+                        pass(0)
+                    } else {
+                        State::ServerInc(Box::new(f))
+                    });
+                }
+            }
+        }
         if !eligible {
             out.extend_from_slice(&h);
             let size = match size {
@@ -226,8 +258,8 @@ impl TarDiff {
         let size = size.expect("checked");
         let key = format!("{}{path}", self.prefix);
         let parent = match maps.parent.as_mut() {
-            Some(m) => m.get(&key).await?,
-            None => None,
+            Some(m) if !maps.server_mode => m.get(&key).await?,
+            _ => None,
         };
         if parent.is_none() {
             out.extend_from_slice(&h);
@@ -261,6 +293,103 @@ fn base256(field: &[u8]) -> u64 {
     field[1..].iter().fold((field[0] & 0x7f) as u64, |v, &b| {
         v.wrapping_mul(256) + b as u64
     })
+}
+
+/// An `INCREMENTAL.` entry the server sent: its carried blocks are hashed as they pass.
+struct ServerInc {
+    key: String,
+    size: u64,
+    done: u64,
+    head: Vec<u8>,
+    header: Option<IncrementalHeader>,
+    partial: Vec<u8>,
+    carried: Vec<BlockHash>,
+}
+
+impl ServerInc {
+    fn new(key: String, size: u64) -> ServerInc {
+        ServerInc {
+            key,
+            size,
+            done: 0,
+            head: vec![],
+            header: None,
+            partial: Vec::with_capacity(BLCKSZ),
+            carried: vec![],
+        }
+    }
+
+    fn take(&mut self, mut bytes: &[u8]) -> Result<(), DiffError> {
+        self.done += bytes.len() as u64;
+        while self.header.is_none() && !bytes.is_empty() {
+            let need = IncrementalHeader::needed(&self.head).map_err(bad_entry)?;
+            let n = (need - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if let Some((h, _)) = IncrementalHeader::parse(&self.head).map_err(bad_entry)? {
+                self.header = Some(h);
+                self.head = vec![];
+            }
+        }
+        while !bytes.is_empty() {
+            let n = (BLCKSZ - self.partial.len()).min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.partial.len() == BLCKSZ {
+                self.carried.push(block_hash(&self.partial));
+                self.partial.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// The final file's hashes: carried blocks, else the parent's below the truncation
+    /// length, else zeros (a block no backup supplies reads as zeros).
+    async fn finish(self, maps: &mut BackupMaps) -> Result<(), DiffError> {
+        let h = self
+            .header
+            .ok_or_else(|| bad_entry("the entry ends in its header"))?;
+        if self.carried.len() != h.blocks.len() || !self.partial.is_empty() {
+            return Err(bad_entry(
+                "the entry's length does not match its block count",
+            ));
+        }
+        let parent = match maps.parent.as_mut() {
+            Some(m) => m.get(&self.key).await?,
+            None => None,
+        };
+        let zero = block_hash(&[0u8; BLCKSZ]);
+        let len = h.reconstructed_blocks() as usize;
+        let mut hashes: Vec<BlockHash> = (0..len)
+            .map(|b| match &parent {
+                Some(p) if (b as u32) < h.truncation_block_length => {
+                    p.hashes.get(b).copied().unwrap_or(zero)
+                }
+                _ => zero,
+            })
+            .collect();
+        for (b, hash) in h.blocks.iter().zip(&self.carried) {
+            hashes[*b as usize] = *hash;
+        }
+        maps.blocks_changed += h.blocks.len() as u64;
+        maps.blocks_same += (len - h.blocks.len()) as u64;
+        let size = (len * BLCKSZ) as u64;
+        maps.writer
+            .add(&FileBlocks {
+                path: self.key,
+                size,
+                hashes,
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn bad_entry(e: impl std::fmt::Display) -> DiffError {
+    DiffError::Spill(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("an INCREMENTAL entry from the server: {e}"),
+    ))
 }
 
 impl RelFile {
@@ -442,6 +571,7 @@ mod stream_tests {
             files_incremental: 0,
             blocks_changed: 0,
             blocks_same: 0,
+            server_mode: false,
         }
     }
 

@@ -319,15 +319,16 @@ pub async fn run_backup(
     };
     let mut incremental = None;
     if let Some((p, _)) = &parent {
-        let why = block_mode_reason(&mut conn).await?;
-        tracing::info!(parent = %p.id, mode = "block", %why, "incremental backup");
+        let (mode, why) = incremental_mode(&repo, &mut conn, p).await?;
+        tracing::info!(parent = %p.id, %mode, %why, "incremental backup");
         progress(BackupProgress::Incremental {
             parent: p.id.clone(),
-            mode: IncrementalMode::Block,
+            mode,
             why,
         });
-        incremental = Some((p.id.clone(), IncrementalMode::Block));
+        incremental = Some((p.id.clone(), mode));
     }
+    let server_mode = matches!(incremental, Some((_, IncrementalMode::Server)));
 
     let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
         Ok(c) => Some(c),
@@ -352,6 +353,7 @@ pub async fn run_backup(
         wait_for_wal_archive: true,
         max_rate_kb: opts.max_rate_kb,
         progress: true,
+        incremental: server_mode,
     };
     tracing::info!(backup = %id, server_version = version, source = %source, "starting base backup");
     let lease = repo.hold_backup_lease(&id);
@@ -362,6 +364,7 @@ pub async fn run_backup(
         files_incremental: 0,
         blocks_changed: 0,
         blocks_same: 0,
+        server_mode,
     };
     let started = Started {
         repo,
@@ -426,19 +429,34 @@ async fn choose_parent(
     }
 }
 
-/// Why pitr computes the incremental itself rather than asking the server for one.
-async fn block_mode_reason(conn: &mut ReplicationConn) -> Result<String, BackupError> {
+/// Server mode where the server can compute the incremental (PostgreSQL 17+ summarizing WAL):
+/// the parent's manifest is uploaded on `conn` then. Otherwise block mode. With the reason.
+async fn incremental_mode(
+    repo: &Repository,
+    conn: &mut ReplicationConn,
+    parent: &BackupInfo,
+) -> Result<(IncrementalMode, String), BackupError> {
     let major = conn.server_major();
+    let block = |why: String| Ok((IncrementalMode::Block, why));
     if major < 17 {
-        return Ok(format!(
+        return block(format!(
             "PostgreSQL {major} has no incremental BASE_BACKUP (it came in 17)"
         ));
     }
-    Ok(match conn.show("summarize_wal").await?.as_str() {
-        "on" => "this pitr does not use the server's incremental BASE_BACKUP yet".into(),
-        _ => "summarize_wal is off on the server (set it on for server-side incremental backups)"
-            .into(),
-    })
+    if conn.show("summarize_wal").await? != "on" {
+        return block(
+            "summarize_wal is off on the server (turn it on for server-side incremental backups)"
+                .into(),
+        );
+    }
+    let Some(manifest) = repo.backup_manifest(&parent.id).await? else {
+        return block(format!("backup {} has no stored manifest", parent.id));
+    };
+    conn.upload_manifest(&manifest).await?;
+    Ok((
+        IncrementalMode::Server,
+        format!("PostgreSQL {major} with summarize_wal = on"),
+    ))
 }
 
 /// Receives the backup, stores it, waits for its WAL and publishes it. Any error leaves the
