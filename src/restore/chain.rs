@@ -582,6 +582,31 @@ pub(super) struct ChainOutcome {
     pub rebuilt: Vec<(PathBuf, String)>,
 }
 
+/// PostgreSQL refuses to start on the `backup_label` of a server-side incremental backup ("this
+/// is an incremental backup, not a data directory"): like pg_combinebackup, drop its
+/// `INCREMENTAL FROM LSN` and `INCREMENTAL FROM TLI` lines once the files are reconstructed.
+pub(super) fn finish_backup_label(pgdata: &Path) -> Result<(), RestoreError> {
+    let path = pgdata.join("backup_label");
+    let label = match fs::read(&path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(&path)(e)),
+    };
+    let kept: Vec<u8> = label
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|line| {
+            !line.starts_with(b"INCREMENTAL FROM LSN: ")
+                && !line.starts_with(b"INCREMENTAL FROM TLI: ")
+        })
+        .flatten()
+        .copied()
+        .collect();
+    if kept.len() != label.len() {
+        fs::write(&path, kept).map_err(io_at(&path))?;
+    }
+    Ok(())
+}
+
 /// Refuses the restore, before anything is written, when a member of the chain has lost an
 /// object or is being expired.
 pub(super) async fn check_members(
@@ -710,6 +735,25 @@ mod tests {
         assert_eq!(w.rebuilt.len(), 2);
         drop(w); // its sync handle
         syncer.finish(&[root]).unwrap();
+    }
+
+    #[test]
+    fn the_backup_label_loses_its_incremental_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let label = "START WAL LOCATION: 0/4000028 (file 000000010000000000000004)\n\
+                     CHECKPOINT LOCATION: 0/4000080\n\
+                     INCREMENTAL FROM LSN: 0/2000028\n\
+                     INCREMENTAL FROM TLI: 1\n\
+                     START TIMELINE: 1\n";
+        fs::write(dir.path().join("backup_label"), label).unwrap();
+        finish_backup_label(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("backup_label")).unwrap(),
+            "START WAL LOCATION: 0/4000028 (file 000000010000000000000004)\n\
+             CHECKPOINT LOCATION: 0/4000080\n\
+             START TIMELINE: 1\n"
+        );
+        finish_backup_label(&dir.path().join("none")).unwrap();
     }
 
     #[test]

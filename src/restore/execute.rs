@@ -92,7 +92,7 @@ pub async fn execute(
         check: ManifestCheck::new(manifest.clone()),
     };
     let (outcome, relocated, writer, rebuilt) =
-        write_backup(repo, plan, extraction, manifest.as_ref()).await?;
+        write_backup(repo, &opts.pgdata, plan, extraction, manifest.as_ref()).await?;
     // The writer's sync handle goes here: the syncer finishes only once every handle is gone.
     let (delta, written_files, written_bytes) = writer.into_results();
     check_complete(&outcome)?;
@@ -131,6 +131,7 @@ pub async fn execute(
 /// incremental entries (each checked against the manifest).
 async fn write_backup(
     repo: &Repository,
+    pgdata: &Path,
     plan: &RestorePlan,
     extraction: Extraction,
     manifest: Option<&Manifest>,
@@ -150,6 +151,7 @@ async fn write_backup(
         false => None,
     };
     check::check_rebuilt(&done.rebuilt, manifest, map.as_mut(), &mut done.outcome).await?;
+    chain::finish_backup_label(pgdata)?;
     Ok((
         done.outcome,
         done.relocated,
