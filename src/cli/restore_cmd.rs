@@ -188,8 +188,18 @@ pub async fn restore(
         plan.backup.id,
         a.pgdata.display()
     ));
+    print_result(summary, &report, &a, settings);
+    Ok(Code::Ok)
+}
+
+/// The plan and what the restore did, as text or JSON.
+fn print_result(
+    mut s: serde_json::Value,
+    report: &restore::RestoreReport,
+    a: &RestoreArgs,
+    settings: &Settings,
+) {
     if a.json {
-        let mut s = summary;
         s["files"] = json!(report.files);
         s["bytes"] = json!(report.bytes);
         s["seconds"] = json!(report.seconds);
@@ -202,7 +212,7 @@ pub async fn restore(
         s["rebuilt_files"] = json!(report.rebuilt_files);
         println!("{}", serde_json::to_string_pretty(&s).expect("json"));
     } else {
-        print_plan(&summary, false);
+        print_plan(&s, false);
         println!(
             "restored {} files, {} in {:.1}s into {}",
             report.files,
@@ -241,7 +251,6 @@ pub async fn restore(
             );
         }
     }
-    Ok(Code::Ok)
 }
 
 fn print_plan(s: &serde_json::Value, as_json: bool) {
