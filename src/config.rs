@@ -103,7 +103,7 @@ pub struct EncryptionFile {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionFile {
-    /// Keep the newest N backups.
+    /// Keep the newest N full backups (with the incrementals built on them).
     pub full: Option<usize>,
     /// Keep what restoring to any moment of this long ago needs, e.g. "7d".
     pub window: Option<String>,
@@ -179,7 +179,7 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// archive-get: segments kept ahead of replay in the prefetch spool; 0 disables it.
     pub prefetch: u32,
-    /// expire: keep the newest N backups.
+    /// expire: keep the newest N full backups (with their incrementals).
     pub retain_full: Option<usize>,
     /// expire: keep what restoring to any moment of this long ago needs.
     pub retain_window: Option<Duration>,

@@ -12,6 +12,8 @@ mod encryption;
 mod expire;
 mod failover;
 mod flaky;
+mod incremental;
+mod incremental_restore;
 mod independent_reader;
 mod locale;
 mod multi_repo;

@@ -1,8 +1,12 @@
 //! `pitr expire`: retention of backups and of the WAL only they need.
 //!
-//! A policy keeps a suffix of the backups in time order: the newest N (`full`), or every backup
+//! A policy keeps a suffix of the backups in time order: everything from the Nth newest full
+//! backup on (`full`: N full backups with the incrementals that build on them), or every backup
 //! needed to restore to any moment of the last D (`window`: the backups that finished inside it
-//! plus the newest one before it), or the union of both. The newest backup is always kept.
+//! plus the newest one before it), or the union of both. The newest backup is always kept, and
+//! so is every backup a kept incremental needs: its parent, its parent's parent, ... down to the
+//! full backup at the root of its chain. An incremental is only ever removed with (or after) its
+//! full backup, never alone: the suffix starts at or before the root of every kept chain.
 //!
 //! WAL is removed only below the start of the oldest kept backup: replay only ever moves forward
 //! from a backup's start, whatever the timeline, so nothing below that point can be read by a
@@ -20,12 +24,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::{Classify, Code};
+use crate::recovery::{is_full, parent_of};
 use crate::repo::{BackupInfo, RepoError, Repository, StoredObject};
 use crate::wal::Lsn;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetentionPolicy {
-    /// Keep the newest N backups.
+    /// Keep the newest N full backups, with the incrementals built on them.
     pub full: Option<usize>,
     /// Keep what restoring to any moment of this long ago until now needs.
     pub window: Option<Duration>,
@@ -67,6 +72,8 @@ impl Classify for ExpireError {
 #[derive(Clone, Debug, Serialize)]
 pub struct BackupSummary {
     pub id: String,
+    /// The backup an incremental was taken on; `None` for a full backup.
+    pub parent: Option<String>,
     pub stop_time: DateTime<Utc>,
     pub stored_bytes: u64,
 }
@@ -75,6 +82,7 @@ impl From<&BackupInfo> for BackupSummary {
     fn from(b: &BackupInfo) -> Self {
         BackupSummary {
             id: b.id.clone(),
+            parent: parent_of(b).map(str::to_string),
             stop_time: b.stop_time,
             stored_bytes: b.stored_bytes(),
         }
@@ -97,10 +105,50 @@ pub struct ExpireReport {
     pub wal_note: Option<String>,
 }
 
+/// Where each backup sits in its chain, by index into the same (time-ordered) list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chains {
+    /// Whether each backup is a full one (backups of older pitr versions all are).
+    pub full: Vec<bool>,
+    /// Each incremental's parent; `None` for a full, or when the parent is not in the list.
+    pub parent: Vec<Option<usize>>,
+}
+
+impl Chains {
+    pub fn of(backups: &[BackupInfo]) -> Chains {
+        let index = |id: &str| backups.iter().position(|b| b.id == id);
+        Chains {
+            full: backups.iter().map(is_full).collect(),
+            parent: backups
+                .iter()
+                .map(|b| parent_of(b).and_then(index))
+                .collect(),
+        }
+    }
+
+    /// The oldest backup that the chain of backup `i` needs (its root, when complete).
+    fn root(&self, mut i: usize) -> usize {
+        // Parents are older, so each step goes down and the walk ends.
+        while let Some(p) = self.parent[i].filter(|&p| p < i) {
+            i = p;
+        }
+        i
+    }
+}
+
 /// Which backups `policy` keeps at `now`: indexes into `backups`, which must be in time order
 /// (oldest first). Always a non-empty suffix when there are backups.
 pub fn backups_to_keep(
     backups: &[BackupInfo],
+    policy: RetentionPolicy,
+    now: DateTime<Utc>,
+) -> std::ops::Range<usize> {
+    keep_range(backups, &Chains::of(backups), policy, now)
+}
+
+fn keep_range(
+    backups: &[BackupInfo],
+    chains: &Chains,
     policy: RetentionPolicy,
     now: DateTime<Utc>,
 ) -> std::ops::Range<usize> {
@@ -110,7 +158,10 @@ pub fn backups_to_keep(
     }
     let mut first = n - 1;
     if let Some(full) = policy.full {
-        first = first.min(n.saturating_sub(full.max(1)));
+        // The Nth newest full backup; with fewer fulls than N, everything.
+        let fulls: Vec<usize> = (0..n).filter(|&i| chains.full[i]).collect();
+        let nth = fulls.len().checked_sub(full.max(1)).map_or(0, |k| fulls[k]);
+        first = first.min(nth);
     }
     if let Some(window) = policy.window {
         let since = chrono::Duration::from_std(window)
@@ -123,6 +174,8 @@ pub fn backups_to_keep(
             .unwrap_or(0);
         first = first.min(reaching);
     }
+    // Every kept incremental keeps its whole chain.
+    let first = (first..n).map(|i| chains.root(i)).min().unwrap_or(first);
     first..n
 }
 
@@ -259,6 +312,10 @@ mod tests {
             compression: Codec::Lz4,
             pitr_version: String::new(),
             source: None,
+            kind: Default::default(),
+            parent: None,
+            incremental_mode: None,
+            stored_total: None,
         }
     }
 
@@ -300,5 +357,64 @@ mod tests {
         assert_eq!(keep(Some(4), Some(3)), 1..5);
         assert_eq!(keep(Some(1), Some(3)), 2..5);
         assert_eq!(backups_to_keep(&[], RetentionPolicy::default(), now), 0..0);
+    }
+
+    #[test]
+    fn full_counts_full_backups_and_chains_stay_whole() {
+        let now = Utc::now();
+        // F0 I1 I2 F3 I4 I5, one day apart: I1 <- F0, I2 <- I1, I4 <- F3, I5 <- I4.
+        let b: Vec<BackupInfo> = (0..6)
+            .map(|i| backup(&format!("b{i}"), days_ago(now, 6 - i)))
+            .collect();
+        let chains = Chains {
+            full: vec![true, false, false, true, false, false],
+            parent: vec![None, Some(0), Some(1), None, Some(3), Some(4)],
+        };
+        let keep = |full, window_days: Option<i64>| {
+            keep_range(
+                &b,
+                &chains,
+                RetentionPolicy {
+                    full,
+                    window: window_days.map(|d| Duration::from_secs(d as u64 * 86400)),
+                },
+                now,
+            )
+        };
+        // One full: F3 and its incrementals; two: everything.
+        assert_eq!(keep(Some(1), None), 3..6);
+        assert_eq!(keep(Some(2), None), 0..6);
+        assert_eq!(keep(Some(5), None), 0..6);
+        // A 1-day window reaches I4 (2 days old): its chain goes back to F3.
+        assert_eq!(keep(None, Some(1)), 3..6);
+        // A 4-day window is reached by I1 (5 days old), whose chain starts at F0.
+        assert_eq!(keep(None, Some(4)), 0..6);
+        // The same through the catalog fields.
+        let mut infos = b.clone();
+        for (i, p) in [(1, 0), (2, 1), (4, 3), (5, 4)] {
+            infos[i].kind = crate::repo::BackupKind::Incremental;
+            infos[i].parent = Some(format!("b{p}"));
+        }
+        assert_eq!(Chains::of(&infos), chains);
+        let policy = RetentionPolicy {
+            full: Some(1),
+            window: None,
+        };
+        assert_eq!(backups_to_keep(&infos, policy, now), 3..6);
+        // An incremental whose parent is gone keeps what it can.
+        let broken = Chains {
+            full: vec![true, false, false, true, false, false],
+            parent: vec![None, Some(0), Some(1), None, None, Some(4)],
+        };
+        let r = keep_range(
+            &b,
+            &broken,
+            RetentionPolicy {
+                full: None,
+                window: Some(Duration::from_secs(86400)),
+            },
+            now,
+        );
+        assert_eq!(r, 4..6);
     }
 }

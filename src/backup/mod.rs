@@ -9,6 +9,7 @@
 //! backup streams that WAL itself over a second replication connection ([`wal`]), falling back
 //! to waiting for archive-push or `pitr stream` when it cannot.
 
+mod blockdiff;
 pub mod expire;
 mod run;
 mod wal;

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::task::JoinSet;
 
+use super::blockdiff::{BackupMaps, DiffError, TarDiff};
 use super::wal::{OwnWalError, OwnWalStream, StopAt, WalConn};
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
 use crate::error::{Classify, Code};
@@ -12,7 +13,8 @@ use crate::format::manifest;
 use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
-    BackupArchive, BackupInfo, BackupSource, ClusterIdentity, RepoError, Repository, WriteOptions,
+    BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity, IncrementalMode,
+    RepoError, Repository, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -28,6 +30,10 @@ pub struct BackupOptions {
     pub max_rate_kb: Option<u32>,
     /// Unfinished backups whose lease is older than this are removed before this one starts.
     pub abandoned_after: Duration,
+    /// Take an incremental backup on `parent` (default: the newest complete backup of the
+    /// same cluster and timeline).
+    pub incremental: bool,
+    pub parent: Option<String>,
 }
 
 /// Reported as the backup runs, for a progress bar.
@@ -42,6 +48,12 @@ pub enum BackupProgress {
     },
     WaitingForWal {
         segment: String,
+    },
+    /// An incremental backup: its parent, how it is computed and why.
+    Incremental {
+        parent: String,
+        mode: IncrementalMode,
+        why: String,
     },
 }
 
@@ -68,6 +80,16 @@ pub enum BackupError {
     Incomplete { what: String },
     #[error("a cleanup declared this backup abandoned while it ran (its lease was not refreshed); nothing was published")]
     Abandoned,
+    #[error("there is no complete backup of this cluster on timeline {timeline} to take an incremental backup on")]
+    NoParent { timeline: TimelineId },
+    #[error("parent backup {id} is not in the repository's catalog")]
+    ParentNotFound { id: String },
+    #[error("parent backup {id} {problem}")]
+    BadParent { id: String, problem: String },
+    #[error("backup {id} has no block map (it was taken by an older pitr): it cannot be the parent of an incremental backup")]
+    ParentWithoutBlockMap { id: String },
+    #[error("temporary file for a file's changed blocks: {0}")]
+    Spill(std::io::Error),
     #[error(
         "WAL segment {segment}, needed to restore this backup, did not reach the repository within {waited:?}; \
          is archive_command set to `pitr archive-push %p` for this repository, or `pitr stream` running?"
@@ -85,7 +107,12 @@ impl Classify for BackupError {
             | BackupError::ManifestMismatch { .. }
             | BackupError::Incomplete { .. }
             | BackupError::Abandoned
+            | BackupError::Spill(_)
             | BackupError::WalTimeout { .. } => Code::JobFailed,
+            BackupError::NoParent { .. }
+            | BackupError::ParentNotFound { .. }
+            | BackupError::BadParent { .. }
+            | BackupError::ParentWithoutBlockMap { .. } => Code::Usage,
         }
     }
 
@@ -93,14 +120,34 @@ impl Classify for BackupError {
         match self {
             BackupError::Pg(e) => e.hint(),
             BackupError::Repo(e) => e.hint(),
+            BackupError::NoParent { .. } => Some(
+                "take a full backup first: `pitr backup` without --incremental".into(),
+            ),
+            BackupError::ParentNotFound { .. } | BackupError::BadParent { .. } => Some(
+                "`pitr list` shows the backups; omit --parent to use the newest one".into(),
+            ),
+            BackupError::ParentWithoutBlockMap { .. } => Some(
+                "take a full backup (`pitr backup` without --incremental); incremental backups can follow it"
+                    .into(),
+            ),
             BackupError::Tar { .. }
             | BackupError::Manifest(_)
             | BackupError::ManifestMismatch { .. }
             | BackupError::Incomplete { .. }
             | BackupError::Abandoned
+            | BackupError::Spill(_)
             | BackupError::WalTimeout { .. } => {
                 Some("nothing was published: `pitr list` will not show this backup".into())
             }
+        }
+    }
+}
+
+impl From<DiffError> for BackupError {
+    fn from(e: DiffError) -> Self {
+        match e {
+            DiffError::Repo(e) => BackupError::Repo(e),
+            DiffError::Spill(e) => BackupError::Spill(e),
         }
     }
 }
@@ -119,11 +166,14 @@ struct ArchiveUpload {
     meta: BackupArchive,
     buf: Vec<u8>,
     reader: ArchiveReader,
+    /// Rewrites relation files as incremental entries, hashes their blocks.
+    diff: TarDiff,
 }
 
 impl ArchiveUpload {
     fn new(name: String, tablespace: Option<(u32, String)>) -> ArchiveUpload {
         let reader = ArchiveReader::new(tablespace.as_ref().map(|t| t.0));
+        let diff = TarDiff::new(tablespace.as_ref().map(|t| t.0));
         ArchiveUpload {
             meta: BackupArchive {
                 name,
@@ -135,15 +185,12 @@ impl ArchiveUpload {
             },
             buf: Vec::with_capacity(PART_SIZE),
             reader,
+            diff,
         }
     }
 
-    /// Feeds received bytes to the checksummer; returns full parts ready to upload.
-    fn push(
-        &mut self,
-        data: &[u8],
-        files: &mut ManifestCheck,
-    ) -> Result<Vec<(u32, Vec<u8>)>, BackupError> {
+    /// Feeds the server's bytes to the checksummer.
+    fn check(&mut self, data: &[u8], files: &mut ManifestCheck) -> Result<(), BackupError> {
         // The manifest comes after the archives, so files are checked in `verify_against_manifest`.
         self.reader
             .feed(data, files, &mut Discard)
@@ -153,7 +200,11 @@ impl ArchiveUpload {
                     source,
                 },
                 FeedError::Sink(m) => mismatch_error(m),
-            })?;
+            })
+    }
+
+    /// Takes bytes to store (the rewritten stream); returns full parts ready to upload.
+    fn cut(&mut self, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
         self.meta.raw_bytes += data.len() as u64;
         let mut ready = vec![];
         let mut rest = data;
@@ -165,7 +216,7 @@ impl ArchiveUpload {
                 ready.push(self.take_part());
             }
         }
-        Ok(ready)
+        ready
     }
 
     fn take_part(&mut self) -> (u32, Vec<u8>) {
@@ -262,6 +313,22 @@ pub async fn run_backup(
         // Cleaning up is housekeeping: it must not stop a new backup.
         Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),
     }
+    let parent = match opts.incremental {
+        true => Some(choose_parent(&repo, opts.parent.as_deref(), &system).await?),
+        false => None,
+    };
+    let mut incremental = None;
+    if let Some((p, _)) = &parent {
+        let (mode, why) = incremental_mode(&repo, &mut conn, p).await?;
+        tracing::info!(parent = %p.id, %mode, %why, "incremental backup");
+        progress(BackupProgress::Incremental {
+            parent: p.id.clone(),
+            mode,
+            why,
+        });
+        incremental = Some((p.id.clone(), mode));
+    }
+    let server_mode = matches!(incremental, Some((_, IncrementalMode::Server)));
 
     let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
         Ok(c) => Some(c),
@@ -286,9 +353,19 @@ pub async fn run_backup(
         wait_for_wal_archive: true,
         max_rate_kb: opts.max_rate_kb,
         progress: true,
+        incremental: server_mode,
     };
     tracing::info!(backup = %id, server_version = version, source = %source, "starting base backup");
     let lease = repo.hold_backup_lease(&id);
+    let maps = BackupMaps {
+        parent: parent.map(|(_, map)| map),
+        writer: repo.put_block_map(&id),
+        files_whole: 0,
+        files_incremental: 0,
+        blocks_changed: 0,
+        blocks_same: 0,
+        server_mode,
+    };
     let started = Started {
         repo,
         id,
@@ -298,8 +375,9 @@ pub async fn run_backup(
         system_id: system.system_id,
         seg_size,
         source,
+        incremental,
     };
-    let result = receive_and_publish(&started, conn, wal_conn, bb_opts, opts, progress).await;
+    let result = receive_and_publish(&started, conn, wal_conn, maps, bb_opts, opts, progress).await;
     lease.abort();
     result
 }
@@ -314,14 +392,81 @@ struct Started {
     system_id: u64,
     seg_size: u64,
     source: BackupSource,
+    /// The parent and mode of an incremental backup.
+    incremental: Option<(String, IncrementalMode)>,
+}
+
+/// The parent of an incremental backup and its block map: `requested`, or the newest complete
+/// backup of the same cluster and timeline.
+async fn choose_parent(
+    repo: &Repository,
+    requested: Option<&str>,
+    system: &pg::IdentifySystem,
+) -> Result<(BackupInfo, crate::repo::BlockMap), BackupError> {
+    let backups = repo.list_backups().await?;
+    let parent = match requested {
+        Some(id) => backups
+            .into_iter()
+            .find(|b| b.id == id)
+            .ok_or_else(|| BackupError::ParentNotFound { id: id.into() })?,
+        None => backups
+            .into_iter()
+            .rev()
+            .find(|b| b.system_identifier == system.system_id && b.timeline == system.timeline)
+            .ok_or(BackupError::NoParent {
+                timeline: system.timeline,
+            })?,
+    };
+    if parent.system_identifier != system.system_id {
+        return Err(BackupError::BadParent {
+            id: parent.id,
+            problem: "belongs to another cluster".into(),
+        });
+    }
+    match repo.block_map(&parent.id).await? {
+        Some(map) => Ok((parent, map)),
+        None => Err(BackupError::ParentWithoutBlockMap { id: parent.id }),
+    }
+}
+
+/// Server mode where the server can compute the incremental (PostgreSQL 17+ summarizing WAL):
+/// the parent's manifest is uploaded on `conn` then. Otherwise block mode. With the reason.
+async fn incremental_mode(
+    repo: &Repository,
+    conn: &mut ReplicationConn,
+    parent: &BackupInfo,
+) -> Result<(IncrementalMode, String), BackupError> {
+    let major = conn.server_major();
+    let block = |why: String| Ok((IncrementalMode::Block, why));
+    if major < 17 {
+        return block(format!(
+            "PostgreSQL {major} has no incremental BASE_BACKUP (it came in 17)"
+        ));
+    }
+    if conn.show("summarize_wal").await? != "on" {
+        return block(
+            "summarize_wal is off on the server (turn it on for server-side incremental backups)"
+                .into(),
+        );
+    }
+    let Some(manifest) = repo.backup_manifest(&parent.id).await? else {
+        return block(format!("backup {} has no stored manifest", parent.id));
+    };
+    conn.upload_manifest(&manifest).await?;
+    Ok((
+        IncrementalMode::Server,
+        format!("PostgreSQL {major} with summarize_wal = on"),
+    ))
 }
 
 /// Receives the backup, stores it, waits for its WAL and publishes it. Any error leaves the
 /// backup unpublished (its parts are removed by a later backup once its lease expires).
+#[allow(clippy::too_many_arguments)]
 async fn receive_and_publish(
     started: &Started,
     conn: ReplicationConn,
     wal_conn: Option<WalConn>,
+    maps: BackupMaps,
     bb_opts: BaseBackupOptions,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
@@ -335,10 +480,11 @@ async fn receive_and_publish(
         system_id,
         seg_size,
         source,
+        incremental,
     } = started;
     let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
     let mut stream = conn.base_backup(bb_opts).await?;
-    let mut receiver = Receiver::new(&repo, &id, seg_size, wal_conn);
+    let mut receiver = Receiver::new(&repo, &id, seg_size, wal_conn, maps);
     while let Some(ev) = stream.next_event().await? {
         receiver.on_event(ev, progress).await?;
     }
@@ -349,10 +495,20 @@ async fn receive_and_publish(
         start: (start_lsn, timeline),
         stop: (stop_lsn, stop_timeline),
         own_wal,
+        maps,
     } = receiver.finish().await?;
 
     verify_against_manifest(&manifest_bytes, files)?;
-    repo.put_backup_manifest(&id, manifest_bytes).await?;
+    let mut stored: u64 = archives.iter().map(|a| a.stored_bytes).sum();
+    stored += repo.put_backup_manifest(&id, manifest_bytes).await?;
+    tracing::info!(
+        files_whole = maps.files_whole,
+        files_incremental = maps.files_incremental,
+        blocks_changed = maps.blocks_changed,
+        blocks_unchanged = maps.blocks_same,
+        "relation files"
+    );
+    stored += maps.writer.finish().await?;
 
     let began = Instant::now();
     let stop = StopAt {
@@ -391,6 +547,13 @@ async fn receive_and_publish(
         compression: repo.write_codec(),
         pitr_version: env!("CARGO_PKG_VERSION").to_string(),
         source: Some(source.clone()),
+        kind: match incremental {
+            Some(_) => BackupKind::Incremental,
+            None => BackupKind::Full,
+        },
+        parent: incremental.as_ref().map(|(p, _)| p.clone()),
+        incremental_mode: incremental.as_ref().map(|(_, m)| *m),
+        stored_total: Some(stored),
     };
     repo.put_backup_info(&info).await?;
     tracing::info!(backup = %id, %start_lsn, %stop_lsn, bytes = info.raw_bytes(), stored = info.stored_bytes(), "backup complete");
@@ -414,6 +577,7 @@ struct Receiver<'a> {
     /// Opened before BASE_BACKUP; streaming starts once the start position is known.
     wal_conn: Option<WalConn>,
     own_wal: Option<OwnWalStream>,
+    maps: BackupMaps,
 }
 
 /// What the server sent, once every part is stored.
@@ -426,6 +590,7 @@ struct Received {
     stop: (Lsn, TimelineId),
     /// The backup's own WAL, still streaming.
     own_wal: Option<OwnWalStream>,
+    maps: BackupMaps,
 }
 
 impl<'a> Receiver<'a> {
@@ -434,6 +599,7 @@ impl<'a> Receiver<'a> {
         id: &'a str,
         seg_size: u64,
         wal_conn: Option<WalConn>,
+        maps: BackupMaps,
     ) -> Receiver<'a> {
         Receiver {
             repo,
@@ -452,6 +618,7 @@ impl<'a> Receiver<'a> {
             seg_size,
             wal_conn,
             own_wal: None,
+            maps,
         }
     }
 
@@ -509,11 +676,26 @@ impl<'a> Receiver<'a> {
                 what: "data before any archive".into(),
             })?;
         self.received += bytes.len() as u64;
-        for (n, data) in a.push(bytes, &mut self.files)? {
-            let name = a.meta.name.clone();
-            self.uploads
-                .spawn(self.repo, self.id, &name, n, data)
-                .await?;
+        a.check(bytes, &mut self.files)?;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let mut out = Vec::with_capacity(rest.len());
+            let used = a.diff.feed(rest, &mut self.maps, &mut out).await?;
+            rest = &rest[used..];
+            let mut ready = a.cut(&out);
+            loop {
+                for (n, data) in ready {
+                    let name = a.meta.name.clone();
+                    self.uploads
+                        .spawn(self.repo, self.id, &name, n, data)
+                        .await?;
+                }
+                // A file's spilled blocks, a piece at a time so parts upload as they fill.
+                match a.diff.drain()? {
+                    Some(piece) => ready = a.cut(&piece),
+                    None => break,
+                }
+            }
         }
         Ok(())
     }
@@ -550,6 +732,7 @@ impl<'a> Receiver<'a> {
             start,
             stop,
             own_wal: self.own_wal,
+            maps: self.maps,
         })
     }
 }

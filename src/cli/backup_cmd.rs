@@ -12,6 +12,7 @@ use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
 use crate::backup::{self, BackupOptions, BackupProgress};
 use crate::config::Settings;
+use crate::repo::IncrementalMode;
 use crate::storage::Storage;
 
 #[derive(Args, Debug)]
@@ -38,6 +39,15 @@ pub struct BackupArgs {
     /// The configured repository to write (docs/repositories.md; default: the first).
     #[arg(long, value_name = "NAME")]
     pub to: Option<String>,
+    /// Store only what changed since a parent backup: on PostgreSQL 17+ with summarize_wal = on
+    /// the server sends only changed blocks; otherwise pitr compares blocks with the parent's
+    /// block map.
+    #[arg(long)]
+    pub incremental: bool,
+    /// The parent of an incremental backup (default: the newest complete backup of the same
+    /// cluster and timeline).
+    #[arg(long, value_name = "ID", requires = "incremental")]
+    pub parent: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -62,6 +72,8 @@ pub async fn backup(
         wal_timeout: a.wal_timeout,
         max_rate_kb: a.max_rate,
         abandoned_after: a.abandoned_after,
+        incremental: a.incremental,
+        parent: a.parent,
     };
     let bar = if std::io::stderr().is_terminal() && !a.json {
         ProgressBar::new_spinner()
@@ -86,6 +98,16 @@ pub async fn backup(
         BackupProgress::WaitingForWal { segment } => {
             bar.set_message(format!("waiting for WAL {segment}"))
         }
+        BackupProgress::Incremental { parent, mode, why } if !a.json => {
+            let how = match mode {
+                IncrementalMode::Server => "server mode: the server sends only changed blocks",
+                IncrementalMode::Block => {
+                    "block mode: the server sends every file, pitr stores only changed blocks"
+                }
+            };
+            bar.suspend(|| println!("incremental backup on {parent}, {how} ({why})"));
+        }
+        BackupProgress::Incremental { .. } => {}
     };
     let info = backup::run_backup(storage, settings.write.clone(), &conn, &opts, &progress).await;
     bar.finish_and_clear();
@@ -94,8 +116,12 @@ pub async fn backup(
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info).expect("json"));
     } else {
+        let kind = match (&info.parent, info.incremental_mode) {
+            (Some(p), Some(m)) => format!("incremental backup ({m} mode, parent {p})"),
+            _ => "backup".into(),
+        };
         println!(
-            "backup {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}{}",
+            "{kind} {} complete: {} stored as {} ({}), LSN {} to {} on timeline {}{}",
             info.id,
             human_bytes(info.raw_bytes()),
             human_bytes(info.stored_bytes()),

@@ -13,7 +13,7 @@ use crate::storage::Storage;
 
 #[derive(Args, Debug)]
 pub struct ExpireArgs {
-    /// Keep the newest N backups.
+    /// Keep the newest N full backups, with the incremental backups built on them.
     #[arg(long, value_name = "N", env = "PITR_RETAIN_FULL")]
     pub retain_full: Option<usize>,
     /// Keep what restoring to any moment of the last DURATION needs (e.g. 7d, 36h).
@@ -77,8 +77,12 @@ fn print_report(r: &ExpireReport) {
         println!("no backup to expire");
     }
     for b in &r.expired {
+        let kind = match &b.parent {
+            Some(p) => format!("incremental on {p}, "),
+            None => String::new(),
+        };
         println!(
-            "{verb} backup {} (finished {}, {})",
+            "{verb} backup {} ({kind}finished {}, {})",
             b.id,
             b.stop_time.to_rfc3339(),
             human_bytes(b.stored_bytes)

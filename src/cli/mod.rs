@@ -180,8 +180,9 @@ pub enum Command {
     Status(status_cmd::StatusArgs),
     /// Remove backups outside a retention policy, and the WAL only they needed.
     ///
-    /// Keeps the newest N backups (--retain-full), or what restoring to any moment of the last
-    /// DURATION needs (--retain-window), or both (the union); the newest backup is always kept.
+    /// Keeps the newest N full backups with the incrementals built on them (--retain-full), or
+    /// what restoring to any moment of the last DURATION needs (--retain-window), or both (the
+    /// union); the newest backup, and every backup a kept incremental needs, are always kept.
     /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
     Expire(expire_cmd::ExpireArgs),
     /// Prove the repository restores: restore into a scratch directory, start PostgreSQL on it,

@@ -23,9 +23,14 @@ use crate::wal::{Lsn, WalFileName};
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
 pub struct RestoreArgs {
-    /// Directory to restore into: must be empty or missing.
+    /// Directory to restore into: must be empty or missing (with --delta: may hold a stopped
+    /// cluster).
     #[arg(long, value_name = "DIR")]
     pub pgdata: PathBuf,
+    /// Restore into an existing, stopped data directory: keep files that already match the
+    /// backup, rewrite the others, remove what the backup does not have.
+    #[arg(long)]
+    pub delta: bool,
     /// Stop at this time: RFC 3339 (2026-11-23T03:18:29Z) or PostgreSQL's format (2026-11-23 03:18:29+00).
     #[arg(long, value_name = "TIME")]
     pub target_time: Option<String>,
@@ -123,8 +128,12 @@ pub async fn restore(
     changes: &mut Changes,
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
-    // Refuse a non-empty directory before any other work.
-    restore::check_target_dir(&a.pgdata)?;
+    // Refuse a non-empty directory (or, for --delta, a running server's) before any other work.
+    if a.delta {
+        restore::check_stopped(&a.pgdata)?;
+    } else {
+        restore::check_target_dir(&a.pgdata)?;
+    }
     let mut tablespace_map = vec![];
     for m in &a.tablespace_map {
         let (old, new) = m
@@ -153,6 +162,9 @@ pub async fn restore(
 
     let summary = json!({
         "backup": plan.backup.id,
+        // What the restore reads, newest first: the backup, then (for an incremental) its
+        // parent, ..., the full backup at the root.
+        "chain": plan.chain.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
         "backup_stop_lsn": plan.backup.stop_lsn,
         "backup_stop_time": plan.backup.stop_time,
         "timeline": plan.resolved_timeline,
@@ -174,6 +186,7 @@ pub async fn restore(
         pgdata: a.pgdata.clone(),
         tablespace_map,
         restore_command: restore_command(settings),
+        delta: a.delta,
     };
     let report = restore::execute(&repo, &plan, &opts).await?;
     changes.created.push(format!(
@@ -181,14 +194,32 @@ pub async fn restore(
         plan.backup.id,
         a.pgdata.display()
     ));
+    print_result(summary, &report, &a, settings, repo.storage_location());
+    Ok(Code::Ok)
+}
+
+/// The plan and what the restore did, as text or JSON.
+fn print_result(
+    mut s: serde_json::Value,
+    report: &restore::RestoreReport,
+    a: &RestoreArgs,
+    settings: &Settings,
+    location: &Location,
+) {
     if a.json {
-        let mut s = summary;
         s["files"] = json!(report.files);
         s["bytes"] = json!(report.bytes);
         s["seconds"] = json!(report.seconds);
+        s["delta"] = json!(a.delta);
+        s["written_files"] = json!(report.written_files);
+        s["written_bytes"] = json!(report.written_bytes);
+        s["kept_files"] = json!(report.kept_files);
+        s["kept_bytes"] = json!(report.kept_bytes);
+        s["removed"] = json!(report.removed);
+        s["rebuilt_files"] = json!(report.rebuilt_files);
         println!("{}", serde_json::to_string_pretty(&s).expect("json"));
     } else {
-        print_plan(&summary, false);
+        print_plan(&s, false);
         println!(
             "restored {} files, {} in {:.1}s into {}",
             report.files,
@@ -196,12 +227,28 @@ pub async fn restore(
             report.seconds,
             a.pgdata.display()
         );
+        if report.rebuilt_files > 0 {
+            println!(
+                "reconstructed {} files from the chain's blocks, each checked",
+                report.rebuilt_files
+            );
+        }
+        if a.delta {
+            println!(
+                "delta: {} files ({}) written, {} files ({}) kept unchanged, {} removed (not in the backup)",
+                report.written_files,
+                human_bytes(report.written_bytes),
+                report.kept_files,
+                human_bytes(report.kept_bytes),
+                report.removed
+            );
+        }
         println!(
             "start PostgreSQL on it to replay WAL to the target, e.g.: pg_ctl -D {} start",
             a.pgdata.display()
         );
         if matches!(
-            repo.storage_location(),
+            location,
             Location::S3 { .. } | Location::Gcs { .. } | Location::Azure { .. }
         ) && settings.config_file.is_none()
         {
@@ -211,7 +258,6 @@ pub async fn restore(
             );
         }
     }
-    Ok(Code::Ok)
 }
 
 /// The first repository that answers and can restore to the target, with its plan. With
@@ -272,6 +318,14 @@ fn print_plan(s: &serde_json::Value, as_json: bool) {
         b("backup_stop_lsn"),
         b("backup_stop_time")
     );
+    if let Some(chain) = s["chain"].as_array().filter(|c| c.len() > 1) {
+        let ids: Vec<&str> = chain.iter().filter_map(|v| v.as_str()).collect();
+        println!(
+            "chain:             {} (incremental, {} members; the last is the full backup)",
+            ids.join(" <- "),
+            ids.len()
+        );
+    }
     println!("timeline:          {}", b("timeline"));
     println!("WAL needed from:   {}", b("wal_first"));
     println!(
@@ -334,6 +388,14 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A backup in `list --json`: its catalog object, with `stored_bytes` also for backups of
+/// older pitr versions (their archives' stored size).
+fn backup_json(b: &crate::repo::BackupInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(b).expect("backup info serializes");
+    v["stored_bytes"] = json!(b.stored_bytes());
+    v
+}
+
 pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Result<Code, Failure> {
     let repo = Repository::open(storage, settings.write.clone()).await?;
     let catalog = Catalog::load(&repo).await?;
@@ -383,7 +445,7 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
             "system_identifier": d.system_identifier.to_string(),
             "pg_major": d.pg_major,
             "wal_segment_size": d.wal_segment_size,
-            "backups": backups,
+            "backups": backups.iter().map(backup_json).collect::<Vec<_>>(),
             "wal": wal,
             // Newest streamed position (end of the newest chunk chain), on the highest
             // timeline that has chunks; null when no stream has shipped chunks.
@@ -407,19 +469,29 @@ pub async fn list(storage: Storage, settings: &Settings, as_json: bool) -> Resul
         println!("no backups yet: run `pitr backup -d CONNINFO`");
     } else {
         println!(
-            "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  SOURCE",
-            "BACKUP", "TLI", "START LSN", "STOP LSN", "STOP TIME", "SIZE", "STORED"
+            "{:<23} {:<11} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {:<23}  SOURCE",
+            "BACKUP",
+            "KIND",
+            "TLI",
+            "START LSN",
+            "STOP LSN",
+            "STOP TIME",
+            "SIZE",
+            "STORED",
+            "PARENT"
         );
         for b in backups {
             println!(
-                "{:<18} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {}",
+                "{:<23} {:<11} {:>3} {:<14} {:<14} {:<26} {:>10} {:>10}  {:<23}  {}",
                 b.id,
+                b.kind.to_string(),
                 b.timeline,
                 b.start_lsn.to_string(),
                 b.stop_lsn.to_string(),
                 b.stop_time.format("%Y-%m-%d %H:%M:%S%:z").to_string(),
                 human_bytes(b.raw_bytes()),
                 human_bytes(b.stored_bytes()),
+                b.parent.as_deref().unwrap_or("-"),
                 // Backups of older pitr versions did not record it.
                 b.source.as_ref().map_or("-".to_string(), |s| s.to_string())
             );

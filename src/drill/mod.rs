@@ -193,6 +193,7 @@ async fn drill(
         pgdata: scratch.data_dir(),
         tablespace_map: tablespace_map(&plan, scratch),
         restore_command: opts.restore_command.clone(),
+        delta: false,
     };
     restore::execute(repo, &plan, &restore_opts)
         .await

@@ -3,5 +3,6 @@
 //! restore and verify jobs.
 
 pub mod archive_check;
+pub mod incremental;
 pub mod manifest;
 pub mod tar;

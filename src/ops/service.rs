@@ -58,6 +58,8 @@ impl Default for ServiceOptions {
                 wal_timeout: Duration::from_secs(300),
                 max_rate_kb: None,
                 abandoned_after: crate::backup::DEFAULT_ABANDONED_AFTER,
+                incremental: false,
+                parent: None,
             },
             notify: NotifyOptions::default(),
             rpo_alert: None,

@@ -38,6 +38,10 @@ pub struct BaseBackupOptions {
     pub max_rate_kb: Option<u32>,
     /// Ask the server to estimate tablespace sizes first (reported in `Start`).
     pub progress: bool,
+    /// PostgreSQL 17+: an incremental backup on the manifest sent with
+    /// [`ReplicationConn::upload_manifest`] just before (relation files come as
+    /// `INCREMENTAL.<name>` with only the blocks changed since).
+    pub incremental: bool,
 }
 
 impl Default for BaseBackupOptions {
@@ -49,6 +53,7 @@ impl Default for BaseBackupOptions {
             wait_for_wal_archive: false,
             max_rate_kb: None,
             progress: true,
+            incremental: false,
         }
     }
 }
@@ -119,6 +124,9 @@ pub fn base_backup_command(opts: &BaseBackupOptions, version_num: u32) -> Result
             o.push("MANIFEST 'yes'".into());
             o.push("MANIFEST_CHECKSUMS 'CRC32C'".into());
         }
+        if opts.incremental {
+            o.push("INCREMENTAL".into());
+        }
         Ok(format!("BASE_BACKUP ({})", o.join(", ")))
     } else {
         // The pre-15 grammar: bare keywords, and waiting is the default (NOWAIT turns it off).
@@ -144,7 +152,45 @@ pub fn base_backup_command(opts: &BaseBackupOptions, version_num: u32) -> Result
     }
 }
 
+/// Manifest bytes per CopyData message of UPLOAD_MANIFEST.
+const MANIFEST_CHUNK: usize = 64 << 10;
+
 impl ReplicationConn {
+    /// PostgreSQL 17+ `UPLOAD_MANIFEST`: sends the prior backup's manifest, which the next
+    /// `BASE_BACKUP (INCREMENTAL)` on this connection is taken against.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<()> {
+        let conn = self.conn_mut();
+        encode::query("UPLOAD_MANIFEST", conn.wbuf())?;
+        conn.flush().await?;
+        let mut error = None;
+        loop {
+            match conn.read_message().await? {
+                BackendMessage::CopyInResponse => break,
+                BackendMessage::ErrorResponse(f) => error = Some(f.into_error()),
+                BackendMessage::ReadyForQuery { .. } => {
+                    return Err(error.unwrap_or_else(|| {
+                        Error::protocol("UPLOAD_MANIFEST", "the server did not start COPY")
+                    }))
+                }
+                other => return Err(unexpected("UPLOAD_MANIFEST", &other)),
+            }
+        }
+        for chunk in manifest.chunks(MANIFEST_CHUNK) {
+            encode::copy_data(chunk, conn.wbuf())?;
+            conn.flush().await?;
+        }
+        encode::copy_done(conn.wbuf());
+        conn.flush().await?;
+        loop {
+            match conn.read_message().await? {
+                BackendMessage::ErrorResponse(f) => error = Some(f.into_error()),
+                BackendMessage::ReadyForQuery { .. } => break,
+                _ => {}
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
     /// Starts BASE_BACKUP and returns the stream of its events.
     pub async fn base_backup(mut self, opts: BaseBackupOptions) -> Result<BaseBackupStream> {
         let new_format = self.server_version_num() >= 150000;
@@ -510,6 +556,7 @@ mod tests {
             wait_for_wal_archive: false,
             max_rate_kb: Some(1024),
             progress: true,
+            incremental: false,
         }
     }
 
@@ -532,6 +579,7 @@ mod tests {
             wait_for_wal_archive: true,
             max_rate_kb: None,
             progress: false,
+            incremental: false,
         };
         assert_eq!(
             base_backup_command(&plain, 130000).expect("ok"),

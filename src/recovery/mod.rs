@@ -6,6 +6,7 @@
 //! question needs. The rules themselves ([`plan::plan`], [`plan::recoverable_windows`]) are
 //! pure: no I/O, unit-tested on hand-built catalogs.
 
+pub mod chain;
 pub mod facts;
 pub mod plan;
 pub mod target;
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+pub use chain::{chain_of, is_full, parent_of, ChainError};
 pub use facts::load_facts;
 pub use plan::{
     describe_windows, plan, recoverable_windows, summary_needs, PlanError, RestorePlan,

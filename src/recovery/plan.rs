@@ -53,6 +53,9 @@ impl RestoreRequest {
 #[derive(Clone, Debug)]
 pub struct RestorePlan {
     pub backup: BackupInfo,
+    /// What restoring `backup` reads, newest first: `backup` itself, then for an incremental
+    /// its parent, ..., down to the full backup at the root of its chain.
+    pub chain: Vec<BackupInfo>,
     pub target: Target,
     pub action: TargetAction,
     pub timeline: TimelineTarget,
@@ -140,6 +143,12 @@ pub enum PlanError {
     MissingHistory { tli: TimelineId },
     #[error("no backup lies on the history of timeline {tli}")]
     NoBackupOnTimeline { tli: TimelineId },
+    #[error("backup {id} cannot be restored: {source}")]
+    ChainBroken {
+        id: String,
+        #[source]
+        source: super::chain::ChainError,
+    },
 }
 
 /// Every planning failure is found before anything is written.
@@ -149,7 +158,10 @@ impl Classify for PlanError {
     }
 
     fn hint(&self) -> Option<String> {
-        Some("`pitr list` shows the backups and the recoverable window".into())
+        Some(match self {
+            PlanError::ChainBroken { .. } => "nothing was written; an incremental backup restores only with its whole chain: `pitr list` shows each backup's parent; restore another backup with --backup ID".into(),
+            _ => "`pitr list` shows the backups and the recoverable window".into(),
+        })
     }
 }
 
@@ -551,10 +563,21 @@ pub fn plan(
     };
     let backup = choose_backup(&ctx, backups, restore_point.as_ref(), floor)?;
     let reach = check_reachable(&ctx, backup, restore_point.as_ref())?;
+    // No fall-back to another backup: the user picks one with --backup.
+    let chain: Vec<BackupInfo> = super::chain::chain_of(backup, backups)
+        .map_err(|source| PlanError::ChainBroken {
+            id: backup.id.clone(),
+            source,
+        })?
+        .into_iter()
+        .cloned()
+        .collect();
+    let bytes_to_fetch = chain.iter().map(BackupInfo::stored_bytes).sum();
     let path = &r.path;
     let segment = |n| WalFileName::segment(timeline_of_segment(path, n, seg_size), n, seg_size);
     Ok(RestorePlan {
         backup: backup.clone(),
+        chain,
         target: req.target.clone(),
         action: req.action,
         timeline: req.timeline,
@@ -564,7 +587,7 @@ pub fn plan(
         wal_first: segment(backup.start_lsn.segno(seg_size)),
         wal_last: segment(reach.end_seg),
         recoverable_end: Lsn::from_segno(reach.end_seg + 1, seg_size),
-        bytes_to_fetch: backup.stored_bytes(),
+        bytes_to_fetch,
         last_xact: reach.last_xact,
         restore_point: restore_point.map(|(_, rp)| rp),
         windows,
@@ -891,6 +914,10 @@ mod tests {
             compression: Codec::Lz4,
             pitr_version: "test".into(),
             source: None,
+            kind: Default::default(),
+            parent: None,
+            incremental_mode: None,
+            stored_total: None,
         }
     }
 
@@ -1280,6 +1307,31 @@ mod tests {
         let names = wal_1_to(8);
         let i = inv(&names.iter().map(String::as_str).collect::<Vec<_>>());
         (backups, i, Histories::new())
+    }
+
+    #[test]
+    fn an_incremental_is_chosen_like_a_full_and_needs_its_whole_chain() {
+        let (mut backups, i, h) = three_backups_over_wal_1_to_8();
+        for (n, parent) in [(1, "a"), (2, "b")] {
+            backups[n].kind = crate::repo::BackupKind::Incremental;
+            backups[n].parent = Some(parent.into());
+        }
+        let f = facts_for(&i);
+        let p = plan(&req(at(38)), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.backup.id, "c");
+        let chain: Vec<&str> = p.chain.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(chain, ["c", "b", "a"]);
+        let p = plan(&req(at(25)), &backups, &i, &h, &f, SEG, now()).unwrap();
+        assert_eq!(p.chain.len(), 2, "b and its full");
+
+        // Without b in the catalog, c is refused, naming b: no fall-back to a.
+        let without_b = [backups[0].clone(), backups[2].clone()];
+        let e = plan(&req(at(38)), &without_b, &i, &h, &f, SEG, now()).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::ChainBroken { id, source } if id == "c" && source.member == "b"),
+            "{e}"
+        );
+        assert_eq!(e.code(), Code::RestoreRefused);
     }
 
     #[test]

@@ -329,7 +329,7 @@ impl Repository {
     /// Idempotent under retries like every immutable object: when the object store kept a PUT
     /// whose response was lost, the retry finds the object there; identical content is success,
     /// different content is refused and the stored object untouched.
-    async fn put_part(&self, key: String, content: Vec<u8>) -> Result<u64> {
+    pub(super) async fn put_part(&self, key: String, content: Vec<u8>) -> Result<u64> {
         let (framed, content) = self.objects.encode_blocking(&key, content).await;
         let stored = framed.len() as u64;
         match self.storage.put_if_absent(&key, Bytes::from(framed)).await {

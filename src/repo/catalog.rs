@@ -46,6 +46,62 @@ pub struct BackupInfo {
     /// The server the backup was taken from; absent in catalogs of older pitr versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<BackupSource>,
+    /// Full or incremental; absent in catalogs of older pitr versions, which are all full.
+    #[serde(default)]
+    pub kind: BackupKind,
+    /// The backup an incremental one was taken on (a full or another incremental); `None` for
+    /// a full backup.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// How an incremental backup was computed; absent for a full one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_mode: Option<IncrementalMode>,
+    /// Bytes this backup added to the repository: the sum of its stored objects (parts,
+    /// manifest, block map). Absent in catalogs of older pitr versions: see
+    /// [`BackupInfo::stored_bytes`].
+    #[serde(
+        default,
+        rename = "stored_bytes",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stored_total: Option<u64>,
+}
+
+/// Whether a backup holds every file whole, or only what changed since its parent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    #[default]
+    Full,
+    Incremental,
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+        })
+    }
+}
+
+/// How an incremental backup was computed. Both store the same representation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncrementalMode {
+    /// PostgreSQL 17+'s `BASE_BACKUP (INCREMENTAL)`: only changed blocks crossed the network.
+    Server,
+    /// pitr compared the full backup the server sent with the parent's block map.
+    Block,
+}
+
+impl std::fmt::Display for IncrementalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IncrementalMode::Server => "server",
+            IncrementalMode::Block => "block",
+        })
+    }
 }
 
 /// Where a backup was taken: a primary, or a standby (whose WAL and system identifier are its
@@ -70,8 +126,15 @@ impl BackupInfo {
     pub fn raw_bytes(&self) -> u64 {
         self.archives.iter().map(|a| a.raw_bytes).sum()
     }
+    /// Bytes this backup added to the repository; for catalogs of older pitr versions, the
+    /// stored size of its archives.
     pub fn stored_bytes(&self) -> u64 {
-        self.archives.iter().map(|a| a.stored_bytes).sum()
+        self.stored_total
+            .unwrap_or_else(|| self.archives.iter().map(|a| a.stored_bytes).sum())
+    }
+
+    pub fn is_incremental(&self) -> bool {
+        self.kind == BackupKind::Incremental
     }
 }
 

@@ -4,7 +4,9 @@
 //! the replication protocol. The format is specified in docs/repository-format.md.
 
 mod audit;
+mod backup_check;
 mod backups;
+mod blockmap;
 mod catalog;
 mod chunks;
 mod copy;
@@ -24,7 +26,10 @@ use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
-pub use catalog::{BackupArchive, BackupInfo, BackupSource, TimelineWal, WalInventory};
+pub use blockmap::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks};
+pub use catalog::{
+    BackupArchive, BackupInfo, BackupKind, BackupSource, IncrementalMode, TimelineWal, WalInventory,
+};
 pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use copy::CopyPlan;
 pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};

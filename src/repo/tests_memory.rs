@@ -195,3 +195,30 @@ async fn a_segment_prefix_continues_the_stored_chain_and_never_conflicts_silentl
     let o = repo.store_segment_prefix(&seg, &other).await.unwrap();
     assert_eq!(o, PutOutcome::AlreadyStored);
 }
+
+#[tokio::test]
+async fn a_block_map_spans_parts_and_is_read_back_by_path() {
+    let repo = repo().await;
+    let mut w = repo.put_block_map("b1");
+    // 3.2 MB of hashes per file: a part every two files.
+    let files: Vec<FileBlocks> = (0..6u128)
+        .map(|i| FileBlocks {
+            path: format!("base/5/{}", 16384 + i),
+            size: 200_000 * 8192,
+            hashes: (0..200_000u128).map(|b| b ^ (i << 64)).collect(),
+        })
+        .collect();
+    for f in &files {
+        w.add(f).await.unwrap();
+    }
+    assert!(w.finish().await.unwrap() > 0);
+    let mut map = repo.block_map("b1").await.unwrap().unwrap();
+    assert_eq!(map.len(), 6);
+    // Out of order, so parts are evicted and read again.
+    for i in [5usize, 0, 3, 1, 5, 2, 4] {
+        let got = map.get(&files[i].path).await.unwrap().unwrap();
+        assert_eq!(*got, files[i]);
+    }
+    assert!(map.get("base/5/1").await.unwrap().is_none());
+    assert!(repo.block_map("b2").await.unwrap().is_none());
+}

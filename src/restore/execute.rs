@@ -1,35 +1,26 @@
-//! Carrying out a [`RestorePlan`]: lay the backup out, verify it, write recovery settings.
-//!
-//! Parts are fetched and decoded a few at a time ahead of the extractor (bounded, so memory
-//! stays flat whatever the backup size) and handed over a bounded channel to one blocking thread
-//! that writes files directly into place. No file is staged; every byte is checked twice: by the
-//! object checksum when fetched and by the manifest checksum when written.
+//! Carrying out a [`RestorePlan`]: lay the backup (or its chain) out through [`super::writer`],
+//! verify it, write recovery settings, make it durable.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use futures::StreamExt;
-use tokio::sync::mpsc;
-
-use super::durable::{SyncHandle, Syncer, FLUSH_EVERY};
-use super::recovery_conf;
-use crate::format::archive_check::{
-    ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch, Outcome,
-};
-use crate::format::manifest;
-use crate::format::tar::{EntryKind, TarHeader};
-use crate::recovery::RestorePlan;
-
+use super::chain;
+use super::check;
+use super::delta::{self, Delta};
+use super::durable::Syncer;
 use super::error::RestoreError;
-use crate::repo::{BackupArchive, BackupInfo, RepoError, Repository};
-
-/// Parts fetched and decoded ahead of the writer. Each is at most one backup part (16 MiB) raw
-/// plus its compressed copy, so this bounds restore memory at roughly 4 × 32 MiB.
-const PREFETCH_PARTS: usize = 3;
+use super::recovery_conf;
+use super::writer::{
+    check_target_dir, create_private_dir, io_at, restore_archive, tablespace_dir, Extraction,
+    FileWriter,
+};
+use crate::format::archive_check::{Manifest, ManifestCheck, Outcome};
+use crate::format::manifest;
+use crate::recovery::RestorePlan;
+use crate::repo::{BackupInfo, RepoError, Repository};
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -39,245 +30,26 @@ pub struct RestoreOptions {
     /// The full restore_command to write; built by the caller so it can name the binary and the
     /// repository or config file exactly as the user gave them.
     pub restore_command: String,
+    /// Restore into an existing, stopped data directory, rewriting only what differs
+    /// (`--delta`, see [`super::delta`]).
+    pub delta: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
+    /// Files and bytes of the backup.
     pub files: u64,
     pub bytes: u64,
+    /// Of those, written; the rest were already in place (delta restore).
+    pub written_files: u64,
+    pub written_bytes: u64,
+    pub kept_files: u64,
+    pub kept_bytes: u64,
+    /// Files, links and directories a delta restore removed: not in the backup.
+    pub removed: u64,
+    /// Files reconstructed from the blocks of an incremental chain.
+    pub rebuilt_files: u64,
     pub seconds: f64,
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
-    move |source| RestoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Refuses a directory that exists and is not empty. Called before planning writes anything.
-pub fn check_target_dir(dir: &Path) -> Result<(), RestoreError> {
-    match fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(RestoreError::NotEmpty {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(RestoreError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), RestoreError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_at(dir))?;
-    // PostgreSQL refuses a data directory readable by others.
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_at(dir))
-}
-
-/// Joins a tar entry path under `root`, refusing anything that could escape it.
-fn safe_join(root: &Path, entry: &str) -> Result<PathBuf, RestoreError> {
-    let rel = Path::new(entry);
-    if entry.is_empty()
-        || !rel
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(RestoreError::UnsafePath {
-            path: entry.to_string(),
-        });
-    }
-    Ok(root.join(rel))
-}
-
-/// Writes the entries of a backup's archives into place as they are read. Owns all its state
-/// so it can move to the blocking thread that writes each archive.
-struct FileWriter {
-    /// Where the current archive's entries go: the data directory or a tablespace's directory.
-    root: PathBuf,
-    /// Tablespace relocations: old location → new directory.
-    links: HashMap<String, PathBuf>,
-    current: Option<OpenFile>,
-    syncer: SyncHandle,
-}
-
-struct OpenFile {
-    file: File,
-    path: PathBuf,
-    len: u64,
-    /// Length when the last flush was asked for.
-    flushed: u64,
-}
-
-impl FileWriter {
-    fn create_file(&mut self, path: PathBuf) -> Result<(), RestoreError> {
-        if let Some(parent) = path.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io_at(parent))?;
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        self.current = Some(OpenFile {
-            file,
-            path,
-            len: 0,
-            flushed: 0,
-        });
-        Ok(())
-    }
-
-    /// pg_tblspc/<oid> links: point relocated tablespaces at their new home.
-    fn create_link(&self, link_target: &str, path: &Path) -> Result<(), RestoreError> {
-        let target = self
-            .links
-            .get(link_target)
-            .cloned()
-            .unwrap_or_else(|| link_target.into());
-        std::os::unix::fs::symlink(&target, path).map_err(io_at(path))
-    }
-}
-
-impl ArchiveSink for FileWriter {
-    type Error = RestoreError;
-
-    fn entry(&mut self, h: &TarHeader) -> Result<(), RestoreError> {
-        let path = safe_join(&self.root, &h.path)?;
-        match h.kind {
-            EntryKind::Directory => create_private_dir(&path),
-            EntryKind::File => self.create_file(path),
-            EntryKind::Symlink => self.create_link(&h.link_target, &path),
-            EntryKind::Other(_) => Ok(()),
-        }
-    }
-
-    fn data(&mut self, d: &[u8]) -> Result<(), RestoreError> {
-        let Some(f) = &mut self.current else {
-            return Ok(());
-        };
-        f.file.write_all(d).map_err(io_at(&f.path))?;
-        f.len += d.len() as u64;
-        if f.len - f.flushed >= FLUSH_EVERY {
-            self.syncer.flush(&f.file, &f.path);
-            f.flushed = f.len;
-        }
-        Ok(())
-    }
-
-    /// Each file is checked against the manifest as soon as it is written.
-    fn file_end(&mut self, _: &FileSum, verdict: Result<(), Mismatch>) -> Result<(), RestoreError> {
-        verdict.map_err(mismatch_error)?;
-        if let Some(f) = self.current.take() {
-            self.syncer.done(f.file, f.path);
-        }
-        Ok(())
-    }
-}
-
-fn mismatch_error(m: Mismatch) -> RestoreError {
-    match m {
-        Mismatch::Size {
-            path,
-            expected,
-            actual,
-        } => RestoreError::SizeMismatch {
-            path,
-            expected,
-            actual,
-        },
-        Mismatch::Checksum {
-            path,
-            expected,
-            actual,
-        } => RestoreError::ChecksumMismatch {
-            path,
-            expected: manifest::format_crc32c(expected),
-            actual: manifest::format_crc32c(actual),
-        },
-    }
-}
-
-/// What the writer thread needs, moved to it for each archive and back.
-struct Extraction {
-    check: ManifestCheck,
-    writer: FileWriter,
-}
-
-/// Fetches the parts of `archive` in order, a few ahead, and feeds them to the writer on a
-/// blocking thread; returns the extraction once the whole archive is written.
-async fn restore_archive(
-    repo: &Repository,
-    backup_id: &str,
-    archive: &BackupArchive,
-    extraction: Extraction,
-) -> Result<Extraction, RestoreError> {
-    // Capacity 1: the writer holds one part, one waits, PREFETCH_PARTS are being fetched.
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
-    let writer = spawn_writer(archive, extraction, rx);
-    let fetched = send_parts(repo, backup_id, archive, tx).await;
-    let written = writer.await.expect("restore writer panicked");
-    fetched?;
-    written
-}
-
-/// Writes the parts received on `rx`, on a blocking thread.
-fn spawn_writer(
-    archive: &BackupArchive,
-    mut ex: Extraction,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) -> tokio::task::JoinHandle<Result<Extraction, RestoreError>> {
-    let name = archive.name.clone();
-    let mut reader = ArchiveReader::new(archive.tablespace_oid);
-    let tar_error = |name: &str, source| RestoreError::Tar {
-        archive: name.to_string(),
-        source,
-    };
-    tokio::task::spawn_blocking(move || {
-        while let Some(chunk) = rx.blocking_recv() {
-            reader
-                .feed(&chunk, &mut ex.check, &mut ex.writer)
-                .map_err(|e| match e {
-                    FeedError::Tar(source) => tar_error(&name, source),
-                    FeedError::Sink(e) => e,
-                })?;
-        }
-        reader.finish().map_err(|source| tar_error(&name, source))?;
-        Ok(ex)
-    })
-}
-
-/// Fetches and verifies the parts of `archive`, a few ahead, and sends them in order. Stops
-/// quietly when the writer has stopped: its error is the one reported.
-async fn send_parts(
-    repo: &Repository,
-    backup_id: &str,
-    archive: &BackupArchive,
-    tx: mpsc::Sender<Vec<u8>>,
-) -> Result<(), RestoreError> {
-    let mut parts = futures::stream::iter(0..archive.parts)
-        .map(|i| repo.backup_part(backup_id, &archive.name, i))
-        .buffered(PREFETCH_PARTS);
-    while let Some(part) = parts.next().await {
-        if tx.send(part?).await.is_err() {
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn is_root() -> bool {
@@ -304,36 +76,99 @@ pub async fn execute(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let owner = prepare_target(&opts.pgdata)?;
+    if plan.chain.len() > 1 {
+        chain::check_members(repo, &plan.chain).await?;
+    }
+    let owner = prepare_target(&opts.pgdata, opts.delta)?;
     let manifest = load_manifest(repo, &plan.backup).await?;
     let syncer = Syncer::start();
     let extraction = Extraction {
-        check: ManifestCheck::new(manifest),
-        writer: FileWriter {
-            root: opts.pgdata.clone(),
-            links: opts.tablespace_map.iter().cloned().collect(),
-            current: None,
-            syncer: syncer.handle(),
-        },
+        writer: FileWriter::new(
+            opts.pgdata.clone(),
+            opts.tablespace_map.iter().cloned().collect(),
+            syncer.handle(),
+            opts.delta.then(Delta::default),
+        ),
+        check: ManifestCheck::new(manifest.clone()),
     };
-    let (outcome, relocated) = restore_archives(repo, &plan.backup, extraction).await?;
+    let (outcome, relocated, writer, rebuilt) =
+        write_backup(repo, &opts.pgdata, plan, extraction, manifest.as_ref()).await?;
+    // The writer's sync handle goes here: the syncer finishes only once every handle is gone.
+    let (delta, written_files, written_bytes) = writer.into_results();
     check_complete(&outcome)?;
+    let removed = match delta {
+        Some(mut d) => {
+            d.remove_unseen(&opts.pgdata, true)?;
+            for (_, dir) in &relocated {
+                d.remove_unseen(dir, false)?;
+            }
+            tracing::info!(kept = d.kept_files, removed = d.removed, "delta restore");
+            Some(d)
+        }
+        None => None,
+    };
     finish_layout(&opts.pgdata, plan, opts, &relocated)?;
     let roots: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
         .chain(relocated.iter().map(|(_, d)| d.clone()))
         .collect();
     make_durable(syncer, roots, owner).await?;
+    let d = removed.unwrap_or_default();
     Ok(RestoreReport {
         files: outcome.files,
         bytes: outcome.bytes,
+        written_files,
+        written_bytes,
+        kept_files: d.kept_files,
+        kept_bytes: d.kept_bytes,
+        removed: d.removed,
+        rebuilt_files: rebuilt,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
+/// Writes the backup (or, for an incremental one, its chain) into place; returns what was
+/// read, where each tablespace went, the writer, and how many files were reconstructed from
+/// incremental entries (each checked against the manifest).
+async fn write_backup(
+    repo: &Repository,
+    pgdata: &Path,
+    plan: &RestorePlan,
+    extraction: Extraction,
+    manifest: Option<&Manifest>,
+) -> Result<(Outcome, Vec<(u32, PathBuf)>, FileWriter, u64), RestoreError> {
+    if plan.chain.len() <= 1 {
+        let (outcome, relocated, writer) = restore_archives(repo, &plan.backup, extraction).await?;
+        return Ok((outcome, relocated, writer, 0));
+    }
+    let mut done = chain::restore_chain(repo, &plan.chain, extraction).await?;
+    // Server mode: PostgreSQL's incremental manifest does not list the final files.
+    let unlisted = done
+        .rebuilt
+        .iter()
+        .any(|(_, key)| !manifest.is_some_and(|m| m.contains_key(key)));
+    let mut map = match unlisted {
+        true => repo.block_map(&plan.backup.id).await?,
+        false => None,
+    };
+    check::check_rebuilt(&done.rebuilt, manifest, map.as_mut(), &mut done.outcome).await?;
+    chain::finish_backup_label(pgdata)?;
+    Ok((
+        done.outcome,
+        done.relocated,
+        done.writer,
+        done.rebuilt.len() as u64,
+    ))
+}
+
 /// Creates the data directory; returns who owns it, if it existed: the user may have prepared
-/// it for the server's account.
-fn prepare_target(pgdata: &Path) -> Result<Option<(u32, u32)>, RestoreError> {
-    check_target_dir(pgdata)?;
+/// it for the server's account. A delta restore takes an existing directory whose server is
+/// stopped.
+fn prepare_target(pgdata: &Path, delta: bool) -> Result<Option<(u32, u32)>, RestoreError> {
+    if delta {
+        delta::check_stopped(pgdata)?;
+    } else {
+        check_target_dir(pgdata)?;
+    }
     // Remember who owns the directory the user prepared, before we create anything.
     let owner = fs::metadata(pgdata).ok().map(|m| (m.uid(), m.gid()));
     create_private_dir(pgdata)?;
@@ -355,20 +190,21 @@ async fn load_manifest(
     Ok(Some(manifest::parse(&raw)?))
 }
 
-/// Writes every archive into place, in order; returns what was read and where each tablespace
-/// went.
+/// Writes every archive into place, in order; returns what was read, where each tablespace
+/// went, and the writer (its counts).
 async fn restore_archives(
     repo: &Repository,
     backup: &BackupInfo,
     mut ex: Extraction,
-) -> Result<(Outcome, Vec<(u32, PathBuf)>), RestoreError> {
+) -> Result<(Outcome, Vec<(u32, PathBuf)>, FileWriter), RestoreError> {
     let pgdata = ex.writer.root.clone();
     let mut relocated: Vec<(u32, PathBuf)> = vec![];
     for archive in &backup.archives {
         ex.writer.root = match archive.tablespace_oid {
             None => pgdata.clone(),
             Some(oid) => {
-                let dir = tablespace_dir(archive, oid, &ex.writer.links)?;
+                let delta = ex.writer.delta.is_some();
+                let dir = tablespace_dir(archive, oid, &ex.writer.links, delta)?;
                 relocated.push((oid, dir.clone()));
                 dir
             }
@@ -378,27 +214,7 @@ async fn restore_archives(
         let (files, bytes) = (ex.check.files() - files, ex.check.bytes() - bytes);
         tracing::info!(archive = %archive.name, files, bytes, "restored archive");
     }
-    Ok((ex.check.finish(), relocated))
-}
-
-/// Creates the directory a tablespace archive is restored into: its old location, or where
-/// `--tablespace-map` moves it.
-fn tablespace_dir(
-    archive: &BackupArchive,
-    oid: u32,
-    links: &HashMap<String, PathBuf>,
-) -> Result<PathBuf, RestoreError> {
-    let old = archive
-        .tablespace_location
-        .clone()
-        .ok_or(RestoreError::NoTablespaceLocation { oid })?;
-    let dir = links
-        .get(&old)
-        .cloned()
-        .unwrap_or_else(|| PathBuf::from(&old));
-    check_target_dir(&dir)?;
-    create_private_dir(&dir)?;
-    Ok(dir)
+    Ok((ex.check.finish(), relocated, ex.writer))
 }
 
 /// Every file the manifest lists must have arrived.
@@ -478,84 +294,4 @@ fn finish_layout(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::manifest::ManifestFile;
-    use crate::format::tar::build::{file, header, link, END};
-
-    fn writer(root: &Path, syncer: &Syncer) -> FileWriter {
-        FileWriter {
-            root: root.to_path_buf(),
-            links: [("/old/ts".to_string(), PathBuf::from("/new/ts"))].into(),
-            current: None,
-            syncer: syncer.handle(),
-        }
-    }
-
-    fn write(archive: &[u8], w: &mut FileWriter, manifest: Manifest) -> Result<(), RestoreError> {
-        let mut check = ManifestCheck::new(Some(manifest));
-        let mut reader = ArchiveReader::new(None);
-        for piece in archive.chunks(700) {
-            reader.feed(piece, &mut check, w).map_err(|e| match e {
-                FeedError::Tar(t) => panic!("{t}"),
-                FeedError::Sink(e) => e,
-            })?;
-        }
-        reader.finish().unwrap();
-        Ok(())
-    }
-
-    #[test]
-    fn writes_files_links_and_directories_and_checks_each_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let syncer = Syncer::start();
-        let mut a = header("global", b'5', 0).to_vec();
-        a.extend_from_slice(&file("global/pg_control", &[7u8; 1500]));
-        a.extend_from_slice(&header("pg_tblspc", b'5', 0));
-        a.extend_from_slice(&link("pg_tblspc/16384", "/old/ts"));
-        a.extend_from_slice(&END);
-        let want = ManifestFile {
-            size: 1500,
-            crc32c: Some(crc32c::crc32c(&[7u8; 1500])),
-        };
-        let manifest: Manifest = [("global/pg_control".to_string(), want.clone())].into();
-        write(&a, &mut writer(dir.path(), &syncer), manifest).unwrap();
-        let control = dir.path().join("global/pg_control");
-        assert_eq!(fs::read(&control).unwrap(), vec![7u8; 1500]);
-        assert_eq!(fs::metadata(&control).unwrap().mode() & 0o777, 0o600);
-        let target = fs::read_link(dir.path().join("pg_tblspc/16384")).unwrap();
-        assert_eq!(target, PathBuf::from("/new/ts"));
-
-        let other = tempfile::tempdir().unwrap();
-        let bad = [(
-            "global/pg_control".to_string(),
-            ManifestFile {
-                crc32c: Some(1),
-                ..want
-            },
-        )];
-        let e = write(&a, &mut writer(other.path(), &syncer), bad.into()).unwrap_err();
-        assert!(
-            matches!(&e, RestoreError::ChecksumMismatch { path, .. } if path == "global/pg_control"),
-            "{e}"
-        );
-        syncer.finish(&[dir.path().to_path_buf()]).unwrap();
-    }
-
-    #[test]
-    fn refuses_entries_outside_the_target() {
-        let dir = tempfile::tempdir().unwrap();
-        let syncer = Syncer::start();
-        let mut a = file("../escaped", b"x");
-        a.extend_from_slice(&END);
-        let e = write(&a, &mut writer(dir.path(), &syncer), Manifest::new()).unwrap_err();
-        assert!(
-            matches!(&e, RestoreError::UnsafePath { path } if path == "../escaped"),
-            "{e}"
-        );
-        assert!(!dir.path().parent().unwrap().join("escaped").exists());
-    }
 }

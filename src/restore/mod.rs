@@ -5,10 +5,16 @@
 //! the plan. Execution lays the backup out, verifies it against its manifest, and writes the
 //! recovery settings PostgreSQL needs to replay to exactly the target.
 
+mod chain;
+mod check;
+mod delta;
 mod durable;
 mod error;
 mod execute;
 pub mod recovery_conf;
+mod writer;
 
+pub use delta::check_stopped;
 pub use error::RestoreError;
-pub use execute::{check_target_dir, execute, RestoreOptions, RestoreReport};
+pub use execute::{execute, RestoreOptions, RestoreReport};
+pub use writer::check_target_dir;

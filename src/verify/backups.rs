@@ -1,6 +1,7 @@
 //! Backups against their manifests: every part decoded (frame checksums), the tar stream parsed,
 //! and every file's size and CRC-32C compared with PostgreSQL's `backup_manifest`, exactly as a
-//! restore would check them, without writing anything.
+//! restore would check them, without writing anything. Then chains: every incremental backup's
+//! parents must be in the catalog, down to a full backup, and undamaged.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -9,7 +10,9 @@ use super::{read_checked, record_read_error, ProblemKind, Severity, VerifyProgre
 use crate::format::archive_check::{
     ArchiveReader, ArchiveSink, FeedError, FileSum, Manifest, ManifestCheck, Mismatch,
 };
+use crate::format::incremental::target_name;
 use crate::format::manifest;
+use crate::recovery::{chain_of, is_full};
 use crate::repo::{BackupArchive, BackupInfo, ObjectKind, RepoError, Repository, ScannedObject};
 
 /// Reads the catalog and checks every completed backup; frame-checks the other backup objects
@@ -43,8 +46,10 @@ pub(super) async fn verify_backups(
     }
     catalog.sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
 
+    let mut damaged: HashSet<&str> = HashSet::new();
     for b in &catalog {
         report.backups += 1;
+        let errors = report.errors();
         let mut reading = Reading {
             repo,
             backup: b,
@@ -54,13 +59,39 @@ pub(super) async fn verify_backups(
             progress,
         };
         reading.verify().await?;
+        if report.errors() > errors {
+            damaged.insert(&b.id);
+        }
     }
+    verify_chains(&catalog, &damaged, report);
 
     // Data no completed backup refers to: only its frame can be checked.
     for o in objects.iter().filter(|o| !checked.contains(o.key())) {
         read_checked(repo, o, report, progress).await?;
     }
     Ok(catalog)
+}
+
+/// Every incremental backup restores only with its whole chain: each member in the catalog,
+/// none damaged.
+fn verify_chains(catalog: &[BackupInfo], damaged: &HashSet<&str>, report: &mut VerifyReport) {
+    for b in catalog.iter().filter(|b| !is_full(b)) {
+        let problem = match chain_of(b, catalog) {
+            Err(e) => Some(e.to_string()),
+            Ok(chain) => chain[1..]
+                .iter()
+                .find(|m| damaged.contains(m.id.as_str()))
+                .map(|m| format!("member {} of its chain is damaged (see above)", m.id)),
+        };
+        if let Some(problem) = problem {
+            report.problem(
+                Severity::Error,
+                ProblemKind::BrokenChain,
+                None,
+                format!("backup {} cannot be restored: {problem}", b.id),
+            );
+        }
+    }
 }
 
 /// One completed backup being checked: its manifest, then each archive, part by part.
@@ -83,7 +114,16 @@ impl Reading<'_> {
             damaged |= !self.verify_archive(archive, &mut check).await?;
         }
         self.report.backup_files += check.files();
-        let outcome = check.finish();
+        let mut outcome = check.finish();
+        // An incremental backup holds changed files as INCREMENTAL.<name>; the manifest pitr
+        // stores in block mode lists <name>, the final file: neither is a problem.
+        let stand_ins: HashSet<String> = outcome
+            .extra
+            .iter()
+            .filter_map(|p| target_name(p))
+            .collect();
+        outcome.missing.retain(|p| !stand_ins.contains(p));
+        outcome.extra.retain(|p| target_name(p).is_none());
         // Only meaningful when every archive was read through.
         if damaged {
             return Ok(());
@@ -226,5 +266,65 @@ impl ArchiveSink for FileProblems {
             self.0.push(m);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+    use crate::repo::BackupKind;
+    use crate::wal::Lsn;
+
+    fn backup(id: &str, lsn: u64, parent: Option<&str>) -> BackupInfo {
+        BackupInfo {
+            id: id.to_string(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: Lsn(lsn),
+            stop_lsn: Lsn(lsn + 1),
+            start_time: chrono::Utc::now(),
+            stop_time: chrono::Utc::now(),
+            pg_version_num: 170000,
+            system_identifier: 1,
+            archives: vec![],
+            manifest: true,
+            compression: Codec::Lz4,
+            pitr_version: String::new(),
+            source: None,
+            kind: match parent {
+                Some(_) => BackupKind::Incremental,
+                None => BackupKind::Full,
+            },
+            parent: parent.map(str::to_string),
+            incremental_mode: None,
+            stored_total: None,
+        }
+    }
+
+    #[test]
+    fn chains_with_a_missing_or_damaged_member_are_reported() {
+        let catalog = vec![
+            backup("f", 10, None),
+            backup("i1", 20, Some("f")),
+            backup("i2", 30, Some("i1")),
+            backup("j", 40, Some("gone")),
+        ];
+        let mut report = VerifyReport::default();
+        verify_chains(&catalog, &HashSet::new(), &mut report);
+        assert_eq!(report.problems.len(), 1);
+        assert!(
+            report.problems[0].message.contains("backup j"),
+            "{:?}",
+            report.problems
+        );
+        assert!(report.problems[0].message.contains("gone"));
+
+        let mut report = VerifyReport::default();
+        verify_chains(&catalog, &["f"].into(), &mut report);
+        let messages: Vec<&str> = report.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[0].contains("backup i1") && messages[0].contains("member f"));
+        assert_eq!(report.problems[0].kind, ProblemKind::BrokenChain);
     }
 }

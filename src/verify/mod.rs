@@ -59,6 +59,8 @@ pub enum ProblemKind {
     MissingSummary,
     /// A catalog or summary object does not parse.
     BadMetadata,
+    /// An incremental backup's chain has a member missing from the catalog, or damaged.
+    BrokenChain,
 }
 
 #[derive(Clone, Debug, Serialize)]
