@@ -65,6 +65,7 @@ fn block_mode_stores_only_changed_blocks() {
         f["stored_bytes"].as_u64().unwrap(),
         i["stored_bytes"].as_u64().unwrap(),
     );
+    eprintln!("stored bytes: full {fs_}, incremental {is_}");
     assert!(
         is_ * 4 < fs_,
         "incremental stored {is_} bytes, the full {fs_}"
@@ -178,6 +179,7 @@ fn server_mode_where_the_server_summarizes_wal() {
         list[0]["stored_bytes"].as_u64().unwrap(),
         i["stored_bytes"].as_u64().unwrap(),
     );
+    eprintln!("stored bytes: full {fs_}, incremental {is_}");
     assert!(
         is_ * 4 < fs_,
         "incremental stored {is_} bytes, the full {fs_}"
