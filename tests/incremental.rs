@@ -65,6 +65,7 @@ fn block_mode_stores_only_changed_blocks() {
         f["stored_bytes"].as_u64().unwrap(),
         i["stored_bytes"].as_u64().unwrap(),
     );
+    eprintln!("stored bytes: full {fs_}, incremental {is_}");
     assert!(
         is_ * 4 < fs_,
         "incremental stored {is_} bytes, the full {fs_}"
@@ -178,6 +179,7 @@ fn server_mode_where_the_server_summarizes_wal() {
         list[0]["stored_bytes"].as_u64().unwrap(),
         i["stored_bytes"].as_u64().unwrap(),
     );
+    eprintln!("stored bytes: full {fs_}, incremental {is_}");
     assert!(
         is_ * 4 < fs_,
         "incremental stored {is_} bytes, the full {fs_}"
@@ -191,4 +193,60 @@ fn server_mode_where_the_server_summarizes_wal() {
         &["backup", "-d", &pg.conninfo(), "--incremental", "--json"],
     );
     assert_eq!(json(&out)["parent"], i["id"]);
+}
+
+/// The server cannot compute the incremental (the WAL summaries since the parent's start are
+/// gone): pitr computes it in block mode and says why.
+#[test]
+fn an_incremental_the_server_refuses_falls_back_to_block_mode() {
+    let repo = TestRepo::new(Backend::Local);
+    let major = pg_major();
+    let mut b = PgCluster::builder()
+        .conf("archive_mode = on")
+        .conf(repo.archive_command_conf())
+        .envs(repo.env.clone());
+    if major >= 17 {
+        b = b.conf("summarize_wal = on");
+    }
+    let pg = table_in(b.start().unwrap());
+    let full = json(&ok(&repo, &["backup", "-d", &pg.conninfo(), "--json"]));
+    pg.psql("update big set pad = upper(pad) where id <= 2000")
+        .unwrap();
+    pg.psql("checkpoint").unwrap();
+    if major >= 17 {
+        // Once the WAL since the full backup is summarized, its summaries are lost.
+        pg.psql("select pg_switch_wal()").unwrap();
+        pg.psql("checkpoint").unwrap();
+        let lsn = &full["start_lsn"].as_str().unwrap();
+        pg.wait_for(
+            &format!(
+                "select count(*) > 0 from pg_available_wal_summaries() where end_lsn > '{lsn}'"
+            ),
+            "t",
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        for f in fs::read_dir(pg.data_dir().join("pg_wal/summaries")).unwrap() {
+            fs::remove_file(f.unwrap().path()).unwrap();
+        }
+    }
+    let out = ok(&repo, &["backup", "-d", &pg.conninfo(), "--incremental"]);
+    let list = backups(&repo);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[1]["parent"], full["id"]);
+    assert_eq!(list[1]["incremental_mode"], "block", "{out}");
+    if major >= 17 {
+        assert!(out.contains("the server refused"), "{out}");
+    }
+    // Only the published backups hold objects: the refused attempt removed its lease.
+    let ids: Vec<&str> = list.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    for d in fs::read_dir(repo.object_file("backups")).unwrap() {
+        let d = d.unwrap();
+        let name = d.file_name().into_string().unwrap();
+        let objects = fs::read_dir(d.path()).unwrap().count();
+        assert!(
+            ids.contains(&name.as_str()) || objects == 0,
+            "{name}: {objects} objects"
+        );
+    }
 }

@@ -99,6 +99,7 @@ struct RelFile {
     changed: Vec<u32>,
     data: Vec<u8>,
     spill: Option<std::fs::File>,
+    spill_at: usize,
 }
 
 enum State {
@@ -120,6 +121,8 @@ pub struct TarDiff {
     state: State,
     /// A spilled file's content still to be emitted, in [`DRAIN_CHUNK`] pieces.
     pending: Option<(std::fs::File, u64)>,
+    /// [`SPILL_AT`], smaller in tests.
+    spill_at: usize,
 }
 
 impl TarDiff {
@@ -129,6 +132,7 @@ impl TarDiff {
             tablespace: tablespace_oid.is_some(),
             state: State::Header(Vec::with_capacity(TAR_BLOCK)),
             pending: None,
+            spill_at: SPILL_AT,
         }
     }
 
@@ -277,6 +281,7 @@ impl TarDiff {
             changed: vec![],
             data: vec![],
             spill: None,
+            spill_at: self.spill_at,
         })))
     }
 }
@@ -427,7 +432,7 @@ impl RelFile {
             f.write_all(&self.partial)?;
         } else {
             self.data.extend_from_slice(&self.partial);
-            if self.data.len() >= SPILL_AT {
+            if self.data.len() >= self.spill_at {
                 let mut f = tempfile::tempfile()?;
                 f.write_all(&std::mem::take(&mut self.data))?;
                 self.spill = Some(f);
@@ -548,7 +553,12 @@ mod stream_tests {
 
     /// Feeds `input` in small pieces, as the server's CopyData messages come.
     async fn run(input: &[u8], maps: &mut BackupMaps) -> Vec<u8> {
+        run_spilling(input, maps, SPILL_AT).await
+    }
+
+    async fn run_spilling(input: &[u8], maps: &mut BackupMaps, spill_at: usize) -> Vec<u8> {
         let mut diff = TarDiff::new(None);
+        diff.spill_at = spill_at;
         let mut out = vec![];
         for chunk in input.chunks(1000) {
             let mut rest = chunk;
@@ -624,5 +634,20 @@ mod stream_tests {
         let f = map.get("base/5/16384").await.unwrap().unwrap();
         assert_eq!(f.hashes[1], block_hash(&[b'X'; BLCKSZ]));
         assert_eq!(f.hashes.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn spilled_blocks_come_out_in_place() {
+        let repo = repo().await;
+        let mut m = maps(&repo, "full", None);
+        run(&archive(&blocks(b"abcdefgh")), &mut m).await;
+        m.writer.finish().await.unwrap();
+        let changed = archive(&blocks(b"aXcXeXgXZ"));
+        let mut m = maps(&repo, "a", repo.block_map("full").await.unwrap());
+        let in_memory = run(&changed, &mut m).await;
+        let mut m = maps(&repo, "b", repo.block_map("full").await.unwrap());
+        let spilled = run_spilling(&changed, &mut m, 2 * BLCKSZ).await;
+        assert_eq!(m.blocks_changed, 5);
+        assert_eq!(in_memory, spilled);
     }
 }

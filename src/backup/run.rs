@@ -88,6 +88,8 @@ pub enum BackupError {
     BadParent { id: String, problem: String },
     #[error("backup {id} has no block map (it was taken by an older pitr): it cannot be the parent of an incremental backup")]
     ParentWithoutBlockMap { id: String },
+    #[error("the server refused the incremental backup: {0}")]
+    IncrementalRefused(pg::Error),
     #[error("temporary file for a file's changed blocks: {0}")]
     Spill(std::io::Error),
     #[error(
@@ -100,7 +102,7 @@ pub enum BackupError {
 impl Classify for BackupError {
     fn code(&self) -> Code {
         match self {
-            BackupError::Pg(e) => e.code(),
+            BackupError::Pg(e) | BackupError::IncrementalRefused(e) => e.code(),
             BackupError::Repo(e) => e.code(),
             BackupError::Tar { .. }
             | BackupError::Manifest(_)
@@ -118,7 +120,7 @@ impl Classify for BackupError {
 
     fn hint(&self) -> Option<String> {
         match self {
-            BackupError::Pg(e) => e.hint(),
+            BackupError::Pg(e) | BackupError::IncrementalRefused(e) => e.hint(),
             BackupError::Repo(e) => e.hint(),
             BackupError::NoParent { .. } => Some(
                 "take a full backup first: `pitr backup` without --incremental".into(),
@@ -290,6 +292,36 @@ pub async fn run_backup(
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
 ) -> Result<BackupInfo, BackupError> {
+    let first = run_once(
+        storage.clone(),
+        write.clone(),
+        conn_cfg,
+        opts,
+        progress,
+        None,
+    )
+    .await;
+    match first {
+        // The server could not take its incremental backup on this parent (e.g. its WAL
+        // summaries do not reach back to the parent's start): pitr computes it instead.
+        Err(BackupError::IncrementalRefused(e)) => {
+            tracing::warn!(error = %e, "the server refused the incremental backup; using block mode");
+            let refused = Some(e.to_string());
+            run_once(storage, write, conn_cfg, opts, progress, refused).await
+        }
+        other => other,
+    }
+}
+
+/// One attempt; `server_refused`: the server refused a server-mode incremental before.
+async fn run_once(
+    storage: Storage,
+    write: WriteOptions,
+    conn_cfg: &ConnConfig,
+    opts: &BackupOptions,
+    progress: &(dyn Fn(BackupProgress) + Sync),
+    server_refused: Option<String>,
+) -> Result<BackupInfo, BackupError> {
     let mut conn = ReplicationConn::connect(conn_cfg).await?;
     let system = conn.identify_system().await?;
     let seg_size = conn.wal_segment_size().await?;
@@ -319,7 +351,13 @@ pub async fn run_backup(
     };
     let mut incremental = None;
     if let Some((p, _)) = &parent {
-        let (mode, why) = incremental_mode(&repo, &mut conn, p).await?;
+        let (mode, why) = match &server_refused {
+            Some(e) => (
+                IncrementalMode::Block,
+                format!("the server refused an incremental backup on this parent: {e}"),
+            ),
+            None => incremental_mode(&repo, &mut conn, p).await?,
+        };
         tracing::info!(parent = %p.id, %mode, %why, "incremental backup");
         progress(BackupProgress::Incremental {
             parent: p.id.clone(),
@@ -379,6 +417,12 @@ pub async fn run_backup(
     };
     let result = receive_and_publish(&started, conn, wal_conn, maps, bb_opts, opts, progress).await;
     lease.abort();
+    if let Err(BackupError::IncrementalRefused(_)) = &result {
+        // Nothing but the lease was written; the retry takes another id.
+        if let Err(e) = started.repo.remove_backup_data(&started.id).await {
+            tracing::warn!(backup = %started.id, error = %e, "could not remove the refused backup's lease");
+        }
+    }
     result
 }
 
@@ -483,9 +527,21 @@ async fn receive_and_publish(
         incremental,
     } = started;
     let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
+    let server_mode = bb_opts.incremental;
     let mut stream = conn.base_backup(bb_opts).await?;
     let mut receiver = Receiver::new(&repo, &id, seg_size, wal_conn, maps);
-    while let Some(ev) = stream.next_event().await? {
+    let mut first = true;
+    loop {
+        let ev = match stream.next_event().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            // The server checks its WAL summaries before it sends anything.
+            Err(e) if first && server_mode && matches!(e, pg::Error::Server { .. }) => {
+                return Err(BackupError::IncrementalRefused(e))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        first = false;
         receiver.on_event(ev, progress).await?;
     }
     let Received {

@@ -30,11 +30,16 @@ pub enum ObjectKind {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackupItem {
-    Part { archive: String, part: u32 },
+    Part {
+        archive: String,
+        part: u32,
+    },
     Manifest,
     Lease,
     State,
     Expired,
+    /// A part or the index of the backup's block map (`blockmap/...`).
+    BlockMap,
     Unknown,
 }
 
@@ -99,6 +104,7 @@ fn classify_backup_item(item: &str) -> BackupItem {
         "lease" => BackupItem::Lease,
         "state" => BackupItem::State,
         "expired" => BackupItem::Expired,
+        _ if item.starts_with("blockmap/") => BackupItem::BlockMap,
         _ => match item.split_once('/') {
             Some((archive, part))
                 if part.len() == 8 && part.bytes().all(|c| c.is_ascii_digit()) =>
@@ -193,6 +199,8 @@ mod tests {
             (layout::backup_lease_key("b1"), BackupItem::Lease),
             (layout::backup_state_key("b1"), BackupItem::State),
             (layout::backup_expired_key("b1"), BackupItem::Expired),
+            ("backups/b1/blockmap/00000000".into(), BackupItem::BlockMap),
+            ("backups/b1/blockmap/index".into(), BackupItem::BlockMap),
         ] {
             assert_eq!(
                 classify(&key),
