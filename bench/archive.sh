@@ -3,6 +3,7 @@
 #
 #   sudo bench/archive.sh            # N=20 segments (plus one warm-up)
 #   N=40 sudo bench/archive.sh
+#   WORKLOAD=insert sudo bench/archive.sh   # WAL of inserts of md5 text rows instead of TPC-B
 #   BASE=/path/to/old/pitr METHODS="floor pitr-lz4 pitr-base-lz4" REF=pitr-base-lz4 sudo bench/archive.sh
 #                                    # a second pitr binary side by side (e.g. the previous commit)
 #
@@ -52,7 +53,12 @@ wants_pgbr "${METHODS[@]}" || NEED_PGBR=0
 bench_init archive
 machine_info | tee "$BT/machine.txt" >&2
 
-tpcb_archived_segments $((N + 2))
+WORKLOAD=${WORKLOAD:-tpcb}
+case $WORKLOAD in
+tpcb) tpcb_archived_segments $((N + 2)) ;;
+insert) insert_archived_segments $((N + 2)) ;;
+*) die "unknown WORKLOAD $WORKLOAD (tpcb or insert)" ;;
+esac
 # The newest N+1 archived segments, all written by the TPC-B run: the first one warms up every
 # repository (pitr creates its descriptor, every method gets its directories), the rest are timed.
 mapfile -t SEGS < <(find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%f\n' | sort | tail -n $((N + 1)))
@@ -86,8 +92,8 @@ push_cmd() { # method segment-path
 get_cmd() { # method segment-name dest
     case $1 in
     floor) echo cp "$R/floor/$2" "$3" ;;
-    pitr-base-*) echo "$PITR_BASE" --repo "$R/$1" archive-get "$2" "$3" ;;
-    pitr-*) echo "$PITR" --repo "$R/$1" archive-get "$2" "$3" ;;
+    pitr-base-*) echo "$PITR_BASE" --repo "$R/$1" archive-get --prefetch 0 "$2" "$3" ;;
+    pitr-*) echo "$PITR" --repo "$R/$1" archive-get --prefetch 0 "$2" "$3" ;;
     pgbr-*) echo pgbackrest --config="$BT/pgbr-${1#pgbr-}.conf" --stanza=bench archive-get "$2" "$3" ;;
     esac
 }
@@ -145,7 +151,7 @@ pg_stop "$PGDATA"
 
 {
     echo
-    echo "## archive.sh results: $N segments of 16 MiB, median per segment"
+    echo "## archive.sh results ($WORKLOAD WAL): $N segments of 16 MiB, median per segment"
     echo
     sed 's/^/    /' "$BT/machine.txt"
     echo "    loadavg during run: $load0 -> $load1"

@@ -9,7 +9,10 @@
 #    each pushed into two empty local repositories, `plain` (pitr's default, lz4) and `enc` (the
 #    same plus --encryption-key-file: one key-file read, one Argon2id at the default cost, one
 #    LIST + GET of the keyring, then seal), alternating which goes first from segment to segment.
-#    Then read back with archive-get the same way (bytes compared).
+#    Then read back with archive-get the same way (bytes compared). `enc` uses the key cache
+#    (docs/encryption.md, "Key cache": one LIST of keys/, no Argon2id once the first process has
+#    written the entry); `enc-nocache` is the same repository with PITR_ENCRYPTION_KEY_CACHE=off
+#    (the KDF and the keyring GET in every process), for comparison.
 # 2. backup: pgbench -i -s SCALE; the cluster archives into both backup repositories
 #    (archive_command pushes to each); REPS rounds of `pitr backup` into each, order alternating.
 #    MB/s = database size / wall time.
@@ -31,16 +34,20 @@ R="$BT/repos"
 KEY="$BT/key"
 openssl rand -base64 32 >"$KEY"
 chmod 600 "$KEY"
-mkdir -p "$R/push-plain" "$R/push-enc" "$R/bk-plain" "$R/bk-enc" "$BT/get" "$BT/restore"
+mkdir -p "$R/push-plain" "$R/push-enc" "$R/push-enc-nocache" "$R/bk-plain" "$R/bk-enc" "$BT/get" "$BT/restore"
 chown -R postgres:postgres "$R" "$BT/get" "$BT/restore" "$KEY"
 
 pitr_for() { # method repository-name -> command words
     case $1 in
     plain) echo "$PITR" --repo "$R/$2" ;;
     enc) echo "$PITR" --repo "$R/$2" --encryption-key-file "$KEY" ;;
+    enc-nocache) echo env PITR_ENCRYPTION_KEY_CACHE=off "$PITR" --repo "$R/$2" --encryption-key-file "$KEY" ;;
     esac
 }
 METHODS=(plain enc)
+# The key cache of this run's postgres processes lives in the temp dir, not in ~postgres.
+export PITR_ENCRYPTION_KEY_CACHE="$BT/key-cache"
+PUSH_METHODS=(plain enc enc-nocache)
 
 # ---- 1. archive-push / archive-get ---------------------------------------------------------
 tpcb_archived_segments $((N + 1))
@@ -62,15 +69,18 @@ run_get() { # method seg
     cmp -s "$dest" "$SRC/$2" || die "get/$1 returned different bytes for $2"
 }
 
-for m in "${METHODS[@]}"; do run_push "$m" "$WARM"; run_get "$m" "$WARM"; done
+for m in "${PUSH_METHODS[@]}"; do run_push "$m" "$WARM"; run_get "$m" "$WARM"; done
 : >"$BT/results.jsonl"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-log "archive-push and archive-get: $N segments x ${#METHODS[@]}, interleaved"
+P=${#PUSH_METHODS[@]}
+log "archive-push and archive-get: $N segments x $P, interleaved"
 for i in "${!SEGS[@]}"; do
-    for j in 0 1; do run_push "${METHODS[$(((i + j) % 2))]}" "${SEGS[$i]}"; done
+    for j in $(seq 0 $((P - 1))); do
+        run_push "${PUSH_METHODS[$(((i + j) % P))]}" "${SEGS[$i]}"
+    done
 done
 for i in "${!SEGS[@]}"; do
-    for j in 0 1; do run_get "${METHODS[$(((i + j) % 2))]}" "${SEGS[$i]}"; done
+    for j in $(seq 0 $((P - 1))); do run_get "${PUSH_METHODS[$(((i + j) % P))]}" "${SEGS[$i]}"; done
 done
 
 # ---- 2. backup ---------------------------------------------------------------------------
@@ -120,7 +130,7 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
     echo
     echo "### repository size"
     echo
-    for d in push-plain push-enc bk-plain bk-enc; do
+    for d in push-plain push-enc push-enc-nocache bk-plain bk-enc; do
         echo "    $d: $(du -sk "$R/$d" | cut -f1) KiB"
     done
 } | tee "$BT/report.md"

@@ -304,8 +304,8 @@ PY
 # makes checkpoints frequent, so the WAL carries the full-page images a busy OLTP server
 # produces, not only small heap records. Sets PORT, PGDATA and SRC; the cluster keeps running.
 count_segs() { find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
-tpcb_archived_segments() { # count
-    local count=$1
+# A throwaway cluster that archives with cp into $SRC (PGDATA, PORT, SRC are set).
+_archiving_cluster() {
     PORT=$(free_port)
     PGDATA="$BT/pg"
     SRC="$BT/src"
@@ -318,6 +318,11 @@ tpcb_archived_segments() { # count
         "synchronous_commit = off" \
         "shared_buffers = 128MB"
     pg_start "$PGDATA"
+}
+
+tpcb_archived_segments() { # count
+    local count=$1
+    _archiving_cluster
     log "generating WAL: pgbench -i -s 10, then TPC-B until $count more segments are archived"
     as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
     psql_at "$PORT" "checkpoint" >/dev/null
@@ -326,5 +331,20 @@ tpcb_archived_segments() { # count
     while (($(count_segs) < base + count)); do
         ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
         as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
+    done
+}
+
+# The second WAL workload (issue 12): inserts of rows of md5 text, which compress less than
+# TPC-B's WAL (full-page images of pgbench tables).
+insert_archived_segments() { # count
+    local count=$1
+    _archiving_cluster
+    log "generating WAL: inserts of md5 text rows until $count more segments are archived"
+    psql_at "$PORT" "create table ins (id bigserial primary key, t text)" >/dev/null
+    local base deadline=$((SECONDS + 300))
+    base=$(count_segs)
+    while (($(count_segs) < base + count)); do
+        ((SECONDS < deadline)) || die "WAL generation too slow: $(count_segs) segments after 300 s"
+        psql_at "$PORT" "insert into ins (t) select md5(g::text) || ' ' || md5((g * 31)::text) from generate_series(1, 100000) g" >/dev/null
     done
 }

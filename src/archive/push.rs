@@ -82,6 +82,7 @@ pub async fn archive_push(
     let name = WalFileName::parse(file_name)?;
     let content = tokio::fs::read(path)
         .await
+        .map(bytes::Bytes::from)
         .map_err(|source| ArchiveError::ReadInput {
             path: path.to_path_buf(),
             source,
@@ -99,7 +100,7 @@ pub async fn archive_push(
         None
     };
     let repo = open_repository(storage, &name, from_wal, data_dir.as_ref(), write).await?;
-    let outcome = repo.store_wal_file(&name, &content).await?;
+    let outcome = repo.store_wal_file_owned(&name, content.clone()).await?;
     if let Some(dir) = &data_dir {
         // The WAL is durable whatever happens here: a marker that cannot be written costs the
         // vanished-repository check, not archiving.

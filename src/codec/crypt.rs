@@ -45,10 +45,13 @@ pub const KDF_SALT_LEN: usize = 32;
 const OBJECT_KEY_INFO: &[u8] = b"pitr object key v1";
 const WRAP_KEY_INFO: &[u8] = b"pitr keyring wrap v1";
 const KEY_CHECK_INFO: &[u8] = b"pitr keyring check v1";
+const CACHE_WRAP_INFO: &[u8] = b"pitr key cache wrap v1";
 const OBJECT_AAD_LABEL: &[u8] = b"pitr object v1\0";
 const KEYRING_AAD_LABEL: &[u8] = b"pitr keyring v1\0";
 /// Wrapped DEK: nonce, ciphertext of the DEK, tag.
 const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// The DEK as the local key cache keeps it: salt || nonce || AES-256-GCM(DEK) || tag.
+pub const CACHE_WRAPPED_LEN: usize = KDF_SALT_LEN + WRAPPED_LEN;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -82,7 +85,8 @@ impl Secret {
     }
 }
 
-/// The repository's data key. Never leaves the process unwrapped.
+/// The repository's data key. Never leaves the process unwrapped: the keyrings wrap it under
+/// Argon2id, the local key cache ([`wrap_dek_for_cache`]) under the passphrase itself.
 pub struct Dek(Secret);
 
 /// A key-encryption key derived from a passphrase ([`derive_kek`]).
@@ -532,6 +536,46 @@ pub fn open_keyring(keyring: &Keyring, passphrase: &[u8]) -> Result<Dek, CryptEr
     unwrap_dek(keyring, &derive_kek(passphrase, &keyring.kdf)?)
 }
 
+/// The DEK wrapped for the local key cache (`src/repo/key_cache.rs`, docs/encryption.md "Key
+/// cache"): AES-256-GCM under HKDF-SHA256(ikm = passphrase, salt = 32 random bytes, info "pitr
+/// key cache wrap v1"), AAD = the caller's binding (repository, generation). Only the
+/// passphrase opens it, without Argon2id: that is the point (a cache hit costs microseconds)
+/// and the cost (guesses at the passphrase against this blob are cheap; see the threat model).
+pub fn wrap_dek_for_cache(dek: &Dek, passphrase: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptError> {
+    let mut out = vec![0u8; KDF_SALT_LEN + NONCE_LEN];
+    fill_random(&mut out)?;
+    let key = aes_key(&hkdf_secret(
+        passphrase,
+        &out[..KDF_SALT_LEN],
+        CACHE_WRAP_INFO,
+    ));
+    let nonce = Nonce::try_assume_unique_for_key(&out[KDF_SALT_LEN..]).expect("12-byte nonce");
+    out.extend_from_slice(&dek.0 .0[..]);
+    let tag = key
+        .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[KDF_SALT_LEN + NONCE_LEN..])
+        .expect("AES-GCM seals 32 bytes");
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Opens what [`wrap_dek_for_cache`] produced; `None` for another passphrase, another binding
+/// or damaged bytes (the caller then derives the key the slow way, which tells them apart).
+pub fn unwrap_dek_from_cache(wrapped: &[u8], passphrase: &[u8], aad: &[u8]) -> Option<Dek> {
+    if wrapped.len() != CACHE_WRAPPED_LEN {
+        return None;
+    }
+    let (salt, rest) = wrapped.split_at(KDF_SALT_LEN);
+    let key = aes_key(&hkdf_secret(passphrase, salt, CACHE_WRAP_INFO));
+    let nonce = Nonce::try_assume_unique_for_key(&rest[..NONCE_LEN]).expect("12-byte nonce");
+    let mut buf = Zeroizing::new(rest[NONCE_LEN..].to_vec());
+    let plain = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf[..])
+        .ok()?;
+    let mut dek = Dek(Secret(Zeroizing::new([0u8; KEY_LEN])));
+    dek.0 .0.copy_from_slice(plain);
+    Some(dek)
+}
+
 /// Rotation: the next generation, wrapping the same DEK under `new_passphrase` with a fresh
 /// salt. The caller creates it conditionally (so two rotations cannot both win) before it
 /// removes `current`, so that at every moment one of the two passphrases opens the repository.
@@ -778,5 +822,26 @@ mod tests {
         assert_ne!(derive_kek(b"q", &kdf).unwrap().0 .0[..], a.0 .0[..]);
         assert_eq!(format!("{a:?}"), "Kek(<redacted>)");
         assert_eq!(format!("{:?}", Dek::generate().unwrap()), "Dek(<redacted>)");
+    }
+
+    #[test]
+    fn cache_wrapping_opens_only_with_the_same_passphrase_and_binding() {
+        let dek = Dek::generate().unwrap();
+        let wrapped = wrap_dek_for_cache(&dek, b"pass", b"repo 1 gen 2").unwrap();
+        assert_eq!(wrapped.len(), CACHE_WRAPPED_LEN);
+        let back = unwrap_dek_from_cache(&wrapped, b"pass", b"repo 1 gen 2").unwrap();
+        assert_eq!(back.0 .0[..], dek.0 .0[..]);
+        assert!(!wrapped.windows(KEY_LEN).any(|w| w == &dek.0 .0[..]));
+        assert!(unwrap_dek_from_cache(&wrapped, b"other", b"repo 1 gen 2").is_none());
+        assert!(unwrap_dek_from_cache(&wrapped, b"pass", b"repo 1 gen 3").is_none());
+        for i in 0..wrapped.len() {
+            let mut bad = wrapped.clone();
+            bad[i] ^= 1;
+            assert!(
+                unwrap_dek_from_cache(&bad, b"pass", b"repo 1 gen 2").is_none(),
+                "{i}"
+            );
+        }
+        assert!(unwrap_dek_from_cache(&wrapped[1..], b"pass", b"repo 1 gen 2").is_none());
     }
 }

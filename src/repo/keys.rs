@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::descriptor::{Descriptor, Encryption};
+use super::key_cache::KeyCache;
 use super::{layout, RepoError, Repository, Result};
 use crate::codec::crypt::{self, CryptError, Dek, KdfParams, Keyring};
 use crate::codec::{self, Codec};
@@ -94,14 +95,50 @@ pub(super) async fn unlock_for(
     descriptor: &Descriptor,
     source: Option<&KeySource>,
 ) -> Result<Option<DataKey>> {
+    // Unit tests stay out of the user's cache; they pass theirs to `unlock_with_cache`.
+    let cache = if cfg!(test) {
+        None
+    } else {
+        KeyCache::from_env()
+    };
+    unlock_with_cache(storage, descriptor, source, cache).await
+}
+
+/// [`unlock_for`] with the key cache `cache` (none: always the slow path).
+pub(super) async fn unlock_with_cache(
+    storage: &Storage,
+    descriptor: &Descriptor,
+    source: Option<&KeySource>,
+    cache: Option<KeyCache>,
+) -> Result<Option<DataKey>> {
     check_configured(storage, descriptor, source.is_some())?;
-    match source {
-        None => Ok(None),
-        Some(source) => {
-            let passphrase = Arc::new(passphrase(source).await?);
-            unlock(storage, passphrase).await.map(Some)
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let passphrase = Arc::new(passphrase(source).await?);
+    // A repository without an id cannot be told from its successor at the same location:
+    // nothing to bind an entry to, so no cache.
+    let entry = match (cache, &descriptor.repository_id) {
+        (Some(c), Some(id)) => Some(c.entry(&storage.location().to_string(), id)),
+        _ => None,
+    };
+    let found = generations(storage).await?;
+    let newest = found.last().copied();
+    if let (Some(entry), Some(newest)) = (&entry, newest) {
+        // Only for the newest generation: after a rotation the old passphrase must not open
+        // the repository, and the slow path would try the newest first anyway.
+        if let Some(dek) = entry.load(newest, passphrase.as_bytes()) {
+            return Ok(Some(DataKey {
+                dek,
+                generation: newest,
+            }));
         }
     }
+    let key = unlock_listed(storage, found, passphrase.clone()).await?;
+    if let Some(entry) = entry.filter(|_| Some(key.generation) == newest) {
+        entry.store(&key.dek, key.generation, passphrase.as_bytes());
+    }
+    Ok(Some(key))
 }
 
 /// Whether a key is configured exactly when the repository is encrypted.
@@ -121,9 +158,18 @@ pub(super) fn check_configured(
 /// Opens the newest keyring the passphrase opens. Older generations are tried too: after an
 /// interrupted rotation both exist, and the old key must keep working until it is finished.
 async fn unlock(storage: &Storage, passphrase: Arc<Passphrase>) -> Result<DataKey> {
+    unlock_listed(storage, generations(storage).await?, passphrase).await
+}
+
+/// [`unlock`] over the generations `found` (oldest first), as listed by the caller.
+async fn unlock_listed(
+    storage: &Storage,
+    found: Vec<u64>,
+    passphrase: Arc<Passphrase>,
+) -> Result<DataKey> {
     let location = storage.location().to_string();
     let mut first_error = None;
-    for generation in generations(storage).await?.into_iter().rev() {
+    for generation in found.into_iter().rev() {
         let keyring = match read_keyring(storage, generation).await {
             Ok(k) => k,
             // Removed by a rotation since the LIST: the next older (or none) decides.
@@ -529,5 +575,125 @@ mod tests {
             .await
             .unwrap()
             .is_none()
+    }
+
+    /// Unlocks with `passphrase` through the key cache in `dir`.
+    async fn unlock_cached(
+        storage: &Storage,
+        passphrase: &str,
+        dir: &std::path::Path,
+    ) -> Result<DataKey> {
+        let d = super::super::descriptor::read(storage)
+            .await
+            .unwrap()
+            .unwrap();
+        let source = KeySource::Command(format!("printf {passphrase}"));
+        let cache = Some(KeyCache::at(dir.to_path_buf()));
+        unlock_with_cache(storage, &d, Some(&source), cache)
+            .await
+            .map(|k| k.expect("encrypted"))
+    }
+
+    /// Every file in `dir` and its bytes.
+    fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_key_cache_skips_the_keyring_and_the_kdf() {
+        let storage = Storage::in_memory();
+        encrypted(&storage, "k").await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        assert_eq!(
+            unlock_cached(&storage, "k", &dir).await.unwrap().generation,
+            1
+        );
+        assert_eq!(files(&dir).len(), 1, "one entry written");
+        // With the keyring object unreadable, only the cache can open the repository: proof
+        // that neither the keyring GET nor Argon2id ran.
+        let keyring = storage.get(&layout::keyring_key(1)).await.unwrap();
+        storage
+            .put_overwrite(&layout::keyring_key(1), Bytes::from_static(b"damaged"))
+            .await
+            .unwrap();
+        let key = unlock_cached(&storage, "k", &dir).await.unwrap();
+        assert_eq!(key.generation, 1);
+        let other = tempfile::tempdir().unwrap();
+        assert!(unlock_cached(&storage, "k", other.path()).await.is_err());
+        // The cached key is the repository's: it reads what the slow path wrote.
+        storage
+            .put_overwrite(&layout::keyring_key(1), keyring)
+            .await
+            .unwrap();
+        let repo = Repository::open(storage.clone(), with_key("k"))
+            .await
+            .unwrap();
+        repo.put_wal_file(&segment(), b"wal").await.unwrap();
+        let slow = repo.objects.data_key.clone().unwrap();
+        let sealed = crypt::seal(&slow.dek, b"aad", b"text").unwrap();
+        assert_eq!(crypt::open(&key.dek, b"aad", &sealed).unwrap(), b"text");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_refused_despite_the_cache_and_writes_nothing() {
+        let storage = Storage::in_memory();
+        encrypted(&storage, "right").await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        unlock_cached(&storage, "right", &dir).await.unwrap();
+        let (repo_before, cache_before) = (snapshot(&storage).await, files(&dir));
+        let e = unlock_cached(&storage, "wrong", &dir).await.unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert_eq!(snapshot(&storage).await, repo_before);
+        assert_eq!(files(&dir), cache_before);
+        // Nor is anything created by a refusal in an empty cache.
+        let empty = tmp.path().join("empty");
+        let e = unlock_cached(&storage, "wrong", &empty).await.unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert!(!empty.exists());
+        // The right key still hits the entry.
+        assert!(unlock_cached(&storage, "right", &dir).await.is_ok());
+        assert_eq!(files(&dir), cache_before);
+    }
+
+    #[tokio::test]
+    async fn a_rotation_invalidates_the_cache() {
+        let storage = Storage::in_memory();
+        let repo = encrypted(&storage, "old").await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        unlock_cached(&storage, "old", &dir).await.unwrap();
+        repo.rotate_key(&KeySource::Command("printf new".into()))
+            .await
+            .unwrap();
+        let before = files(&dir);
+        let e = unlock_cached(&storage, "old", &dir).await.unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert_eq!(files(&dir), before, "a refusal rewrites nothing");
+        let key = unlock_cached(&storage, "new", &dir).await.unwrap();
+        assert_eq!(key.generation, 2);
+        let after = files(&dir);
+        assert_eq!(after.len(), 1);
+        assert_ne!(after, before, "the entry now holds generation 2");
+        // And the new entry is the one used from now on.
+        storage
+            .put_overwrite(&layout::keyring_key(2), Bytes::from_static(b"damaged"))
+            .await
+            .unwrap();
+        assert_eq!(
+            unlock_cached(&storage, "new", &dir)
+                .await
+                .unwrap()
+                .generation,
+            2
+        );
     }
 }

@@ -11,6 +11,7 @@ mod catalog;
 mod chunks;
 mod copy;
 mod descriptor;
+mod key_cache;
 mod keys;
 mod layout;
 pub mod marker;
@@ -264,7 +265,8 @@ pub struct Repository {
 impl Repository {
     /// Opens an existing repository. Every reader starts here: a missing descriptor means the
     /// location is wrong or empty, which must never look like "this object does not exist".
-    /// An encrypted repository is unlocked here (one key source call, one KDF).
+    /// An encrypted repository is unlocked here (one key source call, then the local key cache
+    /// or one KDF).
     pub async fn open(storage: Storage, write: WriteOptions) -> Result<Repository> {
         match descriptor::read(&storage).await? {
             Some(descriptor) => {

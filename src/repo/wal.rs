@@ -3,10 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use super::{PutOutcome, RepoError, Repository, StoredSummary};
+use bytes::Bytes;
+
+use super::object::Payload;
+use super::{layout, PutOutcome, RepoError, Repository, StoredSummary};
+use crate::storage::StorageError;
 use crate::wal::{
     parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd, SegmentTail,
-    TimelineId, WalFileName, XLP_FIRST_IS_CONTRECORD,
+    Summarized, SummaryError, TimelineId, WalFileName, XLP_FIRST_IS_CONTRECORD,
 };
 
 /// Timeline histories by timeline: each timeline's ancestors, oldest first.
@@ -39,41 +43,111 @@ impl Repository {
         );
         let outcome = outcome?;
         let started = std::time::Instant::now();
-        // A carry that does not fit this segment (a damaged summary, a previous segment from
-        // another history) is not this segment's fault: summarize it alone then. `verify --full`
-        // checks the chain across the boundary from the segments themselves.
-        let with_carry = prev
-        .as_ref()
-        .and_then(|tail| summarize_segment(content, Some(tail)).ok())
-        .filter(|s| !matches!(&s.summary.end, SegmentEnd::Corrupt { lsn, .. } if *lsn < s.summary.segment_start));
-        let summarized = match with_carry {
-            Some(s) => Ok(s),
-            None => summarize_segment(content, None),
+        let summarized = summarize(content, prev.as_ref());
+        repo.store_summary(name, summarized, prev.is_some(), started.elapsed())
+            .await?;
+        Ok(outcome)
+    }
+
+    /// [`Self::store_wal_file`] for a file this process owns (archive-push): compression and
+    /// the summary, the two CPU-heavy steps, run at the same time on the blocking pool (the
+    /// summary of a segment of small records takes as long as compressing it), while the
+    /// segment is written. The order of what is stored is the same: segment, then summary.
+    pub async fn store_wal_file_owned(
+        &self,
+        name: &WalFileName,
+        content: Bytes,
+    ) -> Result<PutOutcome, RepoError> {
+        if !matches!(name, WalFileName::Segment { .. }) {
+            return self.put_wal_file(name, &content).await;
+        }
+        let for_summary = content.clone();
+        let summary = async {
+            let prev = previous_carry(self, name, &for_summary).await;
+            let carried = prev.is_some();
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let s = summarize(&for_summary, prev.as_ref());
+                (s, carried, started.elapsed())
+            })
+            .await
+            .expect("summary task panicked")
         };
+        let (outcome, (summarized, carried, elapsed)) =
+            tokio::join!(self.put_wal_bytes(name, content), summary);
+        let outcome = outcome?;
+        self.store_summary(name, summarized, carried, elapsed)
+            .await?;
+        Ok(outcome)
+    }
+
+    /// [`Self::put_wal_file`] with the encoding on the blocking pool.
+    async fn put_wal_bytes(
+        &self,
+        name: &WalFileName,
+        content: Bytes,
+    ) -> Result<PutOutcome, RepoError> {
+        let key = layout::wal_key(name);
+        let (codec, k, c) = (self.objects.clone(), key.clone(), content.clone());
+        let framed = tokio::task::spawn_blocking(move || codec.encode(&k, &c, Payload::Data))
+            .await
+            .expect("encode task panicked");
+        match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
+            Ok(()) => Ok(PutOutcome::Stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                self.check_identical(&key, &name.to_string(), &content)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores the summary of a segment already stored. Odd records are logged, not failed (see
+    /// [`Self::store_wal_file`]); a storage failure fails the call.
+    async fn store_summary(
+        &self,
+        name: &WalFileName,
+        summarized: Result<Summarized, SummaryError>,
+        carried: bool,
+        elapsed: std::time::Duration,
+    ) -> Result<(), RepoError> {
         let summarized = match summarized {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(file = %name, error = %e, "segment stored, but it cannot be summarized; `pitr verify` will report it");
-                return Ok(outcome);
+                return Ok(());
             }
         };
-        let elapsed = started.elapsed();
         let s = &summarized.summary;
         if let SegmentEnd::Corrupt { lsn, error } = &s.end {
             tracing::warn!(file = %name, %lsn, %error, "segment stored, but its records are damaged from this LSN; `pitr verify` will report it");
         }
         let stored = StoredSummary::from_summarized(&summarized);
-        let summary_outcome = repo.put_segment_summary(name, &stored).await?;
+        let summary_outcome = self.put_segment_summary(name, &stored).await?;
         tracing::debug!(
             file = %name,
             records = s.record_count,
             commits = s.commit_count,
-            carried_in = prev.is_some() && s.skipped_continuation.is_none(),
+            carried_in = carried && s.skipped_continuation.is_none(),
             summarize_us = elapsed.as_micros() as u64,
             outcome = ?summary_outcome,
             "segment summary"
         );
-        Ok(outcome)
+        Ok(())
+    }
+}
+
+/// The summary of `content`, with the previous segment's carry when it fits. A carry that does
+/// not fit this segment (a damaged summary, a previous segment from another history) is not
+/// this segment's fault: summarize it alone then. `verify --full` checks the chain across the
+/// boundary from the segments themselves.
+fn summarize(content: &[u8], prev: Option<&SegmentTail>) -> Result<Summarized, SummaryError> {
+    let with_carry = prev
+        .and_then(|tail| summarize_segment(content, Some(tail)).ok())
+        .filter(|s| !matches!(&s.summary.end, SegmentEnd::Corrupt { lsn, .. } if *lsn < s.summary.segment_start));
+    match with_carry {
+        Some(s) => Ok(s),
+        None => summarize_segment(content, None),
     }
 }
 
