@@ -294,28 +294,14 @@ async fn scan_folders(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Codec;
 
     fn backup(id: &str, stop: DateTime<Utc>) -> BackupInfo {
         BackupInfo {
-            id: id.to_string(),
-            label: String::new(),
-            timeline: 1,
             start_lsn: Lsn(0),
             stop_lsn: Lsn(0),
             start_time: stop,
             stop_time: stop,
-            pg_version_num: 150000,
-            system_identifier: 1,
-            archives: vec![],
-            manifest: true,
-            compression: Codec::Lz4,
-            pitr_version: String::new(),
-            source: None,
-            kind: Default::default(),
-            parent: None,
-            incremental_mode: None,
-            stored_total: None,
+            ..BackupInfo::example(id, 0, None)
         }
     }
 

@@ -886,7 +886,6 @@ mod tests {
     use crate::wal::HistoryEntry;
 
     use super::*;
-    use crate::codec::Codec;
 
     const SEG: u64 = 16 << 20;
 
@@ -908,16 +907,8 @@ mod tests {
                 .unwrap(),
             stop_time: Utc.with_ymd_and_hms(2026, 1, 1, 0, stop_min, 0).unwrap(),
             pg_version_num: 150000,
-            system_identifier: 1,
-            archives: vec![],
-            manifest: true,
-            compression: Codec::Lz4,
             pitr_version: "test".into(),
-            source: None,
-            kind: Default::default(),
-            parent: None,
-            incremental_mode: None,
-            stored_total: None,
+            ..BackupInfo::example(id, 0, None)
         }
     }
 

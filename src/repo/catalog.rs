@@ -123,6 +123,36 @@ impl std::fmt::Display for BackupSource {
 }
 
 impl BackupInfo {
+    /// A backup for unit tests of the rules over catalogs: `id` on timeline 1 from `lsn` to
+    /// `lsn + 1`, stopped now, full unless it has a `parent`. Tests override fields with
+    /// struct update syntax.
+    #[cfg(test)]
+    pub fn example(id: &str, lsn: u64, parent: Option<&str>) -> BackupInfo {
+        BackupInfo {
+            id: id.to_string(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: Lsn(lsn),
+            stop_lsn: Lsn(lsn + 1),
+            start_time: Utc::now(),
+            stop_time: Utc::now(),
+            pg_version_num: 170000,
+            system_identifier: 1,
+            archives: vec![],
+            manifest: true,
+            compression: Codec::Lz4,
+            pitr_version: String::new(),
+            source: None,
+            kind: match parent {
+                Some(_) => BackupKind::Incremental,
+                None => BackupKind::Full,
+            },
+            parent: parent.map(str::to_string),
+            incremental_mode: None,
+            stored_total: None,
+        }
+    }
+
     pub fn raw_bytes(&self) -> u64 {
         self.archives.iter().map(|a| a.raw_bytes).sum()
     }

@@ -802,7 +802,6 @@ mod tests {
 
     mod on_a_repository {
         use super::*;
-        use crate::codec::Codec;
         use crate::recovery::{RestorePlan, Target, TargetAction, TimelineTarget};
         use crate::repo::{BackupArchive, ClusterIdentity, WriteOptions};
         use crate::restore::{execute, RestoreOptions};
@@ -827,14 +826,6 @@ mod tests {
                     .unwrap();
             }
             BackupInfo {
-                id: id.to_string(),
-                label: String::new(),
-                timeline: 1,
-                start_lsn: Lsn(lsn),
-                stop_lsn: Lsn(lsn + 1),
-                start_time: chrono::Utc::now(),
-                stop_time: chrono::Utc::now(),
-                pg_version_num: 170000,
                 system_identifier: CLUSTER.system_identifier,
                 archives: vec![BackupArchive {
                     name: "base.tar".into(),
@@ -845,13 +836,7 @@ mod tests {
                     stored_bytes: stored,
                 }],
                 manifest: false,
-                compression: Codec::Lz4,
-                pitr_version: String::new(),
-                source: None,
-                kind: Default::default(),
-                parent: None,
-                incremental_mode: None,
-                stored_total: None,
+                ..BackupInfo::example(id, lsn, None)
             }
         }
 

@@ -272,34 +272,9 @@ impl ArchiveSink for FileProblems {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Codec;
-    use crate::repo::BackupKind;
-    use crate::wal::Lsn;
 
     fn backup(id: &str, lsn: u64, parent: Option<&str>) -> BackupInfo {
-        BackupInfo {
-            id: id.to_string(),
-            label: String::new(),
-            timeline: 1,
-            start_lsn: Lsn(lsn),
-            stop_lsn: Lsn(lsn + 1),
-            start_time: chrono::Utc::now(),
-            stop_time: chrono::Utc::now(),
-            pg_version_num: 170000,
-            system_identifier: 1,
-            archives: vec![],
-            manifest: true,
-            compression: Codec::Lz4,
-            pitr_version: String::new(),
-            source: None,
-            kind: match parent {
-                Some(_) => BackupKind::Incremental,
-                None => BackupKind::Full,
-            },
-            parent: parent.map(str::to_string),
-            incremental_mode: None,
-            stored_total: None,
-        }
+        BackupInfo::example(id, lsn, parent)
     }
 
     #[test]
