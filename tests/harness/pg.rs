@@ -86,6 +86,9 @@ max_connections = 30
 logging_collector = off
 log_line_prefix = '%m [%p] %b '
 log_checkpoints = on
+# The default from 14 on; 13 hashes new passwords with md5, which scram-sha-256 hba lines
+# then refuse.
+password_encryption = 'scram-sha-256'
 ";
 
 /// Options for a cluster; get one with [`PgCluster::builder`].
