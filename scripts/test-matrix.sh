@@ -69,8 +69,10 @@ run_major() {
     local major=$1 dir=$2 t0=$SECONDS rc=0
     {
         echo "=== PostgreSQL $major: $("$dir/postgres" --version)  (PG_BIN=$dir)"
-        PG_BIN=$dir cargo nextest run --locked --no-fail-fast --test integration \
-            --test-threads "$THREADS" -E "$FILTER" || rc=$?
+        # PATH too: `pitr drill` looks for the repository's major in /usr/lib/postgresql/<major>,
+        # then on PATH.
+        PATH="$dir:$PATH" PG_BIN=$dir cargo nextest run --locked --no-fail-fast \
+            --test integration --test-threads "$THREADS" -E "$FILTER" || rc=$?
     } >"$LOGS/$major.log" 2>&1
     echo "PG $major: $([ $rc -eq 0 ] && echo ok || echo "FAILED ($rc)") in $((SECONDS - t0))s" \
         >"$LOGS/$major.result"

@@ -20,7 +20,7 @@ mod selftest;
 pub mod topology;
 mod util;
 
-pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
+pub use pg::{pg_bin, pg_bin_dir, pg_major, PgBuilder, PgCluster};
 pub use proxy::Proxy;
 pub use s3::{s3s_fs_bin, S3Server};
 pub use util::{
