@@ -116,7 +116,7 @@ fn a_cascading_standby_archives_a_history_file_into_an_empty_repository() {
     let d = descriptor(&repo);
     assert_eq!(d["system_identifier"], system_identifier(&standby).as_str());
     assert_eq!(d["wal_segment_size"], 1 << 20, "read from pg_control: {d}");
-    assert_eq!(d["pg_major"], 15);
+    assert_eq!(d["pg_major"], crate::harness::pg_major());
     let log = cascade.log_contents();
     assert!(
         log.contains("creating it for the cluster of global/pg_control"),

@@ -30,3 +30,5 @@ pub use util::{
     clean_env, command_as_server_user, conf_quote, free_port, is_root, make_accessible, pitr,
     pitr_as_server_user, pitr_bin, poll, run_checked, sh_quote, temp_base, TestDir, Watchdog,
 };
+// The major of the binaries under test, for expectations that differ by major.
+pub use pg::pg_major;

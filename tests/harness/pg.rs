@@ -64,6 +64,24 @@ pub fn pg_bin_dir() -> &'static Path {
     })
 }
 
+/// The major version (13 ... 18) of the binaries in [`pg_bin_dir`], from `postgres --version`
+/// ("postgres (PostgreSQL) 13.23"): for tests whose expectations differ by major.
+pub fn pg_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new(pg_bin("postgres"))
+            .arg("--version")
+            .output()
+            .expect("running postgres --version");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .last()
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the major from `postgres --version`: {text}"))
+    })
+}
+
 /// Path of a PostgreSQL program (pg_waldump, pg_basebackup, ...); panics if missing.
 pub fn pg_bin(name: &str) -> PathBuf {
     let p = pg_bin_dir().join(name);
@@ -86,6 +104,9 @@ max_connections = 30
 logging_collector = off
 log_line_prefix = '%m [%p] %b '
 log_checkpoints = on
+# The default from 14 on; 13 hashes new passwords with md5, which scram-sha-256 hba lines
+# then refuse.
+password_encryption = 'scram-sha-256'
 ";
 
 /// Options for a cluster; get one with [`PgCluster::builder`].

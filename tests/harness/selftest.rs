@@ -32,6 +32,9 @@ fn pg_cluster_create_insert_read_back() -> Result<()> {
         .to_string();
     assert!(err.contains("no_such_table"), "{err}");
     assert!(pg.bin("pg_waldump").exists());
+    // The server is the major the binaries say (the version matrix runs each with PG_BIN).
+    let num: u32 = pg.psql("SHOW server_version_num")?.parse()?;
+    assert_eq!(num / 10000, super::pg_major());
     assert!(pg.log_contents().contains("database system is ready"));
     // Over TCP too.
     let out = std::process::Command::new(pg.bin("psql"))
