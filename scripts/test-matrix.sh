@@ -37,7 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
-DEFAULT_FILTER='test(/^(harness::selftest::pg_cluster_create_insert_read_back|pg_client::.*|archive::archive_and_recover_on_.*|pitr::pitr_to_every_target_kind_on_.*|pitr::restore_follows_a_timeline_switch|standby_backup::.*|stream::stream_matches_pg_wal_under_load_on_.*|stream::promote_follows_to_timeline_2|failover::.*|verify::verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_.*|verify::only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_local_directory|verify::summaries_bound_time_targets_by_the_last_archived_commit)$/)'
+DEFAULT_FILTER='test(/^(harness::selftest::pg_cluster_create_insert_read_back|pg_client::.*|archive::archive_and_recover_on_.*|pitr::pitr_to_every_target_kind_on_.*|pitr::restore_follows_a_timeline_switch|standby_backup::.*|stream::stream_matches_pg_wal_under_load_on_.*|stream::promote_follows_to_timeline_2|failover::.*|incremental::.*|incremental_restore::.*|verify::verify_finds_flipped_byte_deleted_segment_and_truncated_history_on_.*|verify::only_full_verify_catches_a_broken_record_behind_a_valid_frame_on_local_directory|verify::summaries_bound_time_targets_by_the_last_archived_commit)$/)'
 FILTER=${PG_MATRIX_FILTER:-$DEFAULT_FILTER}
 JOBS=${PG_MATRIX_JOBS:-3}
 THREADS=${PG_MATRIX_THREADS:-2}

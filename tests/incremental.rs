@@ -4,7 +4,7 @@
 use std::fs;
 
 use crate::common::{assert_code, text, Backend, TestRepo};
-use crate::harness::{pg_bin, PgCluster};
+use crate::harness::{pg_major, PgCluster};
 use crate::pitr::{ok, primary, run};
 
 fn json(out: &str) -> serde_json::Value {
@@ -127,17 +127,6 @@ fn incremental_without_a_parent_is_refused() {
     );
     assert_code(&o, 2);
     assert!(text(&o).contains("parent backup nope"), "{}", text(&o));
-}
-
-/// The major version of the PostgreSQL binaries the tests run (PG_BIN).
-fn pg_major() -> u32 {
-    let out = std::process::Command::new(pg_bin("postgres"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    let v = String::from_utf8_lossy(&out.stdout);
-    let num = v.split_whitespace().nth(2).unwrap();
-    num.split('.').next().unwrap().parse().unwrap()
 }
 
 /// PostgreSQL 17+ with summarize_wal = on: the server sends only the changed blocks (run with

@@ -6,7 +6,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use crate::common::{assert_code, switch_and_wait, text, Backend, TestRepo};
-use crate::harness::{pg_bin, PgCluster, TestDir};
+use crate::harness::{pg_major, PgCluster, TestDir};
 use crate::pitr::{insert, ok, restore_and_read, run};
 
 fn json(out: &str) -> serde_json::Value {
@@ -26,17 +26,6 @@ fn start_and_read(repo: &TestRepo, dir: &Path) -> (PgCluster, String) {
         .unwrap_or_else(|e| panic!("{e}\n{}", pg.log_contents()));
     let phases = pg.psql("select string_agg(phase || ':' || n, ',' order by phase) from (select phase, count(*) n from marks group by phase) s").unwrap();
     (pg, phases)
-}
-
-/// The major version of the PostgreSQL binaries the tests run (PG_BIN).
-fn pg_major() -> u32 {
-    let out = std::process::Command::new(pg_bin("postgres"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    let v = String::from_utf8_lossy(&out.stdout);
-    let num = v.split_whitespace().nth(2).unwrap();
-    num.split('.').next().unwrap().parse().unwrap()
 }
 
 /// A primary with marker rows and a table large enough that a delta restore has something to
