@@ -100,6 +100,18 @@ pub(crate) fn wait_flushed(pg: &PgCluster, s: &Streamer, lsn: &str) {
     .unwrap_or_else(|e| panic!("{e}\n--- stream log ---\n{}", s.log()));
 }
 
+/// Waits until the stream streams from `pg`: on PostgreSQL 13 and 14 a stream with a new slot
+/// starts at the server's position when it connects, so WAL written before that is not its.
+fn wait_active(pg: &PgCluster, s: &Streamer) {
+    poll("the stream's slot to be active", WAIT, || {
+        let active = pg.psql(
+            "select coalesce(bool_or(active), false) from pg_replication_slots where slot_name = 'pitr'",
+        )?;
+        Ok((active == "t").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- stream log ---\n{}", s.log()));
+}
+
 /// Forces a segment switch; returns the LSN after it.
 fn switch(pg: &PgCluster) -> String {
     psql1(
@@ -174,6 +186,7 @@ fn failover_after_the_stream_stopped_has_no_hole() {
     let (mut primary, mut standby) = primary_and_standby(&work);
     let conninfo = multi_host(&primary, &standby);
     let mut s = Streamer::start(&repo, &conninfo);
+    wait_active(&primary, &s);
     insert(&primary, 1, 1000, 1);
     let out = repo.pitr(&["backup", "-d", &primary.conninfo()]);
     assert_code(&out, 0);
@@ -235,6 +248,7 @@ fn stream_ahead_at_failover(restart: bool) {
     let (mut primary, mut standby) = primary_and_standby(&work);
     let conninfo = multi_host(&primary, &standby);
     let mut s = Streamer::start(&repo, &conninfo);
+    wait_active(&primary, &s);
     insert(&primary, 1, 1000, 1);
     let out = repo.pitr(&["backup", "-d", &primary.conninfo()]);
     assert_code(&out, 0);
@@ -301,6 +315,7 @@ fn failover_with_the_old_timeline_gone_everywhere_is_exit_11() {
     let (mut primary, mut standby) = primary_and_standby(&work);
     let conninfo = multi_host(&primary, &standby);
     let mut s = Streamer::start(&repo, &conninfo);
+    wait_active(&primary, &s);
     insert(&primary, 1, 1000, 1);
     let durable = switch(&primary);
     wait_flushed(&primary, &s, &durable);
