@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use crate::common::{switch_and_wait, Backend, TestRepo};
 use crate::harness::{
-    command_as_server_user, pitr, pitr_as_server_user, pitr_bin, poll, PgCluster, TestDir,
+    command_as_server_user, kill_group, pitr, pitr_as_server_user, pitr_bin, poll, spawn_in_group,
+    PgCluster, TestDir,
 };
 
 /// Debian's interpreter: the one python3-lz4, python3-zstandard and python3-crc32c install for.
@@ -85,7 +86,7 @@ impl Stream {
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap());
         Stream {
-            child: cmd.spawn().expect("spawning pitr stream"),
+            child: spawn_in_group(&mut cmd),
             log,
             _dir: dir,
         }
@@ -98,8 +99,7 @@ impl Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::common::{assert_code, code, switch_and_wait, text};
 use crate::harness::{
-    command_as_server_user, conf_quote, pitr_as_server_user, pitr_bin, poll, PgCluster, Proxy,
-    S3Server, TestDir,
+    command_as_server_user, conf_quote, kill_group, pitr_as_server_user, pitr_bin, poll,
+    spawn_in_group, PgCluster, Proxy, S3Server, TestDir,
 };
 
 /// A local repository and an S3 repository, as `[[repository]]` tables of one config file.
@@ -289,12 +289,11 @@ fn an_interrupted_copy_completes_when_run_again() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_group(&mut cmd);
     let copied = poll("the copy to start", Duration::from_secs(60), || {
         Ok(count_files(&repos.local.join("wal")).filter(|n| *n >= 2))
     });
-    let _ = child.kill();
-    let status = child.wait().unwrap();
+    let status = kill_group(&mut child);
     copied.unwrap();
     assert!(
         !status.success(),

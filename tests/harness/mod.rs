@@ -27,8 +27,9 @@ pub use pg::{pg_bin, pg_bin_dir, PgBuilder, PgCluster};
 pub use proxy::Proxy;
 pub use s3::{s3s_fs_bin, S3Server};
 pub use util::{
-    clean_env, command_as_server_user, conf_quote, free_port, is_root, make_accessible, pitr,
-    pitr_as_server_user, pitr_bin, poll, run_checked, sh_quote, temp_base, TestDir, Watchdog,
+    clean_env, command_as_server_user, conf_quote, free_port, is_root, kill_group, make_accessible,
+    pitr, pitr_as_server_user, pitr_bin, poll, run_checked, sh_quote, spawn_in_group, temp_base,
+    TestDir, Watchdog,
 };
 // The major of the binaries under test, for expectations that differ by major.
 pub use pg::pg_major;

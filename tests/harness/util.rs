@@ -69,6 +69,24 @@ pub fn command_as_server_user(program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Spawns `cmd` as the leader of its own process group, so that [`kill_group`] reaches what it
+/// runs too: killing `runuser` (see [`command_as_server_user`]) with SIGKILL would leave its
+/// child running, since a SIGKILL cannot be relayed.
+pub fn spawn_in_group(cmd: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
+}
+
+/// SIGKILLs the process group of a child spawned by [`spawn_in_group`] and reaps the child.
+pub fn kill_group(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    child.wait().expect("waiting for a killed child")
+}
+
 /// Clears the environment of `cmd`, keeping PATH (and HOME when not root: runuser sets
 /// the server user's own HOME).
 pub fn clean_env(cmd: &mut Command) {
