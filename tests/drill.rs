@@ -56,7 +56,13 @@ fn processes_under(path: &Path) -> Vec<String> {
 
 /// Nothing of a drill is left under `parent`: no directory, no process.
 fn assert_nothing_left(parent: &Path) {
-    let procs = processes_under(parent);
+    // A process that is exiting when the drill returns gets a moment to be gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut procs = processes_under(parent);
+    while !procs.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        procs = processes_under(parent);
+    }
     assert!(procs.is_empty(), "processes left running: {procs:?}");
     let left: Vec<_> = std::fs::read_dir(parent)
         .unwrap()

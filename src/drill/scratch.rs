@@ -8,6 +8,8 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::archive::prefetch::SPOOL_DIR;
+
 use super::server::ServerUser;
 
 #[derive(Debug)]
@@ -73,6 +75,7 @@ impl Drop for Scratch {
         if self.keep {
             return;
         }
+        self.end_prefetch();
         // A restore cancelled mid-way may still be finishing a file on its blocking thread:
         // retry while it winds down.
         for attempt in 0..50 {
@@ -84,6 +87,22 @@ impl Drop for Scratch {
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
+        }
+    }
+}
+
+impl Scratch {
+    /// The server's `archive-get` may have started a prefetch worker (docs/prefetch.md); it
+    /// exits, removing its spool, once no signal file says recovery is running. Waits a moment
+    /// for that, so that no process of the drill outlives it.
+    fn end_prefetch(&self) {
+        let data = self.data_dir();
+        let _ = fs::remove_file(data.join("recovery.signal"));
+        let _ = fs::remove_file(data.join("standby.signal"));
+        let spool = data.join("pg_wal").join(SPOOL_DIR);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while spool.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
