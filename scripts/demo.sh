@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pitr loop on a throwaway PostgreSQL, into a local repository at ./repo:
-# archive WAL with `pitr archive-push`, take a base backup with `pitr backup`, write rows
-# before and after a moment T, then `pitr restore --target-time T` into a new directory,
+# archive WAL with `pitr archive-push`, take a base backup with `pitr backup` and an
+# incremental one on top of it, write rows before and after a moment T, then `pitr restore --target-time T` into a new directory,
 # start PostgreSQL on it and show that exactly the rows from before T came back; finally
 # `pitr drill --target-time T` does the same by itself and reports the RTO it measured, and
 # `pitr audit` shows who did what to the repository.
@@ -60,6 +60,9 @@ say "pitr backup (BASE_BACKUP over the replication protocol, straight into the r
 as_pg "$PITR" --repo "$REPO" backup -d "host=$WORK port=$P1 user=postgres"
 
 psql1 "insert into orders(id, note) select g, 'after the backup, before T' from generate_series(1001, 1500) g" >/dev/null
+
+say "pitr backup --incremental (only the blocks that changed since the backup above)"
+as_pg "$PITR" --repo "$REPO" backup --incremental -d "host=$WORK port=$P1 user=postgres"
 sleep 1
 T=$(psql1 "select now()")
 sleep 1

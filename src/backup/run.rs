@@ -484,7 +484,7 @@ async fn incremental_mode(
     let block = |why: String| Ok((IncrementalMode::Block, why));
     if major < 17 {
         return block(format!(
-            "PostgreSQL {major} has no incremental BASE_BACKUP (it came in 17)"
+            "PostgreSQL {major} has no incremental BASE_BACKUP, which came in 17"
         ));
     }
     if conn.show("summarize_wal").await? != "on" {
