@@ -33,6 +33,9 @@
 #    --type=time --target=T --target-action=promote (lz4 repository, process-max 1; and the gz
 #    repository). Both replay through their own synchronous archive-get as restore_command.
 #    Every restored cluster must hold the same number of pgbench_history rows.
+# 4. Incremental backups, chain restore and delta restore (see "part 4" below for the steps).
+#    PARTS="main incr" (the default) runs 1-3 then 4; PARTS=incr only 4 (pgbench -i at SCALE):
+#      PARTS=incr SCALE=30 REPS=3 sudo bench/backup_restore.sh
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -42,12 +45,16 @@ REPS=${REPS:-3}
 REPLAY_MB=${REPLAY_MB:-384}
 BACKUP_METHODS=(${BACKUP_METHODS:-basebackup pitr pgbr-lz4 pgbr-lz4-p2 pgbr-gz})
 RESTORE_METHODS=(${RESTORE_METHODS:-pitr pgbr-lz4 pgbr-gz})
+PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4
+INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
+CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
 for m in "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}"; do
     [[ $m != pitr-base || -n "${BASE:-}" ]] || die "method pitr-base needs BASE=/path/to/pitr"
 done
 USE_PGBR=0
-wants_pgbr "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}" && USE_PGBR=1
+[[ $PARTS == *" main "* ]] && wants_pgbr "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}" && USE_PGBR=1
+[[ $PARTS == *" incr "* && $INCR_PGBR == 1 ]] && USE_PGBR=1
 NEED_PGBR=$USE_PGBR
 
 bench_init backup
@@ -121,6 +128,141 @@ run_backup() { # label method round
         measure "$1" "$3" $(backup_cmd "$2" "$3")
     fi
 }
+
+# ---- 4. incremental backups, chain restore, delta restore (part "incr") --------------------
+# REPS rounds on the SCALE database, each:
+#   pitr full F0, pgBackRest (lz4) full P0; change 1 = UPDATE of a contiguous CHANGE_PCT % of
+#   pgbench_accounts, checkpoint; then, order rotating each round: pitr --incremental (parent F0),
+#   pgbackrest --type=incr, pitr full F1 (same data). Change 2 (another range), pitr
+#   --incremental I2 (parent I1: chain F0 <- I1 <- I2), pitr full F2 (same data as I2),
+#   pgbackrest --type=incr. Restores (no target, restore command only, PostgreSQL not
+#   started), order rotating: I2 (3-member chain) and F2 into empty directories; --delta of F2
+#   and of I2 into directories restored from F0 before the changes; pgBackRest: its last incr
+#   into an empty directory and with --delta into a directory restored from P0.
+# Stored bytes: pitr's `list --json` stored_bytes of the new backup; pgBackRest's growth of
+# the repository's backup/ directory (archived WAL excluded on both sides).
+pitr_newest() { # field -> value of the newest backup in `pitr list --json` (ids sort by time)
+    as_pg "$PITR" --repo "$R/pitr" list --json |
+        python3 -c 'import json,sys; b=max(json.load(sys.stdin)["backups"], key=lambda b: b["id"]); print(b[sys.argv[1]])' "$1"
+}
+pgbr_newest() { # -> label of pgBackRest's newest backup
+    as_pg pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench info --output=json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["backup"][-1]["label"])'
+}
+pgbr_bytes() { du -sb "$R/pgbr-lz4/backup" | cut -f1; }
+incr_change() { # n: UPDATE the n-th contiguous CHANGE_PCT % range of pgbench_accounts, checkpoint
+    local rows=$((SCALE * 100000 * CHANGE_PCT / 100))
+    local lo=$((($1 * rows) % (SCALE * 100000) + 1))
+    psql_at "$PORT" "update pgbench_accounts set abalance = abalance + 1 where aid >= $lo and aid < $((lo + rows))" >/dev/null
+    psql_at "$PORT" "checkpoint" >/dev/null
+}
+incr_step() { # label round what -> run one measured backup or restore, record bytes
+    local l=$1 r=$2 d b0
+    case $3 in
+    pitr-full)
+        measure "$l" "$r" "$PITR" --repo "$R/pitr" backup -d "$CONN"
+        echo "$l $r $(pitr_newest stored_bytes)" >>"$BT/incr-bytes.txt" ;;
+    pitr-incr:*)
+        measure "$l" "$r" "$PITR" --repo "$R/pitr" backup -d "$CONN" --incremental --parent "${3#pitr-incr:}"
+        echo "$l $r $(pitr_newest stored_bytes)" >>"$BT/incr-bytes.txt" ;;
+    pgbr-*)
+        b0=$(pgbr_bytes)
+        measure "$l" "$r" pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --type="${3#pgbr-}" backup
+        echo "$l $r $(($(pgbr_bytes) - b0))" >>"$BT/incr-bytes.txt" ;;
+    esac
+}
+incr_restore() { # label round dir(empty, or prepared for --delta) cmd...
+    local l=$1 r=$2 d=$3; shift 3
+    [[ -d $d ]] || { mkdir -m 0700 "$d" && chown postgres:postgres "$d"; }
+    measure "$l" "$r" "$@"
+    rm -rf "$d"
+}
+incr_round() { # round
+    local r=$1 f0 i1 i2 f2 p0 p2 j order=()
+    incr_step "incr-setup/pitr-full0" "$r" pitr-full; f0=$(pitr_newest id)
+    if ((USE_PGBR)); then incr_step "incr-setup/pgbr-full0" "$r" pgbr-full; p0=$(pgbr_newest); fi
+    incr_change $((2 * r - 2))
+    local steps=("incr-backup/pitr-incr pitr-incr:$f0" "incr-backup/pitr-full pitr-full")
+    ((USE_PGBR)) && steps+=("incr-backup/pgbr-incr pgbr-incr")
+    for ((j = 0; j < ${#steps[@]}; j++)); do
+        # shellcheck disable=SC2086
+        set -- ${steps[$(((r - 1 + j) % ${#steps[@]}))]}
+        log "  round $r: $1"
+        incr_step "$1" "$r" "$2"
+        [[ $1 == incr-backup/pitr-incr ]] && i1=$(pitr_newest id)
+    done
+    incr_change $((2 * r - 1))
+    incr_step "incr-setup/pitr-incr2" "$r" "pitr-incr:$i1"; i2=$(pitr_newest id)
+    incr_step "incr-setup/pitr-full2" "$r" pitr-full; f2=$(pitr_newest id)
+    if ((USE_PGBR)); then incr_step "incr-setup/pgbr-incr2" "$r" pgbr-incr; p2=$(pgbr_newest); fi
+    # directories restored before the changes, for the --delta restores (not measured)
+    local D="$BT/restore/incr"
+    for m in pitr-delta pitr-delta-chain; do
+        mkdir -m 0700 "$D-$m" && chown postgres:postgres "$D-$m"
+        measure incr-setup/prep "$r" "$PITR" --repo "$R/pitr" restore --pgdata "$D-$m" --backup "$f0"
+    done
+    if ((USE_PGBR)); then
+        mkdir -m 0700 "$D-pgbr-delta" && chown postgres:postgres "$D-pgbr-delta"
+        measure incr-setup/prep "$r" pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --pg1-path="$D-pgbr-delta" --set="$p0" restore
+    fi
+    local rs=("pitr-full" "pitr-chain" "pitr-delta" "pitr-delta-chain")
+    ((USE_PGBR)) && rs+=("pgbr-chain" "pgbr-delta")
+    for ((j = 0; j < ${#rs[@]}; j++)); do
+        m=${rs[$(((r - 1 + j) % ${#rs[@]}))]}
+        log "  round $r: restore $m"
+        case $m in
+        pitr-full) incr_restore "incr-restore/$m" "$r" "$D-$m" "$PITR" --repo "$R/pitr" restore --pgdata "$D-$m" --backup "$f2" ;;
+        pitr-chain) incr_restore "incr-restore/$m" "$r" "$D-$m" "$PITR" --repo "$R/pitr" restore --pgdata "$D-$m" --backup "$i2" ;;
+        pitr-delta) incr_restore "incr-restore/$m" "$r" "$D-$m" "$PITR" --repo "$R/pitr" restore --delta --pgdata "$D-$m" --backup "$f2" ;;
+        pitr-delta-chain) incr_restore "incr-restore/$m" "$r" "$D-$m" "$PITR" --repo "$R/pitr" restore --delta --pgdata "$D-$m" --backup "$i2" ;;
+        pgbr-chain) incr_restore "incr-restore/$m" "$r" "$D-$m" pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --pg1-path="$D-$m" --set="$p2" restore ;;
+        pgbr-delta) incr_restore "incr-restore/$m" "$r" "$D-$m" pgbackrest --config="$BT/pgbr-lz4.conf" --stanza=bench --pg1-path="$D-$m" --set="$p2" --delta restore ;;
+        esac
+    done
+}
+incr_bytes_median() { # label -> median stored bytes
+    local vals
+    mapfile -t vals < <(awk -v l="$1" '$1 == l {print $3}' "$BT/incr-bytes.txt")
+    median_of "${vals[@]}"
+}
+incr_part() {
+    : >"$BT/incr-bytes.txt"
+    log "incremental backups: ${CHANGE_PCT} % changes of pgbench_accounts, $REPS rounds"
+    local l0 l1 r
+    l0=$(cut -d' ' -f1-3 /proc/loadavg)
+    for ((r = 1; r <= REPS; r++)); do incr_round "$r" >&2; done
+    l1=$(cut -d' ' -f1-3 /proc/loadavg)
+    echo
+    echo "## Incremental backups and delta restore: pgbench scale $SCALE ($((BIG_BYTES / 1000000)) MB database), ${CHANGE_PCT} % of pgbench_accounts changed, $REPS rounds"
+    echo
+    sed 's/^/    /' "$BT/machine.txt"
+    echo "    loadavg: $l0 -> $l1"
+    report --prefix incr-backup/ --ref pitr-full --title "Backup after the change (x pitr-full = time ratio)"
+    echo
+    echo "| backup | stored bytes per round | median | x pitr-full |"
+    echo "|---|---|---|---|"
+    local full; full=$(incr_bytes_median incr-backup/pitr-full)
+    for l in incr-backup/pitr-full incr-backup/pitr-incr incr-backup/pgbr-incr incr-setup/pgbr-full0 incr-setup/pitr-incr2; do
+        grep -q "^$l " "$BT/incr-bytes.txt" || continue
+        local b; b=$(incr_bytes_median "$l")
+        echo "| ${l#*/} | $(awk -v l="$l" '$1 == l {printf "%s%d", s, $3; s = ", "}' "$BT/incr-bytes.txt") | $b | $(awk -v a="$b" -v f="$full" 'BEGIN {printf "%.3f", a / f}') |"
+    done
+    report --prefix incr-restore/ --ref pitr-full \
+        --title "Restore (restore command only; x pitr-full = F2 into an empty directory)"
+    echo
+    echo "Every run (wall ms, round: value):"
+    echo
+    awk -F'"' '/"label": "incr-(backup|restore)\// {l = $4; match($0, /"key": "[^"]*"/); k = substr($0, RSTART + 8, RLENGTH - 9); match($0, /"wall_ms": [0-9.]+/); w = substr($0, RSTART + 11, RLENGTH - 11); a[l] = a[l] sprintf("%s%s: %.0f", (a[l] == "" ? "" : ", "), k, w)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort
+}
+
+if [[ $PARTS != *" main "* ]]; then
+    log "database: pgbench -i -s $SCALE"
+    pgbench -i -s "$SCALE" -q
+    BIG_BYTES=$(db_bytes)
+    incr_part | tee "$BT/report.md"
+    if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi
+    exit 0
+fi
 
 # ---- 1. peak RSS at the small scale -------------------------------------------------------
 log "small database: pgbench -i -s $SMALL_SCALE"
@@ -286,3 +428,8 @@ startup_sync_median() { # method
     for f in "$BT"/log/auto-conf-*.txt; do sed 's/^/    /' "$f"; done
 } | tee "$BT/report.md"
 if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; cp "$BT/phases.txt" "${BENCH_OUT%.md}.phases"; fi
+if [[ $PARTS == *" incr "* ]]; then
+    pg_start "$PGDATA"
+    incr_part | tee -a "$BT/report.md"
+    if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi
+fi
