@@ -393,9 +393,15 @@ fn stream_writes_every_repository_and_acknowledges_the_lowest() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
     // The outage outlasts the storage retries (2 s): the stream says so, and holds back.
-    poll("the stream to report S3 down", Duration::from_secs(60), || {
-        Ok(stream_log().contains("repository unavailable").then_some(()))
-    })
+    poll(
+        "the stream to report S3 down",
+        Duration::from_secs(60),
+        || {
+            Ok(stream_log()
+                .contains("repository unavailable")
+                .then_some(()))
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", stream_log()));
     assert!(
         !flushed(&lsn2),
