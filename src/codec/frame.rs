@@ -231,7 +231,7 @@ pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8],
             found: payload.len() as u64,
         });
     }
-    let payload_crc = crc32c::crc32c(payload);
+    let payload_crc = content_crc(payload);
     if payload_crc != h.payload_crc32c {
         return Err(CodecError::PayloadChecksum {
             expected: h.payload_crc32c,
@@ -272,23 +272,63 @@ pub fn decompress(codec: Codec, payload: &[u8], raw_len: u64) -> Result<Vec<u8>,
     Ok(raw)
 }
 
+/// [`decompress`] into `out`, reusing its allocation: reading many segments one after the other
+/// then touches the same memory again instead of a fresh zeroed buffer (page faults and a memset
+/// of 16 MiB each) per segment. lz4 writes every byte of `out`, so a reused buffer needs no
+/// zeroing; the other codecs allocate as [`decompress`] does.
+pub fn decompress_into(
+    codec: Codec,
+    payload: &[u8],
+    raw_len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    if codec != Codec::Lz4 {
+        *out = decompress(codec, payload, raw_len)?;
+        return Ok(());
+    }
+    out.resize(raw_len as usize, 0);
+    let n = lz4_flex::block::decompress_into(payload, out).map_err(|e| CodecError::Decompress {
+        message: e.to_string(),
+    })?;
+    if n as u64 != raw_len {
+        return Err(CodecError::ContentLength {
+            expected: raw_len,
+            actual: n as u64,
+        });
+    }
+    Ok(())
+}
+
+/// CRC-32C of a payload or content: crc-fast (folding with carry-less multiplies, several times
+/// the `crc32c` crate's speed on large buffers), the same checksum.
+fn content_crc(bytes: &[u8]) -> u32 {
+    crc_fast::crc32_iscsi(bytes)
+}
+
 /// Verifies a whole unencrypted frame and returns its content. An encrypted frame is
 /// [`CodecError::Encrypted`]: src/repo/object.rs opens those, with the key.
 pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let mut raw = Vec::new();
+    decode_into(bytes, &mut raw)?;
+    Ok(raw)
+}
+
+/// [`decode`] into `out` (its previous content is replaced), reusing its allocation.
+pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     let h = peek_header(bytes)?;
     if h.encrypted {
         return Err(CodecError::Encrypted);
     }
     let payload = checked_payload(&h, bytes)?;
-    let raw = decompress(h.codec, payload, h.raw_len)?;
-    let actual = crc32c::crc32c(&raw);
+    decompress_into(h.codec, payload, h.raw_len, out)?;
+    let actual = content_crc(out);
     if actual != h.raw_crc32c {
         return Err(CodecError::ContentChecksum {
             expected: h.raw_crc32c,
             actual,
         });
     }
-    Ok(raw)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod crypt;
 mod frame;
 
 pub use frame::{
-    checked_payload, compress_with_room, decode, decompress, encode, header_bytes, peek_header,
-    Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC, SEALED_HEADER_PREFIX_LEN,
+    checked_payload, compress_with_room, decode, decode_into, decompress, decompress_into, encode,
+    header_bytes, peek_header, Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC,
+    SEALED_HEADER_PREFIX_LEN,
 };

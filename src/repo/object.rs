@@ -69,6 +69,34 @@ impl ObjectCodec {
         }
     }
 
+    /// [`Self::decode`] into `out`, reusing its allocation (see [`codec::decode_into`]).
+    pub fn decode_into(&self, key: &str, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let corrupt = |source| RepoError::Corrupt {
+            key: key.to_string(),
+            source,
+        };
+        match &self.data_key {
+            Some(k) if !is_plain(key) => {
+                *out = decode_sealed(&k.dek, key, stored).map_err(corrupt)?;
+                Ok(())
+            }
+            _ => codec::decode_into(stored, out).map_err(corrupt),
+        }
+    }
+
+    /// [`Self::decode_into`] on the blocking pool; gives `out` back, filled on success.
+    pub async fn decode_blocking_into(
+        &self,
+        key: &str,
+        stored: bytes::Bytes,
+        mut out: Vec<u8>,
+    ) -> (Result<()>, Vec<u8>) {
+        let (this, key) = (self.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || (this.decode_into(&key, &stored, &mut out), out))
+            .await
+            .expect("decode task panicked")
+    }
+
     /// [`Self::encode`] on the blocking pool (compressing a 16 MiB part takes milliseconds).
     pub async fn encode_blocking(&self, key: &str, content: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         let (this, key) = (self.clone(), key.to_string());

@@ -147,6 +147,15 @@ impl Repository {
         self.objects.decode_blocking(&o.key, bytes).await
     }
 
+    /// [`Self::read_object`] into `buf`, reusing its allocation (a reader of many segments
+    /// passes the previous one's buffer back in). Gives the buffer back, filled on success.
+    pub async fn read_object_into(&self, o: &ScannedObject, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
+        match self.storage.get(&o.key).await {
+            Ok(bytes) => self.objects.decode_blocking_into(&o.key, bytes, buf).await,
+            Err(e) => (Err(e.into()), buf),
+        }
+    }
+
     /// The key of part `part` of archive `archive` of backup `id`, for reports.
     pub fn backup_part_key(&self, id: &str, archive: &str, part: u32) -> String {
         layout::backup_part_key(id, archive, part)

@@ -2,6 +2,7 @@
 //! continuity per timeline, the WAL each backup needs, and timeline histories.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -200,14 +201,20 @@ async fn verify_segments(
     progress: &(dyn Fn(VerifyProgress) + Sync),
 ) -> Result<Segments, RepoError> {
     let mut out = Segments::default();
+    // Decoded segments' buffers, handed back once checked and reused by the next fetches: at
+    // most SEGMENTS_IN_FLIGHT + 1 of them, and no fresh 16 MiB to zero and fault in per segment.
+    let free: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let take = || free.lock().unwrap_or_else(|e| e.into_inner()).pop();
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
-            let decoded = repo.read_object(s.object).await;
+            let (decoded, buf) = repo
+                .read_object_into(s.object, take().unwrap_or_default())
+                .await;
             let summary = match s.summary {
                 Some(o) => Some(read_summary(repo, o).await),
                 None => None,
             };
-            (s, decoded, summary)
+            (s, decoded.map(|()| buf), summary)
         })
         .buffered(SEGMENTS_IN_FLIGHT);
 
@@ -228,113 +235,148 @@ async fn verify_segments(
                 continue;
             }
         };
-        report.wal_bytes += content.len() as u64;
-        if let Err(e) = validate_segment(&content, s.tli, s.segno) {
-            tail = None;
+        check_segment(s, &content, stored, opts, &mut tail, &mut out, report);
+        free.lock().unwrap_or_else(|e| e.into_inner()).push(content);
+    }
+    Ok(out)
+}
+
+/// The checks of one decoded segment: first page header, stored summary, and with `--full`
+/// every record, continuing from `tail` (the previous segment's) and leaving this one's there.
+fn check_segment(
+    s: &SegmentObject<'_>,
+    content: &[u8],
+    stored: Option<Result<StoredSummary, (String, String)>>,
+    opts: VerifyOptions,
+    tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
+    out: &mut Segments,
+    report: &mut VerifyReport,
+) {
+    report.wal_bytes += content.len() as u64;
+    if let Err(e) = validate_segment(content, s.tli, s.segno) {
+        *tail = None;
+        out.broken.insert((s.tli, s.segno));
+        report.problem(
+            Severity::Error,
+            ProblemKind::BadWal,
+            Some(s.object.key().to_string()),
+            format!("{} is not a valid WAL segment: {e}", s.name),
+        );
+        return;
+    }
+    let stored = stored_summary(s, stored, report);
+    let summary = if opts.full {
+        match walk_records(s, content, tail, report) {
+            Some(x) => x,
+            None => {
+                out.broken.insert((s.tli, s.segno));
+                return;
+            }
+        }
+    } else {
+        match stored {
+            Some(st) => st.summary,
+            // Without a summary the segment's records are unknown until --full.
+            None => return,
+        }
+    };
+    match &summary.end {
+        SegmentEnd::Corrupt { lsn, error } => {
             out.broken.insert((s.tli, s.segno));
             report.problem(
                 Severity::Error,
                 ProblemKind::BadWal,
                 Some(s.object.key().to_string()),
-                format!("{} is not a valid WAL segment: {e}", s.name),
-            );
-            continue;
-        }
-        let stored = match stored {
-            None => {
-                report.problem(
-                    Severity::Warning,
-                    ProblemKind::MissingSummary,
-                    Some(s.object.key().to_string()),
-                    format!(
-                        "{} has no summary; restore rebuilds it by reading the segment",
-                        s.name
-                    ),
-                );
-                None
-            }
-            Some(Ok(st)) => Some(st),
-            Some(Err((key, msg))) => {
-                report.problem(
-                    Severity::Warning,
-                    ProblemKind::BadMetadata,
-                    Some(key),
-                    format!(
-                        "summary of {} is unreadable ({msg}); restore rebuilds it",
-                        s.name
-                    ),
-                );
-                None
-            }
-        };
-
-        let summary = if opts.full {
-            let prev = match tail.take() {
-                Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
-                _ => None,
-            };
-            let summarized = match summarize_segment(&content, prev.as_ref()) {
-                Ok(x) => Ok(x),
-                // The previous segment's tail does not lead into this one: report the broken
-                // link, then read this segment on its own.
-                Err(crate::wal::SummaryError::TailMismatch { .. }) => {
-                    summarize_segment(&content, None)
-                }
-                Err(e) => Err(e),
-            };
-            match summarized {
-                Ok(x) => {
-                    report.wal_records += x.summary.record_count;
-                    tail = x.tail.map(|t| (s.tli, s.segno, t));
-                    x.summary
-                }
-                Err(e) => {
-                    out.broken.insert((s.tli, s.segno));
-                    report.problem(
-                        Severity::Error,
-                        ProblemKind::BadWal,
-                        Some(s.object.key().to_string()),
-                        format!("{} cannot be read: {e}", s.name),
-                    );
-                    continue;
-                }
-            }
-        } else {
-            match stored {
-                Some(st) => st.summary,
-                None => {
-                    // Without a summary the segment's records are unknown until --full.
-                    continue;
-                }
-            }
-        };
-        match &summary.end {
-            SegmentEnd::Corrupt { lsn, error } => {
-                out.broken.insert((s.tli, s.segno));
-                report.problem(
-                    Severity::Error,
-                    ProblemKind::BadWal,
-                    Some(s.object.key().to_string()),
-                    format!(
-                        "{}: records are damaged from LSN {lsn}: {error}; replay stops there",
-                        s.name
-                    ),
-                )
-            }
-            SegmentEnd::EndOfWal { lsn, .. } => report.problem(
-                Severity::Warning,
-                ProblemKind::BadWal,
-                Some(s.object.key().to_string()),
                 format!(
-                    "{}: WAL ends at LSN {lsn}, before the end of this complete segment",
+                    "{}: records are damaged from LSN {lsn}: {error}; replay stops there",
                     s.name
                 ),
-            ),
-            _ => {}
+            )
         }
-        out.summaries.insert((s.tli, s.segno), summary);
+        SegmentEnd::EndOfWal { lsn, .. } => report.problem(
+            Severity::Warning,
+            ProblemKind::BadWal,
+            Some(s.object.key().to_string()),
+            format!(
+                "{}: WAL ends at LSN {lsn}, before the end of this complete segment",
+                s.name
+            ),
+        ),
+        _ => {}
     }
-    Ok(out)
+    out.summaries.insert((s.tli, s.segno), summary);
+}
+
+/// The stored summary, or `None` with a warning saying why there is none to use.
+fn stored_summary(
+    s: &SegmentObject<'_>,
+    stored: Option<Result<StoredSummary, (String, String)>>,
+    report: &mut VerifyReport,
+) -> Option<StoredSummary> {
+    match stored {
+        None => {
+            report.problem(
+                Severity::Warning,
+                ProblemKind::MissingSummary,
+                Some(s.object.key().to_string()),
+                format!(
+                    "{} has no summary; restore rebuilds it by reading the segment",
+                    s.name
+                ),
+            );
+            None
+        }
+        Some(Ok(st)) => Some(st),
+        Some(Err((key, msg))) => {
+            report.problem(
+                Severity::Warning,
+                ProblemKind::BadMetadata,
+                Some(key),
+                format!(
+                    "summary of {} is unreadable ({msg}); restore rebuilds it",
+                    s.name
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `--full`: summarizes the segment from its records, with the previous segment's tail when it
+/// is this one's predecessor on the same timeline. `None` (reported) when it cannot be read.
+fn walk_records(
+    s: &SegmentObject<'_>,
+    content: &[u8],
+    tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
+    report: &mut VerifyReport,
+) -> Option<SegmentSummary> {
+    let prev = match tail.take() {
+        Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
+        _ => None,
+    };
+    let summarized = match summarize_segment(content, prev.as_ref()) {
+        Ok(x) => Ok(x),
+        // The previous segment's tail does not lead into this one: report the broken
+        // link, then read this segment on its own.
+        Err(crate::wal::SummaryError::TailMismatch { .. }) => summarize_segment(content, None),
+        Err(e) => Err(e),
+    };
+    match summarized {
+        Ok(x) => {
+            report.wal_records += x.summary.record_count;
+            *tail = x.tail.map(|t| (s.tli, s.segno, t));
+            Some(x.summary)
+        }
+        Err(e) => {
+            report.problem(
+                Severity::Error,
+                ProblemKind::BadWal,
+                Some(s.object.key().to_string()),
+                format!("{} cannot be read: {e}", s.name),
+            );
+            None
+        }
+    }
 }
 
 async fn read_summary(
