@@ -19,13 +19,15 @@ use crate::repo::{
 };
 use crate::wal::{
     parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
-    SegmentTail, TimelineId, WalFileName,
+    SegmentTail, Summarized, SummaryError, TimelineId, WalFileName,
 };
 
 /// Segments fetched and decoded ahead of the record walk. Decoding (decompression and CRC) runs
-/// on the blocking pool, so with a few in flight it overlaps the sequential record walk; each
-/// holds one segment, so memory stays at a few segments.
-const SEGMENTS_IN_FLIGHT: usize = 4;
+/// on the blocking pool and so does the walk, while the runtime thread keeps the fetches going:
+/// one segment is walked while the next ones are decoded. Each holds one segment, so memory
+/// stays at a few segments. Measured on 2 CPUs (docs/benchmarks-verify.md): more in flight
+/// only adds CPU time (the decoded segments no longer fit in the caches).
+const SEGMENTS_IN_FLIGHT: usize = 2;
 
 /// A segment and what the listing says about it.
 struct SegmentObject<'a> {
@@ -191,6 +193,13 @@ struct Segments {
     broken: BTreeSet<(TimelineId, SegNo)>,
 }
 
+/// A fetched segment: the listing's view, its decoded content, its stored summary.
+type Fetched<'a> = (
+    &'a SegmentObject<'a>,
+    Result<Vec<u8>, RepoError>,
+    Option<Result<StoredSummary, (String, String)>>,
+);
+
 /// Reads every segment (and its summary); with `--full` walks every record, carrying the tail
 /// from one segment to the next on the same timeline.
 async fn verify_segments(
@@ -204,6 +213,7 @@ async fn verify_segments(
     // Decoded segments' buffers, handed back once checked and reused by the next fetches: at
     // most SEGMENTS_IN_FLIGHT + 1 of them, and no fresh 16 MiB to zero and fault in per segment.
     let free: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let give_back = |buf| free.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
     let take = || free.lock().unwrap_or_else(|e| e.into_inner()).pop();
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
@@ -219,41 +229,72 @@ async fn verify_segments(
         .buffered(SEGMENTS_IN_FLIGHT);
 
     let mut tail: Option<(TimelineId, SegNo, SegmentTail)> = None;
-    while let Some((s, decoded, stored)) = fetched.next().await {
-        report.objects += 1 + s.summary.is_some() as u64;
-        report.bytes += s.object.size;
-        report.wal_segments += 1;
+    let mut next = fetched.next().await;
+    while let Some((s, decoded, stored)) = next {
+        let checked = check_fetched((s, decoded, stored), opts, &mut tail, &mut out, report);
         progress(VerifyProgress::Checked {
             bytes: s.object.size,
         });
-        let content = match decoded {
-            Ok(c) => c,
-            Err(e) => {
-                tail = None;
-                out.broken.insert((s.tli, s.segno));
-                record_read_error(report, s.object.key(), e)?;
+        let (content, prev) = match checked? {
+            Walk::Records(content, prev) => (content, prev),
+            Walk::Done(buf) => {
+                if let Some(buf) = buf {
+                    give_back(buf);
+                }
+                next = fetched.next().await;
                 continue;
             }
         };
-        check_segment(s, &content, stored, opts, &mut tail, &mut out, report);
-        free.lock().unwrap_or_else(|e| e.into_inner()).push(content);
+        // The walk runs on the blocking pool so that the runtime thread, polling `fetched`,
+        // keeps the next segments' reads and decodes going meanwhile.
+        let walk = tokio::task::spawn_blocking(move || {
+            let summarized = summarize_chained(&content, prev.as_ref());
+            (summarized, content)
+        });
+        let (walked, following) = futures::join!(walk, fetched.next());
+        next = following;
+        let (summarized, content) = walked.expect("record walk panicked");
+        give_back(content);
+        if let Some(summary) = walked_summary(s, summarized, &mut tail, report) {
+            record_summary(s, summary, &mut out, report);
+        } else {
+            out.broken.insert((s.tli, s.segno));
+        }
     }
     Ok(out)
 }
 
-/// The checks of one decoded segment: first page header, stored summary, and with `--full`
-/// every record, continuing from `tail` (the previous segment's) and leaving this one's there.
-fn check_segment(
-    s: &SegmentObject<'_>,
-    content: &[u8],
-    stored: Option<Result<StoredSummary, (String, String)>>,
+/// What to do with a fetched segment after the checks that need no record walk.
+enum Walk {
+    /// Walk the records of this content, continuing from this tail.
+    Records(Vec<u8>, Option<SegmentTail>),
+    /// Nothing to walk (no `--full`, or the segment is unusable); the buffer to reuse, if any.
+    Done(Option<Vec<u8>>),
+}
+
+/// The checks of one fetched segment before its records: frame and content (by decoding),
+/// first page header, stored summary. Without `--full` the stored summary is taken as is.
+fn check_fetched(
+    (s, decoded, stored): Fetched<'_>,
     opts: VerifyOptions,
     tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
     out: &mut Segments,
     report: &mut VerifyReport,
-) {
+) -> Result<Walk, RepoError> {
+    report.objects += 1 + s.summary.is_some() as u64;
+    report.bytes += s.object.size;
+    report.wal_segments += 1;
+    let content = match decoded {
+        Ok(c) => c,
+        Err(e) => {
+            *tail = None;
+            out.broken.insert((s.tli, s.segno));
+            record_read_error(report, s.object.key(), e)?;
+            return Ok(Walk::Done(None));
+        }
+    };
     report.wal_bytes += content.len() as u64;
-    if let Err(e) = validate_segment(content, s.tli, s.segno) {
+    if let Err(e) = validate_segment(&content, s.tli, s.segno) {
         *tail = None;
         out.broken.insert((s.tli, s.segno));
         report.problem(
@@ -262,24 +303,69 @@ fn check_segment(
             Some(s.object.key().to_string()),
             format!("{} is not a valid WAL segment: {e}", s.name),
         );
-        return;
+        return Ok(Walk::Done(Some(content)));
     }
     let stored = stored_summary(s, stored, report);
-    let summary = if opts.full {
-        match walk_records(s, content, tail, report) {
-            Some(x) => x,
-            None => {
-                out.broken.insert((s.tli, s.segno));
-                return;
-            }
+    if !opts.full {
+        // Without a summary the segment's records are unknown until --full.
+        if let Some(st) = stored {
+            record_summary(s, st.summary, out, report);
         }
-    } else {
-        match stored {
-            Some(st) => st.summary,
-            // Without a summary the segment's records are unknown until --full.
-            None => return,
-        }
+        return Ok(Walk::Done(Some(content)));
+    }
+    let prev = match tail.take() {
+        Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
+        _ => None,
     };
+    Ok(Walk::Records(content, prev))
+}
+
+/// Summarizes a segment from its records, continuing from `prev` (the previous segment's tail).
+fn summarize_chained(
+    content: &[u8],
+    prev: Option<&SegmentTail>,
+) -> Result<Summarized, SummaryError> {
+    match summarize_segment(content, prev) {
+        // The previous segment's tail does not lead into this one: read this segment on its
+        // own, as without a tail.
+        Err(SummaryError::TailMismatch { .. }) => summarize_segment(content, None),
+        r => r,
+    }
+}
+
+/// Counts a walked segment's records and keeps its tail for the next; `None` (reported) when
+/// it cannot be read at all.
+fn walked_summary(
+    s: &SegmentObject<'_>,
+    summarized: Result<Summarized, SummaryError>,
+    tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
+    report: &mut VerifyReport,
+) -> Option<SegmentSummary> {
+    match summarized {
+        Ok(x) => {
+            report.wal_records += x.summary.record_count;
+            *tail = x.tail.map(|t| (s.tli, s.segno, t));
+            Some(x.summary)
+        }
+        Err(e) => {
+            report.problem(
+                Severity::Error,
+                ProblemKind::BadWal,
+                Some(s.object.key().to_string()),
+                format!("{} cannot be read: {e}", s.name),
+            );
+            None
+        }
+    }
+}
+
+/// Reports how a segment's records end (damage, early end of WAL) and keeps its summary.
+fn record_summary(
+    s: &SegmentObject<'_>,
+    summary: SegmentSummary,
+    out: &mut Segments,
+    report: &mut VerifyReport,
+) {
     match &summary.end {
         SegmentEnd::Corrupt { lsn, error } => {
             out.broken.insert((s.tli, s.segno));
@@ -336,43 +422,6 @@ fn stored_summary(
                     "summary of {} is unreadable ({msg}); restore rebuilds it",
                     s.name
                 ),
-            );
-            None
-        }
-    }
-}
-
-/// `--full`: summarizes the segment from its records, with the previous segment's tail when it
-/// is this one's predecessor on the same timeline. `None` (reported) when it cannot be read.
-fn walk_records(
-    s: &SegmentObject<'_>,
-    content: &[u8],
-    tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
-    report: &mut VerifyReport,
-) -> Option<SegmentSummary> {
-    let prev = match tail.take() {
-        Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
-        _ => None,
-    };
-    let summarized = match summarize_segment(content, prev.as_ref()) {
-        Ok(x) => Ok(x),
-        // The previous segment's tail does not lead into this one: report the broken
-        // link, then read this segment on its own.
-        Err(crate::wal::SummaryError::TailMismatch { .. }) => summarize_segment(content, None),
-        Err(e) => Err(e),
-    };
-    match summarized {
-        Ok(x) => {
-            report.wal_records += x.summary.record_count;
-            *tail = x.tail.map(|t| (s.tli, s.segno, t));
-            Some(x.summary)
-        }
-        Err(e) => {
-            report.problem(
-                Severity::Error,
-                ProblemKind::BadWal,
-                Some(s.object.key().to_string()),
-                format!("{} cannot be read: {e}", s.name),
             );
             None
         }
