@@ -353,6 +353,24 @@ mod tests {
     }
 
     #[test]
+    fn decode_into_reuses_a_dirty_buffer_and_still_checks() {
+        let raw = sample();
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            let framed = encode(&raw, codec, 3);
+            // Reused buffers: longer than the content, shorter, and exactly as long.
+            for len in [raw.len() + 4096, 100, raw.len()] {
+                let mut out = vec![0xAB; len];
+                decode_into(&framed, &mut out).unwrap();
+                assert_eq!(out, raw, "{codec}, buffer of {len}");
+            }
+            let mut bad = framed.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(decode_into(&bad, &mut vec![0; raw.len()]).is_err(), "{codec}");
+        }
+    }
+
+    #[test]
     fn every_single_byte_flip_is_detected() {
         let raw = sample();
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
