@@ -366,7 +366,10 @@ mod tests {
             let mut bad = framed.clone();
             let last = bad.len() - 1;
             bad[last] ^= 1;
-            assert!(decode_into(&bad, &mut vec![0; raw.len()]).is_err(), "{codec}");
+            assert!(
+                decode_into(&bad, &mut vec![0; raw.len()]).is_err(),
+                "{codec}"
+            );
         }
     }
 
