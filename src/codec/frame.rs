@@ -231,7 +231,7 @@ pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8],
             found: payload.len() as u64,
         });
     }
-    let payload_crc = content_crc(payload);
+    let payload_crc = crc32c::crc32c(payload);
     if payload_crc != h.payload_crc32c {
         return Err(CodecError::PayloadChecksum {
             expected: h.payload_crc32c,
@@ -299,12 +299,6 @@ pub fn decompress_into(
     Ok(())
 }
 
-/// CRC-32C of a payload or content: crc-fast (folding with carry-less multiplies, several times
-/// the `crc32c` crate's speed on large buffers), the same checksum.
-fn content_crc(bytes: &[u8]) -> u32 {
-    crc_fast::crc32_iscsi(bytes)
-}
-
 /// Verifies a whole unencrypted frame and returns its content. An encrypted frame is
 /// [`CodecError::Encrypted`]: src/repo/object.rs opens those, with the key.
 pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
@@ -321,7 +315,7 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     }
     let payload = checked_payload(&h, bytes)?;
     decompress_into(h.codec, payload, h.raw_len, out)?;
-    let actual = content_crc(out);
+    let actual = crc32c::crc32c(out);
     if actual != h.raw_crc32c {
         return Err(CodecError::ContentChecksum {
             expected: h.raw_crc32c,
