@@ -13,9 +13,9 @@
 #   - pitr verify --full --json: LIST the repository, read every WAL object and its summary,
 #     check each frame (header CRC, payload CRC-32C), lz4-decode, check the content CRC-32C, the
 #     first page header, then every record: page headers, xl_tot_len, rmgr, xl_prev chain, CRC-32C,
-#     block headers, with the record crossing each segment boundary checked whole; summaries
-#     compared as restore uses them. Run as is (its default parallelism, 2 CPUs here) and under
-#     `taskset -c 0` (one CPU).
+#     block headers, with the record crossing each segment boundary checked whole; the stored
+#     summaries parsed, each segment's summary rebuilt from its records. Run as is (its default
+#     parallelism) and under `taskset -c 0` (one CPU).
 #   - pg_waldump --quiet FIRST LAST over the raw segments (what PostgreSQL itself checks:
 #     page headers, xl_tot_len, rmgr, xl_prev, CRC-32C, block headers), printing nothing.
 # Wall time, CPU time (user+sys of the process tree, getrusage) and peak RSS of every run go to
