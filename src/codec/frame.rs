@@ -275,14 +275,15 @@ pub fn decompress(codec: Codec, payload: &[u8], raw_len: u64) -> Result<Vec<u8>,
 /// [`decompress`] into `out`, reusing its allocation: reading many segments one after the other
 /// then touches the same memory again instead of a fresh zeroed buffer (page faults and a memset
 /// of 16 MiB each) per segment. lz4 writes every byte of `out`, so a reused buffer needs no
-/// zeroing; the other codecs allocate as [`decompress`] does.
+/// zeroing. When `out` is too small, and for the other codecs, it is replaced by what
+/// [`decompress`] allocates (so [`decode`] costs what it did before).
 pub fn decompress_into(
     codec: Codec,
     payload: &[u8],
     raw_len: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    if codec != Codec::Lz4 {
+    if codec != Codec::Lz4 || (out.capacity() as u64) < raw_len {
         *out = decompress(codec, payload, raw_len)?;
         return Ok(());
     }
