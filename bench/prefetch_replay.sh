@@ -44,6 +44,7 @@ case $out in
 *"restored"*) what=fetched ;;
 esac
 echo "$f $t0 $t1 $rc $what" >>"$log"
+printf '%s\n' "$out" >>"$log.out"
 exit $rc
 SH
 chmod 0755 "$BT/bin/rc.sh"
@@ -64,9 +65,16 @@ replay_round() { # mode round
     : >"$dd/recovery.signal"
     : >"$BT/calls-$mode-$r.txt"
     chown -R postgres:postgres "$dd" "$BT/calls-$mode-$r.txt"
+    # The worker logs into its spool, which it removes at the end of recovery: keep a copy.
+    (while [[ ! -e "$BT/stop-$mode-$r" ]]; do
+        cp "$dd/pg_wal/.pitr-prefetch/worker.log" "$BT/worker-$mode-$r.log" 2>/dev/null
+        sleep 0.05
+    done) &
     pg_start "$dd"
     while [[ $(psql_at "$port" "select pg_is_in_recovery()" 2>/dev/null) != f ]]; do sleep 0.05; done
     t_end=$(date +%s%N)
+    : >"$BT/stop-$mode-$r"
+    wait
     pg_stop "$dd"
     echo "$mode $r $t_end" >>"$BT/replay.txt"
     rm -rf "$dd"

@@ -4,7 +4,7 @@ use std::path::Path;
 use super::pgdata::DataDir;
 use super::prefetch::location_id;
 use super::{ArchiveError, Target};
-use crate::codec::BLOCK_LEN;
+use crate::codec::{aligned_buffer, BLOCK_LEN};
 use crate::repo::{
     ClusterIdentity, PutOutcome, RepoError, Repository, UploadOutcome, WriteOptions,
 };
@@ -168,12 +168,15 @@ async fn push_segment(
         source,
     };
     let p = path.to_path_buf();
-    let (mut file, len, mut buf, first) = tokio::task::spawn_blocking(move || {
+    let (mut file, again, len, mut buf, first) = tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::open(&p)?;
+        // A second, independent reader (its own offset) for the summary thread.
+        let again = std::fs::File::open(&p)?;
         let len = file.metadata()?.len();
-        let mut buf = vec![0u8; BLOCK_LEN];
-        let first = read_full(&mut file, &mut buf)?;
-        std::io::Result::Ok((file, len, buf, first))
+        // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
+        let mut buf = AlignedBlock::new();
+        let first = read_full(&mut file, buf.get())?;
+        std::io::Result::Ok((file, again, len, buf, first))
     })
     .await
     .expect("read task panicked")
@@ -183,16 +186,18 @@ async fn push_segment(
             path: path.to_path_buf(),
         });
     }
-    let cluster = identity_from_wal(path, name, &buf[..first], len)?;
+    let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
     let repo = open_repository(storage, name, Some(cluster), data_dir, write).await?;
-    let mut up = repo.segment_upload(name, &buf[..first], len).await;
+    let mut up = repo
+        .segment_upload(name, &buf.get()[..first], len, again)
+        .await;
     let (up, read) = tokio::task::spawn_blocking(move || {
         let mut n = first;
         let mut read = 0u64;
         while n > 0 {
-            up.write(&buf[..n]);
+            up.write(&buf.get()[..n]);
             read += n as u64;
-            n = read_full(&mut file, &mut buf)?;
+            n = read_full(&mut file, buf.get())?;
         }
         std::io::Result::Ok((up, read))
     })
@@ -214,6 +219,20 @@ async fn push_segment(
         }
     };
     Ok((repo, outcome, len))
+}
+
+/// A page-aligned buffer of [`BLOCK_LEN`] bytes.
+struct AlignedBlock(Vec<u8>, usize);
+
+impl AlignedBlock {
+    fn new() -> AlignedBlock {
+        let (backing, start) = aligned_buffer(BLOCK_LEN);
+        AlignedBlock(backing, start)
+    }
+
+    fn get(&mut self) -> &mut [u8] {
+        &mut self.0[self.1..self.1 + BLOCK_LEN]
+    }
 }
 
 /// Reads until `buf` is full or the file ends; the number of bytes read.

@@ -154,7 +154,9 @@ pub fn compress_with_room(raw: &[u8], codec: Codec, level: i32, room: usize) -> 
     if codec == Codec::Lz4Blocks {
         let mut w = BlockWriter::new(room, raw.len());
         w.write(raw);
-        return (codec, w.finish().out);
+        let b = w.finish();
+        debug_assert_eq!(b.start, 0);
+        return (codec, b.out);
     }
     let bound = match codec {
         Codec::None | Codec::Lz4Blocks => raw.len(),
@@ -308,19 +310,20 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
 }
 
 /// The frame of an `lz4-blocks` payload built by a [`BlockWriter`] with `room` =
-/// [`FRAME_HEADER_LEN`]: the header goes into that room, so the payload is never copied.
-pub fn frame_blocks(b: Blocks) -> Vec<u8> {
-    let mut out = b.out;
+/// [`FRAME_HEADER_LEN`]: the header goes into that room, so the payload is never copied (nor
+/// is the frame: the result shares the writer's buffer, from its `start`).
+pub fn frame_blocks(b: Blocks) -> bytes::Bytes {
+    let (mut out, start) = (b.out, b.start);
     let header = FrameHeader {
         codec: Codec::Lz4Blocks,
         raw_len: b.raw_len,
-        payload_len: (out.len() - FRAME_HEADER_LEN) as u64,
+        payload_len: (out.len() - start - FRAME_HEADER_LEN) as u64,
         raw_crc32c: b.raw_crc32c,
         payload_crc32c: b.payload_crc32c,
         encrypted: false,
     };
-    out[..FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
-    out
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
+    bytes::Bytes::from(out).slice(start..)
 }
 
 /// [`decode`] that hands the content to `sink` piece by piece instead of returning it: an
@@ -417,7 +420,7 @@ mod tests {
         for b in raw.chunks(block) {
             w.block(b);
         }
-        frame_blocks(w.finish())
+        frame_blocks(w.finish()).to_vec()
     }
 
     /// Content with an incompressible stretch, so that some blocks are stored as they are.
@@ -467,6 +470,12 @@ mod tests {
                 encode(&raw, Codec::Lz4Blocks, 0),
                 blocks_frame(&raw, BLOCK_LEN)
             );
+            // Page-aligned output, as archive-push writes it: the same frame, aligned.
+            let mut w = BlockWriter::aligned(FRAME_HEADER_LEN, raw.len());
+            w.write(&raw);
+            let aligned = frame_blocks(w.finish());
+            assert_eq!(aligned.as_ptr() as usize % 4096, 0);
+            assert_eq!(aligned, blocks_frame(&raw, BLOCK_LEN));
         }
         // Stored-as-is blocks are used where lz4 does not shrink the content.
         let framed = blocks_frame(&mixed(), 700);

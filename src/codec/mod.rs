@@ -9,7 +9,7 @@ mod blocks;
 pub mod crypt;
 mod frame;
 
-pub use blocks::{BlockWriter, BLOCK_LEN};
+pub use blocks::{aligned_buffer, BlockWriter, BLOCK_LEN};
 
 pub use frame::{
     checked_payload, compress_with_room, decode, decode_to, decompress, encode, frame_blocks,

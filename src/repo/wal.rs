@@ -182,8 +182,10 @@ async fn previous_carry(
 /// A WAL segment stored as it is read (archive-push): the caller hands it in pieces to
 /// [`SegmentUpload::write`], from a blocking thread, then stores it with
 /// [`Repository::store_segment_upload`]. In an unencrypted lz4 repository each piece is
-/// compressed (`lz4-blocks`) and summarized at once, so that neither the segment nor a second
-/// segment-sized buffer is ever held; otherwise the pieces are gathered and stored as by
+/// compressed (`lz4-blocks`) as it comes, while a second thread summarizes the segment from a
+/// second reader of it (the page cache serves it twice; that costs a copy, where handing the
+/// pieces over would cost buffers), so that neither the segment nor a second segment-sized
+/// buffer is ever held; otherwise the pieces are gathered and stored as by
 /// [`Repository::store_wal_file_owned`].
 pub struct SegmentUpload {
     name: WalFileName,
@@ -193,7 +195,7 @@ pub struct SegmentUpload {
 enum UploadMode {
     Streamed {
         frame: BlockWriter,
-        summary: StreamedSummary,
+        summary: tokio::task::JoinHandle<Option<SummaryRun>>,
     },
     Whole(Vec<u8>),
 }
@@ -206,6 +208,56 @@ pub enum UploadOutcome {
     /// takes the content, which a streamed upload no longer has. Store it whole with
     /// [`Repository::store_wal_file_owned`], which compares (and writes a missing summary).
     NeedsContent,
+}
+
+/// What the summary thread hands back: the summary, whether the carry was used, its time.
+type SummaryRun = (Result<Summarized, SummaryError>, bool, std::time::Duration);
+
+/// Bytes per read of the summary thread: the reader takes pieces of any size.
+const SUMMARY_READ: usize = 64 * 1024;
+
+/// Summarizes the segment of `len` bytes that `input` reads, with the previous segment's carry
+/// when it fits. `None` when `input` cannot be read (logged): the segment is stored without a
+/// summary then, as for a segment that cannot be summarized.
+fn summarize_input(
+    name: &WalFileName,
+    mut input: impl std::io::Read,
+    len: u64,
+    prev: Option<SegmentTail>,
+) -> Option<SummaryRun> {
+    let (mut backing, start) = codec::aligned_buffer(SUMMARY_READ);
+    let buf = &mut backing[start..start + SUMMARY_READ];
+    let mut run = || -> std::io::Result<SummaryRun> {
+        let n = read_full(&mut input, buf)?;
+        let mut summary = StreamedSummary::new(&buf[..n], len, prev.as_ref());
+        let mut n = n;
+        while n > 0 {
+            summary.feed(&buf[..n]);
+            n = read_full(&mut input, buf)?;
+        }
+        Ok(summary.finish())
+    };
+    match run() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(file = %name, error = %e, "cannot read the segment to summarize it; stored without a summary, `pitr verify` reads the segment itself");
+            None
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; the number of bytes read.
+fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The summary of a streamed segment, with and without the previous segment's carry as
@@ -227,6 +279,22 @@ enum Summarizers {
 }
 
 impl StreamedSummary {
+    fn new(first: &[u8], len: u64, prev: Option<&SegmentTail>) -> StreamedSummary {
+        let alone = SegmentSummarizer::new(first, len, None).map(Box::new);
+        let with_carry = prev.and_then(|t| SegmentSummarizer::new(first, len, Some(t)).ok());
+        let state = match with_carry {
+            Some(carry) => Summarizers::Both {
+                carry: Box::new(carry),
+                alone,
+            },
+            None => Summarizers::Alone(alone),
+        };
+        StreamedSummary {
+            state,
+            elapsed: std::time::Duration::ZERO,
+        }
+    }
+
     fn feed(&mut self, piece: &[u8]) {
         let started = std::time::Instant::now();
         let state = std::mem::replace(&mut self.state, Summarizers::Alone(Err(unfed())));
@@ -293,10 +361,7 @@ impl SegmentUpload {
     /// The next bytes of the segment (any size; archive-push uses [`codec::BLOCK_LEN`]).
     pub fn write(&mut self, piece: &[u8]) {
         match &mut self.mode {
-            UploadMode::Streamed { frame, summary } => {
-                summary.feed(piece);
-                frame.write(piece);
-            }
+            UploadMode::Streamed { frame, .. } => frame.write(piece),
             UploadMode::Whole(content) => content.extend_from_slice(piece),
         }
     }
@@ -304,13 +369,15 @@ impl SegmentUpload {
 
 impl Repository {
     /// Starts storing segment `name` of `len` bytes whose first bytes are `first` (at least its
-    /// long page header, checked by the caller; hand them to `write` too). Reads the previous
-    /// segment's carry first (see [`Self::store_wal_file`]).
+    /// long page header, checked by the caller; hand them to `write` too). `summary_input` reads
+    /// the same segment from its start, for the summary. Reads the previous segment's carry
+    /// first (see [`Self::store_wal_file`]).
     pub async fn segment_upload(
         &self,
         name: &WalFileName,
         first: &[u8],
         len: u64,
+        summary_input: impl std::io::Read + Send + 'static,
     ) -> SegmentUpload {
         let streamed = self.objects.data_key.is_none() && self.objects.write.codec == Codec::Lz4;
         if !streamed {
@@ -320,25 +387,13 @@ impl Repository {
             };
         }
         let prev = previous_carry(self, name, first).await;
-        let alone = SegmentSummarizer::new(first, len, None).map(Box::new);
-        let with_carry = prev
-            .as_ref()
-            .and_then(|t| SegmentSummarizer::new(first, len, Some(t)).ok());
-        let state = match with_carry {
-            Some(carry) => Summarizers::Both {
-                carry: Box::new(carry),
-                alone,
-            },
-            None => Summarizers::Alone(alone),
-        };
-        let summary = StreamedSummary {
-            state,
-            elapsed: std::time::Duration::ZERO,
-        };
+        let n = name.clone();
+        let summary =
+            tokio::task::spawn_blocking(move || summarize_input(&n, summary_input, len, prev));
         SegmentUpload {
             name: name.clone(),
             mode: UploadMode::Streamed {
-                frame: BlockWriter::new(FRAME_HEADER_LEN, len as usize),
+                frame: BlockWriter::aligned(FRAME_HEADER_LEN, len as usize),
                 summary,
             },
         }
@@ -361,14 +416,16 @@ impl Repository {
         };
         let key = layout::wal_key(&up.name);
         let framed = codec::frame_blocks(frame.finish());
-        match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
+        match self.storage.put_if_absent(&key, framed).await {
             Ok(()) => {}
             Err(StorageError::AlreadyExists { .. }) => return Ok(UploadOutcome::NeedsContent),
             Err(e) => return Err(e.into()),
         }
-        let (summarized, carried, elapsed) = summary.finish();
-        self.store_summary(&up.name, summarized, carried, elapsed)
-            .await?;
+        if let Some((summarized, carried, elapsed)) = summary.await.expect("summary task panicked")
+        {
+            self.store_summary(&up.name, summarized, carried, elapsed)
+                .await?;
+        }
         Ok(UploadOutcome::Done(PutOutcome::Stored))
     }
 }
