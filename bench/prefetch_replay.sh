@@ -104,8 +104,17 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 import sys, statistics, os
 bt = sys.argv[1]
 rounds = [l.split() for l in open(os.path.join(bt, "replay.txt")) if l.strip()]
-print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | worker stopped because |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+import re
+def worker_stops(mode, r):
+    # The first reason the worker logged for stopping early (free space, errors), if any.
+    try:
+        text = open(os.path.join(bt, f"worker-{mode}-{r}.log")).read()
+    except OSError:
+        return "-"
+    m = re.search(r"WARN .*?(prefetch stops|not prefetching).*?(reason=|error=)(.*)", text)
+    return (m.group(3)[:90] + " ...") if m else "-"
 agg = {}
 for mode, r, t_end in rounds:
     calls = [l.split() for l in open(os.path.join(bt, f"calls-{mode}-{r}.txt")) if l.strip()]
@@ -119,7 +128,7 @@ for mode, r, t_end in rounds:
     waited_ms = sum((int(c[2]) - int(c[1])) / 1e6 for c in waited)
     fetched = sum(c[4] == "fetched" for c in calls)
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode == "on" else "-"} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
