@@ -128,7 +128,7 @@ for mode, r, t_end in rounds:
     waited_ms = sum((int(c[2]) - int(c[1])) / 1e6 for c in waited)
     fetched = sum(c[4] == "fetched" for c in calls)
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode == "on" else "-"} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode == 'on' else '-'} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
