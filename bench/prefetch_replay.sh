@@ -67,7 +67,7 @@ replay_round() { # mode round
     chown -R postgres:postgres "$dd" "$BT/calls-$mode-$r.txt"
     # The worker logs into its spool, which it removes at the end of recovery: keep a copy.
     (while [[ ! -e "$BT/stop-$mode-$r" ]]; do
-        cp "$dd/pg_wal/.pitr-prefetch/worker.log" "$BT/worker-$mode-$r.log" 2>/dev/null
+        cp "$dd/pg_wal/.pitr-prefetch/worker.log" "$BT/worker-$mode-$r.log" 2>/dev/null || true
         sleep 0.05
     done) &
     pg_start "$dd"
