@@ -14,7 +14,7 @@ mod real_wal_tests;
 pub mod record;
 mod summary;
 #[cfg(test)]
-mod testdata;
+pub(crate) mod testdata;
 pub mod xact;
 
 pub use file_name::{SegNo, WalFileName, WalFileNameError};
