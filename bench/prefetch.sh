@@ -18,6 +18,21 @@
 # paired ratios (same segment, same round), the wall time per round, and the CPU the detached
 # worker used (read from /proc before it exits; it is not a child measure.py waits for).
 
+#
+#   MODE=replay sudo bench/prefetch.sh           # real PostgreSQL recovery instead (issue 12)
+#
+# MODE=replay: a base backup (pg_basebackup -X none) of a pgbench -s 10 cluster, then N segments
+# of TPC-B WAL, all archived with `pitr archive-push`; then ROUNDS rounds per mode (prefetch on =
+# pitr's default, off = --prefetch 0, alternating which goes first) of real archive recovery:
+# the backup copied into a fresh data directory, recovery.signal, restore_command = a wrapper
+# that runs `pitr archive-get` and logs the wall time of each call (monotonic ns before and
+# after) and what pitr logged (--log-level debug: "restored from the prefetch spool", "waited for
+# the prefetch worker", "restored"). PostgreSQL's startup process runs restore_command
+# synchronously, so the time in those calls is exactly the time replay waited for the archive;
+# the rest of the recovery (first call to promotion) is replay itself. Reported per round:
+# calls, time in restore_command, the recovery's wall time (first call to
+# pg_is_in_recovery() = f), spool hits, hits that waited for the worker, direct fetches.
+
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 N=${N:-30}
@@ -26,6 +41,10 @@ GAP=${GAP:-0.1}
 
 bench_init prefetch
 machine_info | tee "$BT/machine.txt" >&2
+if [[ ${MODE:-calls} == replay ]]; then
+    source "$(dirname "${BASH_SOURCE[0]}")/prefetch_replay.sh"
+    exit 0
+fi
 
 tpcb_archived_segments $((N + 1))
 pg_stop "$PGDATA"

@@ -1,10 +1,9 @@
-use std::io::Write;
 use std::path::Path;
 
 use super::pgdata::DataDir;
 use super::prefetch::{location_id, Prefetch, Spool};
 use super::{ArchiveError, Target};
-use crate::repo::{RepoError, Repository, WalForRecovery, WriteOptions};
+use crate::repo::{RecoveryWal, RepoError, Repository, WriteOptions, WriteWalError};
 use crate::storage::Storage;
 use crate::wal::WalFileName;
 
@@ -68,13 +67,12 @@ pub async fn archive_get_from(
             return Ok(GetOutcome::Restored { bytes });
         }
     }
-    let Some(content) = fetch_first(sources, &name).await? else {
+    let Some(wal) = fetch_first(sources, &name).await? else {
         tracing::info!(file = %name, "not in the repository");
         return Ok(GetOutcome::NotFound);
     };
     let dest = dest.to_path_buf();
-    let len = content.len() as u64;
-    tokio::task::spawn_blocking(move || write_atomically(&dest, &content))
+    let len = tokio::task::spawn_blocking(move || write_atomically(&dest, &wal))
         .await
         .expect("write task panicked")?;
     tracing::info!(file = %name, bytes = len, "restored");
@@ -89,7 +87,7 @@ pub async fn archive_get_from(
 async fn fetch_first(
     sources: &[Target],
     name: &WalFileName,
-) -> Result<Option<Vec<u8>>, ArchiveError> {
+) -> Result<Option<RecoveryWal>, ArchiveError> {
     let several = sources.len() > 1;
     let mut failure = None;
     for source in sources {
@@ -120,14 +118,17 @@ async fn fetch_first(
 /// really there: a wrong URL or a vanished mount must fail recovery loudly, not look like the
 /// end of the archive. With the key source: an encrypted repository is unlocked here, or
 /// refused (fatal). The newest segment may exist only as chunks shipped by `pitr stream`.
-async fn fetch_one(source: &Target, name: &WalFileName) -> Result<Option<Vec<u8>>, ArchiveError> {
+/// A damaged object is found here (its payload checksum), so that another repository serves.
+async fn fetch_one(
+    source: &Target,
+    name: &WalFileName,
+) -> Result<Option<RecoveryWal>, ArchiveError> {
     let repo = open_for_recovery(source.storage.clone(), source.write.clone()).await?;
-    Ok(repo
-        .wal_file_for_recovery(name)
-        .await?
-        .map(|found| match found {
-            WalForRecovery::Stored(c) | WalForRecovery::FromChunks(c) => c,
-        }))
+    let found = repo.wal_for_recovery_streamed(name).await?;
+    if let Some(wal) = &found {
+        wal.check()?;
+    }
+    Ok(found)
 }
 
 /// Opens the repository, and when run in a data directory (as PostgreSQL runs
@@ -179,7 +180,9 @@ async fn open_for_recovery(
     }
 }
 
-fn write_atomically(dest: &Path, content: &[u8]) -> Result<(), ArchiveError> {
+/// Writes `wal` to a temporary name beside `dest`, decoding and checking it as it goes, and
+/// renames it into place only once all of it is written and its checksum matched; its length.
+fn write_atomically(dest: &Path, wal: &RecoveryWal) -> Result<u64, ArchiveError> {
     let err = |source| ArchiveError::WriteOutput {
         path: dest.to_path_buf(),
         source,
@@ -191,14 +194,19 @@ fn write_atomically(dest: &Path, content: &[u8]) -> Result<(), ArchiveError> {
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
-        f.write_all(content)?;
+            .open(&tmp)
+            .map_err(WriteWalError::Write)?;
+        // Pieces are 256 KiB (lz4-blocks): written as they come, no buffering needed.
+        let len = wal.write_to(&mut f)?;
         // PostgreSQL fsyncs restored segments itself when it keeps them; no fsync needed here.
-        std::fs::rename(&tmp, dest)
+        std::fs::rename(&tmp, dest).map_err(WriteWalError::Write)?;
+        Ok(len)
     })();
-    if let Err(e) = result {
+    result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+        match e {
+            WriteWalError::Repo(e) => ArchiveError::Repo(e),
+            WriteWalError::Write(e) => err(e),
+        }
+    })
 }

@@ -1,11 +1,15 @@
+use std::io::Read;
 use std::path::Path;
 
 use super::pgdata::DataDir;
 use super::prefetch::location_id;
 use super::{ArchiveError, Target};
-use crate::repo::{ClusterIdentity, PutOutcome, RepoError, Repository, WriteOptions};
+use crate::codec::{aligned_buffer, BLOCK_LEN};
+use crate::repo::{
+    ClusterIdentity, PutOutcome, RepoError, Repository, UploadOutcome, WriteOptions,
+};
 use crate::storage::Storage;
-use crate::wal::{major_from_magic, validate_segment, WalFileName};
+use crate::wal::{major_from_magic, validate_segment_start, WalFileName};
 
 /// What `archive_push` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,27 +84,12 @@ pub async fn archive_push(
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     let name = WalFileName::parse(file_name)?;
-    let content = tokio::fs::read(path)
-        .await
-        .map(bytes::Bytes::from)
-        .map_err(|source| ArchiveError::ReadInput {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if content.is_empty() {
-        return Err(ArchiveError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-
     let data_dir = DataDir::working();
-    let from_wal = if name.holds_wal_pages() {
-        Some(identity_from_wal(path, &name, &content)?)
+    let (repo, outcome, bytes) = if matches!(name, WalFileName::Segment { .. }) {
+        push_segment(storage, path, &name, data_dir.as_ref(), write).await?
     } else {
-        None
+        push_whole(storage, path, &name, data_dir.as_ref(), write).await?
     };
-    let repo = open_repository(storage, &name, from_wal, data_dir.as_ref(), write).await?;
-    let outcome = repo.store_wal_file_owned(&name, content.clone()).await?;
     if let Some(dir) = &data_dir {
         // The WAL is durable whatever happens here: a marker that cannot be written costs the
         // vanished-repository check, not archiving.
@@ -114,10 +103,8 @@ pub async fn archive_push(
     }
     Ok(match outcome {
         PutOutcome::Stored => {
-            tracing::info!(file = %name, bytes = content.len(), repo = %repo.location(), "archived");
-            PushOutcome::Stored {
-                bytes: content.len() as u64,
-            }
+            tracing::info!(file = %name, bytes, repo = %repo.location(), "archived");
+            PushOutcome::Stored { bytes }
         }
         PutOutcome::AlreadyStored => {
             tracing::info!(file = %name, "already archived with identical content");
@@ -126,12 +113,149 @@ pub async fn archive_push(
     })
 }
 
+/// A `.partial`, history or `.backup` file (small, or rare): read whole, then stored.
+async fn push_whole(
+    storage: Storage,
+    path: &Path,
+    name: &WalFileName,
+    data_dir: Option<&DataDir>,
+    write: WriteOptions,
+) -> Result<(Repository, PutOutcome, u64), ArchiveError> {
+    let content = read_whole(path).await?;
+    let from_wal = if name.holds_wal_pages() {
+        Some(identity_from_wal(
+            path,
+            name,
+            &content,
+            content.len() as u64,
+        )?)
+    } else {
+        None
+    };
+    let repo = open_repository(storage, name, from_wal, data_dir, write).await?;
+    let bytes = content.len() as u64;
+    let outcome = repo.store_wal_file_owned(name, content).await?;
+    Ok((repo, outcome, bytes))
+}
+
+async fn read_whole(path: &Path) -> Result<bytes::Bytes, ArchiveError> {
+    let content = tokio::fs::read(path)
+        .await
+        .map(bytes::Bytes::from)
+        .map_err(|source| ArchiveError::ReadInput {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if content.is_empty() {
+        return Err(ArchiveError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(content)
+}
+
+/// A WAL segment, read in blocks of [`BLOCK_LEN`] into one buffer and handed to the repository
+/// as it is read (compressed and summarized on the way): the segment is never held whole.
+async fn push_segment(
+    storage: Storage,
+    path: &Path,
+    name: &WalFileName,
+    data_dir: Option<&DataDir>,
+    write: WriteOptions,
+) -> Result<(Repository, PutOutcome, u64), ArchiveError> {
+    let read_err = |source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    };
+    let p = path.to_path_buf();
+    let (mut file, again, len, mut buf, first) = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&p)?;
+        // A second, independent reader (its own offset) for the summary thread.
+        let again = std::fs::File::open(&p)?;
+        let len = file.metadata()?.len();
+        // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
+        let mut buf = AlignedBlock::new();
+        let first = read_full(&mut file, buf.get())?;
+        std::io::Result::Ok((file, again, len, buf, first))
+    })
+    .await
+    .expect("read task panicked")
+    .map_err(read_err)?;
+    if first == 0 {
+        return Err(ArchiveError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
+    let repo = open_repository(storage, name, Some(cluster), data_dir, write).await?;
+    let mut up = repo
+        .segment_upload(name, &buf.get()[..first], len, again)
+        .await;
+    let (up, read) = tokio::task::spawn_blocking(move || {
+        let mut n = first;
+        let mut read = 0u64;
+        while n > 0 {
+            up.write(&buf.get()[..n]);
+            read += n as u64;
+            n = read_full(&mut file, buf.get())?;
+        }
+        std::io::Result::Ok((up, read))
+    })
+    .await
+    .expect("read task panicked")
+    .map_err(read_err)?;
+    if read != len {
+        // PostgreSQL never changes a segment it asks to archive; something else did.
+        return Err(read_err(std::io::Error::other(format!(
+            "the file changed while being read: {len} bytes at the start, {read} read"
+        ))));
+    }
+    let outcome = match repo.store_segment_upload(up).await? {
+        UploadOutcome::Done(o) => o,
+        // Stored before (PostgreSQL retries after a crash or a timeout): compare the whole.
+        UploadOutcome::NeedsContent => {
+            let content = read_whole(path).await?;
+            repo.store_wal_file_owned(name, content).await?
+        }
+    };
+    Ok((repo, outcome, len))
+}
+
+/// A page-aligned buffer of [`BLOCK_LEN`] bytes.
+struct AlignedBlock(Vec<u8>, usize);
+
+impl AlignedBlock {
+    fn new() -> AlignedBlock {
+        let (backing, start) = aligned_buffer(BLOCK_LEN);
+        AlignedBlock(backing, start)
+    }
+
+    fn get(&mut self) -> &mut [u8] {
+        &mut self.0[self.1..self.1 + BLOCK_LEN]
+    }
+}
+
+/// Reads until `buf` is full or the file ends; the number of bytes read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// The identity a segment or `.partial` file declares in its long header, once the header is
 /// checked to be that very segment's.
 fn identity_from_wal(
     path: &Path,
     name: &WalFileName,
     content: &[u8],
+    len: u64,
 ) -> Result<ClusterIdentity, ArchiveError> {
     let not_wal = |source| ArchiveError::NotWal {
         path: path.to_path_buf(),
@@ -149,7 +273,7 @@ fn identity_from_wal(
     let header = if matches!(name, WalFileName::Partial { .. }) {
         header
     } else {
-        validate_segment(content, name.timeline(), segno).map_err(not_wal)?
+        validate_segment_start(content, len, name.timeline(), segno).map_err(not_wal)?
     };
     Ok(ClusterIdentity {
         system_identifier: header.system_identifier,

@@ -1,6 +1,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::blocks::{self, BlockWriter, Blocks};
+
 /// First bytes of every stored object.
 pub const FRAME_MAGIC: [u8; 4] = *b"PITR";
 /// Version of the frame layout below; readers refuse versions they do not know.
@@ -23,8 +25,13 @@ pub const MAX_RAW_LEN: u64 = 2 << 30;
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
     None,
+    /// lz4, the whole content as one block (id 1: what pitr wrote before `lz4-blocks`).
     Lz4,
     Zstd,
+    /// lz4 in independent blocks (id 3, src/codec/blocks.rs): written and read block by block.
+    /// Never configured: archive-push writes it where `lz4` is configured. Never serialized.
+    #[serde(skip)]
+    Lz4Blocks,
 }
 
 impl Codec {
@@ -33,6 +40,7 @@ impl Codec {
             Codec::None => 0,
             Codec::Lz4 => 1,
             Codec::Zstd => 2,
+            Codec::Lz4Blocks => 3,
         }
     }
 
@@ -41,6 +49,7 @@ impl Codec {
             0 => Codec::None,
             1 => Codec::Lz4,
             2 => Codec::Zstd,
+            3 => Codec::Lz4Blocks,
             _ => return None,
         })
     }
@@ -52,6 +61,7 @@ impl fmt::Display for Codec {
             Codec::None => "none",
             Codec::Lz4 => "lz4",
             Codec::Zstd => "zstd",
+            Codec::Lz4Blocks => "lz4-blocks",
         })
     }
 }
@@ -141,14 +151,21 @@ pub fn encode(raw: &[u8], codec: Codec, level: i32) -> Vec<u8> {
 /// Encryption (src/repo/object.rs) asks for room for the frame and seal headers, so that the
 /// payload is sealed where it lies.
 pub fn compress_with_room(raw: &[u8], codec: Codec, level: i32, room: usize) -> (Codec, Vec<u8>) {
+    if codec == Codec::Lz4Blocks {
+        let mut w = BlockWriter::new(room, raw.len());
+        w.write(raw);
+        let b = w.finish();
+        debug_assert_eq!(b.start, 0);
+        return (codec, b.out);
+    }
     let bound = match codec {
-        Codec::None => raw.len(),
+        Codec::None | Codec::Lz4Blocks => raw.len(),
         Codec::Lz4 => lz4_flex::block::get_maximum_output_size(raw.len()),
         Codec::Zstd => zstd::zstd_safe::compress_bound(raw.len()),
     };
     let mut out = vec![0u8; room + bound];
     let payload_len = match codec {
-        Codec::None => {
+        Codec::None | Codec::Lz4Blocks => {
             out[room..].copy_from_slice(raw);
             Ok(raw.len())
         }
@@ -262,6 +279,7 @@ pub fn decompress(codec: Codec, payload: &[u8], raw_len: u64) -> Result<Vec<u8>,
                 message: e.to_string(),
             }
         })?,
+        Codec::Lz4Blocks => blocks::decompress_blocks(payload, raw_len)?,
     };
     if raw.len() as u64 != raw_len {
         return Err(CodecError::ContentLength {
@@ -283,6 +301,9 @@ pub fn decompress_into(
     raw_len: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    if codec == Codec::Lz4Blocks && (out.capacity() as u64) >= raw_len {
+        return blocks::decompress_blocks_into(payload, raw_len, out);
+    }
     if codec != Codec::Lz4 || (out.capacity() as u64) < raw_len {
         *out = decompress(codec, payload, raw_len)?;
         return Ok(());
@@ -326,8 +347,63 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// The frame of an `lz4-blocks` payload built by a [`BlockWriter`] with `room` =
+/// [`FRAME_HEADER_LEN`]: the header goes into that room, so the payload is never copied (nor
+/// is the frame: the result shares the writer's buffer, from its `start`).
+pub fn frame_blocks(b: Blocks) -> bytes::Bytes {
+    let (mut out, start) = (b.out, b.start);
+    let header = FrameHeader {
+        codec: Codec::Lz4Blocks,
+        raw_len: b.raw_len,
+        payload_len: (out.len() - start - FRAME_HEADER_LEN) as u64,
+        raw_crc32c: b.raw_crc32c,
+        payload_crc32c: b.payload_crc32c,
+        encrypted: false,
+    };
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
+    bytes::Bytes::from(out).slice(start..)
+}
+
+/// [`decode`] that hands the content to `sink` piece by piece instead of returning it: an
+/// `lz4-blocks` or uncompressed frame is never held whole in memory. The header and the payload
+/// checksum are checked before `sink` sees anything; the content checksum only at the end, so
+/// on any error the caller must discard what `sink` received. Returns the content length.
+pub fn decode_to<E: From<CodecError>>(
+    bytes: &[u8],
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    let h = peek_header(bytes)?;
+    if h.encrypted {
+        return Err(CodecError::Encrypted.into());
+    }
+    let payload = checked_payload(&h, bytes)?;
+    let crc = match h.codec {
+        Codec::Lz4Blocks => blocks::decode_blocks(payload, h.raw_len, sink)?,
+        Codec::None if payload.len() as u64 == h.raw_len => {
+            for piece in payload.chunks(blocks::BLOCK_LEN) {
+                sink(piece)?;
+            }
+            crc32c::crc32c(payload)
+        }
+        _ => {
+            let raw = decompress(h.codec, payload, h.raw_len)?;
+            sink(&raw)?;
+            crc32c::crc32c(&raw)
+        }
+    };
+    if crc != h.raw_crc32c {
+        return Err(CodecError::ContentChecksum {
+            expected: h.raw_crc32c,
+            actual: crc,
+        }
+        .into());
+    }
+    Ok(h.raw_len)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::blocks::BLOCK_LEN;
     use super::*;
 
     fn sample() -> Vec<u8> {
@@ -394,5 +470,166 @@ mod tests {
         let crc = crc32c::crc32c(&newer[0..36]);
         newer[36..40].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode(&newer), Err(CodecError::NewerVersion { found: 9 }));
+    }
+
+    /// A frame of `lz4-blocks` with blocks of `block` bytes (pitr writes 256 KiB ones; readers
+    /// take any size, and small ones keep the every-byte tests fast).
+    fn blocks_frame(raw: &[u8], block: usize) -> Vec<u8> {
+        let mut w = BlockWriter::new(FRAME_HEADER_LEN, raw.len());
+        for b in raw.chunks(block) {
+            w.block(b);
+        }
+        frame_blocks(w.finish()).to_vec()
+    }
+
+    /// Content with an incompressible stretch, so that some blocks are stored as they are.
+    fn mixed() -> Vec<u8> {
+        let mut raw = sample()[..2000].to_vec();
+        let mut x = 0x2545_f491_u32;
+        raw.extend((0..1500).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
+        raw.extend_from_slice(&sample()[..900]);
+        raw
+    }
+
+    fn decode_by_pieces(framed: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::new();
+        decode_to(framed, |p| {
+            out.extend_from_slice(p);
+            Ok::<(), CodecError>(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn lz4_blocks_round_trip_whole_and_by_pieces() {
+        let big: Vec<u8> = sample()
+            .into_iter()
+            .cycle()
+            .take(3 * BLOCK_LEN + 123)
+            .collect();
+        for (raw, block) in [
+            (mixed(), 700),
+            (mixed(), 1 << 20),
+            (big, BLOCK_LEN),
+            (vec![], 9),
+        ] {
+            let framed = blocks_frame(&raw, block);
+            let h = peek_header(&framed).unwrap();
+            assert_eq!(h.codec, Codec::Lz4Blocks);
+            assert_eq!(framed[5], 3, "codec id 3");
+            assert_eq!(decode(&framed).unwrap(), raw);
+            assert_eq!(decode_by_pieces(&framed).unwrap(), raw);
+            // The writer used by `encode` and `compress_with_room` makes the same frames.
+            assert_eq!(
+                encode(&raw, Codec::Lz4Blocks, 0),
+                blocks_frame(&raw, BLOCK_LEN)
+            );
+            // Page-aligned output, as archive-push writes it: the same frame, aligned.
+            let mut w = BlockWriter::aligned(FRAME_HEADER_LEN, raw.len());
+            w.write(&raw);
+            let aligned = frame_blocks(w.finish());
+            assert_eq!(aligned.as_ptr() as usize % 4096, 0);
+            assert_eq!(aligned, blocks_frame(&raw, BLOCK_LEN));
+        }
+        // Stored-as-is blocks are used where lz4 does not shrink the content.
+        let framed = blocks_frame(&mixed(), 700);
+        let mut at = FRAME_HEADER_LEN;
+        let mut as_is = 0;
+        while at < framed.len() {
+            let word = u32::from_le_bytes(framed[at + 4..at + 8].try_into().unwrap());
+            as_is += (word >> 31) as usize;
+            at += 8 + (word & 0x7fff_ffff) as usize;
+        }
+        assert!(as_is >= 1, "no block stored as is");
+    }
+
+    #[test]
+    fn every_flipped_byte_of_an_lz4_blocks_frame_is_detected() {
+        let framed = blocks_frame(&mixed(), 700);
+        for i in 0..framed.len() {
+            let mut bad = framed.clone();
+            bad[i] ^= 0x40;
+            assert!(decode(&bad).is_err(), "flip at {i} not detected");
+            assert!(
+                decode_by_pieces(&bad).is_err(),
+                "flip at {i} not detected by pieces"
+            );
+        }
+    }
+
+    /// Rewrites the header's lengths and every checksum after a deliberate change, so that only
+    /// the block structure can tell.
+    fn reframe(mut framed: Vec<u8>, raw_len: u64) -> Vec<u8> {
+        let mut h = peek_header(&framed).unwrap();
+        h.raw_len = raw_len;
+        h.payload_len = (framed.len() - FRAME_HEADER_LEN) as u64;
+        h.payload_crc32c = crc32c::crc32c(&framed[FRAME_HEADER_LEN..]);
+        framed[..FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&h));
+        framed
+    }
+
+    #[test]
+    fn lz4_blocks_truncation_and_wrong_lengths_are_refused() {
+        let raw = mixed();
+        let framed = blocks_frame(&raw, 700);
+        let n = raw.len() as u64;
+        // Cut anywhere: the header's payload length, and with it fixed, the blocks.
+        for cut in [FRAME_HEADER_LEN + 3, FRAME_HEADER_LEN + 8, framed.len() - 1] {
+            assert!(decode(&framed[..cut]).is_err(), "cut at {cut}");
+            let fixed = reframe(framed[..cut].to_vec(), n);
+            assert!(decode(&fixed).is_err(), "cut at {cut}, header fixed");
+            assert!(
+                decode_by_pieces(&fixed).is_err(),
+                "cut at {cut}, header fixed"
+            );
+        }
+        // A header whose content length is off by one either way.
+        for len in [n - 1, n + 1, 0, MAX_RAW_LEN + 1] {
+            let wrong = reframe(framed.clone(), len);
+            assert!(decode(&wrong).is_err(), "raw_len {len}");
+            assert!(decode_by_pieces(&wrong).is_err(), "raw_len {len}");
+        }
+        // A block whose own length is wrong, checksums fixed: refused by the block decoder.
+        for delta in [1u32, u32::MAX] {
+            let mut bad = framed.clone();
+            let at = FRAME_HEADER_LEN;
+            let len = u32::from_le_bytes(bad[at..at + 4].try_into().unwrap());
+            bad[at..at + 4].copy_from_slice(&len.wrapping_add(delta).to_le_bytes());
+            let bad = reframe(bad, n);
+            assert!(matches!(decode(&bad), Err(CodecError::Decompress { .. })));
+            assert!(matches!(
+                decode_by_pieces(&bad),
+                Err(CodecError::Decompress { .. })
+            ));
+        }
+        // Trailing bytes after the last block, checksums fixed.
+        let mut longer = framed.clone();
+        longer.extend_from_slice(&[0, 0, 0]);
+        assert!(decode(&reframe(longer, n)).is_err());
+    }
+
+    #[test]
+    fn frames_of_before_still_decode() {
+        // Codec id 1 (one lz4 block over the whole content) is what pitr wrote until
+        // `lz4-blocks`; `encode` still writes it for everything but archive-push.
+        let raw = sample();
+        let old = encode(&raw, Codec::Lz4, 0);
+        assert_eq!(old[5], 1);
+        assert_eq!(decode(&old).unwrap(), raw);
+        assert_eq!(decode_by_pieces(&old).unwrap(), raw);
+        let none = encode(&raw, Codec::None, 0);
+        assert_eq!(decode_by_pieces(&none).unwrap(), raw);
+        let zstd = encode(&raw, Codec::Zstd, 3);
+        assert_eq!(decode_by_pieces(&zstd).unwrap(), raw);
+        // A fixed frame of before, byte for byte: header, lz4 block, checksums.
+        let hello = b"hello hello hello hello";
+        let stored = encode(hello, Codec::Lz4, 0);
+        assert_eq!(&stored[..8], b"PITR\x01\x01\x00\x00");
+        assert_eq!(decode(&stored).unwrap(), hello);
     }
 }

@@ -5,11 +5,15 @@
 //! uncompressed content, so every read verifies what it returns. Pure code: no I/O.
 //! The byte layout is specified in docs/repository-format.md; keep the two in step.
 
+mod blocks;
 pub mod crypt;
 mod frame;
 
+pub use blocks::{aligned_buffer, BlockWriter, BLOCK_LEN};
+
 pub use frame::{
-    checked_payload, compress_with_room, decode, decode_into, decompress, decompress_into, encode,
+    checked_payload, compress_with_room, decode, decode_into, decode_to, decompress,
+    decompress_into, encode, frame_blocks,
     header_bytes, peek_header, Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC,
     SEALED_HEADER_PREFIX_LEN,
 };

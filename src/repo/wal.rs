@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::object::Payload;
-use super::{layout, PutOutcome, RepoError, Repository, StoredSummary};
+use super::object::{ObjectCodec, Payload};
+use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
+use crate::codec::CodecError;
+use crate::codec::{self, BlockWriter, Codec, FRAME_HEADER_LEN};
 use crate::storage::StorageError;
 use crate::wal::{
-    parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd, SegmentTail,
-    Summarized, SummaryError, TimelineId, WalFileName, XLP_FIRST_IS_CONTRECORD,
+    parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd,
+    SegmentSummarizer, SegmentTail, Summarized, SummaryError, TimelineId, WalFileName,
+    XLP_FIRST_IS_CONTRECORD,
 };
 
 /// Timeline histories by timeline: each timeline's ancestors, oldest first.
@@ -176,6 +179,366 @@ async fn previous_carry(
     }
 }
 
+/// A WAL segment stored as it is read (archive-push): the caller hands it in pieces to
+/// [`SegmentUpload::write`], from a blocking thread, then stores it with
+/// [`Repository::store_segment_upload`]. In an unencrypted lz4 repository each piece is
+/// compressed (`lz4-blocks`) as it comes, while a second thread summarizes the segment from a
+/// second reader of it (the page cache serves it twice; that costs a copy, where handing the
+/// pieces over would cost buffers), so that neither the segment nor a second segment-sized
+/// buffer is ever held; otherwise the pieces are gathered and stored as by
+/// [`Repository::store_wal_file_owned`].
+pub struct SegmentUpload {
+    name: WalFileName,
+    mode: UploadMode,
+}
+
+enum UploadMode {
+    Streamed {
+        frame: BlockWriter,
+        summary: tokio::task::JoinHandle<Option<SummaryRun>>,
+    },
+    Whole(Vec<u8>),
+}
+
+/// What [`Repository::store_segment_upload`] did.
+#[derive(Debug)]
+pub enum UploadOutcome {
+    Done(PutOutcome),
+    /// The repository holds an object under this name already: whether it is the same content
+    /// takes the content, which a streamed upload no longer has. Store it whole with
+    /// [`Repository::store_wal_file_owned`], which compares (and writes a missing summary).
+    NeedsContent,
+}
+
+/// What the summary thread hands back: the summary, whether the carry was used, its time.
+type SummaryRun = (Result<Summarized, SummaryError>, bool, std::time::Duration);
+
+/// Bytes per read of the summary thread: the reader takes pieces of any size.
+const SUMMARY_READ: usize = 64 * 1024;
+
+/// Summarizes the segment of `len` bytes that `input` reads, with the previous segment's carry
+/// when it fits. `None` when `input` cannot be read (logged): the segment is stored without a
+/// summary then, as for a segment that cannot be summarized.
+fn summarize_input(
+    name: &WalFileName,
+    mut input: impl std::io::Read,
+    len: u64,
+    prev: Option<SegmentTail>,
+) -> Option<SummaryRun> {
+    let (mut backing, start) = codec::aligned_buffer(SUMMARY_READ);
+    let buf = &mut backing[start..start + SUMMARY_READ];
+    let mut run = || -> std::io::Result<SummaryRun> {
+        let n = read_full(&mut input, buf)?;
+        let mut summary = StreamedSummary::new(&buf[..n], len, prev.as_ref());
+        let mut n = n;
+        while n > 0 {
+            summary.feed(&buf[..n]);
+            n = read_full(&mut input, buf)?;
+        }
+        Ok(summary.finish())
+    };
+    match run() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(file = %name, error = %e, "cannot read the segment to summarize it; stored without a summary, `pitr verify` reads the segment itself");
+            None
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; the number of bytes read.
+fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The summary of a streamed segment, with and without the previous segment's carry as
+/// [`summarize`] does: both run only until the carried record is read (a few KiB, as a rule),
+/// then the one that is not needed is dropped.
+struct StreamedSummary {
+    state: Summarizers,
+    elapsed: std::time::Duration,
+}
+
+enum Summarizers {
+    Both {
+        carry: Box<SegmentSummarizer>,
+        alone: Result<Box<SegmentSummarizer>, SummaryError>,
+    },
+    /// The carried record was read: the summary with the carry stands.
+    Carried(Box<SegmentSummarizer>),
+    Alone(Result<Box<SegmentSummarizer>, SummaryError>),
+}
+
+impl StreamedSummary {
+    fn new(first: &[u8], len: u64, prev: Option<&SegmentTail>) -> StreamedSummary {
+        let alone = SegmentSummarizer::new(first, len, None).map(Box::new);
+        let with_carry = prev.and_then(|t| SegmentSummarizer::new(first, len, Some(t)).ok());
+        let state = match with_carry {
+            Some(carry) => Summarizers::Both {
+                carry: Box::new(carry),
+                alone,
+            },
+            None => Summarizers::Alone(alone),
+        };
+        StreamedSummary {
+            state,
+            elapsed: std::time::Duration::ZERO,
+        }
+    }
+
+    fn feed(&mut self, piece: &[u8]) {
+        let started = std::time::Instant::now();
+        let state = std::mem::replace(&mut self.state, Summarizers::Alone(Err(unfed())));
+        self.state = match state {
+            Summarizers::Both {
+                mut carry,
+                mut alone,
+            } => {
+                carry.feed(piece);
+                if let Ok(a) = &mut alone {
+                    a.feed(piece);
+                }
+                match carry.carry_verdict() {
+                    Some(true) => Summarizers::Carried(carry),
+                    Some(false) => Summarizers::Alone(alone),
+                    None => Summarizers::Both { carry, alone },
+                }
+            }
+            Summarizers::Carried(mut c) => {
+                c.feed(piece);
+                Summarizers::Carried(c)
+            }
+            Summarizers::Alone(mut a) => {
+                if let Ok(a) = &mut a {
+                    a.feed(piece);
+                }
+                Summarizers::Alone(a)
+            }
+        };
+        self.elapsed += started.elapsed();
+    }
+
+    /// The summary, whether the carry was used, and the time spent summarizing.
+    fn finish(self) -> (Result<Summarized, SummaryError>, bool, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let (summarized, carried) = match self.state {
+            Summarizers::Carried(c) => (c.finish(), true),
+            Summarizers::Alone(a) => (a.and_then(|a| a.finish()), false),
+            // Never verdicted: the carried record runs to the end of the segment.
+            Summarizers::Both { carry, alone } => match carry.finish() {
+                Ok(s) if !carry_failed(&s) => (Ok(s), true),
+                _ => (alone.and_then(|a| a.finish()), false),
+            },
+        };
+        (summarized, carried, self.elapsed + started.elapsed())
+    }
+}
+
+/// Stands in for a summarizer only while `feed` moves the real one.
+fn unfed() -> SummaryError {
+    SummaryError::Page(crate::wal::PageError::SizeMismatch {
+        len: 0,
+        seg_size: 0,
+    })
+}
+
+/// The test of [`summarize`]: a carry whose record is corrupt before this segment starts is
+/// not this segment's fault.
+fn carry_failed(s: &Summarized) -> bool {
+    matches!(&s.summary.end, SegmentEnd::Corrupt { lsn, .. } if *lsn < s.summary.segment_start)
+}
+
+impl SegmentUpload {
+    /// The next bytes of the segment (any size; archive-push uses [`codec::BLOCK_LEN`]).
+    pub fn write(&mut self, piece: &[u8]) {
+        match &mut self.mode {
+            UploadMode::Streamed { frame, .. } => frame.write(piece),
+            UploadMode::Whole(content) => content.extend_from_slice(piece),
+        }
+    }
+}
+
+impl Repository {
+    /// Starts storing segment `name` of `len` bytes whose first bytes are `first` (at least its
+    /// long page header, checked by the caller; hand them to `write` too). `summary_input` reads
+    /// the same segment from its start, for the summary. Reads the previous segment's carry
+    /// first (see [`Self::store_wal_file`]).
+    pub async fn segment_upload(
+        &self,
+        name: &WalFileName,
+        first: &[u8],
+        len: u64,
+        summary_input: impl std::io::Read + Send + 'static,
+    ) -> SegmentUpload {
+        let streamed = self.objects.data_key.is_none() && self.objects.write.codec == Codec::Lz4;
+        if !streamed {
+            return SegmentUpload {
+                name: name.clone(),
+                mode: UploadMode::Whole(Vec::with_capacity(len as usize)),
+            };
+        }
+        let prev = previous_carry(self, name, first).await;
+        let n = name.clone();
+        let summary =
+            tokio::task::spawn_blocking(move || summarize_input(&n, summary_input, len, prev));
+        SegmentUpload {
+            name: name.clone(),
+            mode: UploadMode::Streamed {
+                frame: BlockWriter::aligned(FRAME_HEADER_LEN, len as usize),
+                summary,
+            },
+        }
+    }
+
+    /// Stores what `up` was given: the segment (durable on return), then its summary, as
+    /// [`Self::store_wal_file_owned`] does.
+    pub async fn store_segment_upload(
+        &self,
+        up: SegmentUpload,
+    ) -> Result<UploadOutcome, RepoError> {
+        let (frame, summary) = match up.mode {
+            UploadMode::Whole(content) => {
+                return self
+                    .store_wal_file_owned(&up.name, Bytes::from(content))
+                    .await
+                    .map(UploadOutcome::Done)
+            }
+            UploadMode::Streamed { frame, summary } => (frame, summary),
+        };
+        let key = layout::wal_key(&up.name);
+        let framed = codec::frame_blocks(frame.finish());
+        match self.storage.put_if_absent(&key, framed).await {
+            Ok(()) => {}
+            Err(StorageError::AlreadyExists { .. }) => return Ok(UploadOutcome::NeedsContent),
+            Err(e) => return Err(e.into()),
+        }
+        if let Some((summarized, carried, elapsed)) = summary.await.expect("summary task panicked")
+        {
+            self.store_summary(&up.name, summarized, carried, elapsed)
+                .await?;
+        }
+        Ok(UploadOutcome::Done(PutOutcome::Stored))
+    }
+}
+
+/// A WAL file found for recovery (archive-get), to be written out with
+/// [`RecoveryWal::write_to`]: a stored object is decoded as it is written, block by block for
+/// `lz4-blocks`, so that no segment-sized buffer is needed.
+pub struct RecoveryWal(Found);
+
+enum Found {
+    Object {
+        key: String,
+        stored: Bytes,
+        objects: ObjectCodec,
+    },
+    Content(Vec<u8>),
+}
+
+/// Why [`RecoveryWal::write_to`] failed.
+#[derive(Debug)]
+pub enum WriteWalError {
+    /// The object is damaged: nothing written may be used.
+    Repo(RepoError),
+    Write(std::io::Error),
+}
+
+impl RecoveryWal {
+    /// Checks the object's header and payload checksum: storage damage is found here, before
+    /// anything is written (the content checksum is checked by `write_to`, at the end).
+    pub fn check(&self) -> Result<(), RepoError> {
+        let Found::Object { key, stored, .. } = &self.0 else {
+            return Ok(());
+        };
+        codec::peek_header(stored)
+            .and_then(|h| codec::checked_payload(&h, stored).map(|_| ()))
+            .map_err(|source| RepoError::Corrupt {
+                key: key.clone(),
+                source,
+            })
+    }
+
+    /// Writes the content to `w`; its length. On error, what was written must be discarded.
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> Result<u64, WriteWalError> {
+        let (key, stored, objects) = match &self.0 {
+            Found::Content(c) => {
+                w.write_all(c).map_err(WriteWalError::Write)?;
+                return Ok(c.len() as u64);
+            }
+            Found::Object {
+                key,
+                stored,
+                objects,
+            } => (key, stored, objects),
+        };
+        let corrupt = |source| {
+            WriteWalError::Repo(RepoError::Corrupt {
+                key: key.clone(),
+                source,
+            })
+        };
+        if objects.data_key.is_some() {
+            // Sealed as one piece: opened and decompressed whole (docs/encryption.md).
+            let content = objects.decode(key, stored).map_err(WriteWalError::Repo)?;
+            w.write_all(&content).map_err(WriteWalError::Write)?;
+            return Ok(content.len() as u64);
+        }
+        codec::decode_to(stored, |piece| w.write_all(piece).map_err(Step::Write)).map_err(|e| {
+            match e {
+                Step::Codec(c) => corrupt(c),
+                Step::Write(e) => WriteWalError::Write(e),
+            }
+        })
+    }
+}
+
+enum Step {
+    Codec(CodecError),
+    Write(std::io::Error),
+}
+
+impl From<CodecError> for Step {
+    fn from(e: CodecError) -> Step {
+        Step::Codec(e)
+    }
+}
+
+impl Repository {
+    /// [`Self::wal_file_for_recovery`], with a stored object left encoded until it is written
+    /// out (see [`RecoveryWal`]).
+    pub async fn wal_for_recovery_streamed(
+        &self,
+        name: &WalFileName,
+    ) -> Result<Option<RecoveryWal>, RepoError> {
+        let key = layout::wal_key(name);
+        match self.storage.get(&key).await {
+            Ok(stored) => {
+                return Ok(Some(RecoveryWal(Found::Object {
+                    key,
+                    stored,
+                    objects: self.objects.clone(),
+                })))
+            }
+            Err(StorageError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(self.wal_file_for_recovery(name).await?.map(|found| {
+            RecoveryWal(Found::Content(match found {
+                WalForRecovery::Stored(c) | WalForRecovery::FromChunks(c) => c,
+            }))
+        }))
+    }
+}
+
 impl Repository {
     /// The history files of timelines `tlis`, parsed. A timeline whose history file is absent
     /// is left out (the planner reports what it cannot follow); one that is damaged or does not
@@ -194,5 +557,84 @@ impl Repository {
             out.insert(tli, entries);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{ClusterIdentity, WriteOptions};
+    use crate::storage::Storage;
+    use crate::wal::testdata::{segments, SEG_SIZE};
+
+    async fn repo() -> Repository {
+        let cluster = ClusterIdentity {
+            system_identifier: 7_000_000_000_000_000_001,
+            pg_major: 15,
+            wal_segment_size: SEG_SIZE,
+        };
+        Repository::open_for_cluster(
+            Storage::in_memory(),
+            &cluster,
+            "test",
+            WriteOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn upload(repo: &Repository, name: &WalFileName, seg: &[u8]) -> UploadOutcome {
+        let first = &seg[..4096];
+        let input = std::io::Cursor::new(seg.to_vec());
+        let mut up = repo
+            .segment_upload(name, first, seg.len() as u64, input)
+            .await;
+        for piece in seg.chunks(100_000) {
+            up.write(piece);
+        }
+        repo.store_segment_upload(up).await.unwrap()
+    }
+
+    /// A streamed segment is stored as `lz4-blocks`, reads back the same, and gets the very
+    /// summary the whole-segment path writes, with the carry across segment boundaries (the
+    /// fixtures have a record crossing from 07 into 08) and without it.
+    #[tokio::test]
+    async fn streamed_segments_store_the_same_content_and_summaries() {
+        let (whole, streamed, alone) = (repo().await, repo().await, repo().await);
+        for (i, (segno, seg)) in segments().into_iter().enumerate() {
+            let name = WalFileName::segment(1, segno, SEG_SIZE);
+            whole.store_wal_file(&name, &seg).await.unwrap();
+            assert!(matches!(
+                upload(&streamed, &name, &seg).await,
+                UploadOutcome::Done(PutOutcome::Stored)
+            ));
+            let key = layout::wal_key(&name);
+            let stored = streamed.storage.get(&key).await.unwrap();
+            assert_eq!(codec::peek_header(&stored).unwrap().codec, Codec::Lz4Blocks);
+            assert_eq!(streamed.get_wal_file(&name).await.unwrap().unwrap(), seg);
+            let expected = whole.segment_summary(&name).await.unwrap();
+            assert!(expected.is_some());
+            assert_eq!(
+                streamed.segment_summary(&name).await.unwrap(),
+                expected,
+                "{name}"
+            );
+            // Without the previous segment's summary: summarized alone, as the whole path does.
+            if i == 1 {
+                let single = repo().await;
+                single.store_wal_file(&name, &seg).await.unwrap();
+                upload(&alone, &name, &seg).await;
+                assert_eq!(
+                    alone.segment_summary(&name).await.unwrap(),
+                    single.segment_summary(&name).await.unwrap()
+                );
+                assert_ne!(alone.segment_summary(&name).await.unwrap(), expected);
+            }
+            // A retry finds the object stored: the caller must compare the whole content.
+            assert!(matches!(
+                upload(&streamed, &name, &seg).await,
+                UploadOutcome::NeedsContent
+            ));
+        }
     }
 }

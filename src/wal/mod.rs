@@ -14,22 +14,23 @@ mod real_wal_tests;
 pub mod record;
 mod summary;
 #[cfg(test)]
-mod testdata;
+pub(crate) mod testdata;
 pub mod xact;
 
 pub use file_name::{SegNo, WalFileName, WalFileNameError};
 pub use history::{parse_history, HistoryEntry, HistoryError};
 pub use lsn::{Lsn, LsnParseError};
 pub use page::{
-    major_from_magic, parse_long_header, parse_page_header, validate_segment, LongPageHeader,
-    PageError, PageHeader, XLP_BKP_REMOVABLE, XLP_FIRST_IS_CONTRECORD,
-    XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+    major_from_magic, parse_long_header, parse_page_header, validate_segment,
+    validate_segment_start, LongPageHeader, PageError, PageHeader, XLP_BKP_REMOVABLE,
+    XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 pub use reader::{EndOfWal, EndReason, Next, WalError, WalReader};
 pub use record::{rmgr_name, BlockRef, Record, XLogRecord, RM_XACT_ID, RM_XLOG_ID};
 pub use summary::{
-    summarize_segment, CheckpointMark, RestorePointMark, SegmentEnd, SegmentSummary, SegmentTail,
-    SkippedContinuation, Summarized, SummaryError, XactMark, XidRange, SUMMARY_FORMAT,
+    summarize_segment, CheckpointMark, RestorePointMark, SegmentEnd, SegmentSummarizer,
+    SegmentSummary, SegmentTail, SkippedContinuation, Summarized, SummaryError, XactMark, XidRange,
+    SUMMARY_FORMAT,
 };
 pub use xact::{
     decode_event, may_be_event, pg_timestamp_to_utc, utc_to_pg_timestamp, WalEvent, XactKind,

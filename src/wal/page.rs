@@ -171,10 +171,21 @@ pub fn validate_segment(
     tli: TimelineId,
     segno: u64,
 ) -> Result<LongPageHeader, PageError> {
-    let h = parse_long_header(bytes)?;
-    if bytes.len() as u64 != h.seg_size as u64 {
+    validate_segment_start(bytes, bytes.len() as u64, tli, segno)
+}
+
+/// [`validate_segment`] for a segment of `len` bytes of which `first` holds the start (at
+/// least the long page header): archive-push reads the rest later, in blocks.
+pub fn validate_segment_start(
+    first: &[u8],
+    len: u64,
+    tli: TimelineId,
+    segno: u64,
+) -> Result<LongPageHeader, PageError> {
+    let h = parse_long_header(first)?;
+    if len != h.seg_size as u64 {
         return Err(PageError::SizeMismatch {
-            len: bytes.len() as u64,
+            len,
             seg_size: h.seg_size,
         });
     }

@@ -175,117 +175,191 @@ pub fn summarize_segment(
     segment: &[u8],
     prev_tail: Option<&SegmentTail>,
 ) -> Result<Summarized, SummaryError> {
-    let h = parse_long_header(segment)?;
-    let seg_size = h.seg_size as u64;
-    if segment.len() as u64 != seg_size {
-        return Err(PageError::SizeMismatch {
-            len: segment.len() as u64,
-            seg_size: h.seg_size,
-        }
-        .into());
-    }
-    let seg_start = h.pageaddr;
-    if seg_start.0 % seg_size != 0 {
-        return Err(PageError::AddressMismatch {
-            expected: Lsn(seg_start.0 - seg_start.0 % seg_size),
-            found: seg_start,
-        }
-        .into());
-    }
-    let mut reader;
-    let mut skipped = None;
-    match prev_tail {
-        Some(t) => {
-            let tail_end = Lsn(t.lsn.0 + t.bytes.len() as u64);
-            if tail_end != seg_start {
-                return Err(SummaryError::TailMismatch {
-                    tail_end,
-                    segment_start: seg_start,
-                });
-            }
-            reader = WalReader::new(seg_size, t.lsn)?;
-            if let Some(p) = t.prev {
-                reader.set_prev_record(p);
-            }
-            reader.set_system_identifier(t.system_identifier);
-            reader.feed(&t.bytes);
-        }
-        None => {
-            reader = WalReader::new(seg_size, seg_start)?;
-            if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
-                skipped = Some(SkippedContinuation { rem_len: h.rem_len });
-            }
-        }
-    }
-    let mut s = SegmentSummary {
-        format: SUMMARY_FORMAT,
-        segment_start: seg_start,
-        segment_size: seg_size,
-        pg_major: super::major_from_magic(h.magic).unwrap_or(0),
-        system_identifier: h.system_identifier,
-        timeline: h.tli,
-        last_page_timeline: h.tli,
-        skipped_continuation: skipped,
-        first_record_lsn: None,
-        last_record_lsn: None,
-        end_lsn: None,
-        record_count: 0,
-        commit_count: 0,
-        abort_count: 0,
-        first_xact: None,
-        last_xact: None,
-        xid_range: None,
-        restore_points: Vec::new(),
-        checkpoints: Vec::new(),
-        ends_with_switch: false,
-        end: SegmentEnd::Switch, // replaced below
-    };
+    let mut s = SegmentSummarizer::new(segment, segment.len() as u64, prev_tail)?;
     // The reader reads the records in place from `segment`: no copy of the segment (that was
     // the largest transient allocation of `archive-push` and `pitr stream`, and most of the
     // time), only of the record continuing into the next segment.
-    let mut last_xact = None;
-    let outcome = reader.read_from(
-        segment,
-        #[inline(always)]
-        |rec| add_record(&mut s, &mut last_xact, &rec),
-    );
-    s.last_xact = last_xact.map(RawXact::mark);
-    let mut error = None;
-    s.end = match outcome {
-        Ok(None) if s.ends_with_switch => SegmentEnd::Switch,
-        Ok(None) => SegmentEnd::Continues {
-            next_record: reader.next_lsn(),
-        },
-        Ok(Some(e)) => SegmentEnd::EndOfWal {
-            lsn: e.lsn,
-            reason: e.reason,
-        },
-        Err(e) => {
-            let end = SegmentEnd::Corrupt {
-                lsn: e.lsn(),
-                error: e.to_string(),
-            };
-            error = Some(e);
-            end
+    s.feed(segment);
+    s.finish()
+}
+
+/// [`summarize_segment`] over a segment handed in piece by piece (archive-push reads the
+/// segment in small blocks and never holds it whole): the same summary, whatever the pieces.
+pub struct SegmentSummarizer {
+    reader: WalReader,
+    s: SegmentSummary,
+    last_xact: Option<RawXact>,
+    /// Set once reading stopped (end of WAL, corruption): later input is not looked at.
+    outcome: Option<Result<Option<super::reader::EndOfWal>, WalError>>,
+    fed: u64,
+}
+
+impl SegmentSummarizer {
+    /// A summarizer for a segment of `len` bytes whose first bytes are `first` (at least its
+    /// long page header; not consumed: feed them too).
+    pub fn new(
+        first: &[u8],
+        len: u64,
+        prev_tail: Option<&SegmentTail>,
+    ) -> Result<SegmentSummarizer, SummaryError> {
+        let h = parse_long_header(first)?;
+        let seg_size = h.seg_size as u64;
+        if len != seg_size {
+            return Err(PageError::SizeMismatch {
+                len,
+                seg_size: h.seg_size,
+            }
+            .into());
         }
-    };
-    if let Some(tli) = reader.page_tli() {
-        s.last_page_timeline = tli;
-    }
-    let tail = match s.end {
-        SegmentEnd::Continues { .. } | SegmentEnd::Switch => Some(SegmentTail {
-            lsn: reader.next_lsn(),
-            prev: reader.prev_record(),
-            bytes: reader.unconsumed().to_vec(),
+        let seg_start = h.pageaddr;
+        if seg_start.0 % seg_size != 0 {
+            return Err(PageError::AddressMismatch {
+                expected: Lsn(seg_start.0 - seg_start.0 % seg_size),
+                found: seg_start,
+            }
+            .into());
+        }
+        let mut reader;
+        let mut skipped = None;
+        match prev_tail {
+            Some(t) => {
+                let tail_end = Lsn(t.lsn.0 + t.bytes.len() as u64);
+                if tail_end != seg_start {
+                    return Err(SummaryError::TailMismatch {
+                        tail_end,
+                        segment_start: seg_start,
+                    });
+                }
+                reader = WalReader::new(seg_size, t.lsn)?;
+                if let Some(p) = t.prev {
+                    reader.set_prev_record(p);
+                }
+                reader.set_system_identifier(t.system_identifier);
+                reader.feed(&t.bytes);
+            }
+            None => {
+                reader = WalReader::new(seg_size, seg_start)?;
+                if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
+                    skipped = Some(SkippedContinuation { rem_len: h.rem_len });
+                }
+            }
+        }
+        let s = SegmentSummary {
+            format: SUMMARY_FORMAT,
+            segment_start: seg_start,
+            segment_size: seg_size,
+            pg_major: super::major_from_magic(h.magic).unwrap_or(0),
             system_identifier: h.system_identifier,
-        }),
-        _ => None,
-    };
-    Ok(Summarized {
-        summary: s,
-        tail,
-        error,
-    })
+            timeline: h.tli,
+            last_page_timeline: h.tli,
+            skipped_continuation: skipped,
+            first_record_lsn: None,
+            last_record_lsn: None,
+            end_lsn: None,
+            record_count: 0,
+            commit_count: 0,
+            abort_count: 0,
+            first_xact: None,
+            last_xact: None,
+            xid_range: None,
+            restore_points: Vec::new(),
+            checkpoints: Vec::new(),
+            ends_with_switch: false,
+            end: SegmentEnd::Switch, // replaced in `finish`
+        };
+        Ok(SegmentSummarizer {
+            reader,
+            s,
+            last_xact: None,
+            outcome: None,
+            fed: 0,
+        })
+    }
+
+    /// The next bytes of the segment. Once the records end (end of WAL, corruption), the rest
+    /// is only counted: the reader would otherwise keep it all.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.fed += bytes.len() as u64;
+        if self.outcome.is_some() {
+            return;
+        }
+        let (s, last_xact) = (&mut self.s, &mut self.last_xact);
+        let outcome = self.reader.read_from(
+            bytes,
+            #[inline(always)]
+            |rec| add_record(s, last_xact, &rec),
+        );
+        if !matches!(outcome, Ok(None)) {
+            self.outcome = Some(outcome);
+        }
+    }
+
+    /// For a summarizer started with a carry: `Some(false)` once the carried record turned
+    /// out corrupt (before this segment starts), `Some(true)` once it was read, or reading
+    /// stopped later; `None` while the record is still being read.
+    pub fn carry_verdict(&self) -> Option<bool> {
+        match &self.outcome {
+            Some(Err(e)) if e.lsn() < self.s.segment_start => Some(false),
+            Some(_) => Some(true),
+            None if self.reader.next_lsn() >= self.s.segment_start => Some(true),
+            None => None,
+        }
+    }
+
+    /// The summary, once the whole segment was fed (a different length is an error).
+    pub fn finish(self) -> Result<Summarized, SummaryError> {
+        let SegmentSummarizer {
+            reader,
+            mut s,
+            last_xact,
+            outcome,
+            fed,
+        } = self;
+        if fed != s.segment_size {
+            return Err(PageError::SizeMismatch {
+                len: fed,
+                seg_size: s.segment_size as u32,
+            }
+            .into());
+        }
+        s.last_xact = last_xact.map(RawXact::mark);
+        let mut error = None;
+        s.end = match outcome.unwrap_or(Ok(None)) {
+            Ok(None) if s.ends_with_switch => SegmentEnd::Switch,
+            Ok(None) => SegmentEnd::Continues {
+                next_record: reader.next_lsn(),
+            },
+            Ok(Some(e)) => SegmentEnd::EndOfWal {
+                lsn: e.lsn,
+                reason: e.reason,
+            },
+            Err(e) => {
+                let end = SegmentEnd::Corrupt {
+                    lsn: e.lsn(),
+                    error: e.to_string(),
+                };
+                error = Some(e);
+                end
+            }
+        };
+        if let Some(tli) = reader.page_tli() {
+            s.last_page_timeline = tli;
+        }
+        let tail = match s.end {
+            SegmentEnd::Continues { .. } | SegmentEnd::Switch => Some(SegmentTail {
+                lsn: reader.next_lsn(),
+                prev: reader.prev_record(),
+                bytes: reader.unconsumed().to_vec(),
+                system_identifier: s.system_identifier,
+            }),
+            _ => None,
+        };
+        Ok(Summarized {
+            summary: s,
+            tail,
+            error,
+        })
+    }
 }
 
 /// A transaction end whose time is known to convert ([`pg_time_converts`]), not yet converted:
@@ -386,6 +460,33 @@ fn add_record(s: &mut SegmentSummary, last_xact: &mut Option<RawXact>, rec: &Rec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same summary and tail whole or in pieces of any size, with and without the carry,
+    /// and a wrong total length is refused.
+    #[test]
+    fn a_segment_fed_in_pieces_summarizes_as_a_whole() {
+        let segs = crate::wal::testdata::segments();
+        let mut tail: Option<SegmentTail> = None;
+        for (_, seg) in &segs {
+            for carry in [None, tail.as_ref()] {
+                let whole = summarize_segment(seg, carry).unwrap();
+                for piece in [1usize, 7, 8192, 100_003, 256 * 1024] {
+                    let mut s = SegmentSummarizer::new(seg, seg.len() as u64, carry).unwrap();
+                    for p in seg.chunks(piece) {
+                        s.feed(p);
+                    }
+                    let parts = s.finish().unwrap();
+                    assert_eq!(parts.summary, whole.summary, "pieces of {piece}");
+                    assert_eq!(parts.tail, whole.tail, "pieces of {piece}");
+                    assert_eq!(parts.error, whole.error, "pieces of {piece}");
+                }
+            }
+            let mut short = SegmentSummarizer::new(seg, seg.len() as u64, None).unwrap();
+            short.feed(&seg[..seg.len() - 1]);
+            assert!(short.finish().is_err());
+            tail = summarize_segment(seg, tail.as_ref()).unwrap().tail;
+        }
+    }
 
     #[test]
     fn pg_time_converts_exactly_when_the_conversion_does() {

@@ -1,0 +1,140 @@
+# shellcheck shell=bash
+# MODE=replay part of bench/prefetch.sh (sourced by it, after bench_init): real PostgreSQL
+# archive recovery with and without the archive-get prefetch; see the header of prefetch.sh.
+
+_archiving_cluster
+log "pgbench -i -s 10, base backup, then TPC-B until $N more segments are archived"
+as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
+as_pg "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D "$BT/base" -X none -c fast >"$BT/log/basebackup.log" 2>&1
+base=$(count_segs)
+deadline=$((SECONDS + 600))
+while (($(count_segs) < base + N)); do
+    ((SECONDS < deadline)) || die "WAL generation too slow"
+    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
+done
+psql_at "$PORT" "select pg_switch_wal()" >/dev/null
+sleep 2
+pg_stop "$PGDATA"
+
+REPO="$BT/repo"
+mkdir -p "$REPO" && chown postgres:postgres "$REPO"
+log "archiving $(ls "$SRC" | wc -l) files with pitr archive-push (lz4)"
+for f in $(ls "$SRC" | sort); do
+    as_pg "$PITR" --repo "$REPO" --log-level warn archive-push "$SRC/$f"
+done
+
+# restore_command: one line per call, "name start_ns end_ns rc outcome waited".
+cat >"$BT/bin/rc.sh" <<'SH'
+#!/bin/bash
+# rc.sh LOG PREFETCH(0|default) pitr repo %f %p
+log=$1 pf=$2 pitr=$3 repo=$4 f=$5 p=$6
+t0=$(date +%s%N)
+if [[ $pf == 0 ]]; then
+    out=$("$pitr" --repo "$repo" --log-level debug archive-get --prefetch 0 "$f" "$p" 2>&1)
+else
+    out=$("$pitr" --repo "$repo" --log-level debug archive-get "$f" "$p" 2>&1)
+fi
+rc=$?
+t1=$(date +%s%N)
+what=other
+case $out in
+*"waited for the prefetch worker"*) what=spool-waited ;;
+*"restored from the prefetch spool"*) what=spool ;;
+*"not in the repository"*) what=notfound ;;
+*"restored"*) what=fetched ;;
+esac
+echo "$f $t0 $t1 $rc $what" >>"$log"
+printf '%s\n' "$out" >>"$log.out"
+exit $rc
+SH
+chmod 0755 "$BT/bin/rc.sh"
+
+: >"$BT/replay.txt"
+replay_round() { # mode round
+    local mode=$1 r=$2 dd="$BT/rep-$1-$2" pf=default port t_end
+    [[ $mode == off ]] && pf=0
+    rm -rf "$dd"
+    cp -a "$BT/base" "$dd"
+    rm -f "$dd/postmaster.pid" "$dd/postmaster.opts"
+    port=$(free_port)
+    {
+        echo "port = $port"
+        echo "restore_command = '$BT/bin/rc.sh $BT/calls-$mode-$r.txt $pf $PITR $REPO %f %p'"
+        echo "archive_mode = off"
+    } >>"$dd/postgresql.auto.conf"
+    : >"$dd/recovery.signal"
+    : >"$BT/calls-$mode-$r.txt"
+    chown -R postgres:postgres "$dd" "$BT/calls-$mode-$r.txt"
+    # The worker logs into its spool, which it removes at the end of recovery: keep a copy.
+    (while [[ ! -e "$BT/stop-$mode-$r" ]]; do
+        cp "$dd/pg_wal/.pitr-prefetch/worker.log" "$BT/worker-$mode-$r.log" 2>/dev/null || true
+        sleep 0.05
+    done) &
+    pg_start "$dd"
+    while [[ $(psql_at "$port" "select pg_is_in_recovery()" 2>/dev/null) != f ]]; do sleep 0.05; done
+    t_end=$(date +%s%N)
+    : >"$BT/stop-$mode-$r"
+    wait
+    pg_stop "$dd"
+    echo "$mode $r $t_end" >>"$BT/replay.txt"
+    rm -rf "$dd"
+}
+
+replay_round off 0 # warm-up: page cache of the repository and the binary
+replay_round on 0
+: >"$BT/replay.txt"
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+for r in $(seq 1 "$ROUNDS"); do
+    if ((r % 2)); then order=(on off); else order=(off on); fi
+    for m in "${order[@]}"; do
+        log "replay round $r: prefetch $m"
+        replay_round "$m" "$r"
+    done
+done
+load1=$(cut -d' ' -f1-3 /proc/loadavg)
+
+{
+    echo
+    echo "## prefetch.sh MODE=replay: PostgreSQL archive recovery of $N segments of TPC-B WAL, $ROUNDS rounds per mode"
+    echo
+    sed 's/^/    /' "$BT/machine.txt"
+    echo "    loadavg during run: $load0 -> $load1"
+    echo
+    /usr/bin/python3 - "$BT" <<'PY'
+import sys, statistics, os
+bt = sys.argv[1]
+rounds = [l.split() for l in open(os.path.join(bt, "replay.txt")) if l.strip()]
+print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | worker stopped because |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+import re
+def worker_stops(mode, r):
+    # The first reason the worker logged for stopping early (free space, errors), if any.
+    try:
+        text = open(os.path.join(bt, f"worker-{mode}-{r}.log")).read()
+    except OSError:
+        return "-"
+    m = re.search(r"WARN .*?(prefetch stops|not prefetching).*?(reason=|error=)(.*)", text)
+    return (m.group(3)[:90] + " ...") if m else "-"
+agg = {}
+for mode, r, t_end in rounds:
+    calls = [l.split() for l in open(os.path.join(bt, f"calls-{mode}-{r}.txt")) if l.strip()]
+    t_first = min(int(c[1]) for c in calls)
+    inside = sum(int(c[2]) - int(c[1]) for c in calls) / 1e6
+    wall = (int(t_end) - t_first) / 1e6
+    segs = [c for c in calls if c[4] in ("spool", "spool-waited", "fetched")]
+    seg_ms = [(int(c[2]) - int(c[1])) / 1e6 for c in segs]
+    hits = sum(c[4] in ("spool", "spool-waited") for c in calls)
+    waited = [c for c in calls if c[4] == "spool-waited"]
+    waited_ms = sum((int(c[2]) - int(c[1])) / 1e6 for c in waited)
+    fetched = sum(c[4] == "fetched" for c in calls)
+    agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode == 'on' else '-'} |")
+if "on" in agg and "off" in agg:
+    med = lambda m, i: statistics.median(x[i] for x in agg[m])
+    print()
+    print(f"median over rounds: time in restore_command {med('on', 0):.0f} ms with prefetch, {med('off', 0):.0f} ms without; "
+          f"recovery wall {med('on', 1):.0f} vs {med('off', 1):.0f} ms (x {med('on', 1) / med('off', 1):.2f}); "
+          f"median call per segment {med('on', 2):.1f} vs {med('off', 2):.1f} ms")
+PY
+} | tee "$BT/report.md"
+if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; fi

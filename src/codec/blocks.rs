@@ -1,0 +1,299 @@
+//! The `lz4-blocks` payload (codec id 3): the content cut into blocks, each compressed with lz4
+//! on its own, so that a writer compresses as it reads (one small reused input buffer) and a
+//! reader decompresses block by block into its destination (no content-sized buffer).
+//!
+//! ```text
+//! payload = block*            (no blocks for empty content)
+//! block   = raw_len u32 LE    1 ..= MAX_BLOCK_LEN bytes of content
+//!           word u32 LE       bits 0..31: stored_len; bit 31: 1 = stored as is (stored_len = raw_len)
+//!           stored_len bytes  an lz4 block (lz4_flex::block / LZ4_compress_default format)
+//!                             decompressing to exactly raw_len bytes, or the content as is
+//! ```
+//! The frame header's checksums cover the whole payload and the whole content, as for every
+//! codec; the raw lengths must add up to the header's `raw_len` and the last block must end the
+//! payload. Blocks are independent (no dictionary from the previous one): lz4 looks back 64 KiB
+//! at most, so blocks of [`BLOCK_LEN`] lose little.
+
+use super::frame::CodecError;
+
+/// Content bytes per block that pitr writes (readers accept any size up to the maximum).
+pub const BLOCK_LEN: usize = 256 * 1024;
+/// Largest block a reader accepts: bounds what a crafted header makes it allocate.
+pub const MAX_BLOCK_LEN: usize = 4 << 20;
+const BLOCK_HEADER_LEN: usize = 8;
+const STORED_AS_IS: u32 = 1 << 31;
+
+/// Page size the buffers below align to: the kernel copies between a page-aligned buffer and
+/// the page cache with fast string moves; into or from a buffer misaligned by malloc's 16-byte
+/// header the same copy ran at a quarter of the speed on AMD EPYC (measured for the prefetch
+/// spool's check, src/archive/prefetch/spool.rs). On the Intel VM of docs/benchmarks.md it
+/// makes no measurable difference; it costs one page.
+pub const ALIGN: usize = 4096;
+
+/// A zeroed buffer of `len` bytes whose slice `[start..start + len]` is page-aligned: the
+/// buffer and `start`.
+pub fn aligned_buffer(len: usize) -> (Vec<u8>, usize) {
+    let backing = vec![0u8; len + ALIGN];
+    let start = backing.as_ptr().align_offset(ALIGN).min(ALIGN);
+    (backing, start)
+}
+
+/// Largest payload `raw_len` bytes of content can take, cut into blocks of [`BLOCK_LEN`].
+pub fn max_payload_len(raw_len: usize) -> usize {
+    let blocks = raw_len.div_ceil(BLOCK_LEN);
+    blocks * BLOCK_HEADER_LEN + raw_len
+}
+
+/// Builds an `lz4-blocks` payload block by block, after `room` leading bytes left for headers.
+/// The CRC-32C of the content and of the payload are kept as it goes.
+pub struct BlockWriter {
+    out: Vec<u8>,
+    /// Where the room starts in `out` (0, or what page-aligns it).
+    start: usize,
+    /// Bytes of `out` written; `out` may be longer (zeroed room for the next block, already
+    /// touched), so that growing it never zeroes the same pages twice.
+    used: usize,
+    room: usize,
+    raw_len: u64,
+    raw_crc: u32,
+    payload_crc: u32,
+}
+
+/// What [`BlockWriter::finish`] hands back.
+pub struct Blocks {
+    /// `start` bytes of padding, `room` bytes (zero), then the payload.
+    pub out: Vec<u8>,
+    pub start: usize,
+    pub raw_len: u64,
+    pub raw_crc32c: u32,
+    pub payload_crc32c: u32,
+}
+
+impl BlockWriter {
+    /// A writer for content of about `expected_len` bytes: the output's capacity is reserved up
+    /// front (address space only; pages are touched as the payload grows into them), so it
+    /// never moves.
+    pub fn new(room: usize, expected_len: usize) -> BlockWriter {
+        Self::with_padding(room, expected_len, false)
+    }
+
+    /// [`Self::new`], with the room page-aligned (see [`ALIGN`]): for output that is written to
+    /// a file as it lies. [`Blocks::start`] says where it begins.
+    pub fn aligned(room: usize, expected_len: usize) -> BlockWriter {
+        Self::with_padding(room, expected_len, true)
+    }
+
+    fn with_padding(room: usize, expected_len: usize, align: bool) -> BlockWriter {
+        // The last block is compressed into lz4's bound, a little over its length.
+        let mut out: Vec<u8> = Vec::with_capacity(
+            ALIGN
+                + room
+                + max_payload_len(expected_len)
+                + lz4_flex::block::get_maximum_output_size(BLOCK_LEN)
+                + BLOCK_HEADER_LEN,
+        );
+        let start = match align {
+            true => out.as_ptr().align_offset(ALIGN).min(ALIGN),
+            false => 0,
+        };
+        out.resize(start + room, 0);
+        BlockWriter {
+            out,
+            start,
+            used: start + room,
+            room,
+            raw_len: 0,
+            raw_crc: 0,
+            payload_crc: 0,
+        }
+    }
+
+    /// Appends `raw` as blocks of at most [`BLOCK_LEN`] bytes.
+    pub fn write(&mut self, raw: &[u8]) {
+        for block in raw.chunks(BLOCK_LEN) {
+            self.block(block);
+        }
+    }
+
+    /// Appends `raw` (1 ..= [`MAX_BLOCK_LEN`] bytes) as one block.
+    pub(crate) fn block(&mut self, raw: &[u8]) {
+        let start = self.used;
+        let data = start + BLOCK_HEADER_LEN;
+        // lz4's bound is above raw.len(); a block that does not shrink is stored as is.
+        let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+        if self.out.len() < data + bound {
+            self.out.resize(data + bound, 0);
+        }
+        let (stored_len, word) = match lz4_flex::block::compress_into(raw, &mut self.out[data..]) {
+            Ok(n) if n < raw.len() => (n, n as u32),
+            // Not smaller (or, impossibly, over the bound): keep the bytes as they are.
+            _ => {
+                self.out[data..data + raw.len()].copy_from_slice(raw);
+                (raw.len(), raw.len() as u32 | STORED_AS_IS)
+            }
+        };
+        self.out[start..start + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        self.out[start + 4..data].copy_from_slice(&word.to_le_bytes());
+        self.used = data + stored_len;
+        self.raw_len += raw.len() as u64;
+        self.raw_crc = crc32c::crc32c_append(self.raw_crc, raw);
+        self.payload_crc = crc32c::crc32c_append(self.payload_crc, &self.out[start..self.used]);
+    }
+
+    pub fn finish(mut self) -> Blocks {
+        self.out.truncate(self.used);
+        debug_assert!(self.out.len() >= self.start + self.room);
+        Blocks {
+            out: self.out,
+            start: self.start,
+            raw_len: self.raw_len,
+            raw_crc32c: self.raw_crc,
+            payload_crc32c: self.payload_crc,
+        }
+    }
+}
+
+/// One block of a payload, located and checked for shape (not yet decompressed).
+struct BlockRef<'a> {
+    raw_len: usize,
+    stored: &'a [u8],
+    as_is: bool,
+}
+
+fn bad(at: usize, what: impl std::fmt::Display) -> CodecError {
+    CodecError::Decompress {
+        message: format!("lz4 block at payload offset {at}: {what}"),
+    }
+}
+
+/// Splits off the block at the start of `rest` (which is at payload offset `at`).
+fn next_block(rest: &[u8], at: usize) -> Result<(BlockRef<'_>, &[u8]), CodecError> {
+    if rest.len() < BLOCK_HEADER_LEN {
+        return Err(bad(at, "block header cut short"));
+    }
+    let raw_len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let word = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    let as_is = word & STORED_AS_IS != 0;
+    let stored_len = (word & !STORED_AS_IS) as usize;
+    if raw_len == 0 || raw_len > MAX_BLOCK_LEN {
+        return Err(bad(at, format_args!("block length {raw_len} out of range")));
+    }
+    if as_is && stored_len != raw_len {
+        return Err(bad(at, "stored block of the wrong length"));
+    }
+    let body = &rest[BLOCK_HEADER_LEN..];
+    if stored_len > body.len() {
+        return Err(bad(at, "block cut short"));
+    }
+    let (stored, rest) = body.split_at(stored_len);
+    Ok((
+        BlockRef {
+            raw_len,
+            stored,
+            as_is,
+        },
+        rest,
+    ))
+}
+
+/// Decompresses one block into `dest` (exactly `b.raw_len` bytes).
+fn expand(b: &BlockRef<'_>, dest: &mut [u8], at: usize) -> Result<(), CodecError> {
+    if b.as_is {
+        dest.copy_from_slice(b.stored);
+        return Ok(());
+    }
+    match lz4_flex::block::decompress_into(b.stored, dest) {
+        Ok(n) if n == b.raw_len => Ok(()),
+        Ok(n) => Err(bad(
+            at,
+            format_args!("decompresses to {n} bytes, not {}", b.raw_len),
+        )),
+        Err(e) => Err(bad(at, e)),
+    }
+}
+
+/// Decodes `payload` block by block, handing each block's content to `sink` in order; returns
+/// the CRC-32C of the content. Fails, having passed on at most `raw_len` bytes, when the blocks
+/// do not decode to exactly `raw_len` bytes. `sink` errors are returned as they are.
+pub fn decode_blocks<E: From<CodecError>>(
+    payload: &[u8],
+    raw_len: u64,
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u32, E> {
+    // Page-aligned (see ALIGN): `sink` typically writes it to a file.
+    let (mut backing, mut at0) = (Vec::new(), 0);
+    let (mut rest, mut done, mut crc) = (payload, 0u64, 0u32);
+    while !rest.is_empty() {
+        let at = payload.len() - rest.len();
+        let (b, after) = next_block(rest, at)?;
+        if done + b.raw_len as u64 > raw_len {
+            return Err(too_long(raw_len).into());
+        }
+        if backing.len() < at0 + b.raw_len {
+            (backing, at0) = aligned_buffer(b.raw_len);
+        }
+        let scratch = &mut backing[at0..at0 + b.raw_len];
+        expand(&b, scratch, at)?;
+        crc = crc32c::crc32c_append(crc, scratch);
+        sink(scratch)?;
+        done += b.raw_len as u64;
+        rest = after;
+    }
+    if done != raw_len {
+        return Err(CodecError::ContentLength {
+            expected: raw_len,
+            actual: done,
+        }
+        .into());
+    }
+    Ok(crc)
+}
+
+fn too_long(raw_len: u64) -> CodecError {
+    CodecError::ContentLength {
+        expected: raw_len,
+        actual: raw_len + 1,
+    }
+}
+
+/// Decodes `payload` into one buffer of exactly `raw_len` bytes (the caller checked `raw_len`
+/// against the frame's maximum).
+pub fn decompress_blocks(payload: &[u8], raw_len: u64) -> Result<Vec<u8>, CodecError> {
+    // Zeroed by the allocator (fresh pages), then every byte written once, in place.
+    let mut out = vec![0u8; raw_len as usize];
+    expand_blocks(payload, raw_len, &mut out)?;
+    Ok(out)
+}
+
+/// [`decompress_blocks`] into `out`, reusing its allocation (verify reads segment after
+/// segment into the same buffers). Every byte of `out` is written by a block or the call fails,
+/// so stale content from a previous use never survives into a successful result.
+pub fn decompress_blocks_into(
+    payload: &[u8],
+    raw_len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    out.resize(raw_len as usize, 0);
+    expand_blocks(payload, raw_len, out)
+}
+
+fn expand_blocks(payload: &[u8], raw_len: u64, out: &mut [u8]) -> Result<(), CodecError> {
+    let (mut rest, mut done) = (payload, 0usize);
+    while !rest.is_empty() {
+        let at = payload.len() - rest.len();
+        let (b, after) = next_block(rest, at)?;
+        let Some(dest) = out.get_mut(done..done + b.raw_len) else {
+            return Err(too_long(raw_len));
+        };
+        expand(&b, dest, at)?;
+        done += b.raw_len;
+        rest = after;
+    }
+    if done as u64 != raw_len {
+        return Err(CodecError::ContentLength {
+            expected: raw_len,
+            actual: done as u64,
+        });
+    }
+    Ok(())
+}
