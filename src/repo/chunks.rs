@@ -454,3 +454,206 @@ mod scan_tests {
         assert_eq!(ends[&2], Lsn(5 * seg + 0x100));
     }
 }
+
+/// First bytes of a chunked segment's content: a segment object that names its chunks instead
+/// of holding its bytes (docs/repository-format.md, "Chunked segments"). A WAL segment can
+/// never start like this: its first two bytes are the page magic, whose second byte is 0xD0 or
+/// above, and it is `wal_segment_size` bytes long, far more than any manifest.
+pub const CHUNKED_SEGMENT_MAGIC: &[u8] = b"PITR chunked segment 1\n";
+
+/// The JSON after [`CHUNKED_SEGMENT_MAGIC`].
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ChunkedSegment {
+    segment_size: u64,
+    /// Bytes of WAL the chunks hold, from offset 0; the rest, up to `segment_size`, is zeros
+    /// (only a `.partial` has any).
+    wal_bytes: u64,
+    /// `[start, end)` of each chunk, in order, contiguous from 0 to `wal_bytes`.
+    chunks: Vec<(u32, u32)>,
+}
+
+impl ChunkedSegment {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = CHUNKED_SEGMENT_MAGIC.to_vec();
+        out.extend_from_slice(&serde_json::to_vec(self).expect("plain data serializes"));
+        out
+    }
+
+    /// The manifest in `content`, if it is one; `Err` when it is one but does not hold up.
+    fn decode(content: &[u8]) -> Option<Result<ChunkedSegment, String>> {
+        let json = content.strip_prefix(CHUNKED_SEGMENT_MAGIC)?;
+        Some(
+            serde_json::from_slice::<ChunkedSegment>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|m| m.check().map(|()| m)),
+        )
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut pos = 0u64;
+        for &(start, end) in &self.chunks {
+            if u64::from(start) != pos || end <= start {
+                return Err(format!(
+                    "chunk [{start:08X}-{end:08X}) does not continue at {pos:08X}"
+                ));
+            }
+            pos = u64::from(end);
+        }
+        if pos != self.wal_bytes || self.wal_bytes > self.segment_size || self.wal_bytes == 0 {
+            return Err(format!(
+                "chunks reach {pos} bytes, wal_bytes is {}, segment_size {}",
+                self.wal_bytes, self.segment_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Repository {
+    /// Stores segment (or `.partial`) `name` as a chunked segment: an object under the segment's
+    /// key naming the chain of chunks already durable that hold its bytes `[0, wal_bytes)` (one
+    /// LIST finds them; each repository, a mirror too, names its own). Used by `pitr stream` for
+    /// segments larger than its memory budget, so that a segment is never held whole. The chunks
+    /// are then part of the segment and are never deleted on their own.
+    pub async fn store_chunked_segment(
+        &self,
+        name: &WalFileName,
+        wal_bytes: u64,
+    ) -> Result<PutOutcome, RepoError> {
+        let folder = match name {
+            WalFileName::Partial { tli, log, seg } => WalFileName::Segment {
+                tli: *tli,
+                log: *log,
+                seg: *seg,
+            },
+            n => n.clone(),
+        };
+        let mut chain = self.list_chunks(&folder).await?.chain;
+        // The chain may reach further than the `.partial` (chunks of a longer, older stream):
+        // it names exactly the WAL it was given, so cut at the first chunk past it.
+        chain.retain(|c| u64::from(c.end) <= wal_bytes);
+        let manifest = ChunkedSegment {
+            segment_size: self.descriptor().wal_segment_size,
+            wal_bytes,
+            chunks: chain.iter().map(|c| (c.start, c.end)).collect(),
+        };
+        if let Err(message) = manifest.check() {
+            // A bug in the writer: never store a segment that would not read back.
+            return Err(RepoError::BadChunkedSegment {
+                key: layout::wal_key(name),
+                message,
+            });
+        }
+        self.put_wal_file(name, &manifest.encode()).await
+    }
+
+    /// The content of WAL file `name` given its stored object's decoded `content`: the content
+    /// itself, or for a chunked segment its chunks read, checked and concatenated (zero-padded
+    /// to the segment size). Every reader of segment objects goes through here.
+    pub(super) async fn resolve_chunked(
+        &self,
+        name: &WalFileName,
+        content: Vec<u8>,
+    ) -> Result<Vec<u8>, RepoError> {
+        if !matches!(
+            name,
+            WalFileName::Segment { .. } | WalFileName::Partial { .. }
+        ) {
+            return Ok(content);
+        }
+        let Some(manifest) = ChunkedSegment::decode(&content) else {
+            return Ok(content);
+        };
+        let key = layout::wal_key(name);
+        let bad = |message| RepoError::BadChunkedSegment {
+            key: key.clone(),
+            message,
+        };
+        let manifest = manifest.map_err(bad)?;
+        if manifest.segment_size != self.descriptor().wal_segment_size {
+            return Err(bad(format!(
+                "segment_size {} is not the repository's",
+                manifest.segment_size
+            )));
+        }
+        let plan = ChunkPlan {
+            chain: manifest_chain(name, &manifest),
+            stray: vec![],
+        };
+        // A chunk of a chunked segment is never deleted on its own: missing is damage.
+        let mut bytes = self.read_chain(&plan).await.map_err(|e| match e {
+            RepoError::Storage(StorageError::NotFound { key: k, .. }) => {
+                bad(format!("its chunk {k} is missing"))
+            }
+            e => e,
+        })?;
+        bytes.resize(manifest.segment_size as usize, 0);
+        Ok(bytes)
+    }
+
+    /// The chunks a stored chunked segment `name` is made of (empty for a segment stored
+    /// whole, or absent): those must never be deleted as leftovers.
+    pub async fn chunks_in_use(&self, name: &WalFileName) -> Result<Vec<ChunkRef>, RepoError> {
+        let Some(content) = self.get_optional(&layout::wal_key(name)).await? else {
+            return Ok(vec![]);
+        };
+        match ChunkedSegment::decode(&content) {
+            Some(Ok(m)) => Ok(manifest_chain(name, &m)),
+            // Damaged: keep every chunk, `pitr verify` reports it.
+            Some(Err(_)) => Ok(self.list_chunks(name).await?.all()),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+/// The chunk objects a manifest names. A `.partial`'s chunks are in the folder of the segment
+/// of the same number and timeline.
+fn manifest_chain(name: &WalFileName, m: &ChunkedSegment) -> Vec<ChunkRef> {
+    let segment = match name {
+        WalFileName::Partial { tli, log, seg } => WalFileName::Segment {
+            tli: *tli,
+            log: *log,
+            seg: *seg,
+        },
+        n => n.clone(),
+    };
+    m.chunks
+        .iter()
+        .map(|&(start, end)| ChunkRef {
+            segment: segment.clone(),
+            start,
+            end,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod chunked_tests {
+    use super::*;
+
+    #[test]
+    fn manifest_round_trips_and_is_checked() {
+        let m = ChunkedSegment {
+            segment_size: 1 << 26,
+            wal_bytes: 1 << 26,
+            chunks: vec![(0, 0x100), (0x100, 1 << 26)],
+        };
+        let enc = m.encode();
+        assert!(enc.starts_with(CHUNKED_SEGMENT_MAGIC));
+        assert_eq!(ChunkedSegment::decode(&enc).unwrap().unwrap(), m);
+        // WAL never reads as a manifest.
+        assert!(ChunkedSegment::decode(&[0x10, 0xD1, 6, 0]).is_none());
+        for bad in [
+            vec![(0, 0x100), (0x200, 1 << 26)],
+            vec![(0x100, 1 << 26)],
+            vec![(0, 0x100)],
+        ] {
+            let b = ChunkedSegment {
+                chunks: bad,
+                segment_size: m.segment_size,
+                wal_bytes: m.wal_bytes,
+            };
+            assert!(ChunkedSegment::decode(&b.encode()).unwrap().is_err());
+        }
+    }
+}
