@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::object::Payload;
 use super::{layout, PutOutcome, RepoError, Repository, WalInventory};
 use crate::codec::CodecError;
 use crate::storage::StorageError;
@@ -528,10 +529,10 @@ impl Repository {
             },
             n => n.clone(),
         };
-        let mut chain = self.list_chunks(&folder).await?.chain;
-        // The chain may reach further than the `.partial` (chunks of a longer, older stream):
-        // it names exactly the WAL it was given, so cut at the first chunk past it.
-        chain.retain(|c| u64::from(c.end) <= wal_bytes);
+        let listed = self.list_chunks(&folder).await?.all();
+        // Any contiguous path will do: chunk boundaries differ when a backup, a restarted
+        // stream or a mirror's sync shipped part of the segment.
+        let chain = covering_chain(listed, wal_bytes).unwrap_or_default();
         let manifest = ChunkedSegment {
             segment_size: self.descriptor().wal_segment_size,
             wal_bytes,
@@ -544,7 +545,49 @@ impl Repository {
                 message,
             });
         }
-        self.put_wal_file(name, &manifest.encode()).await
+        let key = layout::wal_key(name);
+        let framed = self.objects.encode(&key, &manifest.encode(), Payload::Data);
+        match self.storage.put_if_absent(&key, framed.into()).await {
+            Ok(()) => Ok(PutOutcome::Stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                self.chunked_already_stored(name, &manifest).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The key of chunked segment `name` is taken. The same WAL stored another way is success:
+    /// a manifest naming other chunks (a restart, a backup's chunk), or the whole segment (an
+    /// archive-push of the same file; it wins, and its chunks become leftovers). The whole
+    /// segment is not compared byte for byte: that would hold it in memory, which is what
+    /// chunked segments avoid; its own checksums stand for it.
+    async fn chunked_already_stored(
+        &self,
+        name: &WalFileName,
+        mine: &ChunkedSegment,
+    ) -> Result<PutOutcome, RepoError> {
+        let key = layout::wal_key(name);
+        // A manifest is a few KiB; anything this large is a whole segment, never read here.
+        const MANIFEST_MAX: u64 = 1 << 20;
+        if self.storage.head(&key).await?.unwrap_or(0) > MANIFEST_MAX {
+            tracing::info!(file = %name, "the whole segment is already stored; keeping it");
+            return Ok(PutOutcome::AlreadyStored);
+        }
+        let stored = self.get_verified(&key).await?;
+        match ChunkedSegment::decode(&stored) {
+            Some(Ok(m)) if m.wal_bytes == mine.wal_bytes && m.segment_size == mine.segment_size => {
+                Ok(PutOutcome::AlreadyStored)
+            }
+            None if stored.len() as u64 == mine.segment_size => Ok(PutOutcome::AlreadyStored),
+            _ => Err(RepoError::ConflictingContent {
+                name: name.to_string(),
+                key,
+                stored_len: stored.len() as u64,
+                stored_crc: crc32c::crc32c(&stored),
+                new_len: mine.wal_bytes,
+                new_crc: 0,
+            }),
+        }
     }
 
     /// The content of WAL file `name` given its stored object's decoded `content`: the content
@@ -606,6 +649,27 @@ impl Repository {
     }
 }
 
+/// Chunks covering `[0, end)` exactly, one after the other, if the chunks allow it. Offsets only
+/// grow along a path, so one pass in order of `start` finds every reachable offset.
+fn covering_chain(mut chunks: Vec<ChunkRef>, end: u64) -> Option<Vec<ChunkRef>> {
+    chunks.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end)));
+    let mut via: BTreeMap<u32, Option<usize>> = BTreeMap::from([(0, None)]);
+    for (i, c) in chunks.iter().enumerate() {
+        if u64::from(c.end) <= end && via.contains_key(&c.start) {
+            via.entry(c.end).or_insert(Some(i));
+        }
+    }
+    let mut path = vec![];
+    let mut pos = u32::try_from(end).ok()?;
+    while pos > 0 {
+        let c = &chunks[(*via.get(&pos)?)?];
+        pos = c.start;
+        path.push(c.clone());
+    }
+    path.reverse();
+    Some(path)
+}
+
 /// The chunk objects a manifest names. A `.partial`'s chunks are in the folder of the segment
 /// of the same number and timeline.
 fn manifest_chain(name: &WalFileName, m: &ChunkedSegment) -> Vec<ChunkRef> {
@@ -630,6 +694,26 @@ fn manifest_chain(name: &WalFileName, m: &ChunkedSegment) -> Vec<ChunkRef> {
 #[cfg(test)]
 mod chunked_tests {
     use super::*;
+
+    #[test]
+    fn a_covering_chain_is_found_across_mixed_boundaries() {
+        let c = |start, end| ChunkRef {
+            segment: WalFileName::parse("000000010000000000000005").unwrap(),
+            start,
+            end,
+        };
+        // A backup shipped [0x100, 0x500); the stream [0x100, 0x300) and went on from 0x300.
+        let chunks = vec![
+            c(0, 0x100),
+            c(0x100, 0x500),
+            c(0x100, 0x300),
+            c(0x300, 0x1000),
+        ];
+        let path = covering_chain(chunks.clone(), 0x1000).unwrap();
+        assert_eq!(path, vec![c(0, 0x100), c(0x100, 0x300), c(0x300, 0x1000)]);
+        assert_eq!(covering_chain(chunks.clone(), 0x500).unwrap().len(), 2);
+        assert!(covering_chain(chunks, 0x400).is_none());
+    }
 
     #[test]
     fn manifest_round_trips_and_is_checked() {

@@ -390,7 +390,12 @@ impl Repository {
 
     /// After a conditional create found `key` taken: `AlreadyStored` when it holds `content`.
     async fn check_identical(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
-        let stored = self.get_verified(key).await?;
+        let mut stored = self.get_verified(key).await?;
+        let storing_manifest = content.starts_with(chunks::CHUNKED_SEGMENT_MAGIC);
+        if let (Ok(wal), false) = (WalFileName::parse(name), storing_manifest) {
+            // A chunked segment is compared as the segment it names.
+            stored = self.resolve_chunked(&wal, stored).await?;
+        }
         if stored == content {
             return Ok(PutOutcome::AlreadyStored);
         }

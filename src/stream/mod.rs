@@ -416,8 +416,13 @@ async fn drain(
     let assembled = join(assembler).await;
     let uploaded = join(uploader).await;
     let stream = match (streamed, assembled, uploaded) {
-        (Err(StreamError::PipelineClosed), Err(e), _)
-        | (Err(StreamError::PipelineClosed), _, Err(e)) => return Err(e),
+        // The task that failed first closed the pipeline on the others: report its error.
+        (Err(StreamError::PipelineClosed), a, u) if a.is_err() || u.is_err() => {
+            let errors = [a.err(), u.err()].into_iter().flatten();
+            let mut errors: Vec<_> = errors.collect();
+            errors.sort_by_key(|e| matches!(e, StreamError::PipelineClosed));
+            return Err(errors.remove(0));
+        }
         (Err(e), a, u) => {
             for other in [a.err(), u.err()].into_iter().flatten() {
                 tracing::error!(error = %other, "while draining after the error");

@@ -93,7 +93,8 @@ pub(super) async fn run(
             | Job::Partial { name, .. }
             | Job::History { name, .. }
             | Job::Chunked { name, .. } => {
-                tracing::info!(file = %name, bytes = job.content_len(), already = outcome == PutOutcome::AlreadyStored, "stored");
+                let chunked = matches!(job, Job::Chunked { .. });
+                tracing::info!(file = %name, bytes = job.content_len(), chunked, already = outcome == PutOutcome::AlreadyStored, "stored");
             }
             Job::Chunk { .. } => tracing::trace!(durable = ?job.durable_end(), "chunk stored"),
         }
