@@ -100,7 +100,7 @@ impl Repository {
         plan.left_out -= self.take_chunks_in_use(&mut plan.wal, &chunks).await?;
         // Oldest WAL first: an interrupted copy leaves the target with a prefix of the WAL; a
         // chunked segment's chunks before it, so that it never names a chunk not copied yet.
-        plan.wal.sort_by_cached_key(|o| wal_copy_order(o));
+        plan.wal.sort_by_cached_key(wal_copy_order);
         Ok(plan)
     }
 
