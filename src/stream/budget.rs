@@ -126,6 +126,12 @@ impl SegBuf {
     }
 }
 
+impl AsRef<[u8]> for SegBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 impl Deref for SegBuf {
     type Target = Vec<u8>;
     fn deref(&self) -> &Vec<u8> {

@@ -598,6 +598,10 @@ async fn chunk(seg: &mut OpenSegment, budget: &Budget) -> Option<Job> {
     if n == 0 {
         return None;
     }
+    if seg.is_windowed() {
+        // The window itself leaves; the next one waits until the budget has room.
+        return seg.take_window(budget.segment().await);
+    }
     let permit = budget.bytes(n).await;
     seg.take_chunk(Some(permit))
 }

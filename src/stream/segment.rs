@@ -361,6 +361,33 @@ impl OpenSegment {
         }
     }
 
+    /// Windowed mode: the bytes received since the last chunk leave as a chunk in the very
+    /// buffer that holds them (no copy; it goes back to the pool, and its budget is released,
+    /// once the chunk is stored) and `next` becomes the window. `None` when there are none.
+    pub fn take_window(&mut self, next: SegBuf) -> Option<Job> {
+        debug_assert!(self.window.is_some() && self.shipped == 0);
+        if self.unshipped() == 0 {
+            return None;
+        }
+        let segment = self.name();
+        let (start, end) = (self.base as u32, self.filled() as u32);
+        let durable_end = self.next_lsn();
+        self.base = self.filled();
+        let mut next = next;
+        next.clear();
+        let full = std::mem::replace(&mut self.buf, next);
+        Some(Job::Chunk {
+            segment,
+            start,
+            end,
+            data: ChunkData {
+                data: bytes::Bytes::from_owner(full),
+                permit: None,
+            },
+            durable_end,
+        })
+    }
+
     /// The timeline ended at `switch` (all its WAL up to there has been pushed). Emits the new
     /// timeline's history file and the old timeline's last segment as `.partial`, then restarts
     /// on `next_tli` at the start of the segment holding `switch`: the server streams the new
@@ -557,13 +584,16 @@ mod tests {
         assert_eq!(*durable_end, Lsn(SEG * 3 + 0x158));
     }
 
+    const WIN: usize = 64 * 1024;
+
     /// Pushes all of `data` in windowed mode, shipping chunks as the assembler does.
     fn push_windowed(s: &mut OpenSegment, lsn: Lsn, data: &[u8], out: &mut Vec<Job>) {
         let mut off = 0;
         while off < data.len() {
             off += s.push(Lsn(lsn.0 + off as u64), &data[off..], out).unwrap();
             if s.must_ship() {
-                out.extend(s.take_chunk(None));
+                let next = SegBuf::unbudgeted(Vec::with_capacity(WIN));
+                out.extend(s.take_window(next));
                 out.extend(s.complete_windowed());
             }
         }
@@ -571,7 +601,6 @@ mod tests {
 
     #[test]
     fn windowed_segments_leave_as_chunks_and_never_fill_memory() {
-        const WIN: usize = 64 * 1024;
         let buf = || SegBuf::unbudgeted(Vec::with_capacity(WIN));
         // Resuming 0x3000 bytes into segment 2.
         let mut s = OpenSegment::windowed(1, Lsn(2 * SEG + 0x3000), SEG, WIN, buf());
@@ -621,7 +650,7 @@ mod tests {
         assert_eq!(s.next_lsn(), Lsn(lsn));
         // A timeline switch after shipping names the chunks as a `.partial`.
         out.clear();
-        out.extend(s.take_chunk(None));
+        out.extend(s.take_window(buf()));
         let hist = (WalFileName::History { tli: 2 }, b"1\t0/1\tx\n".to_vec());
         let restart = s.switch_timeline(2, s.next_lsn(), hist, &mut out);
         assert_eq!(restart, Lsn(4 * SEG));
