@@ -503,8 +503,41 @@ fn synchronous_commit_waits_for_the_repository() {
 /// segment as .partial, and continues on timeline 2.
 #[test]
 fn promote_follows_to_timeline_2() {
+    promote_follows(1);
+}
+
+/// With segments above the stream's 16 MiB window, the old timeline's last segment is stored
+/// as a chunked `.partial` naming the chunks shipped before the switch.
+#[test]
+fn promote_with_64_mib_segments_stores_a_chunked_partial() {
+    let (repo, log, partial) = promote_follows(64);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(".partial") && l.contains("chunked=true")),
+        "{log}"
+    );
+    let dir = TestDir::new();
+    let dest = dir.join("p");
+    let out = repo.pitr(&["archive-get", &partial, dest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bytes = fs::read(&dest).unwrap();
+    assert_eq!(bytes.len(), 64 << 20);
+    assert!(
+        bytes[..8192].iter().any(|&b| b != 0),
+        "the WAL before the switch"
+    );
+}
+
+/// Promotes a standby under a running stream; returns the repository, the stream's log and
+/// the name of the old timeline's `.partial`.
+fn promote_follows(seg_mb: u32) -> (TestRepo, String, String) {
     let repo = TestRepo::new(Backend::Local);
-    let mut pg = primary(&[]);
+    let mut pg = PgCluster::builder()
+        .wal_segsize(seg_mb)
+        .conf("wal_keep_size = '2GB'")
+        .conf("max_wal_size = '2GB'")
+        .start()
+        .unwrap();
     let work = TestDir::new();
     let sdata = work.join("standby");
     let mut bb = crate::harness::command_as_server_user(crate::harness::pg_bin("pg_basebackup"));
@@ -579,6 +612,7 @@ fn promote_follows_to_timeline_2() {
     pg.stop().unwrap();
     standby.promote().unwrap();
     psql1(&standby, "insert into t select generate_series(1, 1000)");
+    let partial = format!("00000001{}.partial", &current_segment(&standby)[8..]);
     let (last, end) = switch(&standby);
     assert!(last.starts_with("00000002"), "{last}");
     wait_flushed(&standby, &s, &end, Duration::from_secs(60));
@@ -598,6 +632,7 @@ fn promote_follows_to_timeline_2() {
         fs::read(work.join("x")).unwrap()
             == fs::read(standby.data_dir().join("pg_wal").join(&last)).unwrap()
     );
+    (repo, log, partial)
 }
 
 /// `X/Y` text to a number.
