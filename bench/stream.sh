@@ -3,6 +3,7 @@
 #
 #   bench/stream.sh [SCALE] [LOAD_SECONDS]      (defaults: 30 and 20)
 #   BASE=/path/to/old/pitr ROUNDS=3 STEADY=0 METHODS="recv pitr pitr-base" bench/stream.sh 30
+#   WAL_SEGSIZE=1024 ROUNDS=3 STEADY=0 bench/stream.sh 60   (initdb --wal-segsize, in MiB)
 #
 # 1. catch-up: all receivers stopped, `pgbench -i -s SCALE` writes WAL (SCALE 30 is about
 #    500 MiB, 60 about 1 GiB), then each receiver alone catches up to the same LSN, timed by
@@ -27,6 +28,7 @@ set -euo pipefail
 SCALE=${1:-30}
 LOAD=${2:-20}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+WAL_SEGSIZE=${WAL_SEGSIZE:-16}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PITR=${PITR:-$ROOT/target/release/pitr}
 [ -x "$PITR" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -50,14 +52,17 @@ cp "$PITR" "$WORK/pitr"; chmod 755 "$WORK/pitr"; PITR=$WORK/pitr
 if [ -n "${BASE:-}" ]; then cp "$BASE" "$WORK/pitr-base"; chmod 755 "$WORK/pitr-base"; BASE=$WORK/pitr-base; fi
 
 PGDATA=$WORK/data
-as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth=trust --no-sync -E UTF8 >/dev/null
+as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth=trust --no-sync -E UTF8 --wal-segsize="$WAL_SEGSIZE" >/dev/null
+# initdb scales min_wal_size to 5 segments (5 GiB with 1 GiB segments): keep two.
+MAX_WAL_MB=$((WAL_SEGSIZE * 8 > 4096 ? WAL_SEGSIZE * 8 : 4096))
 cat >>"$PGDATA/postgresql.conf" <<EOF
 listen_addresses = ''
 unix_socket_directories = '$WORK'
 port = $PORT
 wal_level = replica
 max_wal_senders = 10
-max_wal_size = 4GB
+min_wal_size = $((WAL_SEGSIZE * 2))MB
+max_wal_size = ${MAX_WAL_MB}MB
 checkpoint_timeout = 30min
 shared_buffers = 128MB
 EOF
@@ -127,7 +132,7 @@ report() { # name seconds bytes
     "$(echo "$bytes / 1048576 / $secs" | bc -l)" "$(echo "$user + $sys" | bc -l)" "$(echo "$rss / 1024" | bc -l)"
 }
 
-echo "== catch-up (pgbench -i -s $SCALE written while every receiver was stopped): ${METHODS[*]}, $ROUNDS round(s)"
+echo "== catch-up (pgbench -i -s $SCALE written, wal_segment_size $WAL_SEGSIZE MiB, while every receiver was stopped): ${METHODS[*]}, $ROUNDS round(s)"
 : >"$WORK/catchup.tsv"
 # One catch-up of method $1 in round $2 to TARGET: wall from start until the server has the
 # receiver's flush at TARGET (slot restart_lsn), CPU and peak RSS of the whole process.
@@ -171,7 +176,7 @@ for m in "${METHODS[@]}"; do
 done
 
 if [ "$STEADY" != 1 ] || ! has recv || ! has pitr; then
-  echo "machine: $(nproc) cores, $(uname -sr); repo: $REPO"
+  echo "machine: $(nproc) cores, $(uname -sr); repo: $REPO; wal_segment_size ${WAL_SEGSIZE} MiB"
   exit 0
 fi
 echo "== steady state: pgbench -T $LOAD -c 4 with both receivers running"

@@ -503,8 +503,41 @@ fn synchronous_commit_waits_for_the_repository() {
 /// segment as .partial, and continues on timeline 2.
 #[test]
 fn promote_follows_to_timeline_2() {
+    promote_follows(1);
+}
+
+/// With segments above the stream's 16 MiB window, the old timeline's last segment is stored
+/// as a chunked `.partial` naming the chunks shipped before the switch.
+#[test]
+fn promote_with_64_mib_segments_stores_a_chunked_partial() {
+    let (repo, log, partial) = promote_follows(64);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(".partial") && l.contains("chunked=true")),
+        "{log}"
+    );
+    let dir = TestDir::new();
+    let dest = dir.join("p");
+    let out = repo.pitr(&["archive-get", &partial, dest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bytes = fs::read(&dest).unwrap();
+    assert_eq!(bytes.len(), 64 << 20);
+    assert!(
+        bytes[..8192].iter().any(|&b| b != 0),
+        "the WAL before the switch"
+    );
+}
+
+/// Promotes a standby under a running stream; returns the repository, the stream's log and
+/// the name of the old timeline's `.partial`.
+fn promote_follows(seg_mb: u32) -> (TestRepo, String, String) {
     let repo = TestRepo::new(Backend::Local);
-    let mut pg = primary(&[]);
+    let mut pg = PgCluster::builder()
+        .wal_segsize(seg_mb)
+        .conf("wal_keep_size = '2GB'")
+        .conf("max_wal_size = '2GB'")
+        .start()
+        .unwrap();
     let work = TestDir::new();
     let sdata = work.join("standby");
     let mut bb = crate::harness::command_as_server_user(crate::harness::pg_bin("pg_basebackup"));
@@ -579,6 +612,7 @@ fn promote_follows_to_timeline_2() {
     pg.stop().unwrap();
     standby.promote().unwrap();
     psql1(&standby, "insert into t select generate_series(1, 1000)");
+    let partial = format!("00000001{}.partial", &current_segment(&standby)[8..]);
     let (last, end) = switch(&standby);
     assert!(last.starts_with("00000002"), "{last}");
     wait_flushed(&standby, &s, &end, Duration::from_secs(60));
@@ -598,6 +632,7 @@ fn promote_follows_to_timeline_2() {
         fs::read(work.join("x")).unwrap()
             == fs::read(standby.data_dir().join("pg_wal").join(&last)).unwrap()
     );
+    (repo, log, partial)
 }
 
 /// `X/Y` text to a number.
@@ -713,3 +748,95 @@ fn wal_level_minimal_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Segment names from `first` to `last` inclusive, for segments of `seg_mb` MiB.
+fn segment_names_of(first: &str, last: &str, seg_mb: u64) -> Vec<String> {
+    let per_log = 4096 / seg_mb;
+    let tli = &first[..8];
+    let n = |s: &str| {
+        u64::from_str_radix(&s[8..16], 16).unwrap() * per_log
+            + u64::from_str_radix(&s[16..], 16).unwrap()
+    };
+    (n(first)..=n(last))
+        .map(|i| format!("{tli}{:08X}{:08X}", i / per_log, i % per_log))
+        .collect()
+}
+
+/// Segments larger than the stream's 16 MiB window (64 MiB here; up to 1 GiB in production)
+/// are never held whole: they leave as chunks and are stored as chunked segments. A kill -9
+/// mid-segment resumes after the durable chunks; archive-get serves every segment byte for
+/// byte as pg_wal holds it; verify reads them; a restore to latest replays through them.
+fn large_segments_stream_as_chunked_segments(backend: Backend) {
+    let repo = TestRepo::new(backend);
+    let pg = PgCluster::builder()
+        .wal_segsize(64)
+        .conf("wal_keep_size = '2GB'")
+        .conf("max_wal_size = '2GB'")
+        .start()
+        .unwrap();
+    let args = ["--chunk-interval", "200ms"];
+    let mut s = Streamer::start(&repo, &pg, &args);
+    let first = first_streamed_segment(&pg, &s);
+    psql1(&pg, "create table t(id int primary key)");
+    backup(&repo, &pg);
+    pg.pgbench_init(2).unwrap();
+    // Mid-segment: durable only as chunks; the restarted stream resumes after them.
+    psql1(&pg, "insert into t values (1)");
+    let lsn = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &lsn, Duration::from_secs(60));
+    s.assert_running();
+    s.kill9();
+    s = s.restart(&repo, &pg, &args);
+    pg.pgbench(["-T", "2", "-c", "2"]).unwrap();
+    let (last, end) = switch(&pg);
+    wait_flushed(&pg, &s, &end, Duration::from_secs(120));
+    let n = segment_names_of(&first, &last, 64).len();
+    assert!(n >= 2, "only {n} segments streamed");
+    for name in segment_names_of(&first, &last, 64) {
+        let tmp = TestDir::new();
+        let dest = tmp.join(&name);
+        let out = repo.pitr(&["archive-get", &name, dest.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr(&out));
+        let original = fs::read(pg.data_dir().join("pg_wal").join(&name)).unwrap();
+        assert!(fs::read(&dest).unwrap() == original, "{name} differs");
+        // archive-push of the same file finds the chunked segment identical.
+        let wal = pg.data_dir().join("pg_wal").join(&name);
+        let push = repo.pitr(&["archive-push", wal.to_str().unwrap()]);
+        assert_eq!(push.status.code(), Some(0), "{name}: {}", stderr(&push));
+    }
+    // Rows only in the open segment's chunks, then the primary crashes.
+    for i in 2..=10 {
+        psql1(&pg, &format!("insert into t values ({i})"));
+    }
+    let lsn = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &lsn, Duration::from_secs(60));
+    let mut pg = pg;
+    pg.stop_immediate().unwrap();
+    assert!(s.term(Duration::from_secs(30)).success(), "{}", s.log());
+    let log = s.log();
+    assert!(log.contains("chunked=true"), "no chunked segment:\n{log}");
+    assert!(
+        log.contains("resuming after the chunks already stored"),
+        "{log}"
+    );
+    let out = repo.pitr(&["verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify: {}{}",
+        crate::common::stdout(&out),
+        stderr(&out)
+    );
+    let (restored, _dir) = restore_latest(&repo);
+    assert_eq!(psql1(&restored, "select count(*) from t"), "10");
+    assert_eq!(
+        psql1(&restored, "select count(*) from pgbench_accounts"),
+        "200000"
+    );
+}
+
+on_local_and_s3!(
+    large_segments_stream_as_chunked_segments,
+    large_segments_stream_as_chunked_segments_on_local_directory,
+    large_segments_stream_as_chunked_segments_on_s3
+);

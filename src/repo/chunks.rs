@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::object::Payload;
 use super::{layout, PutOutcome, RepoError, Repository, WalInventory};
 use crate::codec::CodecError;
 use crate::storage::StorageError;
@@ -452,5 +453,291 @@ mod scan_tests {
         let ends = scan.streamed_ends(seg);
         assert_eq!(ends[&1], Lsn(5 * seg + 0x3000));
         assert_eq!(ends[&2], Lsn(5 * seg + 0x100));
+    }
+}
+
+/// First bytes of a chunked segment's content: a segment object that names its chunks instead
+/// of holding its bytes (docs/repository-format.md, "Chunked segments"). A WAL segment can
+/// never start like this: its first two bytes are the page magic, whose second byte is 0xD0 or
+/// above, and it is `wal_segment_size` bytes long, far more than any manifest.
+pub const CHUNKED_SEGMENT_MAGIC: &[u8] = b"PITR chunked segment 1\n";
+
+/// The JSON after [`CHUNKED_SEGMENT_MAGIC`].
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ChunkedSegment {
+    segment_size: u64,
+    /// Bytes of WAL the chunks hold, from offset 0; the rest, up to `segment_size`, is zeros
+    /// (only a `.partial` has any).
+    wal_bytes: u64,
+    /// `[start, end)` of each chunk, in order, contiguous from 0 to `wal_bytes`.
+    chunks: Vec<(u32, u32)>,
+}
+
+impl ChunkedSegment {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = CHUNKED_SEGMENT_MAGIC.to_vec();
+        out.extend_from_slice(&serde_json::to_vec(self).expect("plain data serializes"));
+        out
+    }
+
+    /// The manifest in `content`, if it is one; `Err` when it is one but does not hold up.
+    fn decode(content: &[u8]) -> Option<Result<ChunkedSegment, String>> {
+        let json = content.strip_prefix(CHUNKED_SEGMENT_MAGIC)?;
+        Some(
+            serde_json::from_slice::<ChunkedSegment>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|m| m.check().map(|()| m)),
+        )
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut pos = 0u64;
+        for &(start, end) in &self.chunks {
+            if u64::from(start) != pos || end <= start {
+                return Err(format!(
+                    "chunk [{start:08X}-{end:08X}) does not continue at {pos:08X}"
+                ));
+            }
+            pos = u64::from(end);
+        }
+        if pos != self.wal_bytes || self.wal_bytes > self.segment_size || self.wal_bytes == 0 {
+            return Err(format!(
+                "chunks reach {pos} bytes, wal_bytes is {}, segment_size {}",
+                self.wal_bytes, self.segment_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Repository {
+    /// Stores segment (or `.partial`) `name` as a chunked segment: an object under the segment's
+    /// key naming the chain of chunks already durable that hold its bytes `[0, wal_bytes)` (one
+    /// LIST finds them; each repository, a mirror too, names its own). Used by `pitr stream` for
+    /// segments larger than its memory budget, so that a segment is never held whole. The chunks
+    /// are then part of the segment and are never deleted on their own.
+    pub async fn store_chunked_segment(
+        &self,
+        name: &WalFileName,
+        wal_bytes: u64,
+    ) -> Result<PutOutcome, RepoError> {
+        let folder = match name {
+            WalFileName::Partial { tli, log, seg } => WalFileName::Segment {
+                tli: *tli,
+                log: *log,
+                seg: *seg,
+            },
+            n => n.clone(),
+        };
+        let listed = self.list_chunks(&folder).await?.all();
+        // Any contiguous path will do: chunk boundaries differ when a backup, a restarted
+        // stream or a mirror's sync shipped part of the segment.
+        let chain = covering_chain(listed, wal_bytes).unwrap_or_default();
+        let manifest = ChunkedSegment {
+            segment_size: self.descriptor().wal_segment_size,
+            wal_bytes,
+            chunks: chain.iter().map(|c| (c.start, c.end)).collect(),
+        };
+        if let Err(message) = manifest.check() {
+            // A bug in the writer: never store a segment that would not read back.
+            return Err(RepoError::BadChunkedSegment {
+                key: layout::wal_key(name),
+                message,
+            });
+        }
+        let key = layout::wal_key(name);
+        let framed = self.objects.encode(&key, &manifest.encode(), Payload::Data);
+        match self.storage.put_if_absent(&key, framed.into()).await {
+            Ok(()) => Ok(PutOutcome::Stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                self.chunked_already_stored(name, &manifest).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The key of chunked segment `name` is taken. The same WAL stored another way is success:
+    /// a manifest naming other chunks (a restart, a backup's chunk), or the whole segment (an
+    /// archive-push of the same file; it wins, and its chunks become leftovers). The whole
+    /// segment is not compared byte for byte: that would hold it in memory, which is what
+    /// chunked segments avoid; its own checksums stand for it.
+    async fn chunked_already_stored(
+        &self,
+        name: &WalFileName,
+        mine: &ChunkedSegment,
+    ) -> Result<PutOutcome, RepoError> {
+        let key = layout::wal_key(name);
+        // A manifest is a few KiB; anything this large is a whole segment, never read here.
+        const MANIFEST_MAX: u64 = 1 << 20;
+        if self.storage.head(&key).await?.unwrap_or(0) > MANIFEST_MAX {
+            tracing::info!(file = %name, "the whole segment is already stored; keeping it");
+            return Ok(PutOutcome::AlreadyStored);
+        }
+        let stored = self.get_verified(&key).await?;
+        match ChunkedSegment::decode(&stored) {
+            Some(Ok(m)) if m.wal_bytes == mine.wal_bytes && m.segment_size == mine.segment_size => {
+                Ok(PutOutcome::AlreadyStored)
+            }
+            None if stored.len() as u64 == mine.segment_size => Ok(PutOutcome::AlreadyStored),
+            _ => Err(RepoError::ConflictingContent {
+                name: name.to_string(),
+                key,
+                stored_len: stored.len() as u64,
+                stored_crc: crc32c::crc32c(&stored),
+                new_len: mine.wal_bytes,
+                new_crc: 0,
+            }),
+        }
+    }
+
+    /// The content of WAL file `name` given its stored object's decoded `content`: the content
+    /// itself, or for a chunked segment its chunks read, checked and concatenated (zero-padded
+    /// to the segment size). Every reader of segment objects goes through here.
+    pub(super) async fn resolve_chunked(
+        &self,
+        name: &WalFileName,
+        content: Vec<u8>,
+    ) -> Result<Vec<u8>, RepoError> {
+        if !matches!(
+            name,
+            WalFileName::Segment { .. } | WalFileName::Partial { .. }
+        ) {
+            return Ok(content);
+        }
+        let Some(manifest) = ChunkedSegment::decode(&content) else {
+            return Ok(content);
+        };
+        let key = layout::wal_key(name);
+        let bad = |message| RepoError::BadChunkedSegment {
+            key: key.clone(),
+            message,
+        };
+        let manifest = manifest.map_err(bad)?;
+        if manifest.segment_size != self.descriptor().wal_segment_size {
+            return Err(bad(format!(
+                "segment_size {} is not the repository's",
+                manifest.segment_size
+            )));
+        }
+        let plan = ChunkPlan {
+            chain: manifest_chain(name, &manifest),
+            stray: vec![],
+        };
+        // A chunk of a chunked segment is never deleted on its own: missing is damage.
+        let mut bytes = self.read_chain(&plan).await.map_err(|e| match e {
+            RepoError::Storage(StorageError::NotFound { key: k, .. }) => {
+                bad(format!("its chunk {k} is missing"))
+            }
+            e => e,
+        })?;
+        bytes.resize(manifest.segment_size as usize, 0);
+        Ok(bytes)
+    }
+
+    /// The chunks a stored chunked segment `name` is made of (empty for a segment stored
+    /// whole, or absent): those must never be deleted as leftovers.
+    pub async fn chunks_in_use(&self, name: &WalFileName) -> Result<Vec<ChunkRef>, RepoError> {
+        let Some(content) = self.get_optional(&layout::wal_key(name)).await? else {
+            return Ok(vec![]);
+        };
+        match ChunkedSegment::decode(&content) {
+            Some(Ok(m)) => Ok(manifest_chain(name, &m)),
+            // Damaged: keep every chunk, `pitr verify` reports it.
+            Some(Err(_)) => Ok(self.list_chunks(name).await?.all()),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+/// Chunks covering `[0, end)` exactly, one after the other, if the chunks allow it. Offsets only
+/// grow along a path, so one pass in order of `start` finds every reachable offset.
+fn covering_chain(mut chunks: Vec<ChunkRef>, end: u64) -> Option<Vec<ChunkRef>> {
+    chunks.sort_by_key(|c| (c.start, std::cmp::Reverse(c.end)));
+    let mut via: BTreeMap<u32, Option<usize>> = BTreeMap::from([(0, None)]);
+    for (i, c) in chunks.iter().enumerate() {
+        if u64::from(c.end) <= end && via.contains_key(&c.start) {
+            via.entry(c.end).or_insert(Some(i));
+        }
+    }
+    let mut path = vec![];
+    let mut pos = u32::try_from(end).ok()?;
+    while pos > 0 {
+        let c = &chunks[(*via.get(&pos)?)?];
+        pos = c.start;
+        path.push(c.clone());
+    }
+    path.reverse();
+    Some(path)
+}
+
+/// The chunk objects a manifest names. A `.partial`'s chunks are in the folder of the segment
+/// of the same number and timeline.
+fn manifest_chain(name: &WalFileName, m: &ChunkedSegment) -> Vec<ChunkRef> {
+    let segment = match name {
+        WalFileName::Partial { tli, log, seg } => WalFileName::Segment {
+            tli: *tli,
+            log: *log,
+            seg: *seg,
+        },
+        n => n.clone(),
+    };
+    m.chunks
+        .iter()
+        .map(|&(start, end)| ChunkRef {
+            segment: segment.clone(),
+            start,
+            end,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod chunked_tests {
+    use super::*;
+
+    #[test]
+    fn a_covering_chain_is_found_across_mixed_boundaries() {
+        let c = |start, end| ChunkRef {
+            segment: WalFileName::parse("000000010000000000000005").unwrap(),
+            start,
+            end,
+        };
+        // A backup shipped [0x100, 0x500); the stream [0x100, 0x300) and went on from 0x300.
+        let chunks = vec![
+            c(0, 0x100),
+            c(0x100, 0x500),
+            c(0x100, 0x300),
+            c(0x300, 0x1000),
+        ];
+        let path = covering_chain(chunks.clone(), 0x1000).unwrap();
+        assert_eq!(path, vec![c(0, 0x100), c(0x100, 0x300), c(0x300, 0x1000)]);
+        assert_eq!(covering_chain(chunks.clone(), 0x500).unwrap().len(), 2);
+        assert!(covering_chain(chunks, 0x400).is_none());
+    }
+
+    #[test]
+    fn manifest_round_trips_and_is_checked() {
+        let m = ChunkedSegment {
+            segment_size: 1 << 26,
+            wal_bytes: 1 << 26,
+            chunks: vec![(0, 0x100), (0x100, 1 << 26)],
+        };
+        let enc = m.encode();
+        assert!(enc.starts_with(CHUNKED_SEGMENT_MAGIC));
+        assert_eq!(ChunkedSegment::decode(&enc).unwrap().unwrap(), m);
+        // WAL never reads as a manifest.
+        assert!(ChunkedSegment::decode(&[0x10, 0xD1, 6, 0]).is_none());
+        for bad in [
+            vec![(0, 0x100), (0x200, 1 << 26)],
+            vec![(0x100, 1 << 26)],
+            vec![(0, 0x100)],
+        ] {
+            let b = ChunkedSegment {
+                chunks: bad,
+                segment_size: m.segment_size,
+                wal_bytes: m.wal_bytes,
+            };
+            assert!(ChunkedSegment::decode(&b.encode()).unwrap().is_err());
+        }
     }
 }

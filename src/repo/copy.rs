@@ -11,9 +11,10 @@
 use std::collections::HashMap;
 
 use super::descriptor::{self, ClusterIdentity, Descriptor};
-use super::scan::{BackupItem, ObjectKind, ScannedObject};
+use super::scan::{self, BackupItem, ObjectKind, ScannedObject};
 use super::{layout, PutOutcome, RepoError, Repository, Result, WriteOptions};
 use crate::storage::{Storage, StorageError};
+use crate::wal::WalFileName;
 
 /// What [`Repository::copy_plan`] finds to copy, in the order it must be copied.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +46,22 @@ impl CopyPlan {
     }
 }
 
+/// Copy order of a WAL object: by segment, a chunk before the segment object naming it.
+fn wal_copy_order(o: &ScannedObject) -> (String, u8, String) {
+    match &o.kind {
+        ObjectKind::Chunk(c) => (scan::wal_file_key(&c.segment), 0, o.key().to_string()),
+        ObjectKind::Wal(WalFileName::Partial { tli, log, seg }) => {
+            let segment = WalFileName::Segment {
+                tli: *tli,
+                log: *log,
+                seg: *seg,
+            };
+            (scan::wal_file_key(&segment), 1, o.key().to_string())
+        }
+        _ => (o.key().to_string(), 1, o.key().to_string()),
+    }
+}
+
 impl Repository {
     /// Sorts every object of this repository (one LIST) into what `pitr copy` copies.
     pub async fn copy_plan(&self) -> Result<CopyPlan> {
@@ -63,9 +80,14 @@ impl Repository {
         }
         let copied = |id: &String| complete.contains(id) && !expiring.contains(id);
         let mut plan = CopyPlan::default();
+        let mut chunks = vec![];
         for o in objects {
             match &o.kind {
                 ObjectKind::Wal(_) | ObjectKind::Summary(_) => plan.wal.push(o),
+                ObjectKind::Chunk(_) => {
+                    chunks.push(o);
+                    plan.left_out += 1
+                }
                 ObjectKind::Catalog { backup_id } if copied(backup_id) => plan.catalogs.push(o),
                 ObjectKind::BackupData { backup_id, item } if copied(backup_id) => match item {
                     BackupItem::State => plan.backup_states.push(o),
@@ -75,9 +97,43 @@ impl Repository {
                 _ => plan.left_out += 1,
             }
         }
-        // Oldest WAL first: an interrupted copy leaves the target with a prefix of the WAL.
-        plan.wal.sort_by(|a, b| a.key().cmp(b.key()));
+        plan.left_out -= self.take_chunks_in_use(&mut plan.wal, &chunks).await?;
+        // Oldest WAL first: an interrupted copy leaves the target with a prefix of the WAL; a
+        // chunked segment's chunks before it, so that it never names a chunk not copied yet.
+        plan.wal.sort_by_cached_key(wal_copy_order);
         Ok(plan)
+    }
+
+    /// Adds to `wal` the chunks that chunked segments in it name (docs/repository-format.md,
+    /// "Chunked segments"); returns how many. Only small segment objects can be chunked
+    /// segments, so only those are read.
+    async fn take_chunks_in_use(
+        &self,
+        wal: &mut Vec<ScannedObject>,
+        chunks: &[ScannedObject],
+    ) -> Result<usize> {
+        const MANIFEST_MAX: u64 = 1 << 20;
+        let mut taken = 0;
+        let segments: Vec<WalFileName> = wal
+            .iter()
+            .filter(|o| o.size <= MANIFEST_MAX && !chunks.is_empty())
+            .filter_map(|o| match &o.kind {
+                ObjectKind::Wal(
+                    n @ (WalFileName::Segment { .. } | WalFileName::Partial { .. }),
+                ) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        for name in segments {
+            let used = self.chunks_in_use(&name).await?;
+            for o in chunks {
+                if matches!(&o.kind, ObjectKind::Chunk(c) if used.contains(c)) {
+                    wal.push(o.clone());
+                    taken += 1;
+                }
+            }
+        }
+        Ok(taken)
     }
 
     /// The size of every object this repository holds, by key (one LIST).
@@ -361,5 +417,39 @@ mod tests {
         let plain = source().await;
         let e = a.check_copy_target(&plain).unwrap_err();
         assert!(matches!(e, RepoError::OtherDataKey { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_segment_is_copied_with_its_chunks_first() {
+        let a = source().await;
+        let size = CLUSTER.wal_segment_size as usize;
+        let seg = WalFileName::segment(1, 4, CLUSTER.wal_segment_size);
+        let wal: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let half = size as u32 / 2;
+        for (start, end) in [(0, half), (half, size as u32)] {
+            let c = super::super::ChunkRef {
+                segment: seg.clone(),
+                start,
+                end,
+            };
+            a.put_chunk(&c, &wal[start as usize..end as usize])
+                .await
+                .unwrap();
+        }
+        a.store_chunked_segment(&seg, size as u64).await.unwrap();
+        let plan = a.copy_plan().await.unwrap();
+        let keys: Vec<&str> = plan.wal.iter().map(|o| o.key()).collect();
+        let at = |k: &str| keys.iter().position(|x| *x == k).unwrap();
+        let manifest = at(&layout::wal_key(&seg));
+        assert!(at(&layout::wal_chunk_key(&seg, 0, half)) < manifest);
+        assert!(at(&layout::wal_chunk_key(&seg, half, size as u32)) < manifest);
+        // The leftover chunk of the segment stored whole stays out.
+        assert_eq!(plan.left_out, 4);
+        let b = a
+            .create_copy_target(Storage::in_memory(), WriteOptions::default())
+            .await
+            .unwrap();
+        copy_all(&a, &b).await;
+        assert_eq!(b.get_wal_file(&seg).await.unwrap().unwrap(), wal);
     }
 }

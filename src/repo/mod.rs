@@ -93,6 +93,8 @@ pub enum RepoError {
     },
     #[error("timeline history {name} is unreadable: {message}")]
     BadHistory { name: String, message: String },
+    #[error("chunked segment {key} is unreadable: {message}")]
+    BadChunkedSegment { key: String, message: String },
     #[error("descriptor {key} is unreadable: {message}")]
     BadDescriptor { key: String, message: String },
     #[error("audit record {key} is unreadable: {message}")]
@@ -131,6 +133,7 @@ impl Classify for RepoError {
             RepoError::Corrupt { .. }
             | RepoError::BadDescriptor { .. }
             | RepoError::BadHistory { .. }
+            | RepoError::BadChunkedSegment { .. }
             | RepoError::BadAudit { .. }
             | RepoError::NoKeyring { .. }
             | RepoError::BadKeyring { .. } => Code::Corrupt,
@@ -153,7 +156,7 @@ impl Classify for RepoError {
     fn hint(&self) -> Option<String> {
         let hint = match self {
             RepoError::Storage(e) => return e.hint(),
-            RepoError::Corrupt { .. } => {
+            RepoError::Corrupt { .. } | RepoError::BadChunkedSegment { .. } => {
                 "the stored object is damaged; run `pitr verify` and take a new base backup if WAL is lost"
             }
             RepoError::NotInitialized { .. } => {
@@ -387,7 +390,12 @@ impl Repository {
 
     /// After a conditional create found `key` taken: `AlreadyStored` when it holds `content`.
     async fn check_identical(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
-        let stored = self.get_verified(key).await?;
+        let mut stored = self.get_verified(key).await?;
+        let storing_manifest = content.starts_with(chunks::CHUNKED_SEGMENT_MAGIC);
+        if let (Ok(wal), false) = (WalFileName::parse(name), storing_manifest) {
+            // A chunked segment is compared as the segment it names.
+            stored = self.resolve_chunked(&wal, stored).await?;
+        }
         if stored == content {
             return Ok(PutOutcome::AlreadyStored);
         }
@@ -440,6 +448,9 @@ impl Repository {
     }
 
     pub async fn get_wal_file(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
-        self.get_optional(&layout::wal_key(name)).await
+        match self.get_optional(&layout::wal_key(name)).await? {
+            Some(content) => Ok(Some(self.resolve_chunked(name, content).await?)),
+            None => Ok(None),
+        }
     }
 }

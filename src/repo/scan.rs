@@ -144,7 +144,12 @@ impl Repository {
     /// a segment is up to 1 GiB.
     pub async fn read_object(&self, o: &ScannedObject) -> Result<Vec<u8>> {
         let bytes = self.storage.get(&o.key).await?;
-        self.objects.decode_blocking(&o.key, bytes).await
+        let content = self.objects.decode_blocking(&o.key, bytes).await?;
+        match &o.kind {
+            // A chunked segment reads as the segment it names.
+            ObjectKind::Wal(name) => self.resolve_chunked(name, content).await,
+            _ => Ok(content),
+        }
     }
 
     /// [`Self::read_object`] into `buf`, reusing its allocation (a reader of many segments

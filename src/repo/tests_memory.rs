@@ -222,3 +222,80 @@ async fn a_block_map_spans_parts_and_is_read_back_by_path() {
     assert!(map.get("base/5/1").await.unwrap().is_none());
     assert!(repo.block_map("b2").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_chunked_segment_reads_as_its_chunks_and_keeps_them() {
+    let repo = repo().await;
+    let size = CLUSTER.wal_segment_size as usize;
+    let seg = WalFileName::segment(1, 4, CLUSTER.wal_segment_size);
+    let wal: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    let half = size as u32 / 2;
+    let c = |start, end| ChunkRef {
+        segment: seg.clone(),
+        start,
+        end,
+    };
+    repo.put_chunk(&c(0, 100), &wal[..100]).await.unwrap();
+    repo.put_chunk(&c(100, half), &wal[100..half as usize])
+        .await
+        .unwrap();
+    // Not complete yet: refused, nothing stored.
+    assert!(repo.store_chunked_segment(&seg, size as u64).await.is_err());
+    assert!(!repo.has_wal_file(&seg).await.unwrap());
+    repo.put_chunk(&c(half, size as u32), &wal[half as usize..])
+        .await
+        .unwrap();
+    assert_eq!(
+        repo.store_chunked_segment(&seg, size as u64).await.unwrap(),
+        PutOutcome::Stored
+    );
+    // A restart storing it again: the same manifest.
+    assert_eq!(
+        repo.store_chunked_segment(&seg, size as u64).await.unwrap(),
+        PutOutcome::AlreadyStored
+    );
+    assert!(repo.has_wal_file(&seg).await.unwrap());
+    assert_eq!(repo.get_wal_file(&seg).await.unwrap().unwrap(), wal);
+    assert!(matches!(
+        repo.wal_file_for_recovery(&seg).await.unwrap(),
+        Some(WalForRecovery::Stored(b)) if b == wal
+    ));
+    let scanned = repo.scan().await.unwrap();
+    let o = scanned
+        .iter()
+        .find(|o| o.kind == ObjectKind::Wal(seg.clone()))
+        .unwrap();
+    assert_eq!(repo.read_object(o).await.unwrap(), wal);
+    // Its chunks are the segment: in use, never stale garbage.
+    assert_eq!(repo.chunks_in_use(&seg).await.unwrap().len(), 3);
+    // A missing chunk is damage, reported, never a short segment.
+    repo.storage
+        .delete(&layout::wal_chunk_key(&seg, 100, half))
+        .await
+        .unwrap();
+    let e = repo.get_wal_file(&seg).await.unwrap_err();
+    assert!(matches!(e, RepoError::BadChunkedSegment { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn a_chunked_partial_is_zero_padded() {
+    let repo = repo().await;
+    let seg = WalFileName::segment(1, 5, CLUSTER.wal_segment_size);
+    let WalFileName::Segment { tli, log, seg: s } = seg.clone() else {
+        unreachable!()
+    };
+    let partial = WalFileName::Partial { tli, log, seg: s };
+    let c = |start, end| ChunkRef {
+        segment: seg.clone(),
+        start,
+        end,
+    };
+    repo.put_chunk(&c(0, 4), b"abcd").await.unwrap();
+    repo.put_chunk(&c(4, 9), b"efghi").await.unwrap();
+    // The `.partial` ends at the switch: the chunk past it is not named.
+    repo.store_chunked_segment(&partial, 4).await.unwrap();
+    let b = repo.get_wal_file(&partial).await.unwrap().unwrap();
+    assert_eq!(&b[..4], b"abcd");
+    assert!(b[4..].iter().all(|&x| x == 0));
+    assert_eq!(b.len() as u64, CLUSTER.wal_segment_size);
+}

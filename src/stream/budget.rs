@@ -6,8 +6,11 @@
 //! uploader drops the job. The open segment's buffer counts at its full size from the moment it
 //! is taken, because that is what it occupies once filled.
 //!
-//! The cap is two segments (32 MiB at the default 16 MiB `wal_segment_size`): one segment
-//! filling while the one before it uploads, which is all a sequential uploader can use.
+//! The cap is two buffers (32 MiB at the default 16 MiB `wal_segment_size`): one filling
+//! while the one before it uploads, which is all a sequential uploader can use. A buffer is
+//! one segment, at most [`WINDOW`]: larger segments (PostgreSQL allows up to 1 GiB) stream
+//! through a window of that size (`segment::OpenSegment::windowed`), so the cap stays 32 MiB
+//! whatever the segment size.
 //! It cannot deadlock: the assembler is the only acquirer, it holds at most the open segment
 //! (one segment) while asking for at most one more (a chunk of that segment, or the next
 //! segment's buffer), and every other permit is held by a job the uploader is bound to finish.
@@ -27,6 +30,9 @@ const POOLED: usize = 2;
 
 type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
 
+/// The largest buffer: segments above it are never held whole.
+pub const WINDOW: u64 = 16 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Budget {
     sem: Arc<Semaphore>,
@@ -36,9 +42,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The budget for segments of `seg_size` bytes: two segments.
+    /// The budget for segments of `seg_size` bytes: two buffers of one segment, or of
+    /// [`WINDOW`] for larger segments.
     pub fn new(seg_size: u64) -> Budget {
-        let seg_size = seg_size as usize;
+        let seg_size = seg_size.min(WINDOW) as usize;
         let cap = 2 * seg_size;
         Budget {
             sem: Arc::new(Semaphore::new(cap)),
@@ -68,7 +75,12 @@ impl Budget {
             .expect("the budget semaphore is never closed")
     }
 
-    /// An empty buffer for a whole segment, waiting until the budget has room for it.
+    /// Bytes one buffer holds: a segment, or the window of a larger one.
+    pub fn buffer_size(&self) -> usize {
+        self.seg_size
+    }
+
+    /// An empty buffer for a whole segment (or window), waiting until the budget has room for it.
     pub async fn segment(&self) -> SegBuf {
         let permit = self.acquire(self.seg_size).await;
         let buf = self
@@ -111,6 +123,12 @@ impl SegBuf {
     /// Whether this is a real buffer rather than the empty placeholder.
     pub fn is_budgeted(&self) -> bool {
         self.permit.is_some()
+    }
+}
+
+impl AsRef<[u8]> for SegBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
     }
 }
 

@@ -351,11 +351,16 @@ async fn resume_segment(
     server_tli: TimelineId,
     seg_size: u64,
 ) -> Result<(OpenSegment, Budget, start::StartPoint), StreamError> {
+    let windowed = seg_size > budget::WINDOW;
     let (plan, preloaded) = loop {
         let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
         let plan = repo.list_chunks(&first).await?;
-        let preloaded = repo.read_chain(&plan).await?;
-        let end = Lsn(sp.lsn.0 + preloaded.len() as u64);
+        // Windowed: the chunks stay where they are, durable; they are never read back.
+        let preloaded = match windowed {
+            true => vec![],
+            false => repo.read_chain(&plan).await?,
+        };
+        let end = Lsn(sp.lsn.0 + preloaded.len().max(plan.end() as usize) as u64);
         match start::switch_of(sp.tli, history, server_tli) {
             Some((switch, next)) if end > switch => {
                 log_off_lineage(
@@ -369,18 +374,21 @@ async fn resume_segment(
                 sp.tli = next;
             }
             _ => {
-                if !preloaded.is_empty() {
+                if plan.end() > 0 {
                     tracing::info!(segment = %first, start = %end, chunks = plan.chain.len(), "resuming after the chunks already stored");
                 }
                 break (plan, preloaded);
             }
         }
     };
-    let start = Lsn(sp.lsn.0 + preloaded.len() as u64);
+    let start = Lsn(sp.lsn.0 + u64::from(plan.end()));
     let budget = Budget::new(seg_size);
-    tracing::debug!(cap_bytes = budget.cap(), "WAL memory budget");
+    tracing::debug!(cap_bytes = budget.cap(), windowed, "WAL memory budget");
     let first_buf = budget.segment().await;
-    let open = OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?;
+    let open = match windowed {
+        true => OpenSegment::windowed(sp.tli, start, seg_size, budget.buffer_size(), first_buf),
+        false => OpenSegment::new(sp.tli, start, seg_size, preloaded, plan.all(), first_buf)?,
+    };
     Ok((open, budget, sp))
 }
 
@@ -408,8 +416,13 @@ async fn drain(
     let assembled = join(assembler).await;
     let uploaded = join(uploader).await;
     let stream = match (streamed, assembled, uploaded) {
-        (Err(StreamError::PipelineClosed), Err(e), _)
-        | (Err(StreamError::PipelineClosed), _, Err(e)) => return Err(e),
+        // The task that failed first closed the pipeline on the others: report its error.
+        (Err(StreamError::PipelineClosed), a, u) if a.is_err() || u.is_err() => {
+            let errors = [a.err(), u.err()].into_iter().flatten();
+            let mut errors: Vec<_> = errors.collect();
+            errors.sort_by_key(|e| matches!(e, StreamError::PipelineClosed));
+            return Err(errors.remove(0));
+        }
         (Err(e), a, u) => {
             for other in [a.err(), u.err()].into_iter().flatten() {
                 tracing::error!(error = %other, "while draining after the error");
@@ -501,6 +514,11 @@ async fn take_data(
             seg.install(budget.segment().await);
         }
         off += seg.push(Lsn(lsn.0 + off as u64), &data[off..], &mut out)?;
+        if seg.must_ship() {
+            // Windowed: the window is full or the segment complete; its bytes leave as a chunk.
+            out.extend(chunk(seg, budget).await);
+            out.extend(seg.complete_windowed());
+        }
         for j in out.drain(..) {
             jobs.send(j)
                 .await
@@ -552,6 +570,12 @@ async fn assemble(
                     }
                 }
                 Some(Piece::TimelineSwitch { next_tli, switch, history }) => {
+                    if seg.is_windowed() {
+                        // The `.partial` will name chunks only: ship what is held first.
+                        if let Some(j) = chunk(&mut seg, &budget).await {
+                            send(j).await?;
+                        }
+                    }
                     seg.switch_timeline(next_tli, switch, history, &mut out);
                     for j in out.drain(..) {
                         send(j).await?;
@@ -574,6 +598,10 @@ async fn chunk(seg: &mut OpenSegment, budget: &Budget) -> Option<Job> {
     if n == 0 {
         return None;
     }
+    if seg.is_windowed() {
+        // The window itself leaves; the next one waits until the budget has room.
+        return seg.take_window(budget.segment().await);
+    }
     let permit = budget.bytes(n).await;
     seg.take_chunk(Some(permit))
 }
@@ -582,7 +610,19 @@ async fn chunk(seg: &mut OpenSegment, budget: &Budget) -> Option<Job> {
 /// storing a segment and deleting its chunks leaves them. Best effort: they are never read once
 /// their segment exists, so a failure only leaves garbage.
 async fn delete_stale_chunks(repo: &Repository, scan: &WalScan) {
-    let stale = scan.stale_chunks();
+    let mut stale = scan.stale_chunks();
+    // A chunked segment's object names its chunks: those are the segment, not leftovers.
+    let segments: std::collections::BTreeSet<WalFileName> =
+        stale.iter().map(|c| c.segment.clone()).collect();
+    for segment in segments {
+        match repo.chunks_in_use(&segment).await {
+            Ok(used) => stale.retain(|c| c.segment != segment || !used.contains(c)),
+            Err(e) => {
+                tracing::warn!(%segment, error = %e, "cannot tell which chunks the segment uses; keeping them");
+                stale.retain(|c| c.segment != segment);
+            }
+        }
+    }
     if stale.is_empty() {
         return;
     }

@@ -42,6 +42,13 @@ pub enum Job {
     },
     /// A timeline history file, fetched with TIMELINE_HISTORY.
     History { name: WalFileName, data: Vec<u8> },
+    /// A segment (or `.partial`) larger than the memory window, complete in its chunks, all
+    /// shipped before this job: stored as a chunked segment naming them.
+    Chunked {
+        name: WalFileName,
+        wal_bytes: u64,
+        durable_end: Lsn,
+    },
 }
 
 impl Job {
@@ -51,7 +58,8 @@ impl Job {
         match self {
             Job::Chunk { durable_end, .. }
             | Job::Segment { durable_end, .. }
-            | Job::Partial { durable_end, .. } => Some(*durable_end),
+            | Job::Partial { durable_end, .. }
+            | Job::Chunked { durable_end, .. } => Some(*durable_end),
             Job::History { .. } => None,
         }
     }
@@ -62,6 +70,7 @@ impl Job {
             Job::Chunk { data, .. } => data.data.len(),
             Job::Segment { data, .. } | Job::Partial { data, .. } => data.len(),
             Job::History { data, .. } => data.len(),
+            Job::Chunked { .. } => 0,
         }
     }
 
@@ -71,6 +80,7 @@ impl Job {
             Job::Segment { .. } => "segment",
             Job::Partial { .. } => "partial",
             Job::History { .. } => "history",
+            Job::Chunked { .. } => "chunked",
         }
     }
 }
@@ -91,10 +101,16 @@ pub struct OpenSegment {
     seg_size: u64,
     tli: TimelineId,
     segno: SegNo,
-    /// Bytes `[0, buf.len())` of the segment. Between segments (after one completed, before
+    /// Bytes `[base, base + buf.len())` of the segment. Between segments (after one completed, before
     /// the assembler installs the next buffer) an unbudgeted empty placeholder.
     buf: SegBuf,
-    /// Bytes `[0, shipped)` were handed out as chunks (or were already stored when resuming).
+    /// Segment offset of `buf[0]`: 0, except in windowed mode, where shipped bytes leave `buf`.
+    base: usize,
+    /// Windowed mode (segments larger than the memory budget allows): `buf` holds at most this
+    /// many bytes, every byte leaves as a chunk, and a complete segment becomes
+    /// [`Job::Chunked`]. The whole segment is never in memory.
+    window: Option<usize>,
+    /// Bytes `buf[..shipped]` were handed out as chunks (or were already stored when resuming).
     shipped: usize,
     /// Chunk objects of this segment, to delete once the segment is stored.
     chunks: Vec<ChunkRef>,
@@ -127,9 +143,71 @@ impl OpenSegment {
             tli,
             segno: start.segno(seg_size),
             shipped: buf.len(),
+            base: 0,
+            window: None,
             buf,
             chunks,
         })
+    }
+
+    /// Starts filling at `start` in windowed mode (see [`OpenSegment::window`]): `buf` holds
+    /// `window` bytes at most. The segment's bytes before `start` are durable in its chunks and
+    /// are not read back.
+    pub fn windowed(
+        tli: TimelineId,
+        start: Lsn,
+        seg_size: u64,
+        window: usize,
+        mut buf: SegBuf,
+    ) -> OpenSegment {
+        buf.clear();
+        OpenSegment {
+            seg_size,
+            tli,
+            segno: start.segno(seg_size),
+            shipped: 0,
+            base: start.segment_offset(seg_size) as usize,
+            window: Some(window),
+            buf,
+            chunks: vec![],
+        }
+    }
+
+    pub fn is_windowed(&self) -> bool {
+        self.window.is_some()
+    }
+
+    /// Segment offset of the next received byte.
+    fn filled(&self) -> usize {
+        self.base + self.buf.len()
+    }
+
+    /// Windowed mode: the window is full or the segment complete, and the bytes must leave as
+    /// a chunk before more can be taken (or the segment stored).
+    pub fn must_ship(&self) -> bool {
+        let Some(window) = self.window else {
+            return false;
+        };
+        self.unshipped() > 0 && (self.buf.len() == window || self.filled() as u64 == self.seg_size)
+    }
+
+    /// Windowed mode: once the complete segment's last chunk is handed out, the job storing it
+    /// as a chunked segment; the open segment moves on to the next one.
+    pub fn complete_windowed(&mut self) -> Option<Job> {
+        if self.window.is_none() || self.filled() as u64 != self.seg_size || self.unshipped() > 0 {
+            return None;
+        }
+        let job = Job::Chunked {
+            name: self.name(),
+            wal_bytes: self.seg_size,
+            durable_end: self.segment_end(),
+        };
+        self.segno += 1;
+        self.base = 0;
+        self.buf.clear();
+        self.shipped = 0;
+        self.chunks.clear();
+        Some(job)
     }
 
     pub fn timeline(&self) -> TimelineId {
@@ -142,7 +220,7 @@ impl OpenSegment {
 
     /// Where the next received byte belongs.
     pub fn next_lsn(&self) -> Lsn {
-        Lsn(self.seg_start().0 + self.buf.len() as u64)
+        Lsn(self.seg_start().0 + self.filled() as u64)
     }
 
     /// First byte after the open segment.
@@ -190,10 +268,13 @@ impl OpenSegment {
             return Ok(0);
         }
         assert!(!self.needs_buffer(), "push without a segment buffer");
-        let room = self.seg_size as usize - self.buf.len();
+        let mut room = self.seg_size as usize - self.filled();
+        if let Some(window) = self.window {
+            room = room.min(window - self.buf.len());
+        }
         let n = room.min(data.len());
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() as u64 == self.seg_size {
+        if self.window.is_none() && self.buf.len() as u64 == self.seg_size {
             out.push(self.complete());
         }
         Ok(n)
@@ -223,7 +304,7 @@ impl OpenSegment {
         }
         let segment = self.name();
         // Offsets fit in u32: PostgreSQL segments are at most 1 GiB.
-        let (start, end) = (self.shipped as u32, self.buf.len() as u32);
+        let (start, end) = ((self.base + self.shipped) as u32, self.filled() as u32);
         self.chunks.push(ChunkRef {
             segment: segment.clone(),
             start,
@@ -233,13 +314,77 @@ impl OpenSegment {
             data: bytes::Bytes::copy_from_slice(&self.buf[self.shipped..]),
             permit,
         };
-        self.shipped = self.buf.len();
+        let durable_end = self.next_lsn();
+        if self.window.is_some() {
+            // Shipped bytes leave memory: the chunk is the only copy the stream keeps.
+            self.base += self.buf.len();
+            self.buf.clear();
+            self.shipped = 0;
+        } else {
+            self.shipped = self.buf.len();
+        }
         Some(Job::Chunk {
             segment,
             start,
             end,
             data,
-            durable_end: self.next_lsn(),
+            durable_end,
+        })
+    }
+
+    /// [`Self::switch_timeline`] in windowed mode: everything received is already shipped as
+    /// chunks (the assembler ships before switching), so the `.partial` names them.
+    fn switch_windowed(&mut self, next_tli: TimelineId, switch: Lsn, out: &mut Vec<Job>) -> Lsn {
+        debug_assert_eq!(self.unshipped(), 0, "ship before switching");
+        if self.filled() > 0 {
+            out.push(Job::Chunked {
+                name: self.partial_name(),
+                wal_bytes: self.filled() as u64,
+                durable_end: self.next_lsn(),
+            });
+        }
+        self.tli = next_tli;
+        self.segno = switch.segno(self.seg_size);
+        self.base = 0;
+        self.buf.clear();
+        self.shipped = 0;
+        self.chunks.clear();
+        self.seg_start()
+    }
+
+    fn partial_name(&self) -> WalFileName {
+        let per_id = 0x1_0000_0000 / self.seg_size;
+        WalFileName::Partial {
+            tli: self.tli,
+            log: (self.segno / per_id) as u32,
+            seg: (self.segno % per_id) as u32,
+        }
+    }
+
+    /// Windowed mode: the bytes received since the last chunk leave as a chunk in the very
+    /// buffer that holds them (no copy; it goes back to the pool, and its budget is released,
+    /// once the chunk is stored) and `next` becomes the window. `None` when there are none.
+    pub fn take_window(&mut self, next: SegBuf) -> Option<Job> {
+        debug_assert!(self.window.is_some() && self.shipped == 0);
+        if self.unshipped() == 0 {
+            return None;
+        }
+        let segment = self.name();
+        let (start, end) = (self.base as u32, self.filled() as u32);
+        let durable_end = self.next_lsn();
+        self.base = self.filled();
+        let mut next = next;
+        next.clear();
+        let full = std::mem::replace(&mut self.buf, next);
+        Some(Job::Chunk {
+            segment,
+            start,
+            end,
+            data: ChunkData {
+                data: bytes::Bytes::from_owner(full),
+                permit: None,
+            },
+            durable_end,
         })
     }
 
@@ -258,13 +403,11 @@ impl OpenSegment {
             name: history.0,
             data: history.1,
         });
+        if self.window.is_some() {
+            return self.switch_windowed(next_tli, switch, out);
+        }
         if !self.buf.is_empty() {
-            let per_id = 0x1_0000_0000 / self.seg_size;
-            let name = WalFileName::Partial {
-                tli: self.tli,
-                log: (self.segno / per_id) as u32,
-                seg: (self.segno % per_id) as u32,
-            };
+            let name = self.partial_name();
             let durable_end = self.next_lsn();
             let mut data = std::mem::take(&mut self.buf);
             data.resize(self.seg_size as usize, 0);
@@ -439,5 +582,85 @@ mod tests {
         assert_eq!(data.len() as u64, SEG);
         assert!(data[0x158..].iter().all(|&b| b == 0));
         assert_eq!(*durable_end, Lsn(SEG * 3 + 0x158));
+    }
+
+    const WIN: usize = 64 * 1024;
+
+    /// Pushes all of `data` in windowed mode, shipping chunks as the assembler does.
+    fn push_windowed(s: &mut OpenSegment, lsn: Lsn, data: &[u8], out: &mut Vec<Job>) {
+        let mut off = 0;
+        while off < data.len() {
+            off += s.push(Lsn(lsn.0 + off as u64), &data[off..], out).unwrap();
+            if s.must_ship() {
+                let next = SegBuf::unbudgeted(Vec::with_capacity(WIN));
+                out.extend(s.take_window(next));
+                out.extend(s.complete_windowed());
+            }
+        }
+    }
+
+    #[test]
+    fn windowed_segments_leave_as_chunks_and_never_fill_memory() {
+        let buf = || SegBuf::unbudgeted(Vec::with_capacity(WIN));
+        // Resuming 0x3000 bytes into segment 2.
+        let mut s = OpenSegment::windowed(1, Lsn(2 * SEG + 0x3000), SEG, WIN, buf());
+        let all = bytes(2 * SEG as usize, 5);
+        let mut out = vec![];
+        let mut lsn = 2 * SEG + 0x3000;
+        for piece in all.chunks(100_003) {
+            push_windowed(&mut s, Lsn(lsn), piece, &mut out);
+            assert!(s.buf.len() <= WIN && s.buf.capacity() <= WIN);
+            lsn += piece.len() as u64;
+        }
+        let mut pos = 2 * SEG + 0x3000;
+        let mut got = vec![];
+        let mut completed = vec![];
+        for j in &out {
+            match j {
+                Job::Chunk {
+                    segment,
+                    start,
+                    end,
+                    data,
+                    ..
+                } => {
+                    let seg_start = segment.segno(SEG).unwrap() * SEG;
+                    assert_eq!(seg_start + u64::from(*start), pos, "chunks continue");
+                    assert!((*end - *start) as usize <= WIN);
+                    pos = seg_start + u64::from(*end);
+                    got.extend_from_slice(&data.data);
+                }
+                Job::Chunked {
+                    name,
+                    wal_bytes,
+                    durable_end,
+                } => {
+                    assert_eq!(*wal_bytes, SEG);
+                    assert_eq!(*durable_end, Lsn(pos), "stored after its last chunk");
+                    completed.push(name.to_string());
+                }
+                j => panic!("{j:?}"),
+            }
+        }
+        assert_eq!(
+            completed,
+            ["000000010000000000000002", "000000010000000000000003"]
+        );
+        assert_eq!(got, &all[..got.len()]);
+        assert_eq!(s.next_lsn(), Lsn(lsn));
+        // A timeline switch after shipping names the chunks as a `.partial`.
+        out.clear();
+        out.extend(s.take_window(buf()));
+        let hist = (WalFileName::History { tli: 2 }, b"1\t0/1\tx\n".to_vec());
+        let restart = s.switch_timeline(2, s.next_lsn(), hist, &mut out);
+        assert_eq!(restart, Lsn(4 * SEG));
+        let Some(Job::Chunked {
+            name, wal_bytes, ..
+        }) = out.last()
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(name.to_string(), "000000010000000000000004.partial");
+        assert_eq!(*wal_bytes, 0x3000);
     }
 }

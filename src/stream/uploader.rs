@@ -19,7 +19,7 @@ use super::metrics::{self as m, Progress};
 use super::segment::Job;
 use crate::repo::{ChunkRef, PutOutcome, RepoError, Repository};
 use crate::storage::StorageError;
-use crate::wal::Lsn;
+use crate::wal::{Lsn, WalFileName};
 
 /// First wait after a failed upload; doubles up to [`MAX_BACKOFF`]. On top of the storage
 /// layer's own retries, so this loop only runs when storage has been failing for a while.
@@ -60,6 +60,9 @@ async fn store(repo: &Repository, job: &Job) -> Result<PutOutcome, RepoError> {
             repo.store_wal_file(name, data).await
         }
         Job::History { name, data } => repo.store_wal_file(name, data).await,
+        Job::Chunked {
+            name, wal_bytes, ..
+        } => repo.store_chunked_segment(name, *wal_bytes).await,
     }
 }
 
@@ -86,8 +89,12 @@ pub(super) async fn run(
         metrics::counter!(m::UPLOADS, "kind" => job.kind()).increment(1);
         metrics::counter!(m::UPLOADED_BYTES).increment(job.content_len() as u64);
         match &job {
-            Job::Segment { name, .. } | Job::Partial { name, .. } | Job::History { name, .. } => {
-                tracing::info!(file = %name, bytes = job.content_len(), already = outcome == PutOutcome::AlreadyStored, "stored");
+            Job::Segment { name, .. }
+            | Job::Partial { name, .. }
+            | Job::History { name, .. }
+            | Job::Chunked { name, .. } => {
+                let chunked = matches!(job, Job::Chunked { .. });
+                tracing::info!(file = %name, bytes = job.content_len(), chunked, already = outcome == PutOutcome::AlreadyStored, "stored");
             }
             Job::Chunk { .. } => tracing::trace!(durable = ?job.durable_end(), "chunk stored"),
         }
@@ -137,7 +144,16 @@ async fn store_until_stored(
             // Another source (the promoted server's archive_command) stored its own copy of
             // this .partial, with different bytes past the switch point. The new timeline's
             // segment holds everything recovery needs, so keep theirs and go on.
-            Err(RepoError::ConflictingContent { .. }) if matches!(job, Job::Partial { .. }) => {
+            Err(RepoError::ConflictingContent { .. })
+                if matches!(job, Job::Partial { .. })
+                    || matches!(
+                        job,
+                        Job::Chunked {
+                            name: WalFileName::Partial { .. },
+                            ..
+                        }
+                    ) =>
+            {
                 tracing::warn!(
                     kind = job.kind(),
                     "a different .partial of this segment is already stored; kept it"
