@@ -13,7 +13,6 @@ pub use blocks::{aligned_buffer, BlockWriter, BLOCK_LEN};
 
 pub use frame::{
     checked_payload, compress_with_room, decode, decode_into, decode_to, decompress,
-    decompress_into, encode, frame_blocks,
-    header_bytes, peek_header, Codec, CodecError, FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC,
-    SEALED_HEADER_PREFIX_LEN,
+    decompress_into, encode, frame_blocks, header_bytes, peek_header, Codec, CodecError,
+    FrameHeader, FRAME_HEADER_LEN, FRAME_MAGIC, SEALED_HEADER_PREFIX_LEN,
 };
