@@ -14,7 +14,7 @@
 //! payload. Blocks are independent (no dictionary from the previous one): lz4 looks back 64 KiB
 //! at most, so blocks of [`BLOCK_LEN`] lose little.
 
-use super::frame::CodecError;
+use super::error::CodecError;
 
 /// Content bytes per block that pitr writes (readers accept any size up to the maximum).
 pub const BLOCK_LEN: usize = 256 * 1024;

@@ -2,6 +2,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::blocks::{self, BlockWriter, Blocks};
+use super::error::CodecError;
 
 /// First bytes of every stored object.
 pub const FRAME_MAGIC: [u8; 4] = *b"PITR";
@@ -97,37 +98,6 @@ pub struct FrameHeader {
     pub payload_crc32c: u32,
     /// Version 2 frame: the payload is sealed (docs/encryption.md), `raw_crc32c` is zero.
     pub encrypted: bool,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CodecError {
-    #[error("not a pitr object (bad magic)")]
-    BadMagic,
-    #[error("object frame version {found} is newer than this pitr understands ({FRAME_VERSION}); upgrade pitr")]
-    NewerVersion { found: u8 },
-    #[error("object uses unknown codec id {id}")]
-    UnknownCodec { id: u8 },
-    #[error("object header checksum mismatch: the header is corrupt")]
-    HeaderChecksum,
-    #[error("object is truncated or has trailing bytes: header says {expected} payload bytes, found {found}")]
-    PayloadLength { expected: u64, found: u64 },
-    #[error("payload checksum mismatch: expected crc32c {expected:08x}, computed {actual:08x}")]
-    PayloadChecksum { expected: u32, actual: u32 },
-    #[error("object payload does not decompress: {message}")]
-    Decompress { message: String },
-    #[error("content checksum mismatch: expected crc32c {expected:08x}, computed {actual:08x}")]
-    ContentChecksum { expected: u32, actual: u32 },
-    #[error("decompressed length {actual} differs from the {expected} bytes the header records")]
-    ContentLength { expected: u64, actual: u64 },
-    #[error("object frame has unknown flags {flags:#06x}")]
-    UnknownFlags { flags: u16 },
-    #[error("object is encrypted, but this repository is not: it was not written here by pitr")]
-    Encrypted,
-    #[error("object is not encrypted, but this repository is: it was not written here by pitr")]
-    NotEncrypted,
-    #[error(transparent)]
-    Sealed(#[from] super::crypt::CryptError),
 }
 
 /// Frames `raw` with `codec`. zstd uses `level`; lz4 and none ignore it.
