@@ -155,9 +155,21 @@ impl Repository {
     /// [`Self::read_object`] into `buf`, reusing its allocation (a reader of many segments
     /// passes the previous one's buffer back in). Gives the buffer back, filled on success.
     pub async fn read_object_into(&self, o: &ScannedObject, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        match self.storage.get(&o.key).await {
+        let (decoded, buf) = match self.storage.get(&o.key).await {
             Ok(bytes) => self.objects.decode_blocking_into(&o.key, bytes, buf).await,
-            Err(e) => (Err(e.into()), buf),
+            Err(e) => return (Err(e.into()), buf),
+        };
+        match (&o.kind, decoded) {
+            // A chunked segment reads as the segment it names (its buffer replaces `buf`).
+            (ObjectKind::Wal(name), Ok(()))
+                if buf.starts_with(super::chunks::CHUNKED_SEGMENT_MAGIC) =>
+            {
+                match self.resolve_chunked(name, buf).await {
+                    Ok(content) => (Ok(()), content),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            }
+            (_, decoded) => (decoded, buf),
         }
     }
 

@@ -501,6 +501,17 @@ impl RecoveryWal {
     }
 }
 
+/// Whether a stored WAL object could be a chunked segment: only segments and `.partial`s are,
+/// and their objects are small (a list of chunks); a whole segment's frame is bigger unless it
+/// compresses below this, when decoding it whole costs little anyway.
+fn may_be_chunked_segment(name: &WalFileName, stored: &Bytes) -> bool {
+    const CHUNKED_SEGMENT_MAX: usize = 1 << 20;
+    matches!(
+        name,
+        WalFileName::Segment { .. } | WalFileName::Partial { .. }
+    ) && stored.len() <= CHUNKED_SEGMENT_MAX
+}
+
 enum Step {
     Codec(CodecError),
     Write(std::io::Error),
@@ -521,6 +532,13 @@ impl Repository {
     ) -> Result<Option<RecoveryWal>, RepoError> {
         let key = layout::wal_key(name);
         match self.storage.get(&key).await {
+            Ok(stored) if may_be_chunked_segment(name, &stored) => {
+                // Small enough to be a chunked segment (docs/repository-format.md): decoded
+                // whole, so that one naming its chunks is resolved instead of served as WAL.
+                let content = self.objects.decode(&key, &stored)?;
+                let content = self.resolve_chunked(name, content).await?;
+                return Ok(Some(RecoveryWal(Found::Content(content))));
+            }
             Ok(stored) => {
                 return Ok(Some(RecoveryWal(Found::Object {
                     key,

@@ -66,7 +66,7 @@ def decode_frame(blob, what):
     version, codec = blob[4], blob[5]
     if version != 1:
         raise Damage(f"{what}: unknown frame version {version}")
-    if codec not in (0, 1, 2):
+    if codec not in (0, 1, 2, 3):
         raise Damage(f"{what}: unknown codec {codec}")
     raw_len, payload_len, raw_crc, payload_crc = struct.unpack_from("<QQII", blob, 8)
     payload = blob[HEADER_LEN:]
@@ -81,6 +81,8 @@ def decode_frame(blob, what):
             raw = bytes(payload)
         elif codec == 1:
             raw = lz4.block.decompress(bytes(payload), uncompressed_size=raw_len)
+        elif codec == 3:
+            raw = decode_lz4_blocks(bytes(payload), raw_len, what)
         else:
             d = zstandard.ZstdDecompressor().decompressobj()
             raw = d.decompress(bytes(payload))
@@ -95,6 +97,38 @@ def decode_frame(blob, what):
     if crc(raw) != raw_crc:
         raise Damage(f"{what}: content checksum mismatch")
     return raw
+
+
+MAX_BLOCK_RAW = 4 * 1024 * 1024
+AS_IS = 1 << 31
+
+
+def decode_lz4_blocks(payload, raw_len, what):
+    """Codec 3: a sequence of (raw_len u32, word u32, data) blocks, each checked on its own."""
+    out, at = bytearray(), 0
+    while at < len(payload):
+        if len(payload) - at < 8:
+            raise Damage(f"{what}: block header at {at} is cut short")
+        block_raw, word = struct.unpack_from("<II", payload, at)
+        stored = word & ~AS_IS
+        if not 1 <= block_raw <= MAX_BLOCK_RAW:
+            raise Damage(f"{what}: block at {at} has raw_len {block_raw}")
+        data = payload[at + 8: at + 8 + stored]
+        if len(data) != stored:
+            raise Damage(f"{what}: block at {at} runs past the payload")
+        if word & AS_IS:
+            if stored != block_raw:
+                raise Damage(f"{what}: stored block at {at} is {stored} bytes, not {block_raw}")
+            out += data
+        else:
+            raw = lz4.block.decompress(data, uncompressed_size=block_raw)
+            if len(raw) != block_raw:
+                raise Damage(f"{what}: block at {at} decodes to {len(raw)} bytes")
+            out += raw
+        if len(out) > raw_len:
+            raise Damage(f"{what}: blocks hold more than the header's {raw_len} bytes")
+        at += 8 + stored
+    return bytes(out)
 
 
 class Repo:
@@ -213,11 +247,41 @@ def read_chain(repo, chain):
     return bytes(out)
 
 
+CHUNKED_MAGIC = b"PITR chunked segment 1\n"
+
+
+def read_chunked_segment(repo, name, raw, padded):
+    """A segment object that names its chunks instead of holding the bytes."""
+    try:
+        doc = json.loads(raw[len(CHUNKED_MAGIC):])
+        size, wal_bytes, chunks = doc["segment_size"], doc["wal_bytes"], doc["chunks"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise Damage(f"{name}: chunked segment does not parse: {e}") from e
+    if size != repo.seg_size or not 0 < wal_bytes <= size:
+        raise Damage(f"{name}: chunked segment sizes {size}/{wal_bytes} are wrong")
+    folder = name[:-len(".partial")] if name.endswith(".partial") else name
+    chain, pos = [], 0
+    for start, end in chunks:
+        if start != pos or end <= start:
+            raise Damage(f"{name}: chunks are not contiguous at {start}")
+        key = f"{wal_folder(folder)}/chunks/{folder}/{start:08X}-{end:08X}"
+        chain.append((start, end, key))
+        pos = end
+    if pos != wal_bytes:
+        raise Damage(f"{name}: chunks end at {pos}, not {wal_bytes}")
+    data = read_chain(repo, chain)
+    if data is None:
+        raise Damage(f"{name}: a chunk the chunked segment names is missing")
+    return data + bytes(size - len(data)) if padded else data
+
+
 def get_segment(repo, name, padded=True):
     """Segment `name` as archive-get serves it: (bytes, source)."""
     seg_key = f"{wal_folder(name)}/{name}"
     for _ in range(2):
         raw = repo.get(seg_key)
+        if raw is not None and raw.startswith(CHUNKED_MAGIC):
+            return read_chunked_segment(repo, name, raw, padded), "chunked"
         if raw is not None:
             return raw, "segment"
         prefix = f"{wal_folder(name)}/chunks/{name}"
