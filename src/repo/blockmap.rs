@@ -130,10 +130,14 @@ impl BlockMapWriter {
 
     async fn flush(&mut self) -> Result<()> {
         let content = std::mem::take(&mut self.buf);
-        self.stored += self
+        let (stored, mut buf) = self
             .repo
             .put_part(part_key(&self.id, self.parts), content)
             .await?;
+        // The next part fills the same buffer.
+        buf.clear();
+        self.buf = buf;
+        self.stored += stored;
         self.parts += 1;
         Ok(())
     }
@@ -151,7 +155,7 @@ impl BlockMapWriter {
             files: std::mem::take(&mut self.files),
         };
         let json = serde_json::to_vec(&index).expect("block map index serializes");
-        self.stored += self.repo.put_part(index_key(&self.id), json).await?;
+        self.stored += self.repo.put_part(index_key(&self.id), json).await?.0;
         Ok(self.stored)
     }
 }
