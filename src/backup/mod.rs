@@ -23,9 +23,10 @@ pub use run::{run_backup, BackupError, BackupOptions, BackupProgress};
 /// well under 64 MiB. Older pitr versions wrote 16 MiB parts; readers take any size.
 pub const PART_SIZE: usize = 8 << 20;
 
-/// Part buffers: the one being filled and up to two being compressed (one per core of a small
-/// machine) while the next fills.
-pub const PART_BUFFERS: usize = 3;
+/// Part buffers: the one being filled and the one being compressed meanwhile (lz4 compresses a
+/// part in less time than the server takes to send one; a third buffer bought no throughput
+/// and 8 MiB more memory, see docs/benchmarks.md).
+pub const PART_BUFFERS: usize = 2;
 
 /// Parts being stored at once: compressed bytes only, so more of them cost little memory and
 /// hide an object store's latency.
