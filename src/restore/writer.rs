@@ -29,9 +29,9 @@ use crate::repo::{BackupArchive, FetchedPart, Repository};
 /// more than its content; it is decoded when the writer reaches it. So restore memory is
 /// bounded by a few parts (8 MiB of content each, 16 MiB in backups of older pitr), whatever
 /// the backup size, and much less for parts that compress well.
-const PREFETCH_BYTES: u64 = 24 << 20;
+const PREFETCH_BYTES: u64 = 16 << 20;
 /// Enough to hide an object store's latency: the writer takes ~20 ms per 8 MiB part.
-const PREFETCH_PARTS_MAX: u64 = 3;
+const PREFETCH_PARTS_MAX: u64 = 2;
 
 pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
