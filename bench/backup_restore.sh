@@ -250,6 +250,10 @@ incr_part() {
     report --prefix incr-restore/ --ref pitr-full \
         --title "Restore (restore command only; x pitr-full = F2 into an empty directory)"
     echo
+    echo "Peak RSS (ru_maxrss, MiB, every round; issue 12 goal: at most 64 MiB):"
+    echo
+    awk -F'"' '/"label": "incr-(backup|restore)\// {l = $4; match($0, /"maxrss_kb": [0-9]+/); k = substr($0, RSTART + 13, RLENGTH - 13); a[l] = a[l] sprintf("%s%.1f", (a[l] == "" ? "" : ", "), k / 1024)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort
+    echo
     echo "Every run (wall ms, round: value):"
     echo
     awk -F'"' '/"label": "incr-(backup|restore)\// {l = $4; match($0, /"key": "[^"]*"/); k = substr($0, RSTART + 8, RLENGTH - 9); match($0, /"wall_ms": [0-9.]+/); w = substr($0, RSTART + 11, RLENGTH - 11); a[l] = a[l] sprintf("%s%s: %.0f", (a[l] == "" ? "" : ", "), k, w)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use crate::format::incremental::{self, IncrementalHeader, BLCKSZ};
 use crate::repo::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks, RepoError};
 
-/// Changed blocks of one file kept in memory before they go to a temporary file.
-pub const SPILL_AT: usize = 32 << 20;
+/// Changed blocks of one file kept in memory before they go to a temporary file. Small: the
+/// blocks are copied once more into the part being filled, and a backup's whole budget is
+/// 64 MiB (a temporary file costs page cache, not process memory).
+pub const SPILL_AT: usize = 4 << 20;
 /// Bytes of a spilled file handed out at once.
-pub const DRAIN_CHUNK: usize = 4 << 20;
+pub const DRAIN_CHUNK: usize = 1 << 20;
 const TAR_BLOCK: usize = 512;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,11 +2,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::blockdiff::{BackupMaps, DiffError, TarDiff};
 use super::wal::{OwnWalError, OwnWalStream, StopAt, WalConn};
-use super::{MAX_UPLOADS_IN_FLIGHT, PART_SIZE};
+use super::{MAX_UPLOADS_IN_FLIGHT, PART_BUFFERS, PART_SIZE};
 use crate::error::{Classify, Code};
 use crate::format::archive_check::{ArchiveReader, Discard, FeedError, ManifestCheck, Mismatch};
 use crate::format::manifest;
@@ -185,7 +186,7 @@ impl ArchiveUpload {
                 raw_bytes: 0,
                 stored_bytes: 0,
             },
-            buf: Vec::with_capacity(PART_SIZE),
+            buf: Vec::new(),
             reader,
             diff,
         }
@@ -205,29 +206,20 @@ impl ArchiveUpload {
             })
     }
 
-    /// Takes bytes to store (the rewritten stream); returns full parts ready to upload.
-    fn cut(&mut self, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        self.meta.raw_bytes += data.len() as u64;
-        let mut ready = vec![];
-        let mut rest = data;
-        while !rest.is_empty() {
-            let take = (PART_SIZE - self.buf.len()).min(rest.len());
-            self.buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.buf.len() == PART_SIZE {
-                ready.push(self.take_part());
-            }
-        }
-        ready
+    /// Appends bytes to store (the rewritten stream) to the part being filled, whose buffer
+    /// the caller provides; returns how many were taken and the part, once full.
+    fn fill(&mut self, data: &[u8]) -> (usize, Option<(u32, Vec<u8>)>) {
+        let take = (PART_SIZE - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..take]);
+        self.meta.raw_bytes += take as u64;
+        let full = (self.buf.len() == PART_SIZE).then(|| self.take_part());
+        (take, full)
     }
 
     fn take_part(&mut self) -> (u32, Vec<u8>) {
         let n = self.meta.parts;
         self.meta.parts += 1;
-        (
-            n,
-            std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE)),
-        )
+        (n, std::mem::take(&mut self.buf))
     }
 
     /// The last, short part (an empty archive still gets one part, so restore finds it).
@@ -241,12 +233,67 @@ impl ArchiveUpload {
 }
 
 /// Uploads run concurrently, bounded; the first failure aborts the backup.
+///
+/// Memory: at most [`PART_BUFFERS`] part buffers exist (the one being filled and those being
+/// compressed). Each comes back as soon as its part is compressed and is refilled, never freed:
+/// freed and reallocated part-sized buffers would stay resident in the allocator's arenas. An
+/// upload in flight holds only its stored (compressed) bytes.
 struct Uploads {
     set: JoinSet<Result<(String, u64), RepoError>>,
     stored: HashMap<String, u64>,
+    /// Empty buffers, ready for the next part.
+    pool: Vec<Vec<u8>>,
+    /// Buffers allocated so far.
+    buffers: usize,
+    /// Buffers given back by the uploads once their part is compressed.
+    back_tx: mpsc::UnboundedSender<Vec<u8>>,
+    back_rx: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl Uploads {
+    fn new() -> Uploads {
+        let (back_tx, back_rx) = mpsc::unbounded_channel();
+        Uploads {
+            set: JoinSet::new(),
+            stored: HashMap::new(),
+            pool: vec![],
+            buffers: 0,
+            back_tx,
+            back_rx,
+        }
+    }
+
+    /// An empty buffer for the next part: a recycled one, a new one while fewer than
+    /// [`PART_BUFFERS`] exist, or else the next one a compression gives back.
+    async fn buffer(&mut self) -> Result<Vec<u8>, BackupError> {
+        loop {
+            while let Ok(b) = self.back_rx.try_recv() {
+                self.give_back(b);
+            }
+            if let Some(b) = self.pool.pop() {
+                return Ok(b);
+            }
+            if self.buffers < PART_BUFFERS {
+                self.buffers += 1;
+                return Ok(Vec::with_capacity(PART_SIZE));
+            }
+            // Every buffer is in a compression, which gives it back; an upload that failed
+            // meanwhile ends the backup now.
+            tokio::select! {
+                Some(b) = self.back_rx.recv() => self.give_back(b),
+                Some(res) = self.set.join_next() => self.collect(res)?,
+            }
+        }
+    }
+
+    fn give_back(&mut self, mut buf: Vec<u8>) {
+        // An empty archive's part has no buffer of the pool.
+        if buf.capacity() >= PART_SIZE {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
     async fn spawn(
         &mut self,
         repo: &Repository,
@@ -260,18 +307,28 @@ impl Uploads {
         }
         let repo = repo.clone();
         let (id, archive) = (id.to_string(), archive.to_string());
+        let back = self.back_tx.clone();
         self.set.spawn(async move {
-            repo.put_backup_part(&id, &archive, part, data)
-                .await
-                .map(|n| (archive, n))
+            let (encoded, buf) = repo.encode_backup_part(&id, &archive, part, data).await;
+            // The receiver is gone only when the backup has failed.
+            let _ = back.send(buf);
+            repo.put_encoded_part(encoded).await.map(|n| (archive, n))
         });
+        Ok(())
+    }
+
+    fn collect(
+        &mut self,
+        res: Result<Result<(String, u64), RepoError>, tokio::task::JoinError>,
+    ) -> Result<(), BackupError> {
+        let (archive, n) = res.expect("upload task panicked")?;
+        *self.stored.entry(archive).or_default() += n;
         Ok(())
     }
 
     async fn join_one(&mut self) -> Result<(), BackupError> {
         if let Some(res) = self.set.join_next().await {
-            let (archive, n) = res.expect("upload task panicked")?;
-            *self.stored.entry(archive).or_default() += n;
+            self.collect(res)?;
         }
         Ok(())
     }
@@ -660,10 +717,7 @@ impl<'a> Receiver<'a> {
         Receiver {
             repo,
             id,
-            uploads: Uploads {
-                set: JoinSet::new(),
-                stored: HashMap::new(),
-            },
+            uploads: Uploads::new(),
             archives: vec![],
             current: None,
             files: ManifestCheck::new(None),
@@ -738,19 +792,10 @@ impl<'a> Receiver<'a> {
             let mut out = Vec::with_capacity(rest.len());
             let used = a.diff.feed(rest, &mut self.maps, &mut out).await?;
             rest = &rest[used..];
-            let mut ready = a.cut(&out);
-            loop {
-                for (n, data) in ready {
-                    let name = a.meta.name.clone();
-                    self.uploads
-                        .spawn(self.repo, self.id, &name, n, data)
-                        .await?;
-                }
-                // A file's spilled blocks, a piece at a time so parts upload as they fill.
-                match a.diff.drain()? {
-                    Some(piece) => ready = a.cut(&piece),
-                    None => break,
-                }
+            store(a, &mut self.uploads, self.repo, self.id, &out).await?;
+            // A file's spilled blocks, a piece at a time so parts upload as they fill.
+            while let Some(piece) = a.diff.drain()? {
+                store(a, &mut self.uploads, self.repo, self.id, &piece).await?;
             }
         }
         Ok(())
@@ -791,6 +836,27 @@ impl<'a> Receiver<'a> {
             maps: self.maps,
         })
     }
+}
+
+/// Adds `data` to archive `a`'s parts, uploading each part once full.
+async fn store(
+    a: &mut ArchiveUpload,
+    uploads: &mut Uploads,
+    repo: &Repository,
+    id: &str,
+    mut data: &[u8],
+) -> Result<(), BackupError> {
+    while !data.is_empty() {
+        if a.buf.capacity() == 0 {
+            a.buf = uploads.buffer().await?;
+        }
+        let (used, full) = a.fill(data);
+        data = &data[used..];
+        if let Some((n, part)) = full {
+            uploads.spawn(repo, id, &a.meta.name, n, part).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Every file the manifest lists must have passed with the same size and checksum.

@@ -23,7 +23,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::object::Payload;
+use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, Result};
 use crate::storage::StorageError;
 use crate::wal::{SegNo, WalFileName};
@@ -51,6 +51,29 @@ fn lease_json(id: &str) -> Vec<u8> {
         updated_at: Utc::now(),
     };
     serde_json::to_vec(&lease).expect("lease serializes")
+}
+
+/// A backup part compressed (and sealed) for storage, not yet stored (see
+/// [`Repository::encode_backup_part`]).
+pub struct EncodedPart {
+    key: String,
+    framed: Bytes,
+}
+
+/// A backup part fetched from storage and not yet decoded (see
+/// [`Repository::fetch_backup_part`]).
+pub struct FetchedPart {
+    key: String,
+    stored: Bytes,
+    objects: ObjectCodec,
+}
+
+impl FetchedPart {
+    /// The part's content, verified like every object read: a damaged part is
+    /// [`RepoError::Corrupt`]. Decompresses: call it off the async threads.
+    pub fn decode(self) -> Result<Vec<u8>> {
+        self.objects.decode(&self.key, &self.stored)
+    }
 }
 
 /// A stored object that a job may count and hand back for deletion, without knowing its key's
@@ -303,18 +326,73 @@ impl Repository {
     ) -> Result<u64> {
         self.put_part(layout::backup_part_key(id, archive, part), content)
             .await
+            .map(|(stored, _)| stored)
+    }
+
+    /// The first half of [`Self::put_backup_part`]: compresses (and seals) part `part` on the
+    /// blocking pool and hands the content's buffer straight back, so that a backup refills
+    /// the same few part buffers while the stored bytes upload ([`Self::put_encoded_part`]).
+    pub async fn encode_backup_part(
+        &self,
+        id: &str,
+        archive: &str,
+        part: u32,
+        content: Vec<u8>,
+    ) -> (EncodedPart, Vec<u8>) {
+        let key = layout::backup_part_key(id, archive, part);
+        let (framed, content) = self.objects.encode_blocking(&key, content).await;
+        let framed = Bytes::from(framed);
+        (EncodedPart { key, framed }, content)
+    }
+
+    /// The second half of [`Self::put_backup_part`]: stores an encoded part; returns the stored
+    /// size. Idempotent like [`Self::put_part`]: when the part is already stored (a retried
+    /// PUT), its content is compared with this part's, decoded again for that rare case.
+    pub async fn put_encoded_part(&self, part: EncodedPart) -> Result<u64> {
+        let EncodedPart { key, framed } = part;
+        let stored = framed.len() as u64;
+        match self.storage.put_if_absent(&key, framed.clone()).await {
+            Ok(()) => Ok(stored),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let content = self.objects.decode(&key, &framed)?;
+                let name = key.rsplit('/').take(3).collect::<Vec<_>>().join(" ");
+                let outcome = self.check_identical(&key, &name, &content).await?;
+                debug_assert_eq!(outcome, PutOutcome::AlreadyStored);
+                Ok(self.storage.head(&key).await?.unwrap_or(stored))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Stores backup `id`'s `backup_manifest` as the server sent it; returns the stored size.
     pub async fn put_backup_manifest(&self, id: &str, content: Vec<u8>) -> Result<u64> {
         self.put_part(layout::backup_manifest_key(id), content)
             .await
+            .map(|(stored, _)| stored)
     }
 
     /// Part `part` of archive `archive` of backup `id`, verified.
     pub async fn backup_part(&self, id: &str, archive: &str, part: u32) -> Result<Vec<u8>> {
         self.get_verified(&layout::backup_part_key(id, archive, part))
             .await
+    }
+
+    /// Part `part` of archive `archive` of backup `id` as stored: read ahead, it holds only the
+    /// stored (compressed) bytes, and [`FetchedPart::decode`] verifies and decodes it when its
+    /// turn comes.
+    pub async fn fetch_backup_part(
+        &self,
+        id: &str,
+        archive: &str,
+        part: u32,
+    ) -> Result<FetchedPart> {
+        let key = layout::backup_part_key(id, archive, part);
+        let stored = self.storage.get(&key).await?;
+        Ok(FetchedPart {
+            key,
+            stored,
+            objects: self.objects.clone(),
+        })
     }
 
     /// Backup `id`'s manifest, verified; `None` when it is not stored.
@@ -328,17 +406,18 @@ impl Repository {
     ///
     /// Idempotent under retries like every immutable object: when the object store kept a PUT
     /// whose response was lost, the retry finds the object there; identical content is success,
-    /// different content is refused and the stored object untouched.
-    pub(super) async fn put_part(&self, key: String, content: Vec<u8>) -> Result<u64> {
+    /// different content is refused and the stored object untouched. Returns the stored size
+    /// and the content's buffer.
+    pub(super) async fn put_part(&self, key: String, content: Vec<u8>) -> Result<(u64, Vec<u8>)> {
         let (framed, content) = self.objects.encode_blocking(&key, content).await;
         let stored = framed.len() as u64;
         match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
-            Ok(()) => Ok(stored),
+            Ok(()) => Ok((stored, content)),
             Err(StorageError::AlreadyExists { .. }) => {
                 let name = key.rsplit('/').take(3).collect::<Vec<_>>().join(" ");
                 let outcome = self.check_identical(&key, &name, &content).await?;
                 debug_assert_eq!(outcome, PutOutcome::AlreadyStored);
-                Ok(self.storage.head(&key).await?.unwrap_or(stored))
+                Ok((self.storage.head(&key).await?.unwrap_or(stored), content))
             }
             Err(e) => Err(e.into()),
         }

@@ -120,6 +120,14 @@ impl Repository {
 impl BlockMapWriter {
     /// Adds one file; stores a part when enough has accumulated.
     pub async fn add(&mut self, file: &FileBlocks) -> Result<()> {
+        // Sized for a part and grown only by what a record needs: doubling past PART_TARGET
+        // would hold twice the part in memory.
+        let need = record_len(file);
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(PART_TARGET.max(need));
+        } else if self.buf.capacity() - self.buf.len() < need {
+            self.buf.reserve_exact(need);
+        }
         encode_file(&mut self.buf, file);
         self.files.push((file.path.clone(), self.parts));
         if self.buf.len() >= PART_TARGET {
@@ -130,10 +138,14 @@ impl BlockMapWriter {
 
     async fn flush(&mut self) -> Result<()> {
         let content = std::mem::take(&mut self.buf);
-        self.stored += self
+        let (stored, mut buf) = self
             .repo
             .put_part(part_key(&self.id, self.parts), content)
             .await?;
+        // The next part fills the same buffer.
+        buf.clear();
+        self.buf = buf;
+        self.stored += stored;
         self.parts += 1;
         Ok(())
     }
@@ -151,7 +163,7 @@ impl BlockMapWriter {
             files: std::mem::take(&mut self.files),
         };
         let json = serde_json::to_vec(&index).expect("block map index serializes");
-        self.stored += self.repo.put_part(index_key(&self.id), json).await?;
+        self.stored += self.repo.put_part(index_key(&self.id), json).await?.0;
         Ok(self.stored)
     }
 }
@@ -218,6 +230,11 @@ impl BlockMap {
     }
 }
 
+/// Bytes [`encode_file`] appends for `f`.
+fn record_len(f: &FileBlocks) -> usize {
+    4 + f.path.len() + 8 + 4 + 16 * f.hashes.len()
+}
+
 /// Record: path length (u32 LE), path (UTF-8), size (u64 LE), block count (u32 LE), then one
 /// 16-byte little-endian hash per block.
 fn encode_file(out: &mut Vec<u8>, f: &FileBlocks) {
@@ -273,7 +290,9 @@ mod tests {
         let mut buf = vec![];
         let (a, b) = (file("base/5/16384", 3), file("global/1262", 0));
         encode_file(&mut buf, &a);
+        assert_eq!(buf.len(), record_len(&a));
         encode_file(&mut buf, &b);
+        assert_eq!(buf.len(), record_len(&a) + record_len(&b));
         let decoded = decode_part(&buf).unwrap();
         assert_eq!(*decoded["base/5/16384"], a);
         assert_eq!(*decoded["global/1262"], b);

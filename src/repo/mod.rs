@@ -26,7 +26,7 @@ mod wal;
 use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
-pub use backups::{StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
+pub use backups::{EncodedPart, FetchedPart, StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
 pub use blockmap::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks};
 pub use catalog::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, IncrementalMode, TimelineWal, WalInventory,

@@ -1,9 +1,9 @@
-//! Writing a backup's archives into place: parts are fetched and decoded a few at a time ahead
-//! of the writer (bounded, so memory stays flat whatever the backup size) and handed over a
-//! bounded channel to one blocking thread that writes files directly into place. No file is
-//! staged; every byte is checked twice: by the object checksum when fetched and by the manifest
-//! checksum when written. Used by a full restore and by the restore of an incremental chain,
-//! which wraps [`FileWriter`].
+//! Writing a backup's archives into place: parts are fetched a few at a time ahead of the
+//! writer (a bounded number of stored bytes, so memory stays flat whatever the backup size) and
+//! handed over a bounded channel to one blocking thread that decodes each and writes files
+//! directly into place. No file is staged; every byte is checked twice: by the object checksum
+//! when decoded and by the manifest checksum when written. Used by a full restore and by the
+//! restore of an incremental chain, which wraps [`FileWriter`].
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -22,11 +22,16 @@ use crate::format::archive_check::{
 };
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarHeader};
-use crate::repo::{BackupArchive, Repository};
+use crate::repo::{BackupArchive, FetchedPart, Repository};
 
-/// Parts fetched and decoded ahead of the writer. Each is at most one backup part (16 MiB) raw
-/// plus its compressed copy, so this bounds restore memory at roughly 4 × 32 MiB.
-const PREFETCH_PARTS: usize = 3;
+/// Parts fetched ahead of the writer: at most this many bytes of content, and at most
+/// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
+/// more than its content; it is decoded when the writer reaches it. So restore memory is
+/// bounded by a few parts (8 MiB of content each, 16 MiB in backups of older pitr), whatever
+/// the backup size, and much less for parts that compress well.
+const PREFETCH_BYTES: u64 = 16 << 20;
+/// Enough to hide an object store's latency: the writer takes ~20 ms per 8 MiB part.
+const PREFETCH_PARTS_MAX: u64 = 2;
 
 pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
@@ -292,8 +297,8 @@ pub(super) async fn restore_archive<S>(
 where
     S: ArchiveSink<Error = RestoreError> + Send + 'static,
 {
-    // Capacity 1: the writer holds one part, one waits, PREFETCH_PARTS are being fetched.
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
+    // Capacity 1: the writer decodes and writes one part, one waits, the rest are being fetched.
+    let (tx, rx) = mpsc::channel::<FetchedPart>(1);
     let writer = spawn_writer(archive, extraction, rx);
     let fetched = send_parts(repo, backup_id, archive, tx).await;
     let written = writer.await.expect("restore writer panicked");
@@ -301,11 +306,13 @@ where
     written
 }
 
-/// Writes the parts received on `rx`, on a blocking thread.
+/// Decodes and writes the parts received on `rx`, on a blocking thread. Decoding here, not
+/// ahead, keeps one part's content in memory at a time: the same thread frees each part and
+/// allocates the next, so the allocator reuses the same memory.
 fn spawn_writer<S>(
     archive: &BackupArchive,
     mut ex: Extraction<S>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<FetchedPart>,
 ) -> tokio::task::JoinHandle<Result<Extraction<S>, RestoreError>>
 where
     S: ArchiveSink<Error = RestoreError> + Send + 'static,
@@ -317,7 +324,8 @@ where
         source,
     };
     tokio::task::spawn_blocking(move || {
-        while let Some(chunk) = rx.blocking_recv() {
+        while let Some(part) = rx.blocking_recv() {
+            let chunk = part.decode()?;
             reader
                 .feed(&chunk, &mut ex.check, &mut ex.writer)
                 .map_err(|e| match e {
@@ -330,17 +338,24 @@ where
     })
 }
 
-/// Fetches and verifies the parts of `archive`, a few ahead, and sends them in order. Stops
-/// quietly when the writer has stopped: its error is the one reported.
+/// How many parts of `archive` to fetch ahead: [`PREFETCH_BYTES`] by the archive's part size
+/// (the stored size of a part that does not compress is its content size), at least one.
+fn prefetch_depth(archive: &BackupArchive) -> usize {
+    let part_size = archive.raw_bytes / u64::from(archive.parts.max(1));
+    (PREFETCH_BYTES / part_size.max(1)).clamp(1, PREFETCH_PARTS_MAX) as usize
+}
+
+/// Fetches the parts of `archive`, a few ahead, and sends them in order. Stops quietly when
+/// the writer has stopped: its error is the one reported.
 async fn send_parts(
     repo: &Repository,
     backup_id: &str,
     archive: &BackupArchive,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<FetchedPart>,
 ) -> Result<(), RestoreError> {
     let mut parts = futures::stream::iter(0..archive.parts)
-        .map(|i| repo.backup_part(backup_id, &archive.name, i))
-        .buffered(PREFETCH_PARTS);
+        .map(|i| repo.fetch_backup_part(backup_id, &archive.name, i))
+        .buffered(prefetch_depth(archive));
     while let Some(part) = parts.next().await {
         if tx.send(part?).await.is_err() {
             break;

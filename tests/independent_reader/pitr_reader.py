@@ -32,7 +32,7 @@ import zstandard
 
 HEADER_LEN = 40
 MAX_RAW_LEN = 2 << 30
-PART_SIZE = 16 << 20
+MIN_PART_SIZE, MAX_PART_SIZE = 1 << 20, 16 << 20
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
@@ -362,14 +362,21 @@ class Parts:
         self.keys = [f"backups/{backup_id}/{archive['name']}/{i:08d}"
                      for i in range(archive["parts"])]
         self.part, self.at, self.total = b"", 0, 0
+        self.part_size = None
 
     def _next_part(self):
         key = self.keys.pop(0)
         raw = self.repo.get(key)
         if raw is None:
             raise Damage(f"{key}: part missing")
-        if self.keys and len(raw) != PART_SIZE:
-            raise Damage(f"{key}: {len(raw)} bytes, but only the last part may be short")
+        # Parts but the last all have the archive's part size (16 MiB before issue 12, 8 MiB
+        # since): the first part's, when there is more than one.
+        if self.part_size is None:
+            self.part_size = len(raw)
+            if self.keys and not MIN_PART_SIZE <= len(raw) <= MAX_PART_SIZE:
+                raise Damage(f"{key}: part size {len(raw)} is not between 1 and 16 MiB")
+        if (self.keys and len(raw) != self.part_size) or len(raw) > self.part_size:
+            raise Damage(f"{key}: {len(raw)} bytes, but parts have {self.part_size} and only the last may be short")
         self.total += len(raw)
         self.part, self.at = raw, 0
 
