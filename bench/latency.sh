@@ -5,6 +5,7 @@
 #   sudo bench/latency.sh                      # scale 20, 3 rounds, 20 segments, 10 ms each way
 #   SCALE=30 REPS=3 N=20 DELAY_MS=10 PARTS="push backup restore stream" sudo bench/latency.sh
 #   BENCH_OUT=/tmp/latency.md sudo bench/latency.sh
+#   BASE=/path/to/old/pitr sudo bench/latency.sh   # also base-lat0 and base-lat20: that binary
 #
 # The object store is s3s-fs (~/.cargo/bin, as in the integration tests) on 127.0.0.1, behind
 # two instances of bench/latency_proxy.py: one forwarding at once (lat0), one holding every
@@ -29,7 +30,8 @@
 #            LSN (its slot's restart_lsn), timed from start to then; CPU and peak RSS from
 #            /usr/bin/time.
 # Prints one table per part (median wall, CPU from getrusage, peak RSS, x lat0 ratios) and
-# every run. BENCH_OUT=FILE copies the report (and the raw results next to it).
+# every run. BENCH_OUT=FILE copies the report (and the raw results next to it). TRACE_DIR=DIR
+# keeps one line per request and proxy (time, connection, request line) in DIR/trace-lat0|lat20.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -40,6 +42,7 @@ N=${N:-20}
 DELAY_MS=${DELAY_MS:-10}
 PARTS=" ${PARTS:-push backup restore stream} "
 METHODS=(lat0 lat20)
+[[ -n "${BASE:-}" ]] && METHODS+=(base-lat0 base-lat20)
 NEED_PGBR=0
 
 S3FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
@@ -49,6 +52,7 @@ bench_init latency
 _PIDS=()
 _lat_cleanup() {
     local rc=$?
+    set +e
     for p in "${_PIDS[@]}"; do kill "$p" 2>/dev/null; done
     (exit $rc)
     _cleanup
@@ -65,7 +69,7 @@ declare -A PPORT
 start_proxy() { # method delay_ms
     rm -f "$BT/$1.port"
     python3 "$BENCH_DIR/latency_proxy.py" serve --upstream "127.0.0.1:$S3PORT" --delay-ms "$2" \
-        --port-file "$BT/$1.port" --stats "$BT/$1.stats" >"$BT/log/proxy-$1.log" 2>&1 &
+        --port-file "$BT/$1.port" --stats "$BT/$1.stats" ${TRACE_DIR:+--trace "$TRACE_DIR/trace-$1"} >"$BT/log/proxy-$1.log" 2>&1 &
     _PIDS+=($!)
     local i
     for ((i = 0; i < 100; i++)); do [[ -s "$BT/$1.port" ]] && break; sleep 0.05; done
@@ -78,9 +82,11 @@ for ((i = 0; i < 100; i++)); do
     sleep 0.1
 done
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
-endpoint() { echo "AWS_ENDPOINT_URL=http://127.0.0.1:${PPORT[$1]:-$S3PORT}"; }
+endpoint() { echo "AWS_ENDPOINT_URL=http://127.0.0.1:${PPORT[${1#base-}]:-$S3PORT}"; }
+bin_of() { [[ $1 == base-* ]] && echo "$PITR_BASE" || echo "$PITR"; }
+PROXIES=(lat0 lat20)
 {
-    for m in "${METHODS[@]}"; do
+    for m in "${PROXIES[@]}"; do
         echo "    $m (one-way delay $([[ $m == lat0 ]] && echo 0 || echo "$DELAY_MS") ms): $(python3 "$BENCH_DIR/latency_proxy.py" ping --port "${PPORT[$m]}")"
     done
 } | tee "$BT/ping.txt" >&2
@@ -96,7 +102,7 @@ CONN="host=$BT/sock port=$PORT user=postgres"
 DIRECT="$(endpoint direct)"
 ARCHIVE_CMD="cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f"
 for m in "${METHODS[@]}"; do
-    ARCHIVE_CMD+=" && $DIRECT $PITR --repo s3://bench/backup-$m archive-push %p"
+    ARCHIVE_CMD+=" && $DIRECT $(bin_of "$m") --repo s3://bench/backup-$m archive-push %p"
 done
 pg_init "$PGDATA" "$PORT" \
     "wal_level = replica" \
@@ -137,7 +143,7 @@ log "database $((DB_BYTES / 1000000)) MB"
 
 pitr_as() { # method args... -> the command words running pitr through that method's proxy
     local m=$1; shift
-    echo env "$(endpoint "$m")" "$PITR" "$@"
+    echo env "$(endpoint "$m")" "$(bin_of "$m")" "$@"
 }
 order() { # round -> the methods, rotated
     local r=$1 j
@@ -161,10 +167,10 @@ push_part() {
     for ((r = 1; r <= REPS; r++)); do
         for ((i = 0; i < N; i++)); do
             for m in $(order $((r + i))); do
-                before=$(stats_of "$m")
+                before=$(stats_of "${m#base-}")
                 # shellcheck disable=SC2046
                 measure "push/$m" "$r-$i" $(pitr_as "$m" --repo "s3://bench/push-$m-$r" archive-push "${segs[$i]}")
-                after=$(stats_of "$m")
+                after=$(stats_of "${m#base-}")
                 echo "$m $r-$i $before $after" >>"$BT/push-requests.txt"
             done
         done
@@ -191,13 +197,17 @@ push_report() {
 import json, statistics, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 rtt = float(sys.argv[2]) - float(sys.argv[3])
-w = {m: {r["key"]: r["wall_ms"] for r in recs if r["label"] == "push/" + m} for m in ("lat0", "lat20")}
-paired = [(w["lat20"][k] - w["lat0"][k]) / rtt for k in w["lat20"] if k in w["lat0"]]
-later = [(w["lat20"][k] - w["lat0"][k]) / rtt for k in w["lat20"] if k in w["lat0"] and not k.endswith("-0")]
-med = (statistics.median(w["lat20"].values()) - statistics.median(w["lat0"].values())) / rtt
 print("Round trips per push = extra wall time at lat20 / the RTT the proxy adds (%.1f ms):" % rtt)
-print("%.2f (difference of medians); paired per segment: median %.2f, pushes into an existing"
-      " repository only: median %.2f" % (med, statistics.median(paired), statistics.median(later)))
+for b in ("", "base-"):
+    w = {m: {r["key"]: r["wall_ms"] for r in recs if r["label"] == "push/" + b + m} for m in ("lat0", "lat20")}
+    if not w["lat0"]:
+        continue
+    paired = [(w["lat20"][k] - w["lat0"][k]) / rtt for k in w["lat20"] if k in w["lat0"]]
+    later = [(w["lat20"][k] - w["lat0"][k]) / rtt for k in w["lat20"] if k in w["lat0"] and not k.endswith("-0")]
+    med = (statistics.median(w["lat20"].values()) - statistics.median(w["lat0"].values())) / rtt
+    print("- %s: %.2f (difference of medians); paired per segment: median %.2f, pushes into an"
+          " existing repository only: median %.2f" % (b + "pitr" if b else "pitr", med,
+          statistics.median(paired), statistics.median(later)))
 PY
 }
 
@@ -210,7 +220,7 @@ backup_part() {
         for m in $(order "$r"); do
             log "  round $r: backup $m"
             # the conninfo has spaces: no word splitting for it
-            measure "backup/$m" "$r" env "$(endpoint "$m")" "$PITR" --repo "s3://bench/backup-$m" backup -d "$CONN"
+            measure "backup/$m" "$r" env "$(endpoint "$m")" "$(bin_of "$m")" --repo "s3://bench/backup-$m" backup -d "$CONN"
         done
     done
     LOADS+=("backup done $(cut -d' ' -f1-3 /proc/loadavg)")
@@ -239,15 +249,18 @@ wait_slot() { # slot lsn
 catchup() { # method round target bytes
     local m=$1 r=$2 target=$3 bytes=$4 t0 t1 pid child next tf="$BT/log/time.stream-$1-$2"
     t0=$(date +%s%N)
-    as_pg /usr/bin/time -f '%e %U %S %M' -o "$tf" env "$(endpoint "$m")" "$PITR" --repo "s3://bench/stream-$m" \
-        stream -d "$CONN" --slot "stream_$m" --application-name "stream_$m" >"$BT/log/stream-$m-$r.log" 2>&1 &
+    as_pg /usr/bin/time -f '%e %U %S %M' -o "$tf" env "$(endpoint "$m")" "$(bin_of "$m")" --repo "s3://bench/stream-$m" \
+        stream -d "$CONN" --slot "stream_${m//-/_}" --application-name "stream_${m//-/_}" >"$BT/log/stream-$m-$r.log" 2>&1 &
     pid=$!
-    wait_slot "stream_$m" "$target"
+    wait_slot "stream_${m//-/_}" "$target"
     t1=$(date +%s%N)
     # runuser -> time -> pitr (env execs it): signal the deepest descendant, wait for the wrapper
     child=$pid
     while next=$(pgrep -P "$child" | head -1) && [[ -n $next ]]; do child=$next; done
     kill -TERM "$child"
+    local i
+    for ((i = 0; i < 600; i++)); do kill -0 "$child" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$child" 2>/dev/null && { log "pitr stream did not stop within 60 s of SIGTERM"; kill -KILL "$child"; }
     wait "$pid" || true
     awk -v l="stream/$m" -v k="$r" -v w="$(((t1 - t0) / 1000))" \
         '{printf "{\"label\": \"%s\", \"key\": \"%s\", \"wall_ms\": %.1f, \"cpu_ms\": %.1f, \"user_ms\": %.1f, \"sys_ms\": %.1f, \"maxrss_kb\": %d, \"rc\": 0}\n", l, k, w / 1000, ($2 + $3) * 1000, $2 * 1000, $3 * 1000, $4}' \
@@ -257,7 +270,7 @@ catchup() { # method round target bytes
 stream_part() {
     local r m start target bytes
     : >"$BT/stream-bytes.txt"
-    for m in "${METHODS[@]}"; do psql_at "$PORT" "select pg_create_physical_replication_slot('stream_$m', true)" >/dev/null; done
+    for m in "${METHODS[@]}"; do psql_at "$PORT" "select pg_create_physical_replication_slot('stream_${m//-/_}', true)" >/dev/null; done
     log "stream catch-up: pgbench -i -s $STREAM_SCALE per round, ${METHODS[*]} x $REPS rounds"
     LOADS+=("stream $(cut -d' ' -f1-3 /proc/loadavg)")
     for ((r = 1; r <= REPS; r++)); do

@@ -38,7 +38,7 @@ pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
-pub use wal::Histories;
+pub use wal::{Histories, PendingSummary};
 
 use crate::codec::crypt::CryptError;
 use crate::codec::{Codec, CodecError};
