@@ -38,7 +38,9 @@ pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
-pub use wal::{Histories, RecoveryWal, SegmentUpload, UploadOutcome, WriteWalError};
+pub use wal::{
+    Histories, PendingSummary, RecoveryWal, SegmentUpload, UploadOutcome, WriteWalError,
+};
 
 use crate::codec::crypt::CryptError;
 use crate::codec::{Codec, CodecError};

@@ -47,9 +47,45 @@ impl Repository {
         let outcome = outcome?;
         let started = std::time::Instant::now();
         let summarized = summarize(content, prev.as_ref());
-        repo.store_summary(name, summarized, prev.is_some(), started.elapsed())
+        repo.store_summary(name, &summarized, prev.is_some(), started.elapsed())
             .await?;
         Ok(outcome)
+    }
+
+    /// The summary half of [`Self::store_wal_file`], computed but not stored, for a writer that
+    /// stores several segments at a time with [`Self::put_wal_file`] (`pitr stream` over a slow
+    /// network). `prev` is the previous segment's name and carry when the caller summarized that
+    /// segment itself ([`PendingSummary::carry`]); otherwise the carry is read from its stored
+    /// summary, as [`Self::store_wal_file`] does. Store it with [`Self::store_pending_summary`]
+    /// once the segment is stored.
+    pub async fn summarize_wal_segment(
+        &self,
+        name: &WalFileName,
+        content: &[u8],
+        prev: Option<(WalFileName, Option<SegmentTail>)>,
+    ) -> PendingSummary {
+        let expected = previous_segment(name, content);
+        let carry = match (prev, expected) {
+            // The same test `previous_carry` makes: only a segment that starts with a
+            // continuation takes a carry.
+            (_, None) => None,
+            (Some((p, tail)), Some(e)) if p == e => tail,
+            (_, Some(_)) => previous_carry(self, name, content).await,
+        };
+        let started = std::time::Instant::now();
+        let summarized = summarize(content, carry.as_ref());
+        PendingSummary {
+            name: name.clone(),
+            summarized,
+            carried: carry.is_some(),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// Stores a summary from [`Self::summarize_wal_segment`]; its segment must be stored.
+    pub async fn store_pending_summary(&self, p: &PendingSummary) -> Result<(), RepoError> {
+        self.store_summary(&p.name, &p.summarized, p.carried, p.elapsed)
+            .await
     }
 
     /// [`Self::store_wal_file`] for a file this process owns (archive-push): compression and
@@ -79,7 +115,7 @@ impl Repository {
         let (outcome, (summarized, carried, elapsed)) =
             tokio::join!(self.put_wal_bytes(name, content), summary);
         let outcome = outcome?;
-        self.store_summary(name, summarized, carried, elapsed)
+        self.store_summary(name, &summarized, carried, elapsed)
             .await?;
         Ok(outcome)
     }
@@ -110,7 +146,7 @@ impl Repository {
     async fn store_summary(
         &self,
         name: &WalFileName,
-        summarized: Result<Summarized, SummaryError>,
+        summarized: &Result<Summarized, SummaryError>,
         carried: bool,
         elapsed: std::time::Duration,
     ) -> Result<(), RepoError> {
@@ -125,7 +161,7 @@ impl Repository {
         if let SegmentEnd::Corrupt { lsn, error } = &s.end {
             tracing::warn!(file = %name, %lsn, %error, "segment stored, but its records are damaged from this LSN; `pitr verify` will report it");
         }
-        let stored = StoredSummary::from_summarized(&summarized);
+        let stored = StoredSummary::from_summarized(summarized);
         let summary_outcome = self.put_segment_summary(name, &stored).await?;
         tracing::debug!(
             file = %name,
@@ -154,6 +190,33 @@ fn summarize(content: &[u8], prev: Option<&SegmentTail>) -> Result<Summarized, S
     }
 }
 
+/// The segment before `name` when `content` starts with the continuation of a record from it.
+fn previous_segment(name: &WalFileName, content: &[u8]) -> Option<WalFileName> {
+    let header = parse_long_header(content).ok()?;
+    if header.info & XLP_FIRST_IS_CONTRECORD == 0 {
+        return None;
+    }
+    let seg_size = header.seg_size as u64;
+    let segno = name.segno(seg_size)?.checked_sub(1)?;
+    Some(WalFileName::segment(name.timeline(), segno, seg_size))
+}
+
+/// A segment's summary, computed and not yet stored ([`Repository::summarize_wal_segment`]).
+pub struct PendingSummary {
+    name: WalFileName,
+    summarized: Result<Summarized, SummaryError>,
+    carried: bool,
+    elapsed: std::time::Duration,
+}
+
+impl PendingSummary {
+    /// The carry the next segment's summary takes, exactly as stored with this summary.
+    pub fn carry(&self) -> Option<SegmentTail> {
+        let s = self.summarized.as_ref().ok()?;
+        StoredSummary::from_summarized(s).tail()
+    }
+}
+
 /// The carry stored with the previous segment's summary, when this segment starts with the
 /// continuation of a record. Best effort: absent (previous segment not archived yet, first
 /// segment of a timeline) or unreadable means this segment skips the continuation.
@@ -162,13 +225,7 @@ async fn previous_carry(
     name: &WalFileName,
     content: &[u8],
 ) -> Option<SegmentTail> {
-    let header = parse_long_header(content).ok()?;
-    if header.info & XLP_FIRST_IS_CONTRECORD == 0 {
-        return None;
-    }
-    let seg_size = header.seg_size as u64;
-    let segno = name.segno(seg_size)?.checked_sub(1)?;
-    let prev = WalFileName::segment(name.timeline(), segno, seg_size);
+    let prev = previous_segment(name, content)?;
     match repo.segment_summary(&prev).await {
         Ok(Some(s)) => s.tail(),
         Ok(None) => None,
@@ -423,7 +480,7 @@ impl Repository {
         }
         if let Some((summarized, carried, elapsed)) = summary.await.expect("summary task panicked")
         {
-            self.store_summary(&up.name, summarized, carried, elapsed)
+            self.store_summary(&up.name, &summarized, carried, elapsed)
                 .await?;
         }
         Ok(UploadOutcome::Done(PutOutcome::Stored))
