@@ -125,6 +125,8 @@ struct Done {
     len: usize,
     durable_end: Option<Lsn>,
     file: Option<WalFileName>,
+    /// A chunked segment (docs/repository-format.md): said in the log line.
+    chunked: bool,
     chunks: Vec<ChunkRef>,
 }
 
@@ -142,6 +144,7 @@ impl Done {
             len: job.content_len(),
             durable_end: job.durable_end(),
             file,
+            chunked: matches!(job, Job::Chunked { .. }),
             chunks,
         }
     }
@@ -275,7 +278,7 @@ async fn finish(
     metrics::counter!(m::UPLOADED_BYTES).increment(done.len as u64);
     match &done.file {
         Some(name) => {
-            tracing::info!(file = %name, bytes = done.len, already = outcome == PutOutcome::AlreadyStored, "stored");
+            tracing::info!(file = %name, bytes = done.len, chunked = done.chunked, already = outcome == PutOutcome::AlreadyStored, "stored");
         }
         None => tracing::trace!(durable = ?done.durable_end, "chunk stored"),
     }
