@@ -150,7 +150,12 @@ fn healthy_drill(backend: Backend) {
         v["replay_seconds"].as_f64().unwrap(),
         v["rto_seconds"].as_f64().unwrap(),
     );
-    assert!(r > 0.0 && p > 0.0 && r + p <= t && t < 300.0, "{out}");
+    // serde_json's default float parsing is not always correctly rounded: the parsed parts
+    // can sum an ulp above the whole the drill computed from the same values.
+    assert!(
+        r > 0.0 && p > 0.0 && r + p <= t + 1e-9 && t < 300.0,
+        "{out}"
+    );
     assert!(
         v["wal_fetched_bytes"].as_u64().unwrap() >= 16 << 20,
         "{out}"
