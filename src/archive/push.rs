@@ -1,4 +1,3 @@
-use std::io::Read;
 use std::path::Path;
 
 use super::pgdata::DataDir;
@@ -6,7 +5,7 @@ use super::prefetch::location_id;
 use super::{ArchiveError, Target};
 use crate::codec::{aligned_buffer, BLOCK_LEN};
 use crate::repo::{
-    ClusterIdentity, PutOutcome, RepoError, Repository, UploadOutcome, WriteOptions,
+    read_full, ClusterIdentity, PutOutcome, RepoError, Repository, UploadOutcome, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{major_from_magic, validate_segment_start, WalFileName};
@@ -233,20 +232,6 @@ impl AlignedBlock {
     fn get(&mut self) -> &mut [u8] {
         &mut self.0[self.1..self.1 + BLOCK_LEN]
     }
-}
-
-/// Reads until `buf` is full or the file ends; the number of bytes read.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The identity a segment or `.partial` file declares in its long header, once the header is

@@ -38,6 +38,7 @@ pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
+pub(crate) use wal::read_full;
 pub use wal::{
     Histories, PendingSummary, RecoveryWal, SegmentUpload, UploadOutcome, WriteWalError,
 };

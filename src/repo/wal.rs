@@ -303,8 +303,9 @@ fn summarize_input(
     }
 }
 
-/// Reads until `buf` is full or the input ends; the number of bytes read.
-fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the input ends; the number of bytes read. Shared with
+/// archive-push, which reads the same segment in the same blocks.
+pub(crate) fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match input.read(&mut buf[n..]) {
