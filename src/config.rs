@@ -75,6 +75,9 @@ pub struct RepositoryFile {
     pub s3: Option<crate::storage::S3Settings>,
     pub gcs: Option<crate::storage::GcsSettings>,
     pub azure: Option<crate::storage::AzureSettings>,
+    /// `[repository.retention]`: this repository's policy, instead of the top-level
+    /// `[retention]` (a local repository kept for days, an offsite one for months).
+    pub retention: Option<RetentionFile>,
 }
 
 impl RepositoryFile {
@@ -162,6 +165,24 @@ pub struct RepositorySettings {
     /// A failure to write it is a warning, not a failed archive-push.
     pub optional: bool,
     pub encryption_key: Option<KeySource>,
+    /// What `pitr expire` keeps here.
+    pub retention: Retention,
+}
+
+/// A retention policy, validated: flags over the repository's `[repository.retention]` over
+/// the top-level `[retention]`. Both `None`: no policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Retention {
+    /// Keep the newest N full backups (with their incrementals).
+    pub full: Option<usize>,
+    /// Keep what restoring to any moment of this long ago needs.
+    pub window: Option<Duration>,
+}
+
+impl Retention {
+    pub fn is_set(&self) -> bool {
+        self.full.is_some() || self.window.is_some()
+    }
 }
 
 /// The name of the one repository `--repo`, `PITR_REPO` or the `repo` key give.
@@ -378,25 +399,6 @@ impl Settings {
             ));
         }
 
-        let retention = file.retention.clone().unwrap_or_default();
-        let retain_full = o.retain_full.or(retention.full);
-        if retain_full == Some(0) {
-            problems.push(
-                "retain full 0 would remove every backup: the newest is always kept, use 1 or more"
-                    .to_string(),
-            );
-        }
-        let retain_window = match o.retain_window.as_deref().or(retention.window.as_deref()) {
-            None => None,
-            Some(w) => match humantime::parse_duration(w) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    problems.push(format!("retention window {w:?}: {e} (use e.g. 7d or 36h)"));
-                    None
-                }
-            },
-        };
-
         let ops = resolve_ops(&o.ops, &file, &mut problems);
 
         if !problems.is_empty() {
@@ -414,8 +416,8 @@ impl Settings {
             storage_retry_timeout,
             config_file: o.config.clone(),
             prefetch,
-            retain_full,
-            retain_window,
+            retain_full: primary.retention.full,
+            retain_window: primary.retention.window,
             ops,
         })
     }
@@ -486,11 +488,13 @@ fn resolve_repositories(
     let single = |url: &str, problems: &mut Vec<String>| {
         let location = parse_location(url, &file.storage, problems);
         let encryption_key = key_source(o, file.encryption.as_ref(), None, problems);
+        let retention = retention(o, file.retention.as_ref(), "", problems);
         let repo = location.map(|location| RepositorySettings {
             name: DEFAULT_REPOSITORY_NAME.into(),
             location,
             optional: false,
             encryption_key,
+            retention,
         });
         repo.into_iter().collect::<Vec<_>>()
     };
@@ -542,6 +546,8 @@ fn repository_tables(
     problems: &mut Vec<String>,
 ) -> Vec<RepositorySettings> {
     let mut repos: Vec<RepositorySettings> = vec![];
+    // Resolved once, so that a problem in it is reported once.
+    let mut top_retention: Option<Retention> = None;
     for (i, r) in file.repository.iter().enumerate() {
         let what = format!("[[repository]] number {} ({:?})", i + 1, r.name);
         if r.name.trim().is_empty() || r.name.contains(char::is_whitespace) {
@@ -558,12 +564,24 @@ fn repository_tables(
         let location = parse_location(url, &r.backend(&file.storage), problems);
         let own = Some((r.name.as_str(), r.encryption.as_ref()));
         let encryption_key = key_source(o, file.encryption.as_ref(), own, problems);
+        let retention = match &r.retention {
+            Some(own) => retention(
+                o,
+                Some(own),
+                &format!("{what} [repository.retention]: "),
+                problems,
+            ),
+            None => top_retention
+                .get_or_insert_with(|| retention(o, file.retention.as_ref(), "", problems))
+                .to_owned(),
+        };
         if let Some(location) = location {
             repos.push(RepositorySettings {
                 name: r.name.clone(),
                 location,
                 optional: r.optional || o.repo_optional.contains(&r.name),
                 encryption_key,
+                retention,
             });
         }
     }
@@ -574,6 +592,37 @@ fn repository_tables(
         );
     }
     repos
+}
+
+/// The retention policy from `table`, each flag (or `PITR_RETAIN_*`) winning over its key.
+/// `what` prefixes problems found in the table.
+fn retention(
+    o: &Overrides,
+    table: Option<&RetentionFile>,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> Retention {
+    let table = table.cloned().unwrap_or_default();
+    let full = o.retain_full.or(table.full);
+    if full == Some(0) {
+        problems.push(format!(
+            "{what}retain full 0 would remove every backup: the newest is always kept, use 1 or more"
+        ));
+    }
+    let window = o
+        .retain_window
+        .as_deref()
+        .or(table.window.as_deref())
+        .and_then(|w| {
+            humantime::parse_duration(w)
+                .map_err(|e| {
+                    problems.push(format!(
+                        "{what}retention window {w:?}: {e} (use e.g. 7d or 36h)"
+                    ))
+                })
+                .ok()
+        });
+    Retention { full, window }
 }
 
 fn check_optional_names(o: &Overrides, repos: &[RepositorySettings], problems: &mut Vec<String>) {
@@ -702,6 +751,59 @@ mod tests {
             let (_d, p) = write(&format!("repo = \"/x\"\n{bad}"));
             assert!(read_file(&p).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn each_repository_may_have_its_own_retention() {
+        let (_d, p) = write(
+            "[retention]\nfull = 3\n\
+             [[repository]]\nname = \"local\"\nurl = \"/l\"\n\
+             [repository.retention]\nwindow = \"2d\"\n\
+             [[repository]]\nname = \"offsite\"\nurl = \"/o\"\n",
+        );
+        let file_only = Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&file_only).unwrap();
+        // A repository's own table replaces the top-level one as a whole.
+        let two_days = Some(Duration::from_secs(2 * 86400));
+        assert_eq!(
+            s.repositories[0].retention,
+            Retention {
+                full: None,
+                window: two_days
+            }
+        );
+        assert_eq!(s.repositories[1].retention.full, Some(3));
+        assert_eq!(s.repositories[1].retention.window, None);
+        // The repository of one-repository commands (the first) is the scheduled expire's.
+        assert_eq!((s.retain_full, s.retain_window), (None, two_days));
+        // A flag wins over every table, field by field.
+        let s = Settings::resolve(&Overrides {
+            retain_full: Some(1),
+            ..file_only
+        })
+        .unwrap();
+        assert_eq!(s.repositories[0].retention.full, Some(1));
+        assert_eq!(s.repositories[0].retention.window, two_days);
+        assert_eq!(s.repositories[1].retention.full, Some(1));
+        // A bad value is reported with the repository it is in.
+        let (_d, p) = write(
+            "[[repository]]\nname = \"local\"\nurl = \"/l\"\n\
+             [repository.retention]\nfull = 0\nwindow = \"soon\"\n",
+        );
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("(\"local\") [repository.retention]: retain full 0"),
+            "{e}"
+        );
+        assert!(e.contains("retention window \"soon\""), "{e}");
     }
 
     #[test]

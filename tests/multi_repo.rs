@@ -440,3 +440,72 @@ fn unknown_repository_names_are_refused() {
     assert_code(&o, 3);
     assert!(text(&o).contains("local, offsite"), "{}", text(&o));
 }
+
+/// Each repository is expired by its own policy (`[repository.retention]`, else `[retention]`)
+/// and records the expire in its own audit trail; a repository that is down fails the command
+/// without stopping the others.
+#[test]
+fn each_repository_is_expired_by_its_own_policy() {
+    // `[retention]` after the tables is a top-level table (TOML), the policy of every
+    // repository without its own: here the offsite one; the local one has its own table.
+    let mut repos = TwoRepos::new("[retention]\nfull = 3\n");
+    let config = fs::read_to_string(&repos.config).unwrap().replace(
+        "[[repository]]\nname = \"offsite\"",
+        "[repository.retention]\nfull = 1\n[[repository]]\nname = \"offsite\"",
+    );
+    fs::write(&repos.config, config).unwrap();
+    let pg = repos.primary();
+    let conninfo = pg.conninfo();
+    for _ in 0..2 {
+        repos.ok(&["backup", "-d", &conninfo]);
+        repos.ok(&["backup", "--to", "offsite", "-d", &conninfo]);
+    }
+    let count = |repos: &TwoRepos, url: &str| {
+        let o = repos.pitr_on(url, &["list", "--json"]);
+        assert_code(&o, 0);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["backups"].as_array().unwrap().len()
+    };
+    let (local, offsite) = (repos.local_url(), repos.s3_url.clone());
+
+    let out = repos.ok(&["expire", "--dry-run", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["repository"], "local", "{v}");
+    assert_eq!(v[0]["expired"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[1]["repository"], "offsite", "{v}");
+    assert_eq!(v[1]["expired"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(
+        (count(&repos, &local), count(&repos, &offsite)),
+        (2, 2),
+        "a dry run changes nothing"
+    );
+
+    let out = repos.ok(&["expire"]);
+    assert!(out.contains("repository local:\nremoved backup"), "{out}");
+    assert!(
+        out.contains("repository offsite:\nno backup to expire"),
+        "{out}"
+    );
+    assert_eq!((count(&repos, &local), count(&repos, &offsite)), (1, 2));
+    for url in [&local, &offsite] {
+        let o = repos.pitr_on(url, &["audit", "--json"]);
+        assert_code(&o, 0);
+        let trail = String::from_utf8_lossy(&o.stdout);
+        assert!(trail.contains("\"expire\""), "{url}: {trail}");
+    }
+
+    // The offsite repository down: the local one is still expired, the command fails.
+    repos.ok(&["backup", "-d", &conninfo]);
+    repos.s3.stop();
+    let o = repos.pitr(&["expire", "--json"]);
+    assert_ne!(code(&o), 0, "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "expired", "{v}");
+    assert_eq!(v[1]["outcome"], "failed", "{v}");
+    assert_eq!(
+        v[1]["exit_code"].as_u64(),
+        Some(u64::from(code(&o) as u8)),
+        "{v}"
+    );
+    assert_eq!(count(&repos, &local), 1);
+}

@@ -77,6 +77,26 @@ pub async fn begin(storage: &Storage, command: &str) -> Result<AuditEntry, Failu
         .map_err(audit_failure)
 }
 
+/// Runs `command` recorded in `storage`'s audit trail as `name`: the key is checked and the
+/// starting record written before `command` runs, its outcome and changes after.
+pub async fn recorded(
+    storage: &Storage,
+    write: &WriteOptions,
+    name: &str,
+    command: impl std::future::Future<Output = (Result<Code, Failure>, Changes)>,
+) -> Result<Code, Failure> {
+    check_key(storage, write).await?;
+    let entry = begin(storage, name).await?;
+    let (result, changes) = command.await;
+    match (finish(entry, &result, changes).await, &result) {
+        (Err(f), Ok(_)) => return Err(f),
+        // The command's own failure is the one to report.
+        (Err(f), Err(_)) => tracing::error!(error = %f.message, "audit record not written"),
+        _ => {}
+    }
+    result
+}
+
 /// Writes the final record. A command that succeeded but whose record cannot be written
 /// fails: the trail must not have gaps nobody hears about.
 pub async fn finish(

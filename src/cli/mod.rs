@@ -184,6 +184,8 @@ pub enum Command {
     /// what restoring to any moment of the last DURATION needs (--retain-window), or both (the
     /// union); the newest backup, and every backup a kept incremental needs, are always kept.
     /// WAL is removed only below the start of the oldest kept backup. Try --dry-run first.
+    /// With several [[repository]] tables, every repository is expired by its own
+    /// [repository.retention] (else [retention]); flags win everywhere.
     Expire(expire_cmd::ExpireArgs),
     /// Prove the repository restores: restore into a scratch directory, start PostgreSQL on it,
     /// wait until it has replayed to the target and promoted, run a check query, and report the
@@ -417,24 +419,24 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     // Audited commands record themselves before they change anything (docs/operations.md);
     // whichever command creates the repository records that too.
     crate::repo::set_invocation(audit_cmd::arguments());
-    let audit = match audit_cmd::audited_name(&cli.command) {
-        Some(name) => {
-            audit_cmd::check_key(&storage, &write).await?;
-            Some(audit_cmd::begin(&storage, name).await?)
-        }
-        None => None,
-    };
-    let mut changes = audit_cmd::Changes::default();
-    let result = run_command(cli, storage, &settings, &mut changes).await;
-    if let Some(entry) = audit {
-        match (audit_cmd::finish(entry, &result, changes).await, &result) {
-            (Err(f), Ok(_)) => return Err(f),
-            // The command's own failure is the one to report.
-            (Err(f), Err(_)) => tracing::error!(error = %f.message, "audit record not written"),
-            _ => {}
+    // Several repositories: each is expired by its own policy and audited on its own.
+    if let Command::Expire(args) = &cli.command {
+        if settings.repositories.len() > 1 {
+            return expire_cmd::expire_each(storage, &settings, args).await;
         }
     }
-    result
+    match audit_cmd::audited_name(&cli.command) {
+        Some(name) => {
+            let audit = storage.clone();
+            let command = async {
+                let mut changes = audit_cmd::Changes::default();
+                let result = run_command(cli, storage, &settings, &mut changes).await;
+                (result, changes)
+            };
+            audit_cmd::recorded(&audit, &write, name, command).await
+        }
+        None => run_command(cli, storage, &settings, &mut audit_cmd::Changes::default()).await,
+    }
 }
 
 async fn run_command(
