@@ -293,6 +293,10 @@ pub(crate) fn crash_and_restore_latest(backend: Backend) {
     let mut pg = primary(&[]);
     let mut s = Streamer::start(&repo, &pg, &["--chunk-interval", "500ms"]);
     psql1(&pg, "create table t(id int primary key)");
+    // The stream creates the repository first: on s3s-fs two creators racing within
+    // milliseconds can both win (docs/storage.md), which the backup would then refuse.
+    let lsn = psql1(&pg, "select pg_current_wal_lsn()");
+    wait_flushed(&pg, &s, &lsn, Duration::from_secs(30));
     backup(&repo, &pg);
     for i in 1..=20 {
         psql1(&pg, &format!("insert into t values ({i})"));
