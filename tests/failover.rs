@@ -356,3 +356,101 @@ fn failover_with_the_old_timeline_gone_everywhere_is_exit_11() {
     assert!(err.contains("on timeline 1"), "{err}");
     assert!(err.contains(&format!("WAL from {durable}")), "{err}");
 }
+
+/// As above, but a second standby, still holding the old timeline (its copy of the stream's
+/// slot keeps it), follows the new primary: the restarted stream borrows the rest of timeline 1
+/// from it, up to the switch point, then continues on the new primary. No hole, no exit 11.
+#[test]
+fn failover_borrows_the_old_timeline_from_another_standby() {
+    let repo = TestRepo::new(Backend::Local);
+    let work = TestDir::new();
+    let (mut primary, standby) = primary_and_standby(&work);
+    let mut other = standby_of(&primary, &work, "other", PgCluster::builder()).unwrap();
+    other.start().unwrap();
+    let conninfo = format!(
+        "host={},{},{} port={},{},{} user=postgres target_session_attrs=read-write",
+        primary.socket_dir().display(),
+        standby.socket_dir().display(),
+        other.socket_dir().display(),
+        primary.port(),
+        standby.port(),
+        other.port()
+    );
+    let mut s = Streamer::start(&repo, &conninfo);
+    wait_active(&primary, &s);
+    let out = repo.pitr(&["backup", "-d", &primary.conninfo()]);
+    assert_code(&out, 0);
+    insert(&primary, 1, 1000, 1);
+    let durable = switch(&primary);
+    wait_flushed(&primary, &s, &durable);
+    for pg in [&standby, &other] {
+        poll("the slot on the standbys", WAIT, || {
+            let n =
+                pg.psql("select count(*) from pg_replication_slots where slot_name = 'pitr'")?;
+            Ok((n == "1").then_some(()))
+        })
+        .unwrap();
+    }
+    assert!(s.term().success(), "{}", s.log());
+    // The standby to be promoted loses its slot; the other one keeps it.
+    psql1(&standby, "select pg_drop_replication_slot('pitr')");
+    for i in 0..4 {
+        insert(&primary, 1001 + i * 1000, 2000 + i * 1000, 1);
+        switch(&primary);
+    }
+    wait_caught_up(&primary, &standby, WAIT).unwrap();
+    wait_caught_up(&primary, &other, WAIT).unwrap();
+    primary.stop().unwrap();
+    let mut standby = standby;
+    standby.promote().unwrap();
+    standby
+        .wait_for("select pg_is_in_recovery()", "f", WAIT)
+        .unwrap();
+    // The other standby follows the new primary (primary_conninfo reloads since PostgreSQL 13).
+    psql1(
+        &other,
+        &format!(
+            "alter system set primary_conninfo = 'host={} port={} user=postgres'",
+            standby.socket_dir().display(),
+            standby.port()
+        ),
+    );
+    psql1(&other, "select pg_reload_conf()");
+    insert(&standby, 5001, 5100, 2);
+    switch(&standby);
+    wait_caught_up(&standby, &other, WAIT).unwrap();
+    // Checkpoints on the new primary until the segment the repository needs next is gone.
+    let (hi, lo) = durable.split_once('/').unwrap();
+    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let segno = lsn >> 20; // 1 MiB segments
+    let needed = format!("00000001{:08X}{:08X}", segno >> 12, segno & 0xFFF);
+    poll("the old timeline's segment to be removed", WAIT, || {
+        switch(&standby);
+        standby.psql("checkpoint")?;
+        let gone = !standby.data_dir().join("pg_wal").join(&needed).exists();
+        Ok(gone.then_some(()))
+    })
+    .unwrap();
+    assert!(
+        other.data_dir().join("pg_wal").join(&needed).exists(),
+        "the other standby was expected to keep {needed}"
+    );
+
+    let mut s = Streamer::start(&repo, &conninfo);
+    // Past the point where the stream's new slot starts on the new primary: flushed there means
+    // everything before is durable too.
+    wait_active(&standby, &s);
+    insert(&standby, 5101, 5200, 2);
+    let end = switch(&standby);
+    wait_flushed(&standby, &s, &end);
+    let log = s.log();
+    assert!(log.contains("streaming it from a standby"), "{log}");
+    assert!(s.term().success(), "{}", s.log());
+    verify_clean(&repo);
+    let (rows, restored, _dir) = restore_latest(&repo);
+    assert_eq!(rows, "5200 5200");
+    assert_eq!(
+        psql1(&restored, "select count(*) from t where tl = 2"),
+        "200"
+    );
+}

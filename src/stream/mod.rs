@@ -19,6 +19,7 @@
 //! never by the lag: when storage stalls the budget runs out, the assembler stops taking
 //! pieces, the receiver stops reading, and PostgreSQL keeps the WAL in the slot.
 
+mod borrow;
 pub mod budget;
 
 mod error;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::borrow;
 use super::error::{classify_connect_error, classify_start_error, StreamError};
 use super::metrics::{self as m, Progress};
 use super::options::StreamOptions;
@@ -44,6 +45,7 @@ enum Flow {
     Continue,
     TimelineEnded(TimelineId, Lsn),
     Lost(Option<pg::Error>),
+    Returned,
 }
 
 /// How one START_REPLICATION ended.
@@ -52,6 +54,8 @@ enum StreamEnd {
     TimelineEnded(XLogStream, TimelineId, Lsn),
     /// The server ended the stream (shutdown) or the connection failed transiently.
     Lost(Option<pg::Error>),
+    /// A borrowed stream reached its `return_at`.
+    Returned(XLogStream),
 }
 
 pub(super) struct Receiver {
@@ -71,6 +75,10 @@ pub(super) struct Receiver {
     pending: Option<Piece>,
     /// Highest flush position sent, to send only when it moves (plus the periodic update).
     sent_flush: Lsn,
+    /// Where a stream borrowed from a standby is left for the primary (see `borrow.rs`).
+    return_at: Option<Lsn>,
+    /// The end of the data received in the current (or last) START_REPLICATION session.
+    session_end: Option<Lsn>,
 }
 
 /// What a failed status update means. The server may already have left COPY mode (asking
@@ -122,6 +130,8 @@ impl Receiver {
             force,
             pending: None,
             sent_flush: Lsn::INVALID,
+            return_at: None,
+            session_end: None,
         }
     }
 
@@ -184,48 +194,72 @@ impl Receiver {
         mut start: Lsn,
     ) -> Result<Option<XLogStream>, StreamError> {
         let mut delay = FIRST_RECONNECT;
+        // Set when the primary no longer has the WAL at `start`: another server may lend it.
+        let mut removed: Option<StreamError> = None;
         loop {
-            let c = match conn.take() {
-                Some(c) => c,
-                None => {
-                    metrics::counter!(m::RECONNECTS).increment(1);
-                    match self.connect().await? {
-                        Some(c) => c,
-                        None => return Ok(None),
+            let (stream, borrowed) = match removed.take() {
+                Some(lost) => {
+                    let lent =
+                        borrow::borrow_wal(&self.cfg, self.system_id, tli, start, self.seg_size);
+                    match lent.await {
+                        Some(b) => {
+                            self.return_at = b.return_at;
+                            (b.stream, true)
+                        }
+                        None => return Err(lost),
                     }
                 }
-            };
-            tracing::info!(timeline = tli, %start, slot = %self.slot, "START_REPLICATION");
-            let stream = match c
-                .start_replication(Some(&self.slot), start, Some(tli))
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    self.progress.set_connected(false);
-                    self.start_failed(e, tli, start, delay).await?;
-                    if self.cancel.is_cancelled() {
-                        return Ok(None);
+                None => match self.start_on_primary(conn.take(), tli, start, delay).await {
+                    Ok(Some(s)) => (s, false),
+                    Ok(None) if self.cancel.is_cancelled() => return self.stopped().await,
+                    Ok(None) => {
+                        delay = (delay * 2).min(self.opts.max_reconnect_delay);
+                        continue;
                     }
-                    delay = (delay * 2).min(self.opts.max_reconnect_delay);
-                    continue;
-                }
+                    Err(lost @ StreamError::WalRemoved { .. }) => {
+                        removed = Some(lost);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             self.progress.set_connected(true);
             let ended = self.stream(stream, tli).await;
+            self.return_at = None;
             if !matches!(ended, Ok(StreamEnd::TimelineEnded(..))) {
                 self.progress.set_connected(false);
             }
-            match ended? {
-                StreamEnd::Cancelled(s) => return Ok(Some(s)),
-                StreamEnd::TimelineEnded(s, next_tli, switch) => {
-                    conn = Some(self.follow_timeline(s, tli, next_tli, switch).await?);
+            match ended {
+                Ok(StreamEnd::Returned(s)) => {
+                    // Back to the primary right after the borrowed segment.
+                    if let Ok(c) = s.into_conn() {
+                        c.close().await;
+                    }
+                    start = self.next_start().unwrap_or(start);
+                }
+                // The walsender reports removed WAL only once it tries to read it.
+                Err(lost @ StreamError::WalRemoved { .. }) if !borrowed => {
+                    start = self.next_start().unwrap_or(start);
+                    removed = Some(lost);
+                }
+                Err(e) => return Err(e),
+                Ok(StreamEnd::Cancelled(s)) => return Ok(Some(s)),
+                Ok(StreamEnd::TimelineEnded(s, next_tli, switch)) => {
+                    let c = self.follow_timeline(s, tli, next_tli, switch).await?;
+                    // A lender served the old timeline only: the rest comes from the primary.
+                    conn = match borrowed {
+                        true => {
+                            c.close().await;
+                            None
+                        }
+                        false => Some(c),
+                    };
                     tli = next_tli;
                     // The new timeline's copy of the switch segment is streamed from its start.
                     start = Lsn::from_segno(switch.segno(self.seg_size), self.seg_size);
                     delay = FIRST_RECONNECT;
                 }
-                StreamEnd::Lost(err) => {
+                Ok(StreamEnd::Lost(err)) => {
                     // Resume after what was received (it is in the pipeline, or pending).
                     start = self.next_start().unwrap_or(start);
                     match &err {
@@ -238,10 +272,52 @@ impl Receiver {
                     }
                     metrics::counter!(m::ERRORS, "kind" => "connection").increment(1);
                     if self.sleep_or_cancel(delay).await {
-                        return Ok(None);
+                        return self.stopped().await;
                     }
                     delay = (delay * 2).min(self.opts.max_reconnect_delay);
                 }
+            }
+        }
+    }
+
+    /// Cancelled between sessions: what was received and not yet handed over still goes to the
+    /// pipeline, to be made durable by the drain.
+    async fn stopped(&mut self) -> Result<Option<XLogStream>, StreamError> {
+        if let Some(p) = self.pending.take() {
+            self.forward(p).await?;
+        }
+        Ok(None)
+    }
+
+    /// START_REPLICATION on the primary (`conn`, else a new connection). `None` when cancelled
+    /// or after a refusal worth retrying (the wait is done).
+    async fn start_on_primary(
+        &mut self,
+        conn: Option<ReplicationConn>,
+        tli: TimelineId,
+        start: Lsn,
+        delay: Duration,
+    ) -> Result<Option<XLogStream>, StreamError> {
+        let c = match conn {
+            Some(c) => c,
+            None => {
+                metrics::counter!(m::RECONNECTS).increment(1);
+                match self.connect().await? {
+                    Some(c) => c,
+                    None => return Ok(None),
+                }
+            }
+        };
+        tracing::info!(timeline = tli, %start, slot = %self.slot, "START_REPLICATION");
+        match c
+            .start_replication(Some(&self.slot), start, Some(tli))
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                self.progress.set_connected(false);
+                self.start_failed(e, tli, start, delay).await?;
+                Ok(None)
             }
         }
     }
@@ -295,10 +371,11 @@ impl Receiver {
         Ok(c)
     }
 
-    /// Where the next START_REPLICATION must begin: right after the last byte received.
+    /// Where the next START_REPLICATION must begin: right after the last byte received in the
+    /// last session, if it received any (a session on a new timeline starts before the end of
+    /// the previous timeline's data, at the switch segment's start).
     fn next_start(&self) -> Option<Lsn> {
-        let r = self.progress.received();
-        (r != Lsn::INVALID).then_some(r)
+        self.session_end
     }
 
     async fn sleep_or_cancel(&self, d: Duration) -> bool {
@@ -345,6 +422,7 @@ impl Receiver {
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let pieces = self.pieces.clone().ok_or(StreamError::PipelineClosed)?;
+        self.session_end = None;
         loop {
             let has_pending = self.pending.is_some();
             tokio::select! {
@@ -383,6 +461,7 @@ impl Receiver {
                             return Ok(StreamEnd::TimelineEnded(s, next, at))
                         }
                         Flow::Lost(e) => return Ok(StreamEnd::Lost(e)),
+                        Flow::Returned => return Ok(StreamEnd::Returned(s)),
                     }
                 }
             }
@@ -404,14 +483,28 @@ impl Receiver {
                 data,
                 ..
             })) => {
+                // A borrowed stream gives nothing past its return point: that is the primary's.
+                let (data, returned) = match self.return_at {
+                    Some(at) if wal_start.0 + data.len() as u64 >= at.0 => {
+                        let keep = at.0.saturating_sub(wal_start.0) as usize;
+                        (data.slice(..keep.min(data.len())), true)
+                    }
+                    _ => (data, false),
+                };
                 let end = Lsn(wal_start.0 + data.len() as u64);
-                self.progress.set_received(end, data.len() as u64);
-                self.progress.set_server(wal_end);
-                self.pending = Some(Piece::Data {
-                    lsn: wal_start,
-                    data,
-                    server_end: wal_end,
-                });
+                if !data.is_empty() {
+                    self.session_end = Some(end);
+                    self.progress.set_received(end, data.len() as u64);
+                    self.progress.set_server(wal_end);
+                    self.pending = Some(Piece::Data {
+                        lsn: wal_start,
+                        data,
+                        server_end: wal_end,
+                    });
+                }
+                if returned {
+                    return Ok(Flow::Returned);
+                }
             }
             Ok(Some(ReplicationMessage::Keepalive {
                 wal_end,
