@@ -168,6 +168,34 @@ fn restore_latest(repo: &TestRepo) -> (String, PgCluster, TestDir) {
     (rows, restored, dir)
 }
 
+/// The standby to be promoted loses the stream's slot while the primary writes four segments of
+/// rows (ids 1001 to 5000) that it replays.
+fn drop_slot_and_write_on(primary: &PgCluster, standby: &PgCluster) {
+    psql1(standby, "select pg_drop_replication_slot('pitr')");
+    for i in 0..4 {
+        insert(primary, 1001 + i * 1000, 2000 + i * 1000, 1);
+        switch(primary);
+    }
+    wait_caught_up(primary, standby, WAIT).unwrap();
+}
+
+/// Checkpoints on the new primary `pg` (1 MiB segments) until the timeline-1 segment holding
+/// `durable`, the one the repository needs next, is gone from its `pg_wal`; returns its name.
+fn checkpoint_until_removed(pg: &PgCluster, durable: &str) -> String {
+    let (hi, lo) = durable.split_once('/').unwrap();
+    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let segno = lsn >> 20;
+    let needed = format!("00000001{:08X}{:08X}", segno >> 12, segno & 0xFFF);
+    poll("the old timeline's segment to be removed", WAIT, || {
+        switch(pg);
+        pg.psql("checkpoint")?;
+        let gone = !pg.data_dir().join("pg_wal").join(&needed).exists();
+        Ok(gone.then_some(()))
+    })
+    .unwrap();
+    needed
+}
+
 fn verify_clean(repo: &TestRepo) {
     let out = repo.pitr(&["verify"]);
     assert_code(&out, 0);
@@ -326,30 +354,14 @@ fn failover_with_the_old_timeline_gone_everywhere_is_exit_11() {
     })
     .unwrap();
     assert!(s.term().success(), "{}", s.log());
-    psql1(&standby, "select pg_drop_replication_slot('pitr')");
-    for i in 0..4 {
-        insert(&primary, 1001 + i * 1000, 2000 + i * 1000, 1);
-        switch(&primary);
-    }
-    wait_caught_up(&primary, &standby, WAIT).unwrap();
+    drop_slot_and_write_on(&primary, &standby);
     primary.stop().unwrap();
     standby.promote().unwrap();
     standby
         .wait_for("select pg_is_in_recovery()", "f", WAIT)
         .unwrap();
     insert(&standby, 5001, 5100, 2);
-    // Checkpoints on the new primary until the segment the repository needs next is gone.
-    let (hi, lo) = durable.split_once('/').unwrap();
-    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
-    let segno = lsn >> 20; // 1 MiB segments
-    let needed = format!("00000001{:08X}{:08X}", segno >> 12, segno & 0xFFF);
-    poll("the old timeline's segment to be removed", WAIT, || {
-        switch(&standby);
-        standby.psql("checkpoint")?;
-        let gone = !standby.data_dir().join("pg_wal").join(&needed).exists();
-        Ok(gone.then_some(()))
-    })
-    .unwrap();
+    checkpoint_until_removed(&standby, &durable);
     let out = repo.pitr(&["stream", "-d", &conninfo, "--create-slot"]);
     assert_code(&out, 11);
     let err = stderr(&out);
@@ -393,12 +405,7 @@ fn failover_borrows_the_old_timeline_from_another_standby() {
     }
     assert!(s.term().success(), "{}", s.log());
     // The standby to be promoted loses its slot; the other one keeps it.
-    psql1(&standby, "select pg_drop_replication_slot('pitr')");
-    for i in 0..4 {
-        insert(&primary, 1001 + i * 1000, 2000 + i * 1000, 1);
-        switch(&primary);
-    }
-    wait_caught_up(&primary, &standby, WAIT).unwrap();
+    drop_slot_and_write_on(&primary, &standby);
     wait_caught_up(&primary, &other, WAIT).unwrap();
     primary.stop().unwrap();
     let mut standby = standby;
@@ -419,18 +426,7 @@ fn failover_borrows_the_old_timeline_from_another_standby() {
     insert(&standby, 5001, 5100, 2);
     switch(&standby);
     wait_caught_up(&standby, &other, WAIT).unwrap();
-    // Checkpoints on the new primary until the segment the repository needs next is gone.
-    let (hi, lo) = durable.split_once('/').unwrap();
-    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
-    let segno = lsn >> 20; // 1 MiB segments
-    let needed = format!("00000001{:08X}{:08X}", segno >> 12, segno & 0xFFF);
-    poll("the old timeline's segment to be removed", WAIT, || {
-        switch(&standby);
-        standby.psql("checkpoint")?;
-        let gone = !standby.data_dir().join("pg_wal").join(&needed).exists();
-        Ok(gone.then_some(()))
-    })
-    .unwrap();
+    let needed = checkpoint_until_removed(&standby, &durable);
     assert!(
         other.data_dir().join("pg_wal").join(&needed).exists(),
         "the other standby was expected to keep {needed}"

@@ -15,7 +15,7 @@
 //! segment at a time, the primary being asked again at each segment boundary. No slot is used
 //! on the lender: the borrowed WAL goes through the pipeline like any other.
 
-use super::StreamError;
+use super::error::StreamError;
 use crate::pg::{ConnConfig, ReplicationConn, TargetSessionAttrs, XLogStream};
 use crate::wal::{parse_history, Lsn, TimelineId};
 
