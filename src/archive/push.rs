@@ -6,7 +6,7 @@ use super::{ArchiveError, Target};
 use crate::codec::{aligned_buffer, BLOCK_LEN};
 use crate::repo::{
     read_full, ClusterIdentity, Descriptor, PrevCarry, PutOutcome, RepoError, Repository,
-    SummaryOrder, UploadOutcome, WriteOptions,
+    SegmentUpload, SummaryOrder, UploadOutcome, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{major_from_magic, validate_segment_start, WalFileName};
@@ -168,29 +168,7 @@ async fn push_segment(
     data_dir: Option<&DataDir>,
     write: WriteOptions,
 ) -> Result<(Repository, PutOutcome, u64), ArchiveError> {
-    let read_err = |source| ArchiveError::ReadInput {
-        path: path.to_path_buf(),
-        source,
-    };
-    let p = path.to_path_buf();
-    let (mut file, again, len, mut buf, first) = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&p)?;
-        // A second, independent reader (its own offset) for the summary thread.
-        let again = std::fs::File::open(&p)?;
-        let len = file.metadata()?.len();
-        // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
-        let mut buf = AlignedBlock::new();
-        let first = read_full(&mut file, buf.get())?;
-        std::io::Result::Ok((file, again, len, buf, first))
-    })
-    .await
-    .expect("read task panicked")
-    .map_err(read_err)?;
-    if first == 0 {
-        return Err(ArchiveError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
+    let (file, again, len, mut buf, first) = open_segment(path).await?;
     let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
     let what = format!("WAL file {name}");
     let cached = match data_dir {
@@ -199,6 +177,7 @@ async fn push_segment(
     };
     let (repo, prev, check) = match cached {
         Some((repo, recorded, entry)) => {
+            // Read while the segment is compressed: no request before the upload.
             let s = storage.clone();
             let check = tokio::spawn(async move { Repository::read_descriptor(&s).await });
             let prev = match entry.last_carry() {
@@ -208,14 +187,8 @@ async fn push_segment(
             (repo, prev, Some((check, recorded)))
         }
         None => {
-            let repo = open_repository(
-                storage.clone(),
-                name,
-                Some(cluster.clone()),
-                data_dir,
-                write,
-            )
-            .await?;
+            let from_wal = Some(cluster.clone());
+            let repo = open_repository(storage.clone(), name, from_wal, data_dir, write).await?;
             (repo, PrevCarry::Lookup, None)
         }
     };
@@ -223,9 +196,79 @@ async fn push_segment(
         Some(_) => SummaryOrder::Parallel,
         None => SummaryOrder::AfterSegment,
     };
-    let mut up = repo
+    let up = repo
         .segment_upload(name, &buf.get()[..first], len, again, prev.clone())
         .await;
+    let up = feed(path, up, file, buf, first, len).await?;
+    let stored = repo.store_segment_upload(up, order).await;
+    let descriptor = match (check, data_dir) {
+        (Some((check, recorded)), Some(dir)) => {
+            let fresh = check.await.expect("descriptor check panicked");
+            let wrote = matches!(stored, Ok((UploadOutcome::Done(PutOutcome::Stored), _)));
+            let checked = (&storage, dir, &recorded, &cluster, what.as_str());
+            confirm(&repo, checked, fresh, name, wrote).await?
+        }
+        _ => repo.descriptor().clone(),
+    };
+    let (outcome, next_carry) = match stored? {
+        (UploadOutcome::Done(o), next) => (o, next),
+        // Stored before (PostgreSQL retries after a crash or a timeout): compare the whole.
+        (UploadOutcome::NeedsContent, _) => {
+            let content = read_whole(path).await?;
+            let s = repo
+                .store_wal_file_with(name, content, prev, SummaryOrder::AfterSegment)
+                .await?;
+            (s.outcome, s.next_carry)
+        }
+    };
+    if let Some(dir) = data_dir {
+        remember(dir, &repo, descriptor, name, next_carry.as_ref());
+    }
+    Ok((repo, outcome, len))
+}
+
+/// The segment file opened twice (a second, independent reader for the summary thread), its
+/// length, and its first block read into the buffer.
+async fn open_segment(
+    path: &Path,
+) -> Result<(std::fs::File, std::fs::File, u64, AlignedBlock, usize), ArchiveError> {
+    let p = path.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&p)?;
+        let again = std::fs::File::open(&p)?;
+        let len = file.metadata()?.len();
+        // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
+        let mut buf = AlignedBlock::new();
+        let first = read_full(&mut file, buf.get())?;
+        std::io::Result::Ok((file, again, len, buf, first))
+    })
+    .await
+    .expect("read task panicked")
+    .map_err(|source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if opened.4 == 0 {
+        return Err(ArchiveError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(opened)
+}
+
+/// Hands the whole segment to `up`, block by block, from the first block already in `buf`.
+async fn feed(
+    path: &Path,
+    mut up: SegmentUpload,
+    mut file: std::fs::File,
+    mut buf: AlignedBlock,
+    first: usize,
+    len: u64,
+) -> Result<SegmentUpload, ArchiveError> {
+    let read_err = |source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    };
     let (up, read) = tokio::task::spawn_blocking(move || {
         let mut n = first;
         let mut read = 0u64;
@@ -245,37 +288,7 @@ async fn push_segment(
             "the file changed while being read: {len} bytes at the start, {read} read"
         ))));
     }
-    let stored = repo.store_segment_upload(up, order).await;
-    let mut descriptor = repo.descriptor().clone();
-    if let (Some((check, recorded)), Some(dir)) = (check, data_dir) {
-        let fresh = check.await.expect("descriptor check panicked");
-        let wrote = matches!(stored, Ok((UploadOutcome::Done(PutOutcome::Stored), _)));
-        match confirm(&repo, &storage, dir, fresh, &recorded, &cluster, &what).await {
-            Ok(d) => descriptor = d,
-            Err(e) => {
-                forget(dir, &storage);
-                if wrote {
-                    tracing::warn!(key = %crate::repo::wal_file_key(name), "this segment was stored before the repository check failed: it is this cluster's WAL under its own name (docs/repository-format.md, \"archive-push's local cache\")");
-                }
-                return Err(e);
-            }
-        }
-    }
-    let (outcome, next_carry) = match stored? {
-        (UploadOutcome::Done(o), next) => (o, next),
-        // Stored before (PostgreSQL retries after a crash or a timeout): compare the whole.
-        (UploadOutcome::NeedsContent, _) => {
-            let content = read_whole(path).await?;
-            let s = repo
-                .store_wal_file_with(name, content, prev, SummaryOrder::AfterSegment)
-                .await?;
-            (s.outcome, s.next_carry)
-        }
-    };
-    if let Some(dir) = data_dir {
-        remember(dir, &repo, descriptor, name, next_carry.as_ref());
-    }
-    Ok((repo, outcome, len))
+    Ok(up)
 }
 
 /// The repository as the push cache knows it, with what the marker records of it: only for a
@@ -311,27 +324,46 @@ fn from_cache(
     )
 }
 
+/// What [`confirm`] checks against: the location, its data directory, the marker's record
+/// of it, the cluster and what the WAL came from (for messages).
+type Checked<'a> = (
+    &'a Storage,
+    &'a DataDir,
+    &'a Archived,
+    &'a ClusterIdentity,
+    &'a str,
+);
+
 /// Checks the descriptor read during the upload: the push succeeds only if it is still the
-/// recorded repository of this cluster, with the errors (and exit codes) of the ordinary
-/// path otherwise. Returns the stored descriptor.
+/// recorded repository of this cluster, with the errors (and exit codes) of the ordinary path
+/// otherwise, after which the cache entry is dropped (the retry reads the descriptor before it
+/// writes anything). Returns the stored descriptor.
 async fn confirm(
     repo: &Repository,
-    storage: &Storage,
-    dir: &DataDir,
+    (storage, dir, recorded, cluster, what): Checked<'_>,
     fresh: Result<Option<Descriptor>, RepoError>,
-    recorded: &Archived,
-    cluster: &ClusterIdentity,
-    what: &str,
+    name: &WalFileName,
+    wrote: bool,
 ) -> Result<Descriptor, ArchiveError> {
     let location = location_id(storage.location());
-    let Some(stored) = fresh? else {
-        // As `Repository::open`: a missing bucket is told apart from an empty location.
-        storage.check_reachable().await.map_err(RepoError::from)?;
-        return Err(dir.vanished(&location, recorded));
+    let checked = async {
+        let Some(stored) = fresh? else {
+            // As `Repository::open`: a missing bucket is told apart from an empty location.
+            storage.check_reachable().await.map_err(RepoError::from)?;
+            return Err(dir.vanished(&location, recorded));
+        };
+        dir.check_same(&stored, &location, recorded)?;
+        repo.check_stored_descriptor(&stored, cluster, what)?;
+        Ok(stored)
     };
-    dir.check_same(&stored, &location, recorded)?;
-    repo.check_stored_descriptor(&stored, cluster, what)?;
-    Ok(stored)
+    let result = checked.await;
+    if result.is_err() {
+        forget(dir, storage);
+        if wrote {
+            tracing::warn!(key = %crate::repo::wal_file_key(name), "this segment was stored before the repository check failed: it is this cluster's WAL under its own name (docs/repository-format.md, \"archive-push's local cache\")");
+        }
+    }
+    result
 }
 
 /// Keeps what the next push needs in the push cache: the descriptor and this segment's carry.
