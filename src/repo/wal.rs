@@ -24,8 +24,9 @@ impl Repository {
     /// Both paths go through here so that whatever the repository keeps beside a segment is kept
     /// for every segment, whatever its source.
     ///
-    /// For a full segment that is its summary (see `repo::StoredSummary`), written after the
-    /// segment so that a summary never describes WAL the repository lacks. Odd records do not fail
+    /// For a full segment that is its summary (see `repo::StoredSummary`), written here after
+    /// the segment (archive-push with its local cache writes both at once: a summary counts only
+    /// beside its segment, docs/repository-format.md "Segment summaries"). Odd records do not fail
     /// the call: a summary that ends in corruption is stored and logged as a warning, because
     /// PostgreSQL must be able to archive and `pitr verify` reports it. Storage failures do fail
     /// it, so that PostgreSQL retries; the retry finds the segment already stored and writes the
