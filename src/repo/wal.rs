@@ -759,19 +759,62 @@ mod tests {
     use crate::wal::testdata::{segments, SEG_SIZE};
 
     async fn repo() -> Repository {
+        repo_with(Codec::Lz4).await
+    }
+
+    async fn repo_with(codec: Codec) -> Repository {
         let cluster = ClusterIdentity {
             system_identifier: 7_000_000_000_000_000_001,
             pg_major: 15,
             wal_segment_size: SEG_SIZE,
         };
-        Repository::open_for_cluster(
-            Storage::in_memory(),
-            &cluster,
-            "test",
-            WriteOptions::default(),
-        )
-        .await
-        .unwrap()
+        let write = WriteOptions {
+            codec,
+            ..WriteOptions::default()
+        };
+        Repository::open_for_cluster(Storage::in_memory(), &cluster, "test", write)
+            .await
+            .unwrap()
+    }
+
+    /// Segment and summary written at once with the carry handed in (archive-push's local
+    /// cache) store the very objects the ordinary order stores, streamed (lz4) and gathered
+    /// (zstd). Each summary is deleted once compared, so the next carry can only come from the
+    /// caller.
+    #[tokio::test]
+    async fn parallel_order_with_a_known_carry_stores_the_same_objects() {
+        for codec in [Codec::Lz4, Codec::Zstd] {
+            let (ordinary, cached) = (repo_with(codec).await, repo_with(codec).await);
+            let mut prev = PrevCarry::Lookup;
+            let mut carried = 0;
+            for (segno, seg) in segments() {
+                let name = WalFileName::segment(1, segno, SEG_SIZE);
+                ordinary.store_wal_file(&name, &seg).await.unwrap();
+                let input = std::io::Cursor::new(seg.clone());
+                let len = seg.len() as u64;
+                let mut up = cached
+                    .segment_upload(&name, &seg[..4096], len, input, prev)
+                    .await;
+                for piece in seg.chunks(100_000) {
+                    up.write(piece);
+                }
+                let (outcome, next) = cached
+                    .store_segment_upload(up, SummaryOrder::Parallel)
+                    .await
+                    .unwrap();
+                assert!(matches!(outcome, UploadOutcome::Done(PutOutcome::Stored)));
+                assert_eq!(cached.get_wal_file(&name).await.unwrap().unwrap(), seg);
+                let expected = ordinary.segment_summary(&name).await.unwrap().unwrap();
+                let got = cached.segment_summary(&name).await.unwrap().unwrap();
+                assert_eq!(got, expected, "{codec:?} {name}");
+                assert_eq!(next, expected.tail());
+                carried += usize::from(expected.summary.skipped_continuation.is_none());
+                let key = layout::wal_summary_key(&name);
+                cached.storage.delete(&key).await.unwrap();
+                prev = PrevCarry::Known(name, next);
+            }
+            assert!(carried > 1, "the fixtures have a record across a boundary");
+        }
     }
 
     async fn upload(repo: &Repository, name: &WalFileName, seg: &[u8]) -> UploadOutcome {
