@@ -18,7 +18,9 @@
 # segment into $BT/src and archive-pushes it into the backup repositories straight to s3s-fs
 # (not timed). Then, methods lat0 and lat20 alternating (order rotating each round):
 #   push     N segments of that WAL, each pushed by a fresh `pitr archive-push` process into a
-#            new repository per round (N processes per method and round); the proxy counts the
+#            new repository per round (N processes per method and round), run in a stand-in
+#            data directory of its own per method and round (PG_VERSION, global/pg_control) as
+#            PostgreSQL runs archive_command in its data directory; the proxy counts the
 #            connections, HTTP requests and exchanges of each push. Round trips per segment =
 #            (median wall at 20 ms - median wall at 0 ms) / measured RTT: what the latency
 #            costs, in RTTs.
@@ -31,7 +33,8 @@
 #            /usr/bin/time.
 # Prints one table per part (median wall, CPU from getrusage, peak RSS, x lat0 ratios) and
 # every run. BENCH_OUT=FILE copies the report (and the raw results next to it). TRACE_DIR=DIR
-# keeps one line per request and proxy (time, connection, request line) in DIR/trace-lat0|lat20.
+# keeps the proxies' traces, one line per request (time, connection, request line), as
+# DIR/trace-lat0|lat20; the push report prints the sequence of one push per method from them.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -69,7 +72,7 @@ declare -A PPORT
 start_proxy() { # method delay_ms
     rm -f "$BT/$1.port"
     python3 "$BENCH_DIR/latency_proxy.py" serve --upstream "127.0.0.1:$S3PORT" --delay-ms "$2" \
-        --port-file "$BT/$1.port" --stats "$BT/$1.stats" ${TRACE_DIR:+--trace "$TRACE_DIR/trace-$1"} >"$BT/log/proxy-$1.log" 2>&1 &
+        --port-file "$BT/$1.port" --stats "$BT/$1.stats" --trace "$BT/trace-$1" >"$BT/log/proxy-$1.log" 2>&1 &
     _PIDS+=($!)
     local i
     for ((i = 0; i < 100; i++)); do [[ -s "$BT/$1.port" ]] && break; sleep 0.05; done
@@ -158,20 +161,33 @@ LOADS=()
 
 # ---- push -----------------------------------------------------------------------------------
 push_part() {
-    local segs r i m before after
+    local segs r i m before after d tb ta
     mapfile -t segs < <(find "$SRC" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | sort | tail -n $((N + 1)) | head -n "$N")
     ((${#segs[@]} == N)) || die "only ${#segs[@]} segments in $SRC, need $N"
     log "push: $N segments x ${METHODS[*]} x $REPS rounds"
     : >"$BT/push-requests.txt"
+    : >"$BT/push-trace.txt"
     LOADS+=("push $(cut -d' ' -f1-3 /proc/loadavg)")
     for ((r = 1; r <= REPS; r++)); do
+        # Each method and round pushes from its own stand-in data directory (PG_VERSION and
+        # global/pg_control of the cluster), as PostgreSQL runs archive_command in its data
+        # directory: pitr keeps its marker and push cache there.
+        for m in "${METHODS[@]}"; do
+            d="$BT/pgd/$m-$r"
+            mkdir -p "$d/global"
+            cp "$PGDATA/PG_VERSION" "$d/" && cp "$PGDATA/global/pg_control" "$d/global/"
+            chown -R postgres:postgres "$BT/pgd"
+        done
         for ((i = 0; i < N; i++)); do
             for m in $(order $((r + i))); do
                 before=$(stats_of "${m#base-}")
+                tb=$(wc -l <"$BT/trace-${m#base-}")
                 # shellcheck disable=SC2046
-                measure "push/$m" "$r-$i" $(pitr_as "$m" --repo "s3://bench/push-$m-$r" archive-push "${segs[$i]}")
+                MEASURE_CWD="$BT/pgd/$m-$r" measure "push/$m" "$r-$i" $(pitr_as "$m" --repo "s3://bench/push-$m-$r" archive-push "${segs[$i]}")
                 after=$(stats_of "${m#base-}")
+                ta=$(wc -l <"$BT/trace-${m#base-}")
                 echo "$m $r-$i $before $after" >>"$BT/push-requests.txt"
+                echo "$m $r-$i $tb $ta" >>"$BT/push-trace.txt"
             done
         done
     done
@@ -191,6 +207,16 @@ push_report() {
                 for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) {t = a[j]; a[j] = a[j-1]; a[j-1] = t}
                 return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2}
             END {printf "| %s |", m; for (k = 0; k < 7; k++) printf " %s |", med(k); printf "%s |\n", first}' "$BT/push-requests.txt"
+    done
+    echo
+    echo "The requests of one push into an existing repository (round 1, the 4th segment) per method, as"
+    echo "the proxy saw them: ms after the push's first request, connection number, request line."
+    echo
+    for m in "${METHODS[@]}"; do
+        read -r _ _ tb ta < <(awk -v m="$m" '$1 == m && $2 == "1-3"' "$BT/push-trace.txt")
+        echo "    $m:"
+        sed -n "$((tb + 1)),${ta}p" "$BT/trace-${m#base-}" |
+            awk 'NR == 1 {t0 = $1} {line = ""; for (k = 4; k <= NF; k++) line = line " " $k; q = index(line, "?"); if (q) line = substr(line, 1, q - 1); printf "      +%6.1f ms  conn %s%s\n", ($1 - t0) * 1000, $3, line}'
     done
     echo
     python3 - "$BT/results.jsonl" "$RTT_MS" "$RTT0_MS" <<'PY'
@@ -325,3 +351,4 @@ for label, xs in runs.items():
 PY
 } | tee "$BT/report.md"
 if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi
+if [[ -n "${TRACE_DIR:-}" ]]; then cp "$BT"/trace-lat0 "$BT"/trace-lat20 "$TRACE_DIR/"; fi

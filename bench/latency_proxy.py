@@ -121,6 +121,7 @@ async def serve(args):
     async def handle(cr, cw):
         stats.c["connections"] += 1
         stats.dirty = True
+        n = stats.c["connections"]  # before any await: connections accepted together differ
         for w in (cw,):
             w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -129,7 +130,7 @@ async def serve(args):
             cw.close()
             return
         sw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = Conn(stats, delay, stats.c["connections"])
+        c = Conn(stats, delay, n)
         try:
             await asyncio.gather(c.pump(cr, sw, True), c.pump(sr, cw, False))
         finally:

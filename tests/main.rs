@@ -21,6 +21,7 @@ mod ops;
 mod pg_client;
 mod pitr;
 mod prefetch;
+mod push_cache;
 mod standby_backup;
 mod storage_backends;
 mod stream;

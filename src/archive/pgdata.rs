@@ -11,11 +11,68 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::ArchiveError;
+use serde::{Deserialize, Serialize};
+
 use crate::repo::marker::{is_recorded_one, MarkerFile};
-use crate::repo::{ClusterIdentity, Descriptor};
-use crate::wal::{parse_long_header, WalFileName};
+use crate::repo::{Carry, ClusterIdentity, Descriptor};
+use crate::wal::{parse_long_header, SegmentTail, WalFileName};
 
 pub use crate::repo::marker::{Archived, MARKER_FILE};
+
+/// archive-push's local cache in the data directory (docs/repository-format.md,
+/// "archive-push's local cache"): what a push needs to know about each repository before it
+/// can write, kept from the previous push so that it costs no request up front.
+pub const PUSH_CACHE_FILE: &str = "pitr.push-cache";
+const PUSH_CACHE_FORMAT: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PushCache {
+    format: u32,
+    repositories: Vec<CachedRepository>,
+}
+
+/// One repository in the push cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedRepository {
+    /// As the marker spells it ([`crate::repo::marker::location_key`]).
+    pub location: String,
+    /// The descriptor as read from the repository by an earlier push.
+    pub descriptor: Descriptor,
+    /// The last segment pushed there, and the carry its summary holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_segment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry: Option<Carry>,
+}
+
+impl CachedRepository {
+    /// The carry of the last segment pushed, as the summary of the next one takes it.
+    pub fn last_carry(&self) -> Option<(WalFileName, Option<SegmentTail>)> {
+        let name = WalFileName::parse(self.last_segment.as_deref()?).ok()?;
+        let tail = self.carry.as_ref().and_then(|c| {
+            Some(SegmentTail {
+                lsn: c.lsn,
+                prev: c.prev,
+                bytes: hex::decode(&c.bytes_hex).ok()?,
+                system_identifier: self.descriptor.system_identifier,
+            })
+        });
+        // A carry that was there but does not decode is not "no carry": look it up instead.
+        if self.carry.is_some() && tail.is_none() {
+            return None;
+        }
+        Some((name, tail))
+    }
+
+    pub fn set_last(&mut self, segment: &WalFileName, tail: Option<&SegmentTail>) {
+        self.last_segment = Some(segment.to_string());
+        self.carry = tail.map(|t| Carry {
+            lsn: t.lsn,
+            prev: t.prev,
+            bytes_hex: hex::encode(&t.bytes),
+        });
+    }
+}
 
 /// pg_control's `floatFormat`, a constant written to detect float incompatibilities. It is
 /// followed by `blcksz`, `relseg_size`, `xlog_blcksz` and `xlog_seg_size` in every version
@@ -236,6 +293,77 @@ impl DataDir {
         self.marker()
             .record(location, repository_id, system_identifier)
             .map_err(|e| self.bad(MARKER_FILE, e))
+    }
+
+    fn push_cache_path(&self) -> PathBuf {
+        self.path.join(PUSH_CACHE_FILE)
+    }
+
+    /// The push cache's entry for `location`. A cache: a missing, unreadable or newer file
+    /// is no entry (logged), never an error.
+    pub fn cached(&self, location: &str) -> Option<CachedRepository> {
+        let cache = self.read_push_cache()?;
+        cache
+            .repositories
+            .into_iter()
+            .find(|r| r.location == location)
+    }
+
+    fn read_push_cache(&self) -> Option<PushCache> {
+        let raw = match fs::read(self.push_cache_path()) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "push cache unreadable; ignored");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<PushCache>(&raw) {
+            Ok(c) if c.format <= PUSH_CACHE_FORMAT => Some(c),
+            Ok(c) => {
+                tracing::debug!(format = c.format, "push cache of a newer pitr; ignored");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "push cache does not parse; ignored");
+                None
+            }
+        }
+    }
+
+    /// Replaces the entry of `entry.location` (or, with `None` as `entry`, removes the one of
+    /// `location`). Written to a temporary file and renamed, not fsynced: losing it costs
+    /// requests, never WAL, and a torn file reads as no cache.
+    pub fn update_cache(
+        &self,
+        location: &str,
+        entry: Option<CachedRepository>,
+    ) -> Result<(), ArchiveError> {
+        let mut cache = self.read_push_cache().unwrap_or_default();
+        cache.repositories.retain(|r| r.location != location);
+        cache.repositories.extend(entry);
+        cache.format = PUSH_CACHE_FORMAT;
+        let json = serde_json::to_vec_pretty(&cache).expect("push cache serializes");
+        let path = self.push_cache_path();
+        let tmp = self
+            .path
+            .join(format!(".{PUSH_CACHE_FILE}.tmp.{}", std::process::id()));
+        let result = (|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&json)?;
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| self.bad(PUSH_CACHE_FILE, e))
     }
 
     /// The error for a location the marker names that has no descriptor any more.

@@ -1,11 +1,12 @@
 use std::path::Path;
 
-use super::pgdata::DataDir;
+use super::pgdata::{Archived, CachedRepository, DataDir};
 use super::prefetch::location_id;
 use super::{ArchiveError, Target};
 use crate::codec::{aligned_buffer, BLOCK_LEN};
 use crate::repo::{
-    read_full, ClusterIdentity, PutOutcome, RepoError, Repository, UploadOutcome, WriteOptions,
+    read_full, ClusterIdentity, Descriptor, PrevCarry, PutOutcome, RepoError, Repository,
+    SegmentUpload, SummaryOrder, UploadOutcome, WriteOptions,
 };
 use crate::storage::Storage;
 use crate::wal::{major_from_magic, validate_segment_start, WalFileName};
@@ -155,6 +156,11 @@ async fn read_whole(path: &Path) -> Result<bytes::Bytes, ArchiveError> {
 
 /// A WAL segment, read in blocks of [`BLOCK_LEN`] into one buffer and handed to the repository
 /// as it is read (compressed and summarized on the way): the segment is never held whole.
+///
+/// In a data directory whose push cache knows the repository, nothing is read from the
+/// repository before the upload: the stored descriptor is read while the segment is compressed
+/// and checked against the cached one before success is reported, and the segment and its
+/// summary are written at once (docs/repository-format.md, "archive-push's local cache").
 async fn push_segment(
     storage: Storage,
     path: &Path,
@@ -162,14 +168,73 @@ async fn push_segment(
     data_dir: Option<&DataDir>,
     write: WriteOptions,
 ) -> Result<(Repository, PutOutcome, u64), ArchiveError> {
-    let read_err = |source| ArchiveError::ReadInput {
-        path: path.to_path_buf(),
-        source,
+    let (file, again, len, mut buf, first) = open_segment(path).await?;
+    let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
+    let what = format!("WAL file {name}");
+    let cached = match data_dir {
+        Some(d) => from_cache(&storage, d, &cluster, &what, &write)?,
+        None => None,
     };
+    let (repo, prev, check) = match cached {
+        Some((repo, recorded, entry)) => {
+            // Read while the segment is compressed: no request before the upload.
+            let s = storage.clone();
+            let check = tokio::spawn(async move { Repository::read_descriptor(&s).await });
+            let prev = match entry.last_carry() {
+                Some((n, tail)) => PrevCarry::Known(n, tail),
+                None => PrevCarry::Lookup,
+            };
+            (repo, prev, Some((check, recorded)))
+        }
+        None => {
+            let from_wal = Some(cluster.clone());
+            let repo = open_repository(storage.clone(), name, from_wal, data_dir, write).await?;
+            (repo, PrevCarry::Lookup, None)
+        }
+    };
+    let order = match check {
+        Some(_) => SummaryOrder::Parallel,
+        None => SummaryOrder::AfterSegment,
+    };
+    let up = repo
+        .segment_upload(name, &buf.get()[..first], len, again, prev.clone())
+        .await;
+    let up = feed(path, up, file, buf, first, len).await?;
+    let stored = repo.store_segment_upload(up, order).await;
+    let descriptor = match (check, data_dir) {
+        (Some((check, recorded)), Some(dir)) => {
+            let fresh = check.await.expect("descriptor check panicked");
+            let wrote = matches!(stored, Ok((UploadOutcome::Done(PutOutcome::Stored), _)));
+            let checked = (&storage, dir, &recorded, &cluster, what.as_str());
+            confirm(&repo, checked, fresh, name, wrote).await?
+        }
+        _ => repo.descriptor().clone(),
+    };
+    let (outcome, next_carry) = match stored? {
+        (UploadOutcome::Done(o), next) => (o, next),
+        // Stored before (PostgreSQL retries after a crash or a timeout): compare the whole.
+        (UploadOutcome::NeedsContent, _) => {
+            let content = read_whole(path).await?;
+            let s = repo
+                .store_wal_file_with(name, content, prev, SummaryOrder::AfterSegment)
+                .await?;
+            (s.outcome, s.next_carry)
+        }
+    };
+    if let Some(dir) = data_dir {
+        remember(dir, &repo, descriptor, name, next_carry.as_ref());
+    }
+    Ok((repo, outcome, len))
+}
+
+/// The segment file opened twice (a second, independent reader for the summary thread), its
+/// length, and its first block read into the buffer.
+async fn open_segment(
+    path: &Path,
+) -> Result<(std::fs::File, std::fs::File, u64, AlignedBlock, usize), ArchiveError> {
     let p = path.to_path_buf();
-    let (mut file, again, len, mut buf, first) = tokio::task::spawn_blocking(move || {
+    let opened = tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::open(&p)?;
-        // A second, independent reader (its own offset) for the summary thread.
         let again = std::fs::File::open(&p)?;
         let len = file.metadata()?.len();
         // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
@@ -179,17 +244,31 @@ async fn push_segment(
     })
     .await
     .expect("read task panicked")
-    .map_err(read_err)?;
-    if first == 0 {
+    .map_err(|source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if opened.4 == 0 {
         return Err(ArchiveError::Empty {
             path: path.to_path_buf(),
         });
     }
-    let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
-    let repo = open_repository(storage, name, Some(cluster), data_dir, write).await?;
-    let mut up = repo
-        .segment_upload(name, &buf.get()[..first], len, again)
-        .await;
+    Ok(opened)
+}
+
+/// Hands the whole segment to `up`, block by block, from the first block already in `buf`.
+async fn feed(
+    path: &Path,
+    mut up: SegmentUpload,
+    mut file: std::fs::File,
+    mut buf: AlignedBlock,
+    first: usize,
+    len: u64,
+) -> Result<SegmentUpload, ArchiveError> {
+    let read_err = |source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    };
     let (up, read) = tokio::task::spawn_blocking(move || {
         let mut n = first;
         let mut read = 0u64;
@@ -209,15 +288,116 @@ async fn push_segment(
             "the file changed while being read: {len} bytes at the start, {read} read"
         ))));
     }
-    let outcome = match repo.store_segment_upload(up).await? {
-        UploadOutcome::Done(o) => o,
-        // Stored before (PostgreSQL retries after a crash or a timeout): compare the whole.
-        UploadOutcome::NeedsContent => {
-            let content = read_whole(path).await?;
-            repo.store_wal_file_owned(name, content).await?
-        }
+    Ok(up)
+}
+
+/// The repository as the push cache knows it, with what the marker records of it: only for a
+/// location this cluster archived into before, whose cached descriptor is the recorded
+/// repository's and this cluster's, unencrypted. Anything else takes the ordinary path, which
+/// reads the descriptor first (and reports what is wrong).
+fn from_cache(
+    storage: &Storage,
+    dir: &DataDir,
+    cluster: &ClusterIdentity,
+    what: &str,
+    write: &WriteOptions,
+) -> Result<Option<(Repository, Archived, CachedRepository)>, ArchiveError> {
+    let location = location_id(storage.location());
+    let Some(recorded) = dir.archived_into(&location, cluster.system_identifier)? else {
+        return Ok(None);
     };
-    Ok((repo, outcome, len))
+    let Some(entry) = dir.cached(&location) else {
+        return Ok(None);
+    };
+    if dir
+        .check_same(&entry.descriptor, &location, &recorded)
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let copy = entry.descriptor.clone();
+    Ok(
+        match Repository::open_from_copy(storage.clone(), copy, cluster, what, write.clone()) {
+            Ok(Some(repo)) => Some((repo, recorded, entry)),
+            Ok(None) | Err(_) => None,
+        },
+    )
+}
+
+/// What [`confirm`] checks against: the location, its data directory, the marker's record
+/// of it, the cluster and what the WAL came from (for messages).
+type Checked<'a> = (
+    &'a Storage,
+    &'a DataDir,
+    &'a Archived,
+    &'a ClusterIdentity,
+    &'a str,
+);
+
+/// Checks the descriptor read during the upload: the push succeeds only if it is still the
+/// recorded repository of this cluster, with the errors (and exit codes) of the ordinary path
+/// otherwise, after which the cache entry is dropped (the retry reads the descriptor before it
+/// writes anything). Returns the stored descriptor.
+async fn confirm(
+    repo: &Repository,
+    (storage, dir, recorded, cluster, what): Checked<'_>,
+    fresh: Result<Option<Descriptor>, RepoError>,
+    name: &WalFileName,
+    wrote: bool,
+) -> Result<Descriptor, ArchiveError> {
+    let location = location_id(storage.location());
+    let checked = async {
+        let Some(stored) = fresh? else {
+            // As `Repository::open`: a missing bucket is told apart from an empty location.
+            storage.check_reachable().await.map_err(RepoError::from)?;
+            return Err(dir.vanished(&location, recorded));
+        };
+        dir.check_same(&stored, &location, recorded)?;
+        repo.check_stored_descriptor(&stored, cluster, what)?;
+        Ok(stored)
+    };
+    let result = checked.await;
+    if result.is_err() {
+        forget(dir, storage);
+        if wrote {
+            tracing::warn!(key = %crate::repo::wal_file_key(name), "this segment was stored before the repository check failed: it is this cluster's WAL under its own name (docs/repository-format.md, \"archive-push's local cache\")");
+        }
+    }
+    result
+}
+
+/// Keeps what the next push needs in the push cache: the descriptor and this segment's carry.
+/// Only for an unencrypted repository (an encrypted one always takes the ordinary path).
+fn remember(
+    dir: &DataDir,
+    repo: &Repository,
+    descriptor: Descriptor,
+    name: &WalFileName,
+    carry: Option<&crate::wal::SegmentTail>,
+) {
+    if descriptor.encryption.is_some() {
+        return;
+    }
+    let location = location_id(repo.storage_location());
+    let mut entry = CachedRepository {
+        location: location.clone(),
+        descriptor,
+        last_segment: None,
+        carry: None,
+    };
+    entry.set_last(name, carry);
+    if let Err(e) = dir.update_cache(&location, Some(entry)) {
+        tracing::warn!(error = %e, "cannot update the push cache; the next push reads the descriptor first");
+    }
+}
+
+/// Drops the cache entry of a repository that failed its check: the retry takes the ordinary
+/// path, which writes nothing before the descriptor is read.
+fn forget(dir: &DataDir, storage: &Storage) {
+    let location = location_id(storage.location());
+    if let Err(e) = dir.update_cache(&location, None) {
+        tracing::warn!(error = %e, "cannot update the push cache");
+    }
 }
 
 /// A page-aligned buffer of [`BLOCK_LEN`] bytes.

@@ -40,7 +40,8 @@ pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub(crate) use wal::read_full;
 pub use wal::{
-    Histories, PendingSummary, RecoveryWal, SegmentUpload, UploadOutcome, WriteWalError,
+    Histories, PendingSummary, PrevCarry, RecoveryWal, SegmentUpload, SummaryOrder, UploadOutcome,
+    WalStored, WriteWalError,
 };
 
 use crate::codec::crypt::CryptError;
@@ -361,6 +362,52 @@ impl Repository {
         let repo = Repository::open(storage, write).await?;
         check_cluster(&repo.storage, &repo.descriptor, cluster, what)?;
         Ok(repo)
+    }
+
+    /// Opens an unencrypted repository from a copy of its descriptor kept by the caller
+    /// (archive-push's local cache), without reading the stored one: no request. The caller
+    /// must compare the stored descriptor ([`Repository::read_descriptor`]) with the copy
+    /// before it reports success (docs/repository-format.md, "archive-push's local cache").
+    /// `None` when the copy is not usable that way: an encrypted repository, or a key
+    /// configured (both take the ordinary path, which reads the keyring too); and
+    /// `Err` when it belongs to another cluster.
+    pub fn open_from_copy(
+        storage: Storage,
+        copy: Descriptor,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<Option<Repository>> {
+        if copy.encryption.is_some() || write.encryption_key.is_some() {
+            return Ok(None);
+        }
+        check_cluster(&storage, &copy, cluster, what)?;
+        Ok(Some(Repository::assemble(storage, copy, write, None)))
+    }
+
+    /// The stored descriptor at `storage`'s location, read and checked as
+    /// [`Repository::open`] reads it; `None` when there is none.
+    pub async fn read_descriptor(storage: &Storage) -> Result<Option<Descriptor>> {
+        descriptor::read(storage).await
+    }
+
+    /// Whether a descriptor read now is the one this repository was opened with, or one it may
+    /// go on writing into (the same cluster and segment size, unencrypted). An encrypted one
+    /// with the same id cannot be (descriptors are never rewritten), but is refused all the
+    /// same: plaintext must never be written into it.
+    pub fn check_stored_descriptor(
+        &self,
+        stored: &Descriptor,
+        cluster: &ClusterIdentity,
+        what: &str,
+    ) -> Result<()> {
+        check_cluster(&self.storage, stored, cluster, what)?;
+        if stored.encryption.is_some() {
+            return Err(RepoError::KeyRequired {
+                location: self.location(),
+            });
+        }
+        Ok(())
     }
 
     pub fn descriptor(&self) -> &Descriptor {

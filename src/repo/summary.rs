@@ -131,8 +131,10 @@ pub enum SummaryOutcome {
 }
 
 impl Repository {
-    /// Stores the summary of segment `name`. Written after the segment itself, so a summary
-    /// never describes WAL the repository does not hold. An existing summary is kept: it was
+    /// Stores the summary of segment `name`, after or at the same time as the segment itself:
+    /// readers take a summary only beside its segment, so one whose segment write failed
+    /// describes nothing (docs/repository-format.md, "Segment summaries"). An existing summary
+    /// is kept: it was
     /// built from the same bytes (the segment is immutable), possibly with the previous
     /// segment's carry that this writer did not have.
     pub async fn put_segment_summary(

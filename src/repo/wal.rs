@@ -24,8 +24,9 @@ impl Repository {
     /// Both paths go through here so that whatever the repository keeps beside a segment is kept
     /// for every segment, whatever its source.
     ///
-    /// For a full segment that is its summary (see `repo::StoredSummary`), written after the
-    /// segment so that a summary never describes WAL the repository lacks. Odd records do not fail
+    /// For a full segment that is its summary (see `repo::StoredSummary`), written here after
+    /// the segment (archive-push with its local cache writes both at once: a summary counts only
+    /// beside its segment, docs/repository-format.md "Segment summaries"). Odd records do not fail
     /// the call: a summary that ends in corruption is stored and logged as a warning, because
     /// PostgreSQL must be able to archive and `pitr verify` reports it. Storage failures do fail
     /// it, so that PostgreSQL retries; the retry finds the segment already stored and writes the
@@ -97,12 +98,31 @@ impl Repository {
         name: &WalFileName,
         content: Bytes,
     ) -> Result<PutOutcome, RepoError> {
+        let stored = self
+            .store_wal_file_with(name, content, PrevCarry::Lookup, SummaryOrder::AfterSegment)
+            .await?;
+        Ok(stored.outcome)
+    }
+
+    /// [`Self::store_wal_file_owned`] with the previous segment's carry from `prev` and the
+    /// summary stored in `order`; also returns the carry the next segment takes.
+    pub async fn store_wal_file_with(
+        &self,
+        name: &WalFileName,
+        content: Bytes,
+        prev: PrevCarry,
+        order: SummaryOrder,
+    ) -> Result<WalStored, RepoError> {
         if !matches!(name, WalFileName::Segment { .. }) {
-            return self.put_wal_file(name, &content).await;
+            let outcome = self.put_wal_file(name, &content).await?;
+            return Ok(WalStored {
+                outcome,
+                next_carry: None,
+            });
         }
         let for_summary = content.clone();
         let summary = async {
-            let prev = previous_carry(self, name, &for_summary).await;
+            let prev = resolve_carry(self, name, &for_summary, prev).await;
             let carried = prev.is_some();
             tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
@@ -112,12 +132,27 @@ impl Repository {
             .await
             .expect("summary task panicked")
         };
-        let (outcome, (summarized, carried, elapsed)) =
-            tokio::join!(self.put_wal_bytes(name, content), summary);
-        let outcome = outcome?;
-        self.store_summary(name, &summarized, carried, elapsed)
-            .await?;
-        Ok(outcome)
+        let (outcome, (summarized, _, _)) = match order {
+            SummaryOrder::AfterSegment => {
+                let (outcome, run) = tokio::join!(self.put_wal_bytes(name, content), summary);
+                let outcome = outcome?;
+                self.store_summary(name, &run.0, run.1, run.2).await?;
+                (outcome, run)
+            }
+            SummaryOrder::Parallel => {
+                let put_summary = async {
+                    let run = summary.await;
+                    self.store_summary(name, &run.0, run.1, run.2).await?;
+                    Ok::<_, RepoError>(run)
+                };
+                let (outcome, run) = tokio::join!(self.put_wal_bytes(name, content), put_summary);
+                (outcome?, run?)
+            }
+        };
+        Ok(WalStored {
+            outcome,
+            next_carry: next_carry(&summarized),
+        })
     }
 
     /// [`Self::put_wal_file`] with the encoding on the blocking pool.
@@ -217,6 +252,54 @@ impl PendingSummary {
     }
 }
 
+/// Where the previous segment's carry comes from when a segment is stored.
+#[derive(Clone, Debug)]
+pub enum PrevCarry {
+    /// Read from the previous segment's stored summary (one GET before summarizing).
+    Lookup,
+    /// The caller kept it (archive-push's local cache): the carry the summary of segment
+    /// `.0` holds. Used only when `.0` is the very segment before; otherwise it is looked up.
+    Known(WalFileName, Option<SegmentTail>),
+}
+
+/// When a segment's summary is written relative to the segment (docs/repository-format.md,
+/// "Segment summaries"): readers take a summary only beside its segment, so either is safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SummaryOrder {
+    /// Once the segment is stored (`pitr stream`, a push without a local cache).
+    AfterSegment,
+    /// Both PUTs at once (archive-push with its local cache): one round trip less.
+    Parallel,
+}
+
+/// What storing a segment did, with the carry its summary holds for the next segment.
+#[derive(Debug)]
+pub struct WalStored {
+    pub outcome: PutOutcome,
+    /// As stored with the summary (`None` without a carry or without a summary).
+    pub next_carry: Option<SegmentTail>,
+}
+
+/// The carry the next segment takes from this summary, exactly as stored with it.
+fn next_carry(summarized: &Result<Summarized, SummaryError>) -> Option<SegmentTail> {
+    StoredSummary::from_summarized(summarized.as_ref().ok()?).tail()
+}
+
+/// The previous segment's carry for `name`, from `prev` when it names that segment, else from
+/// its stored summary.
+async fn resolve_carry(
+    repo: &Repository,
+    name: &WalFileName,
+    content: &[u8],
+    prev: PrevCarry,
+) -> Option<SegmentTail> {
+    let expected = previous_segment(name, content)?;
+    match prev {
+        PrevCarry::Known(n, tail) if n == expected => tail,
+        _ => previous_carry(repo, name, content).await,
+    }
+}
+
 /// The carry stored with the previous segment's summary, when this segment starts with the
 /// continuation of a record. Best effort: absent (previous segment not archived yet, first
 /// segment of a timeline) or unreadable means this segment skips the continuation.
@@ -247,6 +330,8 @@ async fn previous_carry(
 pub struct SegmentUpload {
     name: WalFileName,
     mode: UploadMode,
+    /// For a gathered segment: where its summary takes the previous carry from.
+    prev: PrevCarry,
 }
 
 enum UploadMode {
@@ -428,23 +513,26 @@ impl SegmentUpload {
 impl Repository {
     /// Starts storing segment `name` of `len` bytes whose first bytes are `first` (at least its
     /// long page header, checked by the caller; hand them to `write` too). `summary_input` reads
-    /// the same segment from its start, for the summary. Reads the previous segment's carry
-    /// first (see [`Self::store_wal_file`]).
+    /// the same segment from its start, for the summary. Takes the previous segment's carry
+    /// from `prev`, reading it first when the caller does not have it (see
+    /// [`Self::store_wal_file`]).
     pub async fn segment_upload(
         &self,
         name: &WalFileName,
         first: &[u8],
         len: u64,
         summary_input: impl std::io::Read + Send + 'static,
+        prev: PrevCarry,
     ) -> SegmentUpload {
         let streamed = self.objects.data_key.is_none() && self.objects.write.codec == Codec::Lz4;
         if !streamed {
             return SegmentUpload {
                 name: name.clone(),
                 mode: UploadMode::Whole(Vec::with_capacity(len as usize)),
+                prev,
             };
         }
-        let prev = previous_carry(self, name, first).await;
+        let prev = resolve_carry(self, name, first, prev).await;
         let n = name.clone();
         let summary =
             tokio::task::spawn_blocking(move || summarize_input(&n, summary_input, len, prev));
@@ -454,37 +542,64 @@ impl Repository {
                 frame: BlockWriter::aligned(FRAME_HEADER_LEN, len as usize),
                 summary,
             },
+            prev: PrevCarry::Lookup,
         }
     }
 
-    /// Stores what `up` was given: the segment (durable on return), then its summary, as
-    /// [`Self::store_wal_file_owned`] does.
+    /// Stores what `up` was given: the segment (durable on return) and its summary, in
+    /// `order`, as [`Self::store_wal_file_with`] does; also the carry for the next segment.
     pub async fn store_segment_upload(
         &self,
         up: SegmentUpload,
-    ) -> Result<UploadOutcome, RepoError> {
+        order: SummaryOrder,
+    ) -> Result<(UploadOutcome, Option<SegmentTail>), RepoError> {
         let (frame, summary) = match up.mode {
             UploadMode::Whole(content) => {
-                return self
-                    .store_wal_file_owned(&up.name, Bytes::from(content))
-                    .await
-                    .map(UploadOutcome::Done)
+                let s = self
+                    .store_wal_file_with(&up.name, Bytes::from(content), up.prev, order)
+                    .await?;
+                return Ok((UploadOutcome::Done(s.outcome), s.next_carry));
             }
             UploadMode::Streamed { frame, summary } => (frame, summary),
         };
         let key = layout::wal_key(&up.name);
         let framed = codec::frame_blocks(frame.finish());
-        match self.storage.put_if_absent(&key, framed).await {
-            Ok(()) => {}
-            Err(StorageError::AlreadyExists { .. }) => return Ok(UploadOutcome::NeedsContent),
-            Err(e) => return Err(e.into()),
+        let put_segment = async {
+            match self.storage.put_if_absent(&key, framed).await {
+                Ok(()) => Ok(true),
+                Err(StorageError::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(RepoError::from(e)),
+            }
+        };
+        let put_summary = |run: Option<SummaryRun>| async move {
+            if let Some((summarized, carried, elapsed)) = &run {
+                self.store_summary(&up.name, summarized, *carried, *elapsed)
+                    .await?;
+            }
+            Ok::<_, RepoError>(run)
+        };
+        let summary = async { summary.await.expect("summary task panicked") };
+        let (stored, run) = match order {
+            SummaryOrder::AfterSegment => {
+                let (stored, run) = tokio::join!(put_segment, summary);
+                if !stored? {
+                    return Ok((UploadOutcome::NeedsContent, None));
+                }
+                (true, put_summary(run).await?)
+            }
+            SummaryOrder::Parallel => {
+                let (stored, run) =
+                    tokio::join!(put_segment, async { put_summary(summary.await).await });
+                (stored?, run?)
+            }
+        };
+        if !stored {
+            // The summary written beside it is kept (Kept) or identical: same segment name,
+            // and the caller compares the content.
+            return Ok((UploadOutcome::NeedsContent, None));
         }
-        if let Some((summarized, carried, elapsed)) = summary.await.expect("summary task panicked")
-        {
-            self.store_summary(&up.name, &summarized, carried, elapsed)
-                .await?;
-        }
-        Ok(UploadOutcome::Done(PutOutcome::Stored))
+        let next = run.and_then(|(s, _, _)| next_carry(&s));
+        Ok((UploadOutcome::Done(PutOutcome::Stored), next))
     }
 }
 
@@ -644,31 +759,77 @@ mod tests {
     use crate::wal::testdata::{segments, SEG_SIZE};
 
     async fn repo() -> Repository {
+        repo_with(Codec::Lz4).await
+    }
+
+    async fn repo_with(codec: Codec) -> Repository {
         let cluster = ClusterIdentity {
             system_identifier: 7_000_000_000_000_000_001,
             pg_major: 15,
             wal_segment_size: SEG_SIZE,
         };
-        Repository::open_for_cluster(
-            Storage::in_memory(),
-            &cluster,
-            "test",
-            WriteOptions::default(),
-        )
-        .await
-        .unwrap()
+        let write = WriteOptions {
+            codec,
+            ..WriteOptions::default()
+        };
+        Repository::open_for_cluster(Storage::in_memory(), &cluster, "test", write)
+            .await
+            .unwrap()
+    }
+
+    /// Segment and summary written at once with the carry handed in (archive-push's local
+    /// cache) store the very objects the ordinary order stores, streamed (lz4) and gathered
+    /// (zstd). Each summary is deleted once compared, so the next carry can only come from the
+    /// caller.
+    #[tokio::test]
+    async fn parallel_order_with_a_known_carry_stores_the_same_objects() {
+        for codec in [Codec::Lz4, Codec::Zstd] {
+            let (ordinary, cached) = (repo_with(codec).await, repo_with(codec).await);
+            let mut prev = PrevCarry::Lookup;
+            let mut carried = 0;
+            for (segno, seg) in segments() {
+                let name = WalFileName::segment(1, segno, SEG_SIZE);
+                ordinary.store_wal_file(&name, &seg).await.unwrap();
+                let input = std::io::Cursor::new(seg.clone());
+                let len = seg.len() as u64;
+                let mut up = cached
+                    .segment_upload(&name, &seg[..4096], len, input, prev)
+                    .await;
+                for piece in seg.chunks(100_000) {
+                    up.write(piece);
+                }
+                let (outcome, next) = cached
+                    .store_segment_upload(up, SummaryOrder::Parallel)
+                    .await
+                    .unwrap();
+                assert!(matches!(outcome, UploadOutcome::Done(PutOutcome::Stored)));
+                assert_eq!(cached.get_wal_file(&name).await.unwrap().unwrap(), seg);
+                let expected = ordinary.segment_summary(&name).await.unwrap().unwrap();
+                let got = cached.segment_summary(&name).await.unwrap().unwrap();
+                assert_eq!(got, expected, "{codec:?} {name}");
+                assert_eq!(next, expected.tail());
+                carried += usize::from(expected.summary.skipped_continuation.is_none());
+                let key = layout::wal_summary_key(&name);
+                cached.storage.delete(&key).await.unwrap();
+                prev = PrevCarry::Known(name, next);
+            }
+            assert!(carried > 1, "the fixtures have a record across a boundary");
+        }
     }
 
     async fn upload(repo: &Repository, name: &WalFileName, seg: &[u8]) -> UploadOutcome {
         let first = &seg[..4096];
         let input = std::io::Cursor::new(seg.to_vec());
         let mut up = repo
-            .segment_upload(name, first, seg.len() as u64, input)
+            .segment_upload(name, first, seg.len() as u64, input, PrevCarry::Lookup)
             .await;
         for piece in seg.chunks(100_000) {
             up.write(piece);
         }
-        repo.store_segment_upload(up).await.unwrap()
+        repo.store_segment_upload(up, SummaryOrder::AfterSegment)
+            .await
+            .unwrap()
+            .0
     }
 
     /// A streamed segment is stored as `lz4-blocks`, reads back the same, and gets the very
