@@ -450,8 +450,14 @@ def extract_archive(repo, backup_id, archive, root, expected, report):
                     {"path": path, "size": size, "crc32c": f"{value:08x}",
                      "manifest_size": want[0],
                      "manifest_crc32c": None if want[1] is None else f"{want[1]:08x}"})
-    if parts.read(1):
-        raise Damage(f"{archive['name']}: data after the end of the tar archive")
+    # tarfile stops at the first end-of-archive block and reads in 10240-byte records, so
+    # what is left of the end-of-archive zero blocks depends on the archive's length.
+    while True:
+        rest = parts.read(1 << 16)
+        if not rest:
+            break
+        if rest.count(0) != len(rest):
+            raise Damage(f"{archive['name']}: data after the end of the tar archive")
     if parts.total != archive["raw_bytes"]:
         raise Damage(f"{archive['name']}: {parts.total} tar bytes, catalog says "
                      f"{archive['raw_bytes']}")
