@@ -36,6 +36,9 @@
 # 4. Incremental backups, chain restore and delta restore (see "part 4" below for the steps).
 #    PARTS="main incr" (the default) runs 1-3 then 4; PARTS=incr only 4 (pgbench -i at SCALE):
 #      PARTS=incr SCALE=30 REPS=3 sudo bench/backup_restore.sh
+# 5. Restore rate against the disk: pitr restore vs dd conv=fsync of the same bytes (see "part 5"
+#    below). PARTS=rate runs only this (pgbench -i at SCALE; BASE adds pitr-base):
+#      PARTS=rate SCALE=30 REPS=3 sudo bench/backup_restore.sh
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -45,7 +48,7 @@ REPS=${REPS:-3}
 REPLAY_MB=${REPLAY_MB:-384}
 BACKUP_METHODS=(${BACKUP_METHODS:-basebackup pitr pgbr-lz4 pgbr-lz4-p2 pgbr-gz})
 RESTORE_METHODS=(${RESTORE_METHODS:-pitr pgbr-lz4 pgbr-gz})
-PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4
+PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, rate = part 5 (alone or with incr)
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
@@ -259,11 +262,74 @@ incr_part() {
     awk -F'"' '/"label": "incr-(backup|restore)\// {l = $4; match($0, /"key": "[^"]*"/); k = substr($0, RSTART + 8, RLENGTH - 9); match($0, /"wall_ms": [0-9.]+/); w = substr($0, RSTART + 11, RLENGTH - 11); a[l] = a[l] sprintf("%s%s: %.0f", (a[l] == "" ? "" : ", "), k, w)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort
 }
 
+# ---- 5. restore rate against the disk's sequential write rate (part "rate") ---------------
+# One pitr backup of the SCALE database (and one by BASE into its repository), then REPS rounds,
+# the order rotating each round:
+#   pitr / pitr-base  pitr restore --pgdata D --backup ID into an empty directory (the restore
+#                     command only: PostgreSQL is not started); durable when it returns
+#   dd                dd if=/dev/zero of=$BT/restore/dd bs=8M count=BYTES iflag=count_bytes
+#                     conv=fsync: the same number of bytes, one file, fsynced once at the end
+# BYTES = the sum of the restored files' sizes (what the restore writes); all targets are under
+# $BT/restore, on the same filesystem. MB/s = BYTES / wall; "x dd" is the time ratio, so the
+# restore's rate as a fraction of the disk's is its inverse. The repository is warm in the page
+# cache (just written), as after a backup; the restore's final syncfs also flushes whatever else
+# is dirty on that filesystem, which dd's fsync of one file does not.
+rate_part() {
+    local ids=() m r j d bytes="" methods=(pitr dd)
+    [[ -n "$PITR_BASE" ]] && methods=(pitr pitr-base dd)
+    measure rate-setup/backup 1 "$PITR" --repo "$R/pitr" backup -d "$CONN"
+    ids[0]=$(as_pg "$PITR" --repo "$R/pitr" list --json | python3 -c 'import json,sys; print(max(b["id"] for b in json.load(sys.stdin)["backups"]))')
+    if [[ -n "$PITR_BASE" ]]; then
+        measure rate-setup/backup-base 1 "$PITR_BASE" --repo "$R/pitr-base" backup -d "$CONN"
+        ids[1]=$(as_pg "$PITR_BASE" --repo "$R/pitr-base" list --json | python3 -c 'import json,sys; print(max(b["id"] for b in json.load(sys.stdin)["backups"]))')
+    fi
+    switch_and_wait_archived
+    local l0 l1
+    l0=$(cut -d' ' -f1-3 /proc/loadavg)
+    for ((r = 1; r <= REPS; r++)); do
+        for ((j = 0; j < ${#methods[@]}; j++)); do
+            m=${methods[$(((r - 1 + j) % ${#methods[@]}))]}
+            d="$BT/restore/rate-$m"
+            log "  round $r: $m (load $(cut -d' ' -f1 /proc/loadavg))"
+            case $m in
+            pitr | pitr-base)
+                mkdir -m 0700 "$d" && chown postgres:postgres "$d"
+                if [[ $m == pitr ]]; then
+                    measure "rate/$m" "$r" "$PITR" --repo "$R/pitr" restore --pgdata "$d" --backup "${ids[0]}"
+                else
+                    measure "rate/$m" "$r" "$PITR_BASE" --repo "$R/pitr-base" restore --pgdata "$d" --backup "${ids[1]}"
+                fi
+                [[ -n "$bytes" ]] || bytes=$(find "$d" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+                rm -rf "$d" ;;
+            dd)
+                [[ -n "$bytes" ]] || die "dd needs the restored byte count: pitr runs first in round 1"
+                measure "rate/dd" "$r" dd if=/dev/zero of="$BT/restore/dd" bs=8M count="$bytes" iflag=count_bytes conv=fsync
+                rm -f "$BT/restore/dd" ;;
+            esac
+        done
+    done
+    l1=$(cut -d' ' -f1-3 /proc/loadavg)
+    echo
+    echo "## Restore rate vs the disk: pgbench scale $SCALE ($((BIG_BYTES / 1000000)) MB database, restore writes $((bytes / 1000000)) MB), $REPS rounds"
+    echo
+    sed 's/^/    /' "$BT/machine.txt"
+    echo "    loadavg: $l0 -> $l1"
+    report --prefix rate/ --ref dd --mb "$(awk -v b="$bytes" 'BEGIN {print b / 1e6}')" \
+        --title "Restore vs dd conv=fsync of the same bytes (x dd = time ratio; rate / disk rate = 1 / x dd)"
+    echo
+    echo "Every run (wall ms / CPU ms / peak RSS MiB):"
+    echo
+    awk -F'"' '/"label": "rate\// {l = $4; match($0, /"key": "[^"]*"/); k = substr($0, RSTART + 8, RLENGTH - 9); match($0, /"wall_ms": [0-9.]+/); w = substr($0, RSTART + 11, RLENGTH - 11); match($0, /"cpu_ms": [0-9.]+/); c = substr($0, RSTART + 10, RLENGTH - 10); match($0, /"maxrss_kb": [0-9]+/); x = substr($0, RSTART + 13, RLENGTH - 13); a[l] = a[l] sprintf("%s%s: %.0f / %.0f / %.1f", (a[l] == "" ? "" : ", "), k, w, c, x / 1024)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort
+}
+
 if [[ $PARTS != *" main "* ]]; then
     log "database: pgbench -i -s $SCALE"
     pgbench -i -s "$SCALE" -q
+    psql_at "$PORT" "checkpoint" >/dev/null
     BIG_BYTES=$(db_bytes)
-    incr_part | tee "$BT/report.md"
+    : >"$BT/report.md"
+    [[ $PARTS == *" rate "* ]] && rate_part | tee -a "$BT/report.md"
+    [[ $PARTS == *" incr "* ]] && incr_part | tee -a "$BT/report.md"
     if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi
     exit 0
 fi
