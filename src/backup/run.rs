@@ -691,6 +691,9 @@ struct Receiver<'a> {
     wal_conn: Option<WalConn>,
     own_wal: Option<OwnWalStream>,
     maps: BackupMaps,
+    /// The rewritten stream of one CopyData message, reused: a fresh buffer per message cost
+    /// an allocation (and page faults) for every few KiB received.
+    scratch: Vec<u8>,
 }
 
 /// What the server sent, once every part is stored.
@@ -729,6 +732,7 @@ impl<'a> Receiver<'a> {
             wal_conn,
             own_wal: None,
             maps,
+            scratch: Vec::new(),
         }
     }
 
@@ -788,8 +792,9 @@ impl<'a> Receiver<'a> {
         self.received += bytes.len() as u64;
         a.check(bytes, &mut self.files)?;
         let mut rest = bytes;
+        let mut out = std::mem::take(&mut self.scratch);
         while !rest.is_empty() {
-            let mut out = Vec::with_capacity(rest.len());
+            out.clear();
             let used = a.diff.feed(rest, &mut self.maps, &mut out).await?;
             rest = &rest[used..];
             store(a, &mut self.uploads, self.repo, self.id, &out).await?;
@@ -797,6 +802,11 @@ impl<'a> Receiver<'a> {
             while let Some(piece) = a.diff.drain()? {
                 store(a, &mut self.uploads, self.repo, self.id, &piece).await?;
             }
+        }
+        // Kept only while small: a rare large rewrite (a whole file's incremental entry) must
+        // not stay resident for the rest of the backup.
+        if out.capacity() <= 1 << 20 {
+            self.scratch = out;
         }
         Ok(())
     }
