@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use super::ArchiveError;
 use serde::{Deserialize, Serialize};
 
-use crate::repo::marker::{is_recorded_one, MarkerFile};
+use crate::repo::marker::{is_recorded_one, replace_local_file, MarkerFile};
 use crate::repo::{Carry, ClusterIdentity, Descriptor};
 use crate::wal::{parse_long_header, SegmentTail, WalFileName};
 
@@ -344,26 +344,8 @@ impl DataDir {
         cache.repositories.extend(entry);
         cache.format = PUSH_CACHE_FORMAT;
         let json = serde_json::to_vec_pretty(&cache).expect("push cache serializes");
-        let path = self.push_cache_path();
-        let tmp = self
-            .path
-            .join(format!(".{PUSH_CACHE_FILE}.tmp.{}", std::process::id()));
-        let result = (|| {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(|e| self.bad(PUSH_CACHE_FILE, e))
+        replace_local_file(&self.push_cache_path(), &json, None, false)
+            .map_err(|e| self.bad(PUSH_CACHE_FILE, e))
     }
 
     /// The error for a location the marker names that has no descriptor any more.

@@ -146,33 +146,51 @@ impl MarkerFile {
         Ok(())
     }
 
-    /// Temporary file, fsync, rename, fsync of the directory: a crash leaves the old marker or
-    /// the new one, never a torn one that would read as "never archived anywhere".
+    /// A crash leaves the old marker or the new one, never a torn one that would read as
+    /// "never archived anywhere": written durably (see [`replace_local_file`]).
     fn write_atomically(&self, content: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(content)?;
-            if let Some((uid, gid)) = self.owner {
-                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-            }
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        replace_local_file(&self.path, content, self.owner, true)
     }
+}
+
+/// Replaces the small local file `path` (mode 0600) with `content`: written to a temporary
+/// file beside it and renamed, so a reader sees the old content or the new, never a torn file.
+/// `owner`: chown the new file (root writing a file the server user reads). `durable`: fsync
+/// the file before the rename and the directory after (a marker); a cache skips both.
+pub fn replace_local_file(
+    path: &Path,
+    content: &[u8],
+    owner: Option<(u32, u32)>,
+    durable: bool,
+) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        if durable {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        match durable {
+            true => fs::File::open(dir)?.sync_all(),
+            false => Ok(()),
+        }
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Whether `descriptor` is the repository the marker recorded (not one created again at the
