@@ -79,16 +79,7 @@ if ((USE_PGBR)); then
     ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-lz4.conf --stanza=bench archive-push %p"
     ARCHIVE_CMD+=" && pgbackrest --config=$BT/pgbr-gz.conf --stanza=bench archive-push %p"
 fi
-pg_init "$PGDATA" "$PORT" \
-    "wal_level = replica" \
-    "archive_mode = on" \
-    "archive_command = '$ARCHIVE_CMD'" \
-    "max_wal_size = 2GB" \
-    "checkpoint_timeout = 30min" \
-    "shared_buffers = 128MB" \
-    "max_wal_senders = 10"
-chown -R postgres:postgres "$BT"
-pg_start "$PGDATA"
+pg_start_archiving "$PGDATA" "$PORT" "$ARCHIVE_CMD"
 for c in lz4 gz; do
     ((USE_PGBR)) || break
     as_pg pgbackrest --config="$BT/pgbr-$c.conf" --stanza=bench stanza-create >"$BT/log/stanza-$c.log" 2>&1

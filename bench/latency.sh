@@ -107,16 +107,7 @@ ARCHIVE_CMD="cp %p $SRC/%f.tmp && mv $SRC/%f.tmp $SRC/%f"
 for m in "${METHODS[@]}"; do
     ARCHIVE_CMD+=" && $DIRECT $(bin_of "$m") --repo s3://bench/backup-$m archive-push %p"
 done
-pg_init "$PGDATA" "$PORT" \
-    "wal_level = replica" \
-    "archive_mode = on" \
-    "archive_command = '$ARCHIVE_CMD'" \
-    "max_wal_size = 2GB" \
-    "checkpoint_timeout = 30min" \
-    "shared_buffers = 128MB" \
-    "max_wal_senders = 10"
-chown -R postgres:postgres "$BT"
-pg_start "$PGDATA"
+pg_start_archiving "$PGDATA" "$PORT" "$ARCHIVE_CMD"
 pgbench() { as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres "$@" postgres >>"$BT/log/pgbench.log" 2>&1; }
 switch_and_wait_archived() {
     local seg deadline=$((SECONDS + 900))

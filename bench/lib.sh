@@ -134,6 +134,21 @@ pg_start() { # dir [extra pg_ctl -o options]
     as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$BT/log/$(basename "$dir").log" -o "$opts" -w -t 3600 start >/dev/null
 }
 
+# The benchmarks' source cluster: archiving with `archive_command`, checkpoints far apart, room
+# for base backups and streams; initialized, handed to postgres and started.
+pg_start_archiving() { # dir port archive_command
+    pg_init "$1" "$2" \
+        "wal_level = replica" \
+        "archive_mode = on" \
+        "archive_command = '$3'" \
+        "max_wal_size = 2GB" \
+        "checkpoint_timeout = 30min" \
+        "shared_buffers = 128MB" \
+        "max_wal_senders = 10"
+    chown -R postgres:postgres "$BT"
+    pg_start "$1"
+}
+
 pg_stop() { # dir
     as_pg "$PGBIN/pg_ctl" -D "$1" -m fast -w -t 600 stop >/dev/null
 }
