@@ -207,6 +207,16 @@ const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 impl ConnConfig {
+    /// The same settings for `host` alone, whatever role it has (`target_session_attrs=any`):
+    /// for talking to each server of a multi-host conninfo in turn.
+    pub fn only(&self, host: &HostPort) -> ConnConfig {
+        ConnConfig {
+            hosts: vec![host.clone()],
+            target_session_attrs: TargetSessionAttrs::Any,
+            ..self.clone()
+        }
+    }
+
     /// Parses a conninfo string (`host=db1 user=repl`) or URL (`postgres://repl@db1/`), filling
     /// gaps from the process environment and libpq's defaults. `""` takes everything from the
     /// environment.

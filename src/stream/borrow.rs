@@ -16,7 +16,7 @@
 //! on the lender: the borrowed WAL goes through the pipeline like any other.
 
 use super::error::StreamError;
-use crate::pg::{ConnConfig, ReplicationConn, TargetSessionAttrs, XLogStream};
+use crate::pg::{ConnConfig, ReplicationConn, XLogStream};
 use crate::wal::{parse_history, Lsn, TimelineId};
 
 /// A stream borrowed from a standby: it ends by itself at the old timeline's switch point, or
@@ -27,11 +27,13 @@ pub(super) struct Borrowed {
     pub return_at: Option<Lsn>,
 }
 
-/// What the primary says of timeline `tli`: where it ends (a historic timeline), and the
-/// history file of `tli` (for comparing with a lender's; empty for timeline 1).
-struct PrimaryView {
-    end: Option<Lsn>,
-    history: Vec<u8>,
+/// What the primary says of timeline `tli`.
+enum PrimaryView {
+    /// An old timeline, left at this switch point.
+    Ended(Lsn),
+    /// The primary's current timeline, with its history file (empty for timeline 1), which a
+    /// lender's must equal.
+    Current(Vec<u8>),
 }
 
 /// A physical stream of timeline `tli` from `start`, from a standby of `cfg` that has it and
@@ -55,20 +57,19 @@ pub(super) async fn borrow_wal(
         }
     };
     for host in &cfg.hosts {
-        let one = ConnConfig {
-            hosts: vec![host.clone()],
-            target_session_attrs: TargetSessionAttrs::Any,
-            ..cfg.clone()
-        };
+        let one = cfg.only(host);
         match lend(&one, system_id, tli, start, &view).await {
             Ok(Some(stream)) => {
-                tracing::warn!(host = %host.host, port = host.port, timeline = tli, %start, switch = ?view.end,
-                    "the primary no longer has this WAL: streaming it from a standby");
                 // On the current timeline, one segment at a time: the primary may have the next.
-                let return_at = match view.end {
-                    Some(_) => None,
-                    None => Some(Lsn::from_segno(start.segno(seg_size) + 1, seg_size)),
+                let (switch, return_at) = match view {
+                    PrimaryView::Ended(end) => (Some(end), None),
+                    PrimaryView::Current(_) => (
+                        None,
+                        Some(Lsn::from_segno(start.segno(seg_size) + 1, seg_size)),
+                    ),
                 };
+                tracing::warn!(host = %host.host, port = host.port, timeline = tli, %start, ?switch,
+                    "the primary no longer has this WAL: streaming it from a standby");
                 return Some(Borrowed { stream, return_at });
             }
             Ok(None) => {}
@@ -88,18 +89,17 @@ async fn primary_view(
 ) -> Result<Option<PrimaryView>, StreamError> {
     let mut conn = ReplicationConn::connect(cfg).await?;
     let sys = conn.identify_system().await?;
-    let view = match sys.system_id == system_id && sys.timeline >= tli {
-        true => Some(PrimaryView {
-            end: match sys.timeline > tli {
-                true => history_end(&mut conn, sys.timeline, tli).await?,
-                false => None,
-            },
-            history: history_of(&mut conn, tli).await?,
-        }),
-        false => None,
+    let view = if sys.system_id != system_id || sys.timeline < tli {
+        None
+    } else if sys.timeline == tli {
+        Some(PrimaryView::Current(history_of(&mut conn, tli).await?))
+    } else {
+        history_end(&mut conn, sys.timeline, tli)
+            .await?
+            .map(PrimaryView::Ended)
     };
     conn.close().await;
-    Ok(view.filter(|v| v.end.is_some() || sys.timeline == tli))
+    Ok(view)
 }
 
 async fn history_of(conn: &mut ReplicationConn, tli: TimelineId) -> Result<Vec<u8>, StreamError> {
@@ -136,13 +136,15 @@ async fn lend(
     let sys = conn.identify_system().await?;
     let mut fits = sys.system_id == system_id && conn.in_hot_standby().await?;
     fits = fits
-        && match view.end {
-            Some(end) => {
+        && match view {
+            PrimaryView::Ended(end) => {
                 sys.timeline > tli
-                    && start < end
-                    && history_end(&mut conn, sys.timeline, tli).await? == Some(end)
+                    && start < *end
+                    && history_end(&mut conn, sys.timeline, tli).await? == Some(*end)
             }
-            None => sys.timeline == tli && history_of(&mut conn, tli).await? == view.history,
+            PrimaryView::Current(history) => {
+                sys.timeline == tli && history_of(&mut conn, tli).await? == *history
+            }
         };
     if !fits {
         conn.close().await;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::options::StreamOptions;
 use super::{prepare_slot, StreamError};
-use crate::pg::{ConnConfig, ReplicationConn, TargetSessionAttrs};
+use crate::pg::{ConnConfig, ReplicationConn};
 use crate::wal::Lsn;
 
 /// How often the standbys' slots are moved up to the durable position.
@@ -52,11 +52,7 @@ async fn keep_slots(
     loop {
         let at = *durable.borrow();
         for host in &cfg.hosts {
-            let one = ConnConfig {
-                hosts: vec![host.clone()],
-                target_session_attrs: TargetSessionAttrs::Any,
-                ..cfg.clone()
-            };
+            let one = cfg.only(host);
             let kept = tokio::time::timeout(PER_STANDBY, keep_one(&one, &opts, system_id, at));
             match tokio::select! { r = kept => r, _ = cancel.cancelled() => return } {
                 Ok(Ok(Some(lsn))) => {
