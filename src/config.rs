@@ -546,8 +546,8 @@ fn repository_tables(
     problems: &mut Vec<String>,
 ) -> Vec<RepositorySettings> {
     let mut repos: Vec<RepositorySettings> = vec![];
-    // Resolved once, so that a problem in it is reported once.
-    let mut top_retention: Option<Retention> = None;
+    // Checked even when every table has its own: a mistake there must not go unreported.
+    let top_retention = retention(o, file.retention.as_ref(), "", problems);
     for (i, r) in file.repository.iter().enumerate() {
         let what = format!("[[repository]] number {} ({:?})", i + 1, r.name);
         if r.name.trim().is_empty() || r.name.contains(char::is_whitespace) {
@@ -571,9 +571,7 @@ fn repository_tables(
                 &format!("{what} [repository.retention]: "),
                 problems,
             ),
-            None => top_retention
-                .get_or_insert_with(|| retention(o, file.retention.as_ref(), "", problems))
-                .to_owned(),
+            None => top_retention,
         };
         if let Some(location) = location {
             repos.push(RepositorySettings {
@@ -603,25 +601,33 @@ fn retention(
     problems: &mut Vec<String>,
 ) -> Retention {
     let table = table.cloned().unwrap_or_default();
+    // A problem in a flag is the same for every repository: reported once, without a prefix.
+    let mut report = |from_flag: bool, problem: String| {
+        let problem = match from_flag {
+            true => problem,
+            false => format!("{what}{problem}"),
+        };
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
+    };
     let full = o.retain_full.or(table.full);
     if full == Some(0) {
-        problems.push(format!(
-            "{what}retain full 0 would remove every backup: the newest is always kept, use 1 or more"
-        ));
+        report(
+            o.retain_full.is_some(),
+            "retain full 0 would remove every backup: the newest is always kept, use 1 or more"
+                .to_string(),
+        );
     }
-    let window = o
-        .retain_window
-        .as_deref()
-        .or(table.window.as_deref())
-        .and_then(|w| {
-            humantime::parse_duration(w)
-                .map_err(|e| {
-                    problems.push(format!(
-                        "{what}retention window {w:?}: {e} (use e.g. 7d or 36h)"
-                    ))
-                })
-                .ok()
-        });
+    let window_spec = o.retain_window.as_deref().or(table.window.as_deref());
+    let window = window_spec.and_then(|w| {
+        humantime::parse_duration(w)
+            .map_err(|e| {
+                let problem = format!("retention window {w:?}: {e} (use e.g. 7d or 36h)");
+                report(o.retain_window.is_some(), problem)
+            })
+            .ok()
+    });
     Retention { full, window }
 }
 
@@ -804,6 +810,22 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("retention window \"soon\""), "{e}");
+        // The top-level table is checked even when no repository uses it; a flag's problem is
+        // reported once, not once per repository.
+        let (_d, p) = write(
+            "[retention]\nwindow = \"a while\"\n\
+             [[repository]]\nname = \"a\"\nurl = \"/a\"\n[repository.retention]\nfull = 2\n\
+             [[repository]]\nname = \"b\"\nurl = \"/b\"\n[repository.retention]\nfull = 3\n",
+        );
+        let e = Settings::resolve(&Overrides {
+            config: Some(p),
+            retain_full: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("retention window \"a while\""), "{e}");
+        assert_eq!(e.matches("retain full 0").count(), 1, "{e}");
     }
 
     #[test]
