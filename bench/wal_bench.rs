@@ -12,17 +12,34 @@
 //! crossing pages: the per-byte cost), next to one CRC-32C pass over the segment. Prints the best
 //! round of each. With `summarize` only the first pass runs, for
 //! `perf record -g target/release/examples/wal_bench DIR 20 summarize`.
+//!
+//!   cargo run --release --example wal_bench -- DIR compare REPO
+//!
+//! checks instead that summarizing each segment fed in the pieces `pitr verify --full` walks
+//! (the 256 KiB blocks of an lz4-blocks frame), the tail carried, gives byte for byte the JSON
+//! of the summary stored in REPO (a local-directory repository the segments were pushed into,
+//! by any pitr), and the same as summarizing the whole segment.
 
 use std::time::{Duration, Instant};
 
-use pitr::wal::{summarize_segment, Lsn, Next, SegmentTail, WalReader};
+use pitr::repo::StoredSummary;
+use pitr::wal::{
+    summarize_segment, Lsn, Next, SegmentSummarizer, SegmentSummary, SegmentTail, WalReader,
+};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args
         .next()
         .expect("usage: wal_bench DIR [ROUNDS] [summarize]");
-    let rounds: usize = args.next().map_or(5, |r| r.parse().expect("ROUNDS"));
+    let second = args.next();
+    if second.as_deref() == Some("compare") {
+        return compare(
+            &dir,
+            &args.next().expect("usage: wal_bench DIR compare REPO"),
+        );
+    }
+    let rounds: usize = second.map_or(5, |r| r.parse().expect("ROUNDS"));
     let only_summarize = args.next().as_deref() == Some("summarize");
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .expect("DIR")
@@ -116,6 +133,43 @@ fn main() {
         );
     }
     std::hint::black_box(sink);
+}
+
+/// The `compare` mode (see the top of the file).
+fn compare(dir: &str, repo: &str) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("DIR")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    names.sort();
+    let (mut tail, mut whole_tail): (Option<SegmentTail>, Option<SegmentTail>) = (None, None);
+    let (mut same, mut records) = (0, 0);
+    for n in &names {
+        let seg = std::fs::read(format!("{dir}/{n}")).expect("segment");
+        let mut s = SegmentSummarizer::new(&seg, seg.len() as u64, tail.as_ref()).expect("start");
+        for piece in seg.chunks(pitr::codec::BLOCK_LEN) {
+            s.feed(piece);
+        }
+        let walked = s.finish().expect("summarize");
+        let whole = summarize_segment(&seg, whole_tail.as_ref()).expect("summarize");
+        let json = |s: &SegmentSummary| serde_json::to_vec(s).expect("json");
+        assert_eq!(json(&walked.summary), json(&whole.summary), "{n}: whole");
+        let key = format!("{repo}/wal/{}/{n}.summary", &n[..16]);
+        let stored = pitr::codec::decode(&std::fs::read(&key).expect("stored summary"))
+            .expect("summary frame");
+        let stored: StoredSummary = serde_json::from_slice(&stored).expect("summary JSON");
+        assert_eq!(json(&walked.summary), json(&stored.summary), "{n}: stored");
+        same += 1;
+        records += walked.summary.record_count;
+        tail = walked.tail;
+        whole_tail = whole.tail;
+    }
+    println!(
+        "{same} of {} summaries identical to the stored ones ({records} records)",
+        names.len()
+    );
 }
 
 /// Every record of the segments with one reader fed 1 MiB at a time (copying, as streaming

@@ -277,6 +277,58 @@ pub fn decompress_blocks_into(
     expand_blocks(payload, raw_len, out)
 }
 
+/// The CRC-32C of a payload and of its content, as [`decompress_blocks_summed`] computes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sums {
+    pub payload: u32,
+    pub content: u32,
+}
+
+/// [`decompress_blocks_into`] into `out` (exactly `raw_len` bytes long; the caller sized it)
+/// that also sums the payload and the content, each block right after it is expanded, while
+/// its stored and its decoded bytes are still in the cache: one pass over the content instead
+/// of three (verify spent 15-20 % of its CPU in the separate passes, reading 16 MiB back from
+/// memory each time). On failure the error comes with the CRC-32C of the whole payload, so
+/// that the caller can report a damaged payload first, as checking it beforehand would.
+pub fn decompress_blocks_summed(
+    payload: &[u8],
+    raw_len: u64,
+    out: &mut [u8],
+) -> Result<Sums, (CodecError, u32)> {
+    let (mut rest, mut done) = (payload, 0usize);
+    let mut sums = Sums {
+        payload: 0,
+        content: 0,
+    };
+    while !rest.is_empty() {
+        let at = payload.len() - rest.len();
+        let step = next_block(rest, at).and_then(|(b, after)| {
+            let dest = out
+                .get_mut(done..done + b.raw_len)
+                .ok_or_else(|| too_long(raw_len))?;
+            expand(&b, dest, at)?;
+            Ok((b.raw_len, after))
+        });
+        let (n, after) = match step {
+            Ok(step) => step,
+            Err(e) => return Err((e, crc32c::crc32c_append(sums.payload, rest))),
+        };
+        let block = &rest[..rest.len() - after.len()];
+        sums.payload = crc32c::crc32c_append(sums.payload, block);
+        sums.content = crc32c::crc32c_append(sums.content, &out[done..done + n]);
+        done += n;
+        rest = after;
+    }
+    if done as u64 != raw_len {
+        let e = CodecError::ContentLength {
+            expected: raw_len,
+            actual: done as u64,
+        };
+        return Err((e, sums.payload));
+    }
+    Ok(sums)
+}
+
 fn expand_blocks(payload: &[u8], raw_len: u64, out: &mut [u8]) -> Result<(), CodecError> {
     let (mut rest, mut done) = (payload, 0usize);
     while !rest.is_empty() {

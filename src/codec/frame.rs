@@ -211,20 +211,8 @@ pub fn peek_header(bytes: &[u8]) -> Result<FrameHeader, CodecError> {
 /// The payload of a frame whose header is `h`, after checking its length and checksum (so
 /// damage is found before a decompressor or a cipher sees it, and without the key).
 pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8], CodecError> {
-    let payload = &bytes[FRAME_HEADER_LEN..];
-    if payload.len() as u64 != h.payload_len {
-        return Err(CodecError::PayloadLength {
-            expected: h.payload_len,
-            found: payload.len() as u64,
-        });
-    }
-    let payload_crc = crc32c::crc32c(payload);
-    if payload_crc != h.payload_crc32c {
-        return Err(CodecError::PayloadChecksum {
-            expected: h.payload_crc32c,
-            actual: payload_crc,
-        });
-    }
+    let payload = sized_payload(h, bytes)?;
+    check_payload_crc(h, crc32c::crc32c(payload))?;
     // The header is checksummed, but a crafted one must still not make us allocate without bound.
     if h.raw_len > MAX_RAW_LEN {
         return Err(CodecError::ContentLength {
@@ -233,6 +221,61 @@ pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8],
         });
     }
     Ok(payload)
+}
+
+/// The payload of a frame whose header is `h`, after checking its length only.
+fn sized_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8], CodecError> {
+    let payload = &bytes[FRAME_HEADER_LEN..];
+    if payload.len() as u64 != h.payload_len {
+        return Err(CodecError::PayloadLength {
+            expected: h.payload_len,
+            found: payload.len() as u64,
+        });
+    }
+    Ok(payload)
+}
+
+fn check_payload_crc(h: &FrameHeader, actual: u32) -> Result<(), CodecError> {
+    if actual != h.payload_crc32c {
+        return Err(CodecError::PayloadChecksum {
+            expected: h.payload_crc32c,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn check_content_crc(h: &FrameHeader, actual: u32) -> Result<(), CodecError> {
+    if actual != h.raw_crc32c {
+        return Err(CodecError::ContentChecksum {
+            expected: h.raw_crc32c,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// [`decode_into`] of an `lz4-blocks` frame of at most [`MAX_RAW_LEN`] bytes: both checksums
+/// computed block by block as it decodes ([`blocks::decompress_blocks_summed`]), with the same
+/// outcome, error for error, as checking the payload first and the content last.
+fn decode_blocks_into(h: &FrameHeader, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let payload = sized_payload(h, bytes)?;
+    if (out.capacity() as u64) < h.raw_len {
+        // Fresh zeroed pages from the allocator, as `decompress` takes (no memset).
+        *out = vec![0u8; h.raw_len as usize];
+    }
+    // Every byte is written by a block or the call fails: stale content never survives.
+    out.resize(h.raw_len as usize, 0);
+    match blocks::decompress_blocks_summed(payload, h.raw_len, out) {
+        Ok(sums) => {
+            check_payload_crc(h, sums.payload)?;
+            check_content_crc(h, sums.content)
+        }
+        Err((e, payload_crc)) => {
+            check_payload_crc(h, payload_crc)?;
+            Err(e)
+        }
+    }
 }
 
 /// Decompresses `payload` into exactly `raw_len` bytes.
@@ -305,16 +348,12 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     if h.encrypted {
         return Err(CodecError::Encrypted);
     }
+    if h.codec == Codec::Lz4Blocks && h.raw_len <= MAX_RAW_LEN {
+        return decode_blocks_into(&h, bytes, out);
+    }
     let payload = checked_payload(&h, bytes)?;
     decompress_into(h.codec, payload, h.raw_len, out)?;
-    let actual = crc32c::crc32c(out);
-    if actual != h.raw_crc32c {
-        return Err(CodecError::ContentChecksum {
-            expected: h.raw_crc32c,
-            actual,
-        });
-    }
-    Ok(())
+    check_content_crc(&h, crc32c::crc32c(out))
 }
 
 /// The frame of an `lz4-blocks` payload built by a [`BlockWriter`] with `room` =
@@ -529,6 +568,50 @@ mod tests {
                 decode_by_pieces(&bad).is_err(),
                 "flip at {i} not detected by pieces"
             );
+        }
+    }
+
+    /// `decode_into` as it was before the checksums were computed block by block: payload
+    /// length and checksum, decompression, content checksum, one after the other.
+    fn decode_in_passes(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let h = peek_header(bytes)?;
+        let payload = checked_payload(&h, bytes)?;
+        let raw = decompress(h.codec, payload, h.raw_len)?;
+        check_content_crc(&h, crc32c::crc32c(&raw))?;
+        Ok(raw)
+    }
+
+    /// Summing while decoding finds what checking in passes finds, error for error: every
+    /// flipped byte, every cut (header fixed or not), every content length off by one, into
+    /// fresh and into dirty buffers.
+    #[test]
+    fn lz4_blocks_summed_while_decoding_fail_as_in_passes() {
+        let raw = mixed();
+        let framed = blocks_frame(&raw, 700);
+        let mut cases = vec![framed.clone()];
+        for i in 0..framed.len() {
+            let mut bad = framed.clone();
+            bad[i] ^= 0x40;
+            cases.push(bad);
+        }
+        for cut in FRAME_HEADER_LEN..framed.len() {
+            cases.push(framed[..cut].to_vec());
+            cases.push(reframe(framed[..cut].to_vec(), raw.len() as u64));
+        }
+        for n in [raw.len() as u64 - 1, raw.len() as u64 + 1] {
+            cases.push(reframe(framed.clone(), n));
+        }
+        // A payload damaged in a block header, whose checksums are then fixed: only decoding
+        // can tell.
+        let mut wrong = framed.clone();
+        wrong[FRAME_HEADER_LEN] ^= 1;
+        cases.push(reframe(wrong, raw.len() as u64));
+        for (i, case) in cases.iter().enumerate() {
+            let expected = decode_in_passes(case);
+            for mut out in [Vec::new(), vec![0xAB; raw.len() + 9], vec![0xCD; 10]] {
+                let got = decode_into(case, &mut out).map(|()| out);
+                assert_eq!(got, expected, "case {i}");
+            }
         }
     }
 

@@ -35,7 +35,7 @@ pub use chunks::{plan_chain, ChunkPlan, ChunkRef, WalForRecovery, WalScan};
 pub use copy::CopyPlan;
 pub use descriptor::{ClusterIdentity, Descriptor, Encryption, EncryptionKdf, FORMAT_VERSION};
 pub use keys::Rotation;
-pub use scan::{wal_file_key, BackupItem, ObjectKind, ScannedObject};
+pub use scan::{wal_file_key, BackupItem, FetchedObject, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
 pub(crate) use wal::read_full;

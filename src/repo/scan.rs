@@ -1,8 +1,11 @@
 //! The whole-repository scan: every object, sorted into what it is. `pitr verify` walks it;
 //! object keys stay opaque to the caller (printed in reports, never parsed).
 
+use bytes::Bytes;
+
 use super::chunks::parse_chunk_key;
-use super::{layout, ChunkRef, Repository, Result};
+use super::{layout, ChunkRef, RepoError, Repository, Result};
+use crate::codec::{self, Codec, CodecError};
 use crate::wal::WalFileName;
 
 /// What a stored object is, from its key alone.
@@ -119,6 +122,47 @@ fn classify_backup_item(item: &str) -> BackupItem {
     }
 }
 
+/// A stored object as [`Repository::fetch_object`] fetched it.
+pub enum FetchedObject {
+    /// Decoded already (encrypted, small, or not `lz4-blocks`); its buffer can be reused.
+    Content(Vec<u8>),
+    /// An `lz4-blocks` frame as stored, checked only when decoded.
+    Frame { key: String, stored: Bytes },
+}
+
+impl FetchedObject {
+    /// Hands the content to `sink` in order: a frame kept as stored one block (at most
+    /// [`codec::BLOCK_LEN`] bytes as pitr writes them) at a time, so that the caller works on
+    /// each while it is in the cache and the content is never held whole; other content in one
+    /// piece. Returns the content length. The frame's checks are those of reading it whole, but
+    /// the content checksum is known only at the end: on error, discard what `sink` got.
+    /// Blocking: a segment is up to 1 GiB.
+    pub fn decode_to(&self, mut sink: impl FnMut(&[u8])) -> Result<u64> {
+        match self {
+            FetchedObject::Content(c) => {
+                sink(c);
+                Ok(c.len() as u64)
+            }
+            FetchedObject::Frame { key, stored } => codec::decode_to(stored, |piece| {
+                sink(piece);
+                Ok::<(), CodecError>(())
+            })
+            .map_err(|source| RepoError::Corrupt {
+                key: key.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// The buffer of decoded content, for reuse; none for a frame.
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            FetchedObject::Content(c) => Some(c),
+            FetchedObject::Frame { .. } => None,
+        }
+    }
+}
+
 /// The key of WAL file `name`, for reports that name an object (present or missing).
 pub fn wal_file_key(name: &WalFileName) -> String {
     layout::wal_key(name)
@@ -155,10 +199,49 @@ impl Repository {
     /// [`Self::read_object`] into `buf`, reusing its allocation (a reader of many segments
     /// passes the previous one's buffer back in). Gives the buffer back, filled on success.
     pub async fn read_object_into(&self, o: &ScannedObject, buf: Vec<u8>) -> (Result<()>, Vec<u8>) {
-        let (decoded, buf) = match self.storage.get(&o.key).await {
-            Ok(bytes) => self.objects.decode_blocking_into(&o.key, bytes, buf).await,
+        match self.storage.get(&o.key).await {
+            Ok(bytes) => self.decode_stored_into(o, bytes, buf).await,
+            Err(e) => (Err(e.into()), buf),
+        }
+    }
+
+    /// Fetches `o` for [`FetchedObject::decode_to`]: an unencrypted `lz4-blocks` frame too big
+    /// to be a chunked segment's list is kept as stored, to be decoded block by block; anything
+    /// else is read as [`Self::read_object_into`] reads it, into `buf`.
+    pub async fn fetch_object(
+        &self,
+        o: &ScannedObject,
+        buf: Vec<u8>,
+    ) -> (Result<FetchedObject>, Vec<u8>) {
+        // Chunked segments' lists are far below this (as `may_be_chunked_segment` assumes).
+        const CHUNK_LIST_MAX: usize = 1 << 20;
+        let stored = match self.storage.get(&o.key).await {
+            Ok(stored) => stored,
             Err(e) => return (Err(e.into()), buf),
         };
+        let streamable = self.objects.data_key.is_none()
+            && stored.len() > CHUNK_LIST_MAX
+            && matches!(codec::peek_header(&stored), Ok(h) if h.codec == Codec::Lz4Blocks && !h.encrypted);
+        if streamable {
+            let frame = FetchedObject::Frame {
+                key: o.key.clone(),
+                stored,
+            };
+            return (Ok(frame), buf);
+        }
+        match self.decode_stored_into(o, stored, buf).await {
+            (Ok(()), content) => (Ok(FetchedObject::Content(content)), Vec::new()),
+            (Err(e), buf) => (Err(e), buf),
+        }
+    }
+
+    async fn decode_stored_into(
+        &self,
+        o: &ScannedObject,
+        stored: Bytes,
+        buf: Vec<u8>,
+    ) -> (Result<()>, Vec<u8>) {
+        let (decoded, buf) = self.objects.decode_blocking_into(&o.key, stored, buf).await;
         match (&o.kind, decoded) {
             // A chunked segment reads as the segment it names (its buffer replaces `buf`).
             (ObjectKind::Wal(name), Ok(()))

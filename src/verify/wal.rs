@@ -11,22 +11,22 @@ use super::{
     read_checked, record_read_error, ProblemKind, Severity, VerifyOptions, VerifyProgress,
     VerifyReport,
 };
+use crate::codec::BLOCK_LEN;
 use crate::recovery::{Catalog, RestoreRequest, WalFacts};
 use crate::repo::Histories;
 use crate::repo::{
-    wal_file_key, BackupInfo, ChunkRef, ObjectKind, RepoError, Repository, ScannedObject,
-    StoredSummary, WalInventory,
+    wal_file_key, BackupInfo, ChunkRef, FetchedObject, ObjectKind, RepoError, Repository,
+    ScannedObject, StoredSummary, WalInventory,
 };
 use crate::wal::{
-    parse_history, summarize_segment, validate_segment, Lsn, SegNo, SegmentEnd, SegmentSummary,
-    SegmentTail, Summarized, SummaryError, TimelineId, WalFileName,
+    parse_history, parse_long_header, validate_segment_start, Lsn, SegNo, SegmentEnd,
+    SegmentSummarizer, SegmentSummary, SegmentTail, Summarized, SummaryError, TimelineId,
+    WalFileName, SIZE_OF_LONG_PAGE_HEADER,
 };
 
-/// Segments fetched and decoded ahead of the record walk. Decoding (decompression and CRC) runs
-/// on the blocking pool and so does the walk, while the runtime thread keeps the fetches going:
-/// one segment is walked while the next ones are decoded. Each holds one segment, so memory
-/// stays at a few segments. Measured on 2 CPUs (docs/benchmarks-verify.md): more in flight
-/// only adds CPU time (the decoded segments no longer fit in the caches).
+/// Segments fetched ahead of the one being decoded and walked: decoding a segment and walking
+/// its records go block by block on the blocking pool, while the runtime thread keeps the reads
+/// going. Each holds one stored object (its lz4 frame), so memory stays at a few of them.
 const SEGMENTS_IN_FLIGHT: usize = 2;
 
 /// A segment and what the listing says about it.
@@ -193,13 +193,6 @@ struct Segments {
     broken: BTreeSet<(TimelineId, SegNo)>,
 }
 
-/// A fetched segment: the listing's view, its decoded content, its stored summary.
-type Fetched<'a> = (
-    &'a SegmentObject<'a>,
-    Result<Vec<u8>, RepoError>,
-    Option<Result<StoredSummary, (String, String)>>,
-);
-
 /// Reads every segment (and its summary); with `--full` walks every record, carrying the tail
 /// from one segment to the next on the same timeline.
 async fn verify_segments(
@@ -210,92 +203,218 @@ async fn verify_segments(
     progress: &(dyn Fn(VerifyProgress) + Sync),
 ) -> Result<Segments, RepoError> {
     let mut out = Segments::default();
-    // Decoded segments' buffers, handed back once checked and reused by the next fetches: at
-    // most SEGMENTS_IN_FLIGHT + 1 of them, and no fresh 16 MiB to zero and fault in per segment.
+    // Buffers of segments fetched decoded (not `lz4-blocks`: encrypted, older codecs), handed
+    // back once checked and reused by the next fetches: no fresh 16 MiB to zero and fault in
+    // per segment.
     let free: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let give_back = |buf| free.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+    let give_back = |buf: Vec<u8>| {
+        if buf.capacity() > 0 {
+            free.lock().unwrap_or_else(|e| e.into_inner()).push(buf)
+        }
+    };
     let take = || free.lock().unwrap_or_else(|e| e.into_inner()).pop();
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
-            let (decoded, buf) = repo
-                .read_object_into(s.object, take().unwrap_or_default())
+            let (object, buf) = repo
+                .fetch_object(s.object, take().unwrap_or_default())
                 .await;
+            give_back(buf);
             let summary = match s.summary {
                 Some(o) => Some(read_summary(repo, o).await),
                 None => None,
             };
-            (s, decoded.map(|()| buf), summary)
+            (s, object, summary)
         })
         .buffered(SEGMENTS_IN_FLIGHT);
 
+    // Under `taskset -c 0` this is 1: then one thread decodes and walks.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut tail: Option<(TimelineId, SegNo, SegmentTail)> = None;
     let mut next = fetched.next().await;
-    while let Some((s, decoded, stored)) = next {
-        let checked = check_fetched((s, decoded, stored), opts, &mut tail, &mut out, report);
-        progress(VerifyProgress::Checked {
-            bytes: s.object.size,
-        });
-        let (content, prev) = match checked? {
-            Walk::Records(content, prev) => (content, prev),
-            Walk::Done(buf) => {
-                if let Some(buf) = buf {
-                    give_back(buf);
-                }
+    while let Some((s, object, stored)) = next {
+        let object = match object {
+            Ok(object) => object,
+            Err(e) => {
+                report.objects += 1 + s.summary.is_some() as u64;
+                report.bytes += s.object.size;
+                report.wal_segments += 1;
+                tail = None;
+                out.broken.insert((s.tli, s.segno));
+                record_read_error(report, s.object.key(), e)?;
+                progress(VerifyProgress::Checked {
+                    bytes: s.object.size,
+                });
                 next = fetched.next().await;
                 continue;
             }
         };
-        // The walk runs on the blocking pool so that the runtime thread, polling `fetched`,
-        // keeps the next segments' reads and decodes going meanwhile.
+        let prev = match tail.take() {
+            Some((t, n, tl)) if opts.full && t == s.tli && n + 1 == s.segno => Some(tl),
+            _ => None,
+        };
+        // Decoding, and with --full the record walk over each decoded block while it is in
+        // the cache, run on the blocking pool, so that the runtime thread keeps the next
+        // segments' reads going meanwhile.
+        let full = opts.full;
         let walk = tokio::task::spawn_blocking(move || {
-            let summarized = summarize_chained(&content, prev.as_ref());
-            (summarized, content)
+            let walked = walk_object(&object, prev, full, cpus);
+            (walked, object)
         });
         let (walked, following) = futures::join!(walk, fetched.next());
         next = following;
-        let (summarized, content) = walked.expect("record walk panicked");
-        give_back(content);
-        if let Some(summary) = walked_summary(s, summarized, &mut tail, report) {
-            record_summary(s, summary, &mut out, report);
-        } else {
-            out.broken.insert((s.tli, s.segno));
+        let (walked, object) = walked.expect("record walk panicked");
+        if let Some(buf) = object.into_buffer() {
+            give_back(buf);
         }
+        let checked = check_walked(s, walked, stored, opts, &mut tail, &mut out, report);
+        progress(VerifyProgress::Checked {
+            bytes: s.object.size,
+        });
+        checked?;
     }
     Ok(out)
 }
 
-/// What to do with a fetched segment after the checks that need no record walk.
-enum Walk {
-    /// Walk the records of this content, continuing from this tail.
-    Records(Vec<u8>, Option<SegmentTail>),
-    /// Nothing to walk (no `--full`, or the segment is unusable); the buffer to reuse, if any.
-    Done(Option<Vec<u8>>),
+/// What decoding a segment's object (and with `--full` walking its records) found.
+struct Walked {
+    /// The content length, or why the object cannot be decoded.
+    decoded: Result<u64, RepoError>,
+    /// The first bytes of the content (up to a long page header), for the segment checks.
+    head: Vec<u8>,
+    /// The summary built from the records, with `--full` (unless the content is too short).
+    summarized: Option<Result<Summarized, SummaryError>>,
 }
 
-/// The checks of one fetched segment before its records: frame and content (by decoding),
-/// first page header, stored summary. Without `--full` the stored summary is taken as is.
-fn check_fetched(
-    (s, decoded, stored): Fetched<'_>,
+/// Decodes `object`, handing each piece to the record walk as it comes out of the decoder
+/// (256 KiB as pitr writes them, still in the cache): the decoded segment is never written
+/// to memory and read back, as it was when decoded whole first.
+fn walk_object(
+    object: &FetchedObject,
+    prev: Option<SegmentTail>,
+    full: bool,
+    cpus: usize,
+) -> Walked {
+    let mut walk = ChainedWalk {
+        head: Vec::with_capacity(SIZE_OF_LONG_PAGE_HEADER),
+        prev,
+        full,
+        summarizer: None,
+    };
+    let decoded = match object {
+        FetchedObject::Frame { .. } if full && cpus > 1 => decode_beside(object, &mut walk),
+        _ => object.decode_to(|piece| walk.feed(piece)),
+    };
+    Walked {
+        decoded,
+        head: walk.head,
+        summarized: walk
+            .summarizer
+            .map(|s| s.and_then(SegmentSummarizer::finish)),
+    }
+}
+
+/// [`FetchedObject::decode_to`] on a second thread, handing its blocks to `walk` on this one:
+/// decoding (lz4 and two checksums) and the walk take about as long each, so on two free CPUs
+/// the segment takes half as long. The blocks go through a few reused buffers of one block
+/// each, so both threads work in their caches (a copy per block, in the cache, is the price).
+fn decode_beside(object: &FetchedObject, walk: &mut ChainedWalk) -> Result<u64, RepoError> {
+    const BUFFERS: usize = 4;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        let _ = free_tx.send(Vec::with_capacity(BLOCK_LEN));
+    }
+    std::thread::scope(|scope| {
+        let decoder = scope.spawn(move || {
+            object.decode_to(|piece| {
+                let mut buf = free_rx.recv().unwrap_or_default();
+                buf.clear();
+                buf.extend_from_slice(piece);
+                let _ = full_tx.send(buf);
+            })
+            // `full_tx` goes here: the walk below ends after the last block.
+        });
+        for buf in full_rx {
+            walk.feed(&buf);
+            let _ = free_tx.send(buf);
+        }
+        decoder.join().expect("segment decoder panicked")
+    })
+}
+
+/// The record walk of one segment fed in pieces, continuing from the previous segment's tail.
+struct ChainedWalk {
+    head: Vec<u8>,
+    prev: Option<SegmentTail>,
+    full: bool,
+    summarizer: Option<Result<SegmentSummarizer, SummaryError>>,
+}
+
+impl ChainedWalk {
+    /// The next piece of the content.
+    fn feed(&mut self, piece: &[u8]) {
+        match &mut self.summarizer {
+            Some(Ok(s)) => return s.feed(piece),
+            Some(Err(_)) => return,
+            None => {}
+        }
+        let had = self.head.len();
+        let take = (SIZE_OF_LONG_PAGE_HEADER - had).min(piece.len());
+        self.head.extend_from_slice(&piece[..take]);
+        if !self.full || self.head.len() < SIZE_OF_LONG_PAGE_HEADER {
+            return;
+        }
+        // The long page header is here (in one piece but from odd frames): start the walk.
+        let first = if had == 0 { piece } else { &self.head[..] };
+        let mut started = start_walk(first, self.prev.as_ref());
+        if let Ok(s) = &mut started {
+            if had == 0 {
+                s.feed(piece);
+            } else {
+                s.feed(&self.head);
+                s.feed(&piece[take..]);
+            }
+        }
+        self.summarizer = Some(started);
+    }
+}
+
+/// The summarizer of a segment whose first bytes are `first`, continuing from `prev` (the
+/// previous segment's tail) when it leads into this segment, as [`summarize_segment`] does. Its
+/// length is taken from the page header: the segment checks compare it with the content's.
+fn start_walk(first: &[u8], prev: Option<&SegmentTail>) -> Result<SegmentSummarizer, SummaryError> {
+    let len = u64::from(parse_long_header(first)?.seg_size);
+    match SegmentSummarizer::new(first, len, prev) {
+        // The previous segment's tail does not lead into this one: read this segment on its
+        // own, as without a tail.
+        Err(SummaryError::TailMismatch { .. }) => SegmentSummarizer::new(first, len, None),
+        r => r,
+    }
+}
+
+/// The checks of one decoded segment, in the order of their findings: frame and content (by
+/// decoding), first page header, stored summary, then with `--full` its records.
+fn check_walked(
+    s: &SegmentObject<'_>,
+    walked: Walked,
+    stored: Option<Result<StoredSummary, (String, String)>>,
     opts: VerifyOptions,
     tail: &mut Option<(TimelineId, SegNo, SegmentTail)>,
     out: &mut Segments,
     report: &mut VerifyReport,
-) -> Result<Walk, RepoError> {
+) -> Result<(), RepoError> {
     report.objects += 1 + s.summary.is_some() as u64;
     report.bytes += s.object.size;
     report.wal_segments += 1;
-    let content = match decoded {
-        Ok(c) => c,
+    let len = match walked.decoded {
+        Ok(len) => len,
         Err(e) => {
-            *tail = None;
             out.broken.insert((s.tli, s.segno));
-            record_read_error(report, s.object.key(), e)?;
-            return Ok(Walk::Done(None));
+            return record_read_error(report, s.object.key(), e);
         }
     };
-    report.wal_bytes += content.len() as u64;
-    if let Err(e) = validate_segment(&content, s.tli, s.segno) {
-        *tail = None;
+    report.wal_bytes += len;
+    if let Err(e) = validate_segment_start(&walked.head, len, s.tli, s.segno) {
         out.broken.insert((s.tli, s.segno));
         report.problem(
             Severity::Error,
@@ -303,7 +422,7 @@ fn check_fetched(
             Some(s.object.key().to_string()),
             format!("{} is not a valid WAL segment: {e}", s.name),
         );
-        return Ok(Walk::Done(Some(content)));
+        return Ok(());
     }
     let stored = stored_summary(s, stored, report);
     if !opts.full {
@@ -311,26 +430,17 @@ fn check_fetched(
         if let Some(st) = stored {
             record_summary(s, st.summary, out, report);
         }
-        return Ok(Walk::Done(Some(content)));
+        return Ok(());
     }
-    let prev = match tail.take() {
-        Some((t, n, tl)) if t == s.tli && n + 1 == s.segno => Some(tl),
-        _ => None,
+    let Some(summarized) = walked.summarized else {
+        return Ok(()); // not reached: a valid segment holds a long page header
     };
-    Ok(Walk::Records(content, prev))
-}
-
-/// Summarizes a segment from its records, continuing from `prev` (the previous segment's tail).
-fn summarize_chained(
-    content: &[u8],
-    prev: Option<&SegmentTail>,
-) -> Result<Summarized, SummaryError> {
-    match summarize_segment(content, prev) {
-        // The previous segment's tail does not lead into this one: read this segment on its
-        // own, as without a tail.
-        Err(SummaryError::TailMismatch { .. }) => summarize_segment(content, None),
-        r => r,
+    if let Some(summary) = walked_summary(s, summarized, tail, report) {
+        record_summary(s, summary, out, report);
+    } else {
+        out.broken.insert((s.tli, s.segno));
     }
+    Ok(())
 }
 
 /// Counts a walked segment's records and keeps its tail for the next; `None` (reported) when
@@ -621,6 +731,106 @@ fn check_continuity(
                 ),
                 impact: Some(format!("backup {} cannot be restored", b.id)),
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{frame_blocks, BlockWriter, FRAME_HEADER_LEN};
+    use crate::wal::{summarize_segment, WalError};
+
+    /// An `lz4-blocks` frame of `raw` cut into blocks of `block` bytes, as fetched.
+    fn frame(raw: &[u8], block: usize) -> FetchedObject {
+        let mut w = BlockWriter::new(FRAME_HEADER_LEN, raw.len());
+        for b in raw.chunks(block) {
+            w.block(b);
+        }
+        FetchedObject::Frame {
+            key: "wal/x".into(),
+            stored: frame_blocks(w.finish()),
+        }
+    }
+
+    /// Walking each block as it comes out of the decoder gives, byte for byte, the summaries
+    /// (JSON), tails and errors of walking each segment whole: whatever the block size (pitr
+    /// writes 256 KiB; 13 bytes cuts even the long page header), with and without the tails
+    /// carried, with a damaged record, and with a tail that does not lead into the segment.
+    #[test]
+    fn walking_while_decoding_summarizes_as_walking_whole_segments() {
+        let segs: Vec<Vec<u8>> = crate::wal::testdata::segments()
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        let mut damaged = segs.clone();
+        damaged[0][0x8_0100] ^= 0x20;
+        let found = summarize_segment(&damaged[0], None).unwrap().error;
+        assert!(matches!(found, Some(WalError::BadCrc { .. })), "{found:?}");
+        let t7 = summarize_segment(&segs[0], None).unwrap().tail;
+        let mismatched = [(segs[2].clone(), t7.clone(), None)];
+        for block in [13, 8192, 100_000, BLOCK_LEN] {
+            for chain in [&segs, &damaged] {
+                for carry in [true, false] {
+                    let mut tail = None;
+                    for seg in chain {
+                        let whole = summarize_segment(seg, tail.as_ref()).unwrap();
+                        let prev = tail.clone();
+                        assert_walk(seg, block, prev, &whole);
+                        tail = if carry { whole.tail } else { None };
+                    }
+                }
+            }
+            for (seg, prev, whole_prev) in &mismatched {
+                let whole = summarize_segment(seg, whole_prev.as_ref()).unwrap();
+                assert_walk(seg, block, prev.clone(), &whole);
+            }
+        }
+    }
+
+    /// A damaged frame is refused, whichever thread decodes it.
+    #[test]
+    fn a_damaged_frame_fails_the_walk_on_one_thread_or_two() {
+        let seg = crate::wal::testdata::segments().remove(0).1;
+        let FetchedObject::Frame { key, stored } = frame(&seg, BLOCK_LEN_FOR_TESTS) else {
+            unreachable!()
+        };
+        let mut bad = stored.to_vec();
+        let at = bad.len() / 2;
+        bad[at] ^= 1;
+        let object = FetchedObject::Frame {
+            key,
+            stored: bad.into(),
+        };
+        for cpus in [1, 2] {
+            let w = walk_object(&object, None, true, cpus);
+            assert!(
+                matches!(w.decoded, Err(RepoError::Corrupt { .. })),
+                "{cpus} CPUs"
+            );
+        }
+    }
+
+    const BLOCK_LEN_FOR_TESTS: usize = 64 * 1024;
+
+    fn assert_walk(seg: &[u8], block: usize, prev: Option<SegmentTail>, whole: &Summarized) {
+        let json = |s: &SegmentSummary| serde_json::to_vec(s).unwrap();
+        for object in [frame(seg, block), FetchedObject::Content(seg.to_vec())] {
+            // One thread, and decoding on a second one.
+            for cpus in [1, 2] {
+                let w = walk_object(&object, prev.clone(), true, cpus);
+                assert_eq!(w.decoded.unwrap(), seg.len() as u64);
+                assert_eq!(w.head, seg[..SIZE_OF_LONG_PAGE_HEADER]);
+                let walked = w.summarized.unwrap().unwrap();
+                let what = format!("blocks of {block}, {cpus} CPUs");
+                assert_eq!(json(&walked.summary), json(&whole.summary), "{what}");
+                assert_eq!(walked.tail, whole.tail, "{what}");
+                assert_eq!(walked.error, whole.error, "{what}");
+            }
+            // Without --full nothing is walked, and the checks still get the first bytes.
+            let w = walk_object(&object, prev.clone(), false, 2);
+            assert!(w.summarized.is_none());
+            assert_eq!(w.head, seg[..SIZE_OF_LONG_PAGE_HEADER]);
         }
     }
 }

@@ -22,8 +22,8 @@ pub use history::{parse_history, HistoryEntry, HistoryError};
 pub use lsn::{Lsn, LsnParseError};
 pub use page::{
     major_from_magic, parse_long_header, parse_page_header, validate_segment,
-    validate_segment_start, LongPageHeader, PageError, PageHeader, XLP_BKP_REMOVABLE,
-    XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
+    validate_segment_start, LongPageHeader, PageError, PageHeader, SIZE_OF_LONG_PAGE_HEADER,
+    XLP_BKP_REMOVABLE, XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLP_LONG_HEADER,
 };
 pub use reader::{EndOfWal, EndReason, Next, WalError, WalReader};
 pub use record::{rmgr_name, BlockRef, Record, XLogRecord, RM_XACT_ID, RM_XLOG_ID};
