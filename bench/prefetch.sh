@@ -20,6 +20,8 @@
 
 #
 #   MODE=replay sudo bench/prefetch.sh           # real PostgreSQL recovery instead (issue 12)
+#   MODE=replay WORKLOAD=insert sudo bench/prefetch.sh    # WAL of md5 text inserts instead of TPC-B
+#   MODE=replay BASE=/path/to/old/pitr sudo bench/prefetch.sh   # adds mode "base": that build, prefetch on
 #
 # MODE=replay: a base backup (pg_basebackup -X none) of a pgbench -s 10 cluster, then N segments
 # of TPC-B WAL, all archived with `pitr archive-push`; then ROUNDS rounds per mode (prefetch on =

@@ -3,14 +3,21 @@
 # archive recovery with and without the archive-get prefetch; see the header of prefetch.sh.
 
 _archiving_cluster
-log "pgbench -i -s 10, base backup, then TPC-B until $N more segments are archived"
+WORKLOAD=${WORKLOAD:-tpcb}
+log "pgbench -i -s 10, base backup, then $WORKLOAD WAL until $N more segments are archived"
 as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -i -s 10 -q postgres >"$BT/log/pgbench-init.log" 2>&1
+[[ $WORKLOAD == insert ]] && psql_at "$PORT" "create table ins (id bigserial primary key, t text)" >/dev/null
 as_pg "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D "$BT/base" -X none -c fast >"$BT/log/basebackup.log" 2>&1
 base=$(count_segs)
 deadline=$((SECONDS + 600))
 while (($(count_segs) < base + N)); do
     ((SECONDS < deadline)) || die "WAL generation too slow"
-    as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1
+    case $WORKLOAD in
+    tpcb) as_pg "$PGBIN/pgbench" -h "$BT/sock" -p "$PORT" -U postgres -n -c 2 -j 2 -T 5 postgres >>"$BT/log/pgbench-run.log" 2>&1 ;;
+    # The second WAL workload of issue 12 (as bench/lib.sh's insert_archived_segments).
+    insert) psql_at "$PORT" "insert into ins (t) select md5(g::text) || ' ' || md5((g * 31)::text) from generate_series(1, 100000) g" >/dev/null ;;
+    *) die "unknown WORKLOAD $WORKLOAD (tpcb or insert)" ;;
+    esac
 done
 psql_at "$PORT" "select pg_switch_wal()" >/dev/null
 sleep 2
@@ -53,15 +60,16 @@ chmod 0755 "$BT/bin/rc.sh"
 
 : >"$BT/replay.txt"
 replay_round() { # mode round
-    local mode=$1 r=$2 dd="$BT/rep-$1-$2" pf=default port t_end
+    local mode=$1 r=$2 dd="$BT/rep-$1-$2" pf=default port t_end bin=$PITR
     [[ $mode == off ]] && pf=0
+    [[ $mode == base ]] && bin=$PITR_BASE
     rm -rf "$dd"
     cp -a "$BT/base" "$dd"
     rm -f "$dd/postmaster.pid" "$dd/postmaster.opts"
     port=$(free_port)
     {
         echo "port = $port"
-        echo "restore_command = '$BT/bin/rc.sh $BT/calls-$mode-$r.txt $pf $PITR $REPO %f %p'"
+        echo "restore_command = '$BT/bin/rc.sh $BT/calls-$mode-$r.txt $pf $bin $REPO %f %p'"
         echo "archive_mode = off"
     } >>"$dd/postgresql.auto.conf"
     : >"$dd/recovery.signal"
@@ -84,10 +92,15 @@ replay_round() { # mode round
 
 replay_round off 0 # warm-up: page cache of the repository and the binary
 replay_round on 0
+if [[ -n "$PITR_BASE" ]]; then replay_round base 0; fi
 : >"$BT/replay.txt"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq 1 "$ROUNDS"); do
-    if ((r % 2)); then order=(on off); else order=(off on); fi
+    # With BASE (another pitr build, prefetch on as well): on, base, off, rotating each round.
+    if [[ -n "$PITR_BASE" ]]; then
+        modes=(on base off)
+        order=("${modes[@]:$(((r - 1) % 3))}" "${modes[@]:0:$(((r - 1) % 3))}")
+    elif ((r % 2)); then order=(on off); else order=(off on); fi
     for m in "${order[@]}"; do
         log "replay round $r: prefetch $m"
         replay_round "$m" "$r"
@@ -97,7 +110,7 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 
 {
     echo
-    echo "## prefetch.sh MODE=replay: PostgreSQL archive recovery of $N segments of TPC-B WAL, $ROUNDS rounds per mode"
+    echo "## prefetch.sh MODE=replay: PostgreSQL archive recovery of $N segments of $WORKLOAD WAL, $ROUNDS rounds per mode"
     echo
     sed 's/^/    /' "$BT/machine.txt"
     echo "    loadavg during run: $load0 -> $load1"
@@ -130,13 +143,16 @@ for mode, r, t_end in rounds:
     waited_ms = sum((int(c[2]) - int(c[1])) / 1e6 for c in waited)
     fetched = sum(c[4] == "fetched" for c in calls)
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode == 'on' else '-'} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
     print(f"median over rounds: time in restore_command {med('on', 0):.0f} ms with prefetch, {med('off', 0):.0f} ms without; "
           f"recovery wall {med('on', 1):.0f} vs {med('off', 1):.0f} ms (x {med('on', 1) / med('off', 1):.2f}); "
           f"median call per segment {med('on', 2):.1f} vs {med('off', 2):.1f} ms")
+    if "base" in agg:
+        print(f"BASE build, prefetch on: time in restore_command {med('base', 0):.0f} ms, recovery wall {med('base', 1):.0f} ms, "
+              f"median call per segment {med('base', 2):.1f} ms")
 PY
 } | tee "$BT/report.md"
 if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; fi
