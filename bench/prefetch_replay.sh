@@ -30,11 +30,25 @@ for f in $(ls "$SRC" | sort); do
     as_pg "$PITR" --repo "$REPO" --log-level warn archive-push "$SRC/$f"
 done
 
-# restore_command: one line per call, "name start_ns end_ns rc outcome waited".
+# restore_command: one line per call, "name start_ns end_ns rc outcome cpu_ms". cpu_ms: user +
+# sys of the call's children (archive-get and the $(...) subshell around it) from bash's `times`
+# builtin (getrusage(RUSAGE_CHILDREN), ms resolution, no fork), before and after the call.
 cat >"$BT/bin/rc.sh" <<'SH'
 #!/bin/bash
 # rc.sh LOG PREFETCH(0|default) pitr repo %f %p
 log=$1 pf=$2 pitr=$3 repo=$4 f=$5 p=$6
+# One pair of files per log: PostgreSQL runs restore_command one call at a time.
+tf=$log.times
+children_ms() { # sets REPLY: the children's user + sys in ms, from a `times` output file
+    local u s v m r
+    { read -r _ _ && read -r u s; } <"$1"
+    REPLY=0
+    for v in "$u" "$s"; do # "0m1.234s"
+        m=${v%%m*} r=${v#*m} && r=${r%s}
+        REPLY=$((REPLY + m * 60000 + 10#${r%.*} * 1000 + 10#${r#*.}))
+    done
+}
+times >"$tf.0"
 # $EPOCHREALTIME (µs) rather than $(date +%s%N): a fork and exec of date inside the timed span
 # added 2-4 ms to every call on this machine.
 t0=${EPOCHREALTIME/./}000
@@ -45,6 +59,9 @@ else
 fi
 rc=$?
 t1=${EPOCHREALTIME/./}000
+times >"$tf.1"
+children_ms "$tf.0" && c0=$REPLY
+children_ms "$tf.1" && c1=$REPLY
 what=other
 case $out in
 *"waited for the prefetch worker"*) what=spool-waited ;;
@@ -52,7 +69,7 @@ case $out in
 *"not in the repository"*) what=notfound ;;
 *"restored"*) what=fetched ;;
 esac
-echo "$f $t0 $t1 $rc $what" >>"$log"
+echo "$f $t0 $t1 $rc $what $((c1 - c0))" >>"$log"
 printf '%s\n' "$out" >>"$log.out"
 exit $rc
 SH
@@ -119,8 +136,8 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 import sys, statistics, os
 bt = sys.argv[1]
 rounds = [l.split() for l in open(os.path.join(bt, "replay.txt")) if l.strip()]
-print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | worker stopped because |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | median CPU ms (segments) | worker stopped because |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 import re
 def worker_stops(mode, r):
     # The first reason the worker logged for stopping early (free space, errors), if any.
@@ -131,6 +148,7 @@ def worker_stops(mode, r):
     m = re.search(r"WARN .*?(prefetch stops|not prefetching).*?(reason=|error=)(.*)", text)
     return (m.group(3)[:90] + " ...") if m else "-"
 agg = {}
+calls_by = {}  # (mode, "hit" | "other") -> [(wall ms, cpu ms)] of segment calls, every round
 for mode, r, t_end in rounds:
     calls = [l.split() for l in open(os.path.join(bt, f"calls-{mode}-{r}.txt")) if l.strip()]
     t_first = min(int(c[1]) for c in calls)
@@ -142,14 +160,24 @@ for mode, r, t_end in rounds:
     waited = [c for c in calls if c[4] == "spool-waited"]
     waited_ms = sum((int(c[2]) - int(c[1])) / 1e6 for c in waited)
     fetched = sum(c[4] == "fetched" for c in calls)
+    seg_cpu = [int(c[5]) for c in segs if len(c) > 5]
+    for c in segs:
+        kind = "hit" if c[4] == "spool" else "other"
+        calls_by.setdefault((mode, kind), []).append(((int(c[2]) - int(c[1])) / 1e6, int(c[5]) if len(c) > 5 else None))
+    cpu_med = f"{statistics.median(seg_cpu):.0f}" if seg_cpu else "-"
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {cpu_med} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
     print(f"median over rounds: time in restore_command {med('on', 0):.0f} ms with prefetch, {med('off', 0):.0f} ms without; "
           f"recovery wall {med('on', 1):.0f} vs {med('off', 1):.0f} ms (x {med('on', 1) / med('off', 1):.2f}); "
           f"median call per segment {med('on', 2):.1f} vs {med('off', 2):.1f} ms")
+    for (mode, kind), v in sorted(calls_by.items()):
+        cpus = [c for _, c in v if c is not None]
+        print(f"{mode}: {len(v)} {'spool hits (not waiting for the worker)' if kind == 'hit' else 'other segment calls'}, "
+              f"median {statistics.median(w for w, _ in v):.1f} ms wall, "
+              + (f"{statistics.median(cpus):.0f} ms CPU" if cpus else "CPU not recorded"))
     if "base" in agg:
         print(f"BASE build, prefetch on: time in restore_command {med('base', 0):.0f} ms, recovery wall {med('base', 1):.0f} ms, "
               f"median call per segment {med('base', 2):.1f} ms")
