@@ -385,5 +385,17 @@ mod tests {
             Ok(seg_size.into())
         );
         assert!(check_entry(&d.path().join("gone"), &ok).is_err());
+
+        // The CRC covers every read of the file: a flipped bit in its first read (past the
+        // header), in a middle one, or in its very last byte is found.
+        for at in [100, content.len() / 2 + 3, content.len() - 1] {
+            let mut damaged = content.clone();
+            damaged[at] ^= 0x10;
+            fs::write(&p, &damaged).unwrap();
+            assert!(
+                check_entry(&p, &ok).unwrap_err().contains("crc32c"),
+                "at {at}"
+            );
+        }
     }
 }
