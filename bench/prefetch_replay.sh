@@ -136,8 +136,8 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 import sys, statistics, os
 bt = sys.argv[1]
 rounds = [l.split() for l in open(os.path.join(bt, "replay.txt")) if l.strip()]
-print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | median CPU ms (segments) | worker stopped because |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | median CPU ms (segments) | redo CPU / elapsed s | worker stopped because |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 import re
 def worker_stops(mode, r):
     # The first reason the worker logged for stopping early (free space, errors), if any.
@@ -147,6 +147,15 @@ def worker_stops(mode, r):
         return "-"
     m = re.search(r"WARN .*?(prefetch stops|not prefetching).*?(reason=|error=)(.*)", text)
     return (m.group(3)[:90] + " ...") if m else "-"
+def redo_usage(mode, r):
+    # PostgreSQL's own "redo done at ... system usage: CPU: user: U s, system: S s, elapsed: E s":
+    # the startup process's CPU (restore_command's children not included) and redo's wall time.
+    try:
+        text = open(os.path.join(bt, "log", f"rep-{mode}-{r}.log")).read()
+    except OSError:
+        return "-"
+    m = re.search(r"redo done at .*CPU: user: ([0-9.]+) s, system: ([0-9.]+) s, elapsed: ([0-9.]+) s", text)
+    return f"{float(m.group(1)) + float(m.group(2)):.2f} / {float(m.group(3)):.2f}" if m else "-"
 agg = {}
 calls_by = {}  # (mode, "hit" | "other") -> [(wall ms, cpu ms)] of segment calls, every round
 for mode, r, t_end in rounds:
@@ -166,7 +175,7 @@ for mode, r, t_end in rounds:
         calls_by.setdefault((mode, kind), []).append(((int(c[2]) - int(c[1])) / 1e6, int(c[5]) if len(c) > 5 else None))
     cpu_med = f"{statistics.median(seg_cpu):.0f}" if seg_cpu else "-"
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {cpu_med} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {cpu_med} | {redo_usage(mode, r)} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
