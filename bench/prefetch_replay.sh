@@ -92,9 +92,28 @@ replay_round() { # mode round
     : >"$dd/recovery.signal"
     : >"$BT/calls-$mode-$r.txt"
     chown -R postgres:postgres "$dd" "$BT/calls-$mode-$r.txt"
-    # The worker logs into its spool, which it removes at the end of recovery: keep a copy.
-    (while [[ ! -e "$BT/stop-$mode-$r" ]]; do
+    # The worker logs into its spool, which it removes at the end of recovery: keep a copy. And
+    # the startup process's /proc/PID/schedstat (ns on CPU, ns runnable but waiting for a CPU),
+    # the last sample before it exits at the end of recovery (builtins only, no fork).
+    (local pm="" sp="" c cl st
+    while [[ ! -e "$BT/stop-$mode-$r" ]]; do
         cp "$dd/pg_wal/.pitr-prefetch/worker.log" "$BT/worker-$mode-$r.log" 2>/dev/null || true
+        if [[ -z $pm ]]; then read -r pm <"$dd/postmaster.pid" 2>/dev/null || pm=""; fi
+        if [[ -n $pm && -z $sp ]]; then
+            kids=()
+            # No newline at the end of that file: read fails but fills kids.
+            read -r -a kids <"/proc/$pm/task/$pm/children" 2>/dev/null || true
+            for c in "${kids[@]}"; do
+                cl=""
+                read -r -d '' cl <"/proc/$c/cmdline" 2>/dev/null || true
+                [[ $cl == *startup* ]] && sp=$c
+            done
+        fi
+        if [[ -n $sp ]]; then
+            st=""
+            read -r st <"/proc/$sp/schedstat" 2>/dev/null || true
+            if [[ -n $st ]]; then echo "$st" >"$BT/sched-$mode-$r.txt"; fi
+        fi
         sleep 0.05
     done) &
     pg_start "$dd"
@@ -136,8 +155,8 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 import sys, statistics, os
 bt = sys.argv[1]
 rounds = [l.split() for l in open(os.path.join(bt, "replay.txt")) if l.strip()]
-print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | median CPU ms (segments) | redo CPU / elapsed s | worker stopped because |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| mode | round | calls | segments restored | in restore_command ms | recovery wall ms | waited share | spool hits | of which waited (ms) | direct fetches | median call ms (segments) | median CPU ms (segments) | redo CPU / elapsed s | startup process on CPU / waiting for a CPU s | worker stopped because |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 import re
 def worker_stops(mode, r):
     # The first reason the worker logged for stopping early (free space, errors), if any.
@@ -156,6 +175,14 @@ def redo_usage(mode, r):
         return "-"
     m = re.search(r"redo done at .*CPU: user: ([0-9.]+) s, system: ([0-9.]+) s, elapsed: ([0-9.]+) s", text)
     return f"{float(m.group(1)) + float(m.group(2)):.2f} / {float(m.group(3)):.2f}" if m else "-"
+
+def startup_sched(mode, r):
+    # ns on a CPU and ns runnable but waiting for one, of the startup process (last sample).
+    try:
+        on_cpu, runq, _ = open(os.path.join(bt, f"sched-{mode}-{r}.txt")).read().split()
+    except (OSError, ValueError):
+        return "-"
+    return f"{int(on_cpu) / 1e9:.2f} / {int(runq) / 1e9:.2f}"
 agg = {}
 calls_by = {}  # (mode, "hit" | "other") -> [(wall ms, cpu ms)] of segment calls, every round
 for mode, r, t_end in rounds:
@@ -175,7 +202,7 @@ for mode, r, t_end in rounds:
         calls_by.setdefault((mode, kind), []).append(((int(c[2]) - int(c[1])) / 1e6, int(c[5]) if len(c) > 5 else None))
     cpu_med = f"{statistics.median(seg_cpu):.0f}" if seg_cpu else "-"
     agg.setdefault(mode, []).append((inside, wall, statistics.median(seg_ms) if seg_ms else 0))
-    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {cpu_med} | {redo_usage(mode, r)} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
+    print(f"| {mode} | {r} | {len(calls)} | {len(segs)} | {inside:.0f} | {wall:.0f} | {inside / wall:.2f} | {hits} | {len(waited)} ({waited_ms:.0f}) | {fetched} | {statistics.median(seg_ms) if seg_ms else 0:.1f} | {cpu_med} | {redo_usage(mode, r)} | {startup_sched(mode, r)} | {worker_stops(mode, r) if mode != 'off' else '-'} |")
 if "on" in agg and "off" in agg:
     med = lambda m, i: statistics.median(x[i] for x in agg[m])
     print()
