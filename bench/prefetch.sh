@@ -33,7 +33,10 @@
 # synchronously, so the time in those calls is exactly the time replay waited for the archive;
 # the rest of the recovery (first call to promotion) is replay itself. Reported per round:
 # calls, time in restore_command, the recovery's wall time (first call to
-# pg_is_in_recovery() = f), spool hits, hits that waited for the worker, direct fetches.
+# pg_is_in_recovery() = f), spool hits, hits that waited for the worker, direct fetches, the
+# median wall and CPU of a segment call, PostgreSQL's "redo done" CPU and elapsed time, and the
+# startup process's time on a CPU and waiting for one (/proc/PID/schedstat): on a loaded machine
+# the latter, not restore_command, is often most of the recovery.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
