@@ -20,6 +20,8 @@
 
 #
 #   MODE=replay sudo bench/prefetch.sh           # real PostgreSQL recovery instead (issue 12)
+#   MODE=replay WORKLOAD=insert sudo bench/prefetch.sh    # WAL of md5 text inserts instead of TPC-B
+#   MODE=replay BASE=/path/to/old/pitr sudo bench/prefetch.sh   # adds mode "base": that build, prefetch on
 #
 # MODE=replay: a base backup (pg_basebackup -X none) of a pgbench -s 10 cluster, then N segments
 # of TPC-B WAL, all archived with `pitr archive-push`; then ROUNDS rounds per mode (prefetch on =
@@ -31,7 +33,10 @@
 # synchronously, so the time in those calls is exactly the time replay waited for the archive;
 # the rest of the recovery (first call to promotion) is replay itself. Reported per round:
 # calls, time in restore_command, the recovery's wall time (first call to
-# pg_is_in_recovery() = f), spool hits, hits that waited for the worker, direct fetches.
+# pg_is_in_recovery() = f), spool hits, hits that waited for the worker, direct fetches, the
+# median wall and CPU of a segment call, PostgreSQL's "redo done" CPU and elapsed time, and the
+# startup process's time on a CPU and waiting for one (/proc/PID/schedstat): on a loaded machine
+# the latter, not restore_command, is often most of the recovery.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

@@ -317,7 +317,8 @@ fn store(
             reserve >> 20
         ));
     }
-    let crc = crc32c::crc32c(content);
+    // The same CRC-32C as the crc32c crate's, in a third of the time (SIMD folding).
+    let crc = crc_fast::crc32_iscsi(content);
     let tmp = tmp_path(spool, name);
     let path = spool.join(entry_name(name, crc));
     // No fsync: a file torn by an OS crash fails its CRC when used and is fetched again.
