@@ -8,11 +8,12 @@
 //! (the sink still gets the verdict with the file's end and refuses a mismatch).
 //!
 //! Memory: the reader holds the part it decodes, the writer the one it writes, and the hand-off
-//! is a rendezvous (no queue), so two decoded parts at most.
+//! is a rendezvous (no queue), so two decoded parts at most; their two buffers are reused for
+//! every part (no zeroing, no fresh pages to fault in: 4 % of the one-thread profile).
 
 use std::convert::Infallible;
 use std::ops::Range;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use tokio::sync::mpsc;
 
@@ -85,14 +86,15 @@ where
     let name = archive.name.clone();
     let reader = ArchiveReader::new(archive.tablespace_oid);
     tokio::task::spawn_blocking(move || {
-        let next = || rx.blocking_recv().map(|part| Ok(part.decode()?));
+        let next = |out: &mut Vec<u8>| rx.blocking_recv().map(|part| Ok(part.decode_into(out)?));
         run(next, reader, ex, &name)
     })
 }
 
-/// Reads the parts `next` decodes on this thread and writes them through the sink on another.
+/// Reads the parts `next` decodes (into the buffer it is given) on this thread and writes them
+/// through the sink on another.
 fn run<S>(
-    next: impl FnMut() -> Option<Result<Vec<u8>, RestoreError>>,
+    next: impl FnMut(&mut Vec<u8>) -> Option<Result<(), RestoreError>>,
     reader: ArchiveReader,
     ex: Extraction<S>,
     name: &str,
@@ -102,9 +104,13 @@ where
 {
     let Extraction { check, writer } = ex;
     let (tx, batches) = sync_channel::<Batch>(0);
+    // Written parts' buffers go back to the reader, which decodes into them again: the same
+    // two buffers serve the whole archive, without being zeroed or faulted in anew.
+    let (back, spare) = sync_channel::<Vec<u8>>(2);
     std::thread::scope(|s| {
-        let writing = s.spawn(move || replay(batches, writer));
-        let read = read_parts(next, reader, check, name, move |b| tx.send(b).is_ok());
+        let writing = s.spawn(move || replay(batches, writer, back));
+        let send = move |b| tx.send(b).is_ok();
+        let read = read_parts(next, spare, reader, check, name, send);
         let written = writing.join().expect("restore writer panicked");
         // The writer is behind the reader: its error (which also stops the reader) came first.
         let writer = written?;
@@ -118,7 +124,8 @@ where
 /// The reading side: checks the files of each part, hands the batch on. Stops quietly when
 /// `send` says the writer has stopped: its error is the one reported.
 fn read_parts(
-    mut next: impl FnMut() -> Option<Result<Vec<u8>, RestoreError>>,
+    mut next: impl FnMut(&mut Vec<u8>) -> Option<Result<(), RestoreError>>,
+    spare: Receiver<Vec<u8>>,
     mut reader: ArchiveReader,
     mut check: ManifestCheck,
     name: &str,
@@ -128,8 +135,12 @@ fn read_parts(
         archive: name.to_string(),
         source,
     };
-    while let Some(content) = next() {
-        let content = content?;
+    loop {
+        let mut content = spare.try_recv().unwrap_or_default();
+        match next(&mut content) {
+            Some(decoded) => decoded?,
+            None => break,
+        }
         let mut rec = Recorder {
             content: &content,
             events: vec![],
@@ -151,7 +162,11 @@ fn read_parts(
 
 /// The writing side: makes the recorded calls, in order. Returning (on an error) drops the
 /// receiver, which stops the reader.
-fn replay<S>(batches: Receiver<Batch>, mut sink: S) -> Result<S, RestoreError>
+fn replay<S>(
+    batches: Receiver<Batch>,
+    mut sink: S,
+    back: SyncSender<Vec<u8>>,
+) -> Result<S, RestoreError>
 where
     S: ArchiveSink<Error = RestoreError>,
 {
@@ -164,6 +179,8 @@ where
                 Event::FileEnd(f, verdict) => sink.file_end(&f, verdict)?,
             }
         }
+        // Full (or the reader gone): the buffer is simply freed.
+        let _ = back.try_send(content);
     }
     Ok(sink)
 }
@@ -236,10 +253,13 @@ mod tests {
         sink: Calls,
         asked: &mut usize,
     ) -> Result<Extraction<Calls>, RestoreError> {
-        let mut parts = a.chunks(chunk).map(|c| Ok(c.to_vec()));
-        let next = || {
+        let mut parts = a.chunks(chunk);
+        let next = |out: &mut Vec<u8>| {
             *asked += 1;
-            parts.next()
+            let part = parts.next()?;
+            out.clear();
+            out.extend_from_slice(part);
+            Some(Ok(()))
         };
         let ex = Extraction {
             check: ManifestCheck::new(Some(m.clone())),
