@@ -74,6 +74,12 @@ impl FetchedPart {
     pub fn decode(self) -> Result<Vec<u8>> {
         self.objects.decode(&self.key, &self.stored)
     }
+
+    /// [`Self::decode`] into `out`, reusing its allocation (and, when it already holds as many
+    /// bytes, without zeroing it first): a restore cycles two buffers through all its parts.
+    pub fn decode_into(self, out: &mut Vec<u8>) -> Result<()> {
+        self.objects.decode_into(&self.key, &self.stored, out)
+    }
 }
 
 /// A stored object that a job may count and hand back for deletion, without knowing its key's

@@ -11,6 +11,7 @@ mod delta;
 mod durable;
 mod error;
 mod execute;
+mod pipeline;
 pub mod recovery_conf;
 mod writer;
 

@@ -1,7 +1,7 @@
 //! Writing a backup's archives into place: parts are fetched a few at a time ahead of the
 //! writer (a bounded number of stored bytes, so memory stays flat whatever the backup size) and
-//! handed over a bounded channel to one blocking thread that decodes each and writes files
-//! directly into place. No file is staged; every byte is checked twice: by the object checksum
+//! handed over a bounded channel to [`super::pipeline`], where one thread decodes and checks
+//! each while another writes the files of the one before directly into place. No file is staged; every byte is checked twice: by the object checksum
 //! when decoded and by the manifest checksum when written. Used by a full restore and by the
 //! restore of an incremental chain, which wraps [`FileWriter`].
 
@@ -17,9 +17,8 @@ use tokio::sync::mpsc;
 use super::delta::Delta;
 use super::durable::{SyncHandle, FLUSH_EVERY};
 use super::error::RestoreError;
-use crate::format::archive_check::{
-    ArchiveReader, ArchiveSink, FeedError, FileSum, ManifestCheck, Mismatch,
-};
+use super::pipeline;
+use crate::format::archive_check::{ArchiveSink, FileSum, ManifestCheck, Mismatch};
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupArchive, FetchedPart, Repository};
@@ -27,7 +26,7 @@ use crate::repo::{BackupArchive, FetchedPart, Repository};
 /// Parts fetched ahead of the writer: at most this many bytes of content, and at most
 /// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
 /// more than its content; it is decoded when the writer reaches it. So restore memory is
-/// bounded by a few parts (8 MiB of content each, 16 MiB in backups of older pitr), whatever
+/// bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB in backups of older pitr), whatever
 /// the backup size, and much less for parts that compress well.
 const PREFETCH_BYTES: u64 = 16 << 20;
 /// Enough to hide an object store's latency: the writer takes ~20 ms per 8 MiB part.
@@ -297,45 +296,13 @@ pub(super) async fn restore_archive<S>(
 where
     S: ArchiveSink<Error = RestoreError> + Send + 'static,
 {
-    // Capacity 1: the writer decodes and writes one part, one waits, the rest are being fetched.
+    // Capacity 1: one part is decoded, one waits, the rest are being fetched.
     let (tx, rx) = mpsc::channel::<FetchedPart>(1);
-    let writer = spawn_writer(archive, extraction, rx);
+    let writer = pipeline::spawn(archive, extraction, rx);
     let fetched = send_parts(repo, backup_id, archive, tx).await;
     let written = writer.await.expect("restore writer panicked");
     fetched?;
     written
-}
-
-/// Decodes and writes the parts received on `rx`, on a blocking thread. Decoding here, not
-/// ahead, keeps one part's content in memory at a time: the same thread frees each part and
-/// allocates the next, so the allocator reuses the same memory.
-fn spawn_writer<S>(
-    archive: &BackupArchive,
-    mut ex: Extraction<S>,
-    mut rx: mpsc::Receiver<FetchedPart>,
-) -> tokio::task::JoinHandle<Result<Extraction<S>, RestoreError>>
-where
-    S: ArchiveSink<Error = RestoreError> + Send + 'static,
-{
-    let name = archive.name.clone();
-    let mut reader = ArchiveReader::new(archive.tablespace_oid);
-    let tar_error = |name: &str, source| RestoreError::Tar {
-        archive: name.to_string(),
-        source,
-    };
-    tokio::task::spawn_blocking(move || {
-        while let Some(part) = rx.blocking_recv() {
-            let chunk = part.decode()?;
-            reader
-                .feed(&chunk, &mut ex.check, &mut ex.writer)
-                .map_err(|e| match e {
-                    FeedError::Tar(source) => tar_error(&name, source),
-                    FeedError::Sink(e) => e,
-                })?;
-        }
-        reader.finish().map_err(|source| tar_error(&name, source))?;
-        Ok(ex)
-    })
 }
 
 /// How many parts of `archive` to fetch ahead: [`PREFETCH_BYTES`] by the archive's part size
@@ -393,7 +360,7 @@ mod tests {
 
     use super::super::durable::Syncer;
     use super::*;
-    use crate::format::archive_check::Manifest;
+    use crate::format::archive_check::{ArchiveReader, FeedError, Manifest};
     use crate::format::manifest::ManifestFile;
     use crate::format::tar::build::{file, header, link, END};
 
