@@ -691,8 +691,9 @@ struct Receiver<'a> {
     wal_conn: Option<WalConn>,
     own_wal: Option<OwnWalStream>,
     maps: BackupMaps,
-    /// The rewritten stream of one CopyData message, reused: a fresh buffer per message cost
-    /// an allocation (and page faults) for every few KiB received.
+    /// The bytes the block diff makes (tar headers, incremental entries) for one CopyData
+    /// message, reused; the bytes passing through unchanged go from the message to the part
+    /// buffer directly.
     scratch: Vec<u8>,
 }
 
@@ -795,9 +796,10 @@ impl<'a> Receiver<'a> {
         let mut out = std::mem::take(&mut self.scratch);
         while !rest.is_empty() {
             out.clear();
-            let used = a.diff.feed(rest, &mut self.maps, &mut out).await?;
-            rest = &rest[used..];
+            let fed = a.diff.feed(rest, &mut self.maps, &mut out).await?;
             store(a, &mut self.uploads, self.repo, self.id, &out).await?;
+            store(a, &mut self.uploads, self.repo, self.id, &rest[fed.pass]).await?;
+            rest = &rest[fed.used..];
             // A file's spilled blocks, a piece at a time so parts upload as they fill.
             while let Some(piece) = a.diff.drain()? {
                 store(a, &mut self.uploads, self.repo, self.id, &piece).await?;
