@@ -248,6 +248,8 @@ struct Uploads {
     /// Buffers given back by the uploads once their part is compressed.
     back_tx: mpsc::UnboundedSender<Vec<u8>>,
     back_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Set by [`Self::release`].
+    released: bool,
 }
 
 impl Uploads {
@@ -260,6 +262,7 @@ impl Uploads {
             buffers: 0,
             back_tx,
             back_rx,
+            released: false,
         }
     }
 
@@ -286,9 +289,16 @@ impl Uploads {
         }
     }
 
+    /// No part follows: the pool's buffers are freed, and those still being compressed are
+    /// freed as they come back.
+    fn release(&mut self) {
+        self.released = true;
+        self.pool = vec![];
+    }
+
     fn give_back(&mut self, mut buf: Vec<u8>) {
         // An empty archive's part has no buffer of the pool.
-        if buf.capacity() >= PART_SIZE {
+        if buf.capacity() >= PART_SIZE && !self.released {
             buf.clear();
             self.pool.push(buf);
         }
@@ -327,6 +337,9 @@ impl Uploads {
     }
 
     async fn join_one(&mut self) -> Result<(), BackupError> {
+        while let Ok(b) = self.back_rx.try_recv() {
+            self.give_back(b);
+        }
         if let Some(res) = self.set.join_next().await {
             self.collect(res)?;
         }
@@ -775,6 +788,11 @@ impl<'a> Receiver<'a> {
             }
             BackupEvent::Manifest(bytes) => {
                 self.close_archive().await?;
+                // No archive follows the manifest: the parent's block map and the part
+                // buffers go now, before the segment switch at the backup's end fills the
+                // backup's WAL segment buffer (16 MiB) in the other task.
+                self.maps.parent = None;
+                self.uploads.release();
                 self.manifest_bytes.extend_from_slice(&bytes);
             }
             BackupEvent::Progress { .. } => {}
