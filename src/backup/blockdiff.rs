@@ -221,6 +221,11 @@ impl TarDiff {
         })
     }
 
+    /// Whether the end-of-archive blocks have passed: no entry follows.
+    pub fn at_end(&self) -> bool {
+        matches!(self.state, State::Trailer)
+    }
+
     /// The next piece of a spilled file's content, `None` when there is none left.
     pub fn drain(&mut self) -> Result<Option<Vec<u8>>, DiffError> {
         let Some((file, left)) = &mut self.pending else {
@@ -608,6 +613,10 @@ mod stream_tests {
                 }
             }
         }
+        assert!(
+            diff.at_end(),
+            "every test archive ends with its end-of-archive blocks"
+        );
         out
     }
 

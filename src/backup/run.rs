@@ -289,16 +289,22 @@ impl Uploads {
         }
     }
 
-    /// No part follows: the pool's buffers are freed, and those still being compressed are
-    /// freed as they come back.
+    /// Few bytes follow: the spare buffers are freed, and those being compressed are freed as
+    /// they come back (a part still needed after all gets a new one).
     fn release(&mut self) {
         self.released = true;
+        self.buffers -= self.pool.len();
         self.pool = vec![];
     }
 
     fn give_back(&mut self, mut buf: Vec<u8>) {
         // An empty archive's part has no buffer of the pool.
-        if buf.capacity() >= PART_SIZE && !self.released {
+        if buf.capacity() < PART_SIZE {
+            return;
+        }
+        if self.released {
+            self.buffers -= 1;
+        } else {
             buf.clear();
             self.pool.push(buf);
         }
@@ -788,11 +794,7 @@ impl<'a> Receiver<'a> {
             }
             BackupEvent::Manifest(bytes) => {
                 self.close_archive().await?;
-                // No archive follows the manifest: the parent's block map and the part
-                // buffers go now, before the segment switch at the backup's end fills the
-                // backup's WAL segment buffer (16 MiB) in the other task.
-                self.maps.parent = None;
-                self.uploads.release();
+                self.release();
                 self.manifest_bytes.extend_from_slice(&bytes);
             }
             BackupEvent::Progress { .. } => {}
@@ -823,12 +825,25 @@ impl<'a> Receiver<'a> {
                 store(a, &mut self.uploads, self.repo, self.id, &piece).await?;
             }
         }
+        if a.meta.tablespace_oid.is_none() && a.diff.at_end() && !self.uploads.released {
+            self.release();
+        }
         // Kept only while small: a rare large rewrite (a whole file's incremental entry) must
         // not stay resident for the rest of the backup.
         if out.capacity() <= 1 << 20 {
             self.scratch = out;
         }
         Ok(())
+    }
+
+    /// The data is all in (the main archive, which the server sends last, has reached its
+    /// end-of-archive blocks; or the manifest has come): the parent's block map and the spare
+    /// part buffers go now, before the segment switch at the backup's stop fills the WAL
+    /// segment buffer (16 MiB) of the backup's own WAL stream. Should an archive follow after
+    /// all, its files are stored whole: correct, only larger.
+    fn release(&mut self) {
+        self.maps.parent = None;
+        self.uploads.release();
     }
 
     async fn close_archive(&mut self) -> Result<(), BackupError> {
