@@ -39,6 +39,9 @@
 # 5. Restore rate against the disk: pitr restore vs dd conv=fsync of the same bytes (see "part 5"
 #    below). PARTS=rate runs only this (pgbench -i at SCALE; BASE adds pitr-base):
 #      PARTS=rate SCALE=30 REPS=3 sudo bench/backup_restore.sh
+# 6. Backup against the server's own send rate: pitr backup vs pg_basebackup -D - -Ft -X none
+#    -c fast > /dev/null (see "part 6" below). PARTS=send runs only this (BASE adds pitr-base):
+#      PARTS=send SCALE=30 REPS=5 sudo bench/backup_restore.sh
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -48,7 +51,7 @@ REPS=${REPS:-3}
 REPLAY_MB=${REPLAY_MB:-384}
 BACKUP_METHODS=(${BACKUP_METHODS:-basebackup pitr pgbr-lz4 pgbr-lz4-p2 pgbr-gz})
 RESTORE_METHODS=(${RESTORE_METHODS:-pitr pgbr-lz4 pgbr-gz})
-PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, rate = part 5 (alone or with incr)
+PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, rate = part 5, send = part 6 (alone or with incr)
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
@@ -313,6 +316,50 @@ rate_part() {
     awk -F'"' '/"label": "rate\// {l = $4; match($0, /"key": "[^"]*"/); k = substr($0, RSTART + 8, RLENGTH - 9); match($0, /"wall_ms": [0-9.]+/); w = substr($0, RSTART + 11, RLENGTH - 11); match($0, /"cpu_ms": [0-9.]+/); c = substr($0, RSTART + 10, RLENGTH - 10); match($0, /"maxrss_kb": [0-9]+/); x = substr($0, RSTART + 13, RLENGTH - 13); a[l] = a[l] sprintf("%s%s: %.0f / %.0f / %.1f", (a[l] == "" ? "" : ", "), k, w, c, x / 1024)} END {for (l in a) print "    " l "  " a[l]}' "$BT/results.jsonl" | sort
 }
 
+# ---- 6. backup vs the server's send rate (part "send") ----------------------------------------
+# Reference: pg_basebackup -h SOCK -p PORT -U postgres -D - -Ft -X none -c fast > /dev/null, the
+# same cluster, interleaved with pitr backup (order rotating per round). Both send the same
+# BASE_BACKUP options that cost the server work: MANIFEST 'yes' with CRC32C, TABLESPACE_MAP,
+# WAIT, fast checkpoint, no MAX_RATE, checksums verified when the cluster has them (pitr also
+# asks for PROGRESS, a size pre-scan; pg_basebackup only with -P). pitr also streams the
+# backup's WAL over a second connection. "server CPU" = the postmaster's cutime + cstime delta
+# over the call: the walsenders' CPU, counted when they exit (clock ticks, 10 ms).
+server_cpu() { # -> reaped children's CPU seconds of the postmaster
+    awk '{print ($16 + $17) / 100}' "/proc/$(head -1 "$PGDATA/postmaster.pid")/stat"
+}
+send_part() {
+    local m r j c0 methods=(basebackup pitr) cpus=""
+    [[ -n "$PITR_BASE" ]] && methods=(basebackup pitr pitr-base)
+    local tar_bytes l0 l1
+    tar_bytes=$(as_pg "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D - -Ft -X none -c fast | wc -c)
+    l0=$(cut -d' ' -f1-3 /proc/loadavg)
+    for ((r = 1; r <= REPS; r++)); do
+        for ((j = 0; j < ${#methods[@]}; j++)); do
+            m=${methods[$(((r - 1 + j) % ${#methods[@]}))]}
+            log "  round $r: $m (load $(cut -d' ' -f1 /proc/loadavg))"
+            c0=$(server_cpu)
+            case $m in
+            basebackup) measure "send/$m" "$r" sh -c "'$PGBIN/pg_basebackup' -h '$BT/sock' -p $PORT -U postgres -D - -Ft -X none -c fast > /dev/null" ;;
+            pitr) measure "send/$m" "$r" "$PITR" --repo "$R/pitr" backup -d "$CONN" --checkpoint fast ;;
+            pitr-base) measure "send/$m" "$r" "$PITR_BASE" --repo "$R/pitr-base" backup -d "$CONN" --checkpoint fast ;;
+            esac
+            sleep 0.3 # the walsenders have exited and been reaped
+            cpus+="    send/$m $r $(awk -v a="$c0" -v b="$(server_cpu)" 'BEGIN {printf "%.2f", b - a}')"$'\n'
+        done
+    done
+    l1=$(cut -d' ' -f1-3 /proc/loadavg)
+    echo
+    echo "## Backup vs the server's send rate: pgbench scale $SCALE (base.tar $((tar_bytes / 1000000)) MB), $REPS rounds"
+    echo
+    sed 's/^/    /' "$BT/machine.txt"
+    echo "    loadavg: $l0 -> $l1"
+    report --prefix send/ --ref basebackup --mb "$(awk -v b="$tar_bytes" 'BEGIN {print b / 1e6}')" \
+        --title "pitr backup vs pg_basebackup to /dev/null (x basebackup = time ratio; send-rate fraction = 1 / x)"
+    echo
+    echo "Server (walsender) CPU s per call:"
+    printf '%s' "$cpus" | sort
+}
+
 if [[ $PARTS != *" main "* ]]; then
     log "database: pgbench -i -s $SCALE"
     pgbench -i -s "$SCALE" -q
@@ -320,6 +367,7 @@ if [[ $PARTS != *" main "* ]]; then
     BIG_BYTES=$(db_bytes)
     : >"$BT/report.md"
     [[ $PARTS == *" rate "* ]] && rate_part | tee -a "$BT/report.md"
+    [[ $PARTS == *" send "* ]] && send_part | tee -a "$BT/report.md"
     [[ $PARTS == *" incr "* ]] && incr_part | tee -a "$BT/report.md"
     if [[ -n "${BENCH_OUT:-}" ]]; then cp "$BT/report.md" "$BENCH_OUT"; cp "$BT/results.jsonl" "${BENCH_OUT%.md}.jsonl"; fi
     exit 0

@@ -127,6 +127,15 @@ pub struct TarDiff {
     spill_at: usize,
 }
 
+/// What [`TarDiff::feed`] did with its input.
+#[derive(Debug)]
+pub struct Fed {
+    /// Bytes of the input used.
+    pub used: usize,
+    /// The input's bytes that pass through unchanged, after `out`'s.
+    pub pass: std::ops::Range<usize>,
+}
+
 impl TarDiff {
     pub fn new(tablespace_oid: Option<u32>) -> TarDiff {
         TarDiff {
@@ -138,26 +147,25 @@ impl TarDiff {
         }
     }
 
-    /// Rewrites a prefix of `data` into `out`; returns how much of `data` was used. When a
-    /// file's changed blocks were spilled, it stops after that file: [`TarDiff::drain`] then
-    /// hands them out, and the rest of `data` is fed again.
+    /// Rewrites a prefix of `data`: bytes it makes (headers, incremental entries) go to
+    /// `out`, and bytes that pass through unchanged are not copied but named by
+    /// [`Fed::pass`], which follows `out` in the stream. It stops after a run that passes
+    /// through, and when a file's changed blocks were spilled it stops after that file:
+    /// [`TarDiff::drain`] then hands them out. The rest of `data` is fed again.
     pub async fn feed(
         &mut self,
         data: &[u8],
         maps: &mut BackupMaps,
         out: &mut Vec<u8>,
-    ) -> Result<usize, DiffError> {
+    ) -> Result<Fed, DiffError> {
         let mut used = 0;
         while used < data.len() && self.pending.is_none() {
             let rest = &data[used..];
+            let start = used;
             match &mut self.state {
-                State::Trailer => {
-                    out.extend_from_slice(rest);
-                    used = data.len();
-                }
+                State::Trailer => used = data.len(),
                 State::Pass(left) => {
                     let n = (*left).min(rest.len() as u64) as usize;
-                    out.extend_from_slice(&rest[..n]);
                     used += n;
                     *left -= n as u64;
                     if *left == 0 {
@@ -172,10 +180,10 @@ impl TarDiff {
                         let h: [u8; TAR_BLOCK] = h.as_slice().try_into().expect("512 bytes");
                         self.state = self.on_header(h, maps, out).await?;
                     }
+                    continue;
                 }
                 State::ServerInc(f) => {
                     let n = (f.size - f.done).min(rest.len() as u64) as usize;
-                    out.extend_from_slice(&rest[..n]);
                     f.take(&rest[..n])?;
                     used += n;
                     if f.done == f.size {
@@ -187,7 +195,8 @@ impl TarDiff {
                 }
                 State::Rel(f) => {
                     let n = (f.size - f.done).min(rest.len() as u64) as usize;
-                    f.take(&rest[..n], out)?;
+                    let whole = f.parent.is_none();
+                    f.take(&rest[..n])?;
                     used += n;
                     if f.done == f.size {
                         let next = State::Header(Vec::with_capacity(TAR_BLOCK));
@@ -195,10 +204,26 @@ impl TarDiff {
                             self.pending = f.finish(maps, out).await?;
                         }
                     }
+                    if !whole {
+                        continue;
+                    }
                 }
             }
+            // Passed through: the caller stores `out`, then these bytes.
+            return Ok(Fed {
+                used,
+                pass: start..used,
+            });
         }
-        Ok(used)
+        Ok(Fed {
+            used,
+            pass: used..used,
+        })
+    }
+
+    /// Whether the end-of-archive blocks have passed: no entry follows.
+    pub fn at_end(&self) -> bool {
+        matches!(self.state, State::Trailer)
     }
 
     /// The next piece of a spilled file's content, `None` when there is none left.
@@ -402,26 +427,32 @@ fn bad_entry(e: impl std::fmt::Display) -> DiffError {
 impl RelFile {
     /// Takes the file's next bytes: whole files pass through, every block is hashed, blocks
     /// that differ from the parent's are kept.
-    fn take(&mut self, mut bytes: &[u8], out: &mut Vec<u8>) -> Result<(), DiffError> {
+    fn take(&mut self, mut bytes: &[u8]) -> Result<(), DiffError> {
         self.done += bytes.len() as u64;
-        if self.parent.is_none() {
-            out.extend_from_slice(bytes);
+        // Whole blocks are hashed where they are; only a block split between two reads is
+        // gathered in `partial`.
+        while self.partial.is_empty() && bytes.len() >= BLCKSZ {
+            let (block, rest) = bytes.split_at(BLCKSZ);
+            self.block(block)?;
+            bytes = rest;
         }
         while !bytes.is_empty() {
             let n = (BLCKSZ - self.partial.len()).min(bytes.len());
             self.partial.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.partial.len() == BLCKSZ {
-                self.block()?;
+                let block = std::mem::take(&mut self.partial);
+                self.block(&block)?;
+                self.partial = block;
                 self.partial.clear();
             }
         }
         Ok(())
     }
 
-    fn block(&mut self) -> Result<(), DiffError> {
+    fn block(&mut self, block: &[u8]) -> Result<(), DiffError> {
         let n = self.hashes.len();
-        let h = block_hash(&self.partial);
+        let h = block_hash(block);
         self.hashes.push(h);
         let Some(parent) = &self.parent else {
             return Ok(());
@@ -431,9 +462,9 @@ impl RelFile {
         }
         self.changed.push(n as u32);
         if let Some(f) = &mut self.spill {
-            f.write_all(&self.partial)?;
+            f.write_all(block)?;
         } else {
-            self.data.extend_from_slice(&self.partial);
+            self.data.extend_from_slice(block);
             if self.data.len() >= self.spill_at {
                 let mut f = tempfile::tempfile()?;
                 f.write_all(&std::mem::take(&mut self.data))?;
@@ -559,19 +590,33 @@ mod stream_tests {
     }
 
     async fn run_spilling(input: &[u8], maps: &mut BackupMaps, spill_at: usize) -> Vec<u8> {
+        run_pieces(input, maps, spill_at, 1000).await
+    }
+
+    async fn run_pieces(
+        input: &[u8],
+        maps: &mut BackupMaps,
+        spill_at: usize,
+        piece: usize,
+    ) -> Vec<u8> {
         let mut diff = TarDiff::new(None);
         diff.spill_at = spill_at;
         let mut out = vec![];
-        for chunk in input.chunks(1000) {
+        for chunk in input.chunks(piece) {
             let mut rest = chunk;
             while !rest.is_empty() {
-                let used = diff.feed(rest, maps, &mut out).await.unwrap();
-                rest = &rest[used..];
+                let fed = diff.feed(rest, maps, &mut out).await.unwrap();
+                out.extend_from_slice(&rest[fed.pass]);
+                rest = &rest[fed.used..];
                 while let Some(p) = diff.drain().unwrap() {
                     out.extend(p);
                 }
             }
         }
+        assert!(
+            diff.at_end(),
+            "every test archive ends with its end-of-archive blocks"
+        );
         out
     }
 
@@ -651,5 +696,48 @@ mod stream_tests {
         let spilled = run_spilling(&changed, &mut m, 2 * BLCKSZ).await;
         assert_eq!(m.blocks_changed, 5);
         assert_eq!(in_memory, spilled);
+    }
+
+    /// Blocks are hashed in place when a read holds them whole, gathered when split: the
+    /// output and the block map are the same whatever the reads' sizes.
+    #[tokio::test]
+    async fn any_read_size_gives_the_same_output_and_map() {
+        let repo = repo().await;
+        let mut m = maps(&repo, "full", None);
+        run(&archive(&blocks(b"abcdefgh")), &mut m).await;
+        m.writer.finish().await.unwrap();
+        let changed = archive(&blocks(b"aXcXeXgXZ"));
+        let mut m = maps(&repo, "ref", repo.block_map("full").await.unwrap());
+        let reference = run(&changed, &mut m).await;
+        m.writer.finish().await.unwrap();
+        let want = repo
+            .block_map("ref")
+            .await
+            .unwrap()
+            .unwrap()
+            .get("base/5/16384")
+            .await;
+        let want = want.unwrap().unwrap().hashes.clone();
+        for (i, piece) in [BLCKSZ, 3 * BLCKSZ + 512, 7777, changed.len()]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("p{i}");
+            let mut m = maps(&repo, &id, repo.block_map("full").await.unwrap());
+            let out = run_pieces(&changed, &mut m, 2 * BLCKSZ, piece).await;
+            assert_eq!(out, reference, "pieces of {piece}");
+            assert_eq!(
+                (m.blocks_changed, m.blocks_same),
+                (5, 4),
+                "pieces of {piece}"
+            );
+            m.writer.finish().await.unwrap();
+            let mut map = repo.block_map(&id).await.unwrap().unwrap();
+            assert_eq!(map.get("base/5/16384").await.unwrap().unwrap().hashes, want);
+            // A full backup passes every byte through unchanged.
+            let whole = archive(&blocks(b"abcdefgh"));
+            let mut m = maps(&repo, &format!("f{i}"), None);
+            assert_eq!(run_pieces(&whole, &mut m, SPILL_AT, piece).await, whole);
+        }
     }
 }

@@ -248,6 +248,8 @@ struct Uploads {
     /// Buffers given back by the uploads once their part is compressed.
     back_tx: mpsc::UnboundedSender<Vec<u8>>,
     back_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Set by [`Self::release`].
+    released: bool,
 }
 
 impl Uploads {
@@ -260,6 +262,7 @@ impl Uploads {
             buffers: 0,
             back_tx,
             back_rx,
+            released: false,
         }
     }
 
@@ -286,9 +289,22 @@ impl Uploads {
         }
     }
 
+    /// Few bytes follow: the spare buffers are freed, and those being compressed are freed as
+    /// they come back (a part still needed after all gets a new one).
+    fn release(&mut self) {
+        self.released = true;
+        self.buffers -= self.pool.len();
+        self.pool = vec![];
+    }
+
     fn give_back(&mut self, mut buf: Vec<u8>) {
         // An empty archive's part has no buffer of the pool.
-        if buf.capacity() >= PART_SIZE {
+        if buf.capacity() < PART_SIZE {
+            return;
+        }
+        if self.released {
+            self.buffers -= 1;
+        } else {
             buf.clear();
             self.pool.push(buf);
         }
@@ -327,6 +343,9 @@ impl Uploads {
     }
 
     async fn join_one(&mut self) -> Result<(), BackupError> {
+        while let Ok(b) = self.back_rx.try_recv() {
+            self.give_back(b);
+        }
         if let Some(res) = self.set.join_next().await {
             self.collect(res)?;
         }
@@ -691,8 +710,9 @@ struct Receiver<'a> {
     wal_conn: Option<WalConn>,
     own_wal: Option<OwnWalStream>,
     maps: BackupMaps,
-    /// The rewritten stream of one CopyData message, reused: a fresh buffer per message cost
-    /// an allocation (and page faults) for every few KiB received.
+    /// The bytes the block diff makes (tar headers, incremental entries) for one CopyData
+    /// message, reused; the bytes passing through unchanged go from the message to the part
+    /// buffer directly.
     scratch: Vec<u8>,
 }
 
@@ -774,6 +794,7 @@ impl<'a> Receiver<'a> {
             }
             BackupEvent::Manifest(bytes) => {
                 self.close_archive().await?;
+                self.release();
                 self.manifest_bytes.extend_from_slice(&bytes);
             }
             BackupEvent::Progress { .. } => {}
@@ -795,13 +816,17 @@ impl<'a> Receiver<'a> {
         let mut out = std::mem::take(&mut self.scratch);
         while !rest.is_empty() {
             out.clear();
-            let used = a.diff.feed(rest, &mut self.maps, &mut out).await?;
-            rest = &rest[used..];
+            let fed = a.diff.feed(rest, &mut self.maps, &mut out).await?;
             store(a, &mut self.uploads, self.repo, self.id, &out).await?;
+            store(a, &mut self.uploads, self.repo, self.id, &rest[fed.pass]).await?;
+            rest = &rest[fed.used..];
             // A file's spilled blocks, a piece at a time so parts upload as they fill.
             while let Some(piece) = a.diff.drain()? {
                 store(a, &mut self.uploads, self.repo, self.id, &piece).await?;
             }
+        }
+        if a.meta.tablespace_oid.is_none() && a.diff.at_end() && !self.uploads.released {
+            self.release();
         }
         // Kept only while small: a rare large rewrite (a whole file's incremental entry) must
         // not stay resident for the rest of the backup.
@@ -809,6 +834,16 @@ impl<'a> Receiver<'a> {
             self.scratch = out;
         }
         Ok(())
+    }
+
+    /// The data is all in (the main archive, which the server sends last, has reached its
+    /// end-of-archive blocks; or the manifest has come): the parent's block map and the spare
+    /// part buffers go now, before the segment switch at the backup's stop fills the WAL
+    /// segment buffer (16 MiB) of the backup's own WAL stream. Should an archive follow after
+    /// all, its files are stored whole: correct, only larger.
+    fn release(&mut self) {
+        self.maps.parent = None;
+        self.uploads.release();
     }
 
     async fn close_archive(&mut self) -> Result<(), BackupError> {

@@ -138,16 +138,46 @@ impl OwnWalStream {
 }
 
 /// The segment being filled.
+///
+/// Its buffer is allocated zeroed (fresh pages the kernel maps on first write) and a piece of
+/// zeros is not copied into it: the end of a switched segment, which the server pads with
+/// zeros and sends at the backup's stop, costs no memory. The backup's last segment is mostly
+/// that padding on a quiet server.
 struct Filling {
     tli: TimelineId,
     segno: SegNo,
     seg_size: u64,
+    /// Zeroed, `seg_size` long once the segment's first bytes arrive; empty before.
     buf: Vec<u8>,
+    /// Bytes of `buf` received.
+    filled: usize,
+}
+
+/// Whether `b` holds only zero bytes (eight at a time).
+fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
 }
 
 impl Filling {
+    fn new(tli: TimelineId, segno: SegNo, seg_size: u64) -> Filling {
+        Filling {
+            tli,
+            segno,
+            seg_size,
+            buf: vec![],
+            filled: 0,
+        }
+    }
+
     fn next_lsn(&self) -> Lsn {
-        Lsn(Lsn::from_segno(self.segno, self.seg_size).0 + self.buf.len() as u64)
+        Lsn(Lsn::from_segno(self.segno, self.seg_size).0 + self.filled as u64)
+    }
+
+    /// The bytes received of the segment being filled.
+    fn received(&self) -> &[u8] {
+        &self.buf[..self.filled.min(self.buf.len())]
     }
 
     fn name(&self) -> WalFileName {
@@ -158,14 +188,19 @@ impl Filling {
     fn push(&mut self, mut data: &[u8]) -> Vec<(WalFileName, Vec<u8>)> {
         let mut done = vec![];
         while !data.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(self.seg_size as usize);
+            if self.buf.is_empty() {
+                self.buf = vec![0; self.seg_size as usize];
             }
-            let n = (self.seg_size as usize - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() as u64 == self.seg_size {
+            let n = (self.seg_size as usize - self.filled).min(data.len());
+            let (piece, rest) = data.split_at(n);
+            if !all_zero(piece) {
+                self.buf[self.filled..self.filled + n].copy_from_slice(piece);
+            }
+            self.filled += n;
+            data = rest;
+            if self.filled as u64 == self.seg_size {
                 done.push((self.name(), std::mem::take(&mut self.buf)));
+                self.filled = 0;
                 self.segno += 1;
             }
         }
@@ -240,12 +275,7 @@ async fn stream(
     seg_size: u64,
     mut stop_rx: oneshot::Receiver<StopAt>,
 ) -> Result<OwnWal, OwnWalError> {
-    let mut seg = Filling {
-        tli,
-        segno: start.segno(seg_size),
-        seg_size,
-        buf: Vec::new(),
-    };
+    let mut seg = Filling::new(tli, start.segno(seg_size), seg_size);
     let mut s = conn
         .start_replication(None, seg.next_lsn(), Some(tli))
         .await?;
@@ -308,14 +338,15 @@ async fn store_last_prefix(
     stop: &StopAt,
 ) -> Result<Option<(WalFileName, usize)>, OwnWalError> {
     let last = Lsn(stop.lsn.0.saturating_sub(1)).segno(seg.seg_size);
-    if seg.buf.is_empty() || seg.segno != last {
+    let received = seg.received();
+    if received.is_empty() || seg.segno != last {
         return Ok(None);
     }
     let name = seg.name();
-    repo.store_segment_prefix(&name, &seg.buf).await?;
-    tracing::info!(segment = %name, bytes = seg.buf.len(), stop_lsn = %stop.lsn,
+    repo.store_segment_prefix(&name, received).await?;
+    tracing::info!(segment = %name, bytes = received.len(), stop_lsn = %stop.lsn,
         "stored the backup's last, incomplete segment as chunks");
-    Ok(Some((name, seg.buf.len())))
+    Ok(Some((name, received.len())))
 }
 
 /// Ends START_REPLICATION with CopyDone and closes, so the server logs no broken connection.
@@ -340,12 +371,7 @@ mod tests {
 
     #[test]
     fn filling_cuts_exact_segments() {
-        let mut f = Filling {
-            tli: 1,
-            segno: 3,
-            seg_size: SEG,
-            buf: vec![],
-        };
+        let mut f = Filling::new(1, 3, SEG);
         assert!(f.push(&vec![1; SEG as usize - 10]).is_empty());
         let done = f.push(&[2; 30]);
         assert_eq!(done.len(), 1);
@@ -353,6 +379,34 @@ mod tests {
         assert_eq!(done[0].1.len() as u64, SEG);
         assert_eq!(&done[0].1[SEG as usize - 10..], &[2; 10]);
         assert_eq!(f.next_lsn(), Lsn(4 * SEG + 20));
+        assert_eq!(f.received(), &[2; 20]);
+    }
+
+    /// Pieces of zeros are skipped, not lost: the segment is byte for byte what was sent,
+    /// whatever mix of zero and non-zero pieces (and a piece of zeros ending in one byte).
+    #[test]
+    fn zero_pieces_leave_the_segment_exact() {
+        let mut sent = vec![];
+        let mut f = Filling::new(1, 3, SEG);
+        let mut done = vec![];
+        let mut i = 0u32;
+        while (sent.len() as u64) < 2 * SEG + 100 {
+            let len = 1 + (i as usize * 7919) % 70_000;
+            let mut piece = vec![0u8; len];
+            match i % 4 {
+                0 => piece.iter_mut().for_each(|b| *b = (i % 251) as u8 | 1),
+                1 => *piece.last_mut().expect("not empty") = 9,
+                _ => {}
+            }
+            sent.extend_from_slice(&piece);
+            done.extend(f.push(&piece));
+            i += 1;
+        }
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0].1, sent[..SEG as usize]);
+        assert_eq!(done[1].1, sent[SEG as usize..2 * SEG as usize]);
+        assert_eq!(f.received(), &sent[2 * SEG as usize..]);
+        assert_eq!(f.next_lsn(), Lsn(5 * SEG + sent.len() as u64 - 2 * SEG));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, Result};
+use crate::codec::{self, BlockWriter, Codec, FRAME_HEADER_LEN};
 use crate::storage::StorageError;
 use crate::wal::{SegNo, WalFileName};
 
@@ -346,9 +347,25 @@ impl Repository {
         content: Vec<u8>,
     ) -> (EncodedPart, Vec<u8>) {
         let key = layout::backup_part_key(id, archive, part);
-        let (framed, content) = self.objects.encode_blocking(&key, content).await;
-        let framed = Bytes::from(framed);
-        (EncodedPart { key, framed }, content)
+        if self.objects.data_key.is_some() || self.objects.write.codec != Codec::Lz4 {
+            let (framed, content) = self.objects.encode_blocking(&key, content).await;
+            let framed = Bytes::from(framed);
+            return (EncodedPart { key, framed }, content);
+        }
+        // lz4 in blocks (codec 3), as archive-push stores segments: the output grows block by
+        // block instead of being a zeroed buffer of lz4's bound for the whole part (8 MiB
+        // written for ~1 MiB kept, resident wherever the allocator reuses it), and each
+        // block's checksums are taken while it is in the cache.
+        tokio::task::spawn_blocking(move || {
+            let mut w = BlockWriter::new(FRAME_HEADER_LEN, content.len());
+            w.write(&content);
+            let mut blocks = w.finish();
+            blocks.out.shrink_to_fit();
+            let framed = codec::frame_blocks(blocks);
+            (EncodedPart { key, framed }, content)
+        })
+        .await
+        .expect("encode task panicked")
     }
 
     /// The second half of [`Self::put_backup_part`]: stores an encoded part; returns the stored

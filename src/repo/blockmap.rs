@@ -207,10 +207,12 @@ impl BlockMap {
             let entry = self.cache.remove(i);
             self.cache.push(entry);
         } else {
-            let decoded = self.load(part).await?;
+            // The least recently used part goes before the next is read and decoded: after,
+            // three decoded parts and a stored one would be held at once.
             if self.cache.len() >= CACHED_PARTS {
                 self.cache.remove(0);
             }
+            let decoded = self.load(part).await?;
             self.cache.push((part, decoded));
         }
         let (_, files) = self.cache.last().expect("just cached");

@@ -112,6 +112,45 @@ async fn a_backup_part_stored_again_after_a_lost_answer_is_success() {
     repo.put_backup_manifest(&id, b"{}".to_vec()).await.unwrap();
 }
 
+/// With lz4 and no encryption a backup part is written as LZ4 blocks (codec 3), block by
+/// block; it reads back whole, decoded by its header, and a retried upload of the same content
+/// is success while different content is refused.
+#[tokio::test]
+async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    // Compressible and incompressible stretches, longer than one block.
+    let mut part: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    part.extend((0..300_000u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    let (encoded, back) = repo
+        .encode_backup_part(&id, "base.tar", 0, part.clone())
+        .await;
+    assert_eq!(back, part, "the content's buffer comes back unchanged");
+    let stored = repo.put_encoded_part(encoded).await.unwrap();
+    let key = layout::backup_part_key(&id, "base.tar", 0);
+    let raw = repo.storage.get(&key).await.unwrap();
+    assert_eq!(raw.len() as u64, stored);
+    assert_eq!(
+        crate::codec::peek_header(&raw).unwrap().codec,
+        Codec::Lz4Blocks
+    );
+    assert!(stored < part.len() as u64);
+    assert_eq!(repo.backup_part(&id, "base.tar", 0).await.unwrap(), part);
+    let fetched = repo.fetch_backup_part(&id, "base.tar", 0).await.unwrap();
+    assert_eq!(fetched.decode().unwrap(), part);
+    let (again, _) = repo
+        .encode_backup_part(&id, "base.tar", 0, part.clone())
+        .await;
+    assert_eq!(repo.put_encoded_part(again).await.unwrap(), stored);
+    let (other, _) = repo
+        .encode_backup_part(&id, "base.tar", 0, vec![1; 10])
+        .await;
+    assert!(matches!(
+        repo.put_encoded_part(other).await,
+        Err(RepoError::ConflictingContent { .. })
+    ));
+}
+
 #[tokio::test]
 async fn completion_and_abandonment_exclude_each_other() {
     let repo = repo().await;
