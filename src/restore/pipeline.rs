@@ -20,12 +20,17 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use tokio::sync::mpsc;
 
 use super::error::RestoreError;
-use super::writer::Extraction;
 use crate::format::archive_check::{
     ArchiveReader, ArchiveSink, FeedError, FileSum, ManifestCheck, Mismatch,
 };
 use crate::format::tar::TarHeader;
 use crate::repo::{BackupArchive, FetchedPart};
+
+/// What the writer thread needs, moved to it for each archive and back.
+pub(super) struct Extraction<S> {
+    pub check: ManifestCheck,
+    pub writer: S,
+}
 
 /// Decoded content in memory at once: two parts of 8 MiB, the size pitr cuts.
 const DECODED_MAX: usize = 16 << 20;

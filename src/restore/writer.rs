@@ -18,7 +18,7 @@ use super::delta::Delta;
 use super::durable::{SyncHandle, FLUSH_EVERY};
 use super::error::RestoreError;
 use super::pipeline;
-use crate::format::archive_check::{ArchiveSink, FileSum, ManifestCheck, Mismatch};
+use crate::format::archive_check::{ArchiveSink, FileSum, Mismatch};
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupArchive, FetchedPart, Repository};
@@ -279,11 +279,9 @@ pub(super) fn mismatch_error(m: Mismatch) -> RestoreError {
     }
 }
 
-/// What the writer thread needs, moved to it for each archive and back.
-pub(super) struct Extraction<S = FileWriter> {
-    pub check: ManifestCheck,
-    pub writer: S,
-}
+/// [`pipeline::Extraction`] writing files (the pipeline owns the type: it moves it between its
+/// threads; this module only names the usual sink).
+pub(super) type Extraction<S = FileWriter> = pipeline::Extraction<S>;
 
 /// Fetches the parts of `archive` in order, a few ahead, and feeds them to the writer on a
 /// blocking thread; returns the extraction once the whole archive is written.
@@ -360,7 +358,7 @@ mod tests {
 
     use super::super::durable::Syncer;
     use super::*;
-    use crate::format::archive_check::{ArchiveReader, FeedError, Manifest};
+    use crate::format::archive_check::{ArchiveReader, FeedError, Manifest, ManifestCheck};
     use crate::format::manifest::ManifestFile;
     use crate::format::tar::build::{file, header, link, END};
 
