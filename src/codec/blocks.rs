@@ -57,6 +57,17 @@ pub struct BlockWriter {
     raw_len: u64,
     raw_crc: u32,
     payload_crc: u32,
+    /// Payload bytes handed out by [`BlockWriter::flush`] (no longer in `out`).
+    flushed: u64,
+}
+
+/// Lengths and checksums of a payload written by a [`BlockWriter`], for its frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSums {
+    pub raw_len: u64,
+    pub payload_len: u64,
+    pub raw_crc32c: u32,
+    pub payload_crc32c: u32,
 }
 
 /// What [`BlockWriter::finish`] hands back.
@@ -105,6 +116,34 @@ impl BlockWriter {
             raw_len: 0,
             raw_crc: 0,
             payload_crc: 0,
+            flushed: 0,
+        }
+    }
+
+    /// A writer whose blocks are taken out with [`Self::flush`] as they are made (written to
+    /// a file by the caller), so that it holds one block at a time: no room, and a page-aligned
+    /// buffer of one compressed block, reused (zeroed once).
+    pub fn streamed() -> BlockWriter {
+        Self::with_padding(0, BLOCK_LEN, true)
+    }
+
+    /// Hands the payload bytes made since the last flush to `sink`, then forgets them (the
+    /// checksums keep them). For a writer without room ([`Self::streamed`]).
+    pub fn flush<E>(&mut self, sink: impl FnOnce(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        let from = self.start + self.room;
+        sink(&self.out[from..self.used])?;
+        self.flushed += (self.used - from) as u64;
+        self.used = from;
+        Ok(())
+    }
+
+    /// Lengths and checksums of the whole payload so far, flushed or not.
+    pub fn sums(&self) -> BlockSums {
+        BlockSums {
+            raw_len: self.raw_len,
+            payload_len: self.flushed + (self.used - self.start - self.room) as u64,
+            raw_crc32c: self.raw_crc,
+            payload_crc32c: self.payload_crc,
         }
     }
 

@@ -1,7 +1,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::blocks::{self, BlockWriter, Blocks};
+use super::blocks::{self, BlockSums, BlockWriter, Blocks};
 use super::error::CodecError;
 
 /// First bytes of every stored object.
@@ -361,16 +361,27 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
 /// is the frame: the result shares the writer's buffer, from its `start`).
 pub fn frame_blocks(b: Blocks) -> bytes::Bytes {
     let (mut out, start) = (b.out, b.start);
-    let header = FrameHeader {
-        codec: Codec::Lz4Blocks,
+    let header = blocks_header(&BlockSums {
         raw_len: b.raw_len,
         payload_len: (out.len() - start - FRAME_HEADER_LEN) as u64,
         raw_crc32c: b.raw_crc32c,
         payload_crc32c: b.payload_crc32c,
-        encrypted: false,
-    };
-    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
+    });
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
     bytes::Bytes::from(out).slice(start..)
+}
+
+/// The frame header of an `lz4-blocks` payload written apart from it (streamed to a file by a
+/// [`BlockWriter::streamed`], the header written last at offset 0).
+pub fn blocks_header(s: &BlockSums) -> [u8; FRAME_HEADER_LEN] {
+    header_bytes(&FrameHeader {
+        codec: Codec::Lz4Blocks,
+        raw_len: s.raw_len,
+        payload_len: s.payload_len,
+        raw_crc32c: s.raw_crc32c,
+        payload_crc32c: s.payload_crc32c,
+        encrypted: false,
+    })
 }
 
 /// [`decode`] that hands the content to `sink` piece by piece instead of returning it: an

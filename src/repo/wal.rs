@@ -8,8 +8,8 @@ use bytes::Bytes;
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
 use crate::codec::CodecError;
-use crate::codec::{self, BlockWriter, Codec, FRAME_HEADER_LEN};
-use crate::storage::StorageError;
+use crate::codec::{self, BlockSums, BlockWriter, Codec, FRAME_HEADER_LEN};
+use crate::storage::{LocalUpload, StorageError};
 use crate::wal::{
     parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd,
     SegmentSummarizer, SegmentTail, Summarized, SummaryError, TimelineId, WalFileName,
@@ -338,8 +338,42 @@ enum UploadMode {
     Streamed {
         frame: BlockWriter,
         summary: tokio::task::JoinHandle<Option<SummaryRun>>,
+        /// Where the storage takes the object as it is made (a local directory): each block is
+        /// written as it is compressed, so the compressed segment is never held whole.
+        file: Option<FileUpload>,
     },
     Whole(Vec<u8>),
+}
+
+/// The object's temporary file, and the first error writing it (reported by
+/// [`Repository::store_segment_upload`]; nothing more is written after it).
+struct FileUpload {
+    up: LocalUpload,
+    failed: Option<StorageError>,
+}
+
+impl FileUpload {
+    /// Room for the frame header, which is written last (its checksums cover everything).
+    fn start(mut up: LocalUpload) -> FileUpload {
+        let failed = up.write(&[0u8; FRAME_HEADER_LEN]).err();
+        FileUpload { up, failed }
+    }
+
+    fn write(&mut self, frame: &mut BlockWriter, piece: &[u8]) {
+        if self.failed.is_none() {
+            frame.write(piece);
+            self.failed = frame.flush(|b| self.up.write(b)).err();
+        }
+    }
+
+    /// Fills in the header, then makes the object durable and publishes it (blocking).
+    fn finish(self, sums: BlockSums) -> Result<(), StorageError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        self.up.write_at(&codec::blocks_header(&sums), 0)?;
+        self.up.finish_if_absent()
+    }
 }
 
 /// What [`Repository::store_segment_upload`] did.
@@ -504,6 +538,11 @@ impl SegmentUpload {
     /// The next bytes of the segment (any size; archive-push uses [`codec::BLOCK_LEN`]).
     pub fn write(&mut self, piece: &[u8]) {
         match &mut self.mode {
+            UploadMode::Streamed {
+                frame,
+                file: Some(file),
+                ..
+            } => file.write(frame, piece),
             UploadMode::Streamed { frame, .. } => frame.write(piece),
             UploadMode::Whole(content) => content.extend_from_slice(piece),
         }
@@ -536,13 +575,36 @@ impl Repository {
         let n = name.clone();
         let summary =
             tokio::task::spawn_blocking(move || summarize_input(&n, summary_input, len, prev));
+        let (frame, file) = match self.streamed_file(name).await {
+            Some(file) => (BlockWriter::streamed(), Some(file)),
+            None => (BlockWriter::aligned(FRAME_HEADER_LEN, len as usize), None),
+        };
         SegmentUpload {
             name: name.clone(),
             mode: UploadMode::Streamed {
-                frame: BlockWriter::aligned(FRAME_HEADER_LEN, len as usize),
+                frame,
                 summary,
+                file,
             },
             prev: PrevCarry::Lookup,
+        }
+    }
+
+    /// The temporary file of segment `name`'s object where the storage writes objects as they
+    /// are made. One that cannot be created falls back to the object gathered in memory (the
+    /// put reports the error, if it persists).
+    async fn streamed_file(&self, name: &WalFileName) -> Option<FileUpload> {
+        let storage = self.storage.clone();
+        let key = layout::wal_key(name);
+        let up = tokio::task::spawn_blocking(move || storage.upload(&key))
+            .await
+            .expect("upload task panicked")?;
+        match up {
+            Ok(up) => Some(FileUpload::start(up)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot create the object's file; writing it at the end");
+                None
+            }
         }
     }
 
@@ -553,19 +615,34 @@ impl Repository {
         up: SegmentUpload,
         order: SummaryOrder,
     ) -> Result<(UploadOutcome, Option<SegmentTail>), RepoError> {
-        let (frame, summary) = match up.mode {
+        let (frame, summary, file) = match up.mode {
             UploadMode::Whole(content) => {
                 let s = self
                     .store_wal_file_with(&up.name, Bytes::from(content), up.prev, order)
                     .await?;
                 return Ok((UploadOutcome::Done(s.outcome), s.next_carry));
             }
-            UploadMode::Streamed { frame, summary } => (frame, summary),
+            UploadMode::Streamed {
+                frame,
+                summary,
+                file,
+            } => (frame, summary, file),
         };
         let key = layout::wal_key(&up.name);
-        let framed = codec::frame_blocks(frame.finish());
         let put_segment = async {
-            match self.storage.put_if_absent(&key, framed).await {
+            let put = match file {
+                Some(file) => {
+                    let sums = frame.sums();
+                    tokio::task::spawn_blocking(move || file.finish(sums))
+                        .await
+                        .expect("upload task panicked")
+                }
+                None => {
+                    let framed = codec::frame_blocks(frame.finish());
+                    self.storage.put_if_absent(&key, framed).await
+                }
+            };
+            match put {
                 Ok(()) => Ok(true),
                 Err(StorageError::AlreadyExists { .. }) => Ok(false),
                 Err(e) => Err(RepoError::from(e)),

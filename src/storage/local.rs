@@ -123,8 +123,8 @@ fn take_owner(path: &Path, like: &fs::Metadata) {
     }
 }
 
-/// Writes `data` to a fresh temporary file beside `path` and fsyncs it.
-fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
+/// Creates a fresh temporary file beside `path` (and the directories it needs, durably).
+fn create_temp(path: &Path) -> io::Result<(File, PathBuf)> {
     let dir = path.parent().expect("object paths have a parent");
     create_dir_durable(dir)?;
     let name = path
@@ -136,10 +136,16 @@ fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
         std::process::id(),
         rand::random::<u64>()
     ));
-    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
     if let Some(m) = repository_owner(dir) {
         take_owner(&tmp, &m);
     }
+    Ok((f, tmp))
+}
+
+/// Writes `data` to a fresh temporary file beside `path` and fsyncs it.
+fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
+    let (mut f, tmp) = create_temp(path)?;
     let res = f.write_all(data).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
@@ -150,10 +156,78 @@ fn write_temp(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
 
 fn put_if_absent_sync(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = write_temp(path, data)?;
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
+    publish_if_absent(path, &tmp)
+}
+
+/// Publishes the fsynced temporary file `tmp` as `path` unless `path` exists, and fsyncs the
+/// directory so that the new name survives a crash; `tmp` is removed either way.
+fn publish_if_absent(path: &Path, tmp: &Path) -> io::Result<()> {
+    let linked = fs::hard_link(tmp, path);
+    let _ = fs::remove_file(tmp);
     linked?;
     fsync_dir(path.parent().expect("object paths have a parent"))
+}
+
+/// An object written to its temporary file piece by piece as it is produced (archive-push's
+/// compressed segment), then published as `put_if_absent` does: no object-sized buffer.
+/// Durability is the same recipe: [`Self::finish_if_absent`] fsyncs the file before it links
+/// it, then the directory. Dropped unfinished, the temporary file is removed.
+#[derive(Debug)]
+pub struct LocalUpload {
+    key: String,
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<File>,
+}
+
+impl LocalUpload {
+    fn create(key: &str, path: PathBuf) -> Result<LocalUpload> {
+        let (file, tmp) = create_temp(&path).map_err(|e| io_err("put", key, e))?;
+        Ok(LocalUpload {
+            key: key.to_string(),
+            path,
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("open until finished")
+    }
+
+    /// Appends `data` at the end of what was written (one `write` per call, as a rule).
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        (&mut self.file()).write_all(data).map_err(|e| self.err(e))
+    }
+
+    /// Writes `data` at `offset`, over what was written there (a header filled in last).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file().write_all_at(data, offset).map_err(|e| self.err(e))
+    }
+
+    /// Makes the file durable and publishes it under its key unless an object is there
+    /// (`AlreadyExists`, as `put_if_absent`). Blocking: call it off the async threads.
+    pub fn finish_if_absent(mut self) -> Result<()> {
+        let file = self.file.take().expect("open until finished");
+        let done = file
+            .sync_all()
+            .and_then(|_| publish_if_absent(&self.path, &self.tmp));
+        done.map_err(|e| self.err(e))
+    }
+
+    fn err(&self, e: io::Error) -> StorageError {
+        io_err("put", &self.key, e)
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        // Unfinished (a failed read or write): the object is not published.
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn put_overwrite_sync(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -208,6 +282,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[async_trait]
 impl Backend for LocalBackend {
+    fn upload(&self, key: &str) -> Option<Result<LocalUpload>> {
+        Some(self.path_of(key).and_then(|p| LocalUpload::create(key, p)))
+    }
+
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path_of(key)?;
         blocking(move || put_if_absent_sync(&path, &data))

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use crate::error::{Classify, Code};
 use requests::Kind;
 
-pub use local::LocalBackend;
+pub use local::{LocalBackend, LocalUpload};
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
 pub use options::{AzureSettings, BackendOptions, GcsSettings, AZURITE_ACCOUNT, AZURITE_KEY};
@@ -136,6 +136,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Checks that the repository location exists and is reachable, e.g. that the bucket exists.
     async fn check_reachable(&self) -> Result<()>;
+    /// An object written as it is produced, for backends that can (a local directory); `None`
+    /// elsewhere, where the caller gathers the object and uses `put_if_absent`. Blocking.
+    fn upload(&self, _key: &str) -> Option<Result<LocalUpload>> {
+        None
+    }
 }
 
 /// A storage backend plus the policy for transient errors, counting the requests it sends.
@@ -209,6 +214,14 @@ impl Storage {
                 other => return other,
             }
         }
+    }
+
+    /// A streamed `put_if_absent` where the backend has one (see [`Backend::upload`]); counted
+    /// as one put. Blocking (creates the temporary file).
+    pub fn upload(&self, key: &str) -> Option<Result<LocalUpload>> {
+        let up = self.backend.upload(key)?;
+        self.requests.request(Kind::Put, 1);
+        Some(up)
     }
 
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<()> {
