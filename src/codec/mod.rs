@@ -14,7 +14,7 @@ pub use blocks::{aligned_buffer, BlockSums, BlockWriter, BLOCK_LEN};
 pub use error::CodecError;
 
 pub use frame::{
-    checked_payload, compress_with_room, decode, decode_into, decode_to, decompress,
-    decompress_into, encode, frame_blocks, blocks_header, header_bytes, peek_header, Codec, FrameHeader,
+    blocks_header, checked_payload, compress_with_room, decode, decode_into, decode_to, decompress,
+    decompress_into, encode, frame_blocks, header_bytes, peek_header, Codec, FrameHeader,
     FRAME_HEADER_LEN, FRAME_MAGIC, SEALED_HEADER_PREFIX_LEN,
 };

@@ -951,4 +951,76 @@ mod tests {
             ));
         }
     }
+
+    /// On a local directory each block goes to the object's temporary file as it is made: the
+    /// object is byte for byte the one gathered in memory, no temporary file is left beside it,
+    /// a retry finds it stored, and an upload dropped before it is stored leaves nothing.
+    #[tokio::test]
+    async fn streamed_to_a_local_file_stores_the_same_bytes() {
+        use crate::storage::Location;
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::Local(dir.path().to_path_buf());
+        let storage = Storage::open(&loc, std::time::Duration::ZERO).unwrap();
+        let cluster = ClusterIdentity {
+            system_identifier: 7_000_000_000_000_000_001,
+            pg_major: 15,
+            wal_segment_size: SEG_SIZE,
+        };
+        let local =
+            Repository::open_for_cluster(storage, &cluster, "test", WriteOptions::default())
+                .await
+                .unwrap();
+        let memory = repo().await;
+        let mut names = Vec::new();
+        for (segno, seg) in segments() {
+            let name = WalFileName::segment(1, segno, SEG_SIZE);
+            upload(&memory, &name, &seg).await;
+            assert!(matches!(
+                upload(&local, &name, &seg).await,
+                UploadOutcome::Done(PutOutcome::Stored)
+            ));
+            let key = layout::wal_key(&name);
+            let (a, b) = (
+                local.storage.get(&key).await,
+                memory.storage.get(&key).await,
+            );
+            assert_eq!(a.unwrap(), b.unwrap(), "{name}");
+            assert_eq!(local.get_wal_file(&name).await.unwrap().unwrap(), seg);
+            assert!(matches!(
+                upload(&local, &name, &seg).await,
+                UploadOutcome::NeedsContent
+            ));
+            names.push(name);
+        }
+        // Dropped half-written: neither the object nor its temporary file stays.
+        let (segno, seg) = segments().into_iter().last().unwrap();
+        let name = WalFileName::segment(1, segno + 1, SEG_SIZE);
+        let input = std::io::Cursor::new(seg.clone());
+        let mut up = local
+            .segment_upload(
+                &name,
+                &seg[..4096],
+                seg.len() as u64,
+                input,
+                PrevCarry::Lookup,
+            )
+            .await;
+        up.write(&seg[..seg.len() / 2]);
+        drop(up);
+        assert!(local.get_wal_file(&name).await.unwrap().is_none());
+        let mut stray = Vec::new();
+        let mut dirs = vec![dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                let n = p.file_name().unwrap().to_string_lossy().to_string();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if n.contains("tmp") || n.starts_with('.') {
+                    stray.push(p);
+                }
+            }
+        }
+        assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    }
 }

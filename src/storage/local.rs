@@ -203,7 +203,9 @@ impl LocalUpload {
     /// Writes `data` at `offset`, over what was written there (a header filled in last).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file().write_all_at(data, offset).map_err(|e| self.err(e))
+        self.file()
+            .write_all_at(data, offset)
+            .map_err(|e| self.err(e))
     }
 
     /// Makes the file durable and publishes it under its key unless an object is there
