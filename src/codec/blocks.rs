@@ -175,8 +175,8 @@ impl BlockWriter {
         self.out[start + 4..data].copy_from_slice(&word.to_le_bytes());
         self.used = data + stored_len;
         self.raw_len += raw.len() as u64;
-        self.raw_crc = crc32c::crc32c_append(self.raw_crc, raw);
-        self.payload_crc = crc32c::crc32c_append(self.payload_crc, &self.out[start..self.used]);
+        self.raw_crc = super::crc::crc32c_append(self.raw_crc, raw);
+        self.payload_crc = super::crc::crc32c_append(self.payload_crc, &self.out[start..self.used]);
     }
 
     pub fn finish(mut self) -> Blocks {
@@ -273,7 +273,7 @@ pub fn decode_blocks<E: From<CodecError>>(
         }
         let scratch = &mut backing[at0..at0 + b.raw_len];
         expand(&b, scratch, at)?;
-        crc = crc32c::crc32c_append(crc, scratch);
+        crc = super::crc::crc32c_append(crc, scratch);
         sink(scratch)?;
         done += b.raw_len as u64;
         rest = after;
@@ -350,11 +350,11 @@ pub fn decompress_blocks_summed(
         });
         let (n, after) = match step {
             Ok(step) => step,
-            Err(e) => return Err((e, crc32c::crc32c_append(sums.payload, rest))),
+            Err(e) => return Err((e, super::crc::crc32c_append(sums.payload, rest))),
         };
         let block = &rest[..rest.len() - after.len()];
-        sums.payload = crc32c::crc32c_append(sums.payload, block);
-        sums.content = crc32c::crc32c_append(sums.content, &out[done..done + n]);
+        sums.payload = super::crc::crc32c_append(sums.payload, block);
+        sums.content = super::crc::crc32c_append(sums.content, &out[done..done + n]);
         done += n;
         rest = after;
     }

@@ -109,8 +109,8 @@ pub fn encode(raw: &[u8], codec: Codec, level: i32) -> Vec<u8> {
         codec,
         raw_len: raw.len() as u64,
         payload_len: (out.len() - FRAME_HEADER_LEN) as u64,
-        raw_crc32c: crc32c::crc32c(raw),
-        payload_crc32c: crc32c::crc32c(&out[FRAME_HEADER_LEN..]),
+        raw_crc32c: super::crc::crc32c(raw),
+        payload_crc32c: super::crc::crc32c(&out[FRAME_HEADER_LEN..]),
         encrypted: false,
     };
     out[..FRAME_HEADER_LEN].copy_from_slice(&header_bytes(&header));
@@ -172,7 +172,7 @@ pub fn header_bytes(h: &FrameHeader) -> [u8; FRAME_HEADER_LEN] {
     b[16..24].copy_from_slice(&h.payload_len.to_le_bytes());
     b[24..28].copy_from_slice(&h.raw_crc32c.to_le_bytes());
     b[28..32].copy_from_slice(&h.payload_crc32c.to_le_bytes());
-    let crc = crc32c::crc32c(&b[0..36]);
+    let crc = super::crc::crc32c(&b[0..36]);
     b[36..40].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -184,7 +184,7 @@ pub fn peek_header(bytes: &[u8]) -> Result<FrameHeader, CodecError> {
     }
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    if u32_at(36) != crc32c::crc32c(&bytes[0..36]) {
+    if u32_at(36) != super::crc::crc32c(&bytes[0..36]) {
         return Err(CodecError::HeaderChecksum);
     }
     let encrypted = match bytes[4] {
@@ -212,7 +212,7 @@ pub fn peek_header(bytes: &[u8]) -> Result<FrameHeader, CodecError> {
 /// damage is found before a decompressor or a cipher sees it, and without the key).
 pub fn checked_payload<'a>(h: &FrameHeader, bytes: &'a [u8]) -> Result<&'a [u8], CodecError> {
     let payload = sized_payload(h, bytes)?;
-    check_payload_crc(h, crc32c::crc32c(payload))?;
+    check_payload_crc(h, super::crc::crc32c(payload))?;
     // The header is checksummed, but a crafted one must still not make us allocate without bound.
     if h.raw_len > MAX_RAW_LEN {
         return Err(CodecError::ContentLength {
@@ -353,7 +353,7 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     }
     let payload = checked_payload(&h, bytes)?;
     decompress_into(h.codec, payload, h.raw_len, out)?;
-    check_content_crc(&h, crc32c::crc32c(out))
+    check_content_crc(&h, super::crc::crc32c(out))
 }
 
 /// The frame of an `lz4-blocks` payload built by a [`BlockWriter`] with `room` =
@@ -403,12 +403,12 @@ pub fn decode_to<E: From<CodecError>>(
             for piece in payload.chunks(blocks::BLOCK_LEN) {
                 sink(piece)?;
             }
-            crc32c::crc32c(payload)
+            super::crc::crc32c(payload)
         }
         _ => {
             let raw = decompress(h.codec, payload, h.raw_len)?;
             sink(&raw)?;
-            crc32c::crc32c(&raw)
+            super::crc::crc32c(&raw)
         }
     };
     if crc != h.raw_crc32c {

@@ -6,6 +6,7 @@
 //! The byte layout is specified in docs/repository-format.md; keep the two in step.
 
 mod blocks;
+pub mod crc;
 pub mod crypt;
 mod error;
 mod frame;

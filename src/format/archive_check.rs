@@ -140,7 +140,7 @@ impl ArchiveReader {
             }
             TarEvent::Data(d) => {
                 if let Some(f) = current {
-                    f.crc32c = crc32c::crc32c_append(f.crc32c, d);
+                    f.crc32c = crate::codec::crc::crc32c_append(f.crc32c, d);
                     f.size += d.len() as u64;
                 }
                 sink.data(d).map_err(FeedError::Sink)

@@ -139,7 +139,7 @@ fn encode_sealed(dek: &Dek, key: &str, content: &[u8], codec: Codec, level: i32)
     // written unsealed, and there is nothing sensible to continue with.
     crypt::seal_in_place(dek, &aad(key, &header), &mut out, FRAME_HEADER_LEN)
         .expect("the operating system's random number generator failed");
-    header.payload_crc32c = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
+    header.payload_crc32c = crate::codec::crc::crc32c(&out[FRAME_HEADER_LEN..]);
     out[..FRAME_HEADER_LEN].copy_from_slice(&codec::header_bytes(&header));
     out
 }
