@@ -340,7 +340,7 @@ enum UploadMode {
         summary: tokio::task::JoinHandle<Option<SummaryRun>>,
         /// Where the storage takes the object as it is made (a local directory): each block is
         /// written as it is compressed, so the compressed segment is never held whole.
-        file: Option<FileUpload>,
+        file: Option<Box<FileUpload>>,
     },
     Whole(Vec<u8>),
 }
@@ -597,14 +597,14 @@ impl Repository {
     /// The temporary file of segment `name`'s object where the storage writes objects as they
     /// are made. One that cannot be created falls back to the object gathered in memory (the
     /// put reports the error, if it persists).
-    async fn streamed_file(&self, name: &WalFileName) -> Option<FileUpload> {
+    async fn streamed_file(&self, name: &WalFileName) -> Option<Box<FileUpload>> {
         let storage = self.storage.clone();
         let key = layout::wal_key(name);
         let up = tokio::task::spawn_blocking(move || storage.upload(&key))
             .await
             .expect("upload task panicked")?;
         match up {
-            Ok(up) => Some(FileUpload::start(up)),
+            Ok(up) => Some(Box::new(FileUpload::start(up))),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot create the object's file; writing it at the end");
                 None
