@@ -456,6 +456,19 @@ mod scan_tests {
     }
 }
 
+/// Whether a stored WAL object could be a chunked segment: only segments and `.partial`s are,
+/// and their objects are small (a list of chunks); a whole segment's frame is bigger unless it
+/// compresses below this, when decoding it whole costs little anyway. Readers that stream a
+/// stored frame (never holding the content whole) decode such an object whole instead, so that
+/// one naming its chunks is resolved rather than served as WAL.
+pub(super) fn may_be_chunked_segment(name: &WalFileName, stored: &[u8]) -> bool {
+    const CHUNKED_SEGMENT_MAX: usize = 1 << 20;
+    matches!(
+        name,
+        WalFileName::Segment { .. } | WalFileName::Partial { .. }
+    ) && stored.len() <= CHUNKED_SEGMENT_MAX
+}
+
 /// First bytes of a chunked segment's content: a segment object that names its chunks instead
 /// of holding its bytes (docs/repository-format.md, "Chunked segments"). A WAL segment can
 /// never start like this: its first two bytes are the page magic, whose second byte is 0xD0 or

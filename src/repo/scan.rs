@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::chunks::parse_chunk_key;
+use super::chunks::{may_be_chunked_segment, parse_chunk_key};
 use super::{layout, ChunkRef, RepoError, Repository, Result};
 use crate::codec::{self, Codec, CodecError};
 use crate::wal::WalFileName;
@@ -213,14 +213,16 @@ impl Repository {
         o: &ScannedObject,
         buf: Vec<u8>,
     ) -> (Result<FetchedObject>, Vec<u8>) {
-        // Chunked segments' lists are far below this (as `may_be_chunked_segment` assumes).
-        const CHUNK_LIST_MAX: usize = 1 << 20;
         let stored = match self.storage.get(&o.key).await {
             Ok(stored) => stored,
             Err(e) => return (Err(e.into()), buf),
         };
+        let maybe_chunked = match &o.kind {
+            ObjectKind::Wal(name) => may_be_chunked_segment(name, &stored),
+            _ => false,
+        };
         let streamable = self.objects.data_key.is_none()
-            && stored.len() > CHUNK_LIST_MAX
+            && !maybe_chunked
             && matches!(codec::peek_header(&stored), Ok(h) if h.codec == Codec::Lz4Blocks && !h.encrypted);
         if streamable {
             let frame = FetchedObject::Frame {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::chunks::may_be_chunked_segment;
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
 use crate::codec::CodecError;
@@ -753,17 +754,6 @@ impl RecoveryWal {
             }
         })
     }
-}
-
-/// Whether a stored WAL object could be a chunked segment: only segments and `.partial`s are,
-/// and their objects are small (a list of chunks); a whole segment's frame is bigger unless it
-/// compresses below this, when decoding it whole costs little anyway.
-fn may_be_chunked_segment(name: &WalFileName, stored: &Bytes) -> bool {
-    const CHUNKED_SEGMENT_MAX: usize = 1 << 20;
-    matches!(
-        name,
-        WalFileName::Segment { .. } | WalFileName::Partial { .. }
-    ) && stored.len() <= CHUNKED_SEGMENT_MAX
 }
 
 enum Step {
