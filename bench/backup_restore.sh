@@ -40,7 +40,7 @@
 #    below). PARTS=rate runs only this (pgbench -i at SCALE; BASE adds pitr-base):
 #      PARTS=rate SCALE=30 REPS=3 sudo bench/backup_restore.sh
 # 6. Backup against the server's own send rate: pitr backup vs pg_basebackup -D - -Ft -X none
-#    -c fast > /dev/null (see "part 6" below). PARTS=send runs only this (BASE adds pitr-base):
+#    -c fast > /dev/null, on the cluster restarted without archiving (see "part 6" below). PARTS=send runs only this (BASE adds pitr-base):
 #      PARTS=send SCALE=30 REPS=5 sudo bench/backup_restore.sh
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -329,6 +329,11 @@ server_cpu() { # -> reaped children's CPU seconds of the postmaster
 }
 send_part() {
     local m r j c0 methods=(basebackup pitr) cpus=""
+    # Without archiving: with archive_mode = on, BASE_BACKUP's stop waits for the archiver,
+    # checking once a second (PostgreSQL 15's do_pg_backup_stop), which puts ~1 s into both
+    # sides and hides the send rate. pitr streams its backup's WAL itself.
+    pg_stop "$PGDATA"
+    pg_start "$PGDATA" "-c archive_mode=off"
     [[ -n "$PITR_BASE" ]] && methods=(basebackup pitr pitr-base)
     local tar_bytes l0 l1
     tar_bytes=$(as_pg "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D - -Ft -X none -c fast | wc -c)
@@ -348,6 +353,8 @@ send_part() {
         done
     done
     l1=$(cut -d' ' -f1-3 /proc/loadavg)
+    pg_stop "$PGDATA"
+    pg_start "$PGDATA"
     echo
     echo "## Backup vs the server's send rate: pgbench scale $SCALE (base.tar $((tar_bytes / 1000000)) MB), $REPS rounds"
     echo
