@@ -334,11 +334,36 @@ pub fn decompress_blocks_summed(
     raw_len: u64,
     out: &mut [u8],
 ) -> Result<Sums, (CodecError, u32)> {
-    let (mut rest, mut done) = (payload, 0usize);
     let mut sums = Sums {
         payload: 0,
         content: 0,
     };
+    let walked = walk_blocks(payload, raw_len, out, |stored, content| {
+        sums.payload = super::crc::crc32c_append(sums.payload, stored);
+        sums.content = super::crc::crc32c_append(sums.content, content);
+    });
+    match walked {
+        Ok(()) => Ok(sums),
+        // The blocks before `at` are summed already.
+        Err((e, at)) => Err((e, super::crc::crc32c_append(sums.payload, &payload[at..]))),
+    }
+}
+
+fn expand_blocks(payload: &[u8], raw_len: u64, out: &mut [u8]) -> Result<(), CodecError> {
+    walk_blocks(payload, raw_len, out, |_, _| {}).map_err(|(e, _)| e)
+}
+
+/// Expands the blocks of `payload` into `out` in order, handing `each` every block as stored
+/// (header included) and as expanded. Fails, with the payload offset of the block it stopped
+/// at (`payload.len()` when the blocks were all read), unless they fill exactly `raw_len`
+/// bytes of `out`.
+fn walk_blocks(
+    payload: &[u8],
+    raw_len: u64,
+    out: &mut [u8],
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> Result<(), (CodecError, usize)> {
+    let (mut rest, mut done) = (payload, 0usize);
     while !rest.is_empty() {
         let at = payload.len() - rest.len();
         let step = next_block(rest, at).and_then(|(b, after)| {
@@ -348,13 +373,8 @@ pub fn decompress_blocks_summed(
             expand(&b, dest, at)?;
             Ok((b.raw_len, after))
         });
-        let (n, after) = match step {
-            Ok(step) => step,
-            Err(e) => return Err((e, super::crc::crc32c_append(sums.payload, rest))),
-        };
-        let block = &rest[..rest.len() - after.len()];
-        sums.payload = super::crc::crc32c_append(sums.payload, block);
-        sums.content = super::crc::crc32c_append(sums.content, &out[done..done + n]);
+        let (n, after) = step.map_err(|e| (e, at))?;
+        each(&rest[..rest.len() - after.len()], &out[done..done + n]);
         done += n;
         rest = after;
     }
@@ -363,28 +383,7 @@ pub fn decompress_blocks_summed(
             expected: raw_len,
             actual: done as u64,
         };
-        return Err((e, sums.payload));
-    }
-    Ok(sums)
-}
-
-fn expand_blocks(payload: &[u8], raw_len: u64, out: &mut [u8]) -> Result<(), CodecError> {
-    let (mut rest, mut done) = (payload, 0usize);
-    while !rest.is_empty() {
-        let at = payload.len() - rest.len();
-        let (b, after) = next_block(rest, at)?;
-        let Some(dest) = out.get_mut(done..done + b.raw_len) else {
-            return Err(too_long(raw_len));
-        };
-        expand(&b, dest, at)?;
-        done += b.raw_len;
-        rest = after;
-    }
-    if done as u64 != raw_len {
-        return Err(CodecError::ContentLength {
-            expected: raw_len,
-            actual: done as u64,
-        });
+        return Err((e, payload.len()));
     }
     Ok(())
 }

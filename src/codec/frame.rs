@@ -411,13 +411,7 @@ pub fn decode_to<E: From<CodecError>>(
             super::crc::crc32c(&raw)
         }
     };
-    if crc != h.raw_crc32c {
-        return Err(CodecError::ContentChecksum {
-            expected: h.raw_crc32c,
-            actual: crc,
-        }
-        .into());
-    }
+    check_content_crc(&h, crc)?;
     Ok(h.raw_len)
 }
 
