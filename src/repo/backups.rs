@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, Result};
-use crate::codec::{self, BlockWriter, Codec, FRAME_HEADER_LEN};
+use crate::codec::{self, BlockWriter, FRAME_HEADER_LEN};
 use crate::storage::StorageError;
 use crate::wal::{SegNo, WalFileName};
 
@@ -347,7 +347,7 @@ impl Repository {
         content: Vec<u8>,
     ) -> (EncodedPart, Vec<u8>) {
         let key = layout::backup_part_key(id, archive, part);
-        if self.objects.data_key.is_some() || self.objects.write.codec != Codec::Lz4 {
+        if !self.objects.writes_lz4_blocks() {
             let (framed, content) = self.objects.encode_blocking(&key, content).await;
             let framed = Bytes::from(framed);
             return (EncodedPart { key, framed }, content);

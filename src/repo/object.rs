@@ -44,6 +44,12 @@ fn is_plain(key: &str) -> bool {
 }
 
 impl ObjectCodec {
+    /// Whether data objects written block by block (archive-push's segments, backup parts) are
+    /// `lz4-blocks` frames: with lz4 and no encryption (docs/repository-format.md).
+    pub fn writes_lz4_blocks(&self) -> bool {
+        self.data_key.is_none() && self.write.codec == Codec::Lz4
+    }
+
     /// The stored bytes of `content` under `key`.
     pub fn encode(&self, key: &str, content: &[u8], payload: Payload) -> Vec<u8> {
         let (codec, level) = match payload {

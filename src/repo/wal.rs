@@ -9,7 +9,7 @@ use super::chunks::may_be_chunked_segment;
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
 use crate::codec::CodecError;
-use crate::codec::{self, BlockSums, BlockWriter, Codec, FRAME_HEADER_LEN};
+use crate::codec::{self, BlockSums, BlockWriter, FRAME_HEADER_LEN};
 use crate::storage::{LocalUpload, StorageError};
 use crate::wal::{
     parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd,
@@ -568,8 +568,7 @@ impl Repository {
         summary_input: impl std::io::Read + Send + 'static,
         prev: PrevCarry,
     ) -> SegmentUpload {
-        let streamed = self.objects.data_key.is_none() && self.objects.write.codec == Codec::Lz4;
-        if !streamed {
+        if !self.objects.writes_lz4_blocks() {
             return SegmentUpload {
                 name: name.clone(),
                 mode: UploadMode::Whole(Vec::with_capacity(len as usize)),
@@ -825,6 +824,7 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Codec;
     use crate::repo::{ClusterIdentity, WriteOptions};
     use crate::storage::Storage;
     use crate::wal::testdata::{segments, SEG_SIZE};
@@ -834,16 +834,20 @@ mod tests {
     }
 
     async fn repo_with(codec: Codec) -> Repository {
+        let write = WriteOptions {
+            codec,
+            ..WriteOptions::default()
+        };
+        repo_on(Storage::in_memory(), write).await
+    }
+
+    async fn repo_on(storage: Storage, write: WriteOptions) -> Repository {
         let cluster = ClusterIdentity {
             system_identifier: 7_000_000_000_000_000_001,
             pg_major: 15,
             wal_segment_size: SEG_SIZE,
         };
-        let write = WriteOptions {
-            codec,
-            ..WriteOptions::default()
-        };
-        Repository::open_for_cluster(Storage::in_memory(), &cluster, "test", write)
+        Repository::open_for_cluster(storage, &cluster, "test", write)
             .await
             .unwrap()
     }
@@ -992,14 +996,7 @@ mod tests {
     async fn local_repo(dir: &std::path::Path) -> Repository {
         let loc = crate::storage::Location::Local(dir.to_path_buf());
         let storage = Storage::open(&loc, std::time::Duration::ZERO).unwrap();
-        let cluster = ClusterIdentity {
-            system_identifier: 7_000_000_000_000_000_001,
-            pg_major: 15,
-            wal_segment_size: SEG_SIZE,
-        };
-        Repository::open_for_cluster(storage, &cluster, "test", WriteOptions::default())
-            .await
-            .unwrap()
+        repo_on(storage, WriteOptions::default()).await
     }
 
     fn assert_no_temporary_files(root: &std::path::Path) {

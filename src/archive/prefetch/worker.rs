@@ -317,8 +317,7 @@ fn store(
             reserve >> 20
         ));
     }
-    // The same CRC-32C as the crc32c crate's, in a third of the time (SIMD folding).
-    let crc = crc_fast::crc32_iscsi(content);
+    let crc = crate::codec::crc::crc32c(content);
     let tmp = tmp_path(spool, name);
     let path = spool.join(entry_name(name, crc));
     // No fsync: a file torn by an OS crash fails its CRC when used and is fetched again.
