@@ -232,40 +232,38 @@ async fn verify_segments(
     let mut tail: Option<(TimelineId, SegNo, SegmentTail)> = None;
     let mut next = fetched.next().await;
     while let Some((s, object, stored)) = next {
-        let object = match object {
-            Ok(object) => object,
-            Err(e) => {
-                report.objects += 1 + s.summary.is_some() as u64;
-                report.bytes += s.object.size;
-                report.wal_segments += 1;
-                tail = None;
-                out.broken.insert((s.tli, s.segno));
-                record_read_error(report, s.object.key(), e)?;
-                progress(VerifyProgress::Checked {
-                    bytes: s.object.size,
-                });
-                next = fetched.next().await;
-                continue;
-            }
-        };
         let prev = match tail.take() {
             Some((t, n, tl)) if opts.full && t == s.tli && n + 1 == s.segno => Some(tl),
             _ => None,
         };
-        // Decoding, and with --full the record walk over each decoded block while it is in
-        // the cache, run on the blocking pool, so that the runtime thread keeps the next
-        // segments' reads going meanwhile.
-        let full = opts.full;
-        let walk = tokio::task::spawn_blocking(move || {
-            let walked = walk_object(&object, prev, full, cpus);
-            (walked, object)
-        });
-        let (walked, following) = futures::join!(walk, fetched.next());
-        next = following;
-        let (walked, object) = walked.expect("record walk panicked");
-        if let Some(buf) = object.into_buffer() {
-            give_back(buf);
-        }
+        let walked = match object {
+            Ok(object) => {
+                // Decoding, and with --full the record walk over each decoded block while it
+                // is in the cache, run on the blocking pool, so that the runtime thread keeps
+                // the next segments' reads going meanwhile.
+                let full = opts.full;
+                let walk = tokio::task::spawn_blocking(move || {
+                    let walked = walk_object(&object, prev, full, cpus);
+                    (walked, object)
+                });
+                let (walked, following) = futures::join!(walk, fetched.next());
+                next = following;
+                let (walked, object) = walked.expect("record walk panicked");
+                if let Some(buf) = object.into_buffer() {
+                    give_back(buf);
+                }
+                walked
+            }
+            // Not read: checked as an object that does not decode.
+            Err(e) => {
+                next = fetched.next().await;
+                Walked {
+                    decoded: Err(e),
+                    head: Vec::new(),
+                    summarized: None,
+                }
+            }
+        };
         let checked = check_walked(s, walked, stored, opts, &mut tail, &mut out, report);
         progress(VerifyProgress::Checked {
             bytes: s.object.size,
