@@ -211,11 +211,10 @@ impl LocalUpload {
     /// Makes the file durable and publishes it under its key unless an object is there
     /// (`AlreadyExists`, as `put_if_absent`). Blocking: call it off the async threads.
     pub fn finish_if_absent(mut self) -> Result<()> {
-        let file = self.file.take().expect("open until finished");
-        let done = file
-            .sync_all()
-            .and_then(|_| publish_if_absent(&self.path, &self.tmp));
-        done.map_err(|e| self.err(e))
+        // A failed fsync leaves the file open: dropping `self` then removes it.
+        self.file().sync_all().map_err(|e| self.err(e))?;
+        self.file = None;
+        publish_if_absent(&self.path, &self.tmp).map_err(|e| self.err(e))
     }
 
     fn err(&self, e: io::Error) -> StorageError {
