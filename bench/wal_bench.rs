@@ -41,13 +41,7 @@ fn main() {
     }
     let rounds: usize = second.map_or(5, |r| r.parse().expect("ROUNDS"));
     let only_summarize = args.next().as_deref() == Some("summarize");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .expect("DIR")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        .collect();
-    names.sort();
+    let names = segment_names(&dir);
     let segs: Vec<Vec<u8>> = names
         .iter()
         .map(|n| std::fs::read(format!("{dir}/{n}")).expect("segment"))
@@ -135,8 +129,8 @@ fn main() {
     std::hint::black_box(sink);
 }
 
-/// The `compare` mode (see the top of the file).
-fn compare(dir: &str, repo: &str) {
+/// The WAL segment files in `dir` (24 hex digits), in order.
+fn segment_names(dir: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("DIR")
         .filter_map(|e| e.ok())
@@ -144,6 +138,12 @@ fn compare(dir: &str, repo: &str) {
         .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
         .collect();
     names.sort();
+    names
+}
+
+/// The `compare` mode (see the top of the file).
+fn compare(dir: &str, repo: &str) {
+    let names = segment_names(dir);
     let (mut tail, mut whole_tail): (Option<SegmentTail>, Option<SegmentTail>) = (None, None);
     let (mut same, mut records) = (0, 0);
     for n in &names {

@@ -1,9 +1,10 @@
 //! Writing a backup's archives into place: parts are fetched a few at a time ahead of the
 //! writer (a bounded number of stored bytes, so memory stays flat whatever the backup size) and
 //! handed over a bounded channel to [`super::pipeline`], where one thread decodes and checks
-//! each while another writes the files of the one before directly into place. No file is staged; every byte is checked twice: by the object checksum
-//! when decoded and by the manifest checksum when written. Used by a full restore and by the
-//! restore of an incremental chain, which wraps [`FileWriter`].
+//! each while another writes the files of the one before directly into place. No file is
+//! staged; every byte is checked twice: by the object checksum when decoded and by the manifest
+//! checksum when written. Used by a full restore and by the restore of an incremental chain,
+//! which wraps [`FileWriter`].
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -26,8 +27,8 @@ use crate::repo::{BackupArchive, FetchedPart, Repository};
 /// Parts fetched ahead of the writer: at most this many bytes of content, and at most
 /// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
 /// more than its content; it is decoded when the writer reaches it. So restore memory is
-/// bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB in backups of older pitr), whatever
-/// the backup size, and much less for parts that compress well.
+/// bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB in backups of older
+/// pitr), whatever the backup size, and much less for parts that compress well.
 const PREFETCH_BYTES: u64 = 16 << 20;
 /// Enough to hide an object store's latency: the writer takes ~20 ms per 8 MiB part.
 const PREFETCH_PARTS_MAX: u64 = 2;
