@@ -135,7 +135,7 @@ async fn run_once(
     let repo = marker::open_repository(&mut conn, storage, &cluster, write).await?;
     let mirrors = open_mirrors(&opts, &cluster).await?;
     let history = store_history(&mut conn, &repo, sys.timeline).await?;
-    let sp = start_point(&repo, &history, &sys, slot_restart, &opts).await?;
+    let sp = start_point(&repo, &mirrors, &history, &sys, slot_restart, &opts).await?;
     let (open, budget, sp) = resume_segment(&repo, sp, &history, sys.timeline, seg_size).await?;
     sync_mirrors(&repo, &mirrors, &sp, sys.timeline, seg_size).await?;
     let start = open.next_lsn();
@@ -290,9 +290,10 @@ async fn store_history(
 
 /// Where streaming starts: after the WAL the repository holds, else at the slot's restart_lsn,
 /// else at the server's position (see `start`). One LIST of `wal/` gives both the inventory
-/// and the chunk folders.
+/// and the chunk folders; a mirror's LIST, the holes a kill left in it.
 async fn start_point(
     repo: &Repository,
+    mirrors: &[Repository],
     history: &[HistoryEntry],
     sys: &pg::IdentifySystem,
     slot_restart: Option<Lsn>,
@@ -309,6 +310,10 @@ async fn start_point(
         sys.xlogpos,
         seg_size,
     );
+    for m in mirrors {
+        let inv = m.wal_scan().await?.inventory;
+        sp = start::back_to_hole(sp, &inv, history, sys.timeline, slot_restart, seg_size);
+    }
     if let (true, StartSource::Repository, Some(r)) = (opts.accept_gap, sp.source, slot_restart) {
         let slot_seg = Lsn::from_segno(r.segno(seg_size), seg_size);
         if slot_seg > sp.lsn {
@@ -330,6 +335,8 @@ async fn start_point(
         StartSource::Repository => {
             tracing::info!(start = %sp.lsn, timeline = sp.tli, "continuing after the WAL already in the repository")
         }
+        StartSource::Hole => tracing::warn!(start = %sp.lsn, timeline = sp.tli,
+            "a segment before the repository's end is missing (a stream stopped while storing it): streaming again from it"),
         StartSource::Slot => {
             tracing::info!(start = %sp.lsn, timeline = sp.tli, "starting at the slot's restart_lsn")
         }

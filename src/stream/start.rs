@@ -3,7 +3,8 @@
 //!
 //! Order of preference:
 //! 1. the end of the WAL already in the repository on the server's timeline lineage (the
-//!    segment after the last stored one): no gap, nothing shipped twice;
+//!    segment after the last stored one): no gap, nothing shipped twice; or, when a stream
+//!    killed mid-upload left a hole just before that end, the hole;
 //! 2. the slot's `restart_lsn`: the oldest WAL the server still guarantees;
 //! 3. the server's current position, with a warning that earlier WAL is not covered.
 //!
@@ -13,10 +14,16 @@
 use crate::repo::WalInventory;
 use crate::wal::{HistoryEntry, Lsn, TimelineId};
 
+/// How many segments before the repository's end a stream killed mid-upload can leave a hole:
+/// one per job in flight (each stores at most one segment), and the one being filled.
+const REORDER_WINDOW: u64 = super::uploader::IN_FLIGHT as u64 + 1;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartSource {
     /// After the last segment stored in the repository.
     Repository,
+    /// At a segment missing shortly before the repository's end (see [`first_hole`]).
+    Hole,
     /// The slot's restart_lsn.
     Slot,
     /// The server's current WAL position: WAL before it is not in the repository.
@@ -112,6 +119,70 @@ fn repository_end(
     best
 }
 
+/// The first segment from the slot's `restart_lsn` up to `end` that the repository does not
+/// hold whole, as the timeline and start to stream it from.
+///
+/// The uploader stores a few jobs at once and publishes their ends in order, so the flush
+/// feedback (and with it the slot) never passes a hole; but a stream killed mid-way can leave a
+/// later segment stored and an earlier one not. Everything before the slot's position is
+/// durable; after it, "the end of the repository" may lie beyond a hole, and starting there
+/// would skip that segment for good.
+///
+/// Such holes lie within [`REORDER_WINDOW`] segments of the end. Further back, a segment
+/// missing after the slot was deleted on purpose (expire, while the slot lagged behind):
+/// streaming it again would only bring back what retention removed. PostgreSQL 13/14 do not
+/// tell the slot's position: there the window and the repository's first segment bound the
+/// search, and should the server no longer have the hole's WAL, START_REPLICATION says so and
+/// the stream exits naming the range.
+fn first_hole(
+    inv: &WalInventory,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+    slot_restart: Option<Lsn>,
+    end: Lsn,
+    seg_size: u64,
+) -> Option<(TimelineId, Lsn)> {
+    let end_seg = end.segno(seg_size);
+    // Without the slot's position, only a segment between stored ones is known to be a hole.
+    let first_stored = || {
+        let firsts = inv.timelines.values().filter_map(|t| t.ranges.first());
+        firsts.map(|r| r.0).min().unwrap_or(end_seg)
+    };
+    let bound = slot_restart.map_or_else(first_stored, |r| r.segno(seg_size));
+    let from = bound.max(end_seg.saturating_sub(REORDER_WINDOW));
+    (from..end_seg).find_map(|s| {
+        // The copy of a timeline's switch segment that holds all of it is the next timeline's.
+        let last_byte = Lsn(Lsn::from_segno(s + 1, seg_size).0 - 1);
+        let tli = timeline_of(last_byte, history, server_tli);
+        (!inv.covers(tli, s, s)).then(|| (tli, Lsn::from_segno(s, seg_size)))
+    })
+}
+
+/// `sp`, or the first hole before it that [`first_hole`] finds in `inv`: the main repository's
+/// inventory, or a mirror's (the stream stores every job in each, so a kill can leave a hole
+/// in either).
+pub fn back_to_hole(
+    sp: StartPoint,
+    inv: &WalInventory,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+    slot_restart: Option<Lsn>,
+    seg_size: u64,
+) -> StartPoint {
+    if !matches!(sp.source, StartSource::Repository | StartSource::Hole) {
+        return sp;
+    }
+    match first_hole(inv, history, server_tli, slot_restart, sp.lsn, seg_size) {
+        Some((tli, lsn)) => StartPoint {
+            tli,
+            lsn,
+            source: StartSource::Hole,
+            ..sp
+        },
+        None => sp,
+    }
+}
+
 pub fn choose_start(
     inv: &WalInventory,
     history: &[HistoryEntry],
@@ -122,12 +193,13 @@ pub fn choose_start(
 ) -> StartPoint {
     let seg_start = |lsn: Lsn| Lsn::from_segno(lsn.segno(seg_size), seg_size);
     if let Some((tli, lsn, off_lineage)) = repository_end(inv, history, server_tli, seg_size) {
-        return StartPoint {
+        let end = StartPoint {
             tli,
             lsn,
             source: StartSource::Repository,
             off_lineage,
         };
+        return back_to_hole(end, inv, history, server_tli, slot_restart, seg_size);
     }
     let (lsn, source) = match slot_restart {
         Some(r) => (seg_start(r), StartSource::Slot),
@@ -166,7 +238,7 @@ mod tests {
     #[test]
     fn repository_end_wins() {
         let i = inv(&["000000010000000000000002", "000000010000000000000003"]);
-        let s = choose_start(&i, &[], 1, Some(Lsn(SEG)), Lsn(SEG * 9), SEG);
+        let s = choose_start(&i, &[], 1, Some(Lsn(SEG * 3)), Lsn(SEG * 9), SEG);
         assert_eq!(
             s,
             StartPoint {
@@ -176,6 +248,48 @@ mod tests {
                 off_lineage: None,
             }
         );
+    }
+
+    /// A stream killed while several uploads were in flight left segment 3 stored and segment
+    /// 2 not (the slot, fed only in order, is still in segment 2): streaming starts at the hole,
+    /// not after segment 3, else segment 2 would never be stored.
+    #[test]
+    fn a_hole_after_the_slot_is_streamed_again() {
+        let i = inv(&["000000010000000000000001", "000000010000000000000003"]);
+        let s = choose_start(&i, &[], 1, Some(Lsn(SEG * 2 + 40)), Lsn(SEG * 9), SEG);
+        assert_eq!(
+            (s.tli, s.lsn, s.source),
+            (1, Lsn(SEG * 2), StartSource::Hole)
+        );
+        // A hole before the slot cannot be filled from the server: the end of the repository.
+        let s = choose_start(&i, &[], 1, Some(Lsn(SEG * 3 + 40)), Lsn(SEG * 9), SEG);
+        assert_eq!(s.lsn, Lsn(SEG * 4));
+        // Nor one further back than uploads in flight reach (expire removed it).
+        let far: Vec<String> = (0x20..0x40)
+            .map(|n| format!("0000000100000000{n:08X}"))
+            .collect();
+        let names: Vec<&str> = ["000000010000000000000001"]
+            .into_iter()
+            .chain(far.iter().map(|s| s.as_str()))
+            .collect();
+        let s = choose_start(&inv(&names), &[], 1, Some(Lsn(SEG * 2)), Lsn(SEG * 90), SEG);
+        assert_eq!(s.lsn, Lsn(SEG * 0x40));
+        // Without a slot position (PostgreSQL 13/14) the window alone decides.
+        let s = choose_start(&i, &[], 1, None, Lsn(SEG * 9), SEG);
+        assert_eq!((s.lsn, s.source), (Lsn(SEG * 2), StartSource::Hole));
+    }
+
+    /// The hole is the switch segment: timeline 2's copy of it holds all of its WAL.
+    #[test]
+    fn a_hole_at_the_switch_segment_is_streamed_on_the_new_timeline() {
+        let i = inv(&[
+            "000000010000000000000002",
+            "000000010000000000000003.partial",
+            "000000020000000000000004",
+        ]);
+        let h = hist(&[(1, SEG * 3 + 0x158)]);
+        let s = choose_start(&i, &h, 2, Some(Lsn(SEG * 3 + 0x100)), Lsn(SEG * 9), SEG);
+        assert_eq!((s.tli, s.lsn), (2, Lsn(SEG * 3)));
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn is_outage(e: &RepoError) -> bool {
 
 /// Jobs being stored at once. What they hold is bounded by the budget, not by this: over a
 /// slow network the next segment uploads while the one before is still on its way.
-const IN_FLIGHT: usize = 4;
+pub(super) const IN_FLIGHT: usize = 4;
 
 /// What of a job one call stores: its object, or a segment's summary (after its object).
 #[derive(Clone, Copy)]
