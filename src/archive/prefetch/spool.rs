@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
-    entries, io_err, position, read_source, recovery_running, wipe, worker_running,
+    entries, io_err, position, read_requested, read_source, recovery_running, wipe, worker_running,
     write_requested, Prefetch, PrefetchError, WorkerArgs, LOG_FILE, POLL, SPOOL_DIR, TMP_PREFIX,
 };
 use crate::wal::WalFileName;
@@ -87,16 +87,24 @@ impl Spool {
                 cluster_system,
             };
             match check_entry(&path, &expect) {
-                Ok(len) => match fs::rename(&path, dest) {
-                    Ok(()) => return Some(len),
-                    // Vanished meanwhile (a worker's clean-up): the repository has it.
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e,
-                            "cannot move a prefetched segment into place; fetching it from the repository");
-                        let _ = fs::remove_file(&path);
+                Ok(len) => {
+                    // Replay's position is published before the entry leaves the spool: a
+                    // worker that saw it gone while `requested` still named the segment
+                    // before would fetch it again and leave it behind for the next call.
+                    if let Err(e) = write_requested(&self.dir, name) {
+                        tracing::debug!(error = %e, "replay's position not recorded before the hit");
                     }
-                },
+                    match fs::rename(&path, dest) {
+                        Ok(()) => return Some(len),
+                        // Vanished meanwhile (a worker's clean-up): the repository has it.
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), error = %e,
+                                "cannot move a prefetched segment into place; fetching it from the repository");
+                            let _ = fs::remove_file(&path);
+                        }
+                    }
+                }
                 // Removed by a worker's clean-up since the directory was read: not damage.
                 Err(_) if !path.exists() => {}
                 Err(problem) => {
@@ -175,7 +183,10 @@ impl Spool {
                 let _ = fs::remove_file(self.dir.join(file));
             }
         }
-        write_requested(&self.dir, name)?;
+        // A hit recorded it already (see `take`).
+        if read_requested(&self.dir).as_ref() != Some(name) {
+            write_requested(&self.dir, name)?;
+        }
         if worker_running(&self.dir)? {
             return Ok(());
         }
@@ -327,12 +338,9 @@ mod tests {
         assert!(Spool::engage(&hist, Path::new("pg_wal/RECOVERYHISTORY")).is_none());
     }
 
-    #[test]
-    fn the_hit_path_checks_length_crc_and_the_first_page() {
-        let d = tempfile::tempdir().unwrap();
-        let seg_size = 1u32 << 20;
-        let name = WalFileName::segment(1, 5, seg_size.into());
-        // A first page with a valid long header: magic, flags, tli, address, sysid, sizes.
+    /// Segment 5 of timeline 1 of system 42: a first page with a valid long header (magic,
+    /// flags, tli, address, sysid, sizes), zeros after it.
+    fn segment_5(seg_size: u32) -> Vec<u8> {
         let mut content = vec![0u8; seg_size as usize];
         content[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
         content[2..4].copy_from_slice(&crate::wal::XLP_LONG_HEADER.to_le_bytes());
@@ -341,6 +349,55 @@ mod tests {
         content[24..32].copy_from_slice(&42u64.to_le_bytes());
         content[32..36].copy_from_slice(&seg_size.to_le_bytes());
         content[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        content
+    }
+
+    /// A hit records replay's position before the segment leaves the spool (the call's clean-up
+    /// after serving comes too late: a worker would fetch the segment again meanwhile).
+    #[test]
+    fn a_hit_records_the_position_before_the_segment_leaves() {
+        let d = tempfile::tempdir().unwrap();
+        let seg_size = 1u32 << 20;
+        let name = WalFileName::segment(1, 5, seg_size.into());
+        let content = segment_5(seg_size);
+        let spool = Spool {
+            dir: d.path().join("spool"),
+            data_dir: d.path().to_path_buf(),
+        };
+        fs::create_dir(&spool.dir).unwrap();
+        let source = super::super::SpoolSource {
+            format: super::super::SOURCE_FORMAT,
+            location: "file:///repo".into(),
+            system_identifier: "42".into(),
+            created_at: "2026-12-05T00:00:00+00:00".into(),
+            wal_segment_size: seg_size.into(),
+        };
+        let json = serde_json::to_vec(&source).unwrap();
+        super::super::write_small_atomically(&spool.dir, super::super::SOURCE_FILE, &json).unwrap();
+        let crc = crc32c::crc32c(&content);
+        fs::write(
+            spool.dir.join(super::super::entry_name(&name, crc)),
+            &content,
+        )
+        .unwrap();
+        write_requested(&spool.dir, &WalFileName::segment(1, 4, seg_size.into())).unwrap();
+
+        let dest = d.path().join("RECOVERYXLOG");
+        assert_eq!(
+            spool.take(&name, "file:///repo", &dest),
+            Some(seg_size.into())
+        );
+        assert_eq!(read_requested(&spool.dir), Some(name));
+        assert!(fs::read(&dest).unwrap() == content);
+        assert!(entries(&spool.dir).is_empty());
+    }
+
+    #[test]
+    fn the_hit_path_checks_length_crc_and_the_first_page() {
+        let d = tempfile::tempdir().unwrap();
+        let seg_size = 1u32 << 20;
+        let name = WalFileName::segment(1, 5, seg_size.into());
+        let content = segment_5(seg_size);
         let crc = crc32c::crc32c(&content);
         let p = d.path().join("x");
         fs::write(&p, &content).unwrap();
