@@ -24,6 +24,16 @@ pub async fn run_contract(s: &Storage, atomic_create: bool) {
         .unwrap();
     assert_eq!(s.get(key).await.unwrap(), Bytes::from_static(b"first"));
     assert_eq!(s.head(key).await.unwrap(), Some(5));
+    // Into a reused buffer: exactly the object, whatever the buffer held before.
+    let got = s
+        .get_into(key, b"a longer leftover".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(got, Bytes::from_static(b"first"));
+    assert!(matches!(
+        s.get_into("contract/missing", Vec::with_capacity(64)).await,
+        Err(StorageError::NotFound { .. })
+    ));
 
     let again = s.put_if_absent(key, Bytes::from_static(b"second")).await;
     assert!(

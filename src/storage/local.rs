@@ -6,7 +6,7 @@
 //! even by a concurrent writer. Temporary files start with [`TMP_PREFIX`] and are never listed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
@@ -307,6 +307,19 @@ impl Backend for LocalBackend {
             .await
             .map(Bytes::from)
             .map_err(|e| io_err("get", key, e))
+    }
+
+    async fn get_into(&self, key: &str, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let path = self.path_of(key)?;
+        blocking(move || {
+            let mut f = fs::File::open(path)?;
+            buf.clear();
+            buf.reserve(f.metadata()?.len() as usize);
+            f.read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| io_err("get", key, e))
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>> {

@@ -124,6 +124,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// that are mutable by design (never WAL or backup data).
     async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()>;
     async fn get(&self, key: &str) -> Result<Bytes>;
+    /// [`Backend::get`] into `buf` (cleared first), for callers that read many large objects
+    /// and reuse one buffer: no fresh memory to fault in per object where the backend can fill
+    /// it (a local directory). Elsewhere the body arrives in its own buffer, and `buf` goes.
+    async fn get_into(&self, key: &str, buf: Vec<u8>) -> Result<Vec<u8>> {
+        drop(buf);
+        self.get(key).await.map(Vec::from)
+    }
     /// Size of the object, or `None` when it does not exist.
     async fn head(&self, key: &str) -> Result<Option<u64>>;
     /// Every object whose key starts with `prefix` (a `/`-terminated folder, or "" for all),
@@ -247,6 +254,18 @@ impl Storage {
                 self.backend.get(key)
             })
             .await?;
+        self.requests.bytes_down(data.len());
+        Ok(data)
+    }
+    /// [`Storage::get`], read into `buf` where the backend can (see [`Backend::get_into`]). A
+    /// transient failure is retried as `get` retries it.
+    pub async fn get_into(&self, key: &str, buf: Vec<u8>) -> Result<Bytes> {
+        self.requests.request(Kind::Get, 1);
+        let data = match self.backend.get_into(key, buf).await {
+            Ok(data) => Bytes::from(data),
+            Err(e) if e.is_transient() => return self.get(key).await,
+            Err(e) => return Err(e),
+        };
         self.requests.bytes_down(data.len());
         Ok(data)
     }
