@@ -78,8 +78,14 @@ impl FetchedPart {
 
     /// [`Self::decode`] into `out`, reusing its allocation (and, when it already holds as many
     /// bytes, without zeroing it first): a restore cycles two buffers through all its parts.
-    pub fn decode_into(self, out: &mut Vec<u8>) -> Result<()> {
+    pub fn decode_into(&self, out: &mut Vec<u8>) -> Result<()> {
         self.objects.decode_into(&self.key, &self.stored, out)
+    }
+
+    /// The buffer the part was read into, for the next [`Repository::fetch_backup_part`]
+    /// (`None` when it is still shared).
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        self.stored.try_into_mut().ok().map(Vec::from)
     }
 }
 
@@ -400,17 +406,19 @@ impl Repository {
             .await
     }
 
-    /// Part `part` of archive `archive` of backup `id` as stored: read ahead, it holds only the
-    /// stored (compressed) bytes, and [`FetchedPart::decode`] verifies and decodes it when its
-    /// turn comes.
+    /// Part `part` of archive `archive` of backup `id` as stored, read into `buf` where the
+    /// storage can (see [`FetchedPart::into_buffer`]): read ahead, it holds only the stored
+    /// (compressed) bytes, and [`FetchedPart::decode`] verifies and decodes it when its turn
+    /// comes.
     pub async fn fetch_backup_part(
         &self,
         id: &str,
         archive: &str,
         part: u32,
+        buf: Vec<u8>,
     ) -> Result<FetchedPart> {
         let key = layout::backup_part_key(id, archive, part);
-        let stored = self.storage.get(&key).await?;
+        let stored = self.storage.get_into(&key, buf).await?;
         Ok(FetchedPart {
             key,
             stored,

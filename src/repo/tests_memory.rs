@@ -136,7 +136,10 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
     );
     assert!(stored < part.len() as u64);
     assert_eq!(repo.backup_part(&id, "base.tar", 0).await.unwrap(), part);
-    let fetched = repo.fetch_backup_part(&id, "base.tar", 0).await.unwrap();
+    let fetched = repo
+        .fetch_backup_part(&id, "base.tar", 0, Vec::new())
+        .await
+        .unwrap();
     assert_eq!(fetched.decode().unwrap(), part);
     let (again, _) = repo
         .encode_backup_part(&id, "base.tar", 0, part.clone())

@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -25,6 +26,7 @@ use crate::format::archive_check::{
 };
 use crate::format::tar::TarHeader;
 use crate::repo::{BackupArchive, FetchedPart};
+use crate::storage::BufferPool;
 
 /// What the writer thread needs, moved to it for each archive and back.
 pub(super) struct Extraction<S> {
@@ -89,6 +91,7 @@ pub(super) fn spawn<S>(
     archive: &BackupArchive,
     ex: Extraction<S>,
     mut rx: mpsc::Receiver<FetchedPart>,
+    pool: Arc<BufferPool>,
 ) -> tokio::task::JoinHandle<Result<Extraction<S>, RestoreError>>
 where
     S: ArchiveSink<Error = RestoreError> + Send + 'static,
@@ -96,7 +99,15 @@ where
     let name = archive.name.clone();
     let reader = ArchiveReader::new(archive.tablespace_oid);
     tokio::task::spawn_blocking(move || {
-        let next = |out: &mut Vec<u8>| rx.blocking_recv().map(|part| Ok(part.decode_into(out)?));
+        let next = |out: &mut Vec<u8>| {
+            rx.blocking_recv().map(|part| {
+                let decoded = part.decode_into(out);
+                if let Some(buf) = part.into_buffer() {
+                    pool.give(buf);
+                }
+                Ok(decoded?)
+            })
+        };
         run(next, reader, ex, &name, DECODED_MAX)
     })
 }

@@ -11,6 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -23,6 +24,7 @@ use crate::format::archive_check::{ArchiveSink, FileSum, Mismatch};
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupArchive, FetchedPart, Repository};
+use crate::storage::BufferPool;
 
 /// Parts fetched ahead of the writer: at most this many bytes of content, and at most
 /// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
@@ -297,8 +299,10 @@ where
 {
     // Capacity 1: one part is decoded, one waits, the rest are being fetched.
     let (tx, rx) = mpsc::channel::<FetchedPart>(1);
-    let writer = pipeline::spawn(archive, extraction, rx);
-    let fetched = send_parts(repo, backup_id, archive, tx).await;
+    // Parts' stored bytes go back to be read into again once decoded.
+    let pool = Arc::new(BufferPool::default());
+    let writer = pipeline::spawn(archive, extraction, rx, pool.clone());
+    let fetched = send_parts(repo, backup_id, archive, tx, &pool).await;
     let written = writer.await.expect("restore writer panicked");
     fetched?;
     written
@@ -318,9 +322,10 @@ async fn send_parts(
     backup_id: &str,
     archive: &BackupArchive,
     tx: mpsc::Sender<FetchedPart>,
+    pool: &BufferPool,
 ) -> Result<(), RestoreError> {
     let mut parts = futures::stream::iter(0..archive.parts)
-        .map(|i| repo.fetch_backup_part(backup_id, &archive.name, i))
+        .map(|i| repo.fetch_backup_part(backup_id, &archive.name, i, pool.take()))
         .buffered(prefetch_depth(archive));
     while let Some(part) = parts.next().await {
         if tx.send(part?).await.is_err() {

@@ -17,6 +17,7 @@ mod location;
 mod memory;
 mod object;
 mod options;
+mod pool;
 mod requests;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use local::{LocalBackend, LocalUpload};
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
 pub use options::{AzureSettings, BackendOptions, GcsSettings, AZURITE_ACCOUNT, AZURITE_KEY};
+pub use pool::BufferPool;
 pub use requests::{RequestCounts, METRIC_BYTES, METRIC_REQUESTS};
 
 /// One stored object, as returned by [`Storage::list`].

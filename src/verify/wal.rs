@@ -2,7 +2,6 @@
 //! continuity per timeline, the WAL each backup needs, and timeline histories.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -18,6 +17,7 @@ use crate::repo::{
     wal_file_key, BackupInfo, ChunkRef, FetchedObject, ObjectKind, RepoError, Repository,
     ScannedObject, StoredSummary, WalInventory,
 };
+use crate::storage::BufferPool;
 use crate::wal::{
     parse_history, parse_long_header, validate_segment_start, Lsn, SegNo, SegmentEnd,
     SegmentSummarizer, SegmentSummary, SegmentTail, Summarized, SummaryError, TimelineId,
@@ -206,19 +206,12 @@ async fn verify_segments(
     // Buffers of segments (a frame as read from a local directory, or content fetched decoded),
     // handed back once checked and reused by the next fetches: no fresh memory to fault in per
     // segment (on insert WAL that was a quarter of the system time and half the peak RSS).
-    let free: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let give_back = |buf: Vec<u8>| {
-        if buf.capacity() > 0 {
-            free.lock().unwrap_or_else(|e| e.into_inner()).push(buf)
-        }
-    };
-    let take = || free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let pool = BufferPool::default();
+    let pool = &pool;
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
-            let (object, buf) = repo
-                .fetch_object(s.object, take().unwrap_or_default())
-                .await;
-            give_back(buf);
+            let (object, buf) = repo.fetch_object(s.object, pool.take()).await;
+            pool.give(buf);
             let summary = match s.summary {
                 Some(o) => Some(read_summary(repo, o).await),
                 None => None,
@@ -250,7 +243,7 @@ async fn verify_segments(
                 next = following;
                 let (walked, object) = walked.expect("record walk panicked");
                 if let Some(buf) = object.into_buffer() {
-                    give_back(buf);
+                    pool.give(buf);
                 }
                 walked
             }

@@ -1,0 +1,49 @@
+//! Buffers handed back after use and filled again by the next read ([`super::Storage::get_into`]):
+//! a job that reads many large objects one after another (verify's segments, restore's backup
+//! parts) reuses a few allocations instead of faulting in fresh memory for every object.
+
+use std::sync::Mutex;
+
+/// A stack of spare buffers; empty ones are not kept. Holds at most what was handed back, so
+/// its peak is the job's own number of objects in flight.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A spare buffer, or a new empty one.
+    pub fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    /// Keeps `buf` for a later [`take`](Self::take).
+    pub fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() > 0 {
+            self.lock().push(buf);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // A panic elsewhere while holding the lock leaves a valid stack of buffers.
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gives_back_what_it_was_given_and_drops_empty_buffers() {
+        let pool = BufferPool::default();
+        pool.give(Vec::new());
+        assert_eq!(pool.take().capacity(), 0);
+        let buf = Vec::with_capacity(4096);
+        let at = buf.as_ptr();
+        pool.give(buf);
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), at);
+        assert_eq!(pool.take().capacity(), 0);
+    }
+}
