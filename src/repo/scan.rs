@@ -206,21 +206,13 @@ impl Repository {
         }
     }
 
-    /// Fetches `o` for [`FetchedObject::decode_to`]: an unencrypted `lz4-blocks` frame too big
-    /// to be a chunked segment's list is kept as stored, to be decoded block by block; anything
-    /// else is read as [`Self::read_object_into`] reads it, into `buf`.
-    pub async fn fetch_object(
-        &self,
-        o: &ScannedObject,
-        buf: Vec<u8>,
-    ) -> (Result<FetchedObject>, Vec<u8>) {
-        // Read into `buf`: a frame keeps it (back through `into_buffer`), and the decoded
-        // content of anything else goes into a new one.
-        let stored = match self.storage.get_into(&o.key, buf).await {
-            Ok(stored) => stored,
-            Err(e) => return (Err(e.into()), Vec::new()),
-        };
-        let buf = Vec::new();
+    /// Fetches `o` for [`FetchedObject::decode_to`], reading it into `buf` where the storage can:
+    /// an unencrypted `lz4-blocks` frame too big to be a chunked segment's list is kept as
+    /// stored (in `buf`, handed back by [`FetchedObject::into_buffer`]), to be decoded block by
+    /// block; anything else is decoded as [`Self::read_object_into`] decodes it, into a new
+    /// buffer.
+    pub async fn fetch_object(&self, o: &ScannedObject, buf: Vec<u8>) -> Result<FetchedObject> {
+        let stored = self.storage.get_into(&o.key, buf).await?;
         let maybe_chunked = match &o.kind {
             ObjectKind::Wal(name) => may_be_chunked_segment(name, &stored),
             _ => false,
@@ -233,12 +225,10 @@ impl Repository {
                 key: o.key.clone(),
                 stored,
             };
-            return (Ok(frame), buf);
+            return Ok(frame);
         }
-        match self.decode_stored_into(o, stored, buf).await {
-            (Ok(()), content) => (Ok(FetchedObject::Content(content)), Vec::new()),
-            (Err(e), buf) => (Err(e), buf),
-        }
+        let (decoded, content) = self.decode_stored_into(o, stored, Vec::new()).await;
+        decoded.map(|()| FetchedObject::Content(content))
     }
 
     async fn decode_stored_into(

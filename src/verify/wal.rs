@@ -210,8 +210,7 @@ async fn verify_segments(
     let pool = &pool;
     let mut fetched = futures::stream::iter(segments)
         .map(|s| async move {
-            let (object, buf) = repo.fetch_object(s.object, pool.take()).await;
-            pool.give(buf);
+            let object = repo.fetch_object(s.object, pool.take()).await;
             let summary = match s.summary {
                 Some(o) => Some(read_summary(repo, o).await),
                 None => None,
