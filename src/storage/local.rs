@@ -302,11 +302,7 @@ impl Backend for LocalBackend {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        let path = self.path_of(key)?;
-        blocking(move || fs::read(path))
-            .await
-            .map(Bytes::from)
-            .map_err(|e| io_err("get", key, e))
+        self.get_into(key, Vec::new()).await.map(Bytes::from)
     }
 
     async fn get_into(&self, key: &str, mut buf: Vec<u8>) -> Result<Vec<u8>> {
