@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use super::object::{ObjectCodec, Payload};
 use super::{layout, PutOutcome, RepoError, Repository, Result};
 use crate::codec::{self, BlockWriter, FRAME_HEADER_LEN};
-use crate::storage::StorageError;
+use crate::storage::{BufferPool, StorageError};
 use crate::wal::{SegNo, WalFileName};
 
 pub const LEASE_REFRESH: Duration = Duration::from_secs(60);
@@ -82,10 +82,10 @@ impl FetchedPart {
         self.objects.decode_into(&self.key, &self.stored, out)
     }
 
-    /// The buffer the part was read into, for the next [`Repository::fetch_backup_part`]
-    /// (`None` when it is still shared).
-    pub fn into_buffer(self) -> Option<Vec<u8>> {
-        self.stored.try_into_mut().ok().map(Vec::from)
+    /// Hands the buffer the part was read into to `pool`, for the next
+    /// [`Repository::fetch_backup_part`].
+    pub fn recycle(self, pool: &BufferPool) {
+        pool.give_bytes(self.stored);
     }
 }
 
@@ -407,7 +407,7 @@ impl Repository {
     }
 
     /// Part `part` of archive `archive` of backup `id` as stored, read into `buf` where the
-    /// storage can (see [`FetchedPart::into_buffer`]): read ahead, it holds only the stored
+    /// storage can (see [`FetchedPart::recycle`]): read ahead, it holds only the stored
     /// (compressed) bytes, and [`FetchedPart::decode`] verifies and decodes it when its turn
     /// comes.
     pub async fn fetch_backup_part(

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use super::chunks::{may_be_chunked_segment, parse_chunk_key};
 use super::{layout, ChunkRef, RepoError, Repository, Result};
 use crate::codec::{self, Codec, CodecError};
+use crate::storage::BufferPool;
 use crate::wal::WalFileName;
 
 /// What a stored object is, from its key alone.
@@ -154,12 +155,12 @@ impl FetchedObject {
         }
     }
 
-    /// The object's buffer, for reuse: the decoded content, or the frame as read (without a
-    /// copy when nothing else holds it).
-    pub fn into_buffer(self) -> Option<Vec<u8>> {
+    /// Hands the object's buffer to `pool` for the next [`Repository::fetch_object`]: the
+    /// decoded content, or the frame as read.
+    pub fn recycle(self, pool: &BufferPool) {
         match self {
-            FetchedObject::Content(c) => Some(c),
-            FetchedObject::Frame { stored, .. } => stored.try_into_mut().ok().map(Vec::from),
+            FetchedObject::Content(c) => pool.give(c),
+            FetchedObject::Frame { stored, .. } => pool.give_bytes(stored),
         }
     }
 }
@@ -208,7 +209,7 @@ impl Repository {
 
     /// Fetches `o` for [`FetchedObject::decode_to`], reading it into `buf` where the storage can:
     /// an unencrypted `lz4-blocks` frame too big to be a chunked segment's list is kept as
-    /// stored (in `buf`, handed back by [`FetchedObject::into_buffer`]), to be decoded block by
+    /// stored (in `buf`, handed back by [`FetchedObject::recycle`]), to be decoded block by
     /// block; anything else is decoded as [`Self::read_object_into`] decodes it, into a new
     /// buffer.
     pub async fn fetch_object(&self, o: &ScannedObject, buf: Vec<u8>) -> Result<FetchedObject> {
@@ -278,14 +279,17 @@ mod tests {
             key: "k".into(),
             stored,
         };
-        let back = frame(Bytes::from(buf)).into_buffer().unwrap();
+        let pool = BufferPool::default();
+        frame(Bytes::from(buf)).recycle(&pool);
+        let back = pool.take();
         assert_eq!(
             (back.as_ptr(), back.len(), back.capacity()),
             (at, 1000, 1 << 20)
         );
         let shared = Bytes::from(back);
         let _other = shared.clone();
-        assert!(frame(shared).into_buffer().is_none());
+        frame(shared).recycle(&pool);
+        assert_eq!(pool.take().capacity(), 0);
     }
 
     #[test]

@@ -102,9 +102,7 @@ where
         let next = |out: &mut Vec<u8>| {
             rx.blocking_recv().map(|part| {
                 let decoded = part.decode_into(out);
-                if let Some(buf) = part.into_buffer() {
-                    pool.give(buf);
-                }
+                part.recycle(&pool);
                 Ok(decoded?)
             })
         };

@@ -4,6 +4,8 @@
 
 use std::sync::Mutex;
 
+use bytes::Bytes;
+
 /// A stack of spare buffers; empty ones are not kept. Holds at most what was handed back, so
 /// its peak is the job's own number of objects in flight.
 #[derive(Debug, Default)]
@@ -21,6 +23,14 @@ impl BufferPool {
     pub fn give(&self, buf: Vec<u8>) {
         if buf.capacity() > 0 {
             self.lock().push(buf);
+        }
+    }
+
+    /// Keeps the buffer an object was read into ([`super::Storage::get_into`] returns it as
+    /// `Bytes`), without a copy; not when something else still holds it.
+    pub fn give_bytes(&self, stored: Bytes) {
+        if let Ok(buf) = stored.try_into_mut() {
+            self.give(buf.into());
         }
     }
 

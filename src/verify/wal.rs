@@ -241,9 +241,7 @@ async fn verify_segments(
                 let (walked, following) = futures::join!(walk, fetched.next());
                 next = following;
                 let (walked, object) = walked.expect("record walk panicked");
-                if let Some(buf) = object.into_buffer() {
-                    pool.give(buf);
-                }
+                object.recycle(pool);
                 walked
             }
             // Not read: checked as an object that does not decode.
