@@ -55,6 +55,51 @@ PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, ra
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
+# Restores in parts 3 and 5 keep every round's output until all rounds are done (ROUND_RM=each
+# deletes it at once, as rounds did before 2026-12-05): on ext4 without a journal, creating a
+# file skips every inode freed in the last 60 s (fs/ext4/ialloc.c, recently_deleted), so a
+# restore that follows the rm -rf of the previous one scans ~1000 freed inodes per file created
+# (45 % of its CPU in a perf profile of this machine's root filesystem); dd creates one file and
+# never pays it, and in part 3 whichever tool came second paid for the first one's rm.
+# Kept outputs are dropped from the page cache at once (POSIX_FADV_DONTNEED), so the next round
+# reuses their memory as it would after rm: on this VM (virtio-balloon free page reporting),
+# memory that stays free is handed back to the host, and touching it again costs 1-1.2 CPU s
+# per 493 MB, in dd as in pitr, which hides the disk's rate entirely. For the same reason each
+# round starts with a warm-up (ROUND_WARM=1, the default): the bytes about to be written + 25 %
+# in zeros, written to a scratch file that is deleted unsynced at once, so the round's page
+# cache reuses memory the guest already holds, whichever method runs first.
+ROUND_RM=${ROUND_RM:-end}
+ROUND_WARM=${ROUND_WARM:-1}
+
+# Touch BYTES + 25 % of memory and free it again (BYTES unknown, as in part 5's first round: 1 GB).
+round_warm() {
+    ((ROUND_WARM)) || return 0
+    local n=${1:-800000000}
+    dd if=/dev/zero of="$BT/restore/warm" bs=8M count=$((n + n / 4)) iflag=count_bytes status=none
+    rm -f "$BT/restore/warm"
+}
+
+# A round's output: deleted now (ROUND_RM=each) or moved aside, out of the page cache, until the
+# rounds are over (round_kept_rm).
+round_done() {
+    if [[ $ROUND_RM == each ]]; then
+        rm -rf "$1"
+    else
+        mkdir -p "$BT/restore/kept" && mv "$1" "$BT/restore/kept/$2"
+        python3 - "$BT/restore/kept/$2" <<'PY'
+import os, sys
+root = sys.argv[1]
+paths = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+for p in paths:
+    fd = os.open(p, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+PY
+    fi
+}
+
+round_kept_rm() { rm -rf "$BT/restore/kept"; }
+
 for m in "${BACKUP_METHODS[@]}" "${RESTORE_METHODS[@]}"; do
     [[ $m != pitr-base || -n "${BASE:-}" ]] || die "method pitr-base needs BASE=/path/to/pitr"
 done
@@ -285,6 +330,7 @@ rate_part() {
             m=${methods[$(((r - 1 + j) % ${#methods[@]}))]}
             d="$BT/restore/rate-$m"
             log "  round $r: $m (load $(cut -d' ' -f1 /proc/loadavg))"
+            round_warm "$bytes"
             case $m in
             pitr | pitr-base)
                 mkdir -m 0700 "$d" && chown postgres:postgres "$d"
@@ -294,20 +340,21 @@ rate_part() {
                     measure "rate/$m" "$r" "$PITR_BASE" --repo "$R/pitr-base" restore --pgdata "$d" --backup "${ids[1]}"
                 fi
                 [[ -n "$bytes" ]] || bytes=$(find "$d" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
-                rm -rf "$d" ;;
+                round_done "$d" "$m-$r" ;;
             dd)
                 [[ -n "$bytes" ]] || die "dd needs the restored byte count: pitr runs first in round 1"
                 measure "rate/dd" "$r" dd if=/dev/zero of="$BT/restore/dd" bs=8M count="$bytes" iflag=count_bytes conv=fsync
-                rm -f "$BT/restore/dd" ;;
+                round_done "$BT/restore/dd" "dd-$r" ;;
             esac
         done
     done
+    round_kept_rm
     l1=$(cut -d' ' -f1-3 /proc/loadavg)
     echo
     echo "## Restore rate vs the disk: pgbench scale $SCALE ($((BIG_BYTES / 1000000)) MB database, restore writes $((bytes / 1000000)) MB), $REPS rounds"
     echo
     sed 's/^/    /' "$BT/machine.txt"
-    echo "    loadavg: $l0 -> $l1"
+    echo "    loadavg: $l0 -> $l1; ROUND_RM=$ROUND_RM ROUND_WARM=$ROUND_WARM"
     report --prefix rate/ --ref dd --mb "$(awk -v b="$bytes" 'BEGIN {print b / 1e6}')" \
         --title "Restore vs dd conv=fsync of the same bytes (x dd = time ratio; rate / disk rate = 1 / x dd)"
     echo
@@ -470,6 +517,7 @@ for ((r = 1; r <= REPS; r++)); do
         d="$BT/restore/$m-$r"
         mkdir -m 0700 "$d" && chown postgres:postgres "$d"
         log "  round $r: $m"
+        round_warm "$BIG_BYTES"
         # TARGET has a space: the restore command is an array, never word-split.
         case $m in
         pitr) cmd=("$PITR" --repo "$R/pitr" restore --pgdata "$d" --target-time "$TARGET") ;;
@@ -483,9 +531,11 @@ for ((r = 1; r <= REPS; r++)); do
         if ((r == 1)); then grep -E '^(restore_command|recovery_target)' "$d/postgresql.auto.conf" >"$BT/log/auto-conf-$m.txt" || true; fi
         pg_stop "$d"
         for f in "$d".*.log; do mv "$f" "$BT/log/$(basename "$f")"; done
-        rm -rf "$d" "$d".*
+        rm -rf "$d".*
+        round_done "$d" "e2e-$m-$r"
     done
 done
+round_kept_rm
 load2=$(cut -d' ' -f1-3 /proc/loadavg)
 
 phase_median() { # method column(3=restore ms, 4=replay ms, 5=rss kB)
