@@ -55,20 +55,23 @@ PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, ra
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
-# Restores in parts 3 and 5 keep every round's output until all rounds are done (ROUND_RM=each
-# deletes it at once, as rounds did before 2026-12-05): on ext4 without a journal, creating a
-# file skips every inode freed in the last 60 s (fs/ext4/ialloc.c, recently_deleted), so a
-# restore that follows the rm -rf of the previous one scans ~1000 freed inodes per file created
-# (45 % of its CPU in a perf profile of this machine's root filesystem); dd creates one file and
-# never pays it, and in part 3 whichever tool came second paid for the first one's rm.
-# Kept outputs are dropped from the page cache at once (POSIX_FADV_DONTNEED), so the next round
-# reuses their memory as it would after rm: on this VM (virtio-balloon free page reporting),
-# memory that stays free is handed back to the host, and touching it again costs 1-1.2 CPU s
-# per 493 MB, in dd as in pitr, which hides the disk's rate entirely. For the same reason each
-# round starts with a warm-up (ROUND_WARM=1, the default): the bytes about to be written + 25 %
-# in zeros, written to a scratch file that is deleted unsynced at once, so the round's page
-# cache reuses memory the guest already holds, whichever method runs first.
-ROUND_RM=${ROUND_RM:-end}
+# Restores in parts 3 and 5 write to $BT/restore, by default a fresh ext4 file system with a
+# journal (RESTORE_FS=loop: a sparse image of RESTORE_FS_GB on the same disk, loop device with
+# direct I/O; RESTORE_FS=dir: a directory on /tmp's file system, as before 2026-12-05). This
+# VM's root file system is ext4 without a journal, where creating a file skips every inode freed
+# in the last 1-6 minutes (fs/ext4/ialloc.c, recently_deleted; only without a journal): a
+# restore there pays for every earlier rm -rf (of the previous round, or of a previous bench
+# run's temp dir) with a scan per file created, up to 45 % of its CPU in a perf profile, which
+# dd, one file, never pays. On RESTORE_FS=dir each round's output is therefore kept until all
+# rounds are done (ROUND_RM=end, the default there; ROUND_RM=each deletes it at once), dropped
+# from the page cache (POSIX_FADV_DONTNEED) so that the next round reuses its memory.
+# Each round starts with a warm-up (ROUND_WARM=1, the default): the bytes about to be written +
+# 25 % in zeros, written to a scratch file that is deleted unsynced at once. On this VM
+# (virtio-balloon free page reporting) memory that stays free is handed back to the host, and
+# touching it again costs 1-1.2 CPU s per 493 MB, in dd as in pitr, which hides the disk's rate.
+RESTORE_FS=${RESTORE_FS:-loop}
+RESTORE_FS_GB=${RESTORE_FS_GB:-32}
+if [[ $RESTORE_FS == loop ]]; then ROUND_RM=${ROUND_RM:-each}; else ROUND_RM=${ROUND_RM:-end}; fi
 ROUND_WARM=${ROUND_WARM:-1}
 
 # Touch BYTES + 25 % of memory and free it again (BYTES unknown, as in part 5's first round: 1 GB).
@@ -115,6 +118,7 @@ PORT=$(free_port)
 PGDATA="$BT/pg"
 R="$BT/repos"
 mkdir -p "$R/pitr" "$BT/bb" "$BT/restore"
+if [[ $RESTORE_FS == loop ]]; then mount_scratch_fs "$BT/restore" "$RESTORE_FS_GB"; fi
 CONN="host=$BT/sock port=$PORT user=postgres"
 ARCHIVE_CMD="$PITR --repo $R/pitr archive-push %p"
 if [[ -n "$PITR_BASE" ]]; then
@@ -354,7 +358,7 @@ rate_part() {
     echo "## Restore rate vs the disk: pgbench scale $SCALE ($((BIG_BYTES / 1000000)) MB database, restore writes $((bytes / 1000000)) MB), $REPS rounds"
     echo
     sed 's/^/    /' "$BT/machine.txt"
-    echo "    loadavg: $l0 -> $l1; ROUND_RM=$ROUND_RM ROUND_WARM=$ROUND_WARM"
+    echo "    loadavg: $l0 -> $l1; RESTORE_FS=$RESTORE_FS ROUND_RM=$ROUND_RM ROUND_WARM=$ROUND_WARM"
     report --prefix rate/ --ref dd --mb "$(awk -v b="$bytes" 'BEGIN {print b / 1e6}')" \
         --title "Restore vs dd conv=fsync of the same bytes (x dd = time ratio; rate / disk rate = 1 / x dd)"
     echo

@@ -25,6 +25,7 @@ REPO_ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 PGBIN="${PGBIN:-}"
 BT=""
 _STARTED_CLUSTERS=()
+_MOUNTS=()
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -37,6 +38,9 @@ _cleanup() {
             runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
         fi
     done
+    for m in "${_MOUNTS[@]}"; do
+        umount "$m" || umount -l "$m"
+    done
     if [[ -n "$BT" && -d "$BT" ]]; then
         if [[ -n "${BENCH_KEEP:-}" ]]; then
             log "BENCH_KEEP set: leaving $BT"
@@ -45,6 +49,20 @@ _cleanup() {
         fi
     fi
     exit $rc
+}
+
+# A fresh ext4 file system (mkfs defaults: with a journal, as a database volume is made) in a
+# sparse image of SIZE_GB under $BT, mounted on DIR through a loop device with direct I/O (the
+# image's writes are not cached a second time). Unmounted on exit.
+mount_scratch_fs() { # dir size_gb
+    local img="$BT/$(basename "$1").img" dev
+    truncate -s "$2G" "$img"
+    mkfs.ext4 -q -F "$img"
+    mkdir -p "$1"
+    mount -o loop "$img" "$1"
+    _MOUNTS+=("$1")
+    dev=$(findmnt -no SOURCE "$1")
+    losetup --direct-io=on "$dev" || log "warning: no direct I/O on $dev (the image is cached twice)"
 }
 
 _need_apt() { # package command
