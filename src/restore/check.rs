@@ -82,7 +82,7 @@ fn check_file(
         if len == 0 {
             break;
         }
-        crc = crc32c::crc32c_append(crc, &block[..len]);
+        crc = crate::codec::crc::crc32c_append(crc, &block[..len]);
         if let Some(Expected::Blocks(b)) = expected {
             if b.hashes.get(n) != Some(&block_hash(&block[..len])) {
                 return Err(RestoreError::BlockMismatch {
