@@ -65,10 +65,11 @@ BACKUP_REF=${BACKUP_REF:-basebackup}
 # dd, one file, never pays. On RESTORE_FS=dir each round's output is therefore kept until all
 # rounds are done (ROUND_RM=end, the default there; ROUND_RM=each deletes it at once), dropped
 # from the page cache (POSIX_FADV_DONTNEED) so that the next round reuses its memory.
-# Each round starts with a warm-up (ROUND_WARM=1, the default): the bytes about to be written +
-# 25 % in zeros, written to a scratch file that is deleted unsynced at once. On this VM
-# (virtio-balloon free page reporting) memory that stays free is handed back to the host, and
-# touching it again costs 1-1.2 CPU s per 493 MB, in dd as in pitr, which hides the disk's rate.
+# Each round of parts 3, 5 and 6 starts with a warm-up (ROUND_WARM=1, the default): the bytes
+# about to be written + 25 % in zeros, written to a scratch file that is deleted unsynced at
+# once. On this VM (virtio-balloon free page reporting) memory that stays free is handed back
+# to the host, and touching it again costs 1-1.2 CPU s per 493 MB, in dd as in pitr, which
+# hides the disk's rate.
 RESTORE_FS=${RESTORE_FS:-loop}
 RESTORE_FS_GB=${RESTORE_FS_GB:-32}
 if [[ $RESTORE_FS == loop ]]; then ROUND_RM=${ROUND_RM:-each}; else ROUND_RM=${ROUND_RM:-end}; fi
@@ -393,6 +394,8 @@ send_part() {
         for ((j = 0; j < ${#methods[@]}; j++)); do
             m=${methods[$(((r - 1 + j) % ${#methods[@]}))]}
             log "  round $r: $m (load $(cut -d' ' -f1 /proc/loadavg))"
+            # pitr's stored parts and the server's reads take page cache like a restore does.
+            round_warm "$tar_bytes"
             c0=$(server_cpu)
             case $m in
             basebackup) measure "send/$m" "$r" sh -c "'$PGBIN/pg_basebackup' -h '$BT/sock' -p $PORT -U postgres -D - -Ft -X none -c fast > /dev/null" ;;
@@ -410,7 +413,7 @@ send_part() {
     echo "## Backup vs the server's send rate: pgbench scale $SCALE (base.tar $((tar_bytes / 1000000)) MB), $REPS rounds"
     echo
     sed 's/^/    /' "$BT/machine.txt"
-    echo "    loadavg: $l0 -> $l1"
+    echo "    loadavg: $l0 -> $l1; ROUND_WARM=$ROUND_WARM"
     report --prefix send/ --ref basebackup --mb "$(awk -v b="$tar_bytes" 'BEGIN {print b / 1e6}')" \
         --title "pitr backup vs pg_basebackup to /dev/null (x basebackup = time ratio; send-rate fraction = 1 / x)"
     echo
