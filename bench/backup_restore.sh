@@ -55,16 +55,17 @@ PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, ra
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
 BACKUP_REF=${BACKUP_REF:-basebackup}
-# Restores in parts 3 and 5 write to $BT/restore, by default a fresh ext4 file system with a
-# journal (RESTORE_FS=loop: a sparse image of RESTORE_FS_GB on the same disk, loop device with
-# direct I/O; RESTORE_FS=dir: a directory on /tmp's file system, as before 2026-12-05). This
-# VM's root file system is ext4 without a journal, where creating a file skips every inode freed
-# in the last 1-6 minutes (fs/ext4/ialloc.c, recently_deleted; only without a journal): a
-# restore there pays for every earlier rm -rf (of the previous round, or of a previous bench
-# run's temp dir) with a scan per file created, up to 45 % of its CPU in a perf profile, which
-# dd, one file, never pays. On RESTORE_FS=dir each round's output is therefore kept until all
-# rounds are done (ROUND_RM=end, the default there; ROUND_RM=each deletes it at once), dropped
-# from the page cache (POSIX_FADV_DONTNEED) so that the next round reuses its memory.
+# Every restore here (parts 1, 3, 4 and 5) writes under $BT/restore, by default a fresh ext4
+# file system with a journal (RESTORE_FS=loop: a sparse image of RESTORE_FS_GB on the same
+# disk, loop device with direct I/O; RESTORE_FS=dir: a directory on /tmp's file system, as
+# before 2026-12-05). This VM's root file system is ext4 without a journal, where creating a
+# file skips every inode freed in the last 1-6 minutes (fs/ext4/ialloc.c, recently_deleted;
+# only without a journal): a restore there pays for every earlier rm -rf (of the previous round,
+# or of a previous bench run's temp dir) with a scan per file created, up to 45 % of its CPU in
+# a perf profile, which dd, one file, never pays. On RESTORE_FS=dir each round's output in
+# parts 3 and 5 is therefore kept until all rounds are done (ROUND_RM=end, the default there;
+# ROUND_RM=each deletes it at once), dropped from the page cache (POSIX_FADV_DONTNEED) so that
+# the next round reuses its memory.
 # Each round of parts 3, 5 and 6 starts with a warm-up (ROUND_WARM=1, the default): the bytes
 # about to be written + 25 % in zeros, written to a scratch file that is deleted unsynced at
 # once. On this VM (virtio-balloon free page reporting) memory that stays free is handed back
