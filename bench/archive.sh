@@ -10,7 +10,8 @@
 # Generates real 16 MiB WAL segments with pgbench on a throwaway PostgreSQL cluster (archived by
 # `cp` into a source directory), then for every segment runs each method once, in an order that
 # rotates from segment to segment (A B C.. then B C.. A ...), so that machine noise lands on all
-# methods alike. Every repository is a local directory under one temp dir on the same filesystem.
+# methods alike; each segment's round starts with a memory warm-up (lib.sh warm_memory,
+# ROUND_WARM=0 skips it). Every repository is a local directory under one temp dir on the same filesystem.
 #
 # push methods (each into its own empty repository):
 #   floor      cp to a temp name, fsync it, rename, fsync the directory (what a durable copy costs)
@@ -133,6 +134,7 @@ done
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 log "archive-push: $N segments x $M methods, interleaved"
 for i in "${!SEGS[@]}"; do
+    warm_memory "$BT" $((M * 16777216))
     for j in $(seq 0 $((M - 1))); do
         run_push "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
     done
@@ -141,6 +143,7 @@ done
 # or hours before; we keep it warm for all methods alike and say so in docs/benchmarks.md.
 log "archive-get: $N segments x $M methods, interleaved"
 for i in "${!SEGS[@]}"; do
+    warm_memory "$BT" $((M * 16777216))
     for j in $(seq 0 $((M - 1))); do
         run_get "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
     done
@@ -154,7 +157,7 @@ pg_stop "$PGDATA"
     echo "## archive.sh results ($WORKLOAD WAL): $N segments of 16 MiB, median per segment"
     echo
     sed 's/^/    /' "$BT/machine.txt"
-    echo "    loadavg during run: $load0 -> $load1"
+    echo "    loadavg during run: $load0 -> $load1; ROUND_WARM=$ROUND_WARM"
     report --prefix push/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-push (x $REF)"
     report --prefix get/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-get (x $REF)"
     echo

@@ -66,23 +66,13 @@ BACKUP_REF=${BACKUP_REF:-basebackup}
 # parts 3 and 5 is therefore kept until all rounds are done (ROUND_RM=end, the default there;
 # ROUND_RM=each deletes it at once), dropped from the page cache (POSIX_FADV_DONTNEED) so that
 # the next round reuses its memory.
-# Each round of parts 3, 5 and 6 starts with a warm-up (ROUND_WARM=1, the default): the bytes
-# about to be written + 25 % in zeros, written to a scratch file that is deleted unsynced at
-# once. On this VM (virtio-balloon free page reporting) memory that stays free is handed back
-# to the host, and touching it again costs 1-1.2 CPU s per 493 MB, in dd as in pitr, which
-# hides the disk's rate.
+# Each round of parts 3, 5 and 6 starts with a memory warm-up (lib.sh warm_memory, ROUND_WARM).
 RESTORE_FS=${RESTORE_FS:-loop}
 RESTORE_FS_GB=${RESTORE_FS_GB:-32}
 if [[ $RESTORE_FS == loop ]]; then ROUND_RM=${ROUND_RM:-each}; else ROUND_RM=${ROUND_RM:-end}; fi
-ROUND_WARM=${ROUND_WARM:-1}
 
 # Touch BYTES + 25 % of memory and free it again (BYTES unknown, as in part 5's first round: 1 GB).
-round_warm() {
-    ((ROUND_WARM)) || return 0
-    local n=${1:-800000000}
-    dd if=/dev/zero of="$BT/restore/warm" bs=8M count=$((n + n / 4)) iflag=count_bytes status=none
-    rm -f "$BT/restore/warm"
-}
+round_warm() { warm_memory "$BT/restore" "${1:-800000000}"; }
 
 # A round's output: deleted now (ROUND_RM=each) or moved aside, out of the page cache, until the
 # rounds are over (round_kept_rm).

@@ -65,6 +65,18 @@ mount_scratch_fs() { # dir size_gb
     losetup --direct-io=on "$dev" || log "warning: no direct I/O on $dev (the image is cached twice)"
 }
 
+# Memory warm-up before a timed round (ROUND_WARM=1, the default): BYTES + 25 % of zeros written
+# to a scratch file in DIR that is deleted unsynced at once. On this VM (virtio-balloon free page
+# reporting) memory that stays free for ~2 s is handed back to the host, and touching it again
+# costs 1-1.2 CPU s per 493 MB, in cp and dd as in pitr: without the warm-up a round measures
+# how long the machine was idle before it, and a tool that writes fewer bytes looks faster.
+ROUND_WARM=${ROUND_WARM:-1}
+warm_memory() { # dir bytes
+    ((ROUND_WARM)) || return 0
+    dd if=/dev/zero of="$1/.warm" bs=8M count=$(($2 + $2 / 4)) iflag=count_bytes status=none
+    rm -f "$1/.warm"
+}
+
 _need_apt() { # package command
     command -v "$2" >/dev/null 2>&1 && return 0
     log "installing $1 (apt-get)"
