@@ -68,8 +68,19 @@ SEGS=("${SEGS[@]:1}")
 log "segments: ${SEGS[0]} .. ${SEGS[-1]} ($N timed, $WARM warm-up)"
 
 # Repositories and configurations.
-R="$BT/repos"
-mkdir -p "$R/floor" "$BT/get"
+# Repositories and restored segments live on a fresh journaled ext4 (ARCHIVE_FS=loop, the
+# default; ARCHIVE_FS=dir writes under $BT): on this VM's root file system (ext4 without a
+# journal) every file create scans the inodes freed in the last minutes, and each push frees one
+# (its temporary file), so the cost of a create grew through a run (docs/benchmarks.md, round six).
+ARCHIVE_FS=${ARCHIVE_FS:-loop}
+W="$BT"
+if [[ $ARCHIVE_FS == loop ]]; then
+    W="$BT/fs"
+    mount_scratch_fs "$W" 16
+fi
+R="$W/repos"
+GET="$W/get"
+mkdir -p "$R/floor" "$GET"
 for m in "${METHODS[@]}"; do
     case $m in
     pitr-*) mkdir -p "$R/$m" ;;
@@ -80,7 +91,7 @@ for m in "${METHODS[@]}"; do
         ;;
     esac
 done
-chown -R postgres:postgres "$R" "$BT/get"
+chown -R postgres:postgres "$R" "$GET"
 
 push_cmd() { # method segment-path
     case $1 in
@@ -113,8 +124,8 @@ run_push() { # method seg
     fi
 }
 run_get() { # method seg
-    local m=$1 seg=$2 dest="$BT/get/$1/RECOVERYXLOG"
-    mkdir -p "$BT/get/$m" && chown postgres:postgres "$BT/get/$m"
+    local m=$1 seg=$2 dest="$GET/$1/RECOVERYXLOG"
+    mkdir -p "$GET/$m" && chown postgres:postgres "$GET/$m"
     rm -f "$dest"
     # shellcheck disable=SC2046
     measure "get/$m" "$seg" $(get_cmd "$m" "$seg" "$dest")
@@ -134,7 +145,7 @@ done
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 log "archive-push: $N segments x $M methods, interleaved"
 for i in "${!SEGS[@]}"; do
-    warm_memory "$BT" $((M * 16777216))
+    warm_memory "$W" $((M * 16777216))
     for j in $(seq 0 $((M - 1))); do
         run_push "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
     done
@@ -143,7 +154,7 @@ done
 # or hours before; we keep it warm for all methods alike and say so in docs/benchmarks.md.
 log "archive-get: $N segments x $M methods, interleaved"
 for i in "${!SEGS[@]}"; do
-    warm_memory "$BT" $((M * 16777216))
+    warm_memory "$W" $((M * 16777216))
     for j in $(seq 0 $((M - 1))); do
         run_get "${METHODS[$(((i + j) % M))]}" "${SEGS[$i]}"
     done
@@ -157,8 +168,10 @@ pg_stop "$PGDATA"
     echo "## archive.sh results ($WORKLOAD WAL): $N segments of 16 MiB, median per segment"
     echo
     sed 's/^/    /' "$BT/machine.txt"
-    echo "    loadavg during run: $load0 -> $load1; ROUND_WARM=$ROUND_WARM"
-    report --prefix push/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-push (x $REF)"
+    echo "    loadavg during run: $load0 -> $load1; ROUND_WARM=$ROUND_WARM ARCHIVE_FS=$ARCHIVE_FS"
+    quiet=()
+    [[ " ${METHODS[*]} " == *" floor "* ]] && quiet=(--quiet floor)
+    report --prefix push/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-push (x $REF)" "${quiet[@]}"
     report --prefix get/ --ref "$REF" --floor floor --mb 16.777216 --title "archive-get (x $REF)"
     echo
     echo "### repository size after $((N + 1)) segments ($((16 * (N + 1))) MiB of WAL)"

@@ -26,6 +26,7 @@ PGBIN="${PGBIN:-}"
 BT=""
 _STARTED_CLUSTERS=()
 _MOUNTS=()
+_REPORTING_MIN_FREE=""
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -41,6 +42,7 @@ _cleanup() {
     for m in "${_MOUNTS[@]}"; do
         umount "$m" || umount -l "$m"
     done
+    [[ -z "$_REPORTING_MIN_FREE" ]] || echo "$_REPORTING_MIN_FREE" >"$_REPORTING" 2>/dev/null
     if [[ -n "$BT" && -d "$BT" ]]; then
         if [[ -n "${BENCH_KEEP:-}" ]]; then
             log "BENCH_KEEP set: leaving $BT"
@@ -65,11 +67,18 @@ mount_scratch_fs() { # dir size_gb
     losetup --direct-io=on "$dev" || log "warning: no direct I/O on $dev (the image is cached twice)"
 }
 
-# Memory warm-up before a timed round (ROUND_WARM=1, the default): BYTES + 25 % of zeros written
-# to a scratch file in DIR that is deleted unsynced at once. On this VM (virtio-balloon free page
-# reporting) memory that stays free for ~2 s is handed back to the host, and touching it again
-# costs 1-1.2 CPU s per 493 MB, in cp and dd as in pitr: without the warm-up a round measures
-# how long the machine was idle before it, and a tool that writes fewer bytes looks faster.
+# This VM hands free memory back to the host (virtio-balloon free page reporting) as soon as it
+# is free (min_free_ms = 0), and touching it again costs 1-1.2 CPU s per 493 MB, in cp and dd
+# as in pitr: a round would measure how long the machine was idle before it, and a tool that
+# writes fewer bytes would look faster. While a bench runs, only memory free for 60 s is handed
+# back (the setting is restored on exit), and each timed round starts with a warm-up (ROUND_WARM=1,
+# the default): BYTES + 25 % of zeros written to a scratch file in DIR, deleted unsynced at once.
+_REPORTING=/sys/module/page_reporting/parameters/min_free_ms
+hold_host_memory() {
+    [[ -w $_REPORTING ]] || return 0
+    _REPORTING_MIN_FREE=$(cat "$_REPORTING")
+    echo 60000 >"$_REPORTING" || _REPORTING_MIN_FREE=""
+}
 ROUND_WARM=${ROUND_WARM:-1}
 warm_memory() { # dir bytes
     ((ROUND_WARM)) || return 0
@@ -131,6 +140,7 @@ bench_init() { # name
     chmod 0755 "$BT"
     trap _cleanup EXIT
     trap 'exit 130' INT TERM
+    hold_host_memory
     mkdir -p "$BT/bin" "$BT/sock" "$BT/log"
     _write_measure_py
     build_pitr
@@ -249,6 +259,7 @@ machine_info() {
     fi
     echo "filesystem: $(df -T "$BT" | awk 'NR==2 {print $2 " on " $1}')"
     echo "loadavg:    $(cut -d' ' -f1-3 /proc/loadavg)"
+    [[ -z "$_REPORTING_MIN_FREE" ]] || echo "host memory: free page reporting min_free_ms $_REPORTING_MIN_FREE -> 60000 during the run"
 }
 
 _write_measure_py() {
@@ -289,7 +300,7 @@ def q(xs, f):
 def report(path, args):
     # report RESULTS [--prefix P] [--ref LABEL] [--floor LABEL] [--mb MB] [--labels a,b,c]
     opts = {"--prefix": "", "--ref": None, "--floor": None, "--mb": None, "--labels": None,
-            "--title": None}
+            "--title": None, "--quiet": None}
     it = iter(args)
     for a in it:
         opts[a] = next(it)
@@ -334,6 +345,32 @@ def report(path, args):
             ref = opts["--prefix"] + opts["--ref"]
             row += ["%.2f" % (med[l] / med[ref]), "%.2f" % paired(l, ref),
                     "%.2f" % (cpu[l] / cpu[ref]) if cpu[ref] > 0 else "-"]
+        print("| " + " | ".join(row) + " |")
+    if opts["--quiet"] and opts["--prefix"] + opts["--quiet"] in by:
+        quiet_rounds(by, opts["--prefix"], opts["--quiet"], opts["--ref"])
+
+def quiet_rounds(by, prefix, base, ref):
+    # This VM has phases (seconds to minutes) in which every process pays ~35 ms more system
+    # time per 16 MiB written: a round (key) is quiet when BASE's CPU is within 1.5x of its
+    # lowest. Ratios per round, medians over the quiet rounds.
+    b = {r["key"]: r for r in by[prefix + base]}
+    low = min(r["cpu_ms"] for r in b.values())
+    keys = [k for k, r in b.items() if r["cpu_ms"] <= 1.5 * low]
+    print("\nQuiet rounds (%s CPU <= 1.5x its lowest, %.1f ms): %d of %d" % (base, low, len(keys), len(b)))
+    print()
+    cols = [base] + ([ref] if ref and ref != base else [])
+    print("| method | median ms | " + " | ".join("paired x " + c for c in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for l, rs in by.items():
+        rk = {r["key"]: r["wall_ms"] for r in rs}
+        ks = [k for k in keys if k in rk]
+        if not ks:
+            continue
+        row = [l[len(prefix):], "%.1f" % statistics.median(rk[k] for k in ks)]
+        for c in cols:
+            ck = {r["key"]: r["wall_ms"] for r in by[prefix + c]}
+            xs = [rk[k] / ck[k] for k in ks if k in ck]
+            row.append("%.2f" % statistics.median(xs) if xs else "-")
         print("| " + " | ".join(row) + " |")
 
 if __name__ == "__main__":
