@@ -178,7 +178,13 @@ pub struct LocalUpload {
     path: PathBuf,
     tmp: PathBuf,
     file: Option<File>,
+    /// Bytes appended so far, and how many of them were handed to the kernel's writeback.
+    written: u64,
+    flushed: u64,
 }
+
+/// Appended bytes between two early-writeback requests (see [`LocalUpload::write`]).
+const WRITEBACK_STEP: u64 = 1 << 20;
 
 impl LocalUpload {
     fn create(key: &str, path: PathBuf) -> Result<LocalUpload> {
@@ -188,6 +194,8 @@ impl LocalUpload {
             path,
             tmp,
             file: Some(file),
+            written: 0,
+            flushed: 0,
         })
     }
 
@@ -196,8 +204,26 @@ impl LocalUpload {
     }
 
     /// Appends `data` at the end of what was written (one `write` per call, as a rule).
+    ///
+    /// Every [`WRITEBACK_STEP`] the bytes written since are handed to the kernel's writeback
+    /// at once (`POSIX_FADV_DONTNEED` starts it without waiting, as PostgreSQL's
+    /// `pg_flush_data` does where `sync_file_range` is missing), so that the device writes
+    /// while the caller compresses the next blocks and the final fsync waits only for the tail.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        (&mut self.file()).write_all(data).map_err(|e| self.err(e))
+        (&mut self.file()).write_all(data).map_err(|e| self.err(e))?;
+        self.written += data.len() as u64;
+        if self.written - self.flushed >= WRITEBACK_STEP {
+            let len = std::num::NonZeroU64::new(self.written - self.flushed);
+            // Advice only: durability is the fsync's; a refusal changes nothing.
+            let _ = rustix::fs::fadvise(
+                self.file(),
+                self.flushed,
+                len,
+                rustix::fs::Advice::DontNeed,
+            );
+            self.flushed = self.written;
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset`, over what was written there (a header filled in last).
