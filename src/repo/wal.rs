@@ -351,7 +351,9 @@ enum UploadMode {
 ///
 /// Compressing half of each piece on a second thread was tried (two blocks on each of two
 /// threads, checksums combined): no faster on 2 CPUs (insert WAL, 3 runs: 30-33 ms per segment
-/// either way) for 3-7 ms more CPU: the summary thread already uses the second CPU.
+/// either way) for 3-7 ms more CPU: the summary thread already uses the second CPU. So was one
+/// helper thread for the whole segment encoding every other block (docs/benchmarks.md, round
+/// seven): 1.04x the time for 1.14x the CPU.
 struct FileUpload {
     up: LocalUpload,
     failed: Option<StorageError>,
