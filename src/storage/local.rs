@@ -210,17 +210,15 @@ impl LocalUpload {
     /// `pg_flush_data` does where `sync_file_range` is missing), so that the device writes
     /// while the caller compresses the next blocks and the final fsync waits only for the tail.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        (&mut self.file()).write_all(data).map_err(|e| self.err(e))?;
+        (&mut self.file())
+            .write_all(data)
+            .map_err(|e| self.err(e))?;
         self.written += data.len() as u64;
         if self.written - self.flushed >= WRITEBACK_STEP {
             let len = std::num::NonZeroU64::new(self.written - self.flushed);
             // Advice only: durability is the fsync's; a refusal changes nothing.
-            let _ = rustix::fs::fadvise(
-                self.file(),
-                self.flushed,
-                len,
-                rustix::fs::Advice::DontNeed,
-            );
+            let _ =
+                rustix::fs::fadvise(self.file(), self.flushed, len, rustix::fs::Advice::DontNeed);
             self.flushed = self.written;
         }
         Ok(())
