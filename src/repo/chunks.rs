@@ -18,7 +18,7 @@ use super::object::Payload;
 use super::{layout, PutOutcome, RepoError, Repository, WalInventory};
 use crate::codec::CodecError;
 use crate::storage::StorageError;
-use crate::wal::{Lsn, TimelineId, WalFileName};
+use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
 
 /// One chunk object: bytes `[start, end)` of `segment`. The object's key is derived from it
 /// (see [`layout::wal_chunk_key`]) and never leaves this module.
@@ -314,6 +314,24 @@ impl Repository {
             objects.into_iter().map(|o| o.key),
             self.descriptor().wal_segment_size,
         ))
+    }
+}
+
+impl Repository {
+    /// Whether each of `segments` (timeline, number) is stored whole, as [`Self::wal_scan`]'s
+    /// inventory would say: one HEAD request each, all at once. For a few segments of a large
+    /// repository, where one LIST would read every key.
+    pub async fn holds_segments(
+        &self,
+        segments: &[(TimelineId, SegNo)],
+    ) -> Result<Vec<bool>, RepoError> {
+        let seg_size = self.descriptor().wal_segment_size;
+        let heads = segments.iter().map(|&(tli, segno)| {
+            let key = layout::wal_key(&WalFileName::segment(tli, segno, seg_size));
+            async move { self.storage.head(&key).await }
+        });
+        let found = futures::future::try_join_all(heads).await?;
+        Ok(found.into_iter().map(|f| f.is_some()).collect())
     }
 }
 

@@ -341,3 +341,29 @@ async fn a_chunked_partial_is_zero_padded() {
     assert!(b[4..].iter().all(|&x| x == 0));
     assert_eq!(b.len() as u64, CLUSTER.wal_segment_size);
 }
+
+/// `holds_segments` answers as the scan's inventory does: whole segments only (chunks and a
+/// `.partial` of the same segment do not count), on the timeline asked for.
+#[tokio::test]
+async fn holds_segments_agrees_with_the_inventory() {
+    let repo = repo().await;
+    let size = CLUSTER.wal_segment_size;
+    let seg = |tli, n| crate::wal::WalFileName::segment(tli, n, size);
+    let whole = vec![1u8; size as usize];
+    repo.put_wal_file(&seg(1, 2), &whole).await.unwrap();
+    repo.put_wal_file(&seg(2, 4), &whole).await.unwrap();
+    let chunk = ChunkRef {
+        segment: seg(1, 3),
+        start: 0,
+        end: 4,
+    };
+    repo.put_chunk(&chunk, b"abcd").await.unwrap();
+    let partial = crate::wal::WalFileName::parse("000000010000000000000004.partial").unwrap();
+    repo.put_wal_file(&partial, &whole).await.unwrap();
+    let asked = [(1, 2), (1, 3), (1, 4), (2, 4), (2, 2)];
+    let held = repo.holds_segments(&asked).await.unwrap();
+    assert_eq!(held, [true, false, false, true, false]);
+    let inv = repo.wal_scan().await.unwrap().inventory;
+    let by_inventory: Vec<bool> = asked.iter().map(|&(t, s)| inv.covers(t, s, s)).collect();
+    assert_eq!(held, by_inventory);
+}

@@ -290,7 +290,8 @@ async fn store_history(
 
 /// Where streaming starts: after the WAL the repository holds, else at the slot's restart_lsn,
 /// else at the server's position (see `start`). One LIST of `wal/` gives both the inventory
-/// and the chunk folders; a mirror's LIST, the holes a kill left in it.
+/// and the chunk folders; in a mirror, HEAD requests for the last few segments find the holes
+/// a kill left in it (a LIST where the server does not tell the slot's position).
 async fn start_point(
     repo: &Repository,
     mirrors: &[Repository],
@@ -311,8 +312,19 @@ async fn start_point(
         seg_size,
     );
     for m in mirrors {
-        let inv = m.wal_scan().await?.inventory;
-        sp = start::back_to_hole(sp, &inv, history, sys.timeline, slot_restart, seg_size);
+        sp = match slot_restart {
+            // The few segments a kill can have left out: HEAD each, not LIST a year of WAL.
+            Some(r) => {
+                let window = start::mirror_window(&sp, history, sys.timeline, r, seg_size);
+                let held = m.holds_segments(&window).await?;
+                start::back_to_missing(sp, &window, &held, seg_size)
+            }
+            // PostgreSQL 13/14: the mirror's first segment bounds the search (see `start`).
+            None => {
+                let inv = m.wal_scan().await?.inventory;
+                start::back_to_hole(sp, &inv, history, sys.timeline, None, seg_size)
+            }
+        };
     }
     if let (true, StartSource::Repository, Some(r)) = (opts.accept_gap, sp.source, slot_restart) {
         let slot_seg = Lsn::from_segno(r.segno(seg_size), seg_size);

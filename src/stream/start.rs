@@ -12,7 +12,7 @@
 //! caller then skips forward over chunks already stored for that segment.
 
 use crate::repo::WalInventory;
-use crate::wal::{HistoryEntry, Lsn, TimelineId};
+use crate::wal::{HistoryEntry, Lsn, SegNo, TimelineId};
 
 /// How many segments before the repository's end a stream killed mid-upload can leave a hole:
 /// one per job in flight (each stores at most one segment), and the one being filled.
@@ -149,13 +149,65 @@ fn first_hole(
         firsts.map(|r| r.0).min().unwrap_or(end_seg)
     };
     let bound = slot_restart.map_or_else(first_stored, |r| r.segno(seg_size));
+    hole_window(history, server_tli, bound, end, seg_size)
+        .into_iter()
+        .find(|&(tli, s)| !inv.covers(tli, s, s))
+        .map(|(tli, s)| (tli, Lsn::from_segno(s, seg_size)))
+}
+
+/// The segments before `end`, from `bound` but within [`REORDER_WINDOW`], where a kill can
+/// have left a hole; each with the timeline whose copy of it counts (the copy of a timeline's
+/// switch segment that holds all of it is the next timeline's).
+fn hole_window(
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+    bound: SegNo,
+    end: Lsn,
+    seg_size: u64,
+) -> Vec<(TimelineId, SegNo)> {
+    let end_seg = end.segno(seg_size);
     let from = bound.max(end_seg.saturating_sub(REORDER_WINDOW));
-    (from..end_seg).find_map(|s| {
-        // The copy of a timeline's switch segment that holds all of it is the next timeline's.
-        let last_byte = Lsn(Lsn::from_segno(s + 1, seg_size).0 - 1);
-        let tli = timeline_of(last_byte, history, server_tli);
-        (!inv.covers(tli, s, s)).then(|| (tli, Lsn::from_segno(s, seg_size)))
-    })
+    (from..end_seg)
+        .map(|s| {
+            let last_byte = Lsn(Lsn::from_segno(s + 1, seg_size).0 - 1);
+            (timeline_of(last_byte, history, server_tli), s)
+        })
+        .collect()
+}
+
+/// With the slot's position known, the segments a mirror must hold for streaming to start at
+/// `sp` (see [`first_hole`]): asking for these few (HEAD requests) replaces listing the
+/// mirror's whole `wal/`. Empty when `sp` does not continue the repository.
+pub fn mirror_window(
+    sp: &StartPoint,
+    history: &[HistoryEntry],
+    server_tli: TimelineId,
+    slot_restart: Lsn,
+    seg_size: u64,
+) -> Vec<(TimelineId, SegNo)> {
+    if !matches!(sp.source, StartSource::Repository | StartSource::Hole) {
+        return vec![];
+    }
+    let bound = slot_restart.segno(seg_size);
+    hole_window(history, server_tli, bound, sp.lsn, seg_size)
+}
+
+/// `sp`, or the first segment of `window` (see [`mirror_window`]) that `held` says is missing.
+pub fn back_to_missing(
+    sp: StartPoint,
+    window: &[(TimelineId, SegNo)],
+    held: &[bool],
+    seg_size: u64,
+) -> StartPoint {
+    match window.iter().zip(held).find(|(_, &h)| !h) {
+        Some((&(tli, s), _)) => StartPoint {
+            tli,
+            lsn: Lsn::from_segno(s, seg_size),
+            source: StartSource::Hole,
+            ..sp
+        },
+        None => sp,
+    }
 }
 
 /// `sp`, or the first hole before it that [`first_hole`] finds in `inv`: the main repository's
@@ -290,6 +342,49 @@ mod tests {
         let h = hist(&[(1, SEG * 3 + 0x158)]);
         let s = choose_start(&i, &h, 2, Some(Lsn(SEG * 3 + 0x100)), Lsn(SEG * 9), SEG);
         assert_eq!((s.tli, s.lsn), (2, Lsn(SEG * 3)));
+    }
+
+    /// A mirror asked segment by segment (HEAD, with the slot's position) finds the same start
+    /// as its full inventory would: every subset of stored segments around the end, with and
+    /// without a timeline switch in the window, every slot position and start.
+    #[test]
+    fn a_mirrors_window_finds_what_its_inventory_finds() {
+        let h = hist(&[(1, SEG * 6 + 0x158)]);
+        let seg = |tli: TimelineId, s: u64| WalFileName::segment(tli, s, SEG).to_string();
+        for history in [vec![], h] {
+            let server_tli = if history.is_empty() { 1 } else { 2 };
+            for stored in 0u32..(1 << 8) {
+                let names: Vec<String> = (1..=8u64)
+                    .filter(|s| stored & (1 << (s - 1)) != 0)
+                    .map(|s| seg(timeline_of(Lsn(SEG * (s + 1) - 1), &history, server_tli), s))
+                    .collect();
+                let i = WalInventory::from_names(
+                    names.iter().map(|n| WalFileName::parse(n).unwrap()),
+                    SEG,
+                );
+                for slot in 1..=9u64 {
+                    for end in 2..=9u64 {
+                        let sp = StartPoint {
+                            tli: timeline_of(Lsn(SEG * end), &history, server_tli),
+                            lsn: Lsn(SEG * end),
+                            source: StartSource::Repository,
+                            off_lineage: None,
+                        };
+                        let slot = Lsn(SEG * slot + 8);
+                        let by_inventory =
+                            back_to_hole(sp, &i, &history, server_tli, Some(slot), SEG);
+                        let window = mirror_window(&sp, &history, server_tli, slot, SEG);
+                        let held: Vec<bool> =
+                            window.iter().map(|&(t, s)| i.covers(t, s, s)).collect();
+                        let by_heads = back_to_missing(sp, &window, &held, SEG);
+                        assert_eq!(
+                            by_heads, by_inventory,
+                            "stored {stored:08b} slot {slot} end {end}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
