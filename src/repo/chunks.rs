@@ -315,9 +315,7 @@ impl Repository {
             self.descriptor().wal_segment_size,
         ))
     }
-}
 
-impl Repository {
     /// Whether each of `segments` (timeline, number) is stored whole, as [`Self::wal_scan`]'s
     /// inventory would say: one HEAD request each, all at once. For a few segments of a large
     /// repository, where one LIST would read every key.
