@@ -22,7 +22,7 @@ const REORDER_WINDOW: u64 = super::uploader::IN_FLIGHT as u64 + 1;
 pub enum StartSource {
     /// After the last segment stored in the repository.
     Repository,
-    /// At a segment missing shortly before the repository's end (see [`first_hole`]).
+    /// At a segment missing shortly before the repository's end (see [`hole_window`]).
     Hole,
     /// The slot's restart_lsn.
     Slot,
@@ -119,8 +119,10 @@ fn repository_end(
     best
 }
 
-/// The first segment from the slot's `restart_lsn` up to `end` that the repository does not
-/// hold whole, as the timeline and start to stream it from.
+/// The segments before `sp` where a kill can have left a hole, in order, each with the timeline
+/// whose copy of it counts (the copy of a timeline's switch segment that holds all of it is the
+/// next timeline's); from `bound` (the slot's `restart_lsn`) but within [`REORDER_WINDOW`].
+/// Empty when `sp` does not continue the repository.
 ///
 /// The uploader stores a few jobs at once and publishes their ends in order, so the flush
 /// feedback (and with it the slot) never passes a hole; but a stream killed mid-way can leave a
@@ -134,38 +136,17 @@ fn repository_end(
 /// tell the slot's position: there the window and the repository's first segment bound the
 /// search, and should the server no longer have the hole's WAL, START_REPLICATION says so and
 /// the stream exits naming the range.
-fn first_hole(
-    inv: &WalInventory,
-    history: &[HistoryEntry],
-    server_tli: TimelineId,
-    slot_restart: Option<Lsn>,
-    end: Lsn,
-    seg_size: u64,
-) -> Option<(TimelineId, Lsn)> {
-    let end_seg = end.segno(seg_size);
-    // Without the slot's position, only a segment between stored ones is known to be a hole.
-    let first_stored = || {
-        let firsts = inv.timelines.values().filter_map(|t| t.ranges.first());
-        firsts.map(|r| r.0).min().unwrap_or(end_seg)
-    };
-    let bound = slot_restart.map_or_else(first_stored, |r| r.segno(seg_size));
-    hole_window(history, server_tli, bound, end, seg_size)
-        .into_iter()
-        .find(|&(tli, s)| !inv.covers(tli, s, s))
-        .map(|(tli, s)| (tli, Lsn::from_segno(s, seg_size)))
-}
-
-/// The segments before `end`, from `bound` but within [`REORDER_WINDOW`], where a kill can
-/// have left a hole; each with the timeline whose copy of it counts (the copy of a timeline's
-/// switch segment that holds all of it is the next timeline's).
 fn hole_window(
+    sp: &StartPoint,
     history: &[HistoryEntry],
     server_tli: TimelineId,
     bound: SegNo,
-    end: Lsn,
     seg_size: u64,
 ) -> Vec<(TimelineId, SegNo)> {
-    let end_seg = end.segno(seg_size);
+    if !matches!(sp.source, StartSource::Repository | StartSource::Hole) {
+        return vec![];
+    }
+    let end_seg = sp.lsn.segno(seg_size);
     let from = bound.max(end_seg.saturating_sub(REORDER_WINDOW));
     (from..end_seg)
         .map(|s| {
@@ -176,8 +157,8 @@ fn hole_window(
 }
 
 /// With the slot's position known, the segments a mirror must hold for streaming to start at
-/// `sp` (see [`first_hole`]): asking for these few (HEAD requests) replaces listing the
-/// mirror's whole `wal/`. Empty when `sp` does not continue the repository.
+/// `sp` (see [`hole_window`]): asking for these few (HEAD requests) replaces listing the
+/// mirror's whole `wal/`.
 pub fn mirror_window(
     sp: &StartPoint,
     history: &[HistoryEntry],
@@ -185,14 +166,16 @@ pub fn mirror_window(
     slot_restart: Lsn,
     seg_size: u64,
 ) -> Vec<(TimelineId, SegNo)> {
-    if !matches!(sp.source, StartSource::Repository | StartSource::Hole) {
-        return vec![];
-    }
-    let bound = slot_restart.segno(seg_size);
-    hole_window(history, server_tli, bound, sp.lsn, seg_size)
+    hole_window(
+        sp,
+        history,
+        server_tli,
+        slot_restart.segno(seg_size),
+        seg_size,
+    )
 }
 
-/// `sp`, or the first segment of `window` (see [`mirror_window`]) that `held` says is missing.
+/// `sp`, or the first segment of `window` (see [`hole_window`]) that `held` says is missing.
 pub fn back_to_missing(
     sp: StartPoint,
     window: &[(TimelineId, SegNo)],
@@ -210,9 +193,8 @@ pub fn back_to_missing(
     }
 }
 
-/// `sp`, or the first hole before it that [`first_hole`] finds in `inv`: the main repository's
-/// inventory, or a mirror's (the stream stores every job in each, so a kill can leave a hole
-/// in either).
+/// `sp`, or the first hole before it that `inv` shows: the main repository's inventory, or a
+/// mirror's (the stream stores every job in each, so a kill can leave a hole in either).
 pub fn back_to_hole(
     sp: StartPoint,
     inv: &WalInventory,
@@ -221,18 +203,15 @@ pub fn back_to_hole(
     slot_restart: Option<Lsn>,
     seg_size: u64,
 ) -> StartPoint {
-    if !matches!(sp.source, StartSource::Repository | StartSource::Hole) {
-        return sp;
-    }
-    match first_hole(inv, history, server_tli, slot_restart, sp.lsn, seg_size) {
-        Some((tli, lsn)) => StartPoint {
-            tli,
-            lsn,
-            source: StartSource::Hole,
-            ..sp
-        },
-        None => sp,
-    }
+    // Without the slot's position, only a segment between stored ones is known to be a hole.
+    let first_stored = || {
+        let firsts = inv.timelines.values().filter_map(|t| t.ranges.first());
+        firsts.map(|r| r.0).min().unwrap_or(sp.lsn.segno(seg_size))
+    };
+    let bound = slot_restart.map_or_else(first_stored, |r| r.segno(seg_size));
+    let window = hole_window(&sp, history, server_tli, bound, seg_size);
+    let held: Vec<bool> = window.iter().map(|&(t, s)| inv.covers(t, s, s)).collect();
+    back_to_missing(sp, &window, &held, seg_size)
 }
 
 pub fn choose_start(
