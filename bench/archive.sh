@@ -11,7 +11,7 @@
 # `cp` into a source directory), then for every segment runs each method once, in an order that
 # rotates from segment to segment (A B C.. then B C.. A ...), so that machine noise lands on all
 # methods alike; each segment's round starts with a memory warm-up (lib.sh warm_memory,
-# ROUND_WARM=0 skips it). Every repository is a local directory under one temp dir on the same filesystem.
+# ROUND_WARM=0 skips it). Every repository is a local directory on one file system (ARCHIVE_FS).
 #
 # push methods (each into its own empty repository):
 #   floor      cp to a temp name, fsync it, rename, fsync the directory (what a durable copy costs)

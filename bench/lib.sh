@@ -297,6 +297,13 @@ def q(xs, f):
     i = f * (len(xs) - 1); lo = int(i); hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
+def paired_ratio(by, l, ref, keys=None):
+    # median over keys (segments / repetitions; all, or those in `keys`) of l's wall time / ref's
+    rk = {r["key"]: r["wall_ms"] for r in by[ref]}
+    xs = [r["wall_ms"] / rk[r["key"]] for r in by[l]
+          if r["key"] in rk and (keys is None or r["key"] in keys)]
+    return statistics.median(xs) if xs else float("nan")
+
 def report(path, args):
     # report RESULTS [--prefix P] [--ref LABEL] [--floor LABEL] [--mb MB] [--labels a,b,c]
     opts = {"--prefix": "", "--ref": None, "--floor": None, "--mb": None, "--labels": None,
@@ -315,11 +322,7 @@ def report(path, args):
     by = {l: [r for r in recs if r["label"] == l] for l in labels}
     med = {l: statistics.median(r["wall_ms"] for r in by[l]) for l in labels}
     cpu = {l: statistics.median(r["cpu_ms"] for r in by[l]) for l in labels}
-    def paired(l, ref):
-        # median over keys (segments / repetitions) of this run's wall time / the reference's
-        rk = {r["key"]: r["wall_ms"] for r in by[ref]}
-        xs = [r["wall_ms"] / rk[r["key"]] for r in by[l] if r["key"] in rk]
-        return statistics.median(xs) if xs else float("nan")
+    paired = lambda l, ref: paired_ratio(by, l, ref)
     if opts["--ref"] and opts["--prefix"] + opts["--ref"] not in by:
         opts["--ref"] = None  # the reference method was not run: no ratio columns
     if opts["--floor"] and opts["--prefix"] + opts["--floor"] not in by:
@@ -367,10 +370,7 @@ def quiet_rounds(by, prefix, base, ref):
         if not ks:
             continue
         row = [l[len(prefix):], "%.1f" % statistics.median(rk[k] for k in ks)]
-        for c in cols:
-            ck = {r["key"]: r["wall_ms"] for r in by[prefix + c]}
-            xs = [rk[k] / ck[k] for k in ks if k in ck]
-            row.append("%.2f" % statistics.median(xs) if xs else "-")
+        row += ["%.2f" % paired_ratio(by, l, prefix + c, set(ks)) for c in cols]
         print("| " + " | ".join(row) + " |")
 
 if __name__ == "__main__":
