@@ -353,7 +353,10 @@ enum UploadMode {
 /// threads, checksums combined): no faster on 2 CPUs (insert WAL, 3 runs: 30-33 ms per segment
 /// either way) for 3-7 ms more CPU: the summary thread already uses the second CPU. So was one
 /// helper thread for the whole segment encoding every other block (docs/benchmarks.md, round
-/// seven): 1.04x the time for 1.14x the CPU.
+/// seven): 1.04x the time for 1.14x the CPU. And so was a thread compressing the last 3/8 of
+/// the segment from its own reads, joined at the end (round eight): 0.97x the time, the same
+/// as the writeback thread alone, for 2-3 ms more CPU and 3.4 MiB more memory; with the
+/// summary, three busy threads share two CPUs, and the one that reads and writes gets 2/3.
 struct FileUpload {
     up: LocalUpload,
     failed: Option<StorageError>,

@@ -132,6 +132,41 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
+    /// An object streamed in pieces over several writeback steps (the writeback thread runs)
+    /// is published whole and byte for byte, with no temporary file left; one dropped half
+    /// way is not published at all.
+    #[tokio::test]
+    async fn a_local_upload_over_several_writeback_steps_is_published_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::Local(dir.path().join("repo"));
+        let s = Storage::open(&loc, Duration::from_secs(1)).unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 4321u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (s2, d2) = (s.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut up = s2.upload("big/object").unwrap().unwrap();
+            for piece in d2.chunks(100_000) {
+                up.write(piece).unwrap();
+            }
+            up.write_at(b"head", 0).unwrap();
+            up.finish_if_absent().unwrap();
+            let mut half = s2.upload("big/dropped").unwrap().unwrap();
+            half.write(&d2[..2 << 20]).unwrap();
+        })
+        .await
+        .unwrap();
+        let mut expected = data;
+        expected[..4].copy_from_slice(b"head");
+        assert_eq!(s.get("big/object").await.unwrap(), expected);
+        assert_eq!(s.head("big/dropped").await.unwrap(), None);
+        let leftovers: Vec<_> = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
     fn walk(p: &std::path::Path) -> Vec<String> {
         let mut out = vec![];
         for e in std::fs::read_dir(p).unwrap() {

@@ -181,6 +181,39 @@ pub struct LocalUpload {
     /// Bytes appended so far, and how many of them were handed to the kernel's writeback.
     written: u64,
     flushed: u64,
+    /// The thread that asks for the writeback, once started.
+    writeback: Option<Writeback>,
+}
+
+/// A thread that hands ranges of a file to the kernel's writeback (`POSIX_FADV_DONTNEED`
+/// starts it without waiting, as PostgreSQL's `pg_flush_data` does where `sync_file_range` is
+/// missing; rustix has no `sync_file_range`). Not on the writer's thread: pages still dirty or
+/// under writeback cannot be dropped, and for those the kernel drains the page lists of every
+/// CPU and waits for it (`lru_add_drain_all`), that is, until the other CPU gets to run its
+/// worker: 0.13 ms a call with the other CPU idle (1.1 ms per 16 MiB segment pushed), once 4 ms
+/// with it busy (docs/benchmarks.md, round eight). Advice only: durability is the final
+/// fsync's, so a request that is late or dropped costs time, never data.
+#[derive(Debug)]
+struct Writeback {
+    ranges: std::sync::mpsc::SyncSender<(u64, u64)>,
+}
+
+impl Writeback {
+    fn start(file: &File) -> Option<Writeback> {
+        let file = file.try_clone().ok()?;
+        let (ranges, requests) = std::sync::mpsc::sync_channel::<(u64, u64)>(16);
+        std::thread::Builder::new()
+            .name("pitr-writeback".into())
+            .spawn(move || {
+                // Ends when the upload finishes or is dropped (the sender goes).
+                for (offset, len) in requests {
+                    let len = std::num::NonZeroU64::new(len);
+                    let _ = rustix::fs::fadvise(&file, offset, len, rustix::fs::Advice::DontNeed);
+                }
+            })
+            .ok()?;
+        Some(Writeback { ranges })
+    }
 }
 
 /// Appended bytes between two early-writeback requests (see [`LocalUpload::write`]).
@@ -196,6 +229,7 @@ impl LocalUpload {
             file: Some(file),
             written: 0,
             flushed: 0,
+            writeback: None,
         })
     }
 
@@ -206,19 +240,23 @@ impl LocalUpload {
     /// Appends `data` at the end of what was written (one `write` per call, as a rule).
     ///
     /// Every [`WRITEBACK_STEP`] the bytes written since are handed to the kernel's writeback
-    /// at once (`POSIX_FADV_DONTNEED` starts it without waiting, as PostgreSQL's
-    /// `pg_flush_data` does where `sync_file_range` is missing), so that the device writes
-    /// while the caller compresses the next blocks and the final fsync waits only for the tail.
+    /// (by a [`Writeback`] thread), so that the device writes while the caller compresses the
+    /// next blocks and the final fsync waits only for the tail.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         (&mut self.file())
             .write_all(data)
             .map_err(|e| self.err(e))?;
         self.written += data.len() as u64;
         if self.written - self.flushed >= WRITEBACK_STEP {
-            let len = std::num::NonZeroU64::new(self.written - self.flushed);
-            // Advice only: durability is the fsync's; a refusal changes nothing.
-            let _ =
-                rustix::fs::fadvise(self.file(), self.flushed, len, rustix::fs::Advice::DontNeed);
+            if self.writeback.is_none() {
+                self.writeback = Writeback::start(self.file());
+            }
+            if let Some(w) = &self.writeback {
+                // A full queue means the thread is behind: the fsync writes the rest.
+                let _ = w
+                    .ranges
+                    .try_send((self.flushed, self.written - self.flushed));
+            }
             self.flushed = self.written;
         }
         Ok(())
@@ -235,6 +273,7 @@ impl LocalUpload {
     /// Makes the file durable and publishes it under its key unless an object is there
     /// (`AlreadyExists`, as `put_if_absent`). Blocking: call it off the async threads.
     pub fn finish_if_absent(mut self) -> Result<()> {
+        self.writeback = None;
         // A failed fsync leaves the file open: dropping `self` then removes it.
         self.file().sync_all().map_err(|e| self.err(e))?;
         self.file = None;
