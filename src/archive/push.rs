@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::sync::Arc;
 
 use super::pgdata::{Archived, CachedRepository, DataDir};
 use super::prefetch::location_id;
@@ -168,7 +169,7 @@ async fn push_segment(
     data_dir: Option<&DataDir>,
     write: WriteOptions,
 ) -> Result<(Repository, PutOutcome, u64), ArchiveError> {
-    let (file, again, len, mut buf, first) = open_segment(path).await?;
+    let (file, len, mut buf, first) = open_segment(path).await?;
     let cluster = identity_from_wal(path, name, &buf.get()[..first], len)?;
     let what = format!("WAL file {name}");
     let cached = match data_dir {
@@ -197,7 +198,7 @@ async fn push_segment(
         None => SummaryOrder::AfterSegment,
     };
     let up = repo
-        .segment_upload(name, &buf.get()[..first], len, again, prev.clone())
+        .segment_upload(name, &buf.get()[..first], len, file.clone(), prev.clone())
         .await;
     let up = feed(path, up, file, buf, first, len).await?;
     let stored = repo.store_segment_upload(up, order).await;
@@ -227,20 +228,19 @@ async fn push_segment(
     Ok((repo, outcome, len))
 }
 
-/// The segment file opened twice (a second, independent reader for the summary thread), its
-/// length, and its first block read into the buffer.
+/// The segment file (shared with the repository's summary and tail threads, which read it
+/// at their own offsets), its length, and its first block read into the buffer.
 async fn open_segment(
     path: &Path,
-) -> Result<(std::fs::File, std::fs::File, u64, AlignedBlock, usize), ArchiveError> {
+) -> Result<(Arc<std::fs::File>, u64, AlignedBlock, usize), ArchiveError> {
     let p = path.to_path_buf();
     let opened = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&p)?;
-        let again = std::fs::File::open(&p)?;
+        let file = std::fs::File::open(&p)?;
         let len = file.metadata()?.len();
         // Page-aligned: the kernel's copy into it runs at full speed (codec::aligned_buffer).
         let mut buf = AlignedBlock::new();
-        let first = read_full(&mut file, buf.get())?;
-        std::io::Result::Ok((file, again, len, buf, first))
+        let first = read_full(&mut &file, buf.get())?;
+        std::io::Result::Ok((Arc::new(file), len, buf, first))
     })
     .await
     .expect("read task panicked")
@@ -248,7 +248,7 @@ async fn open_segment(
         path: path.to_path_buf(),
         source,
     })?;
-    if opened.4 == 0 {
+    if opened.3 == 0 {
         return Err(ArchiveError::Empty {
             path: path.to_path_buf(),
         });
@@ -256,11 +256,12 @@ async fn open_segment(
     Ok(opened)
 }
 
-/// Hands the whole segment to `up`, block by block, from the first block already in `buf`.
+/// Hands the segment to `up`, block by block, from the first block already in `buf`, until
+/// the end or the blocks `up`'s tail thread took, and joins those.
 async fn feed(
     path: &Path,
     mut up: SegmentUpload,
-    mut file: std::fs::File,
+    file: Arc<std::fs::File>,
     mut buf: AlignedBlock,
     first: usize,
     len: u64,
@@ -272,11 +273,16 @@ async fn feed(
     let (up, read) = tokio::task::spawn_blocking(move || {
         let mut n = first;
         let mut read = 0u64;
+        // Block by block until the end, or until the blocks a tail thread took from the back.
         while n > 0 {
             up.write(&buf.get()[..n]);
             read += n as u64;
-            n = read_full(&mut file, buf.get())?;
+            if !up.claim_next() {
+                break;
+            }
+            n = read_full(&mut &*file, buf.get())?;
         }
+        read += up.finish_input()?;
         std::io::Result::Ok((up, read))
     })
     .await

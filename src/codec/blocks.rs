@@ -157,26 +157,41 @@ impl BlockWriter {
     /// Appends `raw` (1 ..= [`MAX_BLOCK_LEN`] bytes) as one block.
     pub(crate) fn block(&mut self, raw: &[u8]) {
         let start = self.used;
-        let data = start + BLOCK_HEADER_LEN;
-        // lz4's bound is above raw.len(); a block that does not shrink is stored as is.
-        let bound = lz4_flex::block::get_maximum_output_size(raw.len());
-        if self.out.len() < data + bound {
-            self.out.resize(data + bound, 0);
+        // lz4's bound is above raw.len(); room for it is zeroed once and reused.
+        let room = BLOCK_HEADER_LEN + lz4_flex::block::get_maximum_output_size(raw.len());
+        if self.out.len() < start + room {
+            self.out.resize(start + room, 0);
         }
-        let (stored_len, word) = match lz4_flex::block::compress_into(raw, &mut self.out[data..]) {
-            Ok(n) if n < raw.len() => (n, n as u32),
-            // Not smaller (or, impossibly, over the bound): keep the bytes as they are.
-            _ => {
-                self.out[data..data + raw.len()].copy_from_slice(raw);
-                (raw.len(), raw.len() as u32 | STORED_AS_IS)
-            }
-        };
-        self.out[start..start + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-        self.out[start + 4..data].copy_from_slice(&word.to_le_bytes());
-        self.used = data + stored_len;
+        self.used = start + encode_block(raw, &mut self.out[start..]);
         self.raw_len += raw.len() as u64;
         self.raw_crc = super::crc::crc32c_append(self.raw_crc, raw);
         self.payload_crc = super::crc::crc32c_append(self.payload_crc, &self.out[start..self.used]);
+    }
+
+    /// Appends blocks made elsewhere ([`BlockArena`]) for the content that follows this
+    /// writer's: blocks are independent, so the joined payload is byte for byte the one a
+    /// single writer makes, and the checksums are combined.
+    pub fn join(&mut self, run: &BlockRun<'_>) {
+        self.out.truncate(self.used);
+        self.out.extend_from_slice(run.payload);
+        self.used = self.out.len();
+        self.count(run);
+    }
+
+    /// [`Self::join`] for a streamed writer whose caller writes `run`'s payload out itself,
+    /// right after flushing this writer: only the lengths and checksums are joined.
+    pub fn join_flushed(&mut self, run: &BlockRun<'_>) {
+        debug_assert_eq!(self.used, self.start + self.room, "blocks still pending");
+        self.count(run);
+        self.flushed += run.payload.len() as u64;
+    }
+
+    fn count(&mut self, run: &BlockRun<'_>) {
+        let payload_len = run.payload.len() as u64;
+        self.raw_len += run.raw_len;
+        self.raw_crc = super::crc::crc32c_combine(self.raw_crc, run.raw_crc32c, run.raw_len);
+        self.payload_crc =
+            super::crc::crc32c_combine(self.payload_crc, run.payload_crc32c, payload_len);
     }
 
     pub fn finish(mut self) -> Blocks {
@@ -189,6 +204,89 @@ impl BlockWriter {
             raw_crc32c: self.raw_crc,
             payload_crc32c: self.payload_crc,
         }
+    }
+}
+
+/// Encodes `raw` (1 ..= [`MAX_BLOCK_LEN`] bytes) as one block at the start of `out`, which
+/// has room for lz4's bound; the block's length.
+fn encode_block(raw: &[u8], out: &mut [u8]) -> usize {
+    let data = &mut out[BLOCK_HEADER_LEN..];
+    let (stored_len, word) = match lz4_flex::block::compress_into(raw, data) {
+        Ok(n) if n < raw.len() => (n, n as u32),
+        // Not smaller (or, impossibly, over the bound): keep the bytes as they are.
+        _ => {
+            data[..raw.len()].copy_from_slice(raw);
+            (raw.len(), raw.len() as u32 | STORED_AS_IS)
+        }
+    };
+    out[0..4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    out[4..BLOCK_HEADER_LEN].copy_from_slice(&word.to_le_bytes());
+    BLOCK_HEADER_LEN + stored_len
+}
+
+/// Consecutive blocks of a payload, with their checksums: what [`BlockWriter::join`] appends.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockRun<'a> {
+    pub payload: &'a [u8],
+    pub raw_len: u64,
+    pub raw_crc32c: u32,
+    pub payload_crc32c: u32,
+}
+
+/// Blocks made in any order (a second thread taking a content's blocks from its end), kept in
+/// one buffer and handed back in content order. One scratch block zeroed once; the buffer
+/// holds only what the blocks take.
+pub struct BlockArena {
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Content position (any key that orders the blocks), range in `out`, raw length and CRCs.
+    blocks: Vec<(u64, std::ops::Range<usize>, u64, u32, u32)>,
+}
+
+impl BlockArena {
+    /// An arena for blocks of up to `max_raw` bytes, about `expected` bytes of them in all.
+    pub fn new(max_raw: usize, expected: usize) -> BlockArena {
+        BlockArena {
+            out: Vec::with_capacity(max_payload_len(expected)),
+            scratch: vec![0; BLOCK_HEADER_LEN + lz4_flex::block::get_maximum_output_size(max_raw)],
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Encodes `raw` (1 ..= the arena's `max_raw` bytes) as the block at content position
+    /// `at`.
+    pub fn add(&mut self, at: u64, raw: &[u8]) {
+        let n = encode_block(raw, &mut self.scratch);
+        let from = self.out.len();
+        self.out.extend_from_slice(&self.scratch[..n]);
+        let payload_crc = super::crc::crc32c(&self.out[from..]);
+        let raw_crc = super::crc::crc32c(raw);
+        self.blocks.push((
+            at,
+            from..self.out.len(),
+            raw.len() as u64,
+            raw_crc,
+            payload_crc,
+        ));
+    }
+
+    /// The blocks in content order, one run each.
+    pub fn in_order(&mut self) -> impl Iterator<Item = BlockRun<'_>> {
+        self.blocks.sort_unstable_by_key(|b| b.0);
+        let out = &self.out;
+        self.blocks
+            .iter()
+            .map(move |(_, range, raw_len, raw_crc, payload_crc)| BlockRun {
+                payload: &out[range.clone()],
+                raw_len: *raw_len,
+                raw_crc32c: *raw_crc,
+                payload_crc32c: *payload_crc,
+            })
+    }
+
+    /// Content bytes of all the blocks.
+    pub fn raw_len(&self) -> u64 {
+        self.blocks.iter().map(|b| b.2).sum()
     }
 }
 
@@ -386,4 +484,85 @@ fn walk_blocks(
         return Err((e, payload.len()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content() -> Vec<u8> {
+        // Compressible text with some noise, over several blocks and not a whole number of them.
+        (0..(5 * BLOCK_LEN + 12_345) as u32)
+            .map(|i| match i % 97 {
+                0 => (i.wrapping_mul(2_654_435_761) >> 24) as u8,
+                r => b'a' + (r % 26) as u8,
+            })
+            .collect()
+    }
+
+    fn one_writer(raw: &[u8]) -> Blocks {
+        let mut w = BlockWriter::new(0, raw.len());
+        w.write(raw);
+        w.finish()
+    }
+
+    /// A payload joined from a head made by a writer and a tail made block by block from the
+    /// back in an arena is byte for byte the one writer's, with the same lengths and
+    /// checksums, gathered and streamed.
+    #[test]
+    fn a_joined_tail_is_the_single_writers_payload() {
+        let raw = content();
+        let whole = one_writer(&raw);
+        for blocks_in_head in [0, 1, 3, 5] {
+            let (head, tail) = raw.split_at(blocks_in_head * BLOCK_LEN);
+            let mut arena = BlockArena::new(BLOCK_LEN, tail.len());
+            let pieces: Vec<&[u8]> = tail.chunks(BLOCK_LEN).collect();
+            for (i, piece) in pieces.iter().enumerate().rev() {
+                arena.add(i as u64, piece);
+            }
+            assert_eq!(arena.raw_len(), tail.len() as u64);
+
+            let mut gathered = BlockWriter::new(0, raw.len());
+            gathered.write(head);
+            for run in arena.in_order() {
+                gathered.join(&run);
+            }
+            let sums = gathered.sums();
+            let joined = gathered.finish();
+            assert_eq!(
+                joined.out, whole.out,
+                "gathered, {blocks_in_head} head blocks"
+            );
+            assert_eq!(joined.raw_crc32c, whole.raw_crc32c);
+            assert_eq!(joined.payload_crc32c, whole.payload_crc32c);
+            assert_eq!(sums.raw_len, raw.len() as u64);
+            assert_eq!(sums.payload_len, whole.out.len() as u64);
+
+            let mut streamed = BlockWriter::streamed();
+            let mut out = Vec::new();
+            for piece in head.chunks(BLOCK_LEN) {
+                streamed.write(piece);
+                streamed
+                    .flush(|b| {
+                        out.extend_from_slice(b);
+                        Ok::<_, ()>(())
+                    })
+                    .unwrap();
+            }
+            for run in arena.in_order() {
+                streamed.join_flushed(&run);
+                out.extend_from_slice(run.payload);
+            }
+            let s = streamed.sums();
+            assert_eq!(out, whole.out, "streamed, {blocks_in_head} head blocks");
+            assert_eq!(
+                (s.raw_crc32c, s.payload_crc32c),
+                (whole.raw_crc32c, whole.payload_crc32c)
+            );
+            assert_eq!(
+                (s.raw_len, s.payload_len),
+                (raw.len() as u64, whole.out.len() as u64)
+            );
+        }
+    }
 }

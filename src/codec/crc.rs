@@ -26,6 +26,12 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     d.finalize() as u32
 }
 
+/// CRC-32C of the bytes whose CRC-32C is `crc1` followed by `len2` bytes whose CRC-32C is
+/// `crc2`: joins checksums of consecutive pieces made on different threads.
+pub fn crc32c_combine(crc1: u32, crc2: u32, len2: u64) -> u32 {
+    crc32c::crc32c_combine(crc1, crc2, len2 as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +57,11 @@ mod tests {
         for piece in [1, 511, 512, 4096, 100_001] {
             let crc = data.chunks(piece).fold(0, crc32c_append);
             assert_eq!(crc, crc32c::crc32c(&data), "pieces of {piece}");
+        }
+        for at in [0, 1, 4096, 1 << 20, data.len()] {
+            let (a, b) = data.split_at(at);
+            let joined = crc32c_combine(crc32c(a), crc32c(b), b.len() as u64);
+            assert_eq!(joined, crc32c(&data), "split at {at}");
         }
     }
 }

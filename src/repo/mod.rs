@@ -22,6 +22,7 @@ mod summary;
 #[cfg(test)]
 mod tests_memory;
 mod wal;
+mod wal_tail;
 
 use bytes::Bytes;
 
@@ -43,6 +44,7 @@ pub use wal::{
     Histories, PendingSummary, PrevCarry, RecoveryWal, SegmentUpload, SummaryOrder, UploadOutcome,
     WalStored, WriteWalError,
 };
+pub use wal_tail::SegmentSource;
 
 use crate::codec::crypt::CryptError;
 use crate::codec::{Codec, CodecError};

@@ -7,9 +7,10 @@ use bytes::Bytes;
 
 use super::chunks::may_be_chunked_segment;
 use super::object::{ObjectCodec, Payload};
+use super::wal_tail::{SegmentSource, SourceReader, TailEncode};
 use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
 use crate::codec::CodecError;
-use crate::codec::{self, BlockSums, BlockWriter, FRAME_HEADER_LEN};
+use crate::codec::{self, BlockRun, BlockSums, BlockWriter, FRAME_HEADER_LEN};
 use crate::storage::{LocalUpload, StorageError};
 use crate::wal::{
     parse_history, parse_long_header, summarize_segment, HistoryEntry, SegmentEnd,
@@ -321,13 +322,14 @@ async fn previous_carry(
 }
 
 /// A WAL segment stored as it is read (archive-push): the caller hands it in pieces to
-/// [`SegmentUpload::write`], from a blocking thread, then stores it with
-/// [`Repository::store_segment_upload`]. In an unencrypted lz4 repository each piece is
-/// compressed (`lz4-blocks`) as it comes, while a second thread summarizes the segment from a
-/// second reader of it (the page cache serves it twice; that costs a copy, where handing the
-/// pieces over would cost buffers), so that neither the segment nor a second segment-sized
-/// buffer is ever held; otherwise the pieces are gathered and stored as by
-/// [`Repository::store_wal_file_owned`].
+/// [`SegmentUpload::write`], from a blocking thread (in blocks of [`codec::BLOCK_LEN`], each
+/// after [`SegmentUpload::claim_next`] when it shares them with a tail thread), then calls
+/// [`SegmentUpload::finish_input`] and stores it with [`Repository::store_segment_upload`]. In an unencrypted lz4 repository each piece is
+/// compressed (`lz4-blocks`) as it comes, while a second thread summarizes the segment and a
+/// third compresses its tail, each reading the segment itself (the page cache serves it again;
+/// that costs a copy, where handing the pieces over would cost buffers and a wake-up per
+/// block), so that neither the segment nor a second segment-sized buffer is ever held;
+/// otherwise the pieces are gathered and stored as by [`Repository::store_wal_file_owned`].
 pub struct SegmentUpload {
     name: WalFileName,
     mode: UploadMode,
@@ -342,6 +344,10 @@ enum UploadMode {
         /// Where the storage takes the object as it is made (a local directory): each block is
         /// written as it is compressed, so the compressed segment is never held whole.
         file: Option<Box<FileUpload>>,
+        /// The segment for a tail thread, until the caller's first claim starts one.
+        source: Option<(std::sync::Arc<dyn SegmentSource>, u64)>,
+        /// The tail thread (src/repo/wal_tail.rs), until joined.
+        tail: Option<TailEncode>,
     },
     Whole(Vec<u8>),
 }
@@ -349,14 +355,11 @@ enum UploadMode {
 /// The object's temporary file, and the first error writing it (reported by
 /// [`Repository::store_segment_upload`]; nothing more is written after it).
 ///
-/// Compressing half of each piece on a second thread was tried (two blocks on each of two
-/// threads, checksums combined): no faster on 2 CPUs (insert WAL, 3 runs: 30-33 ms per segment
-/// either way) for 3-7 ms more CPU: the summary thread already uses the second CPU. So was one
-/// helper thread for the whole segment encoding every other block (docs/benchmarks.md, round
-/// seven): 1.04x the time for 1.14x the CPU. And so was a thread compressing the last 3/8 of
-/// the segment from its own reads, joined at the end (round eight): 0.97x the time, the same
-/// as the writeback thread alone, for 2-3 ms more CPU and 3.4 MiB more memory; with the
-/// summary, three busy threads share two CPUs, and the one that reads and writes gets 2/3.
+/// The second CPU compresses blocks from the segment's end (src/repo/wal_tail.rs). Earlier
+/// ways were no faster on 2 CPUs: half of each piece on a second thread, a helper encoding
+/// every other block (docs/benchmarks.md, rounds four and seven: a wake-up per block), and a
+/// fixed tail at the same priority as this thread (round eight: it took 1/3 of the CPU from
+/// the thread that writes).
 struct FileUpload {
     up: LocalUpload,
     failed: Option<StorageError>,
@@ -373,6 +376,14 @@ impl FileUpload {
         if self.failed.is_none() {
             frame.write(piece);
             self.failed = frame.flush(|b| self.up.write(b)).err();
+        }
+    }
+
+    /// Writes blocks made by the tail thread after the blocks written so far.
+    fn join(&mut self, frame: &mut BlockWriter, run: &BlockRun<'_>) {
+        frame.join_flushed(run);
+        if self.failed.is_none() {
+            self.failed = self.up.write(run.payload).err();
         }
     }
 
@@ -545,6 +556,50 @@ fn carry_failed(s: &Summarized) -> bool {
 }
 
 impl SegmentUpload {
+    /// Whether the caller reads and writes the segment's next block itself: asked before each
+    /// block after the first (which the caller read before the upload began), by a caller that
+    /// hands the segment in blocks of [`codec::BLOCK_LEN`] and so shares them with a tail thread
+    /// (started by the first call, when there is a second CPU). False once the caller has met
+    /// the blocks the tail thread took, which [`Self::finish_input`] puts after the caller's.
+    pub fn claim_next(&mut self) -> bool {
+        let UploadMode::Streamed { source, tail, .. } = &mut self.mode else {
+            return true;
+        };
+        if let Some((source, len)) = source.take() {
+            *tail = TailEncode::start(source, len);
+        }
+        tail.as_ref().is_none_or(|t| t.claim_front())
+    }
+
+    /// Waits for the tail thread (blocking) and puts its blocks after the caller's: to call
+    /// once the caller's reads stopped (a false [`Self::claim_next`] or the end of the file).
+    /// The number of bytes the tail thread read, to check the segment's length with; an error
+    /// reading them.
+    pub fn finish_input(&mut self) -> std::io::Result<u64> {
+        let UploadMode::Streamed {
+            frame, file, tail, ..
+        } = &mut self.mode
+        else {
+            return Ok(0);
+        };
+        let Some(pending) = tail.take() else {
+            return Ok(0);
+        };
+        let mut blocks = pending.join()?;
+        let read = blocks.raw_len();
+        for run in blocks.in_order() {
+            match file {
+                Some(file) => file.join(frame, &run),
+                None => frame.join(&run),
+            }
+        }
+        Ok(read)
+    }
+
+    fn tail_pending(&self) -> bool {
+        matches!(&self.mode, UploadMode::Streamed { tail: Some(_), .. })
+    }
+
     /// The next bytes of the segment (any size; archive-push uses [`codec::BLOCK_LEN`]).
     pub fn write(&mut self, piece: &[u8]) {
         match &mut self.mode {
@@ -561,16 +616,16 @@ impl SegmentUpload {
 
 impl Repository {
     /// Starts storing segment `name` of `len` bytes whose first bytes are `first` (at least its
-    /// long page header, checked by the caller; hand them to `write` too). `summary_input` reads
-    /// the same segment from its start, for the summary. Takes the previous segment's carry
-    /// from `prev`, reading it first when the caller does not have it (see
+    /// long page header, checked by the caller; hand them to `write` too). `source` is the
+    /// same segment, read by the summary's thread and, if the caller claims blocks, the tail's. Takes the previous
+    /// segment's carry from `prev`, reading it first when the caller does not have it (see
     /// [`Self::store_wal_file`]).
     pub async fn segment_upload(
         &self,
         name: &WalFileName,
         first: &[u8],
         len: u64,
-        summary_input: impl std::io::Read + Send + 'static,
+        source: std::sync::Arc<dyn SegmentSource>,
         prev: PrevCarry,
     ) -> SegmentUpload {
         if !self.objects.writes_lz4_blocks() {
@@ -582,8 +637,11 @@ impl Repository {
         }
         let prev = resolve_carry(self, name, first, prev).await;
         let n = name.clone();
-        let summary =
-            tokio::task::spawn_blocking(move || summarize_input(&n, summary_input, len, prev));
+        let input = SourceReader {
+            source: source.clone(),
+            pos: 0,
+        };
+        let summary = tokio::task::spawn_blocking(move || summarize_input(&n, input, len, prev));
         let (frame, file) = match self.streamed_file(name).await {
             Some(file) => (BlockWriter::streamed(), Some(file)),
             None => (BlockWriter::aligned(FRAME_HEADER_LEN, len as usize), None),
@@ -594,6 +652,8 @@ impl Repository {
                 frame,
                 summary,
                 file,
+                source: Some((source, len)),
+                tail: None,
             },
             prev: PrevCarry::Lookup,
         }
@@ -621,9 +681,25 @@ impl Repository {
     /// `order`, as [`Self::store_wal_file_with`] does; also the carry for the next segment.
     pub async fn store_segment_upload(
         &self,
-        up: SegmentUpload,
+        mut up: SegmentUpload,
         order: SummaryOrder,
     ) -> Result<(UploadOutcome, Option<SegmentTail>), RepoError> {
+        if up.tail_pending() {
+            // The caller did not join the tail: the object would lack it.
+            let key = layout::wal_key(&up.name);
+            let (back, joined) = tokio::task::spawn_blocking(move || {
+                let r = up.finish_input();
+                (up, r)
+            })
+            .await
+            .expect("tail join panicked");
+            joined.map_err(|e| StorageError::Permanent {
+                op: "read",
+                key,
+                message: format!("the segment's tail: {e}"),
+            })?;
+            up = back;
+        }
         let (frame, summary, file) = match up.mode {
             UploadMode::Whole(content) => {
                 let s = self
@@ -635,6 +711,7 @@ impl Repository {
                 frame,
                 summary,
                 file,
+                ..
             } => (frame, summary, file),
         };
         let key = layout::wal_key(&up.name);
@@ -870,14 +947,12 @@ mod tests {
             for (segno, seg) in segments() {
                 let name = WalFileName::segment(1, segno, SEG_SIZE);
                 ordinary.store_wal_file(&name, &seg).await.unwrap();
-                let input = std::io::Cursor::new(seg.clone());
+                let input = std::sync::Arc::new(seg.clone());
                 let len = seg.len() as u64;
                 let mut up = cached
                     .segment_upload(&name, &seg[..4096], len, input, prev)
                     .await;
-                for piece in seg.chunks(100_000) {
-                    up.write(piece);
-                }
+                write_head(&mut up, &seg, 100_000);
                 let (outcome, next) = cached
                     .store_segment_upload(up, SummaryOrder::Parallel)
                     .await
@@ -897,6 +972,71 @@ mod tests {
         }
     }
 
+    /// Hands `up` the whole segment in pieces of `piece`, claiming nothing (no tail thread).
+    fn write_head(up: &mut SegmentUpload, seg: &[u8], piece: usize) {
+        for p in seg.chunks(piece) {
+            up.write(p);
+        }
+    }
+
+    /// Hands `up` the segment as archive-push does: block by block, claiming each block after
+    /// the first, until the end or the tail thread's blocks; the bytes handed.
+    fn write_claimed(up: &mut SegmentUpload, seg: &[u8]) -> u64 {
+        let mut written = 0;
+        for block in seg.chunks(codec::BLOCK_LEN) {
+            up.write(block);
+            written += block.len() as u64;
+            if !up.claim_next() {
+                break;
+            }
+        }
+        written
+    }
+
+    /// With a second CPU a tail thread takes blocks from the back (as many as it gets to
+    /// before the caller meets them); the object is byte for byte the one a single thread
+    /// makes, gathered or streamed to a local file, whether the caller joins the tail or the
+    /// store does. Repeated, since the split depends on timing.
+    #[tokio::test]
+    async fn blocks_shared_with_a_tail_thread_make_the_same_object() {
+        let (segno, seg) = segments().into_iter().next().unwrap();
+        let name = WalFileName::segment(1, segno, SEG_SIZE);
+        let len = seg.len() as u64;
+        let expected = {
+            let mut w = BlockWriter::aligned(FRAME_HEADER_LEN, seg.len());
+            w.write(&seg);
+            codec::frame_blocks(w.finish())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut tails = 0;
+        for round in 0..12 {
+            let repo = match round % 2 {
+                0 => repo().await,
+                _ => local_repo(&dir.path().join(round.to_string())).await,
+            };
+            let input = std::sync::Arc::new(seg.clone());
+            let mut up = repo
+                .segment_upload(&name, &seg[..4096], len, input, PrevCarry::Lookup)
+                .await;
+            let mine = write_claimed(&mut up, &seg);
+            if round % 3 != 2 {
+                let theirs = up.finish_input().unwrap();
+                assert_eq!(mine + theirs, len, "round {round}");
+                tails += u32::from(theirs > 0);
+            }
+            repo.store_segment_upload(up, SummaryOrder::AfterSegment)
+                .await
+                .unwrap();
+            let stored = repo.storage.get(&layout::wal_key(&name)).await.unwrap();
+            assert_eq!(stored, expected, "round {round}");
+            assert_eq!(repo.get_wal_file(&name).await.unwrap().unwrap(), seg);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            assert_eq!(tails, 0, "no tail thread on one CPU");
+        }
+    }
+
     async fn upload(repo: &Repository, name: &WalFileName, seg: &[u8]) -> UploadOutcome {
         upload_in(repo, name, seg, 100_000).await
     }
@@ -909,13 +1049,12 @@ mod tests {
         piece: usize,
     ) -> UploadOutcome {
         let first = &seg[..4096];
-        let input = std::io::Cursor::new(seg.to_vec());
+        let input = std::sync::Arc::new(seg.to_vec());
         let mut up = repo
             .segment_upload(name, first, seg.len() as u64, input, PrevCarry::Lookup)
             .await;
-        for piece in seg.chunks(piece) {
-            up.write(piece);
-        }
+        write_head(&mut up, seg, piece);
+        assert_eq!(up.finish_input().unwrap(), 0, "nothing claimed, no tail");
         repo.store_segment_upload(up, SummaryOrder::AfterSegment)
             .await
             .unwrap()
@@ -1028,7 +1167,7 @@ mod tests {
         // Dropped half-written: neither the object nor its temporary file stays.
         let (segno, seg) = segments().into_iter().last().unwrap();
         let name = WalFileName::segment(1, segno + 1, SEG_SIZE);
-        let input = std::io::Cursor::new(seg.clone());
+        let input = std::sync::Arc::new(seg.clone());
         let mut up = local
             .segment_upload(
                 &name,
