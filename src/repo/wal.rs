@@ -324,9 +324,9 @@ async fn previous_carry(
 /// A WAL segment stored as it is read (archive-push): the caller hands it in pieces to
 /// [`SegmentUpload::write`], from a blocking thread (in blocks of [`codec::BLOCK_LEN`], each
 /// after [`SegmentUpload::claim_next`] when it shares them with a tail thread), then calls
-/// [`SegmentUpload::finish_input`] and stores it with [`Repository::store_segment_upload`]. In an unencrypted lz4 repository each piece is
-/// compressed (`lz4-blocks`) as it comes, while a second thread summarizes the segment and a
-/// third compresses its tail, each reading the segment itself (the page cache serves it again;
+/// [`SegmentUpload::finish_input`] and stores it with [`Repository::store_segment_upload`].
+/// In an unencrypted lz4 repository each piece is compressed (`lz4-blocks`) as it comes, while
+/// a second thread summarizes the segment and a third compresses its tail, each reading the segment itself (the page cache serves it again;
 /// that costs a copy, where handing the pieces over would cost buffers and a wake-up per
 /// block), so that neither the segment nor a second segment-sized buffer is ever held;
 /// otherwise the pieces are gathered and stored as by [`Repository::store_wal_file_owned`].
@@ -617,9 +617,9 @@ impl SegmentUpload {
 impl Repository {
     /// Starts storing segment `name` of `len` bytes whose first bytes are `first` (at least its
     /// long page header, checked by the caller; hand them to `write` too). `source` is the
-    /// same segment, read by the summary's thread and, if the caller claims blocks, the tail's. Takes the previous
-    /// segment's carry from `prev`, reading it first when the caller does not have it (see
-    /// [`Self::store_wal_file`]).
+    /// same segment, read by the summary's thread and, if the caller claims blocks, the
+    /// tail's. Takes the previous segment's carry from `prev`, reading it first when the
+    /// caller does not have it (see [`Self::store_wal_file`]).
     pub async fn segment_upload(
         &self,
         name: &WalFileName,
