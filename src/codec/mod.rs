@@ -11,7 +11,7 @@ pub mod crypt;
 mod error;
 mod frame;
 
-pub use blocks::{aligned_buffer, BlockArena, BlockRun, BlockSums, BlockWriter, Blocks, BLOCK_LEN};
+pub use blocks::{aligned_buffer, BlockArena, BlockRun, BlockSums, BlockWriter, BLOCK_LEN};
 pub use error::CodecError;
 
 pub use frame::{

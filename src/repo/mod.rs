@@ -39,11 +39,11 @@ pub use keys::Rotation;
 pub use scan::{wal_file_key, BackupItem, FetchedObject, ObjectKind, ScannedObject};
 pub use stats::{probe, RepositoryUsage};
 pub use summary::{Carry, StoredSummary, SummaryOutcome, MAX_CARRY_BYTES};
-pub(crate) use wal::read_full;
 pub use wal::{
     Histories, PendingSummary, PrevCarry, RecoveryWal, SegmentUpload, SummaryOrder, UploadOutcome,
     WalStored, WriteWalError,
 };
+pub(crate) use wal_tail::read_full;
 pub use wal_tail::SegmentSource;
 
 use crate::codec::crypt::CryptError;

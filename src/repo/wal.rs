@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::chunks::may_be_chunked_segment;
 use super::object::{ObjectCodec, Payload};
-use super::wal_tail::{SegmentSource, SourceReader, TailEncode};
+use super::wal_tail::{read_full, SegmentSource, SourceReader, TailEncode};
 use super::{layout, PutOutcome, RepoError, Repository, StoredSummary, WalForRecovery};
 use crate::codec::CodecError;
 use crate::codec::{self, BlockRun, BlockSums, BlockWriter, FRAME_HEADER_LEN};
@@ -326,10 +326,11 @@ async fn previous_carry(
 /// after [`SegmentUpload::claim_next`] when it shares them with a tail thread), then calls
 /// [`SegmentUpload::finish_input`] and stores it with [`Repository::store_segment_upload`].
 /// In an unencrypted lz4 repository each piece is compressed (`lz4-blocks`) as it comes, while
-/// a second thread summarizes the segment and a third compresses its tail, each reading the segment itself (the page cache serves it again;
-/// that costs a copy, where handing the pieces over would cost buffers and a wake-up per
-/// block), so that neither the segment nor a second segment-sized buffer is ever held;
-/// otherwise the pieces are gathered and stored as by [`Repository::store_wal_file_owned`].
+/// a second thread summarizes the segment and a third compresses its tail, each reading the
+/// segment itself (the page cache serves it again; that costs a copy, where handing the pieces
+/// over would cost buffers and a wake-up per block), so that neither the segment nor a second
+/// segment-sized buffer is ever held; otherwise the pieces are gathered and stored as by
+/// [`Repository::store_wal_file_owned`].
 pub struct SegmentUpload {
     name: WalFileName,
     mode: UploadMode,
@@ -441,21 +442,6 @@ fn summarize_input(
             None
         }
     }
-}
-
-/// Reads until `buf` is full or the input ends; the number of bytes read. Shared with
-/// archive-push, which reads the same segment in the same blocks.
-pub(crate) fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The summary of a streamed segment, with and without the previous segment's carry as
@@ -952,7 +938,7 @@ mod tests {
                 let mut up = cached
                     .segment_upload(&name, &seg[..4096], len, input, prev)
                     .await;
-                write_head(&mut up, &seg, 100_000);
+                write_unclaimed(&mut up, &seg, 100_000);
                 let (outcome, next) = cached
                     .store_segment_upload(up, SummaryOrder::Parallel)
                     .await
@@ -973,7 +959,7 @@ mod tests {
     }
 
     /// Hands `up` the whole segment in pieces of `piece`, claiming nothing (no tail thread).
-    fn write_head(up: &mut SegmentUpload, seg: &[u8], piece: usize) {
+    fn write_unclaimed(up: &mut SegmentUpload, seg: &[u8], piece: usize) {
         for p in seg.chunks(piece) {
             up.write(p);
         }
@@ -1053,7 +1039,7 @@ mod tests {
         let mut up = repo
             .segment_upload(name, first, seg.len() as u64, input, PrevCarry::Lookup)
             .await;
-        write_head(&mut up, seg, piece);
+        write_unclaimed(&mut up, seg, piece);
         assert_eq!(up.finish_input().unwrap(), 0, "nothing claimed, no tail");
         repo.store_segment_upload(up, SummaryOrder::AfterSegment)
             .await

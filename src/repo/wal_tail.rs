@@ -59,6 +59,21 @@ impl Read for SourceReader {
     }
 }
 
+/// Reads until `buf` is full or the input ends; the number of bytes read. Shared with
+/// archive-push, which reads the same segment in the same blocks.
+pub(crate) fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Blocks `[0, front)` are the caller's, `[back, count)` the tail thread's.
 #[derive(Debug)]
 struct Claims {
@@ -107,7 +122,7 @@ impl TailEncode {
         let theirs = claims.clone();
         let thread = std::thread::Builder::new()
             .name("pitr-tail".into())
-            .spawn(move || encode_from_back(&*source, &theirs))
+            .spawn(move || encode_from_back(source, &theirs))
             .map_err(|e| tracing::debug!(error = %e, "no tail thread: one thread compresses all"))
             .ok()?;
         Some(TailEncode { claims, thread })
@@ -142,7 +157,7 @@ fn lock(claims: &Mutex<Claims>) -> std::sync::MutexGuard<'_, Claims> {
 
 /// The tail thread: compresses the blocks it claims, last first.
 fn encode_from_back(
-    source: &dyn SegmentSource,
+    source: Arc<dyn SegmentSource>,
     claims: &Mutex<Claims>,
 ) -> std::io::Result<BlockArena> {
     // Lowering one's own priority is always allowed; if refused, it runs at the caller's.
@@ -154,30 +169,18 @@ fn encode_from_back(
     let (mut backing, start) = codec::aligned_buffer(codec::BLOCK_LEN + 1);
     let max = TAIL_MAX_BLOCKS as usize * codec::BLOCK_LEN;
     let mut made = BlockArena::new(codec::BLOCK_LEN + 1, max);
+    let mut input = SourceReader { source, pos: 0 };
     while let Some((k, last)) = claim_back(claims) {
         // The last block reads one byte more: a file that grew shows as a longer content.
         let want = codec::BLOCK_LEN + usize::from(last);
         let buf = &mut backing[start..start + want];
-        let n = read_full_at(source, buf, k * block)?;
+        input.pos = k * block;
+        let n = read_full(&mut input, buf)?;
         if n > 0 {
             made.add(k, &buf[..n]);
         }
     }
     Ok(made)
-}
-
-/// Reads at `offset` until `buf` is full or the input ends; the number of bytes read.
-fn read_full_at(source: &dyn SegmentSource, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match source.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
