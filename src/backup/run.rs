@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -17,7 +18,7 @@ use crate::repo::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity, IncrementalMode,
     RepoError, Repository, WriteOptions,
 };
-use crate::storage::Storage;
+use crate::storage::{BufferPool, Storage};
 use crate::wal::{Lsn, TimelineId, WalFileName};
 
 #[derive(Clone, Debug)]
@@ -237,10 +238,12 @@ impl ArchiveUpload {
 /// Memory: at most [`PART_BUFFERS`] part buffers exist (the one being filled and those being
 /// compressed). Each comes back as soon as its part is compressed and is refilled, never freed:
 /// freed and reallocated part-sized buffers would stay resident in the allocator's arenas. An
-/// upload in flight holds only its stored (compressed) bytes.
+/// upload in flight holds only its stored (compressed) bytes, in a buffer that goes back to
+/// `outputs` once stored: as many of those exist as parts were ever in flight at once.
 struct Uploads {
     set: JoinSet<Result<(String, u64), RepoError>>,
     stored: HashMap<String, u64>,
+    outputs: Arc<BufferPool>,
     /// Empty buffers, ready for the next part.
     pool: Vec<Vec<u8>>,
     /// Buffers allocated so far.
@@ -258,6 +261,7 @@ impl Uploads {
         Uploads {
             set: JoinSet::new(),
             stored: HashMap::new(),
+            outputs: Arc::default(),
             pool: vec![],
             buffers: 0,
             back_tx,
@@ -295,6 +299,8 @@ impl Uploads {
         self.released = true;
         self.buffers -= self.pool.len();
         self.pool = vec![];
+        // The uploads still running hand theirs to the old pool, freed with the last of them.
+        self.outputs = Arc::default();
     }
 
     fn give_back(&mut self, mut buf: Vec<u8>) {
@@ -324,11 +330,16 @@ impl Uploads {
         let repo = repo.clone();
         let (id, archive) = (id.to_string(), archive.to_string());
         let back = self.back_tx.clone();
+        let outputs = self.outputs.clone();
         self.set.spawn(async move {
-            let (encoded, buf) = repo.encode_backup_part(&id, &archive, part, data).await;
+            let out = outputs.take();
+            let (encoded, buf) = repo
+                .encode_backup_part(&id, &archive, part, data, out)
+                .await;
             // The receiver is gone only when the backup has failed.
             let _ = back.send(buf);
-            repo.put_encoded_part(encoded).await.map(|n| (archive, n))
+            let stored = repo.put_encoded_part(encoded, &outputs).await;
+            stored.map(|n| (archive, n))
         });
         Ok(())
     }

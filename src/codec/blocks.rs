@@ -85,18 +85,25 @@ impl BlockWriter {
     /// front (address space only; pages are touched as the payload grows into them), so it
     /// never moves.
     pub fn new(room: usize, expected_len: usize) -> BlockWriter {
-        Self::with_padding(room, expected_len, false)
+        Self::with_buffer(Vec::new(), room, expected_len, false)
+    }
+
+    /// [`Self::new`] writing into `out` (emptied first): a job that encodes object after object
+    /// hands the same few buffers round, so their pages are faulted in once, not per object.
+    pub fn reusing(out: Vec<u8>, room: usize, expected_len: usize) -> BlockWriter {
+        Self::with_buffer(out, room, expected_len, false)
     }
 
     /// [`Self::new`], with the room page-aligned (see [`ALIGN`]): for output that is written to
     /// a file as it lies. [`Blocks::start`] says where it begins.
     pub fn aligned(room: usize, expected_len: usize) -> BlockWriter {
-        Self::with_padding(room, expected_len, true)
+        Self::with_buffer(Vec::new(), room, expected_len, true)
     }
 
-    fn with_padding(room: usize, expected_len: usize, align: bool) -> BlockWriter {
+    fn with_buffer(mut out: Vec<u8>, room: usize, expected_len: usize, align: bool) -> BlockWriter {
         // The last block is compressed into lz4's bound, a little over its length.
-        let mut out: Vec<u8> = Vec::with_capacity(
+        out.clear();
+        out.reserve(
             ALIGN
                 + room
                 + max_payload_len(expected_len)
@@ -124,7 +131,7 @@ impl BlockWriter {
     /// a file by the caller), so that it holds one block at a time: no room, and a page-aligned
     /// buffer of one compressed block, reused (zeroed once).
     pub fn streamed() -> BlockWriter {
-        Self::with_padding(0, BLOCK_LEN, true)
+        Self::with_buffer(Vec::new(), 0, BLOCK_LEN, true)
     }
 
     /// Hands the payload bytes made since the last flush to `sink`, then forgets them (the
@@ -504,6 +511,28 @@ mod tests {
         let mut w = BlockWriter::new(0, raw.len());
         w.write(raw);
         w.finish()
+    }
+
+    /// A writer given a used buffer (longer, shorter, full of other bytes) writes the same
+    /// payload as a fresh one, into that buffer's allocation when it is large enough.
+    #[test]
+    fn a_reused_buffer_makes_the_same_payload() {
+        let raw = content();
+        let fresh = one_writer(&raw);
+        for used in [vec![0xA5; 8 * BLOCK_LEN], vec![7; 10], Vec::new()] {
+            // 8 blocks hold lz4's bound for this content's 5.05 blocks.
+            let big = used.len() == 8 * BLOCK_LEN;
+            let at = used.as_ptr();
+            let mut w = BlockWriter::reusing(used, 0, raw.len());
+            w.write(&raw);
+            let again = w.finish();
+            assert_eq!(again.out, fresh.out);
+            assert_eq!(again.raw_crc32c, fresh.raw_crc32c);
+            assert_eq!(again.payload_crc32c, fresh.payload_crc32c);
+            if big {
+                assert_eq!(again.out.as_ptr(), at, "the buffer's allocation is reused");
+            }
+        }
     }
 
     /// A payload joined from a head made by a writer and a tail made block by block from the

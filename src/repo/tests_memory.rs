@@ -2,6 +2,7 @@
 //! The pattern for unit tests of repo, verify, expire and the restore planner.
 
 use super::*;
+use crate::storage::BufferPool;
 
 const CLUSTER: ClusterIdentity = ClusterIdentity {
     system_identifier: 7_000_000_000_000_000_001,
@@ -122,11 +123,12 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
     // Compressible and incompressible stretches, longer than one block.
     let mut part: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
     part.extend((0..300_000u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    let spare = BufferPool::default();
     let (encoded, back) = repo
-        .encode_backup_part(&id, "base.tar", 0, part.clone())
+        .encode_backup_part(&id, "base.tar", 0, part.clone(), Vec::new())
         .await;
     assert_eq!(back, part, "the content's buffer comes back unchanged");
-    let stored = repo.put_encoded_part(encoded).await.unwrap();
+    let stored = repo.put_encoded_part(encoded, &spare).await.unwrap();
     let key = layout::backup_part_key(&id, "base.tar", 0);
     let raw = repo.storage.get(&key).await.unwrap();
     assert_eq!(raw.len() as u64, stored);
@@ -141,15 +143,18 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
         .await
         .unwrap();
     assert_eq!(fetched.decode().unwrap(), part);
+    // Encoded again into a used buffer (what the pool hands round): the same stored bytes.
+    let used = vec![0xA5; 3 << 20];
     let (again, _) = repo
-        .encode_backup_part(&id, "base.tar", 0, part.clone())
+        .encode_backup_part(&id, "base.tar", 0, part.clone(), used)
         .await;
-    assert_eq!(repo.put_encoded_part(again).await.unwrap(), stored);
+    assert_eq!(again.framed, raw);
+    assert_eq!(repo.put_encoded_part(again, &spare).await.unwrap(), stored);
     let (other, _) = repo
-        .encode_backup_part(&id, "base.tar", 0, vec![1; 10])
+        .encode_backup_part(&id, "base.tar", 0, vec![1; 10], Vec::new())
         .await;
     assert!(matches!(
-        repo.put_encoded_part(other).await,
+        repo.put_encoded_part(other, &spare).await,
         Err(RepoError::ConflictingContent { .. })
     ));
 }
