@@ -16,7 +16,7 @@ use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity, IncrementalMode,
-    RepoError, Repository, WriteOptions,
+    PartEncoder, RepoError, Repository, WriteOptions,
 };
 use crate::storage::{BufferPool, Storage};
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -168,7 +168,10 @@ impl From<TarError> for BackupError {
 /// One tar stream being received: its parts go to storage, its files are checksummed.
 struct ArchiveUpload {
     meta: BackupArchive,
+    /// The part being filled: gathered whole in `buf`, or compressed as it comes by `encoder`
+    /// (see [`Uploads::streamed`]).
     buf: Vec<u8>,
+    encoder: Option<PartEncoder>,
     reader: ArchiveReader,
     /// Rewrites relation files as incremental entries, hashes their blocks.
     diff: TarDiff,
@@ -188,6 +191,7 @@ impl ArchiveUpload {
                 stored_bytes: 0,
             },
             buf: Vec::new(),
+            encoder: None,
             reader,
             diff,
         }
@@ -207,42 +211,76 @@ impl ArchiveUpload {
             })
     }
 
-    /// Appends bytes to store (the rewritten stream) to the part being filled, whose buffer
-    /// the caller provides; returns how many were taken and the part, once full.
-    fn fill(&mut self, data: &[u8]) -> (usize, Option<(u32, Vec<u8>)>) {
-        let take = (PART_SIZE - self.buf.len()).min(data.len());
-        self.buf.extend_from_slice(&data[..take]);
+    /// Content bytes in the part being filled.
+    fn filled(&self) -> usize {
+        self.encoder
+            .as_ref()
+            .map_or(self.buf.len(), PartEncoder::len)
+    }
+
+    /// Appends bytes to store (the rewritten stream) to the part being filled, whose buffer or
+    /// encoder the caller provides; returns how many were taken and the part, once full.
+    fn fill(&mut self, data: &[u8]) -> (usize, Option<(u32, Part)>) {
+        let take = (PART_SIZE - self.filled()).min(data.len());
+        match &mut self.encoder {
+            Some(e) => e.write(&data[..take]),
+            None => self.buf.extend_from_slice(&data[..take]),
+        }
         self.meta.raw_bytes += take as u64;
-        let full = (self.buf.len() == PART_SIZE).then(|| self.take_part());
+        let full = (self.filled() == PART_SIZE).then(|| self.take_part());
         (take, full)
     }
 
-    fn take_part(&mut self) -> (u32, Vec<u8>) {
+    fn take_part(&mut self) -> (u32, Part) {
         let n = self.meta.parts;
         self.meta.parts += 1;
-        (n, std::mem::take(&mut self.buf))
+        let part = match self.encoder.take() {
+            Some(e) => Part::Encoded(e),
+            None => Part::Whole(std::mem::take(&mut self.buf)),
+        };
+        (n, part)
     }
 
     /// The last, short part (an empty archive still gets one part, so restore finds it).
-    fn finish(&mut self) -> Result<Option<(u32, Vec<u8>)>, BackupError> {
+    fn finish(&mut self) -> Result<Option<(u32, Part)>, BackupError> {
         self.reader.finish().map_err(|source| BackupError::Tar {
             archive: self.meta.name.clone(),
             source,
         })?;
-        Ok((!self.buf.is_empty() || self.meta.parts == 0).then(|| self.take_part()))
+        let started = self.encoder.is_some() || !self.buf.is_empty();
+        Ok((started || self.meta.parts == 0).then(|| self.take_part()))
     }
+}
+
+/// A full part, or an archive's last one, for [`Uploads::spawn`].
+enum Part {
+    /// Gathered whole in a part buffer: compressed on the blocking pool.
+    Whole(Vec<u8>),
+    /// Compressed as its bytes came.
+    Encoded(PartEncoder),
 }
 
 /// Uploads run concurrently, bounded; the first failure aborts the backup.
 ///
-/// Memory: at most [`PART_BUFFERS`] part buffers exist (the one being filled and those being
-/// compressed). Each comes back as soon as its part is compressed and is refilled, never freed:
-/// freed and reallocated part-sized buffers would stay resident in the allocator's arenas. An
-/// upload in flight holds only its stored (compressed) bytes, in a buffer that goes back to
-/// `outputs` once stored: as many of those exist as parts were ever in flight at once.
+/// Memory: parts compressed as they come ([`Self::streamed`]) need no part buffer, only one
+/// block's `stage`. Otherwise at most [`PART_BUFFERS`] part buffers exist (the one being
+/// filled and those being compressed); each comes back as soon as its part is compressed and
+/// is refilled, never freed: freed and reallocated part-sized buffers would stay resident in
+/// the allocator's arenas. An upload in flight holds only its stored (compressed) bytes, in a
+/// buffer that goes back to `outputs` once stored: as many of those exist as parts were ever
+/// in flight at once.
 struct Uploads {
     set: JoinSet<Result<(String, u64), RepoError>>,
     stored: HashMap<String, u64>,
+    /// LZ4 parts are compressed on the receiving thread, block by block as the bytes come
+    /// ([`Repository::backup_part_encoder`]), each block while it is in the cache: on two
+    /// CPUs, one of them the walsender's, a compressing thread beside the receiving one made
+    /// them take turns, and handing parts between them cost a copy of every byte (see
+    /// docs/benchmarks.md, round nine). zstd and sealed parts are compressed on the blocking
+    /// pool, part by part, which this thread does not wait for.
+    streamed: bool,
+    /// The next encoder's block buffer.
+    stage: Vec<u8>,
     outputs: Arc<BufferPool>,
     /// Empty buffers, ready for the next part.
     pool: Vec<Vec<u8>>,
@@ -261,6 +299,9 @@ impl Uploads {
         Uploads {
             set: JoinSet::new(),
             stored: HashMap::new(),
+            // Until the repository says it does not store LZ4 blocks.
+            streamed: true,
+            stage: Vec::new(),
             outputs: Arc::default(),
             pool: vec![],
             buffers: 0,
@@ -299,8 +340,26 @@ impl Uploads {
         self.released = true;
         self.buffers -= self.pool.len();
         self.pool = vec![];
+        self.stage = Vec::new();
         // The uploads still running hand theirs to the old pool, freed with the last of them.
         self.outputs = Arc::default();
+    }
+
+    /// The encoder of part `part` of `archive`, while parts are [`Self::streamed`].
+    fn encoder(
+        &mut self,
+        repo: &Repository,
+        id: &str,
+        archive: &str,
+        part: u32,
+    ) -> Option<PartEncoder> {
+        if !self.streamed {
+            return None;
+        }
+        let (out, stage) = (self.outputs.take(), std::mem::take(&mut self.stage));
+        let encoder = repo.backup_part_encoder(id, archive, part, PART_SIZE, out, stage);
+        self.streamed = encoder.is_some();
+        encoder
     }
 
     fn give_back(&mut self, mut buf: Vec<u8>) {
@@ -321,23 +380,35 @@ impl Uploads {
         repo: &Repository,
         id: &str,
         archive: &str,
-        part: u32,
-        data: Vec<u8>,
+        n: u32,
+        part: Part,
     ) -> Result<(), BackupError> {
         while self.set.len() >= MAX_UPLOADS_IN_FLIGHT {
             self.join_one().await?;
         }
         let repo = repo.clone();
         let (id, archive) = (id.to_string(), archive.to_string());
-        let back = self.back_tx.clone();
         let outputs = self.outputs.clone();
+        let encoded = match part {
+            Part::Encoded(e) => {
+                let (encoded, stage) = e.finish();
+                self.stage = stage;
+                encoded
+            }
+            Part::Whole(data) => {
+                let back = self.back_tx.clone();
+                self.set.spawn(async move {
+                    let out = outputs.take();
+                    let (encoded, buf) = repo.encode_backup_part(&id, &archive, n, data, out).await;
+                    // The receiver is gone only when the backup has failed.
+                    let _ = back.send(buf);
+                    let stored = repo.put_encoded_part(encoded, &outputs).await;
+                    stored.map(|n| (archive, n))
+                });
+                return Ok(());
+            }
+        };
         self.set.spawn(async move {
-            let out = outputs.take();
-            let (encoded, buf) = repo
-                .encode_backup_part(&id, &archive, part, data, out)
-                .await;
-            // The receiver is gone only when the backup has failed.
-            let _ = back.send(buf);
             let stored = repo.put_encoded_part(encoded, &outputs).await;
             stored.map(|n| (archive, n))
         });
@@ -903,7 +974,10 @@ async fn store(
     mut data: &[u8],
 ) -> Result<(), BackupError> {
     while !data.is_empty() {
-        if a.buf.capacity() == 0 {
+        if a.encoder.is_none() && a.buf.is_empty() {
+            a.encoder = uploads.encoder(repo, id, &a.meta.name, a.meta.parts);
+        }
+        if a.encoder.is_none() && a.buf.capacity() == 0 {
             a.buf = uploads.buffer().await?;
         }
         let (used, full) = a.fill(data);

@@ -61,6 +61,68 @@ pub struct EncodedPart {
     pub(super) framed: Bytes,
 }
 
+/// A backup part compressed block by block on the caller's thread as its bytes arrive (see
+/// [`Repository::backup_part_encoder`]): the content is never gathered whole, each block is
+/// compressed while its bytes are still in the cache, and the stored bytes are the same as
+/// [`Repository::encode_backup_part`] makes of the same content.
+pub struct PartEncoder {
+    key: String,
+    writer: BlockWriter,
+    /// The next block's bytes (less than a block).
+    stage: Vec<u8>,
+    len: usize,
+}
+
+impl PartEncoder {
+    /// Content bytes taken so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes the next `data` of the part's content.
+    pub fn write(&mut self, mut data: &[u8]) {
+        self.len += data.len();
+        let (writer, stage) = (&mut self.writer, &mut self.stage);
+        while !data.is_empty() {
+            if stage.is_empty() && data.len() >= codec::BLOCK_LEN {
+                // A whole block in the caller's bytes: compressed from there, not copied.
+                let (block, rest) = data.split_at(codec::BLOCK_LEN);
+                writer.block(block);
+                data = rest;
+                continue;
+            }
+            let take = (codec::BLOCK_LEN - stage.len()).min(data.len());
+            stage.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if stage.len() == codec::BLOCK_LEN {
+                writer.block(stage);
+                stage.clear();
+            }
+        }
+    }
+
+    /// The part, ready for [`Repository::put_encoded_part`], and the staging buffer for the
+    /// next part's encoder.
+    pub fn finish(self) -> (EncodedPart, Vec<u8>) {
+        let PartEncoder {
+            key,
+            mut writer,
+            mut stage,
+            ..
+        } = self;
+        if !stage.is_empty() {
+            writer.block(&stage);
+            stage.clear();
+        }
+        let framed = codec::frame_blocks(writer.finish());
+        (EncodedPart { key, framed }, stage)
+    }
+}
+
 /// A backup part fetched from storage and not yet decoded (see
 /// [`Repository::fetch_backup_part`]).
 pub struct FetchedPart {
@@ -340,6 +402,33 @@ impl Repository {
         self.put_part(layout::backup_part_key(id, archive, part), content)
             .await
             .map(|(stored, _)| stored)
+    }
+
+    /// An encoder for part `part` of archive `archive` of backup `id`, of at most `max_len`
+    /// content bytes, writing into `out` (an empty buffer from the caller's pool, which
+    /// [`Self::put_encoded_part`] refills) and gathering each block in `stage`. `None` unless
+    /// the repository stores LZ4 blocks, unencrypted: zstd and sealing are too slow for the
+    /// thread that receives a backup, and go through [`Self::encode_backup_part`] instead.
+    pub fn backup_part_encoder(
+        &self,
+        id: &str,
+        archive: &str,
+        part: u32,
+        max_len: usize,
+        out: Vec<u8>,
+        mut stage: Vec<u8>,
+    ) -> Option<PartEncoder> {
+        if !self.objects.writes_lz4_blocks() {
+            return None;
+        }
+        stage.clear();
+        stage.reserve(codec::BLOCK_LEN);
+        Some(PartEncoder {
+            key: layout::backup_part_key(id, archive, part),
+            writer: BlockWriter::reusing(out, FRAME_HEADER_LEN, max_len),
+            stage,
+            len: 0,
+        })
     }
 
     /// The first half of [`Self::put_backup_part`]: compresses (and seals) part `part` on the

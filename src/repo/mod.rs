@@ -27,7 +27,9 @@ mod wal_tail;
 use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
-pub use backups::{EncodedPart, FetchedPart, StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH};
+pub use backups::{
+    EncodedPart, FetchedPart, PartEncoder, StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH,
+};
 pub use blockmap::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks};
 pub use catalog::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, IncrementalMode, TimelineWal, WalInventory,

@@ -159,6 +159,54 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
     ));
 }
 
+/// A part compressed as its bytes come, in pieces of every size (smaller than a block, across
+/// block boundaries, several blocks at once), is stored byte for byte as the part encoded
+/// whole; the staging buffer comes back for the next part, and an empty part is a valid one.
+#[tokio::test]
+async fn a_part_encoded_as_it_comes_is_the_part_encoded_whole() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    let mut part: Vec<u8> = (0..900_000u32).map(|i| (i % 251) as u8).collect();
+    part.extend((0..400_000u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    let (whole, _) = repo
+        .encode_backup_part(&id, "base.tar", 0, part.clone(), Vec::new())
+        .await;
+    let mut stage = Vec::new();
+    for sizes in [
+        &[1usize, 511, 32_768][..],
+        &[262_144],
+        &[600_000, 7],
+        &[1 << 20],
+    ] {
+        let used = vec![0x5A; 1 << 20];
+        let encoder = repo.backup_part_encoder(&id, "base.tar", 0, part.len(), used, stage);
+        let mut enc = encoder.expect("a repository storing lz4 blocks encodes parts as they come");
+        let (mut rest, mut k) = (&part[..], 0);
+        while !rest.is_empty() {
+            let n = sizes[k % sizes.len()].min(rest.len());
+            enc.write(&rest[..n]);
+            rest = &rest[n..];
+            k += 1;
+        }
+        assert_eq!(enc.len(), part.len());
+        let (encoded, back) = enc.finish();
+        assert_eq!(encoded.framed, whole.framed, "pieces {sizes:?}");
+        assert!(back.is_empty() && back.capacity() >= crate::codec::BLOCK_LEN);
+        stage = back;
+    }
+    let (empty_whole, _) = repo
+        .encode_backup_part(&id, "base.tar", 1, Vec::new(), Vec::new())
+        .await;
+    let empty = repo.backup_part_encoder(&id, "base.tar", 1, 0, Vec::new(), Vec::new());
+    let empty = empty.unwrap();
+    assert!(empty.is_empty());
+    let (empty, _) = empty.finish();
+    assert_eq!(empty.framed, empty_whole.framed);
+    let spare = BufferPool::default();
+    repo.put_encoded_part(empty, &spare).await.unwrap();
+    assert_eq!(repo.backup_part(&id, "base.tar", 1).await.unwrap(), b"");
+}
+
 #[tokio::test]
 async fn completion_and_abandonment_exclude_each_other() {
     let repo = repo().await;
