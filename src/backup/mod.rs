@@ -2,8 +2,10 @@
 //!
 //! Each tar stream is cut into parts of [`PART_SIZE`] bytes, compressed and uploaded while the
 //! next part is being received. Memory stays flat whatever the database size, and nothing is
-//! staged on disk: [`PART_BUFFERS`] part buffers are filled, compressed and refilled in turn,
-//! and at most [`MAX_UPLOADS_IN_FLIGHT`] compressed parts are being stored. As the bytes pass,
+//! staged on disk: with lz4 each part is compressed block by block on the receiving thread as
+//! its bytes come (one block buffered); with zstd or encryption [`PART_BUFFERS`] part buffers
+//! are filled, compressed on the blocking pool and refilled in turn. At most
+//! [`MAX_UPLOADS_IN_FLIGHT`] compressed parts are being stored. As the bytes pass,
 //! a tar reader computes each file's CRC-32C, which is checked against the manifest the server
 //! sends at the end. The backup becomes visible only when its catalog object is written, after all
 //! parts, the manifest and the WAL from its start to its stop LSN are in the repository: the
@@ -23,9 +25,9 @@ pub use run::{run_backup, BackupError, BackupOptions, BackupProgress};
 /// well under 64 MiB. Older pitr versions wrote 16 MiB parts; readers take any size.
 pub const PART_SIZE: usize = 8 << 20;
 
-/// Part buffers: the one being filled and the one being compressed meanwhile (lz4 compresses a
-/// part in less time than the server takes to send one; a third buffer bought no throughput
-/// and 8 MiB more memory, see docs/benchmarks.md).
+/// Part buffers of a repository whose parts are not lz4 blocks (zstd, encrypted): the one being
+/// filled and the one being compressed meanwhile (a third bought no throughput and 8 MiB more
+/// memory, see docs/benchmarks.md).
 pub const PART_BUFFERS: usize = 2;
 
 /// Parts being stored at once: compressed bytes only, so more of them cost little memory and
