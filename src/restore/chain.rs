@@ -521,6 +521,7 @@ pub(super) async fn restore_chain(
     let mut ex = Extraction {
         check: ex.check,
         writer: ChainWriter::new(ex.writer),
+        buffers: ex.buffers,
     };
     let newest = &chain[0];
     let mut roots: HashMap<&str, PathBuf> = HashMap::new();

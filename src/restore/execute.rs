@@ -90,6 +90,7 @@ pub async fn execute(
             opts.delta.then(Delta::default),
         ),
         check: ManifestCheck::new(manifest.clone()),
+        buffers: Default::default(),
     };
     let (outcome, relocated, writer, rebuilt) =
         write_backup(repo, &opts.pgdata, plan, extraction, manifest.as_ref()).await?;

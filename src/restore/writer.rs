@@ -11,7 +11,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -300,7 +299,7 @@ where
     // Capacity 1: one part is decoded, one waits, the rest are being fetched.
     let (tx, rx) = mpsc::channel::<FetchedPart>(1);
     // Parts' stored bytes go back to be read into again once decoded.
-    let pool = Arc::new(BufferPool::default());
+    let pool = extraction.buffers.fetched.clone();
     let writer = pipeline::spawn(archive, extraction, rx, pool.clone());
     let fetched = send_parts(repo, backup_id, archive, tx, &pool).await;
     let written = writer.await.expect("restore writer panicked");
