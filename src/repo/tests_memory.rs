@@ -113,6 +113,13 @@ async fn a_backup_part_stored_again_after_a_lost_answer_is_success() {
     repo.put_backup_manifest(&id, b"{}".to_vec()).await.unwrap();
 }
 
+/// `compressible` bytes of a repeating pattern, then `noise` bytes that do not compress.
+fn mixed_part(compressible: u32, noise: u64) -> Vec<u8> {
+    let mut part: Vec<u8> = (0..compressible).map(|i| (i % 251) as u8).collect();
+    part.extend((0..noise).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    part
+}
+
 /// With lz4 and no encryption a backup part is written as LZ4 blocks (codec 3), block by
 /// block; it reads back whole, decoded by its header, and a retried upload of the same content
 /// is success while different content is refused.
@@ -121,8 +128,7 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
     let repo = repo().await;
     let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
     // Compressible and incompressible stretches, longer than one block.
-    let mut part: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
-    part.extend((0..300_000u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    let part = mixed_part(700_000, 300_000);
     let spare = BufferPool::default();
     let (encoded, back) = repo
         .encode_backup_part(&id, "base.tar", 0, part.clone(), Vec::new())
@@ -166,8 +172,7 @@ async fn an_encoded_backup_part_is_lz4_blocks_and_reads_back() {
 async fn a_part_encoded_as_it_comes_is_the_part_encoded_whole() {
     let repo = repo().await;
     let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
-    let mut part: Vec<u8> = (0..900_000u32).map(|i| (i % 251) as u8).collect();
-    part.extend((0..400_000u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8));
+    let part = mixed_part(900_000, 400_000);
     let (whole, _) = repo
         .encode_backup_part(&id, "base.tar", 0, part.clone(), Vec::new())
         .await;

@@ -311,24 +311,11 @@ mod tests {
         (a, m)
     }
 
-    /// Runs the pipeline on `a` cut into parts of `chunk` bytes; counts the parts asked for and
-    /// the distinct buffers they were decoded into.
-    fn pipelined(
-        a: &[u8],
-        m: &Manifest,
-        chunk: usize,
-        sink: Calls,
-        asked: &mut usize,
-        budget: usize,
-        buffers: &mut HashSet<usize>,
-    ) -> Result<Extraction<Calls>, RestoreError> {
-        let given = Buffers::default();
-        pipelined_with(a, m, chunk, sink, asked, budget, buffers, given)
-    }
-
-    /// [`pipelined`], starting with the buffers a previous archive left.
+    /// Runs the pipeline on `a` cut into parts of `chunk` bytes, starting with the buffers
+    /// `given` (what a previous archive left); counts the parts asked for and the distinct
+    /// buffers they were decoded into.
     #[allow(clippy::too_many_arguments)]
-    fn pipelined_with(
+    fn pipelined(
         a: &[u8],
         m: &Manifest,
         chunk: usize,
@@ -363,7 +350,16 @@ mod tests {
         sink: Calls,
         asked: &mut usize,
     ) -> Result<Extraction<Calls>, RestoreError> {
-        pipelined(a, m, chunk, sink, asked, DECODED_MAX, &mut HashSet::new())
+        pipelined(
+            a,
+            m,
+            chunk,
+            sink,
+            asked,
+            DECODED_MAX,
+            &mut HashSet::new(),
+            Buffers::default(),
+        )
     }
 
     #[test]
@@ -416,19 +412,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn two_buffers_serve_every_part_and_one_when_parts_exceed_half_the_budget() {
-        let (a, m) = archive(20);
-        let slow = || Calls {
+    /// [`pipelined`] into a sink that takes a while over each write (so that the reader runs
+    /// ahead), with a budget of 2000 bytes.
+    fn slow_run(
+        a: &[u8],
+        m: &Manifest,
+        chunk: usize,
+        seen: &mut HashSet<usize>,
+        given: Buffers,
+    ) -> Extraction<Calls> {
+        let sink = Calls {
             slow: true,
             ..Calls::default()
         };
+        pipelined(a, m, chunk, sink, &mut 0, 2000, seen, given).unwrap()
+    }
+
+    #[test]
+    fn two_buffers_serve_every_part_and_one_when_parts_exceed_half_the_budget() {
+        let (a, m) = archive(20);
         let (mut buffers, mut big) = (HashSet::new(), HashSet::new());
-        let ex = pipelined(&a, &m, 1000, slow(), &mut 0, 2000, &mut buffers).unwrap();
+        let ex = slow_run(&a, &m, 1000, &mut buffers, Buffers::default());
         assert_eq!(ex.writer.data.len(), 20 * 3000);
         // The reader decodes the next part while the writer is busy with one.
         assert_eq!(buffers.len(), 2, "parts of half the budget");
-        let ex = pipelined(&a, &m, 1001, slow(), &mut 0, 2000, &mut big).unwrap();
+        let ex = slow_run(&a, &m, 1001, &mut big, Buffers::default());
         assert_eq!(ex.writer.data.len(), 20 * 3000);
         assert_eq!(big.len(), 1, "parts of more than half the budget");
     }
@@ -438,12 +446,8 @@ mod tests {
     #[test]
     fn the_next_archive_reuses_the_decode_buffers() {
         let (a, m) = archive(20);
-        let slow = || Calls {
-            slow: true,
-            ..Calls::default()
-        };
         let (mut first, mut second) = (HashSet::new(), HashSet::new());
-        let ex = pipelined(&a, &m, 1000, slow(), &mut 0, 2000, &mut first).unwrap();
+        let ex = slow_run(&a, &m, 1000, &mut first, Buffers::default());
         assert_eq!(ex.buffers.decoded.len(), 2, "both buffers come back");
         let left: HashSet<usize> = ex
             .buffers
@@ -452,8 +456,7 @@ mod tests {
             .map(|b| b.as_ptr() as usize)
             .collect();
         assert_eq!(left, first);
-        let ex = pipelined_with(&a, &m, 1000, slow(), &mut 0, 2000, &mut second, ex.buffers);
-        let ex = ex.unwrap();
+        let ex = slow_run(&a, &m, 1000, &mut second, ex.buffers);
         assert_eq!(ex.writer.data.len(), 20 * 3000);
         assert_eq!(second, first, "the same two buffers");
         assert_eq!(ex.buffers.decoded.len(), 2);
