@@ -146,20 +146,17 @@ where
     // Written parts' buffers go back to the reader, which decodes into them again: the same
     // two buffers serve the whole restore, without being zeroed or faulted in anew.
     let (back, spare) = sync_channel::<Vec<u8>>(2);
-    for b in buffers.decoded.drain(..).take(2) {
-        let _ = back.try_send(b);
-    }
+    buffers.decoded.truncate(2);
     std::thread::scope(|s| {
         let writing = s.spawn(move || replay(batches, writer, back));
         let send = move |b| tx.send(b).is_ok();
-        let read = read_parts(next, &spare, reader, check, name, budget, send);
+        let seeds = &mut buffers.decoded;
+        let read = read_parts(next, &spare, seeds, reader, check, name, budget, send);
         let written = writing.join().expect("restore writer panicked");
         // The writer is behind the reader: its error (which also stops the reader) came first.
         let writer = written?;
-        let (check, unused) = read?;
-        buffers
-            .decoded
-            .extend(unused.into_iter().chain(spare.try_iter()));
+        let check = read?;
+        buffers.decoded.extend(spare.try_iter());
         Ok(Extraction {
             check,
             writer,
@@ -169,17 +166,20 @@ where
 }
 
 /// The reading side: checks the files of each part, hands the batch on. Stops quietly when
-/// `send` says the writer has stopped: its error is the one reported. Returns the buffer it
-/// took for a part that did not come.
+/// `send` says the writer has stopped: its error is the one reported. Decodes into the buffers
+/// the writer gives back, else into `seeds` (a previous archive's), else new ones; a buffer it
+/// took for a part that did not come goes to `seeds`.
+#[allow(clippy::too_many_arguments)]
 fn read_parts(
     mut next: impl FnMut(&mut Vec<u8>) -> Option<Result<(), RestoreError>>,
     spare: &Receiver<Vec<u8>>,
+    seeds: &mut Vec<Vec<u8>>,
     mut reader: ArchiveReader,
     mut check: ManifestCheck,
     name: &str,
     budget: usize,
     mut send: impl FnMut(Batch) -> bool,
-) -> Result<(ManifestCheck, Option<Vec<u8>>), RestoreError> {
+) -> Result<ManifestCheck, RestoreError> {
     let tar_error = |source| RestoreError::Tar {
         archive: name.to_string(),
         source,
@@ -189,15 +189,16 @@ fn read_parts(
         // Parts larger than half the budget (16 MiB parts of older pitr) are decoded only once
         // the writer is done with the one before: read and write take turns, as on one thread.
         let mut content = match 2 * last_len > budget {
-            true => spare.recv(),
-            false => spare.try_recv().map_err(|_| std::sync::mpsc::RecvError),
+            true => spare.recv().ok(),
+            false => spare.try_recv().ok().or_else(|| seeds.pop()),
         }
         .unwrap_or_default();
         match next(&mut content) {
             Some(decoded) => decoded?,
             None => {
+                seeds.push(content);
                 reader.finish().map_err(tar_error)?;
-                return Ok((check, Some(content)));
+                return Ok(check);
             }
         }
         let mut rec = Recorder {
@@ -213,7 +214,7 @@ fn read_parts(
         let events = rec.events;
         last_len = content.len();
         if !send(Batch { content, events }) {
-            return Ok((check, None));
+            return Ok(check);
         }
     }
 }
@@ -439,6 +440,13 @@ mod tests {
         let ex = slow_run(&a, &m, 1001, &mut big, Buffers::default());
         assert_eq!(ex.writer.data.len(), 20 * 3000);
         assert_eq!(big.len(), 1, "parts of more than half the budget");
+        // Also when the archive before left two buffers: the second is not taken.
+        let (mut two, mut after) = (HashSet::new(), HashSet::new());
+        let ex = slow_run(&a, &m, 1000, &mut two, Buffers::default());
+        assert_eq!(ex.buffers.decoded.len(), 2);
+        let ex = slow_run(&a, &m, 1001, &mut after, ex.buffers);
+        assert_eq!(ex.writer.data.len(), 20 * 3000);
+        assert_eq!(after.len(), 1, "big parts after an archive of small ones");
     }
 
     /// The next archive of the same restore (a chain restore's next member) decodes into the
