@@ -444,13 +444,14 @@ impl Repository {
         content: Vec<u8>,
         out: Vec<u8>,
     ) -> (EncodedPart, Vec<u8>) {
-        let key = layout::backup_part_key(id, archive, part);
-        if !self.objects.writes_lz4_blocks() {
+        let encoder = self.backup_part_encoder(id, archive, part, content.len(), out, Vec::new());
+        let Some(mut encoder) = encoder else {
             // zstd, none, or sealed: encoded into a buffer of its own (`out` is not used).
+            let key = layout::backup_part_key(id, archive, part);
             let (framed, content) = self.objects.encode_blocking(&key, content).await;
             let framed = Bytes::from(framed);
             return (EncodedPart { key, framed }, content);
-        }
+        };
         // lz4 in blocks (codec 3), as archive-push stores segments: the output grows block by
         // block instead of being a zeroed buffer of lz4's bound for the whole part (8 MiB
         // written for ~1 MiB kept, resident wherever the allocator reuses it), and each
@@ -458,10 +459,8 @@ impl Repository {
         // the caller's pool: a fresh one per part had its pages faulted in and zeroed, then
         // unmapped, for every 8 MiB (~12 % of a backup's CPU).
         tokio::task::spawn_blocking(move || {
-            let mut w = BlockWriter::reusing(out, FRAME_HEADER_LEN, content.len());
-            w.write(&content);
-            let framed = codec::frame_blocks(w.finish());
-            (EncodedPart { key, framed }, content)
+            encoder.write(&content);
+            (encoder.finish().0, content)
         })
         .await
         .expect("encode task panicked")

@@ -176,6 +176,10 @@ async fn a_part_encoded_as_it_comes_is_the_part_encoded_whole() {
     let (whole, _) = repo
         .encode_backup_part(&id, "base.tar", 0, part.clone(), Vec::new())
         .await;
+    // As a single writer frames the content (what backups stored before encoders existed).
+    let mut one = crate::codec::BlockWriter::new(crate::codec::FRAME_HEADER_LEN, part.len());
+    one.write(&part);
+    assert_eq!(whole.framed, crate::codec::frame_blocks(one.finish()));
     let mut stage = Vec::new();
     for sizes in [
         &[1usize, 511, 32_768][..],

@@ -105,11 +105,12 @@ pub(super) fn spawn<S>(
     archive: &BackupArchive,
     ex: Extraction<S>,
     mut rx: mpsc::Receiver<FetchedPart>,
-    pool: Arc<BufferPool>,
 ) -> tokio::task::JoinHandle<Result<Extraction<S>, RestoreError>>
 where
     S: ArchiveSink<Error = RestoreError> + Send + 'static,
 {
+    // Fetched parts' buffers go back to the restore's pool once decoded.
+    let pool = ex.buffers.fetched.clone();
     let name = archive.name.clone();
     let reader = ArchiveReader::new(archive.tablespace_oid);
     tokio::task::spawn_blocking(move || {

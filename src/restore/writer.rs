@@ -300,7 +300,7 @@ where
     let (tx, rx) = mpsc::channel::<FetchedPart>(1);
     // Parts' stored bytes go back to be read into again once decoded.
     let pool = extraction.buffers.fetched.clone();
-    let writer = pipeline::spawn(archive, extraction, rx, pool.clone());
+    let writer = pipeline::spawn(archive, extraction, rx);
     let fetched = send_parts(repo, backup_id, archive, tx, &pool).await;
     let written = writer.await.expect("restore writer panicked");
     fetched?;
