@@ -201,6 +201,9 @@ install_apt_tool systemd-analyze systemd
 # `docker-compose config` validates docker-compose.yml in CI (.ci/run); Debian packages the
 # standalone docker-compose, not the compose plugin. No container is started.
 install_apt_tool docker-compose docker-compose
+# A pitr command still running after its time in a test is reported with every thread's stack
+# (tests/harness/util.rs, output_within): a hang in CI then says where it waits.
+install_apt_tool gdb gdb
 install_s3s_fs
 install_reader_modules
 install_promtool

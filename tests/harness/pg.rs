@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::util::{
-    command_as_server_user, free_port, make_accessible, poll, run_checked, sh_quote, TestDir,
-    Watchdog,
+    command_as_server_user, command_timeout, free_port, make_accessible, output_within, poll,
+    run_checked, sh_quote, TestDir, Watchdog,
 };
 
 const INSTALL_HINT: &str =
@@ -460,22 +460,12 @@ impl PgCluster {
     /// Blocking: from a current-thread tokio test that also runs async code, use
     /// [`PgCluster::psql_async`].
     pub fn psql(&self, sql: &str) -> Result<String> {
-        use std::io::Write;
-        let mut child = self
-            .psql_command()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning psql")?;
-        // Feed stdin from a thread: psql may fill the stdout pipe before it has read
-        // all of a long script, and we only drain stdout in wait_with_output.
-        let mut stdin = child.stdin.take().expect("stdin");
-        let script = sql.to_string();
-        let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
-        let out = child.wait_with_output()?;
-        // A write error (psql exited early on ON_ERROR_STOP) shows in its exit status.
-        let _ = writer.join();
+        let out = output_within(
+            &mut self.psql_command(),
+            Some(sql.to_string()),
+            command_timeout(),
+        )
+        .map_err(|e| anyhow!("{e}\nSQL: {sql}"))?;
         if !out.status.success() {
             bail!(
                 "psql failed ({}) on port {}: {}\nSQL: {sql}",

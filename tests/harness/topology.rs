@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::pg::{pg_bin, PgBuilder, PgCluster};
-use super::util::{command_as_server_user, pitr_bin, poll, run_checked, TestDir};
+use super::util::{command_as_server_user, pitr_bin, poll, run_checked, run_pitr, TestDir};
 
 /// `pg_basebackup` of `upstream` (a primary or a standby) into the empty directory `dest`,
 /// with `args` added (e.g. `-R` to write standby.signal and primary_conninfo, `-X none`).
@@ -68,9 +68,8 @@ where
     let mut cmd: Command = command_as_server_user(pitr_bin());
     cmd.current_dir(dir)
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
-    cmd.output().expect("spawning pitr")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    run_pitr(cmd)
 }
 
 /// Polls `pg_stat_archiver` until `wal` (a file name) is archived; the server log on timeout.

@@ -421,10 +421,8 @@ where
 {
     let mut cmd = Command::new(pitr_bin());
     clean_env(&mut cmd);
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
-    cmd.output().expect("spawning pitr")
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    run_pitr(cmd)
 }
 
 /// Like [`pitr`], but as the server user (`postgres` when root), exactly as
@@ -436,10 +434,125 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = command_as_server_user(pitr_bin());
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
-    cmd.output().expect("spawning pitr")
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    run_pitr(cmd)
+}
+
+/// Runs a `pitr` command to its end (stdin null); panics, with its threads' stacks, should it
+/// still run after [`command_timeout`].
+pub fn run_pitr(mut cmd: Command) -> Output {
+    output_within(&mut cmd, None, command_timeout()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// How long one `pitr` or `psql` command of a test may run: under nextest's 5-minute limit, so
+/// that a hung command is reported with its threads' stacks instead of as a silent test timeout.
+pub fn command_timeout() -> Duration {
+    let secs = std::env::var("PITR_TEST_COMMAND_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    Duration::from_secs(secs)
+}
+
+/// Runs `cmd` to its end like [`Command::output`], with `input` on its stdin (else null). Still
+/// running after `limit`: killed, and the error holds what it printed so far and the stack of
+/// every thread (gdb).
+pub fn output_within(
+    cmd: &mut Command,
+    input: Option<String>,
+    limit: Duration,
+) -> std::result::Result<Output, String> {
+    use std::io::{Read, Write};
+    let stdin = match input {
+        Some(_) => Stdio::piped(),
+        None => Stdio::null(),
+    };
+    let mut child = spawn_in_group(
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    // From a thread: the child may fill its stdout pipe before it has read all of its input.
+    let writer = child.stdin.take().map(|mut pipe| {
+        let input = input.unwrap_or_default();
+        std::thread::spawn(move || pipe.write_all(input.as_bytes()))
+    });
+    // Read both pipes on their own threads: a child blocked on a full pipe never exits.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let stacks = thread_stacks(child.id());
+            kill_group(&mut child);
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            return Err(format!(
+                "{:?} still running after {limit:?}; killed.\nstdout:\n{}\nstderr:\n{}\nthreads:\n{stacks}",
+                cmd.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A write error (the child exited before reading it all) shows in its exit status.
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    })
+}
+
+/// Every thread's stack of process `pid` (and its children: `runuser` runs pitr as one), from
+/// gdb; the kernel's wait channels when gdb is missing.
+fn thread_stacks(pid: u32) -> String {
+    let mut pids = vec![pid];
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    if let Ok(list) = fs::read_to_string(children) {
+        pids.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    let mut report = String::new();
+    for p in pids {
+        let gdb = Command::new("gdb")
+            .args(["-p", &p.to_string(), "-batch", "-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .output();
+        match gdb {
+            Ok(o) if o.status.success() => {
+                report += &format!("--- pid {p} (gdb)\n{}", String::from_utf8_lossy(&o.stdout));
+            }
+            _ => {
+                report += &format!("--- pid {p} (no gdb: wait channels)\n");
+                let tasks = fs::read_dir(format!("/proc/{p}/task"))
+                    .into_iter()
+                    .flatten();
+                for t in tasks.flatten() {
+                    let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+                    let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                    report += &format!("{:?} {} {wchan}\n", t.file_name(), comm.trim());
+                }
+            }
+        }
+    }
+    report
 }
 
 /// Polls `f` every 100 ms until it returns Ok(Some(_)) or `timeout` passes.
