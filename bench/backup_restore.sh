@@ -42,6 +42,7 @@
 # 6. Backup against the server's own send rate: pitr backup vs pg_basebackup -D - -Ft -X none
 #    -c fast > /dev/null, on the cluster restarted without archiving (see "part 6" below). PARTS=send runs only this (BASE adds pitr-base):
 #      PARTS=send SCALE=30 REPS=5 sudo bench/backup_restore.sh
+#    SEND_VIA="unix tcp" measures over both the unix socket (default) and TCP on 127.0.0.1.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -51,6 +52,7 @@ REPS=${REPS:-3}
 REPLAY_MB=${REPLAY_MB:-384}
 BACKUP_METHODS=(${BACKUP_METHODS:-basebackup pitr pgbr-lz4 pgbr-lz4-p2 pgbr-gz})
 RESTORE_METHODS=(${RESTORE_METHODS:-pitr pgbr-lz4 pgbr-gz})
+SEND_VIA=${SEND_VIA:-unix}             # part 6's transports: unix, tcp, or "unix tcp"
 PARTS=" ${PARTS:-main incr} "        # main = parts 1-3 below, incr = part 4, rate = part 5, send = part 6 (alone or with incr)
 INCR_PGBR=${INCR_PGBR:-1}            # part 4 also times pgBackRest (lz4 repository)
 CHANGE_PCT=${CHANGE_PCT:-2}
@@ -371,13 +373,18 @@ server_cpu() { # -> reaped children's CPU seconds of the postmaster
     awk '{print ($16 + $17) / 100}' "/proc/$(head -1 "$PGDATA/postmaster.pid")/stat"
 }
 send_part() {
-    local m r j c0 methods=(basebackup pitr) cpus=""
+    local m r j c0 methods=() cpus="" via
     # Without archiving: with archive_mode = on, BASE_BACKUP's stop waits for the archiver,
     # checking once a second (PostgreSQL 15's do_pg_backup_stop), which puts ~1 s into both
-    # sides and hides the send rate. pitr streams its backup's WAL itself.
+    # sides and hides the send rate. pitr streams its backup's WAL itself. With SEND_VIA=tcp
+    # the server also listens on 127.0.0.1 (trust, as initdb -A trust sets for host lines).
     pg_stop "$PGDATA"
-    pg_start "$PGDATA" "-c archive_mode=off"
-    [[ -n "$PITR_BASE" ]] && methods=(basebackup pitr pitr-base)
+    pg_start "$PGDATA" "-c archive_mode=off -c listen_addresses=127.0.0.1"
+    for via in $SEND_VIA; do
+        [[ $via == unix || $via == tcp ]] || die "SEND_VIA: unix, tcp or both ('unix tcp'), not $via"
+        methods+=("basebackup-$via" "pitr-$via")
+        [[ -n "$PITR_BASE" ]] && methods+=("pitr-base-$via")
+    done
     local tar_bytes l0 l1
     tar_bytes=$(as_pg "$PGBIN/pg_basebackup" -h "$BT/sock" -p "$PORT" -U postgres -D - -Ft -X none -c fast | wc -c)
     l0=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -388,10 +395,16 @@ send_part() {
             # pitr's stored parts and the server's reads take page cache like a restore does.
             round_warm "$tar_bytes"
             c0=$(server_cpu)
-            case $m in
-            basebackup) measure "send/$m" "$r" sh -c "'$PGBIN/pg_basebackup' -h '$BT/sock' -p $PORT -U postgres -D - -Ft -X none -c fast > /dev/null" ;;
-            pitr) measure "send/$m" "$r" "$PITR" --repo "$R/pitr" backup -d "$CONN" --checkpoint fast ;;
-            pitr-base) measure "send/$m" "$r" "$PITR_BASE" --repo "$R/pitr-base" backup -d "$CONN" --checkpoint fast ;;
+            # The server's unix socket buffer is the sender's (212992 bytes here): a receiver
+            # that is not always waiting in recv lets the walsender block. TCP on loopback
+            # buffers megabytes (tcp_rmem, autotuned), as a backup from another host does.
+            local host=$BT/sock
+            [[ $m == *-tcp ]] && host=127.0.0.1
+            local conn="host=$host port=$PORT user=postgres"
+            case ${m%-*} in
+            basebackup) measure "send/$m" "$r" sh -c "'$PGBIN/pg_basebackup' -h '$host' -p $PORT -U postgres -D - -Ft -X none -c fast > /dev/null" ;;
+            pitr) measure "send/$m" "$r" "$PITR" --repo "$R/pitr" backup -d "$conn" --checkpoint fast ;;
+            pitr-base) measure "send/$m" "$r" "$PITR_BASE" --repo "$R/pitr-base" backup -d "$conn" --checkpoint fast ;;
             esac
             sleep 0.3 # the walsenders have exited and been reaped
             cpus+="    send/$m $r $(awk -v a="$c0" -v b="$(server_cpu)" 'BEGIN {printf "%.2f", b - a}')"$'\n'
@@ -405,8 +418,11 @@ send_part() {
     echo
     sed 's/^/    /' "$BT/machine.txt"
     echo "    loadavg: $l0 -> $l1; ROUND_WARM=$ROUND_WARM"
-    report --prefix send/ --ref basebackup --mb "$(awk -v b="$tar_bytes" 'BEGIN {print b / 1e6}')" \
-        --title "pitr backup vs pg_basebackup to /dev/null (x basebackup = time ratio; send-rate fraction = 1 / x)"
+    for via in $SEND_VIA; do
+        report --prefix send/ --ref "basebackup-$via" --labels "$(printf '%s\n' "${methods[@]}" | grep -- "-$via\$" | paste -sd,)" \
+            --mb "$(awk -v b="$tar_bytes" 'BEGIN {print b / 1e6}')" \
+            --title "over $via: pitr backup vs pg_basebackup to /dev/null (x basebackup = time ratio; send-rate fraction = 1 / x)"
+    done
     echo
     echo "Server (walsender) CPU s per call:"
     printf '%s' "$cpus" | sort

@@ -15,8 +15,8 @@
 #   machine_info          nproc, memory, CPU, kernel, PostgreSQL and pgBackRest versions
 #   tpcb_archived_segments COUNT   a cluster archiving into $SRC, run until COUNT new segments
 #
-# Nothing listens on TCP: clusters use unix sockets under $BT/sock (listen_addresses = ''),
-# repositories are local directories, so no cloud endpoint or metadata service is ever touched.
+# Clusters use unix sockets under $BT/sock (listen_addresses = ''; backup_restore.sh's send
+# part with SEND_VIA=tcp also listens on 127.0.0.1 only), repositories are local directories, so no cloud endpoint or metadata service is ever touched.
 
 set -euo pipefail
 
