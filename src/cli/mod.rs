@@ -382,7 +382,9 @@ pub fn main() -> ExitCode {
             return Code::Internal.into();
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    shut_down(runtime);
+    match result {
         Ok(code) => code.into(),
         Err(failure) => {
             eprintln!("pitr {command}: error: {}", failure.message);
@@ -391,6 +393,23 @@ pub fn main() -> ExitCode {
             }
             failure.code.into()
         }
+    }
+}
+
+/// How long work still on the blocking pool after a command has finished may hold up its exit.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the runtime without waiting forever for its blocking threads (dropping it would): the
+/// command has awaited everything its result depends on, so what is left is abandoned work, and
+/// a stuck read or write must not keep a finished command from exiting.
+fn shut_down(runtime: tokio::runtime::Runtime) {
+    let began = std::time::Instant::now();
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    if began.elapsed() >= SHUTDOWN_GRACE {
+        tracing::warn!(
+            waited = ?SHUTDOWN_GRACE,
+            "exiting with blocking work still running (it was no longer needed)"
+        );
     }
 }
 
