@@ -81,10 +81,14 @@ pub fn spawn_in_group(cmd: &mut Command) -> Child {
 
 /// SIGKILLs the process group of a child spawned by [`spawn_in_group`] and reaps the child.
 pub fn kill_group(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{}", child.id())])
-        .status();
+    kill_process_group(child.id());
     child.wait().expect("waiting for a killed child")
+}
+
+fn kill_process_group(leader: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{leader}")])
+        .status();
 }
 
 /// Clears the environment of `cmd`, keeping PATH (and HOME when not root: runuser sets
@@ -489,24 +493,27 @@ pub fn output_within(
     };
     let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for a child") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let stacks = thread_stacks(child.id());
-            kill_group(&mut child);
-            let (out, err) = (out.join().unwrap(), err.join().unwrap());
-            return Err(format!(
-                "{:?} still running after {limit:?}; killed.\nstdout:\n{}\nstderr:\n{}\nthreads:\n{stacks}",
-                cmd.get_args().collect::<Vec<_>>(),
-                String::from_utf8_lossy(&out),
-                String::from_utf8_lossy(&err)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // Waited for on a thread, so that the exit is seen at once and the limit is a timeout.
+    let pid = child.id();
+    let (exited, wait_exit) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait().expect("waiting for a child");
+        let _ = exited.send(());
+        status
+    });
+    if wait_exit.recv_timeout(limit).is_err() {
+        let stacks = thread_stacks(pid);
+        kill_process_group(pid);
+        let _ = waiter.join();
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
+        return Err(format!(
+            "{:?} still running after {limit:?}; killed.\nstdout:\n{}\nstderr:\n{}\nthreads:\n{stacks}",
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        ));
+    }
+    let status = waiter.join().expect("the waiting thread panicked");
     // A write error (the child exited before reading it all) shows in its exit status.
     if let Some(w) = writer {
         let _ = w.join();
