@@ -16,7 +16,8 @@
 #   tpcb_archived_segments COUNT   a cluster archiving into $SRC, run until COUNT new segments
 #
 # Clusters use unix sockets under $BT/sock (listen_addresses = ''; backup_restore.sh's send
-# part with SEND_VIA=tcp also listens on 127.0.0.1 only), repositories are local directories, so no cloud endpoint or metadata service is ever touched.
+# part with SEND_VIA=tcp also listens on 127.0.0.1 only), repositories are local directories,
+# so no cloud endpoint or metadata service is ever touched.
 
 set -euo pipefail
 

@@ -28,8 +28,8 @@ pub use proxy::Proxy;
 pub use s3::{s3s_fs_bin, S3Server};
 pub use util::{
     clean_env, command_as_server_user, conf_quote, free_port, is_root, kill_group, make_accessible,
-    pitr, pitr_as_server_user, pitr_bin, poll, run_checked, run_pitr, sh_quote, spawn_in_group,
-    temp_base, TestDir, Watchdog,
+    pitr, pitr_as_server_user, pitr_bin, poll, run_checked, sh_quote, spawn_in_group, temp_base,
+    TestDir, Watchdog,
 };
 // The major of the binaries under test, for expectations that differ by major.
 pub use pg::pg_major;
