@@ -25,14 +25,17 @@ use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupArchive, FetchedPart, Repository};
 use crate::storage::BufferPool;
 
-/// Parts fetched ahead of the writer: at most this many bytes of content, and at most
+/// Parts fetched ahead of the writer: at most this many stored bytes, and at most
 /// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
 /// more than its content; it is decoded when the writer reaches it. So restore memory is
 /// bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB in backups of older
-/// pitr), whatever the backup size, and much less for parts that compress well.
+/// pitr) and this budget, whatever the backup size.
 const PREFETCH_BYTES: u64 = 16 << 20;
-/// Enough to hide an object store's latency: the writer takes ~20 ms per 8 MiB part.
-const PREFETCH_PARTS_MAX: u64 = 2;
+/// Requests in flight at once. Two hid a local store only: 20 ms from an object store, a part's
+/// GET (a round trip, then its bytes) took longer than the writer's ~20 ms per 8 MiB part, and
+/// restore ran at 0.53-0.67x its 0 ms rate; with 4 at 0.79-0.84x, with 6 or 8 no better, for
+/// 3 and 7 MiB more peak RSS (docs/benchmarks.md, "Round eleven").
+const PREFETCH_PARTS_MAX: u64 = 4;
 
 pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
@@ -307,10 +310,10 @@ where
     written
 }
 
-/// How many parts of `archive` to fetch ahead: [`PREFETCH_BYTES`] by the archive's part size
-/// (the stored size of a part that does not compress is its content size), at least one.
+/// How many parts of `archive` to fetch ahead: [`PREFETCH_BYTES`] by the archive's stored
+/// part size, at least one.
 fn prefetch_depth(archive: &BackupArchive) -> usize {
-    let part_size = archive.raw_bytes / u64::from(archive.parts.max(1));
+    let part_size = archive.stored_bytes / u64::from(archive.parts.max(1));
     (PREFETCH_BYTES / part_size.max(1)).clamp(1, PREFETCH_PARTS_MAX) as usize
 }
 

@@ -282,6 +282,25 @@ impl Backend for ObjectStoreBackend {
         res.bytes().await.map_err(|e| map_err("get", key, e))
     }
 
+    /// The body streamed into the buffer it is given, sized once from the response's length,
+    /// as the local backend does: restore reads parts ahead into buffers it reuses, where
+    /// collecting each body into a fresh buffer held ~4 MiB more (8 parts in flight: peak RSS
+    /// 59-60 vs 63-64 MiB).
+    async fn get_into(&self, key: &str, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let res = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| map_err("get", key, e))?;
+        buf.clear();
+        buf.reserve(usize::try_from(res.meta.size).unwrap_or(0));
+        let mut body = res.into_stream();
+        while let Some(chunk) = body.try_next().await.map_err(|e| map_err("get", key, e))? {
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    }
+
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         match self.store.head(&self.path(key)).await {
             Ok(meta) => Ok(Some(meta.size)),
