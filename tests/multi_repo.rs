@@ -337,7 +337,11 @@ fn count_files(dir: &std::path::Path) -> Option<usize> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if !e.file_name().to_string_lossy().starts_with(".tmp.") {
+            } else if !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(pitr::storage::LOCAL_TMP_PREFIX)
+            {
                 // Objects only: a copy still downloading holds temporary files (never listed).
                 n += 1;
             }

@@ -66,10 +66,10 @@ pub struct Catalog {
 
 impl Catalog {
     /// Loads the catalog: one LIST of the backups' catalog, one of `wal/`, and the history
-    /// files.
+    /// files. The two listings go out together: each is a round trip or more to an object
+    /// store, before a restore can start.
     pub async fn load(repo: &Repository) -> Result<Catalog, RepoError> {
-        let backups = repo.list_backups().await?;
-        let scan = repo.wal_scan().await?;
+        let (backups, scan) = tokio::try_join!(repo.list_backups(), repo.wal_scan())?;
         let seg_size = repo.descriptor().wal_segment_size;
         let streamed = scan.streamed_ends(seg_size);
         let inventory = scan.inventory;

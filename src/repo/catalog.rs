@@ -6,9 +6,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, BACKUP_CATALOG_PREFIX};
-use super::{PutOutcome, RepoError, Repository, Result};
+use super::{PutOutcome, RepoError, Repository, Result, SMALL_READS_IN_FLIGHT};
 use crate::codec::Codec;
 use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
+use futures::{StreamExt, TryStreamExt};
 
 /// One tar stream of a backup: the main data directory (`base.tar`) or a tablespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,16 +265,18 @@ impl Repository {
 
     /// Completed backups, oldest first.
     pub async fn list_backups(&self) -> Result<Vec<BackupInfo>> {
-        let mut out = vec![];
-        for obj in self.storage.list(BACKUP_CATALOG_PREFIX).await? {
-            let raw = self.get_verified(&obj.key).await?;
-            let info: BackupInfo =
+        let objects = self.storage.list(BACKUP_CATALOG_PREFIX).await?;
+        let mut out: Vec<BackupInfo> = futures::stream::iter(objects)
+            .map(|obj| async move {
+                let raw = self.get_verified(&obj.key).await?;
                 serde_json::from_slice(&raw).map_err(|e| RepoError::BadDescriptor {
-                    key: obj.key.clone(),
+                    key: obj.key,
                     message: e.to_string(),
-                })?;
-            out.push(info);
-        }
+                })
+            })
+            .buffer_unordered(SMALL_READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
         out.sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
         Ok(out)
     }

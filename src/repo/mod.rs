@@ -56,6 +56,11 @@ use crate::storage::{Storage, StorageError};
 use crate::wal::WalFileName;
 use object::{ObjectCodec, Payload};
 
+/// Small objects read at once where several are needed (catalog entries, history files): each
+/// is a round trip to an object store, and reading them one after another made `restore` and
+/// `list` take a round trip per backup.
+const SMALL_READS_IN_FLIGHT: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RepoError {

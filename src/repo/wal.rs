@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 
 use super::chunks::may_be_chunked_segment;
 use super::object::{ObjectCodec, Payload};
@@ -873,19 +874,23 @@ impl Repository {
     /// is left out (the planner reports what it cannot follow); one that is damaged or does not
     /// parse is an error, because guessing a timeline's ancestry could replay the wrong WAL.
     pub async fn histories(&self, tlis: &[TimelineId]) -> Result<Histories, RepoError> {
-        let mut out = Histories::new();
-        for &tli in tlis {
+        let read = |tli: TimelineId| async move {
             let name = WalFileName::History { tli };
             let Some(raw) = self.get_wal_file(&name).await? else {
-                continue;
+                return Ok(None);
             };
             let entries = parse_history(&raw).map_err(|e| RepoError::BadHistory {
                 name: name.to_string(),
                 message: e.to_string(),
             })?;
-            out.insert(tli, entries);
-        }
-        Ok(out)
+            Ok::<_, RepoError>(Some((tli, entries)))
+        };
+        let read: Vec<Option<_>> = futures::stream::iter(tlis.iter().copied())
+            .map(read)
+            .buffer_unordered(super::SMALL_READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok(read.into_iter().flatten().collect())
     }
 }
 

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use crate::error::{Classify, Code};
 use requests::Kind;
 
-pub use local::{LocalBackend, LocalUpload};
+pub use local::{LocalBackend, LocalUpload, TMP_PREFIX as LOCAL_TMP_PREFIX};
 pub use location::{Location, LocationError, S3Settings};
 pub use object::ObjectStoreBackend;
 pub use options::{AzureSettings, BackendOptions, GcsSettings, AZURITE_ACCOUNT, AZURITE_KEY};
