@@ -522,6 +522,29 @@ impl Repository {
         })
     }
 
+    /// The stored size of each of the `parts` parts of archive `archive` of backup `id`, in
+    /// order (one LIST): restore reads ahead within a budget of stored bytes. `None` for a part
+    /// not listed, whose GET will say what is wrong.
+    pub async fn backup_part_sizes(
+        &self,
+        id: &str,
+        archive: &str,
+        parts: u32,
+    ) -> Result<Vec<Option<u64>>> {
+        let prefix = layout::backup_parts_prefix(id, archive);
+        let mut sizes = vec![None; parts as usize];
+        for o in self.storage.list(&prefix).await? {
+            let part = o
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(slot) = part.and_then(|n| sizes.get_mut(n)) {
+                *slot = Some(o.size);
+            }
+        }
+        Ok(sizes)
+    }
+
     /// Backup `id`'s manifest, verified; `None` when it is not stored.
     pub async fn backup_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
         self.get_optional(&layout::backup_manifest_key(id)).await

@@ -82,7 +82,12 @@ pub const BACKUP_DATA_PREFIX: &str = "backups/";
 pub const BACKUP_CATALOG_PREFIX: &str = "catalog/backups/";
 
 pub fn backup_part_key(backup_id: &str, archive: &str, part: u32) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/{archive}/{part:08}")
+    format!("{}{part:08}", backup_parts_prefix(backup_id, archive))
+}
+
+/// The folder of archive `archive`'s parts.
+pub fn backup_parts_prefix(backup_id: &str, archive: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/{archive}/")
 }
 
 pub fn backup_manifest_key(backup_id: &str) -> String {

@@ -12,6 +12,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -25,17 +26,18 @@ use crate::format::tar::{EntryKind, TarHeader};
 use crate::repo::{BackupArchive, FetchedPart, Repository};
 use crate::storage::BufferPool;
 
-/// Parts fetched ahead of the writer: at most this many stored bytes, and at most
-/// [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored (compressed) bytes only, never
-/// more than its content; it is decoded when the writer reaches it. So restore memory is
-/// bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB in backups of older
-/// pitr) and this budget, whatever the backup size.
-const PREFETCH_BYTES: u64 = 16 << 20;
-/// Requests in flight at once. Two hid a local store only: 20 ms from an object store, a part's
-/// GET (a round trip, then its bytes) took longer than the writer's ~20 ms per 8 MiB part, and
-/// restore ran at 0.53-0.67x its 0 ms rate; with 4 at 0.79-0.84x, with 6 or 8 no better, for
-/// 3 and 7 MiB more peak RSS (docs/benchmarks.md, "Round eleven").
-const PREFETCH_PARTS_MAX: u64 = 4;
+/// Parts fetched ahead of the writer: at most this many stored bytes (each part's size is
+/// listed first), and at most [`PREFETCH_PARTS_MAX`] parts. A fetched part holds its stored
+/// (compressed) bytes only, never more than its content; it is decoded when the writer reaches
+/// it. So restore memory is bounded by a few parts (two decoded, 8 MiB of content each, 16 MiB
+/// in backups of older pitr) and this budget, whatever the backup size.
+const PREFETCH_BYTES: u64 = 8 << 20;
+/// Requests in flight at once. 20 ms from an object store a part's GET (a round trip, then its
+/// bytes) takes longer than the writer's ~14-20 ms per 8 MiB part: with 2 restore ran at
+/// 0.53-0.67x its 0 ms rate, with 4 at 0.60-0.77x, with up to 8 within the byte budget at
+/// 0.77-0.88x (docs/benchmarks.md, "Round eleven"). Without the budget 8 held up to 8 of the
+/// largest parts (indexes: 3.2 MB stored where table parts take 0.5): 69 MiB peak RSS.
+const PREFETCH_PARTS_MAX: usize = 8;
 
 pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
@@ -310,15 +312,9 @@ where
     written
 }
 
-/// How many parts of `archive` to fetch ahead: [`PREFETCH_BYTES`] by the archive's stored
-/// part size, at least one.
-fn prefetch_depth(archive: &BackupArchive) -> usize {
-    let part_size = archive.stored_bytes / u64::from(archive.parts.max(1));
-    (PREFETCH_BYTES / part_size.max(1)).clamp(1, PREFETCH_PARTS_MAX) as usize
-}
-
-/// Fetches the parts of `archive`, a few ahead, and sends them in order. Stops quietly when
-/// the writer has stopped: its error is the one reported.
+/// Fetches the parts of `archive` ahead of the writer within [`PREFETCH_BYTES`] and
+/// [`PREFETCH_PARTS_MAX`], and sends them in order. Stops quietly when the writer has stopped:
+/// its error is the one reported.
 async fn send_parts(
     repo: &Repository,
     backup_id: &str,
@@ -326,15 +322,35 @@ async fn send_parts(
     tx: mpsc::Sender<FetchedPart>,
     pool: &BufferPool,
 ) -> Result<(), RestoreError> {
-    let mut parts = futures::stream::iter(0..archive.parts)
-        .map(|i| repo.fetch_backup_part(backup_id, &archive.name, i, pool.take()))
-        .buffered(prefetch_depth(archive));
-    while let Some(part) = parts.next().await {
+    let average = archive.stored_bytes / u64::from(archive.parts.max(1));
+    let sizes: Vec<u64> = repo
+        .backup_part_sizes(backup_id, &archive.name, archive.parts)
+        .await?
+        .into_iter()
+        .map(|s| s.unwrap_or(average))
+        .collect();
+    let mut fetching = FuturesOrdered::new();
+    let (mut next, mut ahead) = (0usize, 0u64);
+    loop {
+        while next < sizes.len()
+            && fetching.len() < PREFETCH_PARTS_MAX
+            && (fetching.is_empty() || ahead + sizes[next] <= PREFETCH_BYTES)
+        {
+            let (part, size) = (next as u32, sizes[next]);
+            let buf = pool.take_for(size as usize);
+            let fetch = repo.fetch_backup_part(backup_id, &archive.name, part, buf);
+            fetching.push_back(async move { (size, fetch.await) });
+            ahead += size;
+            next += 1;
+        }
+        let Some((size, part)) = fetching.next().await else {
+            return Ok(());
+        };
+        ahead -= size;
         if tx.send(part?).await.is_err() {
-            break;
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// Creates the directory a tablespace archive is restored into: its old location, or where

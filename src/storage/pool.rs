@@ -19,6 +19,17 @@ impl BufferPool {
         self.lock().pop().unwrap_or_default()
     }
 
+    /// A spare buffer for an object of `len` bytes. One over twice that is dropped rather than
+    /// handed out: a buffer keeps the capacity of the largest object it held, and read-ahead
+    /// budgeted by objects' sizes would otherwise hold far more (restore: parts of 0.5 and
+    /// 3.2 MB, eight buffers of 3.2 MB ahead).
+    pub fn take_for(&self, len: usize) -> Vec<u8> {
+        match self.lock().pop() {
+            Some(buf) if buf.capacity() <= 2 * len => buf,
+            _ => Vec::with_capacity(len),
+        }
+    }
+
     /// Keeps `buf` for a later [`take`](Self::take).
     pub fn give(&self, buf: Vec<u8>) {
         if buf.capacity() > 0 {
@@ -43,6 +54,16 @@ impl BufferPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hands_out_no_buffer_over_twice_the_object() {
+        let pool = BufferPool::default();
+        pool.give(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.take_for(100 << 10).capacity(), 100 << 10);
+        assert_eq!(pool.take().capacity(), 0, "the large buffer was dropped");
+        pool.give(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.take_for(600 << 10).capacity(), 1 << 20);
+    }
 
     #[test]
     fn gives_back_what_it_was_given_and_drops_empty_buffers() {
