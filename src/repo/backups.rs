@@ -531,18 +531,20 @@ impl Repository {
         archive: &str,
         parts: u32,
     ) -> Result<Vec<Option<u64>>> {
-        let prefix = layout::backup_parts_prefix(id, archive);
-        let mut sizes = vec![None; parts as usize];
-        for o in self.storage.list(&prefix).await? {
-            let part = o
-                .key
-                .strip_prefix(&prefix)
-                .and_then(|n| n.parse::<usize>().ok());
-            if let Some(slot) = part.and_then(|n| sizes.get_mut(n)) {
-                *slot = Some(o.size);
-            }
-        }
-        Ok(sizes)
+        let listed: std::collections::HashMap<String, u64> = self
+            .storage
+            .list(&layout::backup_parts_prefix(id, archive))
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect();
+        Ok((0..parts)
+            .map(|p| {
+                listed
+                    .get(&layout::backup_part_key(id, archive, p))
+                    .copied()
+            })
+            .collect())
     }
 
     /// Backup `id`'s manifest, verified; `None` when it is not stored.

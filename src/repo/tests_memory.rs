@@ -429,3 +429,28 @@ async fn holds_segments_agrees_with_the_inventory() {
     let by_inventory: Vec<bool> = asked.iter().map(|&(t, s)| inv.covers(t, s, s)).collect();
     assert_eq!(held, by_inventory);
 }
+
+/// Restore budgets its read-ahead by the parts' listed sizes: each part's own stored size, in
+/// order, and `None` for one that is not stored (its GET reports it).
+#[tokio::test]
+async fn backup_part_sizes_are_the_stored_sizes_in_order() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    let spare = BufferPool::default();
+    let mut stored = vec![];
+    for (n, part) in [mixed_part(700_000, 300_000), vec![7; 50_000]]
+        .into_iter()
+        .enumerate()
+    {
+        let (encoded, _) = repo
+            .encode_backup_part(&id, "base.tar", n as u32, part, Vec::new())
+            .await;
+        stored.push(Some(repo.put_encoded_part(encoded, &spare).await.unwrap()));
+    }
+    assert_ne!(stored[0], stored[1]);
+    stored.push(None);
+    assert_eq!(
+        repo.backup_part_sizes(&id, "base.tar", 3).await.unwrap(),
+        stored
+    );
+}
