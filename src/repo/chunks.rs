@@ -309,10 +309,20 @@ impl Repository {
     /// What the repository holds under `wal/` (one LIST request): the inventory of WAL files
     /// and the chunk folders beside them.
     pub async fn wal_scan(&self) -> Result<WalScan, RepoError> {
-        let objects = self.storage.list(layout::WAL_PREFIX).await?;
+        Repository::wal_scan_unopened(&self.storage, self.descriptor().wal_segment_size).await
+    }
+
+    /// [`Self::wal_scan`] of the repository at `storage`, for a caller that opens it at the
+    /// same time (one round trip instead of two) and uses the scan only once the opened
+    /// descriptor says `seg_size`: the keys of `wal/` are plaintext, encrypted or not.
+    pub async fn wal_scan_unopened(
+        storage: &crate::storage::Storage,
+        seg_size: u64,
+    ) -> Result<WalScan, RepoError> {
+        let objects = storage.list(layout::WAL_PREFIX).await?;
         Ok(WalScan::from_keys(
             objects.into_iter().map(|o| o.key),
-            self.descriptor().wal_segment_size,
+            seg_size,
         ))
     }
 
@@ -357,6 +367,12 @@ impl WalScan {
         }
         scan.inventory = WalInventory::from_names(names, seg_size);
         scan
+    }
+
+    /// The chunks stored for `segment`, planned as [`Repository::list_chunks`] plans them: from
+    /// this scan, without a LIST of their folder.
+    pub fn chunk_plan(&self, segment: &WalFileName) -> ChunkPlan {
+        plan_chain(self.chunk_folders.get(segment).cloned().unwrap_or_default())
     }
 
     /// Chunks of segments whose complete object is stored: left behind when a stream stopped

@@ -211,7 +211,7 @@ impl Repository {
                 }
             }
         }
-        let created = descriptor::create(
+        let (created, _) = descriptor::create(
             &storage,
             &self.cluster(),
             self.descriptor.encryption.clone(),

@@ -152,7 +152,7 @@ pub(super) async fn create(
     storage: &Storage,
     cluster: &ClusterIdentity,
     encryption: Option<Encryption>,
-) -> Result<Descriptor> {
+) -> Result<(Descriptor, bool)> {
     let d = Descriptor {
         format_version: match encryption {
             Some(_) => FORMAT_VERSION_ENCRYPTED,
@@ -175,14 +175,15 @@ pub(super) async fn create(
     {
         Ok(()) => {
             tracing::info!(location = %storage.location(), system_id = d.system_identifier, repository_id = d.repository_id.as_deref().unwrap_or(""), "created repository");
-            Ok(d)
+            Ok((d, true))
         }
         Err(StorageError::AlreadyExists { .. }) => {
-            read(storage)
+            let found = read(storage)
                 .await?
                 .ok_or_else(|| RepoError::NotInitialized {
                     location: storage.location().to_string(),
-                })
+                })?;
+            Ok((found, false))
         }
         Err(e) => Err(e.into()),
     }

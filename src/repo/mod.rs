@@ -325,28 +325,45 @@ impl Repository {
         what: &str,
         write: WriteOptions,
     ) -> Result<Repository> {
-        let source = write.encryption_key.as_ref();
-        let (descriptor, key) = match descriptor::read(&storage).await? {
-            Some(d) => {
-                let key = keys::unlock_for(&storage, &d, source).await?;
-                (d, key)
-            }
-            None => {
-                storage.check_reachable().await?;
-                let create = Repository::create(&storage, cluster, source);
-                audit::creating_repository(&storage, cluster, create).await?
-            }
+        let Some(d) = descriptor::read(&storage).await? else {
+            storage.check_reachable().await?;
+            let (repo, _) = Repository::create_for_cluster(storage, cluster, what, write).await?;
+            return Ok(repo);
         };
-        check_cluster(&storage, &descriptor, cluster, what)?;
-        Ok(Repository::assemble(storage, descriptor, write, key))
+        let key = keys::unlock_for(&storage, &d, write.encryption_key.as_ref()).await?;
+        check_cluster(&storage, &d, cluster, what)?;
+        Ok(Repository::assemble(storage, d, write, key))
     }
 
-    /// Creates the descriptor, and with a key source the first keyring before it.
+    /// Creates the repository for `cluster` where [`Repository::open`] just found no
+    /// descriptor (`NotInitialized`), without reading it again: for callers that decided
+    /// creating is right. With it, whether this call wrote the descriptor (`false`: a
+    /// concurrent creator's was there first, and is opened instead). A repository this call
+    /// created holds nothing else yet, so its caller may skip listing it.
+    pub async fn create_for_cluster(
+        storage: Storage,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<(Repository, bool)> {
+        let source = write.encryption_key.as_ref();
+        let create = Repository::create(&storage, cluster, source);
+        let (descriptor, key, created) =
+            audit::creating_repository(&storage, cluster, create).await?;
+        check_cluster(&storage, &descriptor, cluster, what)?;
+        Ok((
+            Repository::assemble(storage, descriptor, write, key),
+            created,
+        ))
+    }
+
+    /// Creates the descriptor, and with a key source the first keyring before it; `true` with
+    /// them when this call wrote the descriptor.
     async fn create(
         storage: &Storage,
         cluster: &ClusterIdentity,
         source: Option<&KeySource>,
-    ) -> Result<(Descriptor, Option<keys::DataKey>)> {
+    ) -> Result<(Descriptor, Option<keys::DataKey>, bool)> {
         let (encryption, key) = match source {
             Some(source) => {
                 let (e, k) = keys::create_first(storage, source).await?;
@@ -354,10 +371,10 @@ impl Repository {
             }
             None => (None, None),
         };
-        let d = descriptor::create(storage, cluster, encryption).await?;
+        let (d, created) = descriptor::create(storage, cluster, encryption).await?;
         // A concurrent creator may have won with the other kind of repository.
         keys::check_configured(storage, &d, key.is_some())?;
-        Ok((d, key))
+        Ok((d, key, created))
     }
 
     /// Like [`Repository::open_for_cluster`], but never creates: a location without a

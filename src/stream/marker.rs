@@ -14,12 +14,13 @@ use crate::storage::Storage;
 
 /// Opens the repository for the cluster, creating it only where the marker does not say that
 /// this cluster stored WAL there before, and refusing one that replaced the recorded one.
+/// `true` with it when this call created it: then it holds no WAL yet.
 pub(super) async fn open_repository(
     conn: &mut ReplicationConn,
     storage: Storage,
     cluster: &ClusterIdentity,
     write: WriteOptions,
-) -> Result<Repository, StreamError> {
+) -> Result<(Repository, bool), StreamError> {
     let marker = server_marker(conn, cluster.system_identifier).await;
     let location = location_key(storage.location());
     let bad = |m: &MarkerFile, e: &dyn std::fmt::Display| StreamError::BadMarker {
@@ -35,11 +36,11 @@ pub(super) async fn open_repository(
     let opened =
         Repository::open_existing_for_cluster(storage.clone(), cluster, "stream", write.clone())
             .await;
-    let repo = match (opened, recorded, &marker) {
+    let (repo, created) = match (opened, recorded, &marker) {
         (Ok(repo), Some(a), Some(m)) if !is_recorded_one(repo.descriptor(), &a) => {
             return Err(replaced(repo.descriptor().repository_id.clone(), a, m))
         }
-        (Ok(repo), _, _) => repo,
+        (Ok(repo), _, _) => (repo, false),
         (Err(RepoError::NotInitialized { .. }), Some(a), Some(m)) => {
             return Err(StreamError::Vanished {
                 location: a.location,
@@ -47,8 +48,9 @@ pub(super) async fn open_repository(
                 marker: m.path().to_path_buf(),
             })
         }
+        // `open` found no descriptor and a reachable location: create without asking again.
         (Err(RepoError::NotInitialized { .. }), _, _) => {
-            Repository::open_for_cluster(storage, cluster, "stream", write).await?
+            Repository::create_for_cluster(storage, cluster, "stream", write).await?
         }
         (Err(e), _, _) => return Err(e.into()),
     };
@@ -59,7 +61,7 @@ pub(super) async fn open_repository(
             tracing::warn!(marker = %m.path().display(), error = %e, "cannot record the repository in the data directory");
         }
     }
-    Ok(repo)
+    Ok((repo, created))
 }
 
 fn replaced(found: Option<String>, a: Archived, m: &MarkerFile) -> StreamError {

@@ -132,12 +132,23 @@ async fn run_once(
     };
     // The slot first: a missing slot must not leave a new repository behind.
     let slot_restart = prepare_slot(&mut conn, &opts).await?;
-    let repo = marker::open_repository(&mut conn, storage, &cluster, write).await?;
+    // The LIST of `wal/` goes out with the descriptor's GET, not after it.
+    let (opened, scan) = tokio::join!(
+        marker::open_repository(&mut conn, storage.clone(), &cluster, write),
+        Repository::wal_scan_unopened(&storage, seg_size),
+    );
+    let (repo, created) = opened?;
+    let scan = match created {
+        // Created just now: it holds no WAL.
+        true => WalScan::default(),
+        false => scan?,
+    };
     let mirrors = open_mirrors(&opts, &cluster).await?;
     let history = store_history(&mut conn, &repo, sys.timeline).await?;
-    let sp = start_point(&repo, &mirrors, &history, &sys, slot_restart, &opts).await?;
-    let (open, budget, sp) = resume_segment(&repo, sp, &history, sys.timeline, seg_size).await?;
-    sync_mirrors(&repo, &mirrors, &sp, sys.timeline, seg_size).await?;
+    let sp = start_point(&repo, &scan, &mirrors, &history, &sys, slot_restart, &opts).await?;
+    let (open, budget, sp) =
+        resume_segment(&repo, &scan, sp, &history, sys.timeline, seg_size).await?;
+    sync_mirrors(&repo, &scan, &mirrors, &sp, sys.timeline, seg_size).await?;
     let start = open.next_lsn();
     let open_tli = open.timeline();
 
@@ -246,6 +257,7 @@ async fn open_mirrors(
 /// every repository. WAL before the start that a mirror lacks is `pitr copy`'s to fill.
 async fn sync_mirrors(
     repo: &Repository,
+    scan: &WalScan,
     mirrors: &[Repository],
     sp: &start::StartPoint,
     tli: TimelineId,
@@ -260,7 +272,7 @@ async fn sync_mirrors(
         false => None,
     };
     let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
-    let prefix = repo.read_chain(&repo.list_chunks(&first).await?).await?;
+    let prefix = repo.read_chain(&scan.chunk_plan(&first)).await?;
     for m in mirrors {
         if let Some((name, content)) = &history {
             m.store_wal_file(name, content).await?;
@@ -289,11 +301,12 @@ async fn store_history(
 }
 
 /// Where streaming starts: after the WAL the repository holds, else at the slot's restart_lsn,
-/// else at the server's position (see `start`). One LIST of `wal/` gives both the inventory
-/// and the chunk folders; in a mirror, HEAD requests for the last few segments find the holes
-/// a kill left in it (a LIST where the server does not tell the slot's position).
+/// else at the server's position (see `start`). One LIST of `wal/` (`scan`) gives both the
+/// inventory and the chunk folders; in a mirror, HEAD requests for the last few segments find
+/// the holes a kill left in it (a LIST where the server does not tell the slot's position).
 async fn start_point(
     repo: &Repository,
+    scan: &WalScan,
     mirrors: &[Repository],
     history: &[HistoryEntry],
     sys: &pg::IdentifySystem,
@@ -301,8 +314,7 @@ async fn start_point(
     opts: &StreamOptions,
 ) -> Result<start::StartPoint, StreamError> {
     let seg_size = repo.descriptor().wal_segment_size;
-    let scan = repo.wal_scan().await?;
-    delete_stale_chunks(repo, &scan).await;
+    delete_stale_chunks(repo, scan).await;
     let mut sp = start::choose_start(
         &scan.inventory,
         history,
@@ -366,6 +378,7 @@ async fn start_point(
 /// settled on is returned with it.
 async fn resume_segment(
     repo: &Repository,
+    scan: &WalScan,
     mut sp: start::StartPoint,
     history: &[HistoryEntry],
     server_tli: TimelineId,
@@ -374,7 +387,7 @@ async fn resume_segment(
     let windowed = seg_size > budget::WINDOW;
     let (plan, preloaded) = loop {
         let first = WalFileName::segment(sp.tli, sp.lsn.segno(seg_size), seg_size);
-        let plan = repo.list_chunks(&first).await?;
+        let plan = scan.chunk_plan(&first);
         // Windowed: the chunks stay where they are, durable; they are never read back.
         let preloaded = match windowed {
             true => vec![],
@@ -561,7 +574,10 @@ async fn assemble(
         let jobs = jobs.clone();
         async move { jobs.send(j).await.map_err(|_| StreamError::PipelineClosed) }
     };
-    let mut tick = tokio::time::interval(opts.chunk_interval);
+    // The first tick one interval from now, not at once: at once it would ship the first
+    // piece of a catch-up as a chunk, stored and then deleted when its segment completes.
+    let first_tick = tokio::time::Instant::now() + opts.chunk_interval;
+    let mut tick = tokio::time::interval_at(first_tick, opts.chunk_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
     loop {
