@@ -12,7 +12,7 @@ impl Repository {
     /// size than the catalog recorded. `None` when everything is in place. Contents are not
     /// read: they are checked as they are fetched.
     pub async fn backup_objects_problem(&self, b: &BackupInfo) -> Result<Option<String>> {
-        let prefix = format!("{}{}/", layout::BACKUP_DATA_PREFIX, b.id);
+        let prefix = layout::backup_prefix(&b.id);
         let sizes: HashMap<String, u64> = self
             .storage
             .list(&prefix)

@@ -310,7 +310,7 @@ impl Repository {
     }
 
     async fn backup_folder_keys(&self, id: &str) -> Result<Vec<String>> {
-        let prefix = format!("{}{id}/", layout::BACKUP_DATA_PREFIX);
+        let prefix = layout::backup_prefix(id);
         Ok(self
             .storage
             .list(&prefix)

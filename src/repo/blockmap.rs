@@ -59,11 +59,11 @@ struct Index {
 }
 
 fn part_key(id: &str, part: u32) -> String {
-    format!("{}{id}/blockmap/{part:08}", layout::BACKUP_DATA_PREFIX)
+    format!("{}blockmap/{part:08}", layout::backup_prefix(id))
 }
 
 fn index_key(id: &str) -> String {
-    format!("{}{id}/blockmap/index", layout::BACKUP_DATA_PREFIX)
+    format!("{}blockmap/index", layout::backup_prefix(id))
 }
 
 /// Writes a backup's block map part by part; [`BlockMapWriter::finish`] writes the index.

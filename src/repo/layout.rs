@@ -81,34 +81,39 @@ pub const BACKUP_DATA_PREFIX: &str = "backups/";
 /// backup; an interrupted backup leaves data under `backups/` that nothing refers to.
 pub const BACKUP_CATALOG_PREFIX: &str = "catalog/backups/";
 
+/// The folder of everything backup `backup_id` stores: `backups/<id>/`.
+pub fn backup_prefix(backup_id: &str) -> String {
+    format!("{BACKUP_DATA_PREFIX}{backup_id}/")
+}
+
 pub fn backup_part_key(backup_id: &str, archive: &str, part: u32) -> String {
     format!("{}{part:08}", backup_parts_prefix(backup_id, archive))
 }
 
 /// The folder of archive `archive`'s parts.
 pub fn backup_parts_prefix(backup_id: &str, archive: &str) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/{archive}/")
+    format!("{}{archive}/", backup_prefix(backup_id))
 }
 
 pub fn backup_manifest_key(backup_id: &str) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/backup_manifest")
+    format!("{}backup_manifest", backup_prefix(backup_id))
 }
 
 /// Refreshed by a running backup: proof that it is alive.
 pub fn backup_lease_key(backup_id: &str) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/lease")
+    format!("{}lease", backup_prefix(backup_id))
 }
 
 /// Created once, by whichever comes first: the backup completing, or a cleanup declaring it
 /// abandoned. Conditional creation makes the two mutually exclusive.
 pub fn backup_state_key(backup_id: &str) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/state")
+    format!("{}state", backup_prefix(backup_id))
 }
 
 /// Written by `pitr expire` before it removes anything of a backup, and removed last: a run
 /// that was interrupted is finished by the next one.
 pub fn backup_expired_key(backup_id: &str) -> String {
-    format!("{BACKUP_DATA_PREFIX}{backup_id}/expired")
+    format!("{}expired", backup_prefix(backup_id))
 }
 
 pub fn backup_info_key(backup_id: &str) -> String {

@@ -270,6 +270,22 @@ fn check_cluster(
     Ok(())
 }
 
+/// A WAL file's object, framed (compressed, checksummed, encrypted) for one repository and not
+/// yet stored: [`Repository::encode_wal_file`].
+#[derive(Debug)]
+pub struct EncodedWal {
+    key: String,
+    name: String,
+    framed: Bytes,
+}
+
+impl EncodedWal {
+    /// Bytes of the stored object.
+    pub fn stored_len(&self) -> usize {
+        self.framed.len()
+    }
+}
+
 /// An open repository whose descriptor has been read and checked.
 #[derive(Clone, Debug)]
 pub struct Repository {
@@ -516,6 +532,33 @@ impl Repository {
     pub async fn put_wal_file(&self, name: &WalFileName, content: &[u8]) -> Result<PutOutcome> {
         self.put_immutable(&layout::wal_key(name), &name.to_string(), content)
             .await
+    }
+
+    /// WAL file `name` framed as [`Repository::put_wal_file`] stores it, for a caller that lets
+    /// the content go before the upload: the stream frees a segment's buffer for the next one
+    /// while the object is on its way to a distant object store.
+    pub fn encode_wal_file(&self, name: &WalFileName, content: &[u8]) -> EncodedWal {
+        let key = layout::wal_key(name);
+        let framed = self.objects.encode(&key, content, Payload::Data);
+        EncodedWal {
+            key,
+            name: name.to_string(),
+            framed: Bytes::from(framed),
+        }
+    }
+
+    /// Stores `e` as [`Repository::put_wal_file`] stores its content: unless it is there
+    /// already, and then identical content is success and different content is refused.
+    pub async fn put_encoded_wal(&self, e: &EncodedWal) -> Result<PutOutcome> {
+        match self.storage.put_if_absent(&e.key, e.framed.clone()).await {
+            Ok(()) => Ok(PutOutcome::Stored),
+            // The content itself was let go: the framed object gives it back.
+            Err(StorageError::AlreadyExists { .. }) => {
+                let content = self.objects.decode(&e.key, &e.framed)?;
+                self.check_identical(&e.key, &e.name, &content).await
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Whether WAL file `name` is stored (a HEAD: nothing is read).

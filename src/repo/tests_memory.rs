@@ -58,6 +58,34 @@ async fn put_immutable_refuses_other_bytes_and_keeps_the_stored_ones() {
     assert_eq!(repo.get_verified(key).await.unwrap(), b"first");
 }
 
+/// A WAL file stored from its framed object alone (the stream lets the content go first):
+/// read back as the content, again with the same content is success, and other content is
+/// refused with the stored object untouched (the framed object gives the content back).
+#[tokio::test]
+async fn an_encoded_wal_file_is_stored_once_and_compared_without_its_content() {
+    let repo = repo().await;
+    let name = WalFileName::segment(1, 3, CLUSTER.wal_segment_size);
+    let first = repo.encode_wal_file(&name, b"segment bytes");
+    assert_eq!(
+        repo.put_encoded_wal(&first).await.unwrap(),
+        PutOutcome::Stored
+    );
+    let again = repo.encode_wal_file(&name, b"segment bytes");
+    assert_eq!(
+        repo.put_encoded_wal(&again).await.unwrap(),
+        PutOutcome::AlreadyStored
+    );
+    let other = repo.encode_wal_file(&name, b"other bytes!!");
+    assert!(matches!(
+        repo.put_encoded_wal(&other).await,
+        Err(RepoError::ConflictingContent { .. })
+    ));
+    assert_eq!(
+        repo.get_wal_file(&name).await.unwrap().unwrap(),
+        b"segment bytes"
+    );
+}
+
 #[tokio::test]
 async fn a_repository_of_another_cluster_is_refused() {
     let storage = Storage::in_memory();

@@ -609,21 +609,22 @@ pub(super) fn finish_backup_label(pgdata: &Path) -> Result<(), RestoreError> {
 }
 
 /// Refuses the restore, before anything is written, when a member of the chain has lost an
-/// object or is being expired.
+/// object or is being expired. The members are listed all at once (one round trip, not one
+/// per member); the first broken one in chain order is named.
 pub(super) async fn check_members(
     repo: &Repository,
     chain: &[BackupInfo],
 ) -> Result<(), RestoreError> {
-    for member in chain {
-        if let Some(problem) = repo.backup_objects_problem(member).await? {
-            return Err(RestoreError::ChainBroken {
-                backup: chain[0].id.clone(),
-                member: member.id.clone(),
-                problem,
-            });
-        }
+    let problems =
+        futures::future::try_join_all(chain.iter().map(|m| repo.backup_objects_problem(m))).await?;
+    match chain.iter().zip(problems).find_map(|(m, p)| Some((m, p?))) {
+        Some((member, problem)) => Err(RestoreError::ChainBroken {
+            backup: chain[0].id.clone(),
+            member: member.id.clone(),
+            problem,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

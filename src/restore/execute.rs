@@ -76,11 +76,19 @@ pub async fn execute(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    if plan.chain.len() > 1 {
-        chain::check_members(repo, &plan.chain).await?;
-    }
+    // Both before anything is written, and together: a round trip each over a slow network.
+    let (checked, manifest) = tokio::join!(
+        async {
+            match plan.chain.len() > 1 {
+                true => chain::check_members(repo, &plan.chain).await,
+                false => Ok(()),
+            }
+        },
+        load_manifest(repo, &plan.backup),
+    );
+    checked?;
+    let manifest = manifest?;
     let owner = prepare_target(&opts.pgdata, opts.delta)?;
-    let manifest = load_manifest(repo, &plan.backup).await?;
     let syncer = Syncer::start();
     let extraction = Extraction {
         writer: FileWriter::new(

@@ -15,6 +15,13 @@
 //! (one segment) while asking for at most one more (a chunk of that segment, or the next
 //! segment's buffer), and every other permit is held by a job the uploader is bound to finish.
 //!
+//! A completed segment gives its buffer back as soon as it is compressed and summarized, before
+//! its object is uploaded: over a distant object store the upload takes longer than filling the
+//! next buffer. The objects on their way hold permits of a second semaphore, of one buffer's
+//! size ([`Budget::encoded`]), taken by the upload task while it still holds the segment, so
+//! memory stays at three buffers' worth at most. That cannot deadlock either: what holds those
+//! permits is an upload, which needs nothing else to finish.
+//!
 //! Segment buffers are recycled through a small pool instead of freed: a freed 16 MiB buffer
 //! would otherwise stay resident in one of the allocator's per-thread arenas while the next one
 //! is allocated in another, which is how catch-up used to reach 97–129 MiB.
@@ -36,6 +43,8 @@ pub const WINDOW: u64 = 16 << 20;
 #[derive(Clone, Debug)]
 pub struct Budget {
     sem: Arc<Semaphore>,
+    /// Bytes of encoded objects in upload whose WAL is no longer held.
+    encoded: Arc<Semaphore>,
     pool: Pool,
     seg_size: usize,
     cap: usize,
@@ -49,6 +58,7 @@ impl Budget {
         let cap = 2 * seg_size;
         Budget {
             sem: Arc::new(Semaphore::new(cap)),
+            encoded: Arc::new(Semaphore::new(seg_size)),
             pool: Arc::default(),
             seg_size,
             cap,
@@ -99,6 +109,18 @@ impl Budget {
     /// Permits for a copy of `n` bytes (a chunk).
     pub async fn bytes(&self, n: usize) -> OwnedSemaphorePermit {
         self.acquire(n).await
+    }
+
+    /// Permits for `n` bytes of encoded objects in upload (at most one buffer's worth in one
+    /// request): taken while the segment they were made from is still held, then kept until
+    /// the upload ends, so that the segment's buffer can go back at once.
+    pub async fn encoded(&self, n: usize) -> OwnedSemaphorePermit {
+        let n = n.min(self.seg_size) as u32;
+        self.encoded
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("the encoded-bytes semaphore is never closed")
     }
 }
 

@@ -161,6 +161,7 @@ async fn run_once(
         repo.clone(),
         mirrors,
         job_rx,
+        budget.clone(),
         durable_tx,
         progress.clone(),
         force.clone(),
