@@ -7,7 +7,7 @@
 //! is taken, because that is what it occupies once filled.
 //!
 //! The cap is two buffers (32 MiB at the default 16 MiB `wal_segment_size`): one filling
-//! while the one before it uploads, which is all a sequential uploader can use. A buffer is
+//! while the one before it is compressed and summarized. A buffer is
 //! one segment, at most [`WINDOW`]: larger segments (PostgreSQL allows up to 1 GiB) stream
 //! through a window of that size (`segment::OpenSegment::windowed`), so the cap stays 32 MiB
 //! whatever the segment size.
@@ -18,9 +18,11 @@
 //! A completed segment gives its buffer back as soon as it is compressed and summarized, before
 //! its object is uploaded: over a distant object store the upload takes longer than filling the
 //! next buffer. The objects on their way hold permits of a second semaphore, of one buffer's
-//! size ([`Budget::encoded`]), taken by the upload task while it still holds the segment, so
-//! memory stays at three buffers' worth at most. That cannot deadlock either: what holds those
-//! permits is an upload, which needs nothing else to finish.
+//! size ([`Budget::encoded`]), taken by the upload task while it still holds the segment, in
+//! job order: WAL memory is the two buffers, the compressed object of the segment being
+//! summarized, and one buffer's worth of objects in upload. That cannot deadlock either: what
+//! holds those permits is an upload, which needs nothing else to finish, and no job takes them
+//! before every earlier job has (see `uploader::store_job`).
 //!
 //! Segment buffers are recycled through a small pool instead of freed: a freed 16 MiB buffer
 //! would otherwise stay resident in one of the allocator's per-thread arenas while the next one
