@@ -706,6 +706,7 @@ async fn receive_and_publish(
         archives,
         files,
         manifest_bytes,
+        metadata_stored,
         start: (start_lsn, timeline),
         stop: (stop_lsn, stop_timeline),
         own_wal,
@@ -713,8 +714,7 @@ async fn receive_and_publish(
     } = receiver.finish().await?;
 
     verify_against_manifest(&manifest_bytes, files)?;
-    let mut stored: u64 = archives.iter().map(|a| a.stored_bytes).sum();
-    stored += repo.put_backup_manifest(&id, manifest_bytes).await?;
+    let stored = archives.iter().map(|a| a.stored_bytes).sum::<u64>() + metadata_stored;
     tracing::info!(
         files_whole = maps.files_whole,
         files_incremental = maps.files_incremental,
@@ -722,7 +722,6 @@ async fn receive_and_publish(
         blocks_unchanged = maps.blocks_same,
         "relation files"
     );
-    stored += maps.writer.finish().await?;
 
     let began = Instant::now();
     let stop = StopAt {
@@ -804,6 +803,8 @@ struct Received {
     /// Checked once the manifest is known, in [`verify_against_manifest`].
     files: ManifestCheck,
     manifest_bytes: Vec<u8>,
+    /// Bytes stored for the manifest and the block map.
+    metadata_stored: u64,
     start: (Lsn, TimelineId),
     stop: (Lsn, TimelineId),
     /// The backup's own WAL, still streaming.
@@ -940,10 +941,20 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    /// The stream has ended: waits for the last uploads.
+    /// The stream has ended: stores the manifest and the block map while the last parts
+    /// upload (a round trip each over a slow network; nothing is published before all are in).
     async fn finish(mut self) -> Result<Received, BackupError> {
         self.close_archive().await?;
-        self.uploads.join_all().await?;
+        let (repo, id) = (self.repo, self.id);
+        let manifest = async {
+            let stored = repo
+                .put_backup_manifest(id, self.manifest_bytes.clone())
+                .await?;
+            Ok::<_, BackupError>(stored)
+        };
+        let map = async { Ok::<_, BackupError>(self.maps.writer.finish().await?) };
+        let ((), manifest_stored, map_stored) =
+            tokio::try_join!(self.uploads.join_all(), manifest, map)?;
         let start = self.start.ok_or_else(|| BackupError::Incomplete {
             what: "no start position".into(),
         })?;
@@ -957,6 +968,7 @@ impl<'a> Receiver<'a> {
             archives: self.archives,
             files: self.files,
             manifest_bytes: self.manifest_bytes,
+            metadata_stored: manifest_stored + map_stored,
             start,
             stop,
             own_wal: self.own_wal,

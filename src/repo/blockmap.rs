@@ -150,21 +150,27 @@ impl BlockMapWriter {
         Ok(())
     }
 
-    /// Stores the last part and the index; returns the bytes stored for the whole map.
-    pub async fn finish(mut self) -> Result<u64> {
-        if !self.buf.is_empty() {
-            self.flush().await?;
-        }
+    /// Stores the last part and the index, both at once (nothing reads a block map before its
+    /// backup is published); returns the bytes stored for the whole map.
+    pub async fn finish(&mut self) -> Result<u64> {
+        let last = std::mem::take(&mut self.buf);
+        let last_part = (!last.is_empty()).then_some(self.parts);
         let index = Index {
             version: INDEX_VERSION,
             hash: HASH_NAME.into(),
             block_size: 8192,
-            parts: self.parts,
+            parts: self.parts + u32::from(last_part.is_some()),
             files: std::mem::take(&mut self.files),
         };
         let json = serde_json::to_vec(&index).expect("block map index serializes");
-        self.stored += self.repo.put_part(index_key(&self.id), json).await?.0;
-        Ok(self.stored)
+        let last = async {
+            match last_part {
+                Some(n) => Ok(self.repo.put_part(part_key(&self.id, n), last).await?.0),
+                None => Ok(0),
+            }
+        };
+        let (last, index) = tokio::try_join!(last, self.repo.put_part(index_key(&self.id), json))?;
+        Ok(self.stored + last + index.0)
     }
 }
 
