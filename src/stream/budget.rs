@@ -79,12 +79,7 @@ impl Budget {
 
     async fn acquire(&self, n: usize) -> OwnedSemaphorePermit {
         // Never more than the cap in one request (a chunk is at most one segment).
-        let n = n.min(self.cap) as u32;
-        self.sem
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("the budget semaphore is never closed")
+        take(&self.sem, n, self.cap).await
     }
 
     /// Bytes one buffer holds: a segment, or the window of a larger one.
@@ -117,13 +112,16 @@ impl Budget {
     /// request): taken while the segment they were made from is still held, then kept until
     /// the upload ends, so that the segment's buffer can go back at once.
     pub async fn encoded(&self, n: usize) -> OwnedSemaphorePermit {
-        let n = n.min(self.seg_size) as u32;
-        self.encoded
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("the encoded-bytes semaphore is never closed")
+        take(&self.encoded, n, self.seg_size).await
     }
+}
+
+/// `n` permits of `sem`, at most `max` (its size: more could never be granted).
+async fn take(sem: &Arc<Semaphore>, n: usize, max: usize) -> OwnedSemaphorePermit {
+    sem.clone()
+        .acquire_many_owned(n.min(max) as u32)
+        .await
+        .expect("the budget's semaphores are never closed")
 }
 
 /// A segment buffer that returns to its pool and releases its budget when dropped.

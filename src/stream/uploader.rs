@@ -424,20 +424,24 @@ mod tests {
 
     const SEG: u64 = 1 << 20;
 
-    /// Segments that do not compress (their objects need all the room for objects in upload)
-    /// between segments that do (a little room) are all stored. Taken out of job order, a
-    /// light job could hold a little room while it waits for the heavy one before it, which
-    /// waits for all of it. This test does not force that order (the first job is always
-    /// ahead here); `s3_outage_under_load_loses_nothing` in tests/stream.rs hit it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn segments_take_the_room_for_objects_in_job_order() {
+    /// An uploader into a new in-memory repository: the repository, the job queue, the
+    /// durable position and the uploader's task.
+    async fn started(
+        budget: Budget,
+    ) -> (
+        Repository,
+        mpsc::Sender<Job>,
+        watch::Receiver<Lsn>,
+        JoinHandle<Result<(), StreamError>>,
+    ) {
+        let cluster = ClusterIdentity {
+            system_identifier: 7_000_000_000_000_000_002,
+            pg_major: 16,
+            wal_segment_size: SEG,
+        };
         let repo = Repository::open_for_cluster(
             Storage::in_memory(),
-            &ClusterIdentity {
-                system_identifier: 7_000_000_000_000_000_003,
-                pg_major: 16,
-                wal_segment_size: SEG,
-            },
+            &cluster,
             "test",
             WriteOptions::default(),
         )
@@ -445,16 +449,27 @@ mod tests {
         .unwrap();
         let (tx, rx) = mpsc::channel(2);
         let (durable_tx, durable_rx) = watch::channel(Lsn(0));
-        let budget = Budget::new(SEG);
         let uploader = tokio::spawn(run(
             repo.clone(),
             vec![],
             rx,
-            budget.clone(),
+            budget,
             durable_tx,
             Arc::default(),
             CancellationToken::new(),
         ));
+        (repo, tx, durable_rx, uploader)
+    }
+
+    /// Segments that do not compress (their objects need all the room for objects in upload)
+    /// between segments that do (a little room) are all stored. Taken out of job order, a
+    /// light job could hold a little room while it waits for the heavy one before it, which
+    /// waits for all of it. This test does not force that order (the first job is always
+    /// ahead here); `s3_outage_under_load_loses_nothing` in tests/stream.rs hit it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_take_the_room_for_objects_in_job_order() {
+        let budget = Budget::new(SEG);
+        let (_, tx, durable_rx, uploader) = started(budget.clone()).await;
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let mut noise = || {
             (0..SEG / 8)
@@ -496,30 +511,7 @@ mod tests {
     /// (also once nothing is left in flight).
     #[tokio::test]
     async fn stores_every_job_and_returns_when_the_queue_closes() {
-        let cluster = ClusterIdentity {
-            system_identifier: 7_000_000_000_000_000_002,
-            pg_major: 16,
-            wal_segment_size: SEG,
-        };
-        let repo = Repository::open_for_cluster(
-            Storage::in_memory(),
-            &cluster,
-            "test",
-            WriteOptions::default(),
-        )
-        .await
-        .unwrap();
-        let (tx, rx) = mpsc::channel(2);
-        let (durable_tx, mut durable_rx) = watch::channel(Lsn(0));
-        let uploader = tokio::spawn(run(
-            repo.clone(),
-            vec![],
-            rx,
-            Budget::new(SEG),
-            durable_tx,
-            Arc::default(),
-            CancellationToken::new(),
-        ));
+        let (repo, tx, mut durable_rx, uploader) = started(Budget::new(SEG)).await;
         let names: Vec<_> = (1..=2 * IN_FLIGHT as u64 + 1)
             .map(|n| WalFileName::segment(1, n, SEG))
             .collect();
