@@ -86,6 +86,25 @@ async fn an_encoded_wal_file_is_stored_once_and_compared_without_its_content() {
     );
 }
 
+/// `create_for_cluster` says whether it wrote the descriptor: the stream skips listing a
+/// repository it created, and must not skip one that a concurrent creator (archive-push) made
+/// first and may already have stored WAL into.
+#[tokio::test]
+async fn create_for_cluster_tells_whether_it_created_the_repository() {
+    let storage = Storage::in_memory();
+    let create = || {
+        Repository::create_for_cluster(storage.clone(), &CLUSTER, "test", WriteOptions::default())
+    };
+    let (first, created) = create().await.unwrap();
+    assert!(created);
+    let (second, created) = create().await.unwrap();
+    assert!(!created, "the descriptor was there already");
+    assert_eq!(
+        first.descriptor().repository_id,
+        second.descriptor().repository_id
+    );
+}
+
 #[tokio::test]
 async fn a_repository_of_another_cluster_is_refused() {
     let storage = Storage::in_memory();
