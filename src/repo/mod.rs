@@ -470,12 +470,28 @@ impl Repository {
     /// command after a crash, an object store may have kept a PUT whose answer was lost),
     /// different bytes are refused and the stored object is untouched.
     async fn put_immutable(&self, key: &str, name: &str, content: &[u8]) -> Result<PutOutcome> {
-        let framed = self.objects.encode(key, content, Payload::Data);
-        match self.storage.put_if_absent(key, Bytes::from(framed)).await {
+        let framed = Bytes::from(self.objects.encode(key, content, Payload::Data));
+        self.put_framed(key, name, framed, Some(content)).await
+    }
+
+    /// [`Self::put_immutable`] of an object already framed. `content` is what `framed` holds,
+    /// when the caller still has it; without it the framed object is decoded to compare.
+    async fn put_framed(
+        &self,
+        key: &str,
+        name: &str,
+        framed: Bytes,
+        content: Option<&[u8]>,
+    ) -> Result<PutOutcome> {
+        match self.storage.put_if_absent(key, framed.clone()).await {
             Ok(()) => Ok(PutOutcome::Stored),
-            Err(StorageError::AlreadyExists { .. }) => {
-                self.check_identical(key, name, content).await
-            }
+            Err(StorageError::AlreadyExists { .. }) => match content {
+                Some(content) => self.check_identical(key, name, content).await,
+                None => {
+                    let content = self.objects.decode(key, &framed)?;
+                    self.check_identical(key, name, &content).await
+                }
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -550,15 +566,9 @@ impl Repository {
     /// Stores `e` as [`Repository::put_wal_file`] stores its content: unless it is there
     /// already, and then identical content is success and different content is refused.
     pub async fn put_encoded_wal(&self, e: &EncodedWal) -> Result<PutOutcome> {
-        match self.storage.put_if_absent(&e.key, e.framed.clone()).await {
-            Ok(()) => Ok(PutOutcome::Stored),
-            // The content itself was let go: the framed object gives it back.
-            Err(StorageError::AlreadyExists { .. }) => {
-                let content = self.objects.decode(&e.key, &e.framed)?;
-                self.check_identical(&e.key, &e.name, &content).await
-            }
-            Err(err) => Err(err.into()),
-        }
+        // The content itself was let go: the framed object gives it back if needed.
+        self.put_framed(&e.key, &e.name, e.framed.clone(), None)
+            .await
     }
 
     /// Whether WAL file `name` is stored (a HEAD: nothing is read).

@@ -89,9 +89,7 @@ async fn store(repo: &Repository, step: Step<'_>) -> Result<PutOutcome, RepoErro
             // Same chunk, same bytes after a restart: AlreadyStored. Different bytes: refused.
             repo.put_chunk(&chunk, &data.data).await
         }
-        // A segment's object here and its summary in `store_job` are `store_wal_file`'s two
-        // halves, so the objects are the same as archive-push's whatever their source.
-        Job::Segment { name, data, .. } => repo.put_wal_file(name, data).await,
+        Job::Segment { .. } => unreachable!("store_job stores a segment's object as Step::Encoded"),
         Job::Partial { name, data, .. } => repo.store_wal_file(name, data).await,
         Job::History { name, data } => repo.store_wal_file(name, data).await,
         Job::Chunked {
@@ -174,6 +172,8 @@ async fn store_job(
         return tokio::join!(object, forward).0;
     };
     let name = name.clone();
+    // The object (`encode_wal_file`, as `put_wal_file` frames it) and the summary below are
+    // `store_wal_file`'s two halves: the objects are archive-push's whatever their source.
     let encoded: Vec<EncodedWal> = repos
         .iter()
         .map(|r| r.encode_wal_file(&name, data))
