@@ -542,11 +542,11 @@ async fn run_once(
         label: label.clone(),
         fast_checkpoint: opts.fast_checkpoint,
         manifest: true,
-        // Where archive_command is in use, the server waits for its archiver to store the
-        // stop segment (the backup's own WAL stream may already have stored it: identical bytes,
-        // no conflict). Without archiving the server does not wait, and the backup's own WAL is
-        // what completes it. Either way the repository is checked afterwards.
-        wait_for_wal_archive: true,
+        // With its own WAL stream the backup stores the WAL it needs itself, as
+        // `pg_basebackup -X stream` does, so the server need not wait for its archiver (it
+        // checks once a second: about a second per backup). Without that stream the server
+        // waits where archiving is on. Either way the repository is checked afterwards.
+        wait_for_wal_archive: wal_conn.is_none(),
         max_rate_kb: opts.max_rate_kb,
         progress: true,
         incremental: server_mode,
