@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::blockdiff::{BackupMaps, DiffError, TarDiff};
-use super::wal::{OwnWalError, OwnWalStream, StopAt, WalConn};
+use super::wal::{OwnWal, OwnWalError, OwnWalStream, StopAt, WalConn};
 use super::{MAX_UPLOADS_IN_FLIGHT, PART_BUFFERS, PART_SIZE};
 use crate::error::{Classify, Code};
 use crate::format::archive_check::{ArchiveReader, Discard, FeedError, ManifestCheck, Mismatch};
@@ -16,7 +16,7 @@ use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
     BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity, IncrementalMode,
-    PartEncoder, RepoError, Repository, WriteOptions,
+    new_backup_id, PartEncoder, RepoError, Repository, WriteOptions,
 };
 use crate::storage::{BufferPool, Storage};
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -99,6 +99,10 @@ pub enum BackupError {
          is archive_command set to `pitr archive-push %p` for this repository, or `pitr stream` running?"
     )]
     WalTimeout { segment: String, waited: Duration },
+    /// Another backup claimed the same id (same second, same random suffix) first; the backup
+    /// is retried under another id before this is ever reported.
+    #[error("backup id {id} was claimed by another backup started at the same moment")]
+    IdTaken { id: String },
 }
 
 impl Classify for BackupError {
@@ -112,7 +116,8 @@ impl Classify for BackupError {
             | BackupError::Incomplete { .. }
             | BackupError::Abandoned
             | BackupError::Spill(_)
-            | BackupError::WalTimeout { .. } => Code::JobFailed,
+            | BackupError::WalTimeout { .. }
+            | BackupError::IdTaken { .. } => Code::JobFailed,
             BackupError::NoParent { .. }
             | BackupError::ParentNotFound { .. }
             | BackupError::BadParent { .. }
@@ -140,7 +145,8 @@ impl Classify for BackupError {
             | BackupError::Incomplete { .. }
             | BackupError::Abandoned
             | BackupError::Spill(_)
-            | BackupError::WalTimeout { .. } => {
+            | BackupError::WalTimeout { .. }
+            | BackupError::IdTaken { .. } => {
                 Some("nothing was published: `pitr list` will not show this backup".into())
             }
         }
@@ -450,59 +456,51 @@ pub async fn run_backup(
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
 ) -> Result<BackupInfo, BackupError> {
-    let first = run_once(
-        storage.clone(),
-        write.clone(),
-        conn_cfg,
-        opts,
-        progress,
-        None,
-    )
-    .await;
-    match first {
-        // The server could not take its incremental backup on this parent (e.g. its WAL
-        // summaries do not reach back to the parent's start): pitr computes it instead.
-        Err(BackupError::IncrementalRefused(e)) => {
-            tracing::warn!(error = %e, "the server refused the incremental backup; using block mode");
-            let refused = Some(e.to_string());
-            run_once(storage, write, conn_cfg, opts, progress, refused).await
+    let mut refused = None;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let s = (storage.clone(), write.clone());
+        match run_once(s, conn_cfg, opts, progress, refused.clone()).await {
+            // The server could not take its incremental backup on this parent (e.g. its WAL
+            // summaries do not reach back to the parent's start): pitr computes it instead.
+            Err(BackupError::IncrementalRefused(e)) if refused.is_none() => {
+                tracing::warn!(error = %e, "the server refused the incremental backup; using block mode");
+                refused = Some(e.to_string());
+            }
+            // One chance in 2^24 per backup started in the same second.
+            Err(BackupError::IdTaken { id }) if attempts < 3 => {
+                tracing::info!(backup = %id, "backup id taken by another backup; starting again under another");
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
 /// One attempt; `server_refused`: the server refused a server-mode incremental before.
 async fn run_once(
-    storage: Storage,
-    write: WriteOptions,
+    (storage, write): (Storage, WriteOptions),
     conn_cfg: &ConnConfig,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
     server_refused: Option<String>,
 ) -> Result<BackupInfo, BackupError> {
-    let mut conn = ReplicationConn::connect(conn_cfg).await?;
-    let system = conn.identify_system().await?;
-    let seg_size = conn.wal_segment_size().await?;
+    // The repository's descriptor is read while the server is reached: two waits at once.
+    let (server, found) = tokio::join!(
+        connect_source(conn_cfg),
+        Repository::read_descriptor(&storage)
+    );
+    let Source {
+        mut conn,
+        system,
+        seg_size,
+        source,
+        cluster,
+    } = server?;
     let version = conn.server_version_num();
-    let hp = conn.connection().host().clone();
-    let source = BackupSource {
-        host: hp.host.to_string(),
-        port: hp.port,
-        standby: conn.in_hot_standby().await?,
-    };
-    let cluster = ClusterIdentity {
-        system_identifier: system.system_id,
-        pg_major: conn.server_major(),
-        wal_segment_size: seg_size,
-    };
-    let repo = Repository::open_for_cluster(storage, &cluster, "backup", write).await?;
+    let repo =
+        Repository::open_found_for_cluster(storage, found?, &cluster, "backup", write).await?;
 
-    match repo.remove_abandoned_backups(opts.abandoned_after).await {
-        Ok(ids) if !ids.is_empty() => tracing::info!(removed = ?ids, "removed abandoned backups"),
-        Ok(_) => {}
-        // Cleaning up is housekeeping: it must not stop a new backup.
-        Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),
-    }
     let parent = match opts.incremental {
         true => Some(choose_parent(&repo, opts.parent.as_deref(), &system).await?),
         false => None,
@@ -526,6 +524,7 @@ async fn run_once(
     }
     let server_mode = matches!(incremental, Some((_, IncrementalMode::Server)));
 
+    let hp = conn.connection().host().clone();
     let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
         Ok(c) => Some(c),
         // Without its own WAL a backup still completes once archiving or a stream stores it.
@@ -536,7 +535,7 @@ async fn run_once(
         }
     };
     let start_time = Utc::now();
-    let id = repo.claim_backup_id(start_time).await?;
+    let id = new_backup_id(start_time);
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
     let bb_opts = BaseBackupOptions {
         label: label.clone(),
@@ -552,7 +551,15 @@ async fn run_once(
         incremental: server_mode,
     };
     tracing::info!(backup = %id, server_version = version, source = %source, "starting base backup");
+    // The server checkpoints while the id is claimed; nothing is read from it, and so nothing
+    // stored, before the claim holds.
+    let stream = conn.base_backup(bb_opts).await?;
+    if !repo.claim_backup(&id).await? {
+        return Err(BackupError::IdTaken { id });
+    }
     let lease = repo.hold_backup_lease(&id);
+    // Housekeeping, beside the backup: this backup's lease is there, so it is not abandoned.
+    let cleanup = tokio::spawn(remove_abandoned(repo.clone(), opts.abandoned_after, id.clone()));
     let maps = BackupMaps {
         parent: parent.map(|(_, map)| map),
         writer: repo.put_block_map(&id),
@@ -573,8 +580,9 @@ async fn run_once(
         source,
         incremental,
     };
-    let result = receive_and_publish(&started, conn, wal_conn, maps, bb_opts, opts, progress).await;
+    let result = receive_and_publish(&started, stream, wal_conn, maps, opts, progress).await;
     lease.abort();
+    let _ = cleanup.await;
     if let Err(BackupError::IncrementalRefused(_)) = &result {
         // Nothing but the lease was written; the retry takes another id.
         if let Err(e) = started.repo.remove_backup_data(&started.id).await {
@@ -582,6 +590,49 @@ async fn run_once(
         }
     }
     result
+}
+
+/// The server a backup comes from, as its first connection found it.
+struct Source {
+    conn: ReplicationConn,
+    system: pg::IdentifySystem,
+    seg_size: u64,
+    source: BackupSource,
+    cluster: ClusterIdentity,
+}
+
+async fn connect_source(conn_cfg: &ConnConfig) -> Result<Source, BackupError> {
+    let mut conn = ReplicationConn::connect(conn_cfg).await?;
+    let system = conn.identify_system().await?;
+    let seg_size = conn.wal_segment_size().await?;
+    let hp = conn.connection().host().clone();
+    let source = BackupSource {
+        host: hp.host.to_string(),
+        port: hp.port,
+        standby: conn.in_hot_standby().await?,
+    };
+    let cluster = ClusterIdentity {
+        system_identifier: system.system_id,
+        pg_major: conn.server_major(),
+        wal_segment_size: seg_size,
+    };
+    Ok(Source {
+        conn,
+        system,
+        seg_size,
+        source,
+        cluster,
+    })
+}
+
+/// Removes unfinished backups whose lease expired. Housekeeping: a failure is logged, and
+/// never stops a backup.
+async fn remove_abandoned(repo: Repository, abandoned_after: Duration, own: String) {
+    match repo.remove_abandoned_backups(abandoned_after, Some(&own)).await {
+        Ok(ids) if !ids.is_empty() => tracing::info!(removed = ?ids, "removed abandoned backups"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),
+    }
 }
 
 /// What is known once the backup has been requested.
@@ -666,10 +717,9 @@ async fn incremental_mode(
 #[allow(clippy::too_many_arguments)]
 async fn receive_and_publish(
     started: &Started,
-    conn: ReplicationConn,
+    mut stream: pg::BaseBackupStream,
     wal_conn: Option<WalConn>,
     maps: BackupMaps,
-    bb_opts: BaseBackupOptions,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
 ) -> Result<BackupInfo, BackupError> {
@@ -685,8 +735,7 @@ async fn receive_and_publish(
         incremental,
     } = started;
     let (repo, id, seg_size) = (repo.clone(), id.clone(), *seg_size);
-    let server_mode = bb_opts.incremental;
-    let mut stream = conn.base_backup(bb_opts).await?;
+    let server_mode = maps.server_mode;
     let mut receiver = Receiver::new(&repo, &id, seg_size, wal_conn, maps);
     let mut first = true;
     loop {
@@ -729,7 +778,8 @@ async fn receive_and_publish(
         timeline: stop_timeline,
         segment_switch: !source.standby,
     };
-    if !own_wal_stored(own_wal, stop, opts.wal_timeout).await? {
+    let mut own_wal = own_wal_stored(own_wal, stop, opts.wal_timeout).await?;
+    if own_wal.is_none() {
         wait_for_wal(
             &repo,
             timeline,
@@ -769,6 +819,9 @@ async fn receive_and_publish(
         stored_total: Some(stored),
     };
     repo.put_backup_info(&info).await?;
+    if let Some(w) = &mut own_wal {
+        w.summary_stored().await;
+    }
     tracing::info!(backup = %id, %start_lsn, %stop_lsn, bytes = info.raw_bytes(), stored = info.stored_bytes(), "backup complete");
     Ok(info)
 }
@@ -1052,7 +1105,7 @@ fn mismatch_error(m: Mismatch) -> BackupError {
     }
 }
 
-/// Waits until the backup's own WAL is stored; `false` when it could not be streamed for a
+/// Waits until the backup's own WAL is stored; `None` when it could not be streamed for a
 /// reason that must not fail the backup (the server or the connection failed, or was too
 /// slow): then the WAL may still reach the repository through archive-push or `pitr stream`,
 /// which [`wait_for_wal`] checks. A repository failure fails the backup: waiting would meet
@@ -1061,21 +1114,21 @@ async fn own_wal_stored(
     own_wal: Option<OwnWalStream>,
     stop: StopAt,
     timeout: Duration,
-) -> Result<bool, BackupError> {
+) -> Result<Option<OwnWal>, BackupError> {
     let Some(own_wal) = own_wal else {
-        return Ok(false);
+        return Ok(None);
     };
     match own_wal.finish(stop, timeout).await {
         Ok(w) => {
             tracing::info!(segments = w.segments, already_stored = w.already_stored,
                 incomplete_segment = ?w.prefix.as_ref().map(|(n, len)| format!("{n} ({len} bytes, as chunks)")),
                 "the backup's own WAL is stored");
-            Ok(true)
+            Ok(Some(w))
         }
         Err(OwnWalError::Repo(e)) => Err(e.into()),
         Err(e) => {
             tracing::warn!(error = %e, "could not stream the backup's WAL; waiting for archive-push or `pitr stream` to store it");
-            Ok(false)
+            Ok(None)
         }
     }
 }

@@ -5,9 +5,10 @@
 //! - The connection is opened before BASE_BACKUP (to the very server the backup comes from)
 //!   and START_REPLICATION, without a slot, begins at the start of the segment holding the
 //!   backup's start LSN, on the backup's timeline, as soon as the server reports it.
-//! - Every completed segment is stored with [`Repository::store_wal_file`], the entry point
-//!   archive-push and `pitr stream` use: put-if-absent, identical bytes are success, so a
-//!   segment archived or streamed meanwhile is neither written twice nor conflicting.
+//! - Every completed segment is stored as archive-push and `pitr stream` store it
+//!   ([`Repository::put_wal_file`]: put-if-absent, identical bytes are success, so a segment
+//!   archived or streamed meanwhile is neither written twice nor conflicting), then its
+//!   summary. The backup waits for the last segment, not for its summary.
 //! - The stream ends once WAL up to the stop LSN is received. On a primary the server switches
 //!   segments at the end of a backup, so the last needed segment completes and is stored whole.
 //!   On a standby no switch happens: the bytes received of the segment holding the stop LSN
@@ -25,7 +26,8 @@ use crate::pg::{
     self, ConnConfig, HostPort, ReplicationConn, ReplicationMessage, TargetSessionAttrs,
 };
 use crate::repo::{PutOutcome, RepoError, Repository};
-use crate::wal::{Lsn, SegNo, TimelineId, WalFileName};
+
+use crate::wal::{Lsn, SegNo, SegmentTail, TimelineId, WalFileName};
 
 /// How often the stream reports its position while the server is quiet (well within the
 /// default `wal_sender_timeout` of 60 s).
@@ -56,13 +58,31 @@ pub(super) struct StopAt {
 }
 
 /// What the stream stored.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(super) struct OwnWal {
     /// Complete segments stored (or found already stored).
     pub segments: u64,
     pub already_stored: u64,
     /// The segment holding the stop LSN, stored as chunks up to this many bytes.
     pub prefix: Option<(WalFileName, usize)>,
+    /// The last segment's summary, still being stored: the backup does not need it, so it
+    /// publishes meanwhile (see [`OwnWal::summary_stored`]).
+    summary: Option<JoinHandle<Result<Carry, RepoError>>>,
+}
+
+impl OwnWal {
+    /// Waits for the last summary. A summary is derived data (`pitr verify` rebuilds a
+    /// missing one from its segment), so a failure is logged, not the backup's.
+    pub async fn summary_stored(&mut self) {
+        let Some(task) = self.summary.take() else {
+            return;
+        };
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored"),
+            Err(e) => tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored"),
+        }
+    }
 }
 
 /// The connection, opened before BASE_BACKUP so that the backup knows whether it may tell the
@@ -217,27 +237,59 @@ fn reached(stop: &StopAt, next: Lsn, seg_size: u64) -> bool {
     next >= Lsn::from_segno(last + 1, seg_size)
 }
 
+/// The previous segment's name and the carry its summary holds, for the next summary.
+type Carry = Option<(WalFileName, Option<SegmentTail>)>;
+
+/// A segment being stored: the segment, then its summary.
+struct Upload {
+    /// Sent once the segment is durable, before its summary is stored.
+    durable: oneshot::Receiver<PutOutcome>,
+    /// The summary's carry once both are stored.
+    task: JoinHandle<Result<Carry, RepoError>>,
+    /// End of the segment.
+    end: Lsn,
+}
+
 /// The upload in flight, at most one: the next completed segment waits for it.
 #[derive(Default)]
 struct Uploads {
-    /// The upload and the end of its segment.
-    running: Option<(JoinHandle<Result<PutOutcome, RepoError>>, Lsn)>,
+    running: Option<Upload>,
     stored: OwnWal,
     /// End of the WAL stored so far, reported to the server as flushed.
     durable: Lsn,
+    carry: Carry,
 }
 
 impl Uploads {
+    /// Waits until the running upload's segment is durable; its summary may still be on its
+    /// way (returned).
+    async fn wait_durable(&mut self) -> Result<Option<JoinHandle<Result<Carry, RepoError>>>, OwnWalError> {
+        let Some(Upload { durable, task, end }) = self.running.take() else {
+            return Ok(None);
+        };
+        let outcome = match durable.await {
+            Ok(o) => o,
+            // The task ended before the segment was stored: its result says why.
+            Err(_) => {
+                task.await
+                    .map_err(|e| OwnWalError::Stream(format!("a WAL upload failed: {e}")))??;
+                return Err(OwnWalError::Stream("a WAL upload ended early".into()));
+            }
+        };
+        self.stored.segments += 1;
+        if outcome == PutOutcome::AlreadyStored {
+            self.stored.already_stored += 1;
+        }
+        self.durable = end;
+        Ok(Some(task))
+    }
+
+    /// Waits for the running upload, its summary included.
     async fn wait(&mut self) -> Result<(), OwnWalError> {
-        if let Some((h, end)) = self.running.take() {
-            let outcome = h
+        if let Some(task) = self.wait_durable().await? {
+            self.carry = task
                 .await
                 .map_err(|e| OwnWalError::Stream(format!("a WAL upload failed: {e}")))??;
-            self.stored.segments += 1;
-            if outcome == PutOutcome::AlreadyStored {
-                self.stored.already_stored += 1;
-            }
-            self.durable = end;
         }
         Ok(())
     }
@@ -254,13 +306,19 @@ impl Uploads {
         let end = name
             .segno(seg_size)
             .map_or(Lsn::INVALID, |n| Lsn::from_segno(n + 1, seg_size));
-        let repo = repo.clone();
+        let (tx, durable) = oneshot::channel();
+        let (repo, prev) = (repo.clone(), self.carry.take());
         let task = tokio::spawn(async move {
-            let outcome = repo.store_wal_file(&name, &data).await?;
+            // The entry point archive-push and `pitr stream` share (put-if-absent, identical
+            // bytes are success), then the summary, after its segment as everywhere.
+            let outcome = repo.put_wal_file(&name, &data).await?;
             tracing::debug!(file = %name, already = outcome == PutOutcome::AlreadyStored, "backup WAL stored");
-            Ok(outcome)
+            let _ = tx.send(outcome);
+            let summary = repo.summarize_wal_segment(&name, &data, prev).await;
+            repo.store_pending_summary(&summary).await?;
+            Ok(Some((name, summary.carry())))
         });
-        self.running = Some((task, end));
+        self.running = Some(Upload { durable, task, end });
         Ok(())
     }
 }
@@ -322,9 +380,11 @@ async fn stream(
             }
         }
     }
-    uploads.wait().await?;
+    // The last summary is stored while the backup publishes itself.
+    let summary = uploads.wait_durable().await?;
     let stop = stop.expect("the loop ends only once the stop position is known");
     let mut stored = std::mem::take(&mut uploads.stored);
+    stored.summary = summary;
     stored.prefix = store_last_prefix(&repo, &seg, &stop).await?;
     end_stream(s).await;
     Ok(stored)

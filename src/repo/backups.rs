@@ -54,6 +54,16 @@ fn lease_json(id: &str) -> Vec<u8> {
     serde_json::to_vec(&lease).expect("lease serializes")
 }
 
+/// A new backup id for a backup started at `start`: `<UTC start>-<6 hex>`, to claim with
+/// [`Repository::claim_backup`].
+pub fn new_backup_id(start: DateTime<Utc>) -> String {
+    format!(
+        "{}-{:06x}",
+        start.format("%Y%m%dT%H%M%SZ"),
+        rand::thread_rng().gen_range(0..1u32 << 24)
+    )
+}
+
 /// A backup part compressed (and sealed) for storage, not yet stored (see
 /// [`Repository::encode_backup_part`]).
 pub struct EncodedPart {
@@ -171,21 +181,27 @@ impl Repository {
     /// taken by creating its lease with a conditional create, so a second backup started in
     /// the same second (or a replayed id) gets another one.
     pub async fn claim_backup_id(&self, start: DateTime<Utc>) -> Result<String> {
-        let stamp = start.format("%Y%m%dT%H%M%SZ");
         loop {
-            let id = format!(
-                "{stamp}-{:06x}",
-                rand::thread_rng().gen_range(0..1u32 << 24)
-            );
-            let key = layout::backup_lease_key(&id);
-            let framed = self
-                .objects
-                .encode(&key, &lease_json(&id), Payload::Control);
-            match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
-                Ok(()) => return Ok(id),
-                Err(StorageError::AlreadyExists { .. }) => continue,
-                Err(e) => return Err(e.into()),
+            let id = new_backup_id(start);
+            if self.claim_backup(&id).await? {
+                return Ok(id);
             }
+        }
+    }
+
+    /// Claims backup `id` (from [`new_backup_id`]) by creating its lease, the backup's first
+    /// object; `false` when another backup holds that id (the caller takes another).
+    pub async fn claim_backup(&self, id: &str) -> Result<bool> {
+        let key = layout::backup_lease_key(id);
+        let lease = lease_json(id);
+        let framed = self.objects.encode(&key, &lease, Payload::Control);
+        match self.storage.put_if_absent(&key, Bytes::from(framed)).await {
+            Ok(()) => Ok(true),
+            // A retried create whose first answer was lost finds its own lease.
+            Err(StorageError::AlreadyExists { .. }) => {
+                Ok(self.get_optional(&key).await?.as_deref() == Some(&lease[..]))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -262,11 +278,19 @@ impl Repository {
     }
 
     /// Removes the data of backups that never completed and whose lease is older than
-    /// `abandoned_after`. Returns the ids removed.
-    pub async fn remove_abandoned_backups(&self, abandoned_after: Duration) -> Result<Vec<String>> {
+    /// `abandoned_after`, except `own`'s (the backup the caller is taking, alive whatever
+    /// `abandoned_after` says). Returns the ids removed.
+    pub async fn remove_abandoned_backups(
+        &self,
+        abandoned_after: Duration,
+        own: Option<&str>,
+    ) -> Result<Vec<String>> {
         let mut removed = vec![];
-        for id in self.backup_folders().await? {
-            if self.exists(&layout::backup_info_key(&id)).await? {
+        // A backup published after the catalog was listed has its state `complete`, which
+        // the state check below respects; listing once spares a request per backup.
+        let (folders, published) = tokio::try_join!(self.backup_folders(), self.catalog_ids())?;
+        for id in folders {
+            if published.contains(&id) || own == Some(id.as_str()) {
                 continue;
             }
             let keys = self.backup_folder_keys(&id).await?;
@@ -307,6 +331,17 @@ impl Repository {
             .storage
             .list_folders(layout::BACKUP_DATA_PREFIX)
             .await?)
+    }
+
+    /// The ids of the backups with a catalog entry.
+    async fn catalog_ids(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .storage
+            .list(layout::BACKUP_CATALOG_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| layout::backup_id_of_info_key(&o.key))
+            .collect())
     }
 
     async fn backup_folder_keys(&self, id: &str) -> Result<Vec<String>> {

@@ -120,6 +120,12 @@ pub fn backup_info_key(backup_id: &str) -> String {
     format!("{BACKUP_CATALOG_PREFIX}{backup_id}.json")
 }
 
+/// The backup id of a catalog entry's key; `None` for any other key.
+pub fn backup_id_of_info_key(key: &str) -> Option<String> {
+    let id = key.strip_prefix(BACKUP_CATALOG_PREFIX)?.strip_suffix(".json")?;
+    (!id.contains('/')).then(|| id.to_string())
+}
+
 /// Folder of an encrypted repository's keyrings: `keys/<generation, 10 digits>.json`, one per
 /// key generation (normally one; two only while a rotation is under way or was interrupted).
 pub const KEYS_PREFIX: &str = "keys/";

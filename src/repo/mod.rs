@@ -28,7 +28,8 @@ use bytes::Bytes;
 
 pub use audit::{set_invocation, AuditEntry, AuditLog, AuditOutcome, AuditRecord, AUDIT_PREFIX};
 pub use backups::{
-    EncodedPart, FetchedPart, PartEncoder, StoredObject, DEFAULT_ABANDONED_AFTER, LEASE_REFRESH,
+    new_backup_id, EncodedPart, FetchedPart, PartEncoder, StoredObject, DEFAULT_ABANDONED_AFTER,
+    LEASE_REFRESH,
 };
 pub use blockmap::{block_hash, BlockHash, BlockMap, BlockMapWriter, FileBlocks};
 pub use catalog::{
@@ -341,7 +342,20 @@ impl Repository {
         what: &str,
         write: WriteOptions,
     ) -> Result<Repository> {
-        let Some(d) = descriptor::read(&storage).await? else {
+        let found = descriptor::read(&storage).await?;
+        Repository::open_found_for_cluster(storage, found, cluster, what, write).await
+    }
+
+    /// [`Self::open_for_cluster`] with the descriptor already read
+    /// ([`Self::read_descriptor`], while the caller did something else).
+    pub async fn open_found_for_cluster(
+        storage: Storage,
+        found: Option<Descriptor>,
+        cluster: &ClusterIdentity,
+        what: &str,
+        write: WriteOptions,
+    ) -> Result<Repository> {
+        let Some(d) = found else {
             storage.check_reachable().await?;
             let (repo, _) = Repository::create_for_cluster(storage, cluster, what, write).await?;
             return Ok(repo);

@@ -66,12 +66,10 @@ pub(super) fn classify(key: &str) -> ObjectKind {
     if key == layout::DESCRIPTOR_KEY {
         return ObjectKind::Descriptor;
     }
-    if let Some(rest) = key.strip_prefix(layout::BACKUP_CATALOG_PREFIX) {
-        return match rest.strip_suffix(".json") {
-            Some(id) if !id.contains('/') => ObjectKind::Catalog {
-                backup_id: id.to_string(),
-            },
-            _ => ObjectKind::Unknown,
+    if key.starts_with(layout::BACKUP_CATALOG_PREFIX) {
+        return match layout::backup_id_of_info_key(key) {
+            Some(backup_id) => ObjectKind::Catalog { backup_id },
+            None => ObjectKind::Unknown,
         };
     }
     if let Some(rest) = key.strip_prefix(layout::BACKUP_DATA_PREFIX) {

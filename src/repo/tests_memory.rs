@@ -269,7 +269,7 @@ async fn completion_and_abandonment_exclude_each_other() {
     let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
     // A zero threshold makes every unpublished backup abandoned at once.
     let removed = repo
-        .remove_abandoned_backups(std::time::Duration::ZERO)
+        .remove_abandoned_backups(std::time::Duration::ZERO, None)
         .await
         .unwrap();
     assert_eq!(removed, vec![id.clone()]);
@@ -278,10 +278,23 @@ async fn completion_and_abandonment_exclude_each_other() {
     let id2 = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
     assert!(repo.claim_backup_completion(&id2).await.unwrap());
     assert!(repo
-        .remove_abandoned_backups(std::time::Duration::ZERO)
+        .remove_abandoned_backups(std::time::Duration::ZERO, None)
         .await
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test]
+async fn the_callers_own_backup_is_never_abandoned() {
+    let repo = repo().await;
+    let own = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    let other = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    let removed = repo
+        .remove_abandoned_backups(std::time::Duration::ZERO, Some(&own))
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![other]);
+    assert!(repo.claim_backup_completion(&own).await.unwrap());
 }
 
 #[tokio::test]
