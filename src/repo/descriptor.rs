@@ -169,23 +169,25 @@ pub(super) async fn create(
     let json = serde_json::to_vec_pretty(&d).expect("descriptor serializes");
     // Uncompressed so that `tail -c +41 repository.json` shows it to a human.
     let framed = codec::encode(&json, Codec::None, 0);
-    match storage
-        .put_if_absent(DESCRIPTOR_KEY, Bytes::from(framed))
-        .await
-    {
-        Ok(()) => {
-            tracing::info!(location = %storage.location(), system_id = d.system_identifier, repository_id = d.repository_id.as_deref().unwrap_or(""), "created repository");
-            Ok((d, true))
+    let framed = Bytes::from(framed);
+    let mut raced = 0;
+    loop {
+        match storage.put_if_absent(DESCRIPTOR_KEY, framed.clone()).await {
+            Ok(()) => {
+                tracing::info!(location = %storage.location(), system_id = d.system_identifier, repository_id = d.repository_id.as_deref().unwrap_or(""), "created repository");
+                return Ok((d, true));
+            }
+            Err(StorageError::AlreadyExists { .. }) => match read(storage).await? {
+                Some(found) => return Ok((found, false)),
+                None if super::raced_create_settles(&mut raced).await => {}
+                None => {
+                    return Err(RepoError::NotInitialized {
+                        location: storage.location().to_string(),
+                    })
+                }
+            },
+            Err(e) => return Err(e.into()),
         }
-        Err(StorageError::AlreadyExists { .. }) => {
-            let found = read(storage)
-                .await?
-                .ok_or_else(|| RepoError::NotInitialized {
-                    location: storage.location().to_string(),
-                })?;
-            Ok((found, false))
-        }
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -62,6 +62,23 @@ use object::{ObjectCodec, Payload};
 /// `list` take a round trip per backup.
 const SMALL_READS_IN_FLIGHT: usize = 16;
 
+/// How often a conditional create that found its key taken, but no object under it, is asked
+/// again (waits of 40 ms doubling to 1.3 s: 2.5 s in all).
+const CREATE_RACE_RETRIES: u32 = 6;
+
+/// After a conditional create found its key taken and a read found nothing there: another
+/// writer's create of the key was still in flight (S3 refuses a conditional create racing
+/// another with 409). Its object appears when that create ends, or never if it failed. Waits
+/// a little and says whether to ask again (`raced`: the retries so far; false when spent).
+async fn raced_create_settles(raced: &mut u32) -> bool {
+    if *raced >= CREATE_RACE_RETRIES {
+        return false;
+    }
+    *raced += 1;
+    tokio::time::sleep(std::time::Duration::from_millis(20 << *raced)).await;
+    true
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RepoError {
@@ -497,16 +514,27 @@ impl Repository {
         framed: Bytes,
         content: Option<&[u8]>,
     ) -> Result<PutOutcome> {
-        match self.storage.put_if_absent(key, framed.clone()).await {
-            Ok(()) => Ok(PutOutcome::Stored),
-            Err(StorageError::AlreadyExists { .. }) => match content {
+        let mut raced = 0;
+        loop {
+            match self.storage.put_if_absent(key, framed.clone()).await {
+                Ok(()) => return Ok(PutOutcome::Stored),
+                Err(StorageError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let checked = match content {
                 Some(content) => self.check_identical(key, name, content).await,
                 None => {
                     let content = self.objects.decode(key, &framed)?;
                     self.check_identical(key, name, &content).await
                 }
-            },
-            Err(e) => Err(e.into()),
+            };
+            match checked {
+                // Taken, yet not there (a WAL segment stored by archive-push and by the
+                // backup's own stream at the same moment, say).
+                Err(RepoError::Storage(StorageError::NotFound { .. }))
+                    if raced_create_settles(&mut raced).await => {}
+                other => return other,
+            }
         }
     }
 

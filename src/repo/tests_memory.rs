@@ -514,3 +514,70 @@ async fn backup_part_sizes_are_the_stored_sizes_in_order() {
         stored
     );
 }
+
+/// A backend whose first conditional create of each key answers "taken" without storing: how
+/// S3 answers a create that races another writer's create of the same key, still in flight.
+#[derive(Debug)]
+struct RacedCreates {
+    inner: crate::storage::ObjectStoreBackend,
+    raced: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl crate::storage::Backend for RacedCreates {
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> crate::storage::Result<()> {
+        if self.raced.lock().unwrap().insert(key.to_string()) {
+            return Err(StorageError::AlreadyExists { key: key.into() });
+        }
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_overwrite(&self, key: &str, data: bytes::Bytes) -> crate::storage::Result<()> {
+        self.inner.put_overwrite(key, data).await
+    }
+    async fn get(&self, key: &str) -> crate::storage::Result<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> crate::storage::Result<Option<u64>> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> crate::storage::Result<Vec<crate::storage::ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn list_folders(&self, prefix: &str) -> crate::storage::Result<Vec<String>> {
+        self.inner.list_folders(prefix).await
+    }
+    async fn delete(&self, key: &str) -> crate::storage::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn check_reachable(&self) -> crate::storage::Result<()> {
+        self.inner.check_reachable().await
+    }
+}
+
+#[tokio::test]
+async fn a_create_that_raced_another_in_flight_is_asked_again() {
+    let backend = RacedCreates {
+        inner: crate::storage::ObjectStoreBackend::from_store(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            "repo",
+            "memory:".into(),
+        ),
+        raced: Default::default(),
+    };
+    let storage = Storage::from_backend(
+        std::sync::Arc::new(backend),
+        crate::storage::Location::Local("memory:".into()),
+        std::time::Duration::ZERO,
+    );
+    // The descriptor's own create races too.
+    let repo = Repository::open_for_cluster(storage, &CLUSTER, "test", WriteOptions::default())
+        .await
+        .unwrap();
+    let name = crate::wal::WalFileName::segment(1, 5, CLUSTER.wal_segment_size);
+    let outcome = repo.put_wal_file(&name, b"segment bytes").await.unwrap();
+    assert_eq!(outcome, PutOutcome::Stored);
+    assert_eq!(
+        repo.put_wal_file(&name, b"segment bytes").await.unwrap(),
+        PutOutcome::AlreadyStored
+    );
+}
