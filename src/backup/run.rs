@@ -15,8 +15,8 @@ use crate::format::manifest;
 use crate::format::tar::TarError;
 use crate::pg::{self, BackupEvent, BaseBackupOptions, ConnConfig, ReplicationConn};
 use crate::repo::{
-    BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity, IncrementalMode,
-    new_backup_id, PartEncoder, RepoError, Repository, WriteOptions,
+    new_backup_id, BackupArchive, BackupInfo, BackupKind, BackupSource, ClusterIdentity,
+    IncrementalMode, PartEncoder, RepoError, Repository, WriteOptions,
 };
 use crate::storage::{BufferPool, Storage};
 use crate::wal::{Lsn, TimelineId, WalFileName};
@@ -559,7 +559,11 @@ async fn run_once(
     }
     let lease = repo.hold_backup_lease(&id);
     // Housekeeping, beside the backup: this backup's lease is there, so it is not abandoned.
-    let cleanup = tokio::spawn(remove_abandoned(repo.clone(), opts.abandoned_after, id.clone()));
+    let cleanup = tokio::spawn(remove_abandoned(
+        repo.clone(),
+        opts.abandoned_after,
+        id.clone(),
+    ));
     let maps = BackupMaps {
         parent: parent.map(|(_, map)| map),
         writer: repo.put_block_map(&id),
@@ -628,7 +632,10 @@ async fn connect_source(conn_cfg: &ConnConfig) -> Result<Source, BackupError> {
 /// Removes unfinished backups whose lease expired. Housekeeping: a failure is logged, and
 /// never stops a backup.
 async fn remove_abandoned(repo: Repository, abandoned_after: Duration, own: String) {
-    match repo.remove_abandoned_backups(abandoned_after, Some(&own)).await {
+    match repo
+        .remove_abandoned_backups(abandoned_after, Some(&own))
+        .await
+    {
         Ok(ids) if !ids.is_empty() => tracing::info!(removed = ?ids, "removed abandoned backups"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not check for abandoned backups"),

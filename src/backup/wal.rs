@@ -79,8 +79,12 @@ impl OwnWal {
         };
         match task.await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored"),
-            Err(e) => tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored")
+            }
         }
     }
 }
@@ -263,7 +267,9 @@ struct Uploads {
 impl Uploads {
     /// Waits until the running upload's segment is durable; its summary may still be on its
     /// way (returned).
-    async fn wait_durable(&mut self) -> Result<Option<JoinHandle<Result<Carry, RepoError>>>, OwnWalError> {
+    async fn wait_durable(
+        &mut self,
+    ) -> Result<Option<JoinHandle<Result<Carry, RepoError>>>, OwnWalError> {
         let Some(Upload { durable, task, end }) = self.running.take() else {
             return Ok(None);
         };

@@ -122,7 +122,9 @@ pub fn backup_info_key(backup_id: &str) -> String {
 
 /// The backup id of a catalog entry's key; `None` for any other key.
 pub fn backup_id_of_info_key(key: &str) -> Option<String> {
-    let id = key.strip_prefix(BACKUP_CATALOG_PREFIX)?.strip_suffix(".json")?;
+    let id = key
+        .strip_prefix(BACKUP_CATALOG_PREFIX)?
+        .strip_suffix(".json")?;
     (!id.contains('/')).then(|| id.to_string())
 }
 
