@@ -302,6 +302,12 @@ impl EncodedWal {
     pub fn stored_len(&self) -> usize {
         self.framed.len()
     }
+
+    /// The stored object, for its buffer to be used again
+    /// ([`crate::storage::BufferPool::give_bytes`]).
+    pub fn into_framed(self) -> Bytes {
+        self.framed
+    }
 }
 
 /// An open repository whose descriptor has been read and checked.
@@ -592,16 +598,17 @@ impl Repository {
             .await
     }
 
-    /// WAL file `name` framed as [`Repository::put_wal_file`] stores it, for a caller that lets
-    /// the content go before the upload: the stream frees a segment's buffer for the next one
-    /// while the object is on its way to a distant object store.
-    pub fn encode_wal_file(&self, name: &WalFileName, content: &[u8]) -> EncodedWal {
+    /// WAL file `name` framed for storing, as archive-push frames a segment (`lz4-blocks` in an
+    /// unencrypted lz4 repository, in `out`, a spare buffer: [`ObjectCodec::encode_reusing`]),
+    /// for a caller that lets the content go before the upload: the stream frees a segment's
+    /// buffer for the next one while the object is on its way to a distant object store.
+    pub fn encode_wal_file(&self, name: &WalFileName, content: &[u8], out: Vec<u8>) -> EncodedWal {
         let key = layout::wal_key(name);
-        let framed = self.objects.encode(&key, content, Payload::Data);
+        let framed = self.objects.encode_reusing(&key, content, out);
         EncodedWal {
             key,
             name: name.to_string(),
-            framed: Bytes::from(framed),
+            framed,
         }
     }
 

@@ -62,6 +62,19 @@ impl ObjectCodec {
         }
     }
 
+    /// [`Self::encode`] of a data object into `out` (emptied first) where its frame is
+    /// `lz4-blocks` (lz4, no encryption): a writer that encodes object after object hands the
+    /// same few buffers round, so their pages are faulted in once, and no segment-sized buffer
+    /// is zeroed per object. Elsewhere `out` is not used.
+    pub fn encode_reusing(&self, key: &str, content: &[u8], out: Vec<u8>) -> bytes::Bytes {
+        if !self.writes_lz4_blocks() || is_plain(key) {
+            return bytes::Bytes::from(self.encode(key, content, Payload::Data));
+        }
+        let mut w = codec::BlockWriter::reusing(out, FRAME_HEADER_LEN, content.len());
+        w.write(content);
+        codec::frame_blocks(w.finish())
+    }
+
     /// The content of the object stored under `key`, checked: a damaged object is
     /// [`RepoError::Corrupt`], never content.
     pub fn decode(&self, key: &str, stored: &[u8]) -> Result<Vec<u8>> {

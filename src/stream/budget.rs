@@ -26,13 +26,16 @@
 //!
 //! Segment buffers are recycled through a small pool instead of freed: a freed 16 MiB buffer
 //! would otherwise stay resident in one of the allocator's per-thread arenas while the next one
-//! is allocated in another, which is how catch-up used to reach 97–129 MiB.
+//! is allocated in another, which is how catch-up used to reach 97–129 MiB. The encoded
+//! objects' buffers are recycled the same way.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::storage::BufferPool;
 
 /// Segment buffers kept for reuse: as many as the budget can have in use at once.
 const POOLED: usize = 2;
@@ -48,6 +51,9 @@ pub struct Budget {
     /// Bytes of encoded objects in upload whose WAL is no longer held.
     encoded: Arc<Semaphore>,
     pool: Pool,
+    /// The encoded objects' buffers, for the same reason as segment buffers: as many as were
+    /// in use at once.
+    objects: Arc<BufferPool>,
     seg_size: usize,
     cap: usize,
 }
@@ -62,6 +68,7 @@ impl Budget {
             sem: Arc::new(Semaphore::new(cap)),
             encoded: Arc::new(Semaphore::new(seg_size)),
             pool: Arc::default(),
+            objects: Arc::default(),
             seg_size,
             cap,
         }
@@ -106,6 +113,16 @@ impl Budget {
     /// Permits for a copy of `n` bytes (a chunk).
     pub async fn bytes(&self, n: usize) -> OwnedSemaphorePermit {
         self.acquire(n).await
+    }
+
+    /// A spare buffer to encode a segment's object in.
+    pub fn object_buffer(&self) -> Vec<u8> {
+        self.objects.take()
+    }
+
+    /// Keeps a stored object's buffer for the next object (dropped if still shared).
+    pub fn recycle_object(&self, framed: Bytes) {
+        self.objects.give_bytes(framed);
     }
 
     /// Permits for `n` bytes of encoded objects in upload (at most one buffer's worth in one

@@ -176,7 +176,7 @@ async fn store_job(
     // `store_wal_file`'s two halves: the objects are archive-push's whatever their source.
     let encoded: Vec<EncodedWal> = repos
         .iter()
-        .map(|r| r.encode_wal_file(&name, data))
+        .map(|r| r.encode_wal_file(&name, data, budget.object_buffer()))
         .collect();
     let stored_len = encoded.iter().map(EncodedWal::stored_len).sum();
     let summarize = async {
@@ -201,7 +201,10 @@ async fn store_job(
             .map(|(r, e)| store_until_stored(r, Step::Encoded(e), &progress, &force)),
     );
     let (outcomes, (pending, room)) = tokio::join!(objects, summarize);
-    drop((encoded, room));
+    for e in encoded {
+        budget.recycle_object(e.into_framed());
+    }
+    drop(room);
     let outcome = outcomes?[0];
     store_everywhere(&repos, Step::Summary(&pending), &progress, &force).await?;
     Ok(outcome)
