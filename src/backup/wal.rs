@@ -26,7 +26,6 @@ use crate::pg::{
     self, ConnConfig, HostPort, ReplicationConn, ReplicationMessage, TargetSessionAttrs,
 };
 use crate::repo::{PutOutcome, RepoError, Repository};
-
 use crate::wal::{Lsn, SegNo, SegmentTail, TimelineId, WalFileName};
 
 /// How often the stream reports its position while the server is quiet (well within the
@@ -77,15 +76,12 @@ impl OwnWal {
         let Some(task) = self.summary.take() else {
             return;
         };
-        match task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the summary of the backup's last WAL segment was not stored")
-            }
-        }
+        let error = match task.await {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%error, "the summary of the backup's last WAL segment was not stored");
     }
 }
 
