@@ -212,6 +212,49 @@ fn backup_ids(repo: &TestRepo) -> Vec<String> {
         .collect()
 }
 
+/// `--backup-incremental-schedule` alone: the first slot finds nothing to build on and takes a
+/// full backup, the next ones incremental backups each on the one before, counted under their
+/// own job (restoring such chains: tests/incremental_restore.rs).
+#[test]
+fn scheduled_incremental_backups_start_their_own_chain() {
+    let repo = TestRepo::new(Backend::Local);
+    let pg = PgCluster::builder().start().unwrap();
+    pg.psql("create table beat(id serial primary key)").unwrap();
+    let port = free_port();
+    let args = repo.args(&[
+        "stream",
+        "-d",
+        &pg.conninfo(),
+        "--create-slot",
+        "--backup-incremental-schedule",
+        "every 5s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut svc = Service::start(&repo, &args);
+    let done = wait_metric(port, &svc, "three scheduled backups", |s| {
+        let _ = pg.psql("insert into beat default values");
+        runs(s, "backup_incremental", "success") >= 3.0
+    });
+    assert_eq!(
+        runs(&done, "backup_incremental", "failure"),
+        0.0,
+        "{}",
+        svc.log()
+    );
+    assert_eq!(runs(&done, "backup", "success"), 0.0);
+    svc.terminate();
+    let o = pitr(repo.args(&["list", "--json"]), &repo.env);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let backups = v["backups"].as_array().unwrap();
+    assert!(backups.len() >= 3, "{v}");
+    assert_eq!(backups[0]["kind"], "full", "{v}");
+    for (b, parent) in backups[1..].iter().zip(backups) {
+        assert_eq!(b["kind"], "incremental", "{v}");
+        assert_eq!(b["parent"], parent["id"], "{v}");
+    }
+}
+
 /// A replication client that holds a WAL sender while it lives (an idle psql in walsender mode).
 fn occupy_wal_sender(pg: &PgCluster) -> Child {
     let mut cmd = Command::new(pg.bin("psql"));

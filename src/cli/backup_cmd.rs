@@ -32,8 +32,8 @@ pub struct BackupArgs {
     /// Limit the server's transfer rate, in kB/s (32 to 1048576).
     #[arg(long, value_name = "KB")]
     pub max_rate: Option<u32>,
-    /// Remove unfinished backups whose lease has not been refreshed for this long before starting
-    /// (a running backup refreshes its lease every minute).
+    /// Remove unfinished backups whose lease has not been refreshed for this long, while this
+    /// one runs (a running backup refreshes its lease every minute; this one is never removed).
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     pub abandoned_after: Duration,
     /// The configured repository to write (docs/repositories.md; default: the first).

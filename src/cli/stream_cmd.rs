@@ -67,7 +67,8 @@ pub struct OpsArgs {
     /// @daily, @weekly, or "every 6h". With a [retention] policy, expire after each backup.
     #[arg(long, env = "PITR_BACKUP_SCHEDULE", value_name = "SPEC")]
     pub backup_schedule: Option<String>,
-    /// Take an incremental backup on this schedule (not supported yet: each slot fails, saying so).
+    /// Take an incremental backup on the newest backup on this schedule (a full one when there
+    /// is none to build on yet).
     #[arg(long, env = "PITR_BACKUP_INCREMENTAL_SCHEDULE", value_name = "SPEC")]
     pub backup_incremental_schedule: Option<String>,
     /// Run `pitr verify` on this schedule.

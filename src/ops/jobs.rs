@@ -2,11 +2,11 @@
 //! [`scheduler::Job`](super::scheduler::Job). Each returns the error as `pitr` would print it.
 
 use crate::backup::expire::{self, RetentionPolicy};
-use crate::backup::{self, BackupOptions, DEFAULT_ABANDONED_AFTER};
+use crate::backup::{self, BackupError, BackupOptions, DEFAULT_ABANDONED_AFTER};
 use crate::drill::{self, DrillOptions};
 use crate::pg::ConnConfig;
 use crate::recovery::RestoreRequest;
-use crate::repo::{Repository, WriteOptions};
+use crate::repo::{BackupInfo, Repository, WriteOptions};
 use crate::storage::Storage;
 use crate::verify::{self, VerifyOptions};
 
@@ -55,28 +55,49 @@ where
         .map_err(|_| "the job's thread ended without a result".to_string())?
 }
 
-/// A full base backup over the service's own connection settings.
+/// A base backup over the service's own connection settings: full, or incremental on the
+/// newest backup when `opts.incremental` (`--backup-incremental-schedule`).
+#[derive(Clone)]
 pub struct BackupJob {
     pub repo: RepoAccess,
     pub conn: ConnConfig,
     pub opts: BackupOptions,
 }
 
+impl BackupJob {
+    async fn take(&self, opts: &BackupOptions) -> Result<BackupInfo, BackupError> {
+        let (storage, write) = (self.repo.storage.clone(), self.repo.write.clone());
+        backup::run_backup(storage, write, &self.conn, opts, &|_| {}).await
+    }
+}
+
 #[async_trait::async_trait]
 impl Job for BackupJob {
     fn name(&self) -> &'static str {
-        m::JOB_BACKUP
+        match self.opts.incremental {
+            true => m::JOB_BACKUP_INCREMENTAL,
+            false => m::JOB_BACKUP,
+        }
     }
 
     async fn run(&self) -> Result<String, String> {
-        let info = backup::run_backup(
-            self.repo.storage.clone(),
-            self.repo.write.clone(),
-            &self.conn,
-            &self.opts,
-            &|_| {},
-        )
-        .await
+        let info = match self.take(&self.opts).await {
+            // A schedule of incremental backups starts its own chain: with nothing to build
+            // on (a new repository, or every full backup expired), it takes a full one.
+            Err(BackupError::NoParent { timeline }) if self.opts.incremental => {
+                tracing::info!(
+                    timeline,
+                    "no backup to take the scheduled incremental backup on; taking a full backup"
+                );
+                let full = BackupOptions {
+                    incremental: false,
+                    parent: None,
+                    ..self.opts.clone()
+                };
+                self.take(&full).await
+            }
+            other => other,
+        }
         .map_err(|e| format!("backup failed: {e}"))?;
         // At once, not at the next repository refresh: the alert must clear now.
         let took = (info.stop_time - info.start_time).num_milliseconds() as f64 / 1000.0;
@@ -91,23 +112,6 @@ impl Job for BackupJob {
             info.start_lsn,
             info.stop_lsn
         ))
-    }
-}
-
-/// `--backup-incremental-schedule`: accepted and kept so that configurations can be written
-/// now, but this pitr has no incremental backups yet, so each slot fails saying so.
-pub struct IncrementalBackupJob;
-
-#[async_trait::async_trait]
-impl Job for IncrementalBackupJob {
-    fn name(&self) -> &'static str {
-        m::JOB_BACKUP_INCREMENTAL
-    }
-
-    async fn run(&self) -> Result<String, String> {
-        Err("incremental backups are not supported by this version of pitr; \
-             remove --backup-incremental-schedule (backup_incremental_schedule) or schedule full backups"
-            .into())
     }
 }
 

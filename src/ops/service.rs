@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::jobs::{BackupJob, DrillJob, ExpireJob, IncrementalBackupJob, RepoAccess, VerifyJob};
+use super::jobs::{BackupJob, DrillJob, ExpireJob, RepoAccess, VerifyJob};
 use super::notify::{EventKind, Notifier, NotifyOptions};
 use super::schedule::Schedule;
 use super::scheduler::{Job, Scheduler};
@@ -92,10 +92,18 @@ fn schedule_jobs(s: &mut Scheduler, svc: &ServiceOptions, repo: &RepoAccess, con
         repo: repo.clone(),
         full: false,
     };
+    let incremental = BackupJob {
+        opts: BackupOptions {
+            incremental: true,
+            parent: None,
+            ..backup.opts.clone()
+        },
+        ..backup.clone()
+    };
     add(&svc.schedules.backup, Arc::new(backup), expire.clone());
     add(
         &svc.schedules.backup_incremental,
-        Arc::new(IncrementalBackupJob),
+        Arc::new(incremental),
         expire,
     );
     add(&svc.schedules.verify, Arc::new(verify), None);
