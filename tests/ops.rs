@@ -200,6 +200,32 @@ fn runs(s: &Scrape, job: &str, outcome: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `pitr stream` with the scheduled jobs `schedules` (flags and their specs) and its metrics
+/// on a free port.
+fn start_scheduled(repo: &TestRepo, pg: &PgCluster, schedules: &[&str]) -> (Service, u16) {
+    let port = free_port();
+    let (conninfo, metrics) = (pg.conninfo(), format!("127.0.0.1:{port}"));
+    let mut words = vec![
+        "stream",
+        "-d",
+        &conninfo,
+        "--create-slot",
+        "--metrics-addr",
+        &metrics,
+    ];
+    words.extend_from_slice(schedules);
+    (Service::start(repo, &repo.args(&words)), port)
+}
+
+/// Waits until `job` succeeded `n` times, writing a row of `beat` at every look so that there
+/// is always new WAL to back up.
+fn wait_runs(port: u16, svc: &Service, pg: &PgCluster, job: &str, n: f64) -> Scrape {
+    wait_metric(port, svc, &format!("{n} successful {job} runs"), |s| {
+        let _ = pg.psql("insert into beat default values");
+        runs(s, job, "success") >= n
+    })
+}
+
 fn backup_ids(repo: &TestRepo) -> Vec<String> {
     let o = pitr(repo.args(&["list", "--json"]), &repo.env);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
@@ -220,22 +246,9 @@ fn scheduled_incremental_backups_start_their_own_chain() {
     let repo = TestRepo::new(Backend::Local);
     let pg = PgCluster::builder().start().unwrap();
     pg.psql("create table beat(id serial primary key)").unwrap();
-    let port = free_port();
-    let args = repo.args(&[
-        "stream",
-        "-d",
-        &pg.conninfo(),
-        "--create-slot",
-        "--backup-incremental-schedule",
-        "every 5s",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-    ]);
-    let mut svc = Service::start(&repo, &args);
-    let done = wait_metric(port, &svc, "three scheduled backups", |s| {
-        let _ = pg.psql("insert into beat default values");
-        runs(s, "backup_incremental", "success") >= 3.0
-    });
+    let (mut svc, port) =
+        start_scheduled(&repo, &pg, &["--backup-incremental-schedule", "every 5s"]);
+    let done = wait_runs(port, &svc, &pg, "backup_incremental", 3.0);
     assert_eq!(
         runs(&done, "backup_incremental", "failure"),
         0.0,
@@ -608,24 +621,14 @@ fn scheduled_drill_reports_its_rto() {
     crate::harness::make_accessible(&parent).unwrap();
     repo.env
         .push(("TMPDIR".into(), parent.display().to_string()));
-    let port = free_port();
-    let args = repo.args(&[
-        "stream",
-        "-d",
-        &pg.conninfo(),
-        "--create-slot",
+    let schedules = [
         "--backup-schedule",
         "every 10s",
         "--drill-schedule",
         "every 15s",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-    ]);
-    let mut svc = Service::start(&repo, &args);
-    let done = wait_metric(port, &svc, "a successful scheduled drill", |s| {
-        let _ = pg.psql("insert into beat default values");
-        runs(s, "drill", "success") >= 1.0
-    });
+    ];
+    let (mut svc, port) = start_scheduled(&repo, &pg, &schedules);
+    let done = wait_runs(port, &svc, &pg, "drill", 1.0);
     let rto = done.get("pitr_drill_last_rto_seconds");
     assert!(rto > 0.0 && rto < 170.0, "rto {rto}\n{}", svc.log());
     assert!(now() - done.get("pitr_drill_last_success_timestamp_seconds") < 180.0);
