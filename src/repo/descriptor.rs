@@ -168,8 +168,7 @@ pub(super) async fn create(
     };
     let json = serde_json::to_vec_pretty(&d).expect("descriptor serializes");
     // Uncompressed so that `tail -c +41 repository.json` shows it to a human.
-    let framed = codec::encode(&json, Codec::None, 0);
-    let framed = Bytes::from(framed);
+    let framed = Bytes::from(codec::encode(&json, Codec::None, 0));
     let mut raced = 0;
     loop {
         match storage.put_if_absent(DESCRIPTOR_KEY, framed.clone()).await {

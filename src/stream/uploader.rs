@@ -172,8 +172,9 @@ async fn store_job(
         return tokio::join!(object, forward).0;
     };
     let name = name.clone();
-    // The object (`encode_wal_file`, as `put_wal_file` frames it) and the summary below are
-    // `store_wal_file`'s two halves: the objects are archive-push's whatever their source.
+    // The object (`encode_wal_file`: lz4-blocks in an unencrypted lz4 repository, as
+    // archive-push frames a segment) and the summary below are what archive-push stores, so a
+    // segment's objects are the same whatever their source.
     let encoded: Vec<EncodedWal> = repos
         .iter()
         .map(|r| r.encode_wal_file(&name, data, budget.object_buffer()))
