@@ -380,4 +380,38 @@ fn backup_refusals_and_interruption() {
     let o = run(&repo, &["backup", "-d", &conninfo]);
     assert_code(&o, 7);
     assert!(text(&o).contains("max_wal_senders"), "{}", text(&o));
+
+    // One sender: the backup cannot stream its own WAL, and nothing archives it. It claims its
+    // completion while it waits for the WAL, so when the wait fails it removes its data itself.
+    let before = files_under(&backups);
+    pg.append_conf("max_wal_senders = 1").unwrap();
+    pg.restart().unwrap();
+    let o = run(&repo, &["backup", "-d", &conninfo, "--wal-timeout", "2s"]);
+    assert_code(&o, 9);
+    assert!(
+        text(&o).contains("did not reach the repository"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        files_under(&backups),
+        before,
+        "the failed backup left data behind"
+    );
+}
+
+/// Every file below `dir`, as paths relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            match e.file_type().unwrap().is_dir() {
+                true => todo.push(e.path()),
+                false => out.push(e.path().strip_prefix(dir).unwrap().to_path_buf()),
+            }
+        }
+    }
+    out.sort();
+    out
 }

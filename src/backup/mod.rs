@@ -18,7 +18,7 @@ mod run;
 mod wal;
 
 pub use crate::repo::DEFAULT_ABANDONED_AFTER;
-pub use run::{run_backup, BackupError, BackupOptions, BackupProgress};
+pub use run::{run_backup, BackupError, BackupOptions, BackupProgress, GoAhead};
 
 /// Raw bytes per stored part: large enough that request overhead is small (an object store
 /// answers each PUT in a round trip), small enough that a few parts in memory keep a backup

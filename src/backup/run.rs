@@ -103,6 +103,10 @@ pub enum BackupError {
     /// is retried under another id before this is ever reported.
     #[error("backup id {id} was claimed by another backup started at the same moment")]
     IdTaken { id: String },
+    /// The caller withheld its go-ahead (its audit record could not be written) and reports
+    /// why itself; nothing was written.
+    #[error("the backup was not started: its start could not be recorded")]
+    NotRecorded,
 }
 
 impl Classify for BackupError {
@@ -117,7 +121,8 @@ impl Classify for BackupError {
             | BackupError::Abandoned
             | BackupError::Spill(_)
             | BackupError::WalTimeout { .. }
-            | BackupError::IdTaken { .. } => Code::JobFailed,
+            | BackupError::IdTaken { .. }
+            | BackupError::NotRecorded => Code::JobFailed,
             BackupError::NoParent { .. }
             | BackupError::ParentNotFound { .. }
             | BackupError::BadParent { .. }
@@ -146,7 +151,8 @@ impl Classify for BackupError {
             | BackupError::Abandoned
             | BackupError::Spill(_)
             | BackupError::WalTimeout { .. }
-            | BackupError::IdTaken { .. } => {
+            | BackupError::IdTaken { .. }
+            | BackupError::NotRecorded => {
                 Some("nothing was published: `pitr list` will not show this backup".into())
             }
         }
@@ -448,20 +454,29 @@ impl Uploads {
     }
 }
 
-/// Takes a base backup of the server `conn_cfg` points at into the repository.
+/// The caller's permission to write, given or withheld later: `pitr backup` records its start
+/// in the audit trail meanwhile.
+pub type GoAhead = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// Takes a base backup of the server `conn_cfg` points at into the repository. With
+/// `go_ahead`, the server is reached while it is pending, and nothing is written (nor the
+/// backup requested) before it says yes.
 pub async fn run_backup(
     storage: Storage,
     write: WriteOptions,
     conn_cfg: &ConnConfig,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
+    go_ahead: Option<GoAhead>,
 ) -> Result<BackupInfo, BackupError> {
     let mut refused = None;
     let mut attempts = 0;
+    let mut go_ahead = go_ahead;
     loop {
         attempts += 1;
         let s = (storage.clone(), write.clone());
-        match run_once(s, conn_cfg, opts, progress, refused.clone()).await {
+        let go = go_ahead.take();
+        match run_once(s, conn_cfg, opts, progress, refused.clone(), go).await {
             // The server could not take its incremental backup on this parent (e.g. its WAL
             // summaries do not reach back to the parent's start): pitr computes it instead.
             Err(BackupError::IncrementalRefused(e)) if refused.is_none() => {
@@ -484,14 +499,27 @@ async fn run_once(
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
     server_refused: Option<String>,
+    go_ahead: Option<GoAhead>,
 ) -> Result<BackupInfo, BackupError> {
-    // The repository's descriptor is read while the server is reached: two waits at once.
-    let (server, found) = tokio::join!(
+    // The server is reached, and the repository's descriptor read, while the caller records
+    // the command: three waits at once, and nothing written before the go-ahead.
+    let go_ahead = async {
+        match go_ahead {
+            Some(go) => go.await,
+            None => true,
+        }
+    };
+    let (server, found, go) = tokio::join!(
         connect_source(conn_cfg),
-        Repository::read_descriptor(&storage)
+        Repository::read_descriptor(&storage),
+        go_ahead
     );
+    if !go {
+        return Err(BackupError::NotRecorded);
+    }
     let Source {
         mut conn,
+        wal_conn,
         system,
         seg_size,
         source,
@@ -524,16 +552,6 @@ async fn run_once(
     }
     let server_mode = matches!(incremental, Some((_, IncrementalMode::Server)));
 
-    let hp = conn.connection().host().clone();
-    let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
-        Ok(c) => Some(c),
-        // Without its own WAL a backup still completes once archiving or a stream stores it.
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open a second replication connection to stream the backup's WAL; \
-                 it must reach the repository through archive-push or `pitr stream`");
-            None
-        }
-    };
     let start_time = Utc::now();
     let id = new_backup_id(start_time);
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
@@ -584,14 +602,28 @@ async fn run_once(
         source,
         incremental,
     };
-    let result = receive_and_publish(&started, stream, wal_conn, maps, opts, progress).await;
+    let mut withdraw = false;
+    let result = receive_and_publish(
+        &started,
+        stream,
+        wal_conn,
+        maps,
+        opts,
+        progress,
+        &mut withdraw,
+    )
+    .await;
     lease.abort();
     let _ = cleanup.await;
-    if let Err(BackupError::IncrementalRefused(_)) = &result {
+    let what = match &result {
         // Nothing but the lease was written; the retry takes another id.
-        if let Err(e) = started.repo.remove_backup_data(&started.id).await {
-            tracing::warn!(backup = %started.id, error = %e, "could not remove the refused backup's lease");
-        }
+        Err(BackupError::IncrementalRefused(_)) => "the refused backup's lease",
+        // Its state says `complete`, so no cleanup would ever take it; it will not publish.
+        Err(_) if withdraw => "the data of the backup that failed after its state said complete",
+        _ => return result,
+    };
+    if let Err(e) = started.repo.remove_backup_data(&started.id).await {
+        tracing::warn!(backup = %started.id, error = %e, "could not remove {what}");
     }
     result
 }
@@ -599,6 +631,8 @@ async fn run_once(
 /// The server a backup comes from, as its first connection found it.
 struct Source {
     conn: ReplicationConn,
+    /// The second connection, for the backup's own WAL.
+    wal_conn: Option<WalConn>,
     system: pg::IdentifySystem,
     seg_size: u64,
     source: BackupSource,
@@ -620,8 +654,18 @@ async fn connect_source(conn_cfg: &ConnConfig) -> Result<Source, BackupError> {
         pg_major: conn.server_major(),
         wal_segment_size: seg_size,
     };
+    let wal_conn = match WalConn::connect(conn_cfg, hp, system.system_id).await {
+        Ok(c) => Some(c),
+        // Without its own WAL a backup still completes once archiving or a stream stores it.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a second replication connection to stream the backup's WAL; \
+                 it must reach the repository through archive-push or `pitr stream`");
+            None
+        }
+    };
     Ok(Source {
         conn,
+        wal_conn,
         system,
         seg_size,
         source,
@@ -729,6 +773,7 @@ async fn receive_and_publish(
     maps: BackupMaps,
     opts: &BackupOptions,
     progress: &(dyn Fn(BackupProgress) + Sync),
+    withdraw: &mut bool,
 ) -> Result<BackupInfo, BackupError> {
     let Started {
         repo,
@@ -785,23 +830,31 @@ async fn receive_and_publish(
         timeline: stop_timeline,
         segment_switch: !source.standby,
     };
-    let mut own_wal = own_wal_stored(own_wal, stop, opts.wal_timeout).await?;
-    if own_wal.is_none() {
-        wait_for_wal(
-            &repo,
-            timeline,
-            start_lsn,
-            stop_lsn,
-            seg_size,
-            opts.wal_timeout.saturating_sub(began.elapsed()),
-            progress,
-        )
-        .await?;
-    }
-
-    if !repo.claim_backup_completion(&id).await? {
+    let wal_stored = async {
+        let own_wal = own_wal_stored(own_wal, stop, opts.wal_timeout).await?;
+        if own_wal.is_none() {
+            wait_for_wal(
+                &repo,
+                timeline,
+                start_lsn,
+                stop_lsn,
+                seg_size,
+                opts.wal_timeout.saturating_sub(began.elapsed()),
+                progress,
+            )
+            .await?;
+        }
+        Ok::<_, BackupError>(own_wal)
+    };
+    // Every part is stored: the backup claims its completion while its WAL is being stored,
+    // one request less in a row. Should the WAL then fail, the caller removes the backup.
+    let (claimed, own_wal) = tokio::join!(repo.claim_backup_completion(&id), wal_stored);
+    if !claimed? {
         return Err(BackupError::Abandoned);
     }
+    *withdraw = true;
+    let mut own_wal = own_wal?;
+    *withdraw = false;
     let info = BackupInfo {
         id: id.clone(),
         label: label.clone(),

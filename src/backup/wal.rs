@@ -382,14 +382,20 @@ async fn stream(
             }
         }
     }
-    // The last summary is stored while the backup publishes itself.
-    let summary = uploads.wait_durable().await?;
     let stop = stop.expect("the loop ends only once the stop position is known");
-    let mut stored = std::mem::take(&mut uploads.stored);
-    stored.summary = summary;
-    stored.prefix = store_last_prefix(&repo, &seg, &stop).await?;
-    end_stream(s).await;
-    Ok(stored)
+    // Everything needed is received: the server is told so while the last segment is stored.
+    let (stored, ()) = tokio::join!(
+        async {
+            // The last summary is stored while the backup publishes itself.
+            let summary = uploads.wait_durable().await?;
+            let mut stored = std::mem::take(&mut uploads.stored);
+            stored.summary = summary;
+            stored.prefix = store_last_prefix(&repo, &seg, &stop).await?;
+            Ok::<_, OwnWalError>(stored)
+        },
+        end_stream(s)
+    );
+    stored
 }
 
 /// The segment holding the stop LSN, when it is not complete: its bytes received so far, as

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use clap::Args;
+use tokio::sync::oneshot;
 
 use super::exit::{Code, Failure};
 use super::Command;
@@ -77,17 +78,65 @@ pub async fn begin(storage: &Storage, command: &str) -> Result<AuditEntry, Failu
         .map_err(audit_failure)
 }
 
+/// A command's permission to change anything, given once its start record is stored (and
+/// withheld when that fails). A command may prepare meanwhile, as long as it changes nothing:
+/// `pitr backup` reaches the server.
+pub struct Gate(oneshot::Receiver<bool>);
+
+impl Gate {
+    /// A gate already open, for a command that is not recorded.
+    pub fn open() -> Gate {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(true);
+        Gate(rx)
+    }
+
+    /// Whether the command may go on.
+    pub async fn passed(self) -> bool {
+        self.0.await.unwrap_or(false)
+    }
+
+    /// Ok when the command may go on; the error is never shown: [`recorded`] reports why.
+    pub async fn pass(self) -> Result<(), Failure> {
+        match self.passed().await {
+            true => Ok(()),
+            false => Err(Failure::new(Code::JobFailed, "not recorded", None)),
+        }
+    }
+}
+
+/// `command` once `gate` opens: for a command with nothing to prepare.
+pub async fn after(
+    gate: Gate,
+    command: impl std::future::Future<Output = (Result<Code, Failure>, Changes)>,
+) -> (Result<Code, Failure>, Changes) {
+    match gate.pass().await {
+        Ok(()) => command.await,
+        Err(f) => (Err(f), Changes::default()),
+    }
+}
+
 /// Runs `command` recorded in `storage`'s audit trail as `name`: the key is checked and the
-/// starting record written before `command` runs, its outcome and changes after.
-pub async fn recorded(
+/// starting record written while `command` waits at its [`Gate`], its outcome and changes
+/// after.
+pub async fn recorded<F: std::future::Future<Output = (Result<Code, Failure>, Changes)>>(
     storage: &Storage,
     write: &WriteOptions,
     name: &str,
-    command: impl std::future::Future<Output = (Result<Code, Failure>, Changes)>,
+    command: impl FnOnce(Gate) -> F,
 ) -> Result<Code, Failure> {
-    check_key(storage, write).await?;
-    let entry = begin(storage, name).await?;
-    let (result, changes) = command.await;
+    let (opens, gate) = oneshot::channel();
+    let start = async {
+        let entry = match check_key(storage, write).await {
+            Ok(()) => begin(storage, name).await,
+            Err(f) => Err(f),
+        };
+        let _ = opens.send(entry.is_ok());
+        entry
+    };
+    let (entry, (result, changes)) = tokio::join!(start, command(Gate(gate)));
+    // Refused at the gate, the command did nothing: the reason is the audit's.
+    let entry = entry?;
     match (finish(entry, &result, changes).await, &result) {
         (Err(f), Ok(_)) => return Err(f),
         // The command's own failure is the one to report.

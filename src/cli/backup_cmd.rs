@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::audit_cmd::Changes;
+use super::audit_cmd::{Changes, Gate};
 use super::conn_args::ConnArgs;
 use super::exit::{Code, Failure};
 use super::restore_cmd::human_bytes;
@@ -64,6 +64,7 @@ pub async fn backup(
     settings: &Settings,
     a: BackupArgs,
     changes: &mut Changes,
+    gate: Option<Gate>,
 ) -> Result<Code, Failure> {
     let conn = a.conn.config("pitr backup")?;
     let opts = BackupOptions {
@@ -109,7 +110,9 @@ pub async fn backup(
         }
         BackupProgress::Incremental { .. } => {}
     };
-    let info = backup::run_backup(storage, settings.write.clone(), &conn, &opts, &progress).await;
+    let go_ahead = gate.map(|g| -> backup::GoAhead { Box::pin(g.passed()) });
+    let write = settings.write.clone();
+    let info = backup::run_backup(storage, write, &conn, &opts, &progress, go_ahead).await;
     bar.finish_and_clear();
     let info = info?;
     changes.created.push(format!("backup {}", info.id));

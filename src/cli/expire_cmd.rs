@@ -148,6 +148,7 @@ async fn expire_in(
     let done = if dry_run {
         run.await.0
     } else {
+        let run = |gate| super::audit_cmd::after(gate, run);
         super::audit_cmd::recorded(&storage, &write, "expire", run).await
     };
     done.map_err(|f| f.in_repository(&r.name))?;

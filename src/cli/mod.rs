@@ -24,6 +24,7 @@ use crate::archive::{self, GetOutcome};
 use crate::config::{Overrides, RepositorySettings, Settings};
 use crate::repo::WriteOptions;
 use crate::storage::Storage;
+use audit_cmd::Gate;
 
 pub use exit::{Code, Failure};
 
@@ -447,14 +448,17 @@ async fn run(cli: Cli) -> Result<Code, Failure> {
     match audit_cmd::audited_name(&cli.command) {
         Some(name) => {
             let audit = storage.clone();
-            let command = async {
+            let command = |gate| async {
                 let mut changes = audit_cmd::Changes::default();
-                let result = run_command(cli, storage, &settings, &mut changes).await;
+                let result = run_command(cli, storage, &settings, &mut changes, gate).await;
                 (result, changes)
             };
             audit_cmd::recorded(&audit, &write, name, command).await
         }
-        None => run_command(cli, storage, &settings, &mut audit_cmd::Changes::default()).await,
+        None => {
+            let mut changes = audit_cmd::Changes::default();
+            run_command(cli, storage, &settings, &mut changes, Gate::open()).await
+        }
     }
 }
 
@@ -463,7 +467,16 @@ async fn run_command(
     storage: Storage,
     settings: &Settings,
     changes: &mut audit_cmd::Changes,
+    gate: Gate,
 ) -> Result<Code, Failure> {
+    // Only a backup prepares while its start is recorded; the rest wait for the record.
+    let gate = match &cli.command {
+        Command::Backup(_) => Some(gate),
+        _ => {
+            gate.pass().await?;
+            None
+        }
+    };
     match cli.command {
         Command::ArchivePush { path, .. } => {
             let targets = targets(storage, settings)?;
@@ -483,7 +496,7 @@ async fn run_command(
                 GetOutcome::NotFound => Ok(Code::NotFound),
             }
         }
-        Command::Backup(args) => backup_cmd::backup(storage, settings, args, changes).await,
+        Command::Backup(args) => backup_cmd::backup(storage, settings, args, changes, gate).await,
         Command::List { json } => restore_cmd::list(storage, settings, json).await,
         Command::Restore(args) => restore_cmd::restore(storage, settings, args, changes).await,
         Command::Verify { full, json } => verify_cmd::verify(storage, settings, full, json).await,

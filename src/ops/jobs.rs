@@ -67,7 +67,7 @@ pub struct BackupJob {
 impl BackupJob {
     async fn take(&self, opts: &BackupOptions) -> Result<BackupInfo, BackupError> {
         let (storage, write) = (self.repo.storage.clone(), self.repo.write.clone());
-        backup::run_backup(storage, write, &self.conn, opts, &|_| {}).await
+        backup::run_backup(storage, write, &self.conn, opts, &|_| {}, None).await
     }
 }
 

@@ -6,9 +6,11 @@
 //! [`LEASE_REFRESH`]. A backup whose catalog entry is missing and whose lease is older than the
 //! threshold is abandoned: a cleanup creates `backups/<id>/state` = `aborted` (put-if-absent)
 //! and, only if that succeeded or the state already said so, deletes the parts. A backup that
-//! finishes creates the same object as `complete` before publishing its catalog entry, so a
-//! backup that was merely slow (a paused process, a long network stall) and a cleanup can never
-//! both win: either the backup publishes and keeps its parts, or it fails and its parts go.
+//! finishes creates the same object as `complete` once its parts are stored (while its WAL is)
+//! and before publishing its catalog entry, so a backup that was merely slow (a paused process,
+//! a long network stall) and a cleanup can never both win: either the backup publishes and keeps
+//! its parts, or it fails and its parts go (removed by the backup itself when it fails after
+//! claiming completion).
 //!
 //! `pitr expire` removes a backup in an order that an interruption can never expose half-done:
 //! [`Repository::mark_expired`] first, then [`Repository::unpublish_backup`], then
@@ -241,28 +243,24 @@ impl Repository {
         }
     }
 
-    /// Whether backup `id`, which has no catalog entry, may still publish one: it completed a
-    /// moment ago (state `complete`, catalog entry about to be written) or holds a lease younger
-    /// than `abandoned_after`. Its start LSN is not known until it publishes.
+    /// Whether backup `id`, which has no catalog entry, may still publish one: it is not
+    /// aborted and holds a lease younger than `abandoned_after` (a backup refreshes its lease
+    /// until it has published, also while its state says `complete`). Its start LSN is not
+    /// known until it publishes.
     pub async fn backup_may_still_publish(
         &self,
         id: &str,
         abandoned_after: Duration,
     ) -> Result<bool> {
-        Ok(
-            match self
-                .get_optional(&layout::backup_state_key(id))
-                .await?
-                .as_deref()
-            {
-                Some(ABORTED) => false,
-                Some(_) => true,
-                None => self
-                    .lease_age(id)
-                    .await?
-                    .is_some_and(|age| age < abandoned_after),
-            },
-        )
+        let state = self.get_optional(&layout::backup_state_key(id)).await?;
+        if state.as_deref() == Some(ABORTED) {
+            return Ok(false);
+        }
+        // A `complete` state alone proves nothing: its process may have died before publishing.
+        Ok(self
+            .lease_age(id)
+            .await?
+            .is_some_and(|age| age < abandoned_after))
     }
 
     /// How long ago backup `id` last refreshed its lease; `None` when it has no readable lease.

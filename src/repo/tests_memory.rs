@@ -288,6 +288,28 @@ async fn completion_and_abandonment_exclude_each_other() {
 }
 
 #[tokio::test]
+async fn a_complete_backup_without_a_live_lease_holds_back_no_expiry() {
+    let repo = repo().await;
+    let id = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
+    assert!(repo.claim_backup_completion(&id).await.unwrap());
+    let hour = std::time::Duration::from_secs(3600);
+    // Its process holds a fresh lease: its catalog entry may be about to appear.
+    assert!(repo.backup_may_still_publish(&id, hour).await.unwrap());
+    // The same backup whose process died before publishing: its lease is older than any
+    // threshold (zero here), and a `complete` state alone keeps nothing back.
+    let zero = std::time::Duration::ZERO;
+    assert!(!repo.backup_may_still_publish(&id, zero).await.unwrap());
+    // Nor is it removed by a cleanup: only its own process may, which withdraws it.
+    assert!(repo
+        .remove_abandoned_backups(zero, None)
+        .await
+        .unwrap()
+        .is_empty());
+    repo.remove_backup_data(&id).await.unwrap();
+    assert!(!repo.backup_may_still_publish(&id, hour).await.unwrap());
+}
+
+#[tokio::test]
 async fn the_callers_own_backup_is_never_abandoned() {
     let repo = repo().await;
     let own = repo.claim_backup_id(chrono::Utc::now()).await.unwrap();
