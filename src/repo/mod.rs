@@ -511,6 +511,18 @@ impl Repository {
         self.put_framed(key, name, framed, Some(content)).await
     }
 
+    /// Creates `key` unless it is taken, without reading what is there: for derived data that
+    /// keeps whichever version came first (a summary). `false` when it was taken, also by a
+    /// create still in flight.
+    async fn create_derived(&self, key: &str, content: &[u8]) -> Result<bool> {
+        let framed = Bytes::from(self.objects.encode(key, content, Payload::Data));
+        match self.storage.put_if_absent(key, framed).await {
+            Ok(()) => Ok(true),
+            Err(StorageError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// [`Self::put_immutable`] of an object already framed. `content` is what `framed` holds,
     /// when the caller still has it; without it the framed object is decoded to compare.
     async fn put_framed(

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{layout, PutOutcome, RepoError, Repository, Result};
+use super::{layout, RepoError, Repository, Result};
 use crate::wal::{summarize_segment, Lsn, SegmentSummary, SegmentTail, Summarized, WalFileName};
 
 /// Largest carry stored. A record that starts more than this before the end of its segment is a
@@ -144,16 +144,12 @@ impl Repository {
     ) -> Result<SummaryOutcome> {
         let json = serde_json::to_vec(summary).expect("summary serializes");
         let key = layout::wal_summary_key(name);
-        match self
-            .put_immutable(&key, &format!("summary of {name}"), &json)
-            .await
-        {
-            Ok(PutOutcome::Stored) => Ok(SummaryOutcome::Stored),
-            Ok(PutOutcome::AlreadyStored) | Err(RepoError::ConflictingContent { .. }) => {
-                Ok(SummaryOutcome::Kept)
-            }
-            Err(e) => Err(e),
-        }
+        // Whatever summary is there stays (derived data, never replaced): nothing to compare,
+        // and so no read, nor a wait for another writer's create of it still in flight.
+        Ok(match self.create_derived(&key, &json).await? {
+            true => SummaryOutcome::Stored,
+            false => SummaryOutcome::Kept,
+        })
     }
 
     /// The stored summary of segment `name`, if there is one. A corrupt object or one that does
