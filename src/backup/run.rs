@@ -803,57 +803,25 @@ async fn receive_and_publish(
         first = false;
         receiver.on_event(ev, progress).await?;
     }
-    let Received {
-        archives,
-        files,
-        manifest_bytes,
-        metadata_stored,
-        start: (start_lsn, timeline),
-        stop: (stop_lsn, stop_timeline),
-        own_wal,
-        maps,
-    } = receiver.finish().await?;
-
-    verify_against_manifest(&manifest_bytes, files)?;
-    let stored = archives.iter().map(|a| a.stored_bytes).sum::<u64>() + metadata_stored;
-    tracing::info!(
-        files_whole = maps.files_whole,
-        files_incremental = maps.files_incremental,
-        blocks_changed = maps.blocks_changed,
-        blocks_unchanged = maps.blocks_same,
-        "relation files"
-    );
-
-    let began = Instant::now();
-    let stop = StopAt {
-        lsn: stop_lsn,
-        timeline: stop_timeline,
-        segment_switch: !source.standby,
-    };
-    let wal_stored = async {
-        let own_wal = own_wal_stored(own_wal, stop, opts.wal_timeout).await?;
-        if own_wal.is_none() {
-            wait_for_wal(
-                &repo,
-                timeline,
-                start_lsn,
-                stop_lsn,
-                seg_size,
-                opts.wal_timeout.saturating_sub(began.elapsed()),
-                progress,
-            )
-            .await?;
-        }
-        Ok::<_, BackupError>(own_wal)
-    };
-    // Every part is stored: the backup claims its completion while its WAL is being stored,
-    // one request less in a row. Should the WAL then fail, the caller removes the backup.
-    let (claimed, own_wal) = tokio::join!(repo.claim_backup_completion(&id), wal_stored);
+    // The server has sent everything: the backup claims its completion while its last parts,
+    // its manifest and its WAL are stored, which saves a round trip or two in a row. Should any
+    // of it fail, the caller removes the backup (no cleanup would: its state says complete).
+    let claim = repo.claim_backup_completion(&id);
+    let stored = store_the_rest(&repo, receiver, source.standby, seg_size, opts, progress);
+    let (claimed, stored) = tokio::join!(claim, stored);
     if !claimed? {
         return Err(BackupError::Abandoned);
     }
     *withdraw = true;
-    let mut own_wal = own_wal?;
+    let (received, mut own_wal) = stored?;
+    let Received {
+        archives,
+        metadata_stored,
+        start: (start_lsn, timeline),
+        stop: (stop_lsn, _),
+        ..
+    } = received;
+    let stored = archives.iter().map(|a| a.stored_bytes).sum::<u64>() + metadata_stored;
     *withdraw = false;
     let info = BackupInfo {
         id: id.clone(),
@@ -884,6 +852,45 @@ async fn receive_and_publish(
     }
     tracing::info!(backup = %id, %start_lsn, %stop_lsn, bytes = info.raw_bytes(), stored = info.stored_bytes(), "backup complete");
     Ok(info)
+}
+
+/// Once the server has sent everything: the last parts, the manifest (checked against what
+/// came) and the block map stored, then the WAL from the backup's start to its stop.
+async fn store_the_rest(
+    repo: &Repository,
+    receiver: Receiver<'_>,
+    standby: bool,
+    seg_size: u64,
+    opts: &BackupOptions,
+    progress: &(dyn Fn(BackupProgress) + Sync),
+) -> Result<(Received, Option<OwnWal>), BackupError> {
+    let mut received = receiver.finish().await?;
+    let files = std::mem::take(&mut received.files);
+    verify_against_manifest(&received.manifest_bytes, files)?;
+    let maps = &received.maps;
+    tracing::info!(
+        files_whole = maps.files_whole,
+        files_incremental = maps.files_incremental,
+        blocks_changed = maps.blocks_changed,
+        blocks_unchanged = maps.blocks_same,
+        "relation files"
+    );
+    let began = Instant::now();
+    let ((start_lsn, timeline), (stop_lsn, stop_timeline)) = (received.start, received.stop);
+    let stop = StopAt {
+        lsn: stop_lsn,
+        timeline: stop_timeline,
+        segment_switch: !standby,
+    };
+    let own_wal = own_wal_stored(received.own_wal.take(), stop, opts.wal_timeout).await?;
+    if own_wal.is_none() {
+        let timeout = opts.wal_timeout.saturating_sub(began.elapsed());
+        wait_for_wal(
+            repo, timeline, start_lsn, stop_lsn, seg_size, timeout, progress,
+        )
+        .await?;
+    }
+    Ok((received, own_wal))
 }
 
 /// A backup stream being received: each archive is checksummed and stored part by part as it
