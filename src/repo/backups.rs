@@ -7,10 +7,10 @@
 //! threshold is abandoned: a cleanup creates `backups/<id>/state` = `aborted` (put-if-absent)
 //! and, only if that succeeded or the state already said so, deletes the parts. A backup that
 //! finishes creates the same object as `complete` once the server has sent everything (while
-//! its last parts and its WAL are stored) and before publishing its catalog entry, so a backup that was merely slow (a paused process,
-//! a long network stall) and a cleanup can never both win: either the backup publishes and keeps
-//! its parts, or it fails and its parts go (removed by the backup itself when it fails after
-//! claiming completion).
+//! its last parts and its WAL are stored) and before publishing its catalog entry, so a backup
+//! that was merely slow (a paused process, a long network stall) and a cleanup can never both
+//! win: either the backup publishes and keeps its parts, or it fails and its parts go (removed
+//! by the backup itself when it fails after claiming completion).
 //!
 //! `pitr expire` removes a backup in an order that an interruption can never expose half-done:
 //! [`Repository::mark_expired`] first, then [`Repository::unpublish_backup`], then
