@@ -12,6 +12,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use futures::future::{self, BoxFuture, Either};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use super::pipeline;
 use crate::format::archive_check::{ArchiveSink, FileSum, Mismatch};
 use crate::format::manifest;
 use crate::format::tar::{EntryKind, TarHeader};
-use crate::repo::{BackupArchive, FetchedPart, Repository};
+use crate::repo::{BackupArchive, FetchedPart, Repository, Result as RepoResult};
 use crate::storage::BufferPool;
 
 /// Parts fetched ahead of the writer: at most this many stored bytes (each part's size is
@@ -323,24 +324,40 @@ async fn send_parts(
     pool: &BufferPool,
 ) -> Result<(), RestoreError> {
     let average = archive.stored_bytes / u64::from(archive.parts.max(1));
-    let sizes: Vec<u64> = repo
-        .backup_part_sizes(backup_id, &archive.name, archive.parts)
-        .await?
-        .into_iter()
-        .map(|s| s.unwrap_or(average))
-        .collect();
+    let fetch = |part: u32, size: u64| -> BoxFuture<'_, (u64, RepoResult<FetchedPart>)> {
+        let buf = pool.take_for(size as usize);
+        let fetch = repo.fetch_backup_part(backup_id, &archive.name, part, buf);
+        Box::pin(async move { (size, fetch.await) })
+    };
+    let list = repo.backup_part_sizes(backup_id, &archive.name, archive.parts);
     let mut fetching = FuturesOrdered::new();
     let (mut next, mut ahead) = (0usize, 0u64);
+    // The first part's GET goes out with the LIST of the sizes: a round trip less, per
+    // archive, before the writer has bytes. Its size is not known yet: the average stands in.
+    let listed = match archive.parts {
+        0 => list.await?,
+        _ => {
+            (next, ahead) = (1, average);
+            match future::select(Box::pin(list), fetch(0, average)).await {
+                Either::Left((listed, first)) => {
+                    fetching.push_back(first);
+                    listed?
+                }
+                Either::Right((first, list)) => {
+                    fetching.push_back(Box::pin(future::ready(first)));
+                    list.await?
+                }
+            }
+        }
+    };
+    let sizes: Vec<u64> = listed.into_iter().map(|s| s.unwrap_or(average)).collect();
     loop {
         while next < sizes.len()
             && fetching.len() < PREFETCH_PARTS_MAX
             && (fetching.is_empty() || ahead + sizes[next] <= PREFETCH_BYTES)
         {
-            let (part, size) = (next as u32, sizes[next]);
-            let buf = pool.take_for(size as usize);
-            let fetch = repo.fetch_backup_part(backup_id, &archive.name, part, buf);
-            fetching.push_back(async move { (size, fetch.await) });
-            ahead += size;
+            fetching.push_back(fetch(next as u32, sizes[next]));
+            ahead += sizes[next];
             next += 1;
         }
         let Some((size, part)) = fetching.next().await else {
