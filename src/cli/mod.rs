@@ -469,9 +469,10 @@ async fn run_command(
     changes: &mut audit_cmd::Changes,
     gate: Gate,
 ) -> Result<Code, Failure> {
-    // Only a backup prepares while its start is recorded; the rest wait for the record.
+    // A backup reaches its server and a restore plans while their start is recorded; the rest
+    // wait for the record.
     let gate = match &cli.command {
-        Command::Backup(_) => Some(gate),
+        Command::Backup(_) | Command::Restore(_) => Some(gate),
         _ => {
             gate.pass().await?;
             None
@@ -498,7 +499,9 @@ async fn run_command(
         }
         Command::Backup(args) => backup_cmd::backup(storage, settings, args, changes, gate).await,
         Command::List { json } => restore_cmd::list(storage, settings, json).await,
-        Command::Restore(args) => restore_cmd::restore(storage, settings, args, changes).await,
+        Command::Restore(args) => {
+            restore_cmd::restore(storage, settings, args, changes, gate).await
+        }
         Command::Verify { full, json } => verify_cmd::verify(storage, settings, full, json).await,
         Command::Stream(args) => stream_cmd::stream(storage, settings, args).await,
         Command::Check(args) => check_cmd::check(storage, settings, args).await,

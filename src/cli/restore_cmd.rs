@@ -7,7 +7,7 @@ use chrono::Utc;
 use clap::Args;
 use serde_json::json;
 
-use super::audit_cmd::Changes;
+use super::audit_cmd::{Changes, Gate};
 use super::exit::{Code, Failure};
 use crate::config::{RepositorySettings, Settings};
 use crate::key_source::KeySource;
@@ -126,6 +126,7 @@ pub async fn restore(
     settings: &Settings,
     a: RestoreArgs,
     changes: &mut Changes,
+    gate: Option<Gate>,
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
     // Refuse a non-empty directory (or, for --delta, a running server's) before any other work.
@@ -188,6 +189,10 @@ pub async fn restore(
         restore_command: restore_command(settings),
         delta: a.delta,
     };
+    // Planned (reads only) while the audit record was written; nothing is written before it is.
+    if let Some(gate) = gate {
+        gate.pass().await?;
+    }
     let report = restore::execute(&repo, &plan, &opts).await?;
     changes.created.push(format!(
         "restored backup {} into {}",
