@@ -803,12 +803,21 @@ async fn receive_and_publish(
         first = false;
         receiver.on_event(ev, progress).await?;
     }
-    // The server has sent everything: the backup claims its completion while its last parts,
-    // its manifest and its WAL are stored, which saves a round trip or two in a row. Should any
-    // of it fail, the caller removes the backup (no cleanup would: its state says complete).
+    // The server has sent everything: a backup streaming its own WAL claims its completion
+    // while its last parts, its manifest and its WAL are stored, which saves a round trip or two
+    // in a row. Should any of it fail, the caller removes the backup (no cleanup would: its
+    // state says complete). Without its own WAL the wait for the archiver's copy can be long, and
+    // a backup killed then (Ctrl-C) must stay one that a cleanup removes: it claims afterwards.
     let claim = repo.claim_backup_completion(&id);
+    let own_wal_streaming = receiver.own_wal.is_some();
     let stored = store_the_rest(&repo, receiver, source.standby, seg_size, opts, progress);
-    let (claimed, stored) = tokio::join!(claim, stored);
+    let (claimed, stored) = match own_wal_streaming {
+        true => tokio::join!(claim, stored),
+        false => {
+            let stored = stored.await?;
+            (claim.await, Ok(stored))
+        }
+    };
     if !claimed? {
         return Err(BackupError::Abandoned);
     }
