@@ -764,7 +764,8 @@ async fn incremental_mode(
 }
 
 /// Receives the backup, stores it, waits for its WAL and publishes it. Any error leaves the
-/// backup unpublished (its parts are removed by a later backup once its lease expires).
+/// backup unpublished (its parts are removed by a later backup once its lease expires), except
+/// one after its state says complete: then `withdraw` is set, and the caller removes it.
 #[allow(clippy::too_many_arguments)]
 async fn receive_and_publish(
     started: &Started,
@@ -821,8 +822,7 @@ async fn receive_and_publish(
     if !claimed? {
         return Err(BackupError::Abandoned);
     }
-    *withdraw = true;
-    let (received, mut own_wal) = stored?;
+    let (received, mut own_wal) = stored.inspect_err(|_| *withdraw = true)?;
     let Received {
         archives,
         metadata_stored,
@@ -831,7 +831,6 @@ async fn receive_and_publish(
         ..
     } = received;
     let stored = archives.iter().map(|a| a.stored_bytes).sum::<u64>() + metadata_stored;
-    *withdraw = false;
     let info = BackupInfo {
         id: id.clone(),
         label: label.clone(),

@@ -64,7 +64,7 @@ pub async fn backup(
     settings: &Settings,
     a: BackupArgs,
     changes: &mut Changes,
-    gate: Option<Gate>,
+    gate: Gate,
 ) -> Result<Code, Failure> {
     let conn = a.conn.config("pitr backup")?;
     let opts = BackupOptions {
@@ -110,9 +110,9 @@ pub async fn backup(
         }
         BackupProgress::Incremental { .. } => {}
     };
-    let go_ahead = gate.map(|g| -> backup::GoAhead { Box::pin(g.passed()) });
+    let go_ahead: backup::GoAhead = Box::pin(gate.passed());
     let write = settings.write.clone();
-    let info = backup::run_backup(storage, write, &conn, &opts, &progress, go_ahead).await;
+    let info = backup::run_backup(storage, write, &conn, &opts, &progress, Some(go_ahead)).await;
     bar.finish_and_clear();
     let info = info?;
     changes.created.push(format!("backup {}", info.id));

@@ -472,10 +472,10 @@ async fn run_command(
     // A backup reaches its server and a restore plans while their start is recorded; the rest
     // wait for the record.
     let gate = match &cli.command {
-        Command::Backup(_) | Command::Restore(_) => Some(gate),
+        Command::Backup(_) | Command::Restore(_) => gate,
         _ => {
             gate.pass().await?;
-            None
+            Gate::open()
         }
     };
     match cli.command {

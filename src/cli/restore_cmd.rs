@@ -126,7 +126,7 @@ pub async fn restore(
     settings: &Settings,
     a: RestoreArgs,
     changes: &mut Changes,
-    gate: Option<Gate>,
+    gate: Gate,
 ) -> Result<Code, Failure> {
     let target = target_of(&a)?;
     // Refuse a non-empty directory (or, for --delta, a running server's) before any other work.
@@ -190,9 +190,7 @@ pub async fn restore(
         delta: a.delta,
     };
     // Planned (reads only) while the audit record was written; nothing is written before it is.
-    if let Some(gate) = gate {
-        gate.pass().await?;
-    }
+    gate.pass().await?;
     let report = restore::execute(&repo, &plan, &opts).await?;
     changes.created.push(format!(
         "restored backup {} into {}",
